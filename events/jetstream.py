@@ -1,0 +1,203 @@
+"""The event store on NATS JetStream (stream NETMESH_EVENTS).
+
+Appends use JetStream's optimistic concurrency
+(`Nats-Expected-Last-Subject-Sequence`, optionally over a wildcard with
+`...-Subject`) and, for several events, an atomic batch: all or nothing. nats-py
+has no batch helper, so the protocol is spoken here: `Nats-Batch-Id`,
+`Nats-Batch-Sequence` 1..n, `Nats-Batch-Commit: 1` on the last; the first and the
+last are sent as requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from events.envelope import RecordedEvent, decode_envelope, encode_envelope
+from events.store import (
+    ConcurrencyConflict,
+    DuplicateAppend,
+    Expectation,
+    PendingEvent,
+    StoreError,
+    StoreUnavailable,
+    check_batch,
+)
+from events.subjects import EVENTS_PREFIX, EVENTS_STREAM
+
+# JetStream error codes (ADR / server source) that carry meaning here.
+ERR_WRONG_LAST_SEQUENCE = 10071
+ERR_BATCH_DUPLICATE_MSG_ID = 10201
+RETRYABLE_ERRORS = {10163, 10158}  # new leader still applying; duplicate id in process
+
+
+class _PubAckError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: _PubAckError | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_PubAck)
+
+
+def events_stream_config(replicas: int = 1) -> StreamConfig:
+    """NETMESH_EVENTS: the audit log, kept forever."""
+    return StreamConfig(
+        name=EVENTS_STREAM,
+        subjects=[f"{EVENTS_PREFIX}.>"],
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        allow_atomic=True,
+        description="netmesh events: the source of truth and audit log",
+    )
+
+
+class JetStreamEventStore:
+    def __init__(self, nc: Client, *, timeout: float = 5.0) -> None:
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream(timeout=timeout)
+        self._timeout = timeout
+
+    async def ensure_stream(self, replicas: int = 1) -> None:
+        """Create NETMESH_EVENTS if missing (idempotent)."""
+        try:
+            await self._js.stream_info(EVENTS_STREAM)
+        except NotFoundError:
+            await self._js.add_stream(events_stream_config(replicas))
+
+    async def append(
+        self,
+        events: Sequence[PendingEvent],
+        *,
+        expect: Sequence[Expectation] = (),
+        msg_id: str | None = None,
+    ) -> int:
+        headers: list[dict[str, str]] = []
+        for pending, expectation in zip(events, check_batch(events, expect), strict=True):
+            h: dict[str, str] = {}
+            if expectation is not None:
+                h["Nats-Expected-Last-Subject-Sequence"] = str(expectation.last_seq)
+                if expectation.subject_filter != pending.subject:
+                    h["Nats-Expected-Last-Subject-Sequence-Subject"] = expectation.subject_filter
+            headers.append(h)
+        if msg_id is not None:
+            for i, h in enumerate(headers):
+                h["Nats-Msg-Id"] = msg_id if len(events) == 1 else f"{msg_id}.{i + 1}"
+        payloads = [encode_envelope(p.envelope) for p in events]
+        if len(events) == 1:
+            ack = await self._request(events[0].subject, payloads[0], headers[0])
+        else:
+            ack = await self._append_batch(events, payloads, headers)
+        if ack.error is not None:
+            _raise_for(ack.error)
+        if ack.duplicate:
+            raise DuplicateAppend(msg_id or "")
+        return ack.seq
+
+    async def _append_batch(
+        self, events: Sequence[PendingEvent], payloads: list[bytes], headers: list[dict[str, str]]
+    ) -> _PubAck:
+        batch_id = uuid.uuid4().hex
+        last = len(events)
+        for i, (pending, payload, h) in enumerate(zip(events, payloads, headers, strict=True), 1):
+            h["Nats-Batch-Id"] = batch_id
+            h["Nats-Batch-Sequence"] = str(i)
+            if i == last:
+                h["Nats-Batch-Commit"] = "1"
+                return await self._request(pending.subject, payload, h)
+            if i == 1:
+                # The server answers the first message only on error; an empty
+                # answer means "batch started".
+                first = await self._request(pending.subject, payload, h, allow_empty=True)
+                if first.error is not None:
+                    return first
+            else:
+                await self._nc.publish(pending.subject, payload, headers=h)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _request(
+        self, subject: str, payload: bytes, headers: dict[str, str], *, allow_empty: bool = False
+    ) -> _PubAck:
+        try:
+            reply = await self._nc.request(subject, payload, headers=headers, timeout=self._timeout)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise StoreUnavailable(f"event store did not answer: {exc!r}") from exc
+        if not reply.data:
+            if allow_empty:
+                return _PubAck()
+            raise StoreUnavailable("event store gave an empty answer")
+        return _ack_decoder.decode(reply.data)
+
+    async def read_subject(self, subject: str) -> list[RecordedEvent]:
+        try:
+            last = await self._js.get_last_msg(EVENTS_STREAM, subject)
+        except NotFoundError:
+            return []
+        out: list[RecordedEvent] = []
+        sub = await self._js.subscribe(
+            subject,
+            stream=EVENTS_STREAM,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        try:
+            async for msg in sub.messages:
+                seq = msg.metadata.sequence.stream
+                out.append(
+                    RecordedEvent(seq=seq, subject=msg.subject, envelope=decode_envelope(msg.data))
+                )
+                if seq >= (last.seq or 0):
+                    break
+        finally:
+            await sub.unsubscribe()
+        return out
+
+    async def last_sequence(self) -> int:
+        info = await self._js.stream_info(EVENTS_STREAM)
+        return int(info.state.last_seq)
+
+    async def follow(self, from_seq: int = 1) -> AsyncIterator[RecordedEvent]:
+        sub = await self._js.subscribe(
+            f"{EVENTS_PREFIX}.>",
+            stream=EVENTS_STREAM,
+            ordered_consumer=True,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(from_seq, 1)
+            ),
+        )
+        try:
+            async for msg in sub.messages:
+                yield RecordedEvent(
+                    seq=msg.metadata.sequence.stream,
+                    subject=msg.subject,
+                    envelope=decode_envelope(msg.data),
+                )
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+
+def _raise_for(error: _PubAckError) -> Any:
+    if error.err_code == ERR_WRONG_LAST_SEQUENCE:
+        raise ConcurrencyConflict(error.description)
+    if error.err_code == ERR_BATCH_DUPLICATE_MSG_ID:
+        raise DuplicateAppend(error.description)
+    exc = StoreError(f"{error.description} (err_code {error.err_code})")
+    exc.retryable = error.err_code in RETRYABLE_ERRORS
+    raise exc

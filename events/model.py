@@ -1,0 +1,135 @@
+"""The facts netmesh records. Every admin action and every observation that
+changes the network becomes one of these, appended to NETMESH_EVENTS.
+
+Rules (see ../shared/DESIGN.md): frozen, past tense, an explicit stable tag;
+fields are only ever added, with defaults; existing field types never change.
+Events are open-world: decoders ignore fields they do not know.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+Seconds = Annotated[int, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of all events; the tag is the event's `type` on the wire."""
+
+
+class NetworkCreated(Event, frozen=True, tag="network.created"):
+    network: str
+    cidr: str
+    listen_port: Port = 51820
+    mtu: int = 1420
+    keepalive: Seconds = 25
+
+
+class NetworkDeleted(Event, frozen=True, tag="network.deleted"):
+    network: str
+
+
+class EnrollmentKeyCreated(Event, frozen=True, tag="enrollment_key.created"):
+    network: str
+    key_id: str
+    # sha256 of the secret, hex: the secret itself never enters the log.
+    secret_sha256: str
+    uses: int | None = None  # None = unlimited
+    expires_at: float | None = None  # unix seconds; None = never
+
+
+class EnrollmentKeyUsed(Event, frozen=True, tag="enrollment_key.used"):
+    network: str
+    key_id: str
+    host_id: str
+
+
+class EnrollmentKeyRevoked(Event, frozen=True, tag="enrollment_key.revoked"):
+    network: str
+    key_id: str
+
+
+class HostRegistered(Event, frozen=True, tag="host.registered"):
+    host_id: str
+    name: str
+    public_key: str
+    listen_port: Port = 51820
+    endpoints: tuple[str, ...] = ()  # candidate "ip" or "ip:port" the host offered
+
+
+class HostEndpointObserved(Event, frozen=True, tag="host.endpoint_observed"):
+    host_id: str
+    endpoints: tuple[str, ...]
+    listen_port: Port = 51820
+
+
+class NodeJoined(Event, frozen=True, tag="node.joined"):
+    network: str
+    node_id: str
+    host_id: str
+    name: str
+    address: str  # overlay IP, no prefix
+
+
+class NodeRemoved(Event, frozen=True, tag="node.removed"):
+    network: str
+    node_id: str
+    host_id: str
+
+
+AnyEvent = (
+    NetworkCreated
+    | NetworkDeleted
+    | EnrollmentKeyCreated
+    | EnrollmentKeyUsed
+    | EnrollmentKeyRevoked
+    | HostRegistered
+    | HostEndpointObserved
+    | NodeJoined
+    | NodeRemoved
+)
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    NetworkCreated,
+    NetworkDeleted,
+    EnrollmentKeyCreated,
+    EnrollmentKeyUsed,
+    EnrollmentKeyRevoked,
+    HostRegistered,
+    HostEndpointObserved,
+    NodeJoined,
+    NodeRemoved,
+)
+
+
+def event_type(event: Event) -> str:
+    """The stable tag of an event, e.g. "node.joined"."""
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def aggregate_of(event: AnyEvent) -> tuple[str, str]:
+    """(aggregate kind, aggregate id) an event belongs to.
+
+    The network owns its keys, its nodes and so its address pool: that is
+    where overlay-address uniqueness is decided. The host owns its identity
+    and endpoints.
+    """
+    match event:
+        case HostRegistered(host_id=h) | HostEndpointObserved(host_id=h):
+            return ("host", h)
+        case (
+            NetworkCreated(network=n)
+            | NetworkDeleted(network=n)
+            | EnrollmentKeyCreated(network=n)
+            | EnrollmentKeyUsed(network=n)
+            | EnrollmentKeyRevoked(network=n)
+            | NodeJoined(network=n)
+            | NodeRemoved(network=n)
+        ):
+            return ("network", n)
+    raise TypeError(f"unknown event {event!r}")  # pragma: no cover

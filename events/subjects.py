@@ -1,0 +1,35 @@
+"""NATS names, in one place. See README "Names"."""
+
+from __future__ import annotations
+
+EVENTS_STREAM = "NETMESH_EVENTS"
+EVENTS_PREFIX = "netmesh.ev"
+DESIRED_STREAM = "NETMESH_DESIRED"
+DESIRED_PREFIX = "netmesh.desired"
+REPORTS_STREAM = "NETMESH_REPORTS"
+REPORTS_PREFIX = "netmesh.report"
+COMMAND_PREFIX = "netmesh.cmd"
+QUERY_PREFIX = "netmesh.query"
+
+NETWORK_EVENTS_WILDCARD = f"{EVENTS_PREFIX}.network.*"
+
+
+def aggregate_subject(kind: str, aggregate_id: str) -> str:
+    """`netmesh.ev.<kind>.<id>`: one subject per aggregate."""
+    return f"{EVENTS_PREFIX}.{kind}.{aggregate_id}"
+
+
+def desired_subject(host_id: str) -> str:
+    return f"{DESIRED_PREFIX}.{host_id}"
+
+
+def report_subject(host_id: str, kind: str) -> str:
+    return f"{REPORTS_PREFIX}.{host_id}.{kind}"
+
+
+def command_subject(verb: str) -> str:
+    return f"{COMMAND_PREFIX}.{verb}"
+
+
+def query_subject(what: str) -> str:
+    return f"{QUERY_PREFIX}.{what}"

@@ -1,0 +1,150 @@
+"""One contract for the event store, run against the in-memory store and
+against JetStream on a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from controlplane.embedded import EmbeddedNats, free_port
+from events.envelope import RecordedEvent, make_envelope
+from events.jetstream import JetStreamEventStore
+from events.model import AnyEvent, NetworkCreated, NodeJoined
+from events.store import (
+    ConcurrencyConflict,
+    DuplicateAppend,
+    EventStore,
+    Expectation,
+    MemoryEventStore,
+    PendingEvent,
+)
+from events.subjects import NETWORK_EVENTS_WILDCARD, aggregate_subject
+
+
+@pytest.fixture(params=["memory", "jetstream"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventStore]:
+    if request.param == "memory":
+        yield MemoryEventStore()
+        return
+    server = EmbeddedNats(tmp_path / "js", port=free_port())
+    await server.start()
+    client = await nats.connect(server.url)
+    try:
+        js_store = JetStreamEventStore(client)
+        await js_store.ensure_stream()
+        yield js_store
+    finally:
+        await client.close()
+        await server.stop()
+
+
+def pending(event: AnyEvent, kind: str, agg: str, n: int = 0) -> PendingEvent:
+    env = make_envelope(event, event_id=f"e{n}", time=1.0, actor="test", command_id=f"c{n}")
+    return PendingEvent(aggregate_subject(kind, agg), env)
+
+
+def created(name: str, cidr: str = "10.0.0.0/24") -> PendingEvent:
+    return pending(NetworkCreated(network=name, cidr=cidr), "network", name)
+
+
+def joined(net: str, host: str, addr: str) -> PendingEvent:
+    event = NodeJoined(network=net, node_id=f"{host}-{net}", host_id=host, name=host, address=addr)
+    return pending(event, "network", net)
+
+
+SUBJ_A = aggregate_subject("network", "a")
+SUBJ_B = aggregate_subject("network", "b")
+
+
+async def test_append_returns_sequences_and_reads_back(store: EventStore) -> None:
+    assert await store.last_sequence() == 0
+    assert await store.append([created("a")], expect=[Expectation(SUBJ_A, 0)]) == 1
+    assert await store.append([created("b")]) == 2
+    seq = await store.append([joined("a", "h1", "10.0.0.1")], expect=[Expectation(SUBJ_A, 1)])
+    assert seq == 3
+    events = await store.read_subject(SUBJ_A)
+    assert [r.seq for r in events] == [1, 3]
+    assert isinstance(events[1].event, NodeJoined)
+    assert events[1].event.address == "10.0.0.1"
+    assert events[1].envelope.actor == "test"
+    assert await store.read_subject(aggregate_subject("network", "none")) == []
+    assert await store.last_sequence() == 3
+
+
+async def test_stale_expectation_is_a_conflict_and_stores_nothing(store: EventStore) -> None:
+    await store.append([created("a")])
+    with pytest.raises(ConcurrencyConflict):
+        await store.append([joined("a", "h1", "10.0.0.1")], expect=[Expectation(SUBJ_A, 0)])
+    with pytest.raises(ConcurrencyConflict):
+        await store.append([created("a")], expect=[Expectation(SUBJ_A, 0)])
+    assert await store.last_sequence() == 1
+
+
+async def test_batch_is_atomic_across_aggregates(store: EventStore) -> None:
+    await store.append([created("a")])
+    host_subj = aggregate_subject("host", "h1")
+    batch = [
+        joined("a", "h1", "10.0.0.1"),
+        joined("a", "h2", "10.0.0.2"),
+        pending(NetworkCreated(network="b", cidr="10.1.0.0/24"), "network", "b"),
+    ]
+    # A failing check on any message (here the last) stores none of them.
+    with pytest.raises(ConcurrencyConflict):
+        await store.append(batch, expect=[Expectation(SUBJ_A, 1), Expectation(SUBJ_B, 7)])
+    assert await store.last_sequence() == 1
+    last = await store.append(batch, expect=[Expectation(SUBJ_A, 1), Expectation(SUBJ_B, 0)])
+    assert last == 4
+    assert [r.seq for r in await store.read_subject(SUBJ_A)] == [1, 2, 3]
+    assert await store.read_subject(host_subj) == []
+
+
+async def test_wildcard_expectation_guards_all_networks(store: EventStore) -> None:
+    await store.append([created("a")])
+    await store.append([created("b", "10.1.0.0/24")])
+    # A decision made having seen only seq 1 over all networks is stale.
+    with pytest.raises(ConcurrencyConflict):
+        await store.append([created("c")], expect=[Expectation(NETWORK_EVENTS_WILDCARD, 1)])
+    assert await store.append([created("c")], expect=[Expectation(NETWORK_EVENTS_WILDCARD, 2)]) == 3
+
+
+@pytest.mark.parametrize("size", [1, 3])
+async def test_retried_append_with_same_msg_id_is_dropped(store: EventStore, size: int) -> None:
+    batch = [joined("a", f"h{i}", f"10.0.0.{i + 1}") for i in range(size)]
+    await store.append(batch, msg_id="cmd-1")
+    with pytest.raises(DuplicateAppend):
+        await store.append(batch, msg_id="cmd-1")
+    assert await store.last_sequence() == size
+
+
+async def test_empty_and_unguarded_batches_are_refused(store: EventStore) -> None:
+    with pytest.raises(ValueError):
+        await store.append([])
+    with pytest.raises(ValueError):
+        await store.append([created("a")], expect=[Expectation(SUBJ_B, 0)])
+    assert await store.last_sequence() == 0
+
+
+async def test_follow_replays_then_streams_live(store: EventStore) -> None:
+    for name in "abc":
+        await store.append([created(name)])
+    seen: list[RecordedEvent] = []
+    got_five = asyncio.Event()
+
+    async def consume() -> None:
+        async for recorded in store.follow(2):
+            seen.append(recorded)
+            if len(seen) == 4:
+                got_five.set()
+                return
+
+    task = asyncio.create_task(consume())
+    await store.append([created("d")])
+    await store.append([created("e")])
+    await asyncio.wait_for(got_five.wait(), 10)
+    await task
+    assert [r.seq for r in seen] == [2, 3, 4, 5]
+    assert [r.subject for r in seen][-1] == aggregate_subject("network", "e")
