@@ -1,0 +1,434 @@
+"""decide(topology, command, context) -> Decision: the rules of netmesh.
+
+Pure: no I/O, no clock, no randomness (the context brings the time, the actor
+and any fresh ids or secrets). A refused command raises `Rejected` with a stable
+code and a one-line message meant for the person who typed the command.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from events.commands import (
+    AnyCommand,
+    CreateEnrollmentKey,
+    CreateNetwork,
+    DeleteNetwork,
+    Join,
+    RemoveNode,
+    ReportEndpoint,
+    RevokeEnrollmentKey,
+)
+from events.model import (
+    AnyEvent,
+    EnrollmentKeyCreated,
+    EnrollmentKeyRevoked,
+    EnrollmentKeyUsed,
+    HostEndpointObserved,
+    HostRegistered,
+    NetworkCreated,
+    NetworkDeleted,
+    NodeJoined,
+    NodeRemoved,
+)
+from events.store import Expectation
+from events.subjects import NETWORK_EVENTS_WILDCARD, aggregate_subject
+from events.tokens import InvalidToken, parse_token, secret_digest
+from projections.topology import EnrollmentKey, Node, Topology
+
+NETWORK_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+HOST_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})$")
+
+
+class Rejected(Exception):
+    """A command refused by the rules. `code` is stable; the message is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Context:
+    now: float
+    actor: str
+    new_key_id: str = ""
+    new_secret: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Events to append (subject, event), the checks guarding them, and the answer."""
+
+    events: tuple[tuple[str, AnyEvent], ...] = ()
+    expect: tuple[Expectation, ...] = ()
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def decide(topology: Topology, command: AnyCommand, ctx: Context) -> Decision:
+    """Raises Rejected."""
+    match command:
+        case CreateNetwork():
+            return _create_network(topology, command)
+        case DeleteNetwork():
+            return _delete_network(topology, command)
+        case CreateEnrollmentKey():
+            return _create_key(topology, command, ctx)
+        case RevokeEnrollmentKey():
+            return _revoke_key(topology, command)
+        case Join():
+            return _join(topology, command, ctx)
+        case RemoveNode():
+            return _remove_node(topology, command)
+        case ReportEndpoint():
+            return _report_endpoint(topology, command)
+    raise Rejected("invalid", f"unknown command {command!r}")  # pragma: no cover
+
+
+def network_subject(name: str) -> str:
+    return aggregate_subject("network", name)
+
+
+def host_subject(host_id: str) -> str:
+    return aggregate_subject("host", host_id)
+
+
+def _guard(topology: Topology, subject: str) -> Expectation:
+    return Expectation(subject, topology.version(subject))
+
+
+def _create_network(topology: Topology, cmd: CreateNetwork) -> Decision:
+    if not NETWORK_NAME.match(cmd.name):
+        raise Rejected(
+            "invalid",
+            f"invalid network name {cmd.name!r}: use 1-32 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit",
+        )
+    cidr = parse_cidr(cmd.cidr)
+    if cmd.name in topology.networks:
+        raise Rejected("conflict", f"network {cmd.name!r} already exists")
+    for other in topology.networks.values():
+        if ipaddress.ip_network(other.cidr).overlaps(cidr):
+            raise Rejected("conflict", f"{cidr} overlaps network {other.name!r} ({other.cidr})")
+    event = NetworkCreated(
+        network=cmd.name,
+        cidr=str(cidr),
+        listen_port=cmd.listen_port,
+        mtu=cmd.mtu,
+        keepalive=cmd.keepalive,
+    )
+    # Overlap spans every network, so the check guards them all.
+    return Decision(
+        events=((network_subject(cmd.name), event),),
+        expect=(Expectation(NETWORK_EVENTS_WILDCARD, topology.last_network_seq),),
+        result={"network": cmd.name, "cidr": str(cidr)},
+    )
+
+
+def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """Raises Rejected("invalid", ...)."""
+    if "/" not in text:
+        raise Rejected("invalid", f"invalid CIDR {text!r}: missing prefix length, e.g. /24")
+    try:
+        interface = ipaddress.ip_interface(text)
+    except ValueError:
+        raise Rejected("invalid", f"invalid CIDR {text!r}: expected e.g. 10.10.0.0/24") from None
+    network = interface.network
+    if interface.ip != network.network_address:
+        raise Rejected("invalid", f"invalid CIDR {text!r}: host bits set (did you mean {network}?)")
+    if network.num_addresses < 4:
+        raise Rejected("invalid", f"CIDR {text!r} is too small: at most /30 (IPv4) or /126 (IPv6)")
+    return network
+
+
+def _delete_network(topology: Topology, cmd: DeleteNetwork) -> Decision:
+    _network(topology, cmd.name)
+    subject = network_subject(cmd.name)
+    return Decision(
+        events=((subject, NetworkDeleted(network=cmd.name)),),
+        expect=(_guard(topology, subject),),
+        result={"network": cmd.name},
+    )
+
+
+def _network(topology: Topology, name: str) -> Any:
+    network = topology.networks.get(name)
+    if network is None:
+        raise Rejected("not_found", f"no network named {name!r}")
+    return network
+
+
+def _create_key(topology: Topology, cmd: CreateEnrollmentKey, ctx: Context) -> Decision:
+    _network(topology, cmd.network)
+    expires_at = ctx.now + cmd.expires_in if cmd.expires_in is not None else None
+    subject = network_subject(cmd.network)
+    event = EnrollmentKeyCreated(
+        network=cmd.network,
+        key_id=ctx.new_key_id,
+        secret_sha256=secret_digest(ctx.new_secret),
+        uses=cmd.uses,
+        expires_at=expires_at,
+    )
+    return Decision(
+        events=((subject, event),),
+        expect=(_guard(topology, subject),),
+        result={
+            "key_id": ctx.new_key_id,
+            "network": cmd.network,
+            "uses": cmd.uses,
+            "expires_at": expires_at,
+        },
+    )
+
+
+def _revoke_key(topology: Topology, cmd: RevokeEnrollmentKey) -> Decision:
+    key = topology.keys.get(cmd.key_id)
+    if key is None:
+        raise Rejected("not_found", f"no enrollment key {cmd.key_id!r}")
+    if key.revoked:
+        return Decision(result={"key_id": key.key_id, "already_revoked": True})
+    subject = network_subject(key.network)
+    return Decision(
+        events=((subject, EnrollmentKeyRevoked(network=key.network, key_id=key.key_id)),),
+        expect=(_guard(topology, subject),),
+        result={"key_id": key.key_id},
+    )
+
+
+def check_key_usable(
+    key: EnrollmentKey | None,
+    secret: str,
+    now: float,
+    key_id: str,
+    retired_network: str | None = None,
+) -> EnrollmentKey:
+    """Raises Rejected with the specific reason a key cannot be used."""
+    if key is None:
+        if retired_network is not None:
+            raise Rejected(
+                "not_found",
+                f"enrollment key {key_id} was for network {retired_network!r}, "
+                "which has been deleted",
+            )
+        raise Rejected("invalid_token", "enrollment token not recognised")
+    if not hmac.compare_digest(key.secret_sha256, secret_digest(secret)):
+        raise Rejected("invalid_token", "enrollment token not recognised")
+    if key.revoked:
+        raise Rejected("revoked", f"enrollment key {key.key_id} has been revoked")
+    if key.expires_at is not None and now >= key.expires_at:
+        raise Rejected("expired", f"enrollment key {key.key_id} has expired")
+    if key.uses is not None and key.used >= key.uses:
+        raise Rejected(
+            "exhausted", f"enrollment key {key.key_id} is used up ({key.used} of {key.uses} uses)"
+        )
+    return key
+
+
+def parse_public_key(text: str) -> str:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise Rejected("invalid", "public key must be 32 bytes, base64 (as `wg pubkey` prints)")
+    return base64.b64encode(raw).decode()
+
+
+def parse_endpoint(text: str) -> str:
+    """An IP, or ip:port / [v6]:port. Raises Rejected."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ip = ipaddress.ip_address(host)
+        port_number = int(port)
+    except ValueError:
+        raise Rejected("invalid", f"invalid endpoint {text!r}: expected IP or IP:PORT") from None
+    if not sep or not 1 <= port_number <= 65535:
+        raise Rejected("invalid", f"invalid endpoint {text!r}: port must be 1-65535")
+    return f"[{ip}]:{port_number}" if ip.version == 6 else f"{ip}:{port_number}"
+
+
+def host_id_for(public_key: str) -> str:
+    """A host's id, fixed at its first join from its first public key."""
+    return "h" + hashlib.sha256(public_key.encode()).hexdigest()[:12]
+
+
+def node_id_for(network: str, host_id: str) -> str:
+    return "n" + hashlib.sha256(f"{network}/{host_id}".encode()).hexdigest()[:10]
+
+
+def _join(topology: Topology, cmd: Join, ctx: Context) -> Decision:
+    try:
+        token = parse_token(cmd.token)
+    except InvalidToken as exc:
+        raise Rejected("invalid_token", str(exc)) from None
+    key = check_key_usable(
+        topology.keys.get(token.key_id),
+        token.secret,
+        ctx.now,
+        token.key_id,
+        topology.retired_keys.get(token.key_id),
+    )
+    network = _network(topology, key.network)
+    public_key = parse_public_key(cmd.public_key)
+    if not HOST_NAME.match(cmd.name):
+        raise Rejected(
+            "invalid",
+            f"invalid host name {cmd.name!r}: use letters, digits, '.', '_' and '-' (max 63)",
+        )
+    endpoints = tuple(parse_endpoint(e) for e in cmd.endpoints)
+
+    host_id = topology.host_by_public_key.get(public_key) or host_id_for(public_key)
+    host = topology.hosts.get(host_id)
+    node_id = node_id_for(network.name, host_id)
+    existing = topology.nodes.get(node_id)
+    if existing is not None:
+        # A host's second join (an agent restarted with the same identity) is
+        # answered from what is there, and uses no key.
+        return Decision(result=_join_result(network, existing, host_id))
+    for other in topology.nodes_of_network(network.name):
+        if other.name == cmd.name:
+            raise Rejected(
+                "conflict",
+                f"name {cmd.name!r} is taken in network {network.name!r}; "
+                "choose another with --name",
+            )
+    address = allocate_address(
+        network.cidr, {n.address for n in topology.nodes_of_network(network.name)}
+    )
+    net_subject = network_subject(network.name)
+    h_subject = host_subject(host_id)
+    events: list[tuple[str, AnyEvent]] = [
+        (net_subject, EnrollmentKeyUsed(network=network.name, key_id=key.key_id, host_id=host_id)),
+        (
+            net_subject,
+            NodeJoined(
+                network=network.name,
+                node_id=node_id,
+                host_id=host_id,
+                name=cmd.name,
+                address=address,
+            ),
+        ),
+    ]
+    if host is None:
+        events.append(
+            (
+                h_subject,
+                HostRegistered(
+                    host_id=host_id,
+                    name=cmd.name,
+                    public_key=public_key,
+                    listen_port=cmd.listen_port,
+                    endpoints=endpoints,
+                ),
+            )
+        )
+    elif (host.endpoints, host.listen_port) != (endpoints, cmd.listen_port):
+        events.append(
+            (
+                h_subject,
+                HostEndpointObserved(
+                    host_id=host_id, endpoints=endpoints, listen_port=cmd.listen_port
+                ),
+            )
+        )
+    expect = [_guard(topology, net_subject)]
+    if len(events) > 2:
+        expect.append(_guard(topology, h_subject))
+    node = Node(node_id, network.name, host_id, cmd.name, address, ctx.now)
+    return Decision(
+        events=tuple(events), expect=tuple(expect), result=_join_result(network, node, host_id)
+    )
+
+
+def _join_result(network: Any, node: Node, host_id: str) -> dict[str, Any]:
+    prefix = ipaddress.ip_network(network.cidr).prefixlen
+    return {
+        "host_id": host_id,
+        "node_id": node.node_id,
+        "network": network.name,
+        "name": node.name,
+        "address": node.address,
+        "cidr": network.cidr,
+        "interface_address": f"{node.address}/{prefix}",
+    }
+
+
+def allocate_address(cidr: str, used: set[str]) -> str:
+    """The lowest free host address of the network. Raises Rejected when full."""
+    for ip in _host_addresses(ipaddress.ip_network(cidr)):
+        if str(ip) not in used:
+            return str(ip)
+    raise Rejected("exhausted", f"network {cidr} has no free addresses")
+
+
+def _host_addresses(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> Iterator[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    # hosts() skips the network and broadcast addresses (v4) / the subnet-router
+    # anycast address (v6), and is lazy, so a /8 costs what is used.
+    return iter(network.hosts())
+
+
+def resolve_node(topology: Topology, ref: str) -> Node:
+    """A node by id, NETWORK/NAME, or a name unique across networks. Raises Rejected."""
+    if ref in topology.nodes:
+        return topology.nodes[ref]
+    if "/" in ref:
+        network, _, name = ref.partition("/")
+        matches = [n for n in topology.nodes_of_network(network) if n.name == name]
+    else:
+        matches = [n for n in topology.nodes.values() if n.name == ref]
+    if not matches:
+        raise Rejected("not_found", f"no node {ref!r}")
+    if len(matches) > 1:
+        options = ", ".join(sorted(f"{n.network}/{n.name}" for n in matches))
+        raise Rejected("ambiguous", f"{ref!r} is in several networks: say which ({options})")
+    return matches[0]
+
+
+def _remove_node(topology: Topology, cmd: RemoveNode) -> Decision:
+    node = resolve_node(topology, cmd.node)
+    subject = network_subject(node.network)
+    return Decision(
+        events=(
+            (
+                subject,
+                NodeRemoved(network=node.network, node_id=node.node_id, host_id=node.host_id),
+            ),
+        ),
+        expect=(_guard(topology, subject),),
+        result={"node_id": node.node_id, "network": node.network, "name": node.name},
+    )
+
+
+def _report_endpoint(topology: Topology, cmd: ReportEndpoint) -> Decision:
+    host = topology.hosts.get(cmd.host_id)
+    if host is None:
+        raise Rejected("not_found", f"no host {cmd.host_id!r}")
+    endpoints = tuple(parse_endpoint(e) for e in cmd.endpoints)
+    if (host.endpoints, host.listen_port) == (endpoints, cmd.listen_port):
+        return Decision(result={"host_id": host.host_id, "changed": False})
+    subject = host_subject(host.host_id)
+    event = HostEndpointObserved(
+        host_id=host.host_id, endpoints=endpoints, listen_port=cmd.listen_port
+    )
+    return Decision(
+        events=((subject, event),),
+        expect=(_guard(topology, subject),),
+        result={"host_id": host.host_id, "changed": True},
+    )

@@ -1,0 +1,98 @@
+"""Commands (requests to change something) and their replies: the protocol
+between the CLI / agents and the command service.
+
+Commands are closed-world: an unknown field is an error, so a typo never
+passes silently. Commands are imperative; the events they produce are past tense.
+Sent as JSON to `netmesh.cmd.<verb>`; the reply is `Reply`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Mtu = Annotated[int, msgspec.Meta(ge=576, le=9000)]
+Keepalive = Annotated[int, msgspec.Meta(ge=0, le=3600)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=63)]
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    command_id: str = ""  # set by the sender; makes a retried command harmless
+
+
+class CreateNetwork(Command, frozen=True, tag="network.create"):
+    name: str
+    cidr: str
+    listen_port: Port = 51820
+    mtu: Mtu = 1420
+    keepalive: Keepalive = 25
+
+
+class DeleteNetwork(Command, frozen=True, tag="network.delete"):
+    name: str
+
+
+class CreateEnrollmentKey(Command, frozen=True, tag="key.create"):
+    network: str
+    uses: Annotated[int, msgspec.Meta(ge=1)] | None = 1  # None = unlimited
+    expires_in: Annotated[float, msgspec.Meta(gt=0)] | None = None  # seconds; None = never
+
+
+class RevokeEnrollmentKey(Command, frozen=True, tag="key.revoke"):
+    key_id: str
+
+
+class Join(Command, frozen=True, tag="join"):
+    token: str
+    public_key: str
+    name: Name
+    endpoints: tuple[str, ...] = ()
+    listen_port: Port = 51820
+
+
+class RemoveNode(Command, frozen=True, tag="node.remove"):
+    node: str  # node id, or NETWORK/NAME, or a name unique across networks
+
+
+class ReportEndpoint(Command, frozen=True, tag="endpoint.report"):
+    host_id: str
+    endpoints: tuple[str, ...]
+    listen_port: Port = 51820
+
+
+AnyCommand = (
+    CreateNetwork
+    | DeleteNetwork
+    | CreateEnrollmentKey
+    | RevokeEnrollmentKey
+    | Join
+    | RemoveNode
+    | ReportEndpoint
+)
+
+COMMAND_TYPES: tuple[type[Command], ...] = (
+    CreateNetwork,
+    DeleteNetwork,
+    CreateEnrollmentKey,
+    RevokeEnrollmentKey,
+    Join,
+    RemoveNode,
+    ReportEndpoint,
+)
+VERBS: dict[str, type[Command]] = {str(cls.__struct_config__.tag): cls for cls in COMMAND_TYPES}
+
+
+class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Every command and query answer. `error` is set (with a stable `code`) on refusal."""
+
+    ok: bool
+    result: Any = None
+    error: str | None = None
+    code: str | None = None  # invalid | not_found | conflict | exhausted | expired | revoked ...
+    seq: int | None = None  # stream sequence of the last event the command appended
+
+
+def command_verb(command: Command) -> str:
+    return str(type(command).__struct_config__.tag)

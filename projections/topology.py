@@ -1,0 +1,246 @@
+"""The topology: networks, enrollment keys, hosts and nodes, folded from events.
+
+One fold serves two readers: the command service decides against it (its
+write model) and the projection runner persists it to SQLite and derives each
+host's desired WireGuard state from it.
+
+`evolve` mutates the model in place (copying a model of thousands of nodes per
+event would make replay quadratic) and returns what it touched, so that callers
+persist and re-derive only that. It does no I/O and reads no clock: the same
+events always give the same model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from events.envelope import RecordedEvent
+from events.model import (
+    EnrollmentKeyCreated,
+    EnrollmentKeyRevoked,
+    EnrollmentKeyUsed,
+    HostEndpointObserved,
+    HostRegistered,
+    NetworkCreated,
+    NetworkDeleted,
+    NodeJoined,
+    NodeRemoved,
+)
+from events.subjects import EVENTS_PREFIX
+
+
+@dataclass
+class Network:
+    name: str
+    cidr: str
+    listen_port: int
+    mtu: int
+    keepalive: int
+    created_at: float
+
+
+@dataclass
+class EnrollmentKey:
+    key_id: str
+    network: str
+    secret_sha256: str
+    uses: int | None
+    expires_at: float | None
+    created_at: float
+    used: int = 0
+    revoked: bool = False
+
+    def uses_left(self) -> int | None:
+        return None if self.uses is None else max(self.uses - self.used, 0)
+
+
+@dataclass
+class Host:
+    host_id: str
+    name: str
+    public_key: str
+    listen_port: int
+    endpoints: tuple[str, ...]
+    registered_at: float
+
+
+@dataclass
+class Node:
+    node_id: str
+    network: str
+    host_id: str
+    name: str
+    address: str
+    joined_at: float
+
+
+@dataclass(frozen=True)
+class Touched:
+    """What one event changed: ids to persist and hosts whose desired state may move."""
+
+    networks: frozenset[str] = frozenset()
+    keys: frozenset[str] = frozenset()
+    hosts: frozenset[str] = frozenset()
+    nodes: frozenset[str] = frozenset()
+    # Networks whose membership or settings changed: every host in them is affected.
+    network_members_changed: frozenset[str] = frozenset()
+
+
+@dataclass
+class Topology:
+    networks: dict[str, Network] = field(default_factory=dict)
+    keys: dict[str, EnrollmentKey] = field(default_factory=dict)
+    hosts: dict[str, Host] = field(default_factory=dict)
+    nodes: dict[str, Node] = field(default_factory=dict)
+    # Index: network -> node ids, host -> node ids, public key -> host id.
+    nodes_by_network: dict[str, set[str]] = field(default_factory=dict)
+    nodes_by_host: dict[str, set[str]] = field(default_factory=dict)
+    host_by_public_key: dict[str, str] = field(default_factory=dict)
+    # Keys of deleted networks -> their network, so that a join can say why it fails.
+    retired_keys: dict[str, str] = field(default_factory=dict)
+    # Optimistic concurrency: last stream sequence per aggregate subject.
+    versions: dict[str, int] = field(default_factory=dict)
+    last_network_seq: int = 0
+    last_seq: int = 0
+
+    def version(self, subject: str) -> int:
+        return self.versions.get(subject, 0)
+
+    def nodes_of_network(self, network: str) -> list[Node]:
+        return sorted(
+            (self.nodes[n] for n in self.nodes_by_network.get(network, ())),
+            key=lambda node: node.node_id,
+        )
+
+    def nodes_of_host(self, host_id: str) -> list[Node]:
+        return sorted(
+            (self.nodes[n] for n in self.nodes_by_host.get(host_id, ())),
+            key=lambda node: node.network,
+        )
+
+    def add_node(self, node: Node) -> None:
+        self.nodes[node.node_id] = node
+        self.nodes_by_network.setdefault(node.network, set()).add(node.node_id)
+        self.nodes_by_host.setdefault(node.host_id, set()).add(node.node_id)
+
+    def drop_node(self, node_id: str) -> Node | None:
+        node = self.nodes.pop(node_id, None)
+        if node is not None:
+            self.nodes_by_network.get(node.network, set()).discard(node_id)
+            self.nodes_by_host.get(node.host_id, set()).discard(node_id)
+        return node
+
+
+def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
+    """Apply one stored event to the topology; return what it touched.
+
+    Events at or below the aggregate's version are skipped (already applied), so
+    a consumer may safely see an event twice.
+    """
+    subject = recorded.subject
+    if recorded.seq <= topology.versions.get(subject, 0):
+        return Touched()
+    topology.versions[subject] = recorded.seq
+    topology.last_seq = max(topology.last_seq, recorded.seq)
+    if subject.startswith(f"{EVENTS_PREFIX}.network."):
+        topology.last_network_seq = max(topology.last_network_seq, recorded.seq)
+    at = recorded.envelope.time
+
+    match recorded.event:
+        case NetworkCreated() as e:
+            topology.networks[e.network] = Network(
+                name=e.network,
+                cidr=e.cidr,
+                listen_port=e.listen_port,
+                mtu=e.mtu,
+                keepalive=e.keepalive,
+                created_at=at,
+            )
+            return Touched(networks=frozenset({e.network}))
+        case NetworkDeleted(network=name):
+            topology.networks.pop(name, None)
+            key_ids = frozenset(k for k, key in topology.keys.items() if key.network == name)
+            for key_id in key_ids:
+                del topology.keys[key_id]
+                topology.retired_keys[key_id] = name
+            removed = [topology.drop_node(n) for n in list(topology.nodes_by_network.get(name, ()))]
+            topology.nodes_by_network.pop(name, None)
+            return Touched(
+                networks=frozenset({name}),
+                keys=key_ids,
+                nodes=frozenset(n.node_id for n in removed if n),
+                hosts=frozenset(n.host_id for n in removed if n),
+            )
+        case EnrollmentKeyCreated() as e:
+            topology.keys[e.key_id] = EnrollmentKey(
+                key_id=e.key_id,
+                network=e.network,
+                secret_sha256=e.secret_sha256,
+                uses=e.uses,
+                expires_at=e.expires_at,
+                created_at=at,
+            )
+            return Touched(keys=frozenset({e.key_id}))
+        case EnrollmentKeyUsed(key_id=key_id):
+            key = topology.keys.get(key_id)
+            if key is not None:
+                key.used += 1
+            return Touched(keys=frozenset({key_id}))
+        case EnrollmentKeyRevoked(key_id=key_id):
+            key = topology.keys.get(key_id)
+            if key is not None:
+                key.revoked = True
+            return Touched(keys=frozenset({key_id}))
+        case HostRegistered() as e:
+            topology.hosts[e.host_id] = Host(
+                host_id=e.host_id,
+                name=e.name,
+                public_key=e.public_key,
+                listen_port=e.listen_port,
+                endpoints=e.endpoints,
+                registered_at=at,
+            )
+            topology.host_by_public_key[e.public_key] = e.host_id
+            return Touched(hosts=frozenset({e.host_id}))
+        case HostEndpointObserved() as e:
+            host = topology.hosts.get(e.host_id)
+            if host is not None:
+                host.endpoints = e.endpoints
+                host.listen_port = e.listen_port
+            return Touched(hosts=frozenset({e.host_id}))
+        case NodeJoined() as e:
+            topology.add_node(
+                Node(
+                    node_id=e.node_id,
+                    network=e.network,
+                    host_id=e.host_id,
+                    name=e.name,
+                    address=e.address,
+                    joined_at=at,
+                )
+            )
+            return Touched(
+                nodes=frozenset({e.node_id}),
+                hosts=frozenset({e.host_id}),
+                network_members_changed=frozenset({e.network}),
+            )
+        case NodeRemoved() as e:
+            topology.drop_node(e.node_id)
+            return Touched(
+                nodes=frozenset({e.node_id}),
+                hosts=frozenset({e.host_id}),
+                network_members_changed=frozenset({e.network}),
+            )
+    return Touched()  # pragma: no cover - every event type is matched above
+
+
+def affected_hosts(topology: Topology, touched: Touched) -> set[str]:
+    """Hosts whose desired state may have changed: the touched hosts, every host
+    sharing a network with them, and every member of a changed network."""
+    hosts = set(touched.hosts)
+    networks = set(touched.network_members_changed)
+    for host_id in touched.hosts:
+        networks.update(n.network for n in topology.nodes_of_host(host_id))
+    for network in networks:
+        hosts.update(n.host_id for n in topology.nodes_of_network(network))
+    return hosts
