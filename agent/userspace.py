@@ -90,7 +90,7 @@ class UserspaceBackend:
             await link.close()
         deadline = time.monotonic() + self._timeout
         delay = 0.01
-        while os.path.exists(self.socket_path) and await self.exists():
+        while await self.exists():
             if time.monotonic() > deadline:
                 if self._kill_own():
                     break

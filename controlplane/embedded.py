@@ -77,7 +77,7 @@ class EmbeddedNats:
         if self.config.exists():
             args += ["-c", str(self.config)]
         args += ["-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.store_dir)]
-        log = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115, ASYNC230
+        log = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *args,

@@ -29,11 +29,15 @@ def peer_endpoint(host: Host) -> str | None:
 
 
 def desired_for(topology: Topology, host_id: str, revision: int) -> DesiredState | None:
-    """The state host `host_id` should have, or None if it is in no network."""
+    """The state host `host_id` should have; None for an unknown host.
+
+    A host in no network (its last node removed) gets an empty state: no
+    addresses, no peers. That is how its agent learns to let go.
+    """
     host = topology.hosts.get(host_id)
-    nodes = topology.nodes_of_host(host_id)
-    if host is None or not nodes:
+    if host is None:
         return None
+    nodes = topology.nodes_of_host(host_id)
     addresses: list[str] = []
     mtu = 0
     allowed: dict[str, list[str]] = {}

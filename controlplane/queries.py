@@ -1,0 +1,172 @@
+"""Answers to `netmesh.query.<what>`, read from the SQLite read model.
+
+Each function returns plain JSON-able data; the service wraps it in a Reply.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from controlplane.decide import Rejected
+from projections.desired import peer_endpoint
+from projections.sqlite import ReadModel
+from projections.topology import Host
+
+# host_id -> latest "applied" report, or None if the agent never reported.
+AppliedLookup = Callable[[str], Awaitable[dict[str, Any] | None]]
+
+
+async def _rows(model: ReadModel, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    async with model.db.execute(sql, params) as cur:
+        return [dict(r) for r in await cur.fetchall()]
+
+
+async def list_networks(model: ReadModel) -> list[dict[str, Any]]:
+    return await _rows(
+        model,
+        "SELECT n.name, n.cidr, n.listen_port, n.mtu, n.keepalive, n.created_at,"
+        " (SELECT COUNT(*) FROM nodes WHERE network = n.name) AS nodes"
+        " FROM networks n ORDER BY n.name",
+    )
+
+
+async def show_network(model: ReadModel, name: str) -> dict[str, Any]:
+    rows = [n for n in await list_networks(model) if n["name"] == name]
+    if not rows:
+        raise Rejected("not_found", f"no network named {name!r}")
+    network = rows[0]
+    network["members"] = await list_nodes(model, name)
+    network["keys"] = [k for k in await list_keys(model, now=0.0) if k["network"] == name]
+    return network
+
+
+def _endpoint(row: dict[str, Any]) -> str | None:
+    host = Host(
+        host_id=row["host_id"],
+        name=row["host_name"],
+        public_key=row["public_key"],
+        listen_port=row["listen_port"],
+        endpoints=tuple(msgspec.json.decode(row["endpoints"])),
+        registered_at=0.0,
+    )
+    return peer_endpoint(host)
+
+
+NODE_SQL = (
+    "SELECT nd.node_id AS id, nd.name, nd.network, nd.address, nd.host_id, nd.joined_at,"
+    " h.name AS host_name, h.public_key, h.listen_port, h.endpoints, n.cidr"
+    " FROM nodes nd JOIN hosts h ON h.host_id = nd.host_id"
+    " JOIN networks n ON n.name = nd.network"
+)
+
+
+def _node(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "network": row["network"],
+        "address": row["address"],
+        "interface_address": f"{row['address']}/{ipaddress.ip_network(row['cidr']).prefixlen}",
+        "host_id": row["host_id"],
+        "public_key": row["public_key"],
+        "endpoint": _endpoint(row),
+        "listen_port": row["listen_port"],
+        "joined_at": row["joined_at"],
+    }
+
+
+async def list_nodes(model: ReadModel, network: str | None = None) -> list[dict[str, Any]]:
+    if network is not None:
+        if not await _rows(model, "SELECT 1 FROM networks WHERE name = ?", (network,)):
+            raise Rejected("not_found", f"no network named {network!r}")
+        rows = await _rows(
+            model, NODE_SQL + " WHERE nd.network = ? ORDER BY nd.network, nd.name", (network,)
+        )
+    else:
+        rows = await _rows(model, NODE_SQL + " ORDER BY nd.network, nd.name")
+    return [_node(r) for r in rows]
+
+
+async def find_node(model: ReadModel, ref: str) -> dict[str, Any]:
+    """By id, NETWORK/NAME, or a name unique across networks."""
+    nodes = await list_nodes(model)
+    matches = [n for n in nodes if n["id"] == ref]
+    if not matches and "/" in ref:
+        network, _, name = ref.partition("/")
+        matches = [n for n in nodes if n["network"] == network and n["name"] == name]
+    elif not matches:
+        matches = [n for n in nodes if n["name"] == ref]
+    if not matches:
+        raise Rejected("not_found", f"no node {ref!r}")
+    if len(matches) > 1:
+        options = ", ".join(sorted(f"{n['network']}/{n['name']}" for n in matches))
+        raise Rejected("ambiguous", f"{ref!r} is in several networks: say which ({options})")
+    return matches[0]
+
+
+def key_state(key: dict[str, Any], now: float) -> str:
+    if key["revoked"]:
+        return "revoked"
+    if key["expires_at"] is not None and now and now >= key["expires_at"]:
+        return "expired"
+    if key["uses"] is not None and key["used"] >= key["uses"]:
+        return "used up"
+    return "active"
+
+
+async def list_keys(model: ReadModel, now: float) -> list[dict[str, Any]]:
+    rows = await _rows(
+        model,
+        "SELECT key_id, network, uses, used, expires_at, revoked, created_at FROM keys"
+        " ORDER BY created_at, key_id",
+    )
+    for row in rows:
+        row["revoked"] = bool(row["revoked"])
+        row["state"] = key_state(row, now)
+    return rows
+
+
+async def desired_revisions(model: ReadModel) -> dict[str, int]:
+    rows = await _rows(model, "SELECT host_id, revision FROM desired")
+    return {r["host_id"]: int(r["revision"]) for r in rows}
+
+
+async def status(model: ReadModel, applied: AppliedLookup) -> list[dict[str, Any]]:
+    """Each node: desired vs applied revision of its host."""
+    desired = await desired_revisions(model)
+    reports: dict[str, dict[str, Any] | None] = {}
+    out = []
+    for node in await list_nodes(model):
+        host_id = node["host_id"]
+        if host_id not in reports:
+            reports[host_id] = await applied(host_id)
+        report = reports[host_id]
+        applied_revision = report.get("revision") if report else None
+        want = desired.get(host_id)
+        if report is None:
+            state = "never reported"
+        elif report.get("error"):
+            state = "error"
+        elif want is not None and applied_revision is not None and applied_revision >= want:
+            state = "in sync"
+        else:
+            state = "behind"
+        out.append(
+            {
+                "id": node["id"],
+                "name": node["name"],
+                "network": node["network"],
+                "address": node["address"],
+                "desired_revision": want,
+                "applied_revision": applied_revision,
+                "state": state,
+                "reported_at": report.get("at") if report else None,
+                "error": report.get("error") if report else None,
+                "peers": report.get("peers", []) if report else [],
+            }
+        )
+    return out

@@ -1,0 +1,270 @@
+"""The control plane: command service, queries and projections, in one process.
+
+Commands arrive on `netmesh.cmd.<verb>` (request/reply), are decided against
+an in-memory topology kept current from the stream (the write model), and
+become events appended with optimistic concurrency. A stale view is safe: the
+append fails with a conflict and the command is decided again, a bounded number
+of times. Queries on `netmesh.query.<what>` are answered from the SQLite read
+model. Several replicas may run: they share the subjects through a queue group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.errors import NotFoundError
+
+from controlplane import queries
+from controlplane.decide import Context, Decision, Rejected, decide
+from controlplane.publisher import JetStreamDesiredPublisher
+from controlplane.streams import ensure_streams
+from events.commands import VERBS, AnyCommand, Reply
+from events.envelope import make_envelope
+from events.jetstream import JetStreamEventStore
+from events.reports import APPLIED, applied_decoder
+from events.store import ConcurrencyConflict, DuplicateAppend, PendingEvent, StoreError
+from events.subjects import COMMAND_PREFIX, QUERY_PREFIX, REPORTS_STREAM, report_subject
+from events.tokens import make_token
+from projections.runner import ProjectionRunner
+from projections.sqlite import ReadModel
+from projections.topology import Topology, evolve
+
+log = structlog.get_logger("netmesh.controlplane")
+
+QUEUE_GROUP = "netmesh-controlplane"
+MAX_ATTEMPTS = 5
+READ_YOUR_WRITES_TIMEOUT = 5.0
+
+_reply_encoder = msgspec.json.Encoder()
+
+
+class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str | None = None
+    network: str | None = None
+    node: str | None = None
+
+
+class ControlPlane:
+    def __init__(self, nc: Client, data_dir: Path, advertise_url: str) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self.data_dir = data_dir
+        self.advertise_url = advertise_url
+        self.store = JetStreamEventStore(nc)
+        self.write_model = Topology()
+        self._write_progress = asyncio.Condition()
+        self._command_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subs: list[Subscription] = []
+        self.model: ReadModel | None = None
+        self.runner: ProjectionRunner | None = None
+
+    async def start(self) -> None:
+        """Create streams, catch up, then start answering. Raises on NATS errors."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await ensure_streams(self._js)
+        self.model = await ReadModel.open(self.data_dir / "readmodel.sqlite3")
+        self.runner = ProjectionRunner(self.store, self.model, JetStreamDesiredPublisher(self._js))
+        self._tasks.append(asyncio.create_task(self._follow_write_model(), name="write-model"))
+        self._tasks.append(asyncio.create_task(self._run_projection(), name="projection"))
+        await self._catch_up()
+        await asyncio.wait_for(self.runner.caught_up.wait(), 120)
+        self._subs.append(
+            await self._nc.subscribe(f"{COMMAND_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_command)
+        )
+        self._subs.append(
+            await self._nc.subscribe(f"{QUERY_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_query)
+        )
+        log.info("control plane ready", seq=self.write_model.last_seq, url=self.advertise_url)
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.model is not None:
+            await self.model.close()
+
+    async def _run_projection(self) -> None:
+        assert self.runner is not None
+        try:
+            await self.runner.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("projection stopped")
+            raise
+
+    async def _follow_write_model(self) -> None:
+        async for recorded in self.store.follow(1):
+            evolve(self.write_model, recorded)
+            async with self._write_progress:
+                self._write_progress.notify_all()
+
+    async def _wait_write_model(self, seq: int, timeout: float = 10.0) -> None:
+        async with self._write_progress:
+            await asyncio.wait_for(
+                self._write_progress.wait_for(lambda: self.write_model.last_seq >= seq), timeout
+            )
+
+    async def _catch_up(self) -> None:
+        await self._wait_write_model(await self.store.last_sequence(), timeout=120)
+
+    # -- commands -------------------------------------------------------------
+
+    async def _on_command(self, msg: Msg) -> None:
+        verb = msg.subject[len(COMMAND_PREFIX) + 1 :]
+        try:
+            reply = await self.handle_command(verb, msg.data, actor=_actor(msg))
+        except Exception:  # the service must outlive any one command
+            log.exception("command failed", verb=verb)
+            reply = Reply(ok=False, code="internal", error="internal error (see the server log)")
+        if msg.reply:
+            await msg.respond(_reply_encoder.encode(reply))
+
+    async def handle_command(self, verb: str, payload: bytes, *, actor: str) -> Reply:
+        cls = VERBS.get(verb)
+        if cls is None:
+            return Reply(ok=False, code="invalid", error=f"unknown command {verb!r}")
+        try:
+            command: AnyCommand = msgspec.json.decode(payload, type=cls)  # type: ignore[assignment]
+        except msgspec.ValidationError as exc:
+            return Reply(ok=False, code="invalid", error=f"invalid {verb} command: {exc}")
+        except msgspec.DecodeError:
+            return Reply(ok=False, code="invalid", error=f"invalid {verb} command: not JSON")
+        async with self._command_lock:
+            return await self._execute(verb, command, actor)
+
+    async def _execute(self, verb: str, command: AnyCommand, actor: str) -> Reply:
+        command_id = command.command_id or uuid.uuid4().hex
+        ctx = Context(
+            now=time.time(),
+            actor=actor,
+            new_key_id="k" + secrets.token_hex(5),
+            new_secret=secrets.token_urlsafe(24),
+        )
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                decision = decide(self.write_model, command, ctx)
+            except Rejected as exc:
+                log.info("command refused", verb=verb, code=exc.code, reason=exc.message)
+                return Reply(ok=False, code=exc.code, error=exc.message)
+            if not decision.events:
+                return Reply(ok=True, result=self._result(verb, decision, ctx))
+            try:
+                seq = await self.store.append(
+                    self._pending(decision, ctx, command_id),
+                    expect=decision.expect,
+                    msg_id=command_id,
+                )
+            except (ConcurrencyConflict, DuplicateAppend) as exc:
+                # Someone wrote first (or this command already landed): catch up
+                # and decide again against what is there now.
+                log.info(
+                    "append conflict, deciding again", verb=verb, attempt=attempt, why=str(exc)
+                )
+                await self._catch_up()
+                continue
+            except StoreError as exc:
+                return Reply(ok=False, code="unavailable", error=f"event store: {exc}")
+            await self._wait_write_model(seq)
+            assert self.runner is not None
+            await self.runner.wait_for(seq, READ_YOUR_WRITES_TIMEOUT)
+            log.info("command applied", verb=verb, seq=seq, events=len(decision.events))
+            return Reply(ok=True, result=self._result(verb, decision, ctx), seq=seq)
+        return Reply(ok=False, code="busy", error="too many concurrent changes; try again")
+
+    def _pending(self, decision: Decision, ctx: Context, command_id: str) -> list[PendingEvent]:
+        return [
+            PendingEvent(
+                subject,
+                make_envelope(
+                    event,
+                    event_id=uuid.uuid4().hex,
+                    time=ctx.now,
+                    actor=ctx.actor,
+                    command_id=command_id,
+                ),
+            )
+            for subject, event in decision.events
+        ]
+
+    def _result(self, verb: str, decision: Decision, ctx: Context) -> dict[str, Any]:
+        result = dict(decision.result)
+        if verb == "key.create":
+            result["token"] = make_token(self.advertise_url, ctx.new_key_id, ctx.new_secret)
+        return result
+
+    # -- queries --------------------------------------------------------------
+
+    async def _on_query(self, msg: Msg) -> None:
+        what = msg.subject[len(QUERY_PREFIX) + 1 :]
+        try:
+            args = msgspec.json.decode(msg.data or b"{}", type=QueryArgs)
+            reply = Reply(ok=True, result=await self.answer(what, args))
+        except Rejected as exc:
+            reply = Reply(ok=False, code=exc.code, error=exc.message)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            reply = Reply(ok=False, code="invalid", error=f"invalid query: {exc}")
+        except Exception:
+            log.exception("query failed", what=what)
+            reply = Reply(ok=False, code="internal", error="internal error (see the server log)")
+        if msg.reply:
+            await msg.respond(_reply_encoder.encode(reply))
+
+    async def answer(self, what: str, args: QueryArgs) -> Any:
+        model = self.model
+        assert model is not None
+        match what:
+            case "networks":
+                return await queries.list_networks(model)
+            case "network":
+                return await queries.show_network(model, args.name or "")
+            case "nodes":
+                return await queries.list_nodes(model, args.network)
+            case "node":
+                node = await queries.find_node(model, args.node or "")
+                rows = await queries.status(model, self.applied_report)
+                node["status"] = next((r for r in rows if r["id"] == node["id"]), None)
+                return node
+            case "keys":
+                return await queries.list_keys(model, now=time.time())
+            case "status":
+                return await queries.status(model, self.applied_report)
+        raise Rejected("invalid", f"unknown query {what!r}")
+
+    async def applied_report(self, host_id: str) -> dict[str, Any] | None:
+        try:
+            msg = await self._js.get_last_msg(REPORTS_STREAM, report_subject(host_id, APPLIED))
+        except NotFoundError:
+            return None
+        if not msg.data:
+            return None
+        try:
+            report = applied_decoder.decode(msg.data)
+        except msgspec.ValidationError:
+            return None
+        return msgspec.to_builtins(report)  # type: ignore[no-any-return]
+
+
+def _actor(msg: Msg) -> str:
+    # Until commands are signed (see DESIGN "Trust"), the actor is what the
+    # sender says it is: recorded for the audit log, not trusted.
+    if msg.headers and msg.headers.get("Netmesh-Actor"):
+        return str(msg.headers["Netmesh-Actor"])[:128]
+    return "anonymous"
