@@ -204,15 +204,11 @@ def _revoke_key(topology: Topology, cmd: RevokeEnrollmentKey) -> Decision:
     )
 
 
-def check_key_usable(
-    key: EnrollmentKey | None,
-    secret: str,
-    now: float,
-    key_id: str,
-    retired_network: str | None = None,
-) -> EnrollmentKey:
-    """Raises Rejected with the specific reason a key cannot be used."""
+def authenticate_key(topology: Topology, key_id: str, secret: str) -> EnrollmentKey:
+    """The key a token names, if its secret matches. Raises Rejected."""
+    key = topology.keys.get(key_id)
     if key is None:
+        retired_network = topology.retired_keys.get(key_id)
         if retired_network is not None:
             raise Rejected(
                 "not_found",
@@ -222,6 +218,11 @@ def check_key_usable(
         raise Rejected("invalid_token", "enrollment token not recognised")
     if not hmac.compare_digest(key.secret_sha256, secret_digest(secret)):
         raise Rejected("invalid_token", "enrollment token not recognised")
+    return key
+
+
+def check_key_usable(key: EnrollmentKey, now: float) -> None:
+    """Raises Rejected with the specific reason a key cannot be used now."""
     if key.revoked:
         raise Rejected("revoked", f"enrollment key {key.key_id} has been revoked")
     if key.expires_at is not None and now >= key.expires_at:
@@ -230,7 +231,6 @@ def check_key_usable(
         raise Rejected(
             "exhausted", f"enrollment key {key.key_id} is used up ({key.used} of {key.uses} uses)"
         )
-    return key
 
 
 def parse_public_key(text: str) -> str:
@@ -275,13 +275,7 @@ def _join(topology: Topology, cmd: Join, ctx: Context) -> Decision:
         token = parse_token(cmd.token)
     except InvalidToken as exc:
         raise Rejected("invalid_token", str(exc)) from None
-    key = check_key_usable(
-        topology.keys.get(token.key_id),
-        token.secret,
-        ctx.now,
-        token.key_id,
-        topology.retired_keys.get(token.key_id),
-    )
+    key = authenticate_key(topology, token.key_id, token.secret)
     network = _network(topology, key.network)
     public_key = parse_public_key(cmd.public_key)
     if not HOST_NAME.match(cmd.name):
@@ -299,6 +293,7 @@ def _join(topology: Topology, cmd: Join, ctx: Context) -> Decision:
         # A host's second join (an agent restarted with the same identity) is
         # answered from what is there, and uses no key.
         return Decision(result=_join_result(network, existing, host_id))
+    check_key_usable(key, ctx.now)
     for other in topology.nodes_of_network(network.name):
         if other.name == cmd.name:
             raise Rejected(

@@ -1,0 +1,96 @@
+"""Carry out a plan on the machine: WireGuard through the backend, the link
+through rtnetlink. Device ops that follow each other go in one backend call.
+
+On failure it stops and says how far it got; the next pass re-reads the machine
+and plans again from what is really there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.backend import BackendError, PeerSpec, WireGuardBackend
+from agent.link import Link
+from agent.plan import (
+    AddAddress,
+    CreateInterface,
+    Op,
+    RemoveAddress,
+    RemovePeer,
+    SetListenPort,
+    SetMtu,
+    SetPrivateKey,
+    SetUp,
+    UpsertPeer,
+)
+
+DeviceOp = SetPrivateKey | SetListenPort | UpsertPeer | RemovePeer
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    applied: int  # ops carried out, in plan order
+    error: BackendError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+async def apply(
+    ops: list[Op], backend: WireGuardBackend, link: Link, private_key: str
+) -> ApplyResult:
+    done = 0
+    i = 0
+    try:
+        while i < len(ops):
+            op = ops[i]
+            if isinstance(op, SetPrivateKey | SetListenPort | UpsertPeer | RemovePeer):
+                group: list[DeviceOp] = []
+                while i < len(ops) and isinstance(
+                    ops[i], SetPrivateKey | SetListenPort | UpsertPeer | RemovePeer
+                ):
+                    group.append(ops[i])  # type: ignore[arg-type]
+                    i += 1
+                await _configure(backend, group, private_key)
+                done += len(group)
+                continue
+            match op:
+                case CreateInterface():
+                    await backend.create()
+                case SetMtu(mtu=mtu):
+                    await link.set_mtu(mtu)
+                case SetUp():
+                    await link.set_up()
+                case AddAddress(cidr=cidr):
+                    await link.add_address(cidr)
+                case RemoveAddress(cidr=cidr):
+                    await link.remove_address(cidr)
+            done += 1
+            i += 1
+    except BackendError as exc:
+        return ApplyResult(done, exc)
+    return ApplyResult(done)
+
+
+async def _configure(backend: WireGuardBackend, group: list[DeviceOp], private_key: str) -> None:
+    upserts: list[PeerSpec] = []
+    removals: list[str] = []
+    key: str | None = None
+    port: int | None = None
+    for op in group:
+        match op:
+            case SetPrivateKey():
+                key = private_key
+            case SetListenPort(port=p):
+                port = p
+            case UpsertPeer(peer=peer):
+                upserts.append(peer)
+            case RemovePeer(public_key=public_key):
+                removals.append(public_key)
+    await backend.configure(
+        private_key=key,
+        listen_port=port,
+        upsert_peers=tuple(upserts),
+        remove_peers=tuple(removals),
+    )

@@ -1,0 +1,449 @@
+"""`netmesh agent up`: enroll once, then keep the interface as the control plane says.
+
+Level-triggered: a desired-state message, a periodic resync (with jitter) or a
+failed apply's retry wakes the loop; each pass reads the machine, plans, applies
+what differs, and reports the applied revision. The last desired state is kept
+on disk, so with NATS or the control plane down the agent keeps enforcing what it
+last knew. SIGTERM stops the agent and leaves the interface up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from agent.apply import apply
+from agent.backend import BackendError, DeviceState, WireGuardBackend
+from agent.endpoints import detect_endpoints
+from agent.link import Link, LinkState
+from agent.plan import Actual, plan
+from agent.statedir import Identity, StateDir, StateDirError, private_key_b64, public_key_of
+from agent.userspace import UserspaceBackend
+from events.commands import Reply
+from events.desired import DesiredState, desired_decoder
+from events.reports import APPLIED, AppliedReport, PeerReport, applied_encoder
+from events.subjects import (
+    DESIRED_STREAM,
+    REPORTS_STREAM,
+    command_subject,
+    desired_subject,
+    report_subject,
+)
+from events.tokens import InvalidToken, parse_token
+
+log = structlog.get_logger("netmesh.agent")
+
+RESYNC_INTERVAL = 30.0
+RETRY_MIN, RETRY_MAX = 1.0, 60.0
+CONNECT_BACKOFF_MIN, CONNECT_BACKOFF_MAX = 1.0, 30.0
+
+
+class AgentError(Exception):
+    """Stops the agent with a one-line message (bad token, refused join, ...)."""
+
+
+def make_backend(kind: str, interface: str) -> WireGuardBackend:
+    if kind == "kernel":
+        raise AgentError(
+            "the kernel WireGuard backend is not available yet: use --backend userspace"
+        )
+    return UserspaceBackend(interface)
+
+
+async def enroll(
+    token: str,
+    server: str | None,
+    name: str,
+    public_key: str,
+    endpoints: Sequence[str],
+    listen_port: int,
+) -> tuple[str, dict[str, Any]]:
+    """Join with the token. Returns (server URL, join result). Raises AgentError."""
+    try:
+        parts = parse_token(token)
+    except InvalidToken as exc:
+        raise AgentError(str(exc)) from None
+    url = server or parts.server
+    try:
+        nc = await nats.connect(
+            url,
+            connect_timeout=5,
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+            name=f"netmesh-agent-enroll-{name}",
+        )
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise AgentError(f"cannot reach the control plane at {url}: {exc}") from None
+    try:
+        payload = msgspec.json.encode(
+            {
+                "command_id": uuid.uuid4().hex,
+                "token": token,
+                "public_key": public_key,
+                "name": name,
+                "endpoints": list(endpoints),
+                "listen_port": listen_port,
+            }
+        )
+        try:
+            msg = await nc.request(
+                command_subject("join"),
+                payload,
+                timeout=15,
+                headers={"Netmesh-Actor": f"agent:{name}"},
+            )
+        except nats.errors.NoRespondersError:
+            raise AgentError(f"no netmesh control plane is answering at {url}") from None
+        except nats.errors.TimeoutError:
+            raise AgentError(f"the control plane at {url} did not answer in time") from None
+        reply = msgspec.json.decode(msg.data, type=Reply)
+        if not reply.ok:
+            raise AgentError(f"join refused: {reply.error}")
+        return url, dict(reply.result)
+    finally:
+        await nc.close()
+
+
+class Agent:
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        state: StateDir,
+        backend: WireGuardBackend,
+        link: Link,
+        private_key: str,
+        public_key: str,
+        resync_interval: float = RESYNC_INTERVAL,
+    ) -> None:
+        self.identity = identity
+        self.state = state
+        self.backend = backend
+        self.link = link
+        self._private_key = private_key
+        self.public_key = public_key
+        self.resync_interval = resync_interval
+        self.desired: DesiredState | None = state.load_desired()
+        self.applied: DesiredState | None = None
+        self.nc: Client | None = None
+        self._wake = asyncio.Event()
+        self._retry_delay = RETRY_MIN
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._sub: Any = None
+        self._last_error: str | None = None
+
+    # -- desired state from the control plane ---------------------------------
+
+    def offer(self, state: DesiredState) -> bool:
+        """Take a desired state if it is newer than what we hold."""
+        if state.host_id != self.identity.host_id:
+            log.warning("desired state for another host ignored", host_id=state.host_id)
+            return False
+        current = self.desired.revision if self.desired else 0
+        if state.revision <= current:
+            if state.revision < current:
+                log.info("stale desired state ignored", revision=state.revision, have=current)
+            return False
+        self.state.save_desired(state)
+        self.desired = state
+        log.info("desired state received", revision=state.revision, peers=len(state.peers))
+        self._wake.set()
+        return True
+
+    async def _on_desired(self, msg: Msg) -> None:
+        try:
+            state = desired_decoder.decode(msg.data)
+        except msgspec.ValidationError as exc:
+            log.warning("undecodable desired state ignored", error=str(exc))
+            return
+        self.offer(state)
+
+    async def subscribe(self) -> None:
+        assert self.nc is not None
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        js = self.nc.jetstream()
+        self._sub = await js.subscribe(
+            desired_subject(self.identity.host_id),
+            stream=DESIRED_STREAM,
+            ordered_consumer=True,
+            cb=self._on_desired,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT),
+        )
+
+    # -- reconcile -----------------------------------------------------------
+
+    async def read_actual(self) -> Actual:
+        device: DeviceState | None = None
+        link: LinkState | None = None
+        if await self.backend.exists():
+            device = await self.backend.read()
+        if await self.link.exists():
+            link = await self.link.state()
+        return Actual(device=device, link=link)
+
+    async def reconcile_once(self) -> bool:
+        """One pass. Returns True when the interface matches the desired state."""
+        desired = self.desired
+        if desired is None:
+            return True
+        try:
+            actual = await self.read_actual()
+        except BackendError as exc:
+            return self._failed(desired, f"read: {exc}")
+        ops = plan(desired, actual, public_key=self.public_key, previous=self.applied)
+        if ops:
+            drift = self.applied is not None and self.applied.revision == desired.revision
+            for op in ops:
+                log.info(
+                    "drift repair" if drift else "apply", op=str(op), revision=desired.revision
+                )
+            result = await apply(ops, self.backend, self.link, self._private_key)
+            if not result.ok:
+                return self._failed(desired, f"{ops[result.applied]}: {result.error}")
+        newly = self.applied is None or self.applied.revision != desired.revision
+        self.applied = desired
+        self._last_error = None
+        self._retry_delay = RETRY_MIN
+        if newly or ops:
+            log.info("in sync", revision=desired.revision, ops=len(ops))
+        await self.report()
+        return True
+
+    def _failed(self, desired: DesiredState, why: str) -> bool:
+        self._last_error = why
+        log.warning(
+            "apply failed, will retry",
+            revision=desired.revision,
+            error=why,
+            retry_in=round(self._retry_delay, 1),
+        )
+        loop = asyncio.get_running_loop()
+        self._retry_handle = loop.call_later(self._retry_delay, self._wake.set)
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+        return False
+
+    async def report(self) -> None:
+        """Best effort: without NATS the report waits for the next pass."""
+        if self.nc is None or not self.nc.is_connected:
+            return
+        peers: tuple[PeerReport, ...] = ()
+        with contextlib.suppress(BackendError):
+            device = await self.backend.read()
+            peers = tuple(
+                PeerReport(
+                    public_key=p.public_key,
+                    endpoint=p.endpoint,
+                    last_handshake=p.last_handshake,
+                    rx_bytes=p.rx_bytes,
+                    tx_bytes=p.tx_bytes,
+                )
+                for p in device.peers
+            )
+        report = AppliedReport(
+            host_id=self.identity.host_id,
+            revision=self.applied.revision if self.applied else 0,
+            at=time.time(),
+            interface=self.backend.interface,
+            error=self._last_error,
+            peers=peers,
+        )
+        try:
+            await self.nc.jetstream().publish(
+                report_subject(self.identity.host_id, APPLIED),
+                applied_encoder.encode(report),
+                stream=REPORTS_STREAM,
+                timeout=5,
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.info("report not delivered", error=repr(exc))
+
+    async def reconcile_forever(self) -> None:
+        while True:
+            jitter = random.uniform(0.8, 1.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.resync_interval * jitter)
+            self._wake.clear()
+            await self.reconcile_once()
+
+    # -- connection ----------------------------------------------------------
+
+    async def connect_forever(self) -> None:
+        """Connect (with capped, jittered backoff), subscribe, and stay subscribed."""
+        delay = CONNECT_BACKOFF_MIN
+        while self.nc is None:
+            try:
+                self.nc = await nats.connect(
+                    self.identity.server,
+                    name=f"netmesh-agent-{self.identity.name}",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=2,
+                    connect_timeout=5,
+                    reconnected_cb=self._on_reconnected,
+                    disconnected_cb=self._on_disconnected,
+                    error_cb=self._on_error,
+                )
+            except (OSError, nats.errors.Error, TimeoutError) as exc:
+                log.info(
+                    "control plane unreachable, running from cache",
+                    error=repr(exc),
+                    retry_in=round(delay, 1),
+                )
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, CONNECT_BACKOFF_MAX)
+        log.info("connected", server=self.identity.server)
+        await self._resubscribe()
+
+    async def _resubscribe(self) -> None:
+        delay = CONNECT_BACKOFF_MIN
+        while True:
+            try:
+                await self.subscribe()
+                await self.report_endpoints()
+                self._wake.set()
+                return
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.info("subscribe failed, retrying", error=repr(exc))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, CONNECT_BACKOFF_MAX)
+
+    async def report_endpoints(self) -> None:
+        """Tell the control plane where this host can be reached, when that changed."""
+        assert self.nc is not None
+        endpoints = list(self.identity.endpoints)
+        listen_port = self.desired.listen_port if self.desired else self.identity.listen_port
+        payload = msgspec.json.encode(
+            {
+                "command_id": uuid.uuid4().hex,
+                "host_id": self.identity.host_id,
+                "endpoints": endpoints,
+                "listen_port": listen_port,
+            }
+        )
+        try:
+            msg = await self.nc.request(command_subject("endpoint.report"), payload, timeout=10)
+            reply = msgspec.json.decode(msg.data, type=Reply)
+            if not reply.ok:
+                log.warning("endpoint report refused", error=reply.error)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.info("endpoint report not delivered", error=repr(exc))
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected")
+        asyncio.get_running_loop().create_task(self._resubscribe())
+
+    async def _on_disconnected(self) -> None:
+        log.info("disconnected from the control plane; keeping the last desired state")
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("nats error", error=repr(exc))
+
+    async def close(self) -> None:
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        await self.backend.close()
+        await self.link.close()
+
+
+async def run_agent(
+    *,
+    token: str | None,
+    server: str | None,
+    name: str | None,
+    state_dir: Path,
+    endpoints: Sequence[str],
+    backend: str,
+    interface: str,
+    listen_port: int = 51820,
+) -> None:
+    """Enroll if needed and run until SIGINT/SIGTERM. Raises AgentError."""
+    state = StateDir(state_dir)
+    try:
+        state.ensure()
+        key = state.private_key()
+        identity = state.load_identity()
+    except StateDirError as exc:
+        raise AgentError(str(exc)) from None
+    public_key = public_key_of(key)
+    host_name = name or (identity.name if identity else socket.gethostname().split(".")[0])
+    offered = list(endpoints) or await detect_endpoints(exclude=interface)
+    if token is not None:
+        url, result = await enroll(token, server, host_name, public_key, offered, listen_port)
+        networks = sorted({*(identity.networks if identity else []), result["network"]})
+        identity = Identity(
+            host_id=result["host_id"],
+            name=host_name,
+            server=url,
+            networks=networks,
+            endpoints=offered,
+            listen_port=listen_port,
+        )
+        state.save_identity(identity)
+        log.info(
+            "joined",
+            network=result["network"],
+            address=result["interface_address"],
+            host_id=result["host_id"],
+            node_id=result["node_id"],
+        )
+    elif identity is None:
+        raise AgentError(f"not enrolled yet ({state_dir} has no identity): pass --token")
+    else:
+        if server is not None or endpoints:
+            identity.server = server or identity.server
+            identity.endpoints = offered
+            state.save_identity(identity)
+
+    agent = Agent(
+        identity=identity,
+        state=state,
+        backend=make_backend(backend, interface),
+        link=Link(interface),
+        private_key=private_key_b64(key),
+        public_key=public_key,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [
+        asyncio.create_task(agent.reconcile_forever(), name="reconcile"),
+        asyncio.create_task(agent.connect_forever(), name="connect"),
+    ]
+    log.info(
+        "agent running",
+        host_id=identity.host_id,
+        interface=interface,
+        cached_revision=agent.desired.revision if agent.desired else None,
+    )
+    agent._wake.set()
+    try:
+        await stop.wait()
+        log.info("stopping; the interface stays up")
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await agent.close()

@@ -1,0 +1,191 @@
+"""plan(desired, actual) -> ops: what to change so the interface is as desired.
+
+Pure and typed; every op prints itself, so the plan that is applied is also
+what is logged and shown (`--dry-run` for free). Rules that keep tunnels up:
+
+- touch only what differs: an unchanged peer is never written;
+- a peer is changed in place (its allowed IPs replaced), never removed and
+  re-added, so its session survives;
+- add before delete: new addresses and peers come before old ones go;
+- an endpoint is written when a peer is added or when the control plane changed
+  it, not whenever WireGuard's roaming moved it (that would fight the roaming).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.backend import DeviceState, PeerSpec, PeerState
+from agent.link import LinkState
+from events.desired import DesiredState, PeerConfig
+
+
+@dataclass(frozen=True)
+class Actual:
+    """What is on the machine now. `device`/`link` are None when the interface is absent."""
+
+    device: DeviceState | None
+    link: LinkState | None
+
+
+@dataclass(frozen=True)
+class CreateInterface:
+    def __str__(self) -> str:
+        return "create interface"
+
+
+@dataclass(frozen=True)
+class SetPrivateKey:
+    public_key: str  # of the key being set: the private key itself is never printed
+
+    def __str__(self) -> str:
+        return f"set private key (public {self.public_key})"
+
+
+@dataclass(frozen=True)
+class SetListenPort:
+    port: int
+
+    def __str__(self) -> str:
+        return f"set listen port {self.port}"
+
+
+@dataclass(frozen=True)
+class SetMtu:
+    mtu: int
+
+    def __str__(self) -> str:
+        return f"set mtu {self.mtu}"
+
+
+@dataclass(frozen=True)
+class SetUp:
+    def __str__(self) -> str:
+        return "set link up"
+
+
+@dataclass(frozen=True)
+class AddAddress:
+    cidr: str
+
+    def __str__(self) -> str:
+        return f"add address {self.cidr}"
+
+
+@dataclass(frozen=True)
+class RemoveAddress:
+    cidr: str
+
+    def __str__(self) -> str:
+        return f"remove address {self.cidr}"
+
+
+@dataclass(frozen=True)
+class UpsertPeer:
+    peer: PeerSpec
+    name: str
+    new: bool
+
+    def __str__(self) -> str:
+        verb = "add" if self.new else "update"
+        endpoint = f" endpoint {self.peer.endpoint}" if self.peer.endpoint else ""
+        return (
+            f"{verb} peer {self.name or '?'} {self.peer.public_key} "
+            f"allowed {','.join(self.peer.allowed_ips)}{endpoint} "
+            f"keepalive {self.peer.persistent_keepalive}"
+        )
+
+
+@dataclass(frozen=True)
+class RemovePeer:
+    public_key: str
+
+    def __str__(self) -> str:
+        return f"remove peer {self.public_key}"
+
+
+Op = (
+    CreateInterface
+    | SetPrivateKey
+    | SetListenPort
+    | SetMtu
+    | SetUp
+    | AddAddress
+    | RemoveAddress
+    | UpsertPeer
+    | RemovePeer
+)
+
+
+def plan(
+    desired: DesiredState,
+    actual: Actual,
+    *,
+    public_key: str,
+    previous: DesiredState | None = None,
+) -> list[Op]:
+    """Ops that take `actual` to `desired`; empty when nothing differs.
+
+    `public_key` is this host's own key (the device must hold its private half);
+    `previous` is the desired state last applied, used to tell a control-plane
+    endpoint change from WireGuard roaming.
+    """
+    ops: list[Op] = []
+    device = actual.device
+    link = actual.link
+    if device is None or link is None:
+        ops.append(CreateInterface())
+    if device is None or device.public_key != public_key:
+        ops.append(SetPrivateKey(public_key))
+    if device is None or device.listen_port != desired.listen_port:
+        ops.append(SetListenPort(desired.listen_port))
+    if link is None or link.mtu != desired.mtu:
+        ops.append(SetMtu(desired.mtu))
+
+    have_addresses = set(link.addresses) if link else set()
+    want_addresses = set(desired.addresses)
+    ops.extend(AddAddress(a) for a in sorted(want_addresses - have_addresses))
+    ops.extend(RemoveAddress(a) for a in sorted(have_addresses - want_addresses))
+    if link is None or not link.up:
+        ops.append(SetUp())
+
+    have_peers = {p.public_key: p for p in device.peers} if device else {}
+    before = {p.public_key: p for p in previous.peers} if previous else {}
+    for peer in desired.peers:
+        op = _peer_op(peer, have_peers.get(peer.public_key), before.get(peer.public_key))
+        if op is not None:
+            ops.append(op)
+    wanted_keys = {p.public_key for p in desired.peers}
+    ops.extend(RemovePeer(k) for k in sorted(set(have_peers) - wanted_keys))
+    return ops
+
+
+def _peer_op(
+    peer: PeerConfig, have: PeerState | None, before: PeerConfig | None
+) -> UpsertPeer | None:
+    allowed = tuple(sorted(peer.allowed_ips))
+    if have is None:
+        spec = PeerSpec(
+            public_key=peer.public_key,
+            allowed_ips=allowed,
+            endpoint=peer.endpoint,
+            persistent_keepalive=peer.persistent_keepalive,
+        )
+        return UpsertPeer(spec, peer.name, new=True)
+    endpoint_moved = peer.endpoint is not None and (
+        (before is None and have.endpoint is None)
+        or (before is not None and before.endpoint != peer.endpoint)
+    )
+    if (
+        tuple(sorted(have.allowed_ips)) == allowed
+        and have.persistent_keepalive == peer.persistent_keepalive
+        and not (endpoint_moved and have.endpoint != peer.endpoint)
+    ):
+        return None
+    spec = PeerSpec(
+        public_key=peer.public_key,
+        allowed_ips=allowed,
+        endpoint=peer.endpoint if endpoint_moved else None,
+        persistent_keepalive=peer.persistent_keepalive,
+    )
+    return UpsertPeer(spec, peer.name, new=False)

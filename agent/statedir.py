@@ -1,0 +1,104 @@
+"""The agent's state directory: its identity, its key, its last desired state.
+
+The WireGuard private key is made here and never leaves the machine. Files are
+written atomically (temp file, fsync, rename): a crash leaves the old file or
+the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import msgspec
+from nacl.public import PrivateKey
+
+from events.desired import DesiredState, desired_decoder, desired_encoder
+
+
+class Identity(msgspec.Struct, kw_only=True):
+    host_id: str
+    name: str
+    server: str
+    networks: list[str] = []
+    endpoints: list[str] = []
+    listen_port: int = 51820
+
+
+class StateDirError(Exception):
+    pass
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class StateDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def ensure(self) -> None:
+        """Create the directory 0700. Raises StateDirError."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.path, 0o700)
+        except OSError as exc:
+            raise StateDirError(f"cannot use state dir {self.path}: {exc.strerror}") from None
+
+    @property
+    def _key_file(self) -> Path:
+        return self.path / "private.key"
+
+    def private_key(self) -> PrivateKey:
+        """This host's WireGuard key, made on first use."""
+        if self._key_file.exists():
+            raw = base64.b64decode(self._key_file.read_text().strip())
+            return PrivateKey(raw)
+        key = PrivateKey.generate()
+        atomic_write(self._key_file, base64.b64encode(bytes(key)) + b"\n", 0o600)
+        return key
+
+    def load_identity(self) -> Identity | None:
+        path = self.path / "identity.json"
+        if not path.exists():
+            return None
+        try:
+            return msgspec.json.decode(path.read_bytes(), type=Identity)
+        except msgspec.DecodeError as exc:
+            raise StateDirError(f"{path} is damaged: {exc}") from None
+
+    def save_identity(self, identity: Identity) -> None:
+        atomic_write(self.path / "identity.json", msgspec.json.encode(identity))
+
+    def load_desired(self) -> DesiredState | None:
+        path = self.path / "desired.json"
+        if not path.exists():
+            return None
+        try:
+            return desired_decoder.decode(path.read_bytes())
+        except msgspec.DecodeError:
+            return None  # a damaged cache is only a cache: the server sends it again
+
+    def save_desired(self, state: DesiredState) -> None:
+        atomic_write(self.path / "desired.json", desired_encoder.encode(state))
+
+
+def public_key_of(key: PrivateKey) -> str:
+    return base64.b64encode(bytes(key.public_key)).decode()
+
+
+def private_key_b64(key: PrivateKey) -> str:
+    return base64.b64encode(bytes(key)).decode()

@@ -1,0 +1,78 @@
+"""The CLI's side of the protocol: one request, one reply, clear errors."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client
+
+from events.commands import Reply
+from events.subjects import command_subject, query_subject
+
+DEFAULT_SERVER = "nats://127.0.0.1:4222"
+REQUEST_TIMEOUT = 15.0
+
+
+class CliError(Exception):
+    """Shown to the user as one line; the process exits non-zero."""
+
+
+async def connect(server: str) -> Client:
+    try:
+        return await nats.connect(
+            server,
+            connect_timeout=3,
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+            name="netmesh-cli",
+        )
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise CliError(f"cannot connect to {server}: {_why(exc)}") from None
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0]
+
+
+async def request(nc: Client, subject: str, payload: dict[str, Any], server: str) -> Any:
+    """Send a command or query; return its result. Raises CliError on any refusal."""
+    try:
+        msg = await nc.request(
+            subject,
+            msgspec.json.encode(payload),
+            timeout=REQUEST_TIMEOUT,
+            headers={"Netmesh-Actor": "cli"},
+        )
+    except nats.errors.NoRespondersError:
+        raise CliError(f"no netmesh server is answering at {server}") from None
+    except nats.errors.TimeoutError:
+        raise CliError(f"the netmesh server at {server} did not answer in time") from None
+    try:
+        reply = msgspec.json.decode(msg.data, type=Reply)
+    except msgspec.DecodeError:
+        raise CliError("the server sent an answer this CLI cannot read") from None
+    if not reply.ok:
+        raise CliError(reply.error or "refused")
+    return reply.result
+
+
+async def command(server: str, verb: str, **fields: Any) -> Any:
+    nc = await connect(server)
+    try:
+        fields.setdefault("command_id", uuid.uuid4().hex)
+        return await request(nc, command_subject(verb), fields, server)
+    finally:
+        await nc.close()
+
+
+async def query(server: str, what: str, **args: Any) -> Any:
+    nc = await connect(server)
+    try:
+        return await request(nc, query_subject(what), {k: v for k, v in args.items() if v}, server)
+    finally:
+        await nc.close()

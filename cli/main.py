@@ -1,0 +1,545 @@
+"""`netmesh`: the command line. Admin commands are sent to the control plane
+over NATS; `server` and `agent up` run the long-lived processes."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import re
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from cli.client import DEFAULT_SERVER, CliError, command, connect, query
+from cli.logs import configure_logging
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except CliError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def when(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+DURATION = re.compile(r"^(\d+)([smhdw])$")
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float | None:
+    """ "90s", "30m", "1h", "7d", "2w" -> seconds; "never" -> None."""
+    if text == "never":
+        return None
+    match = DURATION.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise click.BadParameter(f"{text!r}: use e.g. 30m, 1h, 7d or never")
+    return int(match.group(1)) * UNITS[match.group(2)]
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--server",
+    envvar="NETMESH_SERVER",
+    default=DEFAULT_SERVER,
+    show_default=True,
+    help="NATS URL of the netmesh control plane (env NETMESH_SERVER).",
+)
+@click.pass_context
+def main(ctx: click.Context, server: str) -> None:
+    """netmesh: WireGuard overlay networks, event-sourced on NATS JetStream."""
+    ctx.obj = server
+
+
+# -- server ------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path("./netmesh-data"),
+    show_default=True,
+    help="Read model, logs and (embedded) JetStream data.",
+)
+@click.option(
+    "--listen",
+    default="127.0.0.1:4222",
+    show_default=True,
+    help="Where the embedded nats-server listens (ignored with --nats-url).",
+)
+@click.option("--nats-url", default=None, help="Join this NATS instead of embedding one.")
+@click.option(
+    "--advertise", default=None, help="NATS URL agents are told to use (put in enrollment tokens)."
+)
+@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto")
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
+)
+def server(
+    data_dir: Path,
+    listen: str,
+    nats_url: str | None,
+    advertise: str | None,
+    log_format: str,
+    log_level: str,
+) -> None:
+    """Run the control plane (foreground; stops on SIGINT/SIGTERM)."""
+    from controlplane.embedded import NatsServerError
+    from controlplane.server import run_server, split_listen
+
+    configure_logging(log_format, log_level)
+    if nats_url is None:
+        try:
+            split_listen(listen)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--listen") from None
+    try:
+        asyncio.run(run_server(data_dir.resolve(), listen, nats_url, advertise))
+    except NatsServerError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
+
+
+# -- networks -----------------------------------------------------------------
+
+
+@main.group()
+def network() -> None:
+    """Create, list, show and delete networks."""
+
+
+@network.command("create")
+@click.argument("name")
+@click.option("--cidr", required=True, help="Overlay address range, e.g. 10.10.0.0/24.")
+@click.option("--listen-port", type=int, default=51820, show_default=True)
+@click.option("--mtu", type=int, default=1420, show_default=True)
+@click.option(
+    "--keepalive",
+    type=int,
+    default=25,
+    show_default=True,
+    help="Persistent keepalive in seconds (0 = off).",
+)
+@json_option
+@click.pass_obj
+def network_create(
+    server: str, name: str, cidr: str, listen_port: int, mtu: int, keepalive: int, as_json: bool
+) -> None:
+    """Create network NAME."""
+    result = run(
+        command(
+            server,
+            "network.create",
+            name=name,
+            cidr=cidr,
+            listen_port=listen_port,
+            mtu=mtu,
+            keepalive=keepalive,
+        )
+    )
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"created network {result['network']} ({result['cidr']})")
+
+
+@network.command("list")
+@json_option
+@click.pass_obj
+def network_list(server: str, as_json: bool) -> None:
+    """List networks."""
+    rows = run(query(server, "networks"))
+    if as_json:
+        emit_json(rows)
+        return
+    table(
+        [
+            (r["name"], r["cidr"], r["nodes"], r["listen_port"], r["mtu"], r["keepalive"])
+            for r in rows
+        ],
+        ["NAME", "CIDR", "NODES", "PORT", "MTU", "KEEPALIVE"],
+    )
+
+
+@network.command("show")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def network_show(server: str, name: str, as_json: bool) -> None:
+    """Show network NAME, its nodes and keys."""
+    net = run(query(server, "network", name=name))
+    if as_json:
+        emit_json(net)
+        return
+    click.echo(
+        f"network    {net['name']}\ncidr       {net['cidr']}\nlisten     {net['listen_port']}"
+        f"\nmtu        {net['mtu']}\nkeepalive  {net['keepalive']}s"
+        f"\ncreated    {when(net['created_at'])}\n"
+    )
+    _print_nodes(net["members"])
+    click.echo()
+    _print_keys(net["keys"])
+
+
+@network.command("delete")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def network_delete(server: str, name: str, as_json: bool) -> None:
+    """Delete network NAME (its nodes leave it, its keys stop working)."""
+    result = run(command(server, "network.delete", name=name))
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"deleted network {result['network']}")
+
+
+# -- enrollment keys ------------------------------------------------------------
+
+
+@main.group()
+def key() -> None:
+    """Enrollment keys: how hosts join networks."""
+
+
+@key.command("create")
+@click.option("--network", "network_name", required=True)
+@click.option(
+    "--uses",
+    type=click.IntRange(min=1),
+    default=None,
+    help="How many hosts may join with it [default: 1].",
+)
+@click.option("--unlimited", is_flag=True, help="Any number of hosts may join with it.")
+@click.option(
+    "--expires", default="24h", show_default=True, help="Lifetime: 30m, 1h, 7d, 2w or never."
+)
+@json_option
+@click.pass_obj
+def key_create(
+    server: str, network_name: str, uses: int | None, unlimited: bool, expires: str, as_json: bool
+) -> None:
+    """Create an enrollment key; print its token (only the token) on stdout."""
+    if unlimited and uses is not None:
+        raise click.UsageError("--uses and --unlimited exclude each other")
+    expires_in = parse_duration(expires)
+    result = run(
+        command(
+            server,
+            "key.create",
+            network=network_name,
+            uses=None if unlimited else (uses or 1),
+            expires_in=expires_in,
+        )
+    )
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(result["token"])
+
+
+def _print_keys(rows: list[dict[str, Any]]) -> None:
+    table(
+        [
+            (
+                r["key_id"],
+                r["network"],
+                r["state"],
+                r["used"],
+                "unlimited" if r["uses"] is None else r["uses"],
+                when(r["expires_at"]),
+            )
+            for r in rows
+        ],
+        ["KEY", "NETWORK", "STATE", "USED", "USES", "EXPIRES"],
+    )
+
+
+@key.command("list")
+@json_option
+@click.pass_obj
+def key_list(server: str, as_json: bool) -> None:
+    """List enrollment keys (never their secrets)."""
+    rows = run(query(server, "keys"))
+    if as_json:
+        emit_json(rows)
+    else:
+        _print_keys(rows)
+
+
+@key.command("revoke")
+@click.argument("key_id")
+@json_option
+@click.pass_obj
+def key_revoke(server: str, key_id: str, as_json: bool) -> None:
+    """Revoke enrollment key KEY_ID: it can no longer be used to join."""
+    result = run(command(server, "key.revoke", key_id=key_id))
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"revoked key {result['key_id']}")
+
+
+# -- nodes ------------------------------------------------------------------------
+
+
+def _print_nodes(rows: list[dict[str, Any]]) -> None:
+    table(
+        [
+            (r["id"], r["name"], r["network"], r["address"], r["endpoint"], r["public_key"])
+            for r in rows
+        ],
+        ["ID", "NAME", "NETWORK", "ADDRESS", "ENDPOINT", "PUBLIC KEY"],
+    )
+
+
+@main.group()
+def node() -> None:
+    """Nodes: hosts in networks."""
+
+
+@node.command("list")
+@click.option("--network", "network_name", default=None)
+@json_option
+@click.pass_obj
+def node_list(server: str, network_name: str | None, as_json: bool) -> None:
+    """List nodes."""
+    rows = run(query(server, "nodes", network=network_name))
+    if as_json:
+        emit_json(rows)
+    else:
+        _print_nodes(rows)
+
+
+@node.command("show")
+@click.argument("node_ref", metavar="NODE")
+@json_option
+@click.pass_obj
+def node_show(server: str, node_ref: str, as_json: bool) -> None:
+    """Show NODE (id, NETWORK/NAME, or a unique name)."""
+    n = run(query(server, "node", node=node_ref))
+    if as_json:
+        emit_json(n)
+        return
+    status = n.get("status") or {}
+    for label, value in [
+        ("id", n["id"]),
+        ("name", n["name"]),
+        ("network", n["network"]),
+        ("address", n["interface_address"]),
+        ("host", n["host_id"]),
+        ("public key", n["public_key"]),
+        ("endpoint", n["endpoint"]),
+        ("joined", when(n["joined_at"])),
+        ("state", status.get("state")),
+        (
+            "revision",
+            f"{status.get('applied_revision')} applied / {status.get('desired_revision')} desired",
+        ),
+    ]:
+        click.echo(f"{label:<11}{'-' if value is None else value}")
+
+
+@node.command("remove")
+@click.argument("node_ref", metavar="NODE")
+@json_option
+@click.pass_obj
+def node_remove(server: str, node_ref: str, as_json: bool) -> None:
+    """Remove NODE from its network: every peer drops it."""
+    result = run(command(server, "node.remove", node=node_ref))
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"removed node {result['network']}/{result['name']} ({result['node_id']})")
+
+
+# -- status and events -------------------------------------------------------------
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def status(server: str, as_json: bool) -> None:
+    """Each node: is its interface at the revision the control plane wants?"""
+    rows = run(query(server, "status"))
+    if as_json:
+        emit_json(rows)
+        return
+    table(
+        [
+            (
+                r["network"],
+                r["name"],
+                r["address"],
+                r["desired_revision"],
+                r["applied_revision"],
+                r["state"] if not r["error"] else f"error: {r['error']}",
+            )
+            for r in rows
+        ],
+        ["NETWORK", "NODE", "ADDRESS", "DESIRED", "APPLIED", "STATE"],
+    )
+
+
+@main.group()
+def events() -> None:
+    """The event stream: the audit log."""
+
+
+@events.command("log")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
+@json_option
+@click.pass_obj
+def events_log(server: str, follow: bool, as_json: bool) -> None:
+    """Print every event, oldest first."""
+    run(_events_log(server, follow, as_json))
+
+
+async def _events_log(server: str, follow: bool, as_json: bool) -> None:
+    import msgspec
+
+    from events.envelope import encode_envelope
+    from events.jetstream import JetStreamEventStore
+
+    nc = await connect(server)
+    try:
+        store = JetStreamEventStore(nc)
+        try:
+            head = await store.last_sequence()
+        except Exception as exc:
+            raise CliError(f"cannot read the event stream at {server}: {exc!r}") from None
+        if head == 0 and not follow:
+            return
+        async for recorded in store.follow(1):
+            env = recorded.envelope
+            if as_json:
+                body = msgspec.json.decode(encode_envelope(env))
+                body["seq"] = recorded.seq
+                body["subject"] = recorded.subject
+                click.echo(json.dumps(body, sort_keys=True))
+            else:
+                data = msgspec.to_builtins(env.data)
+                data.pop("type", None)
+                fields = " ".join(f"{k}={v}" for k, v in data.items())
+                click.echo(
+                    f"{recorded.seq:>6} {when(env.time)} {env.type:<24} {fields}  [{env.actor}]"
+                )
+            sys.stdout.flush()
+            if not follow and recorded.seq >= head:
+                return
+    finally:
+        await nc.close()
+
+
+# -- agent -------------------------------------------------------------------------
+
+
+@main.group()
+def agent() -> None:
+    """The agent: the daemon that configures WireGuard on this machine."""
+
+
+@agent.command("up")
+@click.option(
+    "--token",
+    envvar="NETMESH_TOKEN",
+    default=None,
+    help="Enrollment token (needed only the first time; env NETMESH_TOKEN).",
+)
+@click.option("--name", default=None, help="This host's name [default: hostname].")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=Path("/var/lib/netmesh"),
+    show_default=True,
+    envvar="NETMESH_STATE_DIR",
+)
+@click.option(
+    "--endpoint",
+    "endpoints",
+    multiple=True,
+    help="Address peers reach this host at (IP or IP:PORT; repeatable).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "kernel", "userspace"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--interface", default="netmesh0", show_default=True)
+@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto")
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
+)
+@click.pass_context
+def agent_up(
+    ctx: click.Context,
+    token: str | None,
+    name: str | None,
+    state_dir: Path,
+    endpoints: tuple[str, ...],
+    backend: str,
+    interface: str,
+    log_format: str,
+    log_level: str,
+) -> None:
+    """Enroll (once) and run the agent in the foreground."""
+    from agent.daemon import AgentError, run_agent
+
+    configure_logging(log_format, log_level)
+    server_param = (
+        ctx.parent.parent.params.get("server") if ctx.parent and ctx.parent.parent else None
+    )
+    server_given = os.environ.get("NETMESH_SERVER") is not None or (
+        ctx.parent is not None
+        and ctx.parent.parent is not None
+        and ctx.parent.parent.get_parameter_source("server")
+        == click.core.ParameterSource.COMMANDLINE
+    )
+    try:
+        asyncio.run(
+            run_agent(
+                token=token,
+                server=server_param if server_given else None,
+                name=name,
+                state_dir=state_dir,
+                endpoints=endpoints,
+                backend=backend,
+                interface=interface,
+            )
+        )
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
