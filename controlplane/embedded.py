@@ -42,6 +42,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+async def _quiet(exc: Exception) -> None:
+    """Connection errors while polling for readiness are expected."""
+
+
 class EmbeddedNats:
     """A nats-server child process with JetStream data under `store_dir`."""
 
@@ -101,7 +105,11 @@ class EmbeddedNats:
                 )
             try:
                 nc = await nats.connect(
-                    self.url, connect_timeout=1, max_reconnect_attempts=0, allow_reconnect=False
+                    self.url,
+                    connect_timeout=1,
+                    max_reconnect_attempts=0,
+                    allow_reconnect=False,
+                    error_cb=_quiet,
                 )
             except (OSError, nats.errors.Error):
                 if loop.time() > deadline:

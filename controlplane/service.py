@@ -81,10 +81,10 @@ class ControlPlane:
         await self._catch_up()
         await asyncio.wait_for(self.runner.caught_up.wait(), 120)
         self._subs.append(
-            await self._nc.subscribe(f"{COMMAND_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_command)
+            await self._nc.subscribe(f"{COMMAND_PREFIX}.>", queue=QUEUE_GROUP, cb=self._on_command)
         )
         self._subs.append(
-            await self._nc.subscribe(f"{QUERY_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_query)
+            await self._nc.subscribe(f"{QUERY_PREFIX}.>", queue=QUEUE_GROUP, cb=self._on_query)
         )
         log.info("control plane ready", seq=self.write_model.last_seq, url=self.advertise_url)
 

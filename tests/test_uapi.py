@@ -184,6 +184,7 @@ PARSE_CASES = [
             public_key=PUB1,
             listen_port=51820,
             peers=(
+                PeerState(public_key=PUB3, allowed_ips=("10.0.0.3/32",)),
                 PeerState(
                     public_key=PUB2,
                     allowed_ips=("10.0.0.2/32", "fd00::2/128"),
@@ -193,10 +194,9 @@ PARSE_CASES = [
                     rx_bytes=92,
                     tx_bytes=1184,
                 ),
-                PeerState(public_key=PUB3, allowed_ips=("10.0.0.3/32",)),
             ),
         ),
-        id="two-peers-clamped-key",
+        id="two-peers-sorted-clamped-key",
     ),
     pytest.param(
         f"listen_port=7\npublic_key={PUB2_HEX}\nendpoint=[fd00::9]:51820\n"
@@ -209,6 +209,16 @@ PARSE_CASES = [
         id="v6-endpoint-unknown-key",
     ),
 ]
+
+
+def test_parse_get_sorts_peers() -> None:
+    # wireguard-go lists peers in Go map order: reads must compare equal anyway.
+    first, second = GET_TWO_PEERS.split(f"public_key={PUB3_HEX}\n")
+    head, peer2 = first.split(f"public_key={PUB2_HEX}\n")
+    peer3, tail = second.split("errno=0\n\n")
+    swapped = f"{head}public_key={PUB3_HEX}\n{peer3}public_key={PUB2_HEX}\n{peer2}errno=0\n\n"
+    assert uapi.parse_get(swapped) == uapi.parse_get(GET_TWO_PEERS)
+    assert tail == ""
 
 
 @pytest.mark.parametrize(("answer", "expected"), PARSE_CASES)
