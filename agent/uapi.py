@@ -185,7 +185,8 @@ class _PeerBuilder:
 def parse_get(answer: str) -> DeviceState:
     """The `DeviceState` in the answer to `get=1`.
 
-    Peers keep the device's order; each peer's allowed IPs are sorted as strings.
+    Peers are sorted by public key (wireguard-go lists them in Go map order, which
+    changes between reads); each peer's allowed IPs are sorted as strings.
     Keys the model does not carry (fwmark, preshared_key, protocol_version) and keys
     unknown to this version are ignored. A nonzero errno raises BackendError.
     """
@@ -229,4 +230,5 @@ def parse_get(answer: str) -> DeviceState:
         raise BackendError("UAPI answer without errno")
     if current is not None:
         peers.append(current.build())
+    peers.sort(key=lambda peer: peer.public_key)
     return DeviceState(public_key=public_key, listen_port=listen_port, peers=tuple(peers))

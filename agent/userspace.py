@@ -51,6 +51,9 @@ class UserspaceBackend:
         self._wireguard_go = wireguard_go
         self._log_path = log_path
         self._timeout = timeout
+        # create/destroy poll for a while; overlapping calls must not start two
+        # wireguard-go processes or race a deletion.
+        self._lifecycle = asyncio.Lock()
 
     async def exists(self) -> bool:
         try:
@@ -60,6 +63,14 @@ class UserspaceBackend:
         return True
 
     async def create(self) -> None:
+        async with self._lifecycle:
+            await self._create()
+
+    async def destroy(self) -> None:
+        async with self._lifecycle:
+            await self._destroy()
+
+    async def _create(self) -> None:
         self._reap()
         if await self.exists():
             return
@@ -76,11 +87,12 @@ class UserspaceBackend:
                 )
             if time.monotonic() > deadline:
                 self._kill_own()
+                await self._wait_own_exit(time.monotonic() + self._timeout)
                 raise BackendError(f"wireguard-go for {self.interface} did not answer in time")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
 
-    async def destroy(self) -> None:
+    async def _destroy(self) -> None:
         link = Link(self.interface)
         try:
             # Deleting the link makes wireguard-go shut down and remove its socket,

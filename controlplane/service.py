@@ -86,6 +86,8 @@ class ControlPlane:
         self._subs.append(
             await self._nc.subscribe(f"{QUERY_PREFIX}.>", queue=QUEUE_GROUP, cb=self._on_query)
         )
+        # Make sure the server has our subscriptions before we say we are ready.
+        await self._nc.flush()
         log.info("control plane ready", seq=self.write_model.last_seq, url=self.advertise_url)
 
     async def stop(self) -> None:

@@ -1,0 +1,235 @@
+"""The control plane against a real nats-server: commands, refusals that leave
+the stream untouched, desired state on the host's subject, rebuilds, replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client
+
+from controlplane.embedded import EmbeddedNats
+from controlplane.service import ControlPlane
+from events.commands import Reply
+from events.desired import desired_decoder
+from events.subjects import DESIRED_STREAM, EVENTS_STREAM, desired_subject
+from events.tokens import make_token, parse_token
+from tests.factories import public_key
+
+
+class Admin:
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+
+    async def send(self, subject: str, payload: dict[str, Any] | bytes) -> Reply:
+        data = payload if isinstance(payload, bytes) else msgspec.json.encode(payload)
+        msg = await self.nc.request(subject, data, timeout=10)
+        return msgspec.json.decode(msg.data, type=Reply)
+
+    async def ok(self, verb: str, **fields: Any) -> Any:
+        reply = await self.send(f"netmesh.cmd.{verb}", fields)
+        assert reply.ok, reply.error
+        return reply.result
+
+    async def query(self, what: str, **args: Any) -> Any:
+        reply = await self.send(f"netmesh.query.{what}", args)
+        assert reply.ok, reply.error
+        return reply.result
+
+    async def last_seq(self) -> int:
+        info = await self.nc.jetstream().stream_info(EVENTS_STREAM)
+        return int(info.state.last_seq)
+
+
+@pytest.fixture
+async def cp(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> AsyncIterator[tuple[ControlPlane, Admin]]:
+    cp_nc = await nats.connect(nats_server.url)
+    admin_nc = await nats.connect(nats_server.url)
+    plane = ControlPlane(cp_nc, tmp_path / "cp", nats_server.url)
+    await plane.start()
+    try:
+        yield plane, Admin(admin_nc)
+    finally:
+        await plane.stop()
+        await cp_nc.close()
+        await admin_nc.close()
+
+
+async def network_with_token(admin: Admin, uses: int | None = 10) -> str:
+    await admin.ok("network.create", name="office", cidr="10.10.0.0/24")
+    return str((await admin.ok("key.create", network="office", uses=uses))["token"])
+
+
+async def test_join_publishes_desired_state_to_each_host(cp: tuple[ControlPlane, Admin]) -> None:
+    _, admin = cp
+    token = await network_with_token(admin)
+    assert parse_token(token).server.startswith("nats://")
+    hosts = []
+    for n in (1, 2, 3):
+        result = await admin.ok(
+            "join", token=token, public_key=public_key(n), name=f"h{n}", endpoints=[f"192.0.2.{n}"]
+        )
+        hosts.append(result["host_id"])
+    nodes = await admin.query("nodes", network="office")
+    assert [(n["name"], n["address"], n["endpoint"]) for n in nodes] == [
+        ("h1", "10.10.0.1", "192.0.2.1:51820"),
+        ("h2", "10.10.0.2", "192.0.2.2:51820"),
+        ("h3", "10.10.0.3", "192.0.2.3:51820"),
+    ]
+    assert {"id", "name", "network", "address", "public_key", "endpoint"} <= set(nodes[0])
+    js = admin.nc.jetstream()
+    for n, host_id in enumerate(hosts, 1):
+        msg = await js.get_last_msg(DESIRED_STREAM, desired_subject(host_id))
+        state = desired_decoder.decode(msg.data)
+        assert state.addresses == (f"10.10.0.{n}/24",)
+        assert {p.public_key for p in state.peers} == {public_key(m) for m in (1, 2, 3) if m != n}
+    status = await admin.query("status")
+    assert {s["state"] for s in status} == {"never reported"}
+
+
+@pytest.mark.parametrize(
+    ("verb", "payload", "needle"),
+    [
+        ("network.create", {"name": "x", "cidr": "10.10.0.0/33"}, "invalid CIDR"),
+        ("network.create", {"name": "lab", "cidr": "10.10.0.0/16"}, "overlaps network 'office'"),
+        ("network.create", {"name": "office", "cidr": "10.99.0.0/24"}, "already exists"),
+        ("network.create", {"name": "x", "cidr": "10.9.0.0/24", "colour": 1}, "unknown field"),
+        ("network.create", {"name": "x"}, "missing required field `cidr`"),
+        ("key.create", {"network": "nope"}, "no network named 'nope'"),
+        ("key.revoke", {"key_id": "nope"}, "no enrollment key"),
+        ("node.remove", {"node": "ghost"}, "no node 'ghost'"),
+        ("join", {"token": "garbage", "public_key": public_key(1), "name": "a"}, "not a netmesh"),
+        ("frobnicate", {}, "unknown command"),
+    ],
+)
+async def test_refused_commands_leave_the_stream_unchanged(
+    cp: tuple[ControlPlane, Admin], verb: str, payload: dict[str, Any], needle: str
+) -> None:
+    _, admin = cp
+    await network_with_token(admin)
+    before = await admin.last_seq()
+    reply = await admin.send(f"netmesh.cmd.{verb}", payload)
+    assert not reply.ok
+    assert reply.error is not None and needle in reply.error
+    assert "\n" not in reply.error
+    assert await admin.last_seq() == before
+
+
+async def test_garbage_payload_is_refused_and_service_survives(
+    cp: tuple[ControlPlane, Admin],
+) -> None:
+    _, admin = cp
+    reply = await admin.send("netmesh.cmd.network.create", b"\xff{not json")
+    assert not reply.ok and reply.code == "invalid"
+    assert (await admin.ok("network.create", name="ok", cidr="10.1.0.0/24"))["network"] == "ok"
+
+
+@pytest.mark.parametrize("reason", ["exhausted", "revoked", "expired"])
+async def test_unusable_tokens_are_refused(cp: tuple[ControlPlane, Admin], reason: str) -> None:
+    _, admin = cp
+    await admin.ok("network.create", name="office", cidr="10.10.0.0/24")
+    key = await admin.ok(
+        "key.create", network="office", uses=1, expires_in=1 if reason == "expired" else None
+    )
+    if reason == "exhausted":
+        await admin.ok("join", token=key["token"], public_key=public_key(1), name="a")
+    elif reason == "revoked":
+        await admin.ok("key.revoke", key_id=key["key_id"])
+    else:
+        await asyncio.sleep(1.1)  # the key's own lifetime; no condition to wait on
+    before = await admin.last_seq()
+    reply = await admin.send(
+        "netmesh.cmd.join", {"token": key["token"], "public_key": public_key(2), "name": "b"}
+    )
+    assert (reply.ok, reply.code) == (False, reason)
+    assert await admin.last_seq() == before
+
+
+async def test_rebuilt_read_model_changes_nothing_agents_see(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    admin = Admin(nc)
+    data = tmp_path / "cp"
+    try:
+        plane = ControlPlane(nc, data, nats_server.url)
+        await plane.start()
+        token = await network_with_token(admin)
+        for n in (1, 2, 3):
+            await admin.ok("join", token=token, public_key=public_key(n), name=f"h{n}")
+        await admin.ok("node.remove", node="office/h2")
+        nodes_before = await admin.query("nodes")
+        desired_info = await nc.jetstream().stream_info(DESIRED_STREAM)
+        await plane.stop()
+        shutil.rmtree(data)
+
+        plane = ControlPlane(nc, data, nats_server.url)
+        await plane.start()
+        try:
+            assert await admin.query("nodes") == nodes_before
+            after = await nc.jetstream().stream_info(DESIRED_STREAM)
+            # Not one desired-state message was published by the rebuild.
+            assert after.state.last_seq == desired_info.state.last_seq
+        finally:
+            await plane.stop()
+    finally:
+        await nc.close()
+
+
+async def test_two_replicas_allocate_distinct_addresses(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    conns = [await nats.connect(nats_server.url) for _ in range(3)]
+    planes = [ControlPlane(conns[i], tmp_path / f"cp{i}", nats_server.url) for i in range(2)]
+    try:
+        for plane in planes:
+            await plane.start()
+        admin = Admin(conns[2])
+        await admin.ok("network.create", name="office", cidr="10.10.0.0/24")
+        key = await admin.ok("key.create", network="office", uses=None)
+        # Bypass the queue group: send half the joins to each replica directly.
+        joins = [
+            planes[n % 2].handle_command(
+                "join",
+                msgspec.json.encode(
+                    {"token": key["token"], "public_key": public_key(n), "name": f"h{n}"}
+                ),
+                actor="test",
+            )
+            for n in range(12)
+        ]
+        replies = await asyncio.gather(*joins)
+        assert all(r.ok for r in replies), [r.error for r in replies if not r.ok]
+        addresses = [r.result["address"] for r in replies]
+        assert len(set(addresses)) == 12
+        keys = await admin.query("keys")
+        assert keys[0]["used"] == 12
+    finally:
+        for plane in planes:
+            with contextlib.suppress(Exception):
+                await plane.stop()
+        for c in conns:
+            await c.close()
+
+
+async def test_token_carries_advertised_url(nats_server: EmbeddedNats, tmp_path: Path) -> None:
+    nc = await nats.connect(nats_server.url)
+    plane = ControlPlane(nc, tmp_path / "cp", "nats://mesh.example:4222")
+    await plane.start()
+    try:
+        admin = Admin(nc)
+        token = await network_with_token(admin)
+        assert parse_token(token).server == "nats://mesh.example:4222"
+        assert token != make_token("nats://mesh.example:4222", "x", "y")
+    finally:
+        await plane.stop()
+        await nc.close()
