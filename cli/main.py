@@ -447,7 +447,9 @@ async def _events_log(server: str, follow: bool, as_json: bool) -> None:
             else:
                 data = msgspec.to_builtins(env.data)
                 data.pop("type", None)
-                fields = " ".join(f"{k}={v}" for k, v in data.items())
+                fields = " ".join(
+                    f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in data.items()
+                )
                 click.echo(
                     f"{recorded.seq:>6} {when(env.time)} {env.type:<24} {fields}  [{env.actor}]"
                 )

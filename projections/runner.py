@@ -94,13 +94,34 @@ class ProjectionRunner:
             self._progress.notify_all()
         if publish:
             for state in changed:
+                await self._publish(state)
+
+    async def _publish(self, state: DesiredState) -> None:
+        """Publish, retrying until it lands: the projection must not move past a
+        desired state that agents never got (it would only be repaired at restart)."""
+        delay = 0.1
+        while True:
+            try:
                 await self._publisher.publish(state)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "desired state not published, retrying",
+                    host_id=state.host_id,
+                    revision=state.revision,
+                    error=repr(exc),
+                    retry_in=delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _finish_catch_up(self) -> None:
         republished = 0
         for host_id, state in sorted(self.desired.items()):
             if await self._publisher.last_revision(host_id) != state.revision:
-                await self._publisher.publish(state)
+                await self._publish(state)
                 republished += 1
         self.caught_up.set()
         log.info(

@@ -89,6 +89,7 @@ async def test_join_publishes_desired_state_to_each_host(cp: tuple[ControlPlane,
     js = admin.nc.jetstream()
     for n, host_id in enumerate(hosts, 1):
         msg = await js.get_last_msg(DESIRED_STREAM, desired_subject(host_id))
+        assert msg.data is not None
         state = desired_decoder.decode(msg.data)
         assert state.addresses == (f"10.10.0.{n}/24",)
         assert {p.public_key for p in state.peers} == {public_key(m) for m in (1, 2, 3) if m != n}
@@ -211,6 +212,12 @@ async def test_two_replicas_allocate_distinct_addresses(
         assert all(r.ok for r in replies), [r.error for r in replies if not r.ok]
         addresses = [r.result["address"] for r in replies]
         assert len(set(addresses)) == 12
+        # Read-your-writes holds on the replica that took a command; the query may
+        # go to the other one, so let both projections reach the head first.
+        head = await admin.last_seq()
+        for plane in planes:
+            assert plane.runner is not None
+            assert await plane.runner.wait_for(head, 10)
         keys = await admin.query("keys")
         assert keys[0]["used"] == 12
     finally:

@@ -5,6 +5,7 @@ private LAN. The CLI drives it as an admin would."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import signal
@@ -147,7 +148,7 @@ async def test_three_hosts_mesh_remove_and_server_rebuild(mesh: Mesh) -> None:
     assert len(set(overlay.values())) == 3
     for src, dst in itertools.permutations(mesh.hosts, 2):
         ok = await wait_until(
-            lambda s=src, d=dst: ping(mesh.hosts[s], overlay[d]),
+            functools.partial(ping, mesh.hosts[src], overlay[dst]),
             timeout=20,
             message=f"ping {src} -> {dst}",
         )
@@ -158,7 +159,9 @@ async def test_three_hosts_mesh_remove_and_server_rebuild(mesh: Mesh) -> None:
     await mesh.cli("node", "remove", "office/c")
     for name in ("a", "b"):
         await wait_until(
-            lambda n=name: _lacks_peer(mesh, n, c_key), timeout=30, message=f"{name} drops c"
+            functools.partial(_lacks_peer, mesh, name, c_key),
+            timeout=30,
+            message=f"{name} drops c",
         )
     assert not await ping(mesh.hosts["a"], overlay["c"], timeout=1)
     assert await ping(mesh.hosts["a"], overlay["b"])

@@ -1,0 +1,38 @@
+# netmesh: `make demo` and `make test` work on a fresh Debian machine (as root).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: setup system-packages test lint unit demo clean
+
+setup: system-packages $(VENV)/.installed
+
+system-packages:
+	@bash scripts/install-system-packages.sh
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/mypy tests
+
+# Everything: lint, types, unit, integration (real nats-server) and end-to-end
+# (real wireguard-go in network namespaces; skipped with a reason if not root).
+test: lint
+	$(BIN)/pytest -ra
+
+# Only the fast tests that need no root and no network namespaces.
+unit: setup
+	$(BIN)/pytest -ra -m "not netns"
+
+demo: setup
+	bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
