@@ -6,11 +6,11 @@ import uuid
 from typing import Any
 
 import msgspec
-import nats
 import nats.errors
 from nats.aio.client import Client
 
 from events.commands import Reply
+from events.connect import connect_once
 from events.subjects import command_subject, query_subject
 
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
@@ -23,13 +23,11 @@ class CliError(Exception):
 
 async def connect(server: str) -> Client:
     try:
-        return await nats.connect(
-            server,
-            connect_timeout=3,
-            allow_reconnect=False,
-            max_reconnect_attempts=0,
-            name="netmesh-cli",
-        )
+        return await connect_once(server, name="netmesh-cli")
+    except nats.errors.NoServersError:
+        raise CliError(
+            f"cannot connect to {server}: nothing answers there (is `netmesh server` running?)"
+        ) from None
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise CliError(f"cannot connect to {server}: {_why(exc)}") from None
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 import re
 import sys
 from collections.abc import Coroutine, Sequence
@@ -62,7 +61,7 @@ def parse_duration(text: str) -> float | None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="netmesh", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--server",
     envvar="NETMESH_SERVER",
@@ -71,7 +70,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
     help="NATS URL of the netmesh control plane (env NETMESH_SERVER).",
 )
 @click.pass_context
-def main(ctx: click.Context, server: str) -> None:
+def cli(ctx: click.Context, server: str) -> None:
     """netmesh: WireGuard overlay networks, event-sourced on NATS JetStream."""
     ctx.obj = server
 
@@ -79,7 +78,7 @@ def main(ctx: click.Context, server: str) -> None:
 # -- server ------------------------------------------------------------------
 
 
-@main.command()
+@cli.command()
 @click.option(
     "--data-dir",
     type=click.Path(path_type=Path),
@@ -130,7 +129,7 @@ def server(
 # -- networks -----------------------------------------------------------------
 
 
-@main.group()
+@cli.group()
 def network() -> None:
     """Create, list, show and delete networks."""
 
@@ -224,7 +223,7 @@ def network_delete(server: str, name: str, as_json: bool) -> None:
 # -- enrollment keys ------------------------------------------------------------
 
 
-@main.group()
+@cli.group()
 def key() -> None:
     """Enrollment keys: how hosts join networks."""
 
@@ -320,7 +319,7 @@ def _print_nodes(rows: list[dict[str, Any]]) -> None:
     )
 
 
-@main.group()
+@cli.group()
 def node() -> None:
     """Nodes: hosts in networks."""
 
@@ -383,7 +382,7 @@ def node_remove(server: str, node_ref: str, as_json: bool) -> None:
 # -- status and events -------------------------------------------------------------
 
 
-@main.command()
+@cli.command()
 @json_option
 @click.pass_obj
 def status(server: str, as_json: bool) -> None:
@@ -408,7 +407,7 @@ def status(server: str, as_json: bool) -> None:
     )
 
 
-@main.group()
+@cli.group()
 def events() -> None:
     """The event stream: the audit log."""
 
@@ -463,7 +462,7 @@ async def _events_log(server: str, follow: bool, as_json: bool) -> None:
 # -- agent -------------------------------------------------------------------------
 
 
-@main.group()
+@cli.group()
 def agent() -> None:
     """The agent: the daemon that configures WireGuard on this machine."""
 
@@ -474,6 +473,9 @@ def agent() -> None:
     envvar="NETMESH_TOKEN",
     default=None,
     help="Enrollment token (needed only the first time; env NETMESH_TOKEN).",
+)
+@click.option(
+    "--server", "server", default=None, help="Control plane NATS URL [default: the token's]."
 )
 @click.option("--name", default=None, help="This host's name [default: hostname].")
 @click.option(
@@ -504,6 +506,7 @@ def agent() -> None:
 def agent_up(
     ctx: click.Context,
     token: str | None,
+    server: str | None,
     name: str | None,
     state_dir: Path,
     endpoints: tuple[str, ...],
@@ -516,20 +519,20 @@ def agent_up(
     from agent.daemon import AgentError, run_agent
 
     configure_logging(log_format, log_level)
-    server_param = (
-        ctx.parent.parent.params.get("server") if ctx.parent and ctx.parent.parent else None
-    )
-    server_given = os.environ.get("NETMESH_SERVER") is not None or (
-        ctx.parent is not None
-        and ctx.parent.parent is not None
-        and ctx.parent.parent.get_parameter_source("server")
-        == click.core.ParameterSource.COMMANDLINE
-    )
+    if server is None:
+        # `netmesh --server URL agent up` (or NETMESH_SERVER) works too; the
+        # default URL does not count: then the token says where the server is.
+        root = ctx.find_root()
+        if root.get_parameter_source("server") in (
+            click.core.ParameterSource.COMMANDLINE,
+            click.core.ParameterSource.ENVIRONMENT,
+        ):
+            server = root.params["server"]
     try:
         asyncio.run(
             run_agent(
                 token=token,
-                server=server_param if server_given else None,
+                server=server,
                 name=name,
                 state_dir=state_dir,
                 endpoints=endpoints,
@@ -541,6 +544,25 @@ def agent_up(
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: every error is one line on stderr and a non-zero exit."""
+    try:
+        cli.main(args=argv, prog_name="netmesh", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Error: aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as exc:
+        # Click would print the usage block too; one line says it all.
+        hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
+        click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"Error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":  # pragma: no cover

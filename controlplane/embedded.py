@@ -14,8 +14,9 @@ import socket
 import sys
 from pathlib import Path
 
-import nats
 import nats.errors
+
+from events.connect import connect_once
 
 REPO_NATS_CONF = Path(__file__).resolve().parent.parent / "nats.conf"
 
@@ -42,10 +43,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-async def _quiet(exc: Exception) -> None:
-    """Connection errors while polling for readiness are expected."""
-
-
 class EmbeddedNats:
     """A nats-server child process with JetStream data under `store_dir`."""
 
@@ -57,8 +54,13 @@ class EmbeddedNats:
         port: int = 4222,
         config: Path | None = None,
         log_file: Path | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.store_dir = store_dir
+        # Readiness is checked against this name, so that a stray server already
+        # on the port is not mistaken for ours. Keep it stable for a real server:
+        # JetStream remembers it.
+        self.server_name = server_name or "netmesh"
         self.host = host
         self.port = port
         self.config = config if config is not None else REPO_NATS_CONF
@@ -81,6 +83,7 @@ class EmbeddedNats:
         if self.config.exists():
             args += ["-c", str(self.config)]
         args += ["-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.store_dir)]
+        args += ["-n", self.server_name]
         log = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -104,19 +107,21 @@ class EmbeddedNats:
                     f"nats-server exited with {self._proc.returncode} (port {self.port} in use?)"
                 )
             try:
-                nc = await nats.connect(
-                    self.url,
-                    connect_timeout=1,
-                    max_reconnect_attempts=0,
-                    allow_reconnect=False,
-                    error_cb=_quiet,
-                )
+                nc = await connect_once(self.url, timeout=1)
             except (OSError, nats.errors.Error):
                 if loop.time() > deadline:
                     await self.stop()
                     raise NatsServerError(f"nats-server not ready on {self.url}") from None
                 await asyncio.sleep(0.05)
                 continue
+            info: dict[str, object] = getattr(nc, "_server_info", {}) or {}
+            if info.get("server_name") != self.server_name:
+                await nc.close()
+                await self.stop()
+                raise NatsServerError(
+                    f"port {self.port} is taken by another NATS server "
+                    f"({info.get('server_name')!r})"
+                )
             # JetStream answers once it has recovered its store.
             try:
                 await nc.jetstream().account_info()

@@ -10,7 +10,6 @@ from pathlib import Path
 import nats
 import pytest
 
-from controlplane.embedded import EmbeddedNats, free_port
 from events.envelope import RecordedEvent, make_envelope
 from events.jetstream import JetStreamEventStore
 from events.model import AnyEvent, NetworkCreated, NodeJoined
@@ -23,6 +22,7 @@ from events.store import (
     PendingEvent,
 )
 from events.subjects import NETWORK_EVENTS_WILDCARD, aggregate_subject
+from tests.conftest import start_nats
 
 
 @pytest.fixture(params=["memory", "jetstream"])
@@ -30,8 +30,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     if request.param == "memory":
         yield MemoryEventStore()
         return
-    server = EmbeddedNats(tmp_path / "js", port=free_port())
-    await server.start()
+    server = await start_nats(tmp_path / "js")
     client = await nats.connect(server.url)
     try:
         js_store = JetStreamEventStore(client)

@@ -1,0 +1,126 @@
+"""The CLI as a user runs it (a subprocess) against a real control plane:
+answers on stdout, refusals as one line on stderr with a non-zero exit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from controlplane.embedded import EmbeddedNats, free_port
+from controlplane.service import ControlPlane
+
+NETMESH = str(Path(sys.executable).parent / "netmesh")
+
+
+async def netmesh(server: str, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        NETMESH,
+        "--server",
+        server,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def server(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[str]:
+    nc = await nats.connect(nats_server.url)
+    plane = ControlPlane(nc, tmp_path / "cp", nats_server.url)
+    await plane.start()
+    try:
+        yield nats_server.url
+    finally:
+        await plane.stop()
+        await nc.close()
+
+
+def one_line_error(rc: int, err: str, needle: str) -> None:
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("Error: ")
+    assert needle in lines[0], lines[0]
+
+
+async def test_admin_session(server: str) -> None:
+    rc, out, _ = await netmesh(server, "network", "create", "office", "--cidr", "10.10.0.0/24")
+    assert (rc, out.strip()) == (0, "created network office (10.10.0.0/24)")
+    rc, out, _ = await netmesh(server, "key", "create", "--network", "office", "--uses", "2")
+    assert rc == 0 and out.startswith("nmt1.") and len(out.strip().splitlines()) == 1
+    rc, out, _ = await netmesh(server, "network", "list", "--json")
+    assert json.loads(out)[0]["cidr"] == "10.10.0.0/24"
+    rc, out, _ = await netmesh(server, "key", "list", "--json")
+    (key,) = json.loads(out)
+    assert (key["state"], key["uses"], key["used"]) == ("active", 2, 0)
+    assert "secret" not in json.dumps(key)
+    rc, out, _ = await netmesh(server, "key", "revoke", key["key_id"])
+    assert rc == 0
+    rc, out, _ = await netmesh(server, "network", "show", "office", "--json")
+    assert json.loads(out)["keys"][0]["state"] == "revoked"
+    rc, out, _ = await netmesh(server, "node", "list", "--json")
+    assert (rc, json.loads(out)) == (0, [])
+    rc, out, _ = await netmesh(server, "status", "--json")
+    assert (rc, json.loads(out)) == (0, [])
+    rc, out, _ = await netmesh(server, "events", "log", "--json")
+    types = [json.loads(line)["type"] for line in out.splitlines()]
+    assert types == ["network.created", "enrollment_key.created", "enrollment_key.revoked"]
+    rc, out, _ = await netmesh(server, "network", "delete", "office")
+    assert rc == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("network", "create", "x", "--cidr", "10.0.0.0/33"), "invalid CIDR"),
+        (("network", "create", "x", "--cidr", "10.0.0.5/24"), "host bits set"),
+        (("network", "create", "office", "--cidr", "10.20.0.0/24"), "already exists"),
+        (("network", "create", "lab", "--cidr", "10.10.0.0/16"), "overlaps network 'office'"),
+        (("network", "show", "nope"), "no network named 'nope'"),
+        (("key", "create", "--network", "nope"), "no network named 'nope'"),
+        (("key", "create", "--network", "office", "--expires", "soon"), "use e.g. 30m"),
+        (("node", "remove", "ghost"), "no node 'ghost'"),
+    ],
+)
+async def test_refusals_are_one_line(server: str, args: tuple[str, ...], needle: str) -> None:
+    await netmesh(server, "network", "create", "office", "--cidr", "10.10.0.0/24")
+    rc, out, err = await netmesh(server, *args)
+    one_line_error(rc, err, needle)
+    assert out == ""
+
+
+async def test_no_server_is_a_clear_error() -> None:
+    rc, _, err = await netmesh(f"nats://127.0.0.1:{free_port()}", "network", "list")
+    one_line_error(rc, err, "cannot connect to nats://127.0.0.1:")
+
+
+async def test_agent_refuses_bad_tokens_before_touching_anything(
+    server: str, tmp_path: Path
+) -> None:
+    await netmesh(server, "network", "create", "office", "--cidr", "10.10.0.0/24")
+    _, token, _ = await netmesh(server, "key", "create", "--network", "office")
+    keys = json.loads((await netmesh(server, "key", "list", "--json"))[1])
+    await netmesh(server, "key", "revoke", keys[0]["key_id"])
+    state = tmp_path / "agent"
+    base = ("agent", "up", "--state-dir", str(state), "--endpoint", "192.0.2.1", "--name", "a")
+    rc, _, err = await netmesh(server, *base, "--token", "nmt1.garbage")
+    one_line_error(rc, err, "enrollment token is damaged")
+    rc, _, err = await netmesh(server, *base, "--token", token.strip())
+    one_line_error(rc, err, "join refused: enrollment key")
+    rc, _, err = await netmesh(server, *base)
+    one_line_error(rc, err, "not enrolled yet")
+    # The key was made, and is the agent's own: 0600 in a 0700 directory.
+    assert (state / "private.key").stat().st_mode & 0o777 == 0o600
+    assert state.stat().st_mode & 0o777 == 0o700
+    events = (await netmesh(server, "events", "log", "--json"))[1]
+    assert "join" not in events and "node.joined" not in events
