@@ -31,6 +31,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from agent.apply import apply
 from agent.backend import BackendError, DeviceState, WireGuardBackend
 from agent.endpoints import detect_endpoints
+from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.link import Link, LinkState
 from agent.plan import Actual, plan
 from agent.statedir import Identity, StateDir, StateDirError, private_key_b64, public_key_of
@@ -58,11 +59,12 @@ class AgentError(Exception):
     """Stops the agent with a one-line message (bad token, refused join, ...)."""
 
 
-def make_backend(kind: str, interface: str) -> WireGuardBackend:
+async def make_backend(kind: str, interface: str) -> WireGuardBackend:
+    """`auto`: the kernel's WireGuard where the module is there, else wireguard-go."""
+    if kind == "auto":
+        kind = "kernel" if await kernel_wireguard_available() else "userspace"
     if kind == "kernel":
-        raise AgentError(
-            "the kernel WireGuard backend is not available yet: use --backend userspace"
-        )
+        return KernelBackend(interface)
     return UserspaceBackend(interface)
 
 
@@ -417,7 +419,7 @@ async def run_agent(
     agent = Agent(
         identity=identity,
         state=state,
-        backend=make_backend(backend, interface),
+        backend=await make_backend(backend, interface),
         link=Link(interface),
         private_key=private_key_b64(key),
         public_key=public_key,

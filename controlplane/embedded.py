@@ -84,6 +84,8 @@ class EmbeddedNats:
             args += ["-c", str(self.config)]
         args += ["-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.store_dir)]
         args += ["-n", self.server_name]
+        if os.environ.get("NETMESH_NATS_TRACE"):
+            args += ["-DV"]
         log = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
         try:
             self._proc = await asyncio.create_subprocess_exec(

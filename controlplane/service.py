@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import secrets
 import time
 import uuid
@@ -30,6 +31,7 @@ from controlplane.decide import Context, Decision, Rejected, decide
 from controlplane.publisher import JetStreamDesiredPublisher
 from controlplane.streams import ensure_streams
 from events.commands import VERBS, AnyCommand, Reply
+from events.connect import server_has_seen_everything
 from events.envelope import make_envelope
 from events.jetstream import JetStreamEventStore
 from events.reports import APPLIED, applied_decoder
@@ -43,7 +45,7 @@ from projections.topology import Topology, evolve
 log = structlog.get_logger("netmesh.controlplane")
 
 QUEUE_GROUP = "netmesh-controlplane"
-MAX_ATTEMPTS = 5
+MAX_ATTEMPTS = 10
 READ_YOUR_WRITES_TIMEOUT = 5.0
 
 _reply_encoder = msgspec.json.Encoder()
@@ -87,20 +89,37 @@ class ControlPlane:
             await self._nc.subscribe(f"{QUERY_PREFIX}.>", queue=QUEUE_GROUP, cb=self._on_query)
         )
         # Make sure the server has our subscriptions before we say we are ready.
-        await self._nc.flush()
+        await server_has_seen_everything(self._nc)
         log.info("control plane ready", seq=self.write_model.last_seq, url=self.advertise_url)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 10.0) -> list[str]:
+        """Stop answering, stop the consumers, close the read model (bounded).
+
+        Returns the names of tasks that did not stop in time (none, normally).
+        """
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        self._subs.clear()
+        # Ending the consumers ends the tasks that follow them; cancellation is
+        # only the fallback (cancelling a task inside nats-py's subscription
+        # iterator has been seen to leave it stuck).
+        await self.store.close()
+        stuck: set[asyncio.Task[None]] = set()
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=timeout / 2)
+            for task in stuck:
+                task.cancel()
+        if stuck:
+            _, stuck = await asyncio.wait(stuck, timeout=timeout / 2)
+        for task in stuck:
+            # Should not happen; say where it is stuck rather than hang.
+            log.error("task did not stop", task=task.get_name(), awaiting=awaiting(task))
+        self._tasks.clear()
         if self.model is not None:
             await self.model.close()
+            self.model = None
+        return sorted(task.get_name() for task in stuck)
 
     async def _run_projection(self) -> None:
         assert self.runner is not None
@@ -180,6 +199,8 @@ class ControlPlane:
                 log.info(
                     "append conflict, deciding again", verb=verb, attempt=attempt, why=str(exc)
                 )
+                # Jittered backoff: two writers that keep colliding drift apart.
+                await asyncio.sleep(random.uniform(0, 0.005 * attempt))
                 await self._catch_up()
                 continue
             except StoreError as exc:
@@ -262,6 +283,18 @@ class ControlPlane:
         except msgspec.ValidationError:
             return None
         return msgspec.to_builtins(report)  # type: ignore[no-any-return]
+
+
+def awaiting(task: asyncio.Task[Any]) -> list[str]:
+    """Where a suspended task is, innermost last (for diagnostics)."""
+    where: list[str] = []
+    awaitable: Any = task.get_coro()
+    while awaitable is not None:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None)
+        if frame is not None:
+            where.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "ag_await", None)
+    return where
 
 
 def _actor(msg: Msg) -> str:

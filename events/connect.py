@@ -7,9 +7,11 @@ enrollment and readiness checks want "connected" or a one-line reason, quickly.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 
 
@@ -28,3 +30,24 @@ async def connect_once(url: str, *, timeout: float = 3.0, **options: Any) -> Cli
         error_cb=_silent,
         **options,
     )
+
+
+async def server_has_seen_everything(nc: Client, timeout: float = 5.0) -> None:
+    """Return once the server has processed everything sent on `nc` so far
+    (subscriptions included).
+
+    `Client.flush()` is not enough in nats-py 2.16: it writes its PING straight
+    to the socket, ahead of protocol still queued for the flusher, so the PONG
+    can come back before our SUBs reach the server (seen here: a request sent
+    right after "ready" met "no responders"). A message sent to ourselves goes
+    through the same queue, after the SUBs, so its arrival proves they landed.
+    """
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, max_msgs=1)
+    try:
+        await nc.publish(inbox, b"")
+        await sub.next_msg(timeout=timeout)
+    finally:
+        # With the message in, max_msgs has already removed the subscription.
+        with contextlib.suppress(nats.errors.BadSubscriptionError):
+            await sub.unsubscribe()

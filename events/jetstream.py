@@ -73,6 +73,7 @@ class JetStreamEventStore:
         self._nc = nc
         self._js: JetStreamContext = nc.jetstream(timeout=timeout)
         self._timeout = timeout
+        self._followers: set[Any] = set()
 
     async def ensure_stream(self, replicas: int = 1) -> None:
         """Create NETMESH_EVENTS if missing (idempotent)."""
@@ -181,6 +182,7 @@ class JetStreamEventStore:
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(from_seq, 1)
             ),
         )
+        self._followers.add(sub)
         try:
             async for msg in sub.messages:
                 yield RecordedEvent(
@@ -189,6 +191,15 @@ class JetStreamEventStore:
                     envelope=decode_envelope(msg.data),
                 )
         finally:
+            if sub in self._followers:
+                self._followers.discard(sub)
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+
+    async def close(self) -> None:
+        """End every `follow()` iteration (they stop cleanly, no cancellation needed)."""
+        followers, self._followers = self._followers, set()
+        for sub in followers:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 

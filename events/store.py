@@ -83,7 +83,11 @@ class EventStore(Protocol):
         ...
 
     def follow(self, from_seq: int = 1) -> AsyncIterator[RecordedEvent]:
-        """Every event from `from_seq` on, in order, then live ones, forever."""
+        """Every event from `from_seq` on, in order, then live ones, until `close()`."""
+        ...
+
+    async def close(self) -> None:
+        """End every `follow()` iteration."""
         ...
 
 
@@ -114,6 +118,7 @@ class MemoryEventStore:
         self._log: list[RecordedEvent] = []
         self._msg_ids: set[str] = set()
         self._changed = asyncio.Condition()
+        self._closed = False
 
     def _last_for(self, subject_filter: str) -> int:
         for recorded in reversed(self._log):
@@ -156,13 +161,18 @@ class MemoryEventStore:
 
     async def follow(self, from_seq: int = 1) -> AsyncIterator[RecordedEvent]:
         next_seq = max(from_seq, 1)
-        while True:
+        while not self._closed:
             while next_seq <= len(self._log):
                 yield self._log[next_seq - 1]
                 next_seq += 1
             async with self._changed:
-                while next_seq > len(self._log):
+                while next_seq > len(self._log) and not self._closed:
                     await self._changed.wait()
+
+    async def close(self) -> None:
+        async with self._changed:
+            self._closed = True
+            self._changed.notify_all()
 
 
 def subject_matches(subject_filter: str, subject: str) -> bool:

@@ -4,7 +4,6 @@ the stream untouched, desired state on the host's subject, rebuilds, replicas.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -59,7 +58,7 @@ async def cp(
     try:
         yield plane, Admin(admin_nc)
     finally:
-        await plane.stop()
+        assert await plane.stop() == []
         await cp_nc.close()
         await admin_nc.close()
 
@@ -222,8 +221,7 @@ async def test_two_replicas_allocate_distinct_addresses(
         assert keys[0]["used"] == 12
     finally:
         for plane in planes:
-            with contextlib.suppress(Exception):
-                await plane.stop()
+            assert await plane.stop() == []
         for c in conns:
             await c.close()
 
