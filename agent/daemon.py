@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import socket
@@ -34,7 +35,14 @@ from agent.endpoints import detect_endpoints
 from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.link import Link, LinkState
 from agent.plan import Actual, plan
-from agent.statedir import Identity, StateDir, StateDirError, private_key_b64, public_key_of
+from agent.statedir import (
+    AgentStatus,
+    Identity,
+    StateDir,
+    StateDirError,
+    private_key_b64,
+    public_key_of,
+)
 from agent.userspace import UserspaceBackend
 from events.commands import Reply
 from events.desired import DesiredState, desired_decoder
@@ -74,7 +82,7 @@ async def enroll(
     name: str,
     public_key: str,
     endpoints: Sequence[str],
-    listen_port: int,
+    listen_port: int | None,
 ) -> tuple[str, dict[str, Any]]:
     """Join with the token. Returns (server URL, join result). Raises AgentError."""
     try:
@@ -226,11 +234,30 @@ class Agent:
         self._retry_delay = RETRY_MIN
         if newly or ops:
             log.info("in sync", revision=desired.revision, ops=len(ops))
+        self.write_status()
         await self.report()
         return True
 
+    def write_status(self) -> None:
+        """Best effort: a full disk must not stop the agent."""
+        status = AgentStatus(
+            pid=os.getpid(),
+            interface=self.backend.interface,
+            backend=type(self.backend).__name__,
+            connected=self.nc is not None and self.nc.is_connected,
+            desired_revision=self.desired.revision if self.desired else 0,
+            applied_revision=self.applied.revision if self.applied else 0,
+            last_error=self._last_error,
+            updated_at=time.time(),
+        )
+        try:
+            self.state.save_status(status)
+        except OSError as exc:
+            log.warning("status file not written", error=str(exc))
+
     def _failed(self, desired: DesiredState, why: str) -> bool:
         self._last_error = why
+        self.write_status()
         log.warning(
             "apply failed, will retry",
             revision=desired.revision,
@@ -311,6 +338,7 @@ class Agent:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, CONNECT_BACKOFF_MAX)
         log.info("connected", server=self.identity.server)
+        self.write_status()
         await self._resubscribe()
 
     async def _resubscribe(self) -> None:
@@ -353,6 +381,7 @@ class Agent:
 
     async def _on_disconnected(self) -> None:
         log.info("disconnected from the control plane; keeping the last desired state")
+        self.write_status()
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("nats error", error=repr(exc))
@@ -376,7 +405,8 @@ async def run_agent(
     endpoints: Sequence[str],
     backend: str,
     interface: str,
-    listen_port: int = 51820,
+    listen_port: int | None = None,
+    resync_interval: float = RESYNC_INTERVAL,
 ) -> None:
     """Enroll if needed and run until SIGINT/SIGTERM. Raises AgentError."""
     state = StateDir(state_dir)
@@ -398,7 +428,7 @@ async def run_agent(
             server=url,
             networks=networks,
             endpoints=offered,
-            listen_port=listen_port,
+            listen_port=listen_port or 51820,
         )
         state.save_identity(identity)
         log.info(
@@ -423,6 +453,7 @@ async def run_agent(
         link=Link(interface),
         private_key=private_key_b64(key),
         public_key=public_key,
+        resync_interval=resync_interval,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -449,3 +480,4 @@ async def run_agent(
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await agent.close()
+        state.clear_status()

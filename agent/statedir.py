@@ -26,6 +26,19 @@ class Identity(msgspec.Struct, kw_only=True):
     listen_port: int = 51820
 
 
+class AgentStatus(msgspec.Struct, kw_only=True):
+    """What the running agent last knew, for `netmesh agent status`."""
+
+    pid: int
+    interface: str
+    backend: str
+    connected: bool = False
+    desired_revision: int = 0
+    applied_revision: int = 0
+    last_error: str | None = None
+    updated_at: float = 0.0
+
+
 class StateDirError(Exception):
     pass
 
@@ -94,6 +107,35 @@ class StateDir:
 
     def save_desired(self, state: DesiredState) -> None:
         atomic_write(self.path / "desired.json", desired_encoder.encode(state))
+
+    def forget_desired(self) -> None:
+        (self.path / "desired.json").unlink(missing_ok=True)
+
+    def save_status(self, status: AgentStatus) -> None:
+        atomic_write(self.path / "status.json", msgspec.json.encode(status), 0o644)
+
+    def clear_status(self) -> None:
+        (self.path / "status.json").unlink(missing_ok=True)
+
+
+def load_status(path: Path) -> AgentStatus | None:
+    file = path / "status.json"
+    if not file.exists():
+        return None
+    try:
+        return msgspec.json.decode(file.read_bytes(), type=AgentStatus)
+    except msgspec.DecodeError:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def public_key_of(key: PrivateKey) -> str:

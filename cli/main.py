@@ -467,7 +467,46 @@ def agent() -> None:
     """The agent: the daemon that configures WireGuard on this machine."""
 
 
+DEFAULT_AGENT_CONFIG = Path("/etc/netmesh/agent.toml")
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    """Options from a TOML file become defaults: the command line and environment
+    still win. Keys are option names (`state-dir` or `state_dir`)."""
+    import tomllib
+
+    path = value or (DEFAULT_AGENT_CONFIG if DEFAULT_AGENT_CONFIG.exists() else None)
+    if path is None:
+        return None
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{path} is not valid TOML: {exc}") from None
+    known = {p.name for p in ctx.command.params if p.name}
+    defaults = {}
+    for key, item in data.items():
+        name = key.replace("-", "_")
+        if name == "endpoint":
+            name = "endpoints"
+        if name not in known or name == "config":
+            raise click.BadParameter(f"{path}: unknown setting {key!r}")
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return path
+
+
 @agent.command("up")
+@click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config,
+    help=f"TOML file of option defaults [default: {DEFAULT_AGENT_CONFIG} if present].",
+)
 @click.option(
     "--token",
     envvar="NETMESH_TOKEN",
@@ -498,6 +537,19 @@ def agent() -> None:
     show_default=True,
 )
 @click.option("--interface", default="netmesh0", show_default=True)
+@click.option(
+    "--listen-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="WireGuard UDP port [default: the network's, 51820].",
+)
+@click.option(
+    "--resync-interval",
+    type=click.FloatRange(min=0.2),
+    default=30.0,
+    show_default=True,
+    help="Seconds between full re-checks of the interface (drift repair).",
+)
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto")
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
@@ -512,6 +564,8 @@ def agent_up(
     endpoints: tuple[str, ...],
     backend: str,
     interface: str,
+    listen_port: int | None,
+    resync_interval: float,
     log_format: str,
     log_level: str,
 ) -> None:
@@ -538,6 +592,8 @@ def agent_up(
                 endpoints=endpoints,
                 backend=backend,
                 interface=interface,
+                listen_port=listen_port,
+                resync_interval=resync_interval,
             )
         )
     except AgentError as exc:
@@ -546,10 +602,124 @@ def agent_up(
         pass
 
 
+state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=Path("/var/lib/netmesh"),
+    show_default=True,
+    envvar="NETMESH_STATE_DIR",
+)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.0f}h ago"
+
+
+@agent.command("status")
+@state_dir_option
+@click.option("--interface", default=None, help="[default: the running agent's, or netmesh0]")
+@json_option
+def agent_status(state_dir: Path, interface: str | None, as_json: bool) -> None:
+    """This machine's view: identity, agent, interface, peers (no server needed)."""
+    from agent.local import local_status
+
+    info = asyncio.run(local_status(state_dir, interface))
+    if as_json:
+        emit_json(info)
+        return
+    a, i, r = info["agent"], info["interface"], info["revision"]
+    running = f"running (pid {a['pid']})" if a["running"] else "not running"
+    connection = "connected" if a["connected"] else "not connected"
+    click.echo(f"host       {info['host_id'] or '(not enrolled)'} {info['name'] or ''}".rstrip())
+    click.echo(f"server     {info['server'] or '-'} ({connection})")
+    click.echo(f"agent      {running}{' - error: ' + a['last_error'] if a['last_error'] else ''}")
+    if i["present"]:
+        click.echo(
+            f"interface  {i['name']} listen {i['listen_port']} mtu {i['mtu']} "
+            f"{' '.join(i['addresses'])}"
+        )
+    else:
+        click.echo(f"interface  {i['name']} (absent)")
+    click.echo(f"revision   {r['applied']} applied / {r['desired']} desired")
+    if info["peers"]:
+        click.echo()
+        table(
+            [
+                (
+                    p["name"],
+                    p["endpoint"],
+                    ",".join(p["allowed_ips"]),
+                    _age(p["handshake_age"]),
+                    p["rx_bytes"],
+                    p["tx_bytes"],
+                )
+                for p in info["peers"]
+            ],
+            ["PEER", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"],
+        )
+
+
+@agent.command("down")
+@state_dir_option
+@click.option("--interface", default="netmesh0", show_default=True)
+def agent_down(state_dir: Path, interface: str) -> None:
+    """Remove the WireGuard interface (stop the agent first). Identity and key stay."""
+    from agent.daemon import AgentError
+    from agent.local import interface_down
+
+    try:
+        present = asyncio.run(interface_down(state_dir, interface))
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"removed {interface}" if present else f"{interface} was not there")
+
+
+@agent.command("leave")
+@state_dir_option
+@click.option("--network", "network_name", default=None, help="Leave only this network.")
+@click.option("--interface", default="netmesh0", show_default=True)
+@click.pass_context
+def agent_leave(
+    ctx: click.Context, state_dir: Path, network_name: str | None, interface: str
+) -> None:
+    """Take this host out of its networks; remove the interface if the agent is stopped."""
+    from agent.daemon import AgentError
+    from agent.local import interface_down, leave, running_agent_pid
+    from agent.statedir import StateDir
+
+    root = ctx.find_root()
+    explicit = root.get_parameter_source("server") in (
+        click.core.ParameterSource.COMMANDLINE,
+        click.core.ParameterSource.ENVIRONMENT,
+    )
+    try:
+        left = asyncio.run(
+            leave(state_dir, root.params["server"] if explicit else None, network_name)
+        )
+        click.echo(f"left {', '.join(left) if left else 'no network (was in none)'}")
+        identity = StateDir(state_dir).load_identity()
+        if running_agent_pid(state_dir) is None and identity is not None and not identity.networks:
+            StateDir(state_dir).forget_desired()
+            if asyncio.run(interface_down(state_dir, interface)):
+                click.echo(f"removed {interface}")
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: every error is one line on stderr and a non-zero exit."""
     try:
-        cli.main(args=argv, prog_name="netmesh", standalone_mode=False)
+        # Every option can also come from NETMESH_<COMMAND>_<OPTION>, e.g.
+        # NETMESH_AGENT_UP_INTERFACE=wg1 (explicit envvars above take precedence).
+        cli.main(
+            args=argv, prog_name="netmesh", standalone_mode=False, auto_envvar_prefix="NETMESH"
+        )
     except click.exceptions.Abort:
         click.echo("Error: aborted", err=True)
         sys.exit(130)

@@ -23,6 +23,7 @@ from events.commands import (
     CreateNetwork,
     DeleteNetwork,
     Join,
+    LeaveNetworks,
     RemoveNode,
     ReportEndpoint,
     RevokeEnrollmentKey,
@@ -91,6 +92,8 @@ def decide(topology: Topology, command: AnyCommand, ctx: Context) -> Decision:
             return _remove_node(topology, command)
         case ReportEndpoint():
             return _report_endpoint(topology, command)
+        case LeaveNetworks():
+            return _leave(topology, command)
     raise Rejected("invalid", f"unknown command {command!r}")  # pragma: no cover
 
 
@@ -301,6 +304,7 @@ def _join(topology: Topology, cmd: Join, ctx: Context) -> Decision:
                 f"name {cmd.name!r} is taken in network {network.name!r}; "
                 "choose another with --name",
             )
+    listen_port = cmd.listen_port or (host.listen_port if host else network.listen_port)
     address = allocate_address(
         network.cidr, {n.address for n in topology.nodes_of_network(network.name)}
     )
@@ -327,18 +331,16 @@ def _join(topology: Topology, cmd: Join, ctx: Context) -> Decision:
                     host_id=host_id,
                     name=cmd.name,
                     public_key=public_key,
-                    listen_port=cmd.listen_port,
+                    listen_port=listen_port,
                     endpoints=endpoints,
                 ),
             )
         )
-    elif (host.endpoints, host.listen_port) != (endpoints, cmd.listen_port):
+    elif (host.endpoints, host.listen_port) != (endpoints, listen_port):
         events.append(
             (
                 h_subject,
-                HostEndpointObserved(
-                    host_id=host_id, endpoints=endpoints, listen_port=cmd.listen_port
-                ),
+                HostEndpointObserved(host_id=host_id, endpoints=endpoints, listen_port=listen_port),
             )
         )
     expect = [_guard(topology, net_subject)]
@@ -426,4 +428,24 @@ def _report_endpoint(topology: Topology, cmd: ReportEndpoint) -> Decision:
         events=((subject, event),),
         expect=(_guard(topology, subject),),
         result={"host_id": host.host_id, "changed": True},
+    )
+
+
+def _leave(topology: Topology, cmd: LeaveNetworks) -> Decision:
+    if cmd.host_id not in topology.hosts:
+        raise Rejected("not_found", f"no host {cmd.host_id!r}")
+    nodes = [n for n in topology.nodes_of_host(cmd.host_id) if cmd.network in (None, n.network)]
+    if cmd.network is not None and not nodes:
+        raise Rejected("not_found", f"host {cmd.host_id} is not in network {cmd.network!r}")
+    events = tuple(
+        (
+            network_subject(n.network),
+            NodeRemoved(network=n.network, node_id=n.node_id, host_id=n.host_id),
+        )
+        for n in nodes
+    )
+    return Decision(
+        events=events,
+        expect=tuple(_guard(topology, network_subject(n.network)) for n in nodes),
+        result={"host_id": cmd.host_id, "left": sorted(n.network for n in nodes)},
     )

@@ -49,7 +49,7 @@ class Join(Command, frozen=True, tag="join"):
     public_key: str
     name: Name
     endpoints: tuple[str, ...] = ()
-    listen_port: Port = 51820
+    listen_port: Port | None = None  # None: the network's listen port
 
 
 class RemoveNode(Command, frozen=True, tag="node.remove"):
@@ -62,6 +62,13 @@ class ReportEndpoint(Command, frozen=True, tag="endpoint.report"):
     listen_port: Port = 51820
 
 
+class LeaveNetworks(Command, frozen=True, tag="host.leave"):
+    """A host takes itself out of one network, or all (`netmesh agent leave`)."""
+
+    host_id: str
+    network: str | None = None
+
+
 AnyCommand = (
     CreateNetwork
     | DeleteNetwork
@@ -70,6 +77,7 @@ AnyCommand = (
     | Join
     | RemoveNode
     | ReportEndpoint
+    | LeaveNetworks
 )
 
 COMMAND_TYPES: tuple[type[Command], ...] = (
@@ -80,6 +88,7 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     Join,
     RemoveNode,
     ReportEndpoint,
+    LeaveNetworks,
 )
 VERBS: dict[str, type[Command]] = {str(cls.__struct_config__.tag): cls for cls in COMMAND_TYPES}
 

@@ -10,6 +10,7 @@ from events.commands import (
     CreateNetwork,
     DeleteNetwork,
     Join,
+    LeaveNetworks,
     RemoveNode,
     ReportEndpoint,
     RevokeEnrollmentKey,
@@ -222,3 +223,28 @@ def test_allocation_skips_network_and_broadcast_and_fills_up() -> None:
     with pytest.raises(Rejected) as info:
         allocate_address("10.0.0.0/30", used)
     assert info.value.code == "exhausted"
+
+
+def test_host_gets_the_networks_listen_port_unless_it_asks_for_one() -> None:
+    world = World()
+    world.run(CreateNetwork(name="office", cidr="10.10.0.0/24", listen_port=51999))
+    key_id = world.run(CreateEnrollmentKey(network="office", uses=None))[0].result["key_id"]
+    token = make_token("x", key_id, f"s{world._keys}")
+    world.run(join(token, 1))
+    world.run(Join(token=token, public_key=public_key(2), name="b", listen_port=40000))
+    ports = sorted(h.listen_port for h in world.topology.hosts.values())
+    assert ports == [40000, 51999]
+
+
+def test_a_host_leaves_all_its_networks_in_one_batch() -> None:
+    world, token = world_with_network()
+    host_id = world.run(join(token, 1))[0].result["host_id"]
+    world.run(CreateNetwork(name="lab", cidr="10.20.0.0/24"))
+    key = world.run(CreateEnrollmentKey(network="lab"))[0].result["key_id"]
+    world.run(join(make_token("x", key, f"s{world._keys}"), 1))
+    decision, _ = world.run(LeaveNetworks(host_id=host_id))
+    assert sorted(e.network for _, e in decision.events) == ["lab", "office"]  # type: ignore[union-attr]
+    assert len(decision.expect) == 2
+    assert world.topology.nodes_of_host(host_id) == []
+    with pytest.raises(Rejected):
+        world.run(LeaveNetworks(host_id=host_id, network="office"))

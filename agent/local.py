@@ -1,0 +1,157 @@
+"""`netmesh agent status|down|leave`: the local side, run next to the agent."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats.errors
+
+from agent.backend import BackendError, DeviceState, WireGuardBackend
+from agent.daemon import AgentError
+from agent.kernel import KernelBackend, kernel_wireguard_available
+from agent.link import Link
+from agent.statedir import StateDir, load_status, pid_alive
+from agent.userspace import UserspaceBackend
+from events.commands import Reply
+from events.connect import connect_once
+from events.subjects import command_subject
+
+
+async def find_device(interface: str) -> tuple[WireGuardBackend | None, DeviceState | None]:
+    """The interface's WireGuard device, whichever backend serves it."""
+    userspace = UserspaceBackend(interface)
+    if await userspace.exists():
+        return userspace, await userspace.read()
+    if await kernel_wireguard_available():
+        kernel = KernelBackend(interface)
+        try:
+            if await kernel.exists():
+                return kernel, await kernel.read()
+        finally:
+            await kernel.close()
+    return None, None
+
+
+def running_agent_pid(state_dir: Path) -> int | None:
+    status = load_status(state_dir)
+    if status is not None and pid_alive(status.pid):
+        return status.pid
+    return None
+
+
+async def local_status(state_dir: Path, interface: str | None) -> dict[str, Any]:
+    """Everything this machine knows, without asking the control plane."""
+    state = StateDir(state_dir)
+    identity = state.load_identity()
+    status = load_status(state_dir)
+    desired = state.load_desired()
+    running = status is not None and pid_alive(status.pid)
+    name = interface or (status.interface if status else "netmesh0")
+    _, device = await find_device(name)
+    link = Link(name)
+    try:
+        link_state = await link.state() if await link.exists() else None
+    finally:
+        await link.close()
+    now = time.time()
+    names = {p.public_key: p.name for p in desired.peers} if desired else {}
+    return {
+        "host_id": identity.host_id if identity else None,
+        "name": identity.name if identity else None,
+        "server": identity.server if identity else None,
+        "networks": identity.networks if identity else [],
+        "agent": {
+            "running": running,
+            "pid": status.pid if status and running else None,
+            "connected": bool(status and running and status.connected),
+            "backend": status.backend if status else None,
+            "last_error": status.last_error if status and running else None,
+        },
+        "interface": {
+            "name": name,
+            "present": device is not None,
+            "public_key": device.public_key if device else None,
+            "listen_port": device.listen_port if device else None,
+            "addresses": list(link_state.addresses) if link_state else [],
+            "mtu": link_state.mtu if link_state else None,
+        },
+        "revision": {
+            "desired": desired.revision if desired else None,
+            "applied": status.applied_revision if status else None,
+        },
+        "peers": [
+            {
+                "name": names.get(p.public_key, ""),
+                "public_key": p.public_key,
+                "endpoint": p.endpoint,
+                "allowed_ips": list(p.allowed_ips),
+                "handshake_age": round(now - p.last_handshake, 1) if p.last_handshake else None,
+                "rx_bytes": p.rx_bytes,
+                "tx_bytes": p.tx_bytes,
+            }
+            for p in (device.peers if device else ())
+        ],
+    }
+
+
+async def interface_down(state_dir: Path, interface: str) -> bool:
+    """Remove the interface. Returns whether there was one. Raises AgentError."""
+    pid = running_agent_pid(state_dir)
+    if pid is not None:
+        raise AgentError(
+            f"the agent is running (pid {pid}) and would bring {interface} back: stop it first"
+        )
+    backend, device = await find_device(interface)
+    link = Link(interface)
+    try:
+        present = device is not None or await link.exists()
+        if backend is not None:
+            await backend.destroy()
+        elif present:
+            await link.delete()
+    except BackendError as exc:
+        raise AgentError(f"cannot remove {interface}: {exc}") from None
+    finally:
+        await link.close()
+        if backend is not None:
+            await backend.close()
+    return present
+
+
+async def leave(state_dir: Path, server: str | None, network: str | None) -> list[str]:
+    """Take this host out of its networks (or one). Raises AgentError."""
+    state = StateDir(state_dir)
+    identity = state.load_identity()
+    if identity is None:
+        raise AgentError(f"not enrolled ({state_dir} has no identity): nothing to leave")
+    url = server or identity.server
+    try:
+        nc = await connect_once(url, timeout=5, name=f"netmesh-agent-leave-{identity.name}")
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise AgentError(f"cannot reach the control plane at {url}: {exc}") from None
+    try:
+        payload = {"command_id": uuid.uuid4().hex, "host_id": identity.host_id}
+        if network is not None:
+            payload["network"] = network
+        try:
+            msg = await nc.request(
+                command_subject("host.leave"),
+                msgspec.json.encode(payload),
+                timeout=15,
+                headers={"Netmesh-Actor": f"agent:{identity.name}"},
+            )
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            raise AgentError(f"no netmesh control plane is answering at {url}") from None
+        reply = msgspec.json.decode(msg.data, type=Reply)
+        if not reply.ok:
+            raise AgentError(f"leave refused: {reply.error}")
+    finally:
+        await nc.close()
+    left: list[str] = list(reply.result["left"])
+    identity.networks = [n for n in identity.networks if n not in left]
+    state.save_identity(identity)
+    return left
