@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.backend import BackendError, PeerSpec, WireGuardBackend
-from agent.link import Link
+from agent.link import LinkControl
 from agent.plan import (
     AddAddress,
     CreateInterface,
@@ -38,7 +38,7 @@ class ApplyResult:
 
 
 async def apply(
-    ops: list[Op], backend: WireGuardBackend, link: Link, private_key: str
+    ops: list[Op], backend: WireGuardBackend, link: LinkControl, private_key: str
 ) -> ApplyResult:
     done = 0
     i = 0

@@ -33,7 +33,7 @@ from agent.apply import apply
 from agent.backend import BackendError, DeviceState, WireGuardBackend
 from agent.endpoints import detect_endpoints
 from agent.kernel import KernelBackend, kernel_wireguard_available
-from agent.link import Link, LinkState
+from agent.link import Link, LinkControl, LinkState
 from agent.plan import Actual, plan
 from agent.statedir import (
     AgentStatus,
@@ -137,7 +137,7 @@ class Agent:
         identity: Identity,
         state: StateDir,
         backend: WireGuardBackend,
-        link: Link,
+        link: LinkControl,
         private_key: str,
         public_key: str,
         resync_interval: float = RESYNC_INTERVAL,
