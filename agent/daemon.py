@@ -149,6 +149,7 @@ class Agent:
         self._private_key = private_key
         self.public_key = public_key
         self.resync_interval = resync_interval
+        self.detect_endpoints = False  # True when endpoints were found, not given
         self.desired: DesiredState | None = state.load_desired()
         self.applied: DesiredState | None = None
         self.nc: Client | None = None
@@ -311,6 +312,24 @@ class Agent:
                 await asyncio.wait_for(self._wake.wait(), self.resync_interval * jitter)
             self._wake.clear()
             await self.reconcile_once()
+            if self.detect_endpoints:
+                await self.check_endpoints()
+
+    async def check_endpoints(self) -> None:
+        """Endpoints found on this machine (not given with --endpoint) can move:
+        a new DHCP lease, a moved VM. Peers learn it through the control plane."""
+        try:
+            found = await detect_endpoints(exclude=self.backend.interface)
+        except Exception as exc:  # netlink trouble must not stop the loop
+            log.warning("endpoint detection failed", error=repr(exc))
+            return
+        if found == self.identity.endpoints or not found:
+            return
+        log.info("local endpoints changed", before=self.identity.endpoints, now=found)
+        self.identity.endpoints = found
+        self.state.save_identity(self.identity)
+        if self.nc is not None and self.nc.is_connected:
+            await self.report_endpoints()
 
     # -- connection ----------------------------------------------------------
 
@@ -455,6 +474,7 @@ async def run_agent(
         public_key=public_key,
         resync_interval=resync_interval,
     )
+    agent.detect_endpoints = not endpoints
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
