@@ -60,8 +60,12 @@ async def main(updates: int, peers: int) -> None:
             # Each update changes one peer, adds one and drops one: churn.
             members = [peer(n, i if n == i % peers else 0) for n in range(peers) if n != i % peers]
             state = DesiredState(
-                host_id="h", revision=i, addresses=("10.0.0.1/16",), listen_port=51820,
-                mtu=1420, peers=tuple(members),
+                host_id="h",
+                revision=i,
+                addresses=("10.0.0.1/16",),
+                listen_port=51820,
+                mtu=1420,
+                peers=tuple(members),
             )
             agent.offer(state)
             await agent.reconcile_once()
