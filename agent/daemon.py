@@ -59,6 +59,7 @@ from events.tokens import InvalidToken, parse_token
 log = structlog.get_logger("netmesh.agent")
 
 RESYNC_INTERVAL = 30.0
+SETTLE_DELAY = 3.0
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
 CONNECT_BACKOFF_MIN, CONNECT_BACKOFF_MAX = 1.0, 30.0
 
@@ -235,6 +236,10 @@ class Agent:
         self._retry_delay = RETRY_MIN
         if newly or ops:
             log.info("in sync", revision=desired.revision, ops=len(ops))
+        if ops:
+            # Look again soon: new peers handshake within seconds, and the
+            # control plane should hear about it before the next resync.
+            asyncio.get_running_loop().call_later(SETTLE_DELAY, self._wake.set)
         self.write_status()
         await self.report()
         return True

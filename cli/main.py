@@ -364,6 +364,22 @@ def node_show(server: str, node_ref: str, as_json: bool) -> None:
         ),
     ]:
         click.echo(f"{label:<11}{'-' if value is None else value}")
+    if status.get("peers"):
+        click.echo(f"\npeers as reported by the agent at {when(status.get('reported_at'))}:")
+        table(
+            [
+                (
+                    p["name"] or p["public_key"][:12],
+                    p["endpoint"],
+                    "yes" if p["connected"] else "no",
+                    _age(p["handshake_age"]),
+                    p["rx_bytes"],
+                    p["tx_bytes"],
+                )
+                for p in status["peers"]
+            ],
+            ["PEER", "ENDPOINT", "CONNECTED", "HANDSHAKE", "RX", "TX"],
+        )
 
 
 @node.command("remove")
@@ -400,10 +416,11 @@ def status(server: str, as_json: bool) -> None:
                 r["desired_revision"],
                 r["applied_revision"],
                 r["state"] if not r["error"] else f"error: {r['error']}",
+                f"{sum(p['connected'] for p in r['peers'])}/{len(r['peers'])}",
             )
             for r in rows
         ],
-        ["NETWORK", "NODE", "ADDRESS", "DESIRED", "APPLIED", "STATE"],
+        ["NETWORK", "NODE", "ADDRESS", "DESIRED", "APPLIED", "STATE", "PEERS UP"],
     )
 
 

@@ -140,7 +140,9 @@ async def status(model: ReadModel, applied: AppliedLookup) -> list[dict[str, Any
     desired = await desired_revisions(model)
     reports: dict[str, dict[str, Any] | None] = {}
     out = []
-    for node in await list_nodes(model):
+    nodes = await list_nodes(model)
+    names = {n["public_key"]: n["name"] for n in nodes}
+    for node in nodes:
         host_id = node["host_id"]
         if host_id not in reports:
             reports[host_id] = await applied(host_id)
@@ -166,7 +168,30 @@ async def status(model: ReadModel, applied: AppliedLookup) -> list[dict[str, Any
                 "state": state,
                 "reported_at": report.get("at") if report else None,
                 "error": report.get("error") if report else None,
-                "peers": report.get("peers", []) if report else [],
+                "peers": _peers(report, names),
             }
         )
     return out
+
+
+# WireGuard re-handshakes every 2 minutes while traffic flows (keepalives keep
+# it flowing); a handshake older than this means the peer is not reachable.
+CONNECTED_WITHIN = 180.0
+
+
+def _peers(report: dict[str, Any] | None, names: dict[str, str]) -> list[dict[str, Any]]:
+    if not report:
+        return []
+    at = float(report.get("at") or 0.0)
+    peers = []
+    for peer in report.get("peers", []):
+        handshake = float(peer.get("last_handshake") or 0.0)
+        peers.append(
+            {
+                **peer,
+                "name": names.get(peer.get("public_key", ""), ""),
+                "handshake_age": round(at - handshake, 1) if handshake else None,
+                "connected": bool(handshake) and at - handshake < CONNECTED_WITHIN,
+            }
+        )
+    return peers

@@ -134,6 +134,17 @@ for src in "${HOSTS[@]}"; do
     done
 done
 
+peers_up() {
+    local out
+    out=$(nm status --json) || return 1
+    python3 - "$out" <<'PY'
+import json, sys
+rows = json.loads(sys.argv[1])
+sys.exit(0 if rows and all(p["connected"] for r in rows for p in r["peers"]) else 1)
+PY
+}
+wait_for 30 "agents to report their handshakes" peers_up
+
 say "netmesh status"
 nm status
 say "netmesh events log"
