@@ -44,6 +44,7 @@ from agent.statedir import (
     public_key_of,
 )
 from agent.userspace import UserspaceBackend
+from agent.watch import watch_interface
 from events.commands import Reply
 from events.desired import DesiredState, desired_decoder
 from events.reports import APPLIED, AppliedReport, PeerReport, applied_encoder
@@ -159,6 +160,10 @@ class Agent:
         self._retry_handle: asyncio.TimerHandle | None = None
         self._sub: Any = None
         self._last_error: str | None = None
+
+    def wake(self) -> None:
+        """Run a reconcile pass soon (a change was seen)."""
+        self._wake.set()
 
     # -- desired state from the control plane ---------------------------------
 
@@ -487,6 +492,7 @@ async def run_agent(
     tasks = [
         asyncio.create_task(agent.reconcile_forever(), name="reconcile"),
         asyncio.create_task(agent.connect_forever(), name="connect"),
+        asyncio.create_task(watch_interface(interface, agent.wake), name="watch"),
     ]
     log.info(
         "agent running",
@@ -494,7 +500,7 @@ async def run_agent(
         interface=interface,
         cached_revision=agent.desired.revision if agent.desired else None,
     )
-    agent._wake.set()
+    agent.wake()
     try:
         await stop.wait()
         log.info("stopping; the interface stays up")
