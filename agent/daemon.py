@@ -62,7 +62,15 @@ log = structlog.get_logger("netmesh.agent")
 RESYNC_INTERVAL = 30.0
 SETTLE_DELAY = 3.0
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
-CONNECT_BACKOFF_MIN, CONNECT_BACKOFF_MAX = 1.0, 30.0
+CONNECT_BACKOFF_MIN, CONNECT_BACKOFF_MAX = 0.5, 10.0
+
+
+def reconnect_backoff(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+    """nats-py reconnect policy: capped exponential backoff with jitter, so that
+    a thousand agents do not hit a restarted server in the same second."""
+    server = min(servers, key=lambda s: s.reconnects)
+    delay = min(CONNECT_BACKOFF_MAX, CONNECT_BACKOFF_MIN * 2 ** min(server.reconnects, 16))
+    return server, delay * random.uniform(0.5, 1.0)
 
 
 class AgentError(Exception):
@@ -352,7 +360,8 @@ class Agent:
                     self.identity.server,
                     name=f"netmesh-agent-{self.identity.name}",
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=2,
+                    reconnect_time_wait=CONNECT_BACKOFF_MIN,
+                    reconnect_to_server_handler=reconnect_backoff,
                     connect_timeout=5,
                     reconnected_cb=self._on_reconnected,
                     disconnected_cb=self._on_disconnected,

@@ -189,3 +189,14 @@ def test_fake_upsert_keeps_endpoint_when_not_given() -> None:
     )
     (p,) = asyncio.run(backend.read()).peers
     assert (p.endpoint, p.allowed_ips) == ("192.0.2.1:1", ("10.0.0.9/32",))
+
+
+def test_reconnect_backoff_grows_with_jitter_and_is_capped() -> None:
+    from types import SimpleNamespace
+
+    from agent.daemon import CONNECT_BACKOFF_MAX, reconnect_backoff
+
+    delays = [reconnect_backoff([SimpleNamespace(reconnects=n)], {})[1] for n in range(12)]
+    assert all(0 < d <= CONNECT_BACKOFF_MAX for d in delays)
+    assert delays[-1] >= CONNECT_BACKOFF_MAX / 2  # at the cap, jittered down at most by half
+    assert delays[0] < delays[5]
