@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: setup system-packages test lint unit demo clean
+.PHONY: setup system-packages test lint unit demo bench clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -30,6 +30,9 @@ test: lint
 # Only the fast tests that need no root and no network namespaces.
 unit: setup
 	$(BIN)/pytest -ra -m "not netns"
+
+bench: setup
+	$(BIN)/python bench/run.py
 
 demo: setup
 	bash scripts/demo.sh

@@ -46,6 +46,7 @@ from agent.statedir import (
 from agent.userspace import UserspaceBackend
 from agent.watch import watch_interface
 from events.commands import Reply
+from events.connect import connect_once
 from events.desired import DesiredState, desired_decoder
 from events.reports import APPLIED, AppliedReport, PeerReport, applied_encoder
 from events.subjects import (
@@ -101,13 +102,9 @@ async def enroll(
         raise AgentError(str(exc)) from None
     url = server or parts.server
     try:
-        nc = await nats.connect(
-            url,
-            connect_timeout=5,
-            allow_reconnect=False,
-            max_reconnect_attempts=0,
-            name=f"netmesh-agent-enroll-{name}",
-        )
+        nc = await connect_once(url, timeout=5, name=f"netmesh-agent-enroll-{name}")
+    except nats.errors.NoServersError:
+        raise AgentError(f"cannot reach the control plane at {url}: nothing answers") from None
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise AgentError(f"cannot reach the control plane at {url}: {exc}") from None
     try:
@@ -356,6 +353,11 @@ class Agent:
         delay = CONNECT_BACKOFF_MIN
         while self.nc is None:
             try:
+                # nats-py retries a failed *first* connect forever on its own, every
+                # reconnect_time_wait, silently and without backoff. Probe with a
+                # connection that gives up, so the backoff and the log here apply.
+                probe = await connect_once(self.identity.server, timeout=5)
+                await probe.close()
                 self.nc = await nats.connect(
                     self.identity.server,
                     name=f"netmesh-agent-{self.identity.name}",

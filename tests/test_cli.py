@@ -14,15 +14,16 @@ import pytest
 
 from controlplane.embedded import EmbeddedNats, free_port
 from controlplane.service import ControlPlane
+from events.tokens import make_token
 
 NETMESH = str(Path(sys.executable).parent / "netmesh")
 
 
-async def netmesh(server: str, *args: str) -> tuple[int, str, str]:
+async def netmesh(server: str | None, *args: str) -> tuple[int, str, str]:
+    """Run the CLI; with server=None, no --server (the token says where)."""
     proc = await asyncio.create_subprocess_exec(
         NETMESH,
-        "--server",
-        server,
+        *(["--server", server] if server else []),
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -119,6 +120,9 @@ async def test_agent_refuses_bad_tokens_before_touching_anything(
     one_line_error(rc, err, "join refused: enrollment key")
     rc, _, err = await netmesh(server, *base)
     one_line_error(rc, err, "not enrolled yet")
+    dead = make_token(f"nats://127.0.0.1:{free_port()}", "k1", "secret")
+    rc, _, err = await netmesh(None, *base, "--token", dead)
+    one_line_error(rc, err, "cannot reach the control plane at nats://127.0.0.1:")
     # The key was made, and is the agent's own: 0600 in a 0700 directory.
     assert (state / "private.key").stat().st_mode & 0o777 == 0o600
     assert state.stat().st_mode & 0o777 == 0o700

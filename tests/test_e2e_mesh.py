@@ -4,133 +4,19 @@ private LAN. The CLI drives it as an admin would."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import itertools
-import json
-import signal
-import sys
-from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.meshnet import Mesh, mesh_fixture  # noqa: F401
 from tests.netns import (
-    Host,
-    TestNet,
     ping,
     testnet_fixture,  # noqa: F401
     wait_until,
 )
 
 pytestmark = pytest.mark.netns
-
-NETMESH = str(Path(sys.executable).parent / "netmesh")
-IFACE = "nm0"
-
-
-class Mesh:
-    def __init__(self, net: TestNet, tmp: Path) -> None:
-        self.net = net
-        self.tmp = tmp
-        self.cp: Host | None = None
-        self.server: asyncio.subprocess.Process | None = None
-        self.agents: dict[str, asyncio.subprocess.Process] = {}
-        self.hosts: dict[str, Host] = {}
-
-    async def start_server(self) -> None:
-        assert self.cp is not None
-        self.server = await self.cp.spawn(
-            "sh",
-            "-c",
-            f'exec "$@" >>{self.tmp}/server.log 2>&1',
-            "sh",
-            NETMESH,
-            "server",
-            "--data-dir",
-            str(self.tmp / "cp"),
-            "--listen",
-            "0.0.0.0:4222",
-            "--advertise",
-            f"nats://{self.cp.lan_address}:4222",
-            "--log-format",
-            "json",
-        )
-        await wait_until(self._server_answers, timeout=60, interval=0.2, message="server up")
-
-    async def _server_answers(self) -> bool:
-        assert self.server is not None and self.server.returncode is None, self.log("server")
-        result = await self.cli("network", "list", check=False)
-        return result[0] == 0
-
-    async def stop_server(self) -> None:
-        assert self.server is not None
-        self.server.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(self.server.wait(), 30) == 0, self.log("server")
-
-    async def cli(self, *args: str, check: bool = True) -> tuple[int, str, str]:
-        assert self.cp is not None
-        result = await self.cp.run(NETMESH, "--server", "nats://127.0.0.1:4222", *args, check=False)
-        if check:
-            assert result.returncode == 0, f"{args}: {result.stderr}"
-        return result.returncode, result.stdout, result.stderr
-
-    async def cli_json(self, *args: str) -> Any:
-        return json.loads((await self.cli(*args, "--json"))[1])
-
-    async def start_agent(self, name: str, token: str | None) -> None:
-        host = self.hosts[name]
-        args = [
-            NETMESH,
-            "agent",
-            "up",
-            "--name",
-            name,
-            "--state-dir",
-            str(self.tmp / name),
-            "--endpoint",
-            host.lan_address,
-            "--backend",
-            "userspace",
-            "--interface",
-            IFACE,
-            "--log-format",
-            "json",
-        ]
-        if token:
-            args += ["--token", token]
-        self.agents[name] = await host.spawn(
-            "sh", "-c", f'exec "$@" >>{self.tmp}/agent-{name}.log 2>&1', "sh", *args
-        )
-
-    async def stop_agent(self, name: str) -> None:
-        process = self.agents.pop(name)
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 30) == 0, self.log(f"agent-{name}")
-
-    async def wg(self, name: str, *args: str) -> str:
-        agent = self.agents[name]
-        result = await self.hosts[name].run("wg", "show", IFACE, *args, beside=agent.pid)
-        return result.stdout
-
-    async def all_in_sync(self) -> list[dict[str, Any]] | None:
-        rows = await self.cli_json("status")
-        if rows and all(r["state"] == "in sync" for r in rows):
-            return list(rows)
-        return None
-
-    def log(self, name: str) -> str:
-        path = self.tmp / f"{name}.log"
-        return path.read_text()[-4000:] if path.exists() else "(no log)"
-
-
-@pytest.fixture
-async def mesh(testnet: TestNet, tmp_path: Path) -> Mesh:
-    m = Mesh(testnet, tmp_path)
-    m.cp = await testnet.add_host("cp")
-    for name in ("a", "b", "c"):
-        m.hosts[name] = await testnet.add_host(name)
-    return m
 
 
 async def test_three_hosts_mesh_remove_and_server_rebuild(mesh: Mesh) -> None:
