@@ -538,3 +538,49 @@ async def test_no_ping_lost_through_joins_removals_and_agent_restarts(mesh: Mesh
             f"lost\n{pinger.timeline()}"
         )
         print(f"{pinger.host.name} -> {pinger.address}: {stats.transmitted} sent, 0 lost")
+
+
+async def test_agent_leave_and_down(mesh: Mesh) -> None:
+    """`agent leave` with the agent stopped: the node is gone from the network,
+    the peers drop it, and its interface is removed; `agent down` refuses while
+    an agent runs and is a no-op when the interface is gone."""
+    await mesh.start_server()
+    await mesh.cli("network", "create", "office", "--cidr", "10.66.0.0/24")
+    token = (await mesh.cli("key", "create", "--network", "office", "--unlimited"))[1].strip()
+    for name in ("a", "b"):
+        await mesh.start_agent(name, token)
+    await wait_until(mesh.all_in_sync, timeout=60, interval=0.3, message="in sync")
+    b_key = {n["name"]: n for n in await mesh.cli_json("node", "list")}["b"]["public_key"]
+    host_b = mesh.hosts["b"]
+    state_b = str(mesh.tmp / "b")
+
+    refused = await host_b.run(
+        NETMESH,
+        "agent",
+        "down",
+        "--state-dir",
+        state_b,
+        "--interface",
+        IFACE,
+        beside=mesh.agents["b"].pid,
+        check=False,
+    )
+    assert refused.returncode == 1 and "the agent is running" in refused.stderr
+
+    wg_pid = await mesh.wireguard_go_pid("b")
+    await mesh.stop_agent("b")
+    assert wg_pid is not None and await mesh.wireguard_go_pid("b") == wg_pid  # interface kept
+    left = await host_b.run(
+        NETMESH, "agent", "leave", "--state-dir", state_b, "--interface", IFACE, beside=wg_pid
+    )
+    assert "left office" in left.stdout and f"removed {IFACE}" in left.stdout
+    assert [n["name"] for n in await mesh.cli_json("node", "list")] == ["a"]
+    await wait_until(functools.partial(_lacks, mesh, "a", b_key), timeout=30, message="a drops b")
+    gone = await host_b.run("ip", "link", "show", IFACE, check=False)
+    assert gone.returncode != 0
+    again = await host_b.run(NETMESH, "agent", "down", "--state-dir", state_b, "--interface", IFACE)
+    assert f"{IFACE} was not there" in again.stdout
+
+
+async def _lacks(mesh: Mesh, name: str, public_key: str) -> bool:
+    return public_key not in await mesh.wg(name, "peers")
