@@ -78,7 +78,11 @@ class Mesh:
         return json.loads((await self.cli(*args, "--json"))[1])
 
     async def start_agent(
-        self, name: str, token: str | None, extra_args: Sequence[str] = ()
+        self,
+        name: str,
+        token: str | None,
+        extra_args: Sequence[str] = (),
+        endpoint: str | None = None,
     ) -> None:
         """Start `netmesh agent up` in host `name` (`extra_args` go last).
 
@@ -97,7 +101,7 @@ class Mesh:
             "--state-dir",
             str(self.tmp / name),
             "--endpoint",
-            host.lan_address,
+            endpoint or host.lan_address,
             "--backend",
             "userspace",
             "--interface",

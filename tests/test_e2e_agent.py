@@ -584,3 +584,34 @@ async def test_agent_leave_and_down(mesh: Mesh) -> None:
 
 async def _lacks(mesh: Mesh, name: str, public_key: str) -> bool:
     return public_key not in await mesh.wg(name, "peers")
+
+
+async def test_endpoint_change_reaches_peers_without_admin_action(mesh: Mesh) -> None:
+    """Host b moves to a new address: its agent reports it, the control plane
+    records it, and a's WireGuard peer for b points at the new endpoint."""
+    await mesh.start_server()
+    await mesh.cli("network", "create", "office", "--cidr", "10.66.0.0/24")
+    token = (await mesh.cli("key", "create", "--network", "office", "--unlimited"))[1].strip()
+    for name in ("a", "b"):
+        await mesh.start_agent(name, token)
+    await wait_until(mesh.all_in_sync, timeout=60, interval=0.3, message="in sync")
+    nodes = {n["name"]: n for n in await mesh.cli_json("node", "list")}
+    b_key = nodes["b"]["public_key"]
+    host_b = mesh.hosts["b"]
+    # b moves: its old LAN address goes away, a new one comes. (Deleting a
+    # primary address takes its secondaries with it, so delete first.)
+    moved = "192.0.2.99"
+    await host_b.run("ip", "addr", "del", f"{host_b.lan_address}/24", "dev", "eth0")
+    await host_b.run("ip", "addr", "add", f"{moved}/24", "dev", "eth0")
+    await mesh.stop_agent("b")
+    await mesh.start_agent("b", None, endpoint=moved)
+
+    async def a_points_at_new_endpoint() -> bool:
+        return f"{b_key}\t{moved}:51820" in await mesh.wg("a", "endpoints")
+
+    await wait_until(a_points_at_new_endpoint, timeout=30, message="a learns b's new endpoint")
+    node = await mesh.cli_json("node", "show", "office/b")
+    assert node["endpoint"] == f"{moved}:51820"
+    assert await ping(mesh.hosts["a"], nodes["b"]["address"])
+    events = (await mesh.cli("events", "log", "--json"))[1]
+    assert "host.endpoint_observed" in events
