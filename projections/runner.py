@@ -27,6 +27,10 @@ from projections.topology import Topology, affected_hosts, evolve
 
 log = structlog.get_logger("netmesh.projections")
 
+# While replaying, commit every this many events (one SQLite commit per event
+# is what bounds a rebuild otherwise); live events are committed one by one.
+REPLAY_BATCH = 500
+
 
 class DesiredPublisher(Protocol):
     async def publish(self, state: DesiredState) -> None:
@@ -75,23 +79,28 @@ class ProjectionRunner:
         if self.checkpoint >= head:
             await self._finish_catch_up()
         async for recorded in self._store.follow(self.checkpoint + 1):
-            await self._apply(recorded.seq, recorded, publish=self.caught_up.is_set())
-            if not self.caught_up.is_set() and recorded.seq >= head:
+            live = self.caught_up.is_set()
+            commit = live or recorded.seq >= head or recorded.seq - self.checkpoint >= REPLAY_BATCH
+            await self._apply(recorded.seq, recorded, publish=live, commit=commit)
+            if not live and recorded.seq >= head:
                 await self._finish_catch_up()
 
-    async def _apply(self, seq: int, recorded: RecordedEvent, *, publish: bool) -> None:
+    async def _apply(
+        self, seq: int, recorded: RecordedEvent, *, publish: bool, commit: bool = True
+    ) -> None:
         touched = evolve(self.topology, recorded)
         changed: list[DesiredState] = []
         for host_id in sorted(affected_hosts(self.topology, touched)):
             state = desired_for(self.topology, host_id, seq)
             if state is not None and not same_config(state, self.desired.get(host_id)):
                 changed.append(state)
-        await self._model.commit_event(self.topology, touched, changed, seq)
+        await self._model.commit_event(self.topology, touched, changed, seq, commit=commit)
         for state in changed:
             self.desired[state.host_id] = state
-        async with self._progress:
-            self.checkpoint = seq
-            self._progress.notify_all()
+        if commit:
+            async with self._progress:
+                self.checkpoint = seq
+                self._progress.notify_all()
         if publish:
             for state in changed:
                 await self._publish(state)

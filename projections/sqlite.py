@@ -107,8 +107,15 @@ class ReadModel:
         touched: Touched,
         desired: list[DesiredState],
         seq: int,
+        *,
+        commit: bool = True,
     ) -> None:
-        """Persist what one event changed, with its checkpoint, in one transaction."""
+        """Persist what one event changed, with its checkpoint, in one transaction.
+
+        With commit=False the transaction stays open and the next call adds to it:
+        replaying a long stream commits every few hundred events, still atomically
+        with the checkpoint (a crash loses the open batch and replays it).
+        """
         db = self.db
         try:
             for name in touched.networks:
@@ -186,7 +193,8 @@ class ReadModel:
                     (state.host_id, state.revision, desired_encoder.encode(state)),
                 )
             await db.execute("INSERT OR REPLACE INTO checkpoint VALUES (?, ?)", (CHECKPOINT, seq))
-            await db.commit()
+            if commit:
+                await db.commit()
         except BaseException:
             await db.rollback()
             raise
