@@ -61,6 +61,18 @@ def parse_duration(text: str) -> float | None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
+def explicit_server(ctx: click.Context) -> str | None:
+    """`netmesh --server URL` (or NETMESH_SERVER) when the user gave one. The
+    default does not count: agents then use the server their identity names."""
+    root = ctx.find_root()
+    if root.get_parameter_source("server") in (
+        click.core.ParameterSource.COMMANDLINE,
+        click.core.ParameterSource.ENVIRONMENT,
+    ):
+        return str(root.params["server"])
+    return None
+
+
 @click.group(name="netmesh", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--server",
@@ -593,12 +605,7 @@ def agent_up(
     if server is None:
         # `netmesh --server URL agent up` (or NETMESH_SERVER) works too; the
         # default URL does not count: then the token says where the server is.
-        root = ctx.find_root()
-        if root.get_parameter_source("server") in (
-            click.core.ParameterSource.COMMANDLINE,
-            click.core.ParameterSource.ENVIRONMENT,
-        ):
-            server = root.params["server"]
+        server = explicit_server(ctx)
     try:
         asyncio.run(
             run_agent(
@@ -710,15 +717,8 @@ def agent_leave(
     from agent.local import interface_down, leave, running_agent_pid
     from agent.statedir import StateDir
 
-    root = ctx.find_root()
-    explicit = root.get_parameter_source("server") in (
-        click.core.ParameterSource.COMMANDLINE,
-        click.core.ParameterSource.ENVIRONMENT,
-    )
     try:
-        left = asyncio.run(
-            leave(state_dir, root.params["server"] if explicit else None, network_name)
-        )
+        left = asyncio.run(leave(state_dir, explicit_server(ctx), network_name))
         click.echo(f"left {', '.join(left) if left else 'no network (was in none)'}")
         identity = StateDir(state_dir).load_identity()
         if running_agent_pid(state_dir) is None and identity is not None and not identity.networks:
