@@ -3,14 +3,17 @@
 # Runs as root (or says what to install when not root).
 set -euo pipefail
 
+# A command may live in sbin, which a non-login PATH can lack.
+have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+
 need=()
-command -v wireguard-go >/dev/null || need+=(wireguard-go)
-command -v wg >/dev/null || need+=(wireguard-tools)
-command -v ip >/dev/null || need+=(iproute2)
-command -v nft >/dev/null || need+=(nftables)
-command -v ping >/dev/null || need+=(iputils-ping)
-command -v nsenter >/dev/null || need+=(util-linux)
-command -v make >/dev/null || need+=(make)
+have wireguard-go || need+=(wireguard-go)
+have wg || need+=(wireguard-tools)
+have ip || need+=(iproute2)
+have nft || need+=(nftables)
+have ping || need+=(iputils-ping)
+have nsenter || need+=(util-linux)
+have make || need+=(make)
 # Debian's python3 needs python3-venv for `python3 -m venv`.
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 
