@@ -221,11 +221,12 @@ def network_show(server: str, name: str, as_json: bool) -> None:
 
 @network.command("delete")
 @click.argument("name")
+@click.option("--force", is_flag=True, help="Delete even if nodes are in it (disconnects them).")
 @json_option
 @click.pass_obj
-def network_delete(server: str, name: str, as_json: bool) -> None:
-    """Delete network NAME (its nodes leave it, its keys stop working)."""
-    result = run(command(server, "network.delete", name=name))
+def network_delete(server: str, name: str, force: bool, as_json: bool) -> None:
+    """Delete network NAME; its keys stop working (refused while it has nodes)."""
+    result = run(command(server, "network.delete", name=name, force=force))
     if as_json:
         emit_json(result)
     else:

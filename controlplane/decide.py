@@ -155,6 +155,13 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 def _delete_network(topology: Topology, cmd: DeleteNetwork) -> Decision:
     _network(topology, cmd.name)
+    members = topology.nodes_of_network(cmd.name)
+    if members and not cmd.force:
+        raise Rejected(
+            "conflict",
+            f"network {cmd.name!r} has {len(members)} node(s); remove them first, "
+            "or pass --force to disconnect them",
+        )
     subject = network_subject(cmd.name)
     return Decision(
         events=((subject, NetworkDeleted(network=cmd.name)),),

@@ -32,6 +32,7 @@ class CreateNetwork(Command, frozen=True, tag="network.create"):
 
 class DeleteNetwork(Command, frozen=True, tag="network.delete"):
     name: str
+    force: bool = False  # delete even with nodes in it (they are disconnected)
 
 
 class CreateEnrollmentKey(Command, frozen=True, tag="key.create"):

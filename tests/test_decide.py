@@ -248,3 +248,14 @@ def test_a_host_leaves_all_its_networks_in_one_batch() -> None:
     assert world.topology.nodes_of_host(host_id) == []
     with pytest.raises(Rejected):
         world.run(LeaveNetworks(host_id=host_id, network="office"))
+
+
+def test_deleting_a_network_with_nodes_needs_force() -> None:
+    world, token = world_with_network()
+    world.run(join(token, 1))
+    with pytest.raises(Rejected) as info:
+        world.run(DeleteNetwork(name="office"))
+    assert info.value.code == "conflict" and "--force" in info.value.message
+    assert "office" in world.topology.networks
+    world.run(DeleteNetwork(name="office", force=True))
+    assert "office" not in world.topology.networks and world.topology.nodes == {}

@@ -77,7 +77,7 @@ def test_endpoint_change_touches_the_host_and_its_peers_only() -> None:
 
 def test_network_delete_leaves_hosts_with_empty_state() -> None:
     world, ids = mesh(2)
-    world.run(DeleteNetwork(name="office"))
+    world.run(DeleteNetwork(name="office", force=True))
     assert world.topology.nodes == {}
     assert world.topology.keys == {}
     state = desired_for(world.topology, ids[0], 1)
