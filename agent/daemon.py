@@ -129,9 +129,12 @@ async def enroll(
             raise AgentError(f"no netmesh control plane is answering at {url}") from None
         except nats.errors.TimeoutError:
             raise AgentError(f"the control plane at {url} did not answer in time") from None
-        reply = msgspec.json.decode(msg.data, type=Reply)
-        if not reply.ok:
-            raise AgentError(f"join refused: {reply.error}")
+        try:
+            reply = msgspec.json.decode(msg.data, type=Reply)
+        except msgspec.DecodeError:
+            raise AgentError(f"the server at {url} sent an answer this agent cannot read") from None
+        if not reply.ok or not isinstance(reply.result, dict):
+            raise AgentError(f"join refused: {reply.error or 'no result'}")
         return url, dict(reply.result)
     finally:
         await nc.close()
@@ -182,8 +185,11 @@ class Agent:
             if state.revision < current:
                 log.info("stale desired state ignored", revision=state.revision, have=current)
             return False
-        self.state.save_desired(state)
         self.desired = state
+        try:
+            self.state.save_desired(state)
+        except OSError as exc:  # a full disk must not lose the state we were sent
+            log.warning("desired state not cached on disk", error=str(exc))
         log.info("desired state received", revision=state.revision, peers=len(state.peers))
         self._wake.set()
         return True
@@ -326,9 +332,14 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.resync_interval * jitter)
             self._wake.clear()
-            await self.reconcile_once()
-            if self.detect_endpoints:
-                await self.check_endpoints()
+            try:
+                await self.reconcile_once()
+                if self.detect_endpoints:
+                    await self.check_endpoints()
+            except Exception as exc:  # the loop is the agent: it must outlive any pass
+                log.exception("reconcile pass failed", error=repr(exc))
+                self._last_error = f"pass failed: {exc!r}"
+                await asyncio.sleep(min(self.resync_interval, RETRY_MAX))
 
     async def check_endpoints(self) -> None:
         """Endpoints found on this machine (not given with --endpoint) can move:
@@ -398,7 +409,9 @@ class Agent:
         """Tell the control plane where this host can be reached, when that changed."""
         assert self.nc is not None
         endpoints = list(self.identity.endpoints)
-        listen_port = self.desired.listen_port if self.desired else self.identity.listen_port
+        # Without a desired state we do not know our port: let the control plane
+        # keep the one it chose (the network's) rather than claim a default.
+        listen_port = self.desired.listen_port if self.desired else None
         payload = msgspec.json.encode(
             {
                 "command_id": uuid.uuid4().hex,

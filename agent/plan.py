@@ -144,8 +144,14 @@ def plan(
 
     have_addresses = set(link.addresses) if link else set()
     want_addresses = set(desired.addresses)
+    stale = have_addresses - want_addresses
+    # The kernel knows an address by its IP, not its prefix: one whose prefix
+    # changes must go before it can come back (add-before-delete cannot apply).
+    wanted_ips = {a.split("/")[0] for a in want_addresses}
+    reprefixed = sorted(a for a in stale if a.split("/")[0] in wanted_ips)
+    ops.extend(RemoveAddress(a) for a in reprefixed)
     ops.extend(AddAddress(a) for a in sorted(want_addresses - have_addresses))
-    ops.extend(RemoveAddress(a) for a in sorted(have_addresses - want_addresses))
+    ops.extend(RemoveAddress(a) for a in sorted(stale - set(reprefixed)))
     if link is None or not link.up:
         ops.append(SetUp())
 

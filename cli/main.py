@@ -122,7 +122,7 @@ def server(
 ) -> None:
     """Run the control plane (foreground; stops on SIGINT/SIGTERM)."""
     from controlplane.embedded import NatsServerError
-    from controlplane.server import run_server, split_listen
+    from controlplane.server import ControlPlaneFailed, run_server, split_listen
 
     configure_logging(log_format, log_level)
     if nats_url is None:
@@ -132,7 +132,7 @@ def server(
             raise click.BadParameter(str(exc), param_hint="--listen") from None
     try:
         asyncio.run(run_server(data_dir.resolve(), listen, nats_url, advertise))
-    except NatsServerError as exc:
+    except (NatsServerError, ControlPlaneFailed) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot start: {exc}") from None

@@ -425,12 +425,11 @@ def _report_endpoint(topology: Topology, cmd: ReportEndpoint) -> Decision:
     if host is None:
         raise Rejected("not_found", f"no host {cmd.host_id!r}")
     endpoints = tuple(parse_endpoint(e) for e in cmd.endpoints)
-    if (host.endpoints, host.listen_port) == (endpoints, cmd.listen_port):
+    listen_port = cmd.listen_port or host.listen_port
+    if (host.endpoints, host.listen_port) == (endpoints, listen_port):
         return Decision(result={"host_id": host.host_id, "changed": False})
     subject = host_subject(host.host_id)
-    event = HostEndpointObserved(
-        host_id=host.host_id, endpoints=endpoints, listen_port=cmd.listen_port
-    )
+    event = HostEndpointObserved(host_id=host.host_id, endpoints=endpoints, listen_port=listen_port)
     return Decision(
         events=((subject, event),),
         expect=(_guard(topology, subject),),

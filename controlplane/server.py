@@ -9,12 +9,18 @@ import signal
 from pathlib import Path
 
 import nats
+import nats.errors
 import structlog
 
-from controlplane.embedded import EmbeddedNats
+from controlplane.embedded import EmbeddedNats, NatsServerError
 from controlplane.service import ControlPlane
+from events.connect import connect_once
 
 log = structlog.get_logger("netmesh.server")
+
+
+class ControlPlaneFailed(Exception):
+    """A part the control plane cannot run without has stopped."""
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -43,6 +49,13 @@ async def run_server(
         await embedded.start()
         nats_url = embedded.url
         log.info("embedded nats-server started", url=nats_url, pid=embedded.pid)
+    else:
+        # nats-py would retry a dead URL forever, deaf to signals: ask once first.
+        try:
+            probe = await connect_once(nats_url, timeout=5)
+        except (OSError, nats.errors.Error, TimeoutError):
+            raise NatsServerError(f"cannot connect to {nats_url}: nothing answers there") from None
+        await probe.close()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -55,7 +68,14 @@ async def run_server(
         await control_plane.start()
         if ready is not None:
             ready.set()
-        await stop.wait()
+        stopped = asyncio.create_task(stop.wait())
+        failed = asyncio.create_task(control_plane.failed.wait())
+        await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        failed.cancel()
+        if control_plane.failed.is_set():
+            # Exit non-zero so that a supervisor (systemd) restarts us.
+            raise ControlPlaneFailed(control_plane.failure or "failed")
         log.info("stopping")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -16,6 +16,7 @@ import random
 import secrets
 import time
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,9 @@ class ControlPlane:
         self._subs: list[Subscription] = []
         self.model: ReadModel | None = None
         self.runner: ProjectionRunner | None = None
+        self.failed = asyncio.Event()  # set when a consumer the service needs has died
+        self.failure: str | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         """Create streams, catch up, then start answering. Raises on NATS errors."""
@@ -78,8 +82,12 @@ class ControlPlane:
         await ensure_streams(self._js)
         self.model = await ReadModel.open(self.data_dir / "readmodel.sqlite3")
         self.runner = ProjectionRunner(self.store, self.model, JetStreamDesiredPublisher(self._js))
-        self._tasks.append(asyncio.create_task(self._follow_write_model(), name="write-model"))
-        self._tasks.append(asyncio.create_task(self._run_projection(), name="projection"))
+        self._tasks.append(
+            asyncio.create_task(self._supervised("write model", self._follow_write_model()))
+        )
+        self._tasks.append(
+            asyncio.create_task(self._supervised("projection", self._run_projection()))
+        )
         await self._catch_up()
         await asyncio.wait_for(self.runner.caught_up.wait(), 120)
         self._subs.append(
@@ -97,6 +105,7 @@ class ControlPlane:
 
         Returns the names of tasks that did not stop in time (none, normally).
         """
+        self._stopping = True
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -120,6 +129,21 @@ class ControlPlane:
             await self.model.close()
             self.model = None
         return sorted(task.get_name() for task in stuck)
+
+    async def _supervised(self, what: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run a consumer the service cannot live without; if it ends, the
+        service has failed (and says why) rather than answering from a dead view."""
+        try:
+            await work
+            why = "stopped following the event stream"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception(f"{what} failed")
+            why = f"{type(exc).__name__}: {exc}"
+        if not self._stopping:
+            self.failure = f"{what} {why}"
+            self.failed.set()
 
     async def _run_projection(self) -> None:
         assert self.runner is not None

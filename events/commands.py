@@ -60,7 +60,7 @@ class RemoveNode(Command, frozen=True, tag="node.remove"):
 class ReportEndpoint(Command, frozen=True, tag="endpoint.report"):
     host_id: str
     endpoints: tuple[str, ...]
-    listen_port: Port = 51820
+    listen_port: Port | None = None  # None: keep the host's port
 
 
 class LeaveNetworks(Command, frozen=True, tag="host.leave"):

@@ -129,7 +129,10 @@ class ProjectionRunner:
     async def _finish_catch_up(self) -> None:
         republished = 0
         for host_id, state in sorted(self.desired.items()):
-            if await self._publisher.last_revision(host_id) != state.revision:
+            last = await self._publisher.last_revision(host_id)
+            # Only fill in what is missing or older: another replica may already
+            # have published a newer revision while this one was catching up.
+            if last is None or last < state.revision:
                 await self._publish(state)
                 republished += 1
         self.caught_up.set()

@@ -238,3 +238,15 @@ async def test_token_carries_advertised_url(nats_server: EmbeddedNats, tmp_path:
     finally:
         await plane.stop()
         await nc.close()
+
+
+async def test_an_unreadable_event_fails_the_service_loudly(
+    cp: tuple[ControlPlane, Admin],
+) -> None:
+    """A consumer the service needs must not die silently (the service would go
+    on answering from a dead view): it is flagged, with the reason, so that
+    `netmesh server` exits non-zero and its supervisor restarts it."""
+    plane, admin = cp
+    await admin.nc.jetstream().publish("netmesh.ev.network.x", b"not an event")
+    await asyncio.wait_for(plane.failed.wait(), 10)
+    assert plane.failure is not None and "DecodeError" in plane.failure

@@ -120,6 +120,13 @@ def test_identical_state_plans_nothing() -> None:
             ["add address 10.9.0.1/24", "remove address 10.8.0.1/24"],
             id="address added before the old one goes",
         ),
+        pytest.param(
+            desired(peer(1), addresses=("fd00:1::1/48",)),
+            desired(peer(1), addresses=("fd00:1::1/64",)),
+            desired(peer(1), addresses=("fd00:1::1/64",)),
+            ["remove address fd00:1::1/64", "add address fd00:1::1/48"],
+            id="same address, new prefix: removed first",
+        ),
     ],
 )
 def test_changes(
