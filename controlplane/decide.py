@@ -117,6 +117,8 @@ def _create_network(topology: Topology, cmd: CreateNetwork) -> Decision:
             "starting and ending with a letter or digit",
         )
     cidr = parse_cidr(cmd.cidr)
+    if cidr.version == 6 and cmd.mtu < 1280:
+        raise Rejected("invalid", f"MTU {cmd.mtu} is below 1280, the minimum for IPv6")
     if cmd.name in topology.networks:
         raise Rejected("conflict", f"network {cmd.name!r} already exists")
     for other in topology.networks.values():
@@ -255,6 +257,9 @@ def parse_public_key(text: str) -> str:
 
 def parse_endpoint(text: str) -> str:
     """An IP, or ip:port / [v6]:port. Raises Rejected."""
+    if "%" in text:
+        # A scoped (link-local) address means nothing on the peers' machines.
+        raise Rejected("invalid", f"invalid endpoint {text!r}: scoped addresses cannot be shared")
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:

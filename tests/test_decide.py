@@ -175,6 +175,7 @@ def test_join_refusals(setup: str, code: str, message: str) -> None:
         ("name", "bad name!", "invalid host name"),
         ("endpoints", ("192.0.2.1:99999",), "port must be"),
         ("endpoints", ("example.com",), "expected IP"),
+        ("endpoints", ("[fe80::1%eth0]:51820",), "scoped addresses"),
     ],
 )
 def test_join_input_validation(field: str, value: object, message: str) -> None:
@@ -259,3 +260,12 @@ def test_deleting_a_network_with_nodes_needs_force() -> None:
     assert "office" in world.topology.networks
     world.run(DeleteNetwork(name="office", force=True))
     assert "office" not in world.topology.networks and world.topology.nodes == {}
+
+
+def test_ipv6_networks_need_an_mtu_of_at_least_1280() -> None:
+    world = World()
+    with pytest.raises(Rejected) as info:
+        world.run(CreateNetwork(name="v6", cidr="fd00:1::/64", mtu=1200))
+    assert "1280" in info.value.message
+    world.run(CreateNetwork(name="v6", cidr="fd00:1::/64", mtu=1280))
+    world.run(CreateNetwork(name="v4", cidr="10.1.0.0/24", mtu=1200))
