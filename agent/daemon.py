@@ -257,7 +257,8 @@ class Agent:
             # control plane should hear about it before the next resync.
             asyncio.get_running_loop().call_later(SETTLE_DELAY, self._wake.set)
         self.write_status()
-        await self.report()
+        # An empty plan means the device we just read is still current.
+        await self.report(None if ops else actual.device)
         return True
 
     def write_status(self) -> None:
@@ -291,13 +292,15 @@ class Agent:
         self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
         return False
 
-    async def report(self) -> None:
-        """Best effort: without NATS the report waits for the next pass."""
+    async def report(self, device: DeviceState | None = None) -> None:
+        """Best effort: without NATS the report waits for the next pass.
+        `device` is a fresh read of the interface, if the caller has one."""
         if self.nc is None or not self.nc.is_connected:
             return
         peers: tuple[PeerReport, ...] = ()
         with contextlib.suppress(BackendError):
-            device = await self.backend.read()
+            if device is None:
+                device = await self.backend.read()
             peers = tuple(
                 PeerReport(
                     public_key=p.public_key,
@@ -481,7 +484,6 @@ async def run_agent(
             server=url,
             networks=networks,
             endpoints=offered,
-            listen_port=listen_port or 51820,
         )
         state.save_identity(identity)
         log.info(

@@ -23,7 +23,6 @@ class Identity(msgspec.Struct, kw_only=True):
     server: str
     networks: list[str] = []
     endpoints: list[str] = []
-    listen_port: int = 51820
 
 
 class AgentStatus(msgspec.Struct, kw_only=True):

@@ -27,12 +27,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import nats
+import nats.errors
 from nacl.public import PrivateKey
 from nats.aio.client import Client
 
@@ -110,6 +112,24 @@ class Bench:
             raise RuntimeError(f"{verb}: {reply.error}")
         return reply.result, reply.seq
 
+    async def wait_ready(self, cp: asyncio.subprocess.Process, timeout: float = 60) -> None:
+        """Until the control plane answers a query (it starts up asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self.admin.request("netmesh.query.networks", b"{}", timeout=1)
+                return
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if cp.returncode is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the control plane did not start") from None
+                await asyncio.sleep(0.05)
+
+    async def network_token(self) -> str:
+        """A network wide enough for any N here, and an unlimited key to it."""
+        await self.request("network.create", name="bench", cidr="10.128.0.0/9")
+        key, _ = await self.request("key.create", network="bench", uses=None)
+        return str(key["token"])
+
     async def add_agent(self, n: int, token: str) -> tuple[str, int]:
         # Subscribe before joining (the host id follows from the key), as a real
         # agent's JetStream consumer would not miss its first state.
@@ -151,34 +171,38 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def bench_joins(hosts: int, joins: int, workdir: Path) -> dict[str, Any]:
-    server = EmbeddedNats(workdir / f"js-{hosts}", port=free_port(), server_name=f"bench{hosts}")
+@contextlib.asynccontextmanager
+async def control_plane(
+    workdir: Path, tag: str, connections: int
+) -> AsyncIterator[tuple[Bench, int]]:
+    """A nats-server, `netmesh server --nats-url` as its own process (so its CPU
+    time can be read), and `connections` client connections; yields the Bench
+    and the control plane's pid once it answers."""
+    server = EmbeddedNats(workdir / f"js-{tag}", port=free_port(), server_name=f"bench-{tag}")
     await server.start()
     cp = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cli.main",
-        "server",
-        "--nats-url",
-        server.url,
-        "--data-dir",
-        str(workdir / f"cp-{hosts}"),
-        "--log-level",
-        "warning",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+        sys.executable, "-m", "cli.main", "server", "--nats-url", server.url,
+        "--data-dir", str(workdir / f"cp-{tag}"), "--log-level", "warning",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
     conns = [
-        await nats.connect(server.url, pending_size=64 * 1024 * 1024) for _ in range(CONNECTIONS)
+        await nats.connect(server.url, pending_size=64 * 1024 * 1024) for _ in range(connections)
     ]
     try:
         bench = Bench(server.url, conns)
-        for _ in range(200):
-            with contextlib.suppress(Exception):
-                await bench.request("network.create", name="bench", cidr="10.128.0.0/9")
-                break
-            await asyncio.sleep(0.1)
-        token = (await bench.request("key.create", network="bench", uses=None))[0]["token"]
+        await bench.wait_ready(cp)
+        yield bench, cp.pid
+    finally:
+        for c in conns:
+            await c.close()
+        cp.terminate()
+        await cp.wait()
+        await server.stop()
+
+
+async def bench_joins(hosts: int, joins: int, workdir: Path) -> dict[str, Any]:
+    async with control_plane(workdir, f"joins{hosts}", CONNECTIONS) as (bench, cp_pid):
+        token = await bench.network_token()
         for n in range(hosts):
             await bench.add_agent(n, token)
         everyone = list(bench.agents)
@@ -188,12 +212,12 @@ async def bench_joins(hosts: int, joins: int, workdir: Path) -> dict[str, Any]:
         latencies, bytes_per_join, cpu = [], [], []
         for j in range(joins):
             before_bytes = sum(a.bytes_in for a in bench.agents.values())
-            before_cpu = cpu_seconds(cp.pid)
+            before_cpu = cpu_seconds(cp_pid)
             start = time.perf_counter()
             _host_id, seq = await bench.add_agent(hosts + j, token)
             await bench.wait_all_at(seq, list(bench.agents))
             latencies.append(time.perf_counter() - start)
-            cpu.append(cpu_seconds(cp.pid) - before_cpu)
+            cpu.append(cpu_seconds(cp_pid) - before_cpu)
             bytes_per_join.append(sum(a.bytes_in for a in bench.agents.values()) - before_bytes)
         return {
             "hosts": hosts,
@@ -205,43 +229,13 @@ async def bench_joins(hosts: int, joins: int, workdir: Path) -> dict[str, Any]:
             "bytes_per_join": statistics.mean(bytes_per_join),
             "cp_cpu_ms_per_join": statistics.mean(cpu) * 1000,
         }
-    finally:
-        for c in conns:
-            await c.close()
-        cp.terminate()
-        await cp.wait()
-        await server.stop()
 
 
 async def bench_commands(count: int, concurrency: int, workdir: Path) -> dict[str, Any]:
-    server = EmbeddedNats(workdir / "js-cmd", port=free_port(), server_name="benchcmd")
-    await server.start()
-    cp = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cli.main",
-        "server",
-        "--nats-url",
-        server.url,
-        "--data-dir",
-        str(workdir / "cp-cmd"),
-        "--log-level",
-        "warning",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    nc = await nats.connect(server.url)
-    try:
-        bench = Bench(server.url, [nc])
-        for _ in range(200):
-            with contextlib.suppress(Exception):
-                await bench.request("network.create", name="bench", cidr="10.128.0.0/9")
-                break
-            await asyncio.sleep(0.1)
-        token = (await bench.request("key.create", network="bench", uses=None))[0]["token"]
-        host_id = (await bench.request("join", token=token, public_key=public_key(0), name="h0"))[
-            0
-        ]["host_id"]
+    async with control_plane(workdir, "commands", 1) as (bench, _cp_pid):
+        token = await bench.network_token()
+        joined, _ = await bench.request("join", token=token, public_key=public_key(0), name="h0")
+        host_id = joined["host_id"]
         latencies: list[float] = []
         semaphore = asyncio.Semaphore(concurrency)
 
@@ -262,11 +256,6 @@ async def bench_commands(count: int, concurrency: int, workdir: Path) -> dict[st
             "per_second": count / elapsed,
             "latency_ms": {"p50": pct(latencies, 0.5) * 1000, "p99": pct(latencies, 0.99) * 1000},
         }
-    finally:
-        await nc.close()
-        cp.terminate()
-        await cp.wait()
-        await server.stop()
 
 
 class NullPublisher:

@@ -13,9 +13,9 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from events.commands import (
     AnyCommand,
@@ -393,21 +393,34 @@ def _host_addresses(
     return iter(network.hosts())
 
 
-def resolve_node(topology: Topology, ref: str) -> Node:
-    """A node by id, NETWORK/NAME, or a name unique across networks. Raises Rejected."""
-    if ref in topology.nodes:
-        return topology.nodes[ref]
-    if "/" in ref:
-        network, _, name = ref.partition("/")
-        matches = [n for n in topology.nodes_of_network(network) if n.name == name]
-    else:
-        matches = [n for n in topology.nodes.values() if n.name == ref]
+NodeT = TypeVar("NodeT")
+
+
+def match_node(
+    ref: str, nodes: Iterable[NodeT], key: Callable[[NodeT], tuple[str, str, str]]
+) -> NodeT:
+    """The node `ref` names: its id, NETWORK/NAME, or a name unique across
+    networks. `key` gives a node's (id, network, name). Raises Rejected."""
+    candidates = [(key(n), n) for n in nodes]
+    matches = [n for (node_id, _, _), n in candidates if node_id == ref]
+    if not matches:
+        network, slash, name = ref.rpartition("/")
+        matches = [
+            n
+            for (_, net, nm), n in candidates
+            if nm == name and (net == network if slash else True)
+        ]
     if not matches:
         raise Rejected("not_found", f"no node {ref!r}")
     if len(matches) > 1:
-        options = ", ".join(sorted(f"{n.network}/{n.name}" for n in matches))
+        options = ", ".join(sorted("/".join(key(n)[1:]) for n in matches))
         raise Rejected("ambiguous", f"{ref!r} is in several networks: say which ({options})")
     return matches[0]
+
+
+def resolve_node(topology: Topology, ref: str) -> Node:
+    """Raises Rejected (see `match_node`)."""
+    return match_node(ref, topology.nodes.values(), lambda n: (n.node_id, n.network, n.name))
 
 
 def _remove_node(topology: Topology, cmd: RemoveNode) -> Decision:

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from controlplane.decide import Rejected
+from controlplane.decide import Rejected, match_node
 from projections.desired import peer_endpoint
 from projections.sqlite import ReadModel
 from projections.topology import Host
@@ -34,13 +34,13 @@ async def list_networks(model: ReadModel) -> list[dict[str, Any]]:
     )
 
 
-async def show_network(model: ReadModel, name: str) -> dict[str, Any]:
+async def show_network(model: ReadModel, name: str, now: float) -> dict[str, Any]:
     rows = [n for n in await list_networks(model) if n["name"] == name]
     if not rows:
         raise Rejected("not_found", f"no network named {name!r}")
     network = rows[0]
     network["members"] = await list_nodes(model, name)
-    network["keys"] = [k for k in await list_keys(model, now=0.0) if k["network"] == name]
+    network["keys"] = [k for k in await list_keys(model, now) if k["network"] == name]
     return network
 
 
@@ -94,24 +94,13 @@ async def list_nodes(model: ReadModel, network: str | None = None) -> list[dict[
 async def find_node(model: ReadModel, ref: str) -> dict[str, Any]:
     """By id, NETWORK/NAME, or a name unique across networks."""
     nodes = await list_nodes(model)
-    matches = [n for n in nodes if n["id"] == ref]
-    if not matches and "/" in ref:
-        network, _, name = ref.partition("/")
-        matches = [n for n in nodes if n["network"] == network and n["name"] == name]
-    elif not matches:
-        matches = [n for n in nodes if n["name"] == ref]
-    if not matches:
-        raise Rejected("not_found", f"no node {ref!r}")
-    if len(matches) > 1:
-        options = ", ".join(sorted(f"{n['network']}/{n['name']}" for n in matches))
-        raise Rejected("ambiguous", f"{ref!r} is in several networks: say which ({options})")
-    return matches[0]
+    return match_node(ref, nodes, lambda n: (n["id"], n["network"], n["name"]))
 
 
 def key_state(key: dict[str, Any], now: float) -> str:
     if key["revoked"]:
         return "revoked"
-    if key["expires_at"] is not None and now and now >= key["expires_at"]:
+    if key["expires_at"] is not None and now >= key["expires_at"]:
         return "expired"
     if key["uses"] is not None and key["used"] >= key["uses"]:
         return "used up"

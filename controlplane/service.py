@@ -85,9 +85,7 @@ class ControlPlane:
         self._tasks.append(
             asyncio.create_task(self._supervised("write model", self._follow_write_model()))
         )
-        self._tasks.append(
-            asyncio.create_task(self._supervised("projection", self._run_projection()))
-        )
+        self._tasks.append(asyncio.create_task(self._supervised("projection", self.runner.run())))
         await self._catch_up()
         await asyncio.wait_for(self.runner.caught_up.wait(), 120)
         self._subs.append(
@@ -139,21 +137,11 @@ class ControlPlane:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception(f"{what} failed")
+            log.exception("consumer failed", consumer=what)
             why = f"{type(exc).__name__}: {exc}"
         if not self._stopping:
             self.failure = f"{what} {why}"
             self.failed.set()
-
-    async def _run_projection(self) -> None:
-        assert self.runner is not None
-        try:
-            await self.runner.run()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("projection stopped")
-            raise
 
     async def _follow_write_model(self) -> None:
         async for recorded in self.store.follow(1):
@@ -281,7 +269,7 @@ class ControlPlane:
             case "networks":
                 return await queries.list_networks(model)
             case "network":
-                return await queries.show_network(model, args.name or "")
+                return await queries.show_network(model, args.name or "", now=time.time())
             case "nodes":
                 return await queries.list_nodes(model, args.network)
             case "node":

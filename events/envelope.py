@@ -20,13 +20,9 @@ from events.model import EVENT_TYPES, AnyEvent, Event, event_type
 
 # Current schema version of each event type. Bump it when a payload's shape
 # changes in a way defaults cannot absorb, and add an upcaster from the old one.
-SCHEMA_VERSIONS: dict[str, int] = {
-    event_type_tag: 1
-    for event_type_tag in (cls.__struct_config__.tag for cls in EVENT_TYPES)
-    if isinstance(event_type_tag, str)
-}
-
 _TYPES_BY_TAG: dict[str, type[Event]] = {str(cls.__struct_config__.tag): cls for cls in EVENT_TYPES}
+
+SCHEMA_VERSIONS: dict[str, int] = dict.fromkeys(_TYPES_BY_TAG, 1)
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 # (type, from_schema) -> function producing the payload of schema from_schema + 1.

@@ -70,7 +70,7 @@ class ProjectionRunner:
         self.caught_up = asyncio.Event()
 
     async def run(self) -> None:
-        """Follow the stream forever. Cancel to stop."""
+        """Follow the stream until the store is closed."""
         self.topology = await self._model.load_topology()
         self.desired = await self._model.load_desired()
         self.checkpoint = await self._model.checkpoint()
@@ -81,13 +81,12 @@ class ProjectionRunner:
         async for recorded in self._store.follow(self.checkpoint + 1):
             live = self.caught_up.is_set()
             commit = live or recorded.seq >= head or recorded.seq - self.checkpoint >= REPLAY_BATCH
-            await self._apply(recorded.seq, recorded, publish=live, commit=commit)
+            await self._apply(recorded, publish=live, commit=commit)
             if not live and recorded.seq >= head:
                 await self._finish_catch_up()
 
-    async def _apply(
-        self, seq: int, recorded: RecordedEvent, *, publish: bool, commit: bool = True
-    ) -> None:
+    async def _apply(self, recorded: RecordedEvent, *, publish: bool, commit: bool) -> None:
+        seq = recorded.seq
         touched = evolve(self.topology, recorded)
         changed: list[DesiredState] = []
         for host_id in sorted(affected_hosts(self.topology, touched)):
