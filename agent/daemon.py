@@ -47,7 +47,8 @@ from agent.userspace import UserspaceBackend
 from agent.watch import watch_interface
 from events.commands import Reply
 from events.connect import connect_once
-from events.desired import DesiredState, desired_decoder
+from events.desired import DesiredMessage, DesiredState, decode_message
+from events.feed import DesiredFeed, Outcome
 from events.reports import APPLIED, AppliedReport, PeerReport, applied_encoder
 from events.subjects import (
     DESIRED_STREAM,
@@ -160,7 +161,8 @@ class Agent:
         self.public_key = public_key
         self.resync_interval = resync_interval
         self.detect_endpoints = False  # True when endpoints were found, not given
-        self.desired: DesiredState | None = state.load_desired()
+        self.feed = DesiredFeed(identity.host_id, state.load_desired())
+        self._unsaved = False  # the feed moved since the state was last saved and applied
         self.applied: DesiredState | None = None
         self.nc: Client | None = None
         self._wake = asyncio.Event()
@@ -175,34 +177,55 @@ class Agent:
 
     # -- desired state from the control plane ---------------------------------
 
-    def offer(self, state: DesiredState) -> bool:
-        """Take a desired state if it is newer than what we hold."""
-        if state.host_id != self.identity.host_id:
-            log.warning("desired state for another host ignored", host_id=state.host_id)
-            return False
-        current = self.desired.revision if self.desired else 0
-        if state.revision <= current:
-            if state.revision < current:
-                log.info("stale desired state ignored", revision=state.revision, have=current)
-            return False
-        self.desired = state
-        try:
-            self.state.save_desired(state)
-        except OSError as exc:  # a full disk must not lose the state we were sent
-            log.warning("desired state not cached on disk", error=str(exc))
-        log.info("desired state received", revision=state.revision, peers=len(state.peers))
-        self._wake.set()
-        return True
+    @property
+    def desired(self) -> DesiredState | None:
+        return self.feed.state
+
+    def offer(self, message: DesiredMessage, *, pending: int = 0) -> Outcome:
+        """Take a snapshot or delta from the subject. `pending` is how many more
+        messages the subject holds for us: the state is saved and applied once
+        the burst is read (one pass for many messages, no timer)."""
+        outcome = self.feed.take(message)
+        if outcome is Outcome.FOREIGN:
+            log.warning("desired state for another host ignored", host_id=message.host_id)
+        elif outcome is Outcome.GAP:
+            log.info(
+                "gap in desired states, re-reading from the snapshot",
+                have=self.feed.revision,
+                base=getattr(message, "base", None),
+                revision=message.revision,
+            )
+            if self.nc is not None:
+                asyncio.get_running_loop().create_task(self._resubscribe())
+        elif outcome is Outcome.TAKEN:
+            self._unsaved = True
+        if self._unsaved and pending == 0 and not self.feed.resyncing:
+            self._unsaved = False
+            state = self.feed.state
+            assert state is not None
+            try:
+                self.state.save_desired(state)
+            except OSError as exc:  # a full disk must not lose the state we were sent
+                log.warning("desired state not cached on disk", error=str(exc))
+            log.info("desired state received", revision=state.revision, peers=len(state.peers))
+            self._wake.set()
+        return outcome
 
     async def _on_desired(self, msg: Msg) -> None:
         try:
-            state = desired_decoder.decode(msg.data)
-        except msgspec.ValidationError as exc:
+            message = decode_message(msg.data)
+        except msgspec.DecodeError as exc:
             log.warning("undecodable desired state ignored", error=str(exc))
             return
-        self.offer(state)
+        try:
+            pending = msg.metadata.num_pending
+        except Exception:  # not a JetStream message: treat it as the last one
+            pending = 0
+        self.offer(message, pending=pending)
 
     async def subscribe(self) -> None:
+        """Read the subject from its start: the latest snapshot, then the deltas
+        since (what we already hold is skipped)."""
         assert self.nc is not None
         if self._sub is not None:
             with contextlib.suppress(Exception):
@@ -213,7 +236,7 @@ class Agent:
             stream=DESIRED_STREAM,
             ordered_consumer=True,
             cb=self._on_desired,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT),
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
         )
 
     # -- reconcile -----------------------------------------------------------

@@ -112,6 +112,14 @@ def cli(ctx: click.Context, server: str) -> None:
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
 )
+@click.option(
+    "--desired-states",
+    type=click.Choice(["deltas", "full"]),
+    default="deltas",
+    hidden=True,
+    help="full: a whole desired state to every affected host on every change "
+    "(the baseline `make bench` compares against).",
+)
 def server(
     data_dir: Path,
     listen: str,
@@ -119,6 +127,7 @@ def server(
     advertise: str | None,
     log_format: str,
     log_level: str,
+    desired_states: str,
 ) -> None:
     """Run the control plane (foreground; stops on SIGINT/SIGTERM)."""
     from controlplane.embedded import NatsServerError
@@ -131,7 +140,15 @@ def server(
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--listen") from None
     try:
-        asyncio.run(run_server(data_dir.resolve(), listen, nats_url, advertise))
+        asyncio.run(
+            run_server(
+                data_dir.resolve(),
+                listen,
+                nats_url,
+                advertise,
+                snapshots_only=desired_states == "full",
+            )
+        )
     except (NatsServerError, ControlPlaneFailed) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

@@ -1,37 +1,112 @@
-"""Publishes desired states on `netmesh.desired.<host>` (stream NETMESH_DESIRED)."""
+"""Publishes desired-state messages on `netmesh.desired.<host>` (stream NETMESH_DESIRED)."""
 
 from __future__ import annotations
 
-from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+import asyncio
+from collections.abc import Sequence
 
-from events.desired import DesiredState, desired_decoder, desired_encoder
-from events.subjects import DESIRED_STREAM, desired_subject
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from events.desired import (
+    REVISION_HEADER,
+    DesiredDelta,
+    DesiredMessage,
+    DesiredState,
+    decode_message,
+)
+from events.feed import DesiredFeed, Outcome
+from events.subjects import DESIRED_PREFIX, DESIRED_STREAM, desired_subject
+
+ACK_TIMEOUT = 30.0
+
+
+def message_id(message: DesiredMessage) -> str:
+    """A function of the message's identity, so that JetStream drops the same
+    message published twice (a retry, or another replica)."""
+    if isinstance(message, DesiredDelta):
+        return f"desired.{message.host_id}.{message.base}.{message.revision}"
+    return f"desired.{message.host_id}.{message.revision}"
 
 
 class JetStreamDesiredPublisher:
     def __init__(self, js: JetStreamContext) -> None:
         self._js = js
 
-    async def publish(self, state: DesiredState) -> None:
-        # The message id is a function of (host, revision): replicas publishing
-        # the same state are deduplicated by JetStream. The rollup keeps one
-        # snapshot per host.
-        await self._js.publish(
-            desired_subject(state.host_id),
-            desired_encoder.encode(state),
-            stream=DESIRED_STREAM,
-            headers={
-                "Nats-Rollup": "sub",
-                "Nats-Msg-Id": f"desired.{state.host_id}.{state.revision}",
-            },
-        )
-
-    async def last_revision(self, host_id: str) -> int | None:
+    async def publish(self, batch: Sequence[tuple[DesiredMessage, bytes]]) -> None:
+        # Pipelined: every message is sent before any ack is awaited (one round
+        # trip per batch, not per message). One connection keeps them in order.
+        acks = []
         try:
-            msg = await self._js.get_last_msg(DESIRED_STREAM, desired_subject(host_id))
-        except NotFoundError:
-            return None
-        if msg.data is None:
-            return None
-        return desired_decoder.decode(msg.data).revision
+            for message, data in batch:
+                headers = {
+                    "Nats-Msg-Id": message_id(message),
+                    REVISION_HEADER: str(message.revision),
+                }
+                if not isinstance(message, DesiredDelta):
+                    headers["Nats-Rollup"] = "sub"  # a snapshot replaces what came before
+                acks.append(
+                    await self._js.publish_async(
+                        desired_subject(message.host_id),
+                        data,
+                        stream=DESIRED_STREAM,
+                        headers=headers,
+                        wait_stall=ACK_TIMEOUT,
+                    )
+                )
+            await asyncio.wait_for(asyncio.gather(*acks), ACK_TIMEOUT)
+        finally:
+            for ack in acks:
+                ack.cancel()  # no-op when done; frees the pending slot otherwise
+
+    async def published_revisions(self) -> dict[str, int]:
+        """The revision header of the last message of every host's subject,
+        read with a headers-only consumer (no payloads cross the wire)."""
+        prefix = f"{DESIRED_PREFIX}."
+        sub = await self._js.pull_subscribe(
+            f"{DESIRED_PREFIX}.>",
+            stream=DESIRED_STREAM,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                headers_only=True,
+                ack_policy=AckPolicy.NONE,
+                inactive_threshold=60.0,
+            ),
+        )
+        revisions: dict[str, int] = {}
+        try:
+            info = await sub.consumer_info()
+            remaining = info.num_pending or 0
+            while remaining > 0:
+                for msg in await sub.fetch(min(remaining, 1000), timeout=ACK_TIMEOUT):
+                    remaining -= 1
+                    host_id = msg.subject.removeprefix(prefix)
+                    value = (msg.headers or {}).get(REVISION_HEADER)
+                    if value is not None and value.isdigit():
+                        revisions[host_id] = int(value)
+        finally:
+            await sub.unsubscribe()
+        return revisions
+
+
+async def read_desired(js: JetStreamContext, host_id: str) -> DesiredState | None:
+    """A host's desired state as an agent starting from nothing would read it:
+    its subject's snapshot and the deltas since, in order. None if there is none."""
+    sub = await js.pull_subscribe(
+        desired_subject(host_id),
+        stream=DESIRED_STREAM,
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60.0
+        ),
+    )
+    feed = DesiredFeed(host_id)
+    try:
+        remaining = (await sub.consumer_info()).num_pending or 0
+        while remaining > 0:
+            for msg in await sub.fetch(min(remaining, 1000), timeout=ACK_TIMEOUT):
+                remaining -= 1
+                if feed.take(decode_message(msg.data)) is Outcome.GAP:
+                    raise ValueError(f"the desired states of {host_id} have a gap")
+    finally:
+        await sub.unsubscribe()
+    return feed.state

@@ -120,7 +120,13 @@ async def list_keys(model: ReadModel, now: float) -> list[dict[str, Any]]:
 
 
 async def desired_revisions(model: ReadModel) -> dict[str, int]:
-    rows = await _rows(model, "SELECT host_id, revision FROM desired")
+    """Each host's desired revision, as `Topology.revision_of` derives it."""
+    rows = await _rows(
+        model,
+        "SELECT h.host_id, MAX(h.revision, COALESCE(MAX(n.revision), 0)) AS revision"
+        " FROM hosts h LEFT JOIN nodes d ON d.host_id = h.host_id"
+        " LEFT JOIN networks n ON n.name = d.network GROUP BY h.host_id",
+    )
     return {r["host_id"]: int(r["revision"]) for r in rows}
 
 

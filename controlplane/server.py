@@ -37,6 +37,8 @@ async def run_server(
     nats_url: str | None,
     advertise: str | None,
     ready: asyncio.Event | None = None,
+    *,
+    snapshots_only: bool = False,
 ) -> None:
     """Run until SIGINT/SIGTERM (or cancellation); stop everything cleanly."""
     embedded: EmbeddedNats | None = None
@@ -64,7 +66,9 @@ async def run_server(
     control_plane = None
     try:
         nc = await nats.connect(nats_url, name="netmesh-controlplane", max_reconnect_attempts=-1)
-        control_plane = ControlPlane(nc, data_dir, advertise or nats_url)
+        control_plane = ControlPlane(
+            nc, data_dir, advertise or nats_url, snapshots_only=snapshots_only
+        )
         await control_plane.start()
         if ready is not None:
             ready.set()

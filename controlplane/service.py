@@ -59,8 +59,11 @@ class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ControlPlane:
-    def __init__(self, nc: Client, data_dir: Path, advertise_url: str) -> None:
+    def __init__(
+        self, nc: Client, data_dir: Path, advertise_url: str, *, snapshots_only: bool = False
+    ) -> None:
         self._nc = nc
+        self._snapshots_only = snapshots_only
         self._js = nc.jetstream()
         self.data_dir = data_dir
         self.advertise_url = advertise_url
@@ -81,7 +84,12 @@ class ControlPlane:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await ensure_streams(self._js)
         self.model = await ReadModel.open(self.data_dir / "readmodel.sqlite3")
-        self.runner = ProjectionRunner(self.store, self.model, JetStreamDesiredPublisher(self._js))
+        self.runner = ProjectionRunner(
+            self.store,
+            self.model,
+            JetStreamDesiredPublisher(self._js),
+            snapshots_only=self._snapshots_only,
+        )
         self._tasks.append(
             asyncio.create_task(self._supervised("write model", self._follow_write_model()))
         )

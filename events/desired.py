@@ -1,12 +1,20 @@
 """Desired WireGuard state: what the control plane tells one host to be.
 
-This is protocol: agents of one version must read what control planes of the
-next version write. Fields are only ever added, with defaults.
+This is protocol (see PROTOCOL.md in this folder for its versions): agents of
+one version must read what control planes of the next version write. Fields
+are only ever added, with defaults.
+
+A host's subject `netmesh.desired.<host>` carries a snapshot (the whole state,
+published with a rollup so that it replaces everything before it), then
+deltas. Each delta names the revision it applies to (`base`): an agent applies
+it only on top of exactly that revision, and on a gap goes back to the snapshot.
 """
 
 from __future__ import annotations
 
 import msgspec
+
+PROTOCOL = 2
 
 
 class PeerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -19,8 +27,16 @@ class PeerConfig(msgspec.Struct, frozen=True, kw_only=True):
     name: str = ""  # for logs and humans; not part of WireGuard config
 
 
-class DesiredState(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything a host's agent needs to configure its interface.
+class InterfaceConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The interface settings of a desired state, sent whole when any changes."""
+
+    addresses: tuple[str, ...]
+    listen_port: int
+    mtu: int
+
+
+class DesiredState(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="snapshot"):
+    """Everything a host's agent needs to configure its interface (a snapshot).
 
     `revision` is the event-stream sequence this state reflects: agents apply a
     state only when its revision is newer than the one they hold.
@@ -32,8 +48,83 @@ class DesiredState(msgspec.Struct, frozen=True, kw_only=True):
     listen_port: int
     mtu: int
     peers: tuple[PeerConfig, ...] = ()
-    protocol: int = 1
+    protocol: int = PROTOCOL
+
+    @property
+    def interface(self) -> InterfaceConfig:
+        return InterfaceConfig(addresses=self.addresses, listen_port=self.listen_port, mtu=self.mtu)
+
+
+class DesiredDelta(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="delta"):
+    """What changed in a host's desired state between revision `base` and `revision`.
+
+    Peers are upserted whole (keyed by public key) or removed by public key;
+    `interface` is None when the interface settings did not change. An empty
+    delta (nothing changed for this host, but its revision moved) keeps the
+    chain of revisions unbroken.
+    """
+
+    host_id: str
+    revision: int
+    base: int
+    interface: InterfaceConfig | None = None
+    upsert: tuple[PeerConfig, ...] = ()
+    remove: tuple[str, ...] = ()
+    protocol: int = PROTOCOL
+
+
+DesiredMessage = DesiredState | DesiredDelta
+
+
+class DeltaMismatch(Exception):
+    """A delta that does not apply to the state at hand (a gap in the chain)."""
+
+
+def apply_delta(state: DesiredState, delta: DesiredDelta) -> DesiredState:
+    """The state `delta` leads to from `state`. Raises DeltaMismatch when
+    `delta.base` is not `state.revision` or the hosts differ."""
+    if delta.host_id != state.host_id or delta.base != state.revision:
+        raise DeltaMismatch(
+            f"delta {delta.base}->{delta.revision} for {delta.host_id} does not apply to "
+            f"revision {state.revision} of {state.host_id}"
+        )
+    peers = state.peers
+    if delta.upsert or delta.remove:
+        by_key = {p.public_key: p for p in peers}
+        for key in delta.remove:
+            by_key.pop(key, None)
+        for peer in delta.upsert:
+            by_key[peer.public_key] = peer
+        peers = tuple(sorted(by_key.values(), key=lambda p: p.public_key))
+    interface = delta.interface or state.interface
+    return DesiredState(
+        host_id=state.host_id,
+        revision=delta.revision,
+        addresses=interface.addresses,
+        listen_port=interface.listen_port,
+        mtu=interface.mtu,
+        peers=peers,
+    )
 
 
 desired_encoder = msgspec.json.Encoder()
 desired_decoder = msgspec.json.Decoder(DesiredState)
+_message_decoder: msgspec.json.Decoder[DesiredState | DesiredDelta] = msgspec.json.Decoder(
+    DesiredMessage
+)
+
+
+def decode_message(data: bytes) -> DesiredMessage:
+    """A snapshot or a delta; a version-1 state (no `kind`) reads as a snapshot.
+    Raises msgspec.DecodeError (ValidationError included) on anything else."""
+    try:
+        return _message_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        if "`kind`" not in str(exc):
+            raise
+        return desired_decoder.decode(data)
+
+
+# Header on every desired-state message, so that the control plane can learn
+# each host's published revision from a headers-only scan of the stream.
+REVISION_HEADER = "Netmesh-Revision"

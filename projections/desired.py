@@ -1,18 +1,25 @@
-"""Where a host's WireGuard configuration comes from: `desired_for`.
+"""Where a host's WireGuard configuration comes from, and what to send when it moves.
 
 A host is in one or more networks (one node each) and has one WireGuard
 interface. Its desired state: an address per node (with the network's prefix, so
 the connected route covers the network), and one peer per other host it shares
 a network with, allowed the addresses of that host's nodes in the shared
-networks. Pure: the same topology gives the same state.
+networks.
+
+`desired_for` derives a whole state (a snapshot); `DesiredChanges` collects what
+a batch of events touched and `messages` turns it into one snapshot or delta per
+host whose revision moved. A change touching k hosts costs O(k) here: a host
+joining a network of N gives N-1 one-peer deltas and one snapshot. Pure: the
+same topology gives the same messages.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, field
 
-from events.desired import DesiredState, PeerConfig
-from projections.topology import Host, Topology
+from events.desired import DesiredDelta, DesiredMessage, DesiredState, InterfaceConfig, PeerConfig
+from projections.topology import Host, Network, Topology, Touched
 
 
 def peer_endpoint(host: Host) -> str | None:
@@ -28,55 +35,223 @@ def peer_endpoint(host: Host) -> str | None:
     return None
 
 
-def desired_for(topology: Topology, host_id: str, revision: int) -> DesiredState | None:
-    """The state host `host_id` should have; None for an unknown host.
+def _host_prefix(network: Network) -> tuple[int, int]:
+    """(network prefix length, host prefix length) of a network's addresses."""
+    net = ipaddress.ip_network(network.cidr)
+    return net.prefixlen, net.max_prefixlen
 
-    A host in no network (its last node removed) gets an empty state: no
-    addresses, no peers. That is how its agent learns to let go.
-    """
+
+def interface_for(topology: Topology, host_id: str) -> InterfaceConfig | None:
+    """The interface settings of a host; None for an unknown host."""
     host = topology.hosts.get(host_id)
     if host is None:
         return None
-    nodes = topology.nodes_of_host(host_id)
-    addresses: list[str] = []
+    addresses = []
     mtu = 0
-    allowed: dict[str, list[str]] = {}
-    keepalive: dict[str, int] = {}
-    for node in nodes:
+    for node in topology.nodes_of_host(host_id):
         network = topology.networks.get(node.network)
         if network is None:
             continue
-        prefix = ipaddress.ip_network(network.cidr).prefixlen
-        addresses.append(f"{node.address}/{prefix}")
+        addresses.append(f"{node.address}/{_host_prefix(network)[0]}")
         mtu = network.mtu if mtu == 0 else min(mtu, network.mtu)
-        for other in topology.nodes_of_network(node.network):
-            if other.host_id == host_id:
-                continue
-            max_prefix = 32 if ipaddress.ip_address(other.address).version == 4 else 128
-            allowed.setdefault(other.host_id, []).append(f"{other.address}/{max_prefix}")
-            previous = keepalive.get(other.host_id)
-            keepalive[other.host_id] = (
-                network.keepalive if previous is None else min(previous, network.keepalive)
-            )
-    peers = []
-    for peer_id in sorted(allowed):
-        peer = topology.hosts.get(peer_id)
-        if peer is None:
+    return InterfaceConfig(
+        addresses=tuple(sorted(addresses)), listen_port=host.listen_port, mtu=mtu or 1420
+    )
+
+
+def peer_for(topology: Topology, host_id: str, peer_id: str) -> PeerConfig | None:
+    """Host `peer_id` as a peer of host `host_id`; None when they share no network."""
+    peer = topology.hosts.get(peer_id)
+    if peer is None or peer_id == host_id:
+        return None
+    shared = topology.networks_of_host(host_id) & topology.networks_of_host(peer_id)
+    allowed = []
+    keepalive: int | None = None
+    for node in topology.nodes_of_host(peer_id):
+        network = topology.networks.get(node.network)
+        if node.network not in shared or network is None:
             continue
-        peers.append(
-            PeerConfig(
-                public_key=peer.public_key,
-                allowed_ips=tuple(sorted(allowed[peer_id])),
-                endpoint=peer_endpoint(peer),
-                persistent_keepalive=keepalive[peer_id],
-                name=peer.name,
+        allowed.append(f"{node.address}/{_host_prefix(network)[1]}")
+        keepalive = network.keepalive if keepalive is None else min(keepalive, network.keepalive)
+    if not allowed:
+        return None
+    return PeerConfig(
+        public_key=peer.public_key,
+        allowed_ips=tuple(sorted(allowed)),
+        endpoint=peer_endpoint(peer),
+        persistent_keepalive=keepalive or 0,
+        name=peer.name,
+    )
+
+
+@dataclass
+class PeerCache:
+    """Peer entries computed once per batch: for a host in a single network, a
+    peer's entry depends only on the peer and that network, so N hosts of one
+    network share N entries instead of computing N x N."""
+
+    topology: Topology
+    _single: dict[tuple[str, str], PeerConfig | None] = field(default_factory=dict)
+    _rosters: dict[str, list[tuple[str, PeerConfig]]] = field(default_factory=dict)
+
+    def only_network(self, host_id: str) -> str | None:
+        node_ids = self.topology.nodes_by_host.get(host_id, ())
+        if len(node_ids) != 1:
+            return None
+        return self.topology.nodes[next(iter(node_ids))].network
+
+    def _network_entry(self, peer_id: str, network_name: str) -> PeerConfig | None:
+        key = (peer_id, network_name)
+        if key not in self._single:
+            entry = None
+            peer = self.topology.hosts.get(peer_id)
+            network = self.topology.networks.get(network_name)
+            node = next(
+                (
+                    self.topology.nodes[n]
+                    for n in self.topology.nodes_by_host.get(peer_id, ())
+                    if self.topology.nodes[n].network == network_name
+                ),
+                None,
             )
-        )
+            if peer is not None and network is not None and node is not None:
+                entry = PeerConfig(
+                    public_key=peer.public_key,
+                    allowed_ips=(f"{node.address}/{_host_prefix(network)[1]}",),
+                    endpoint=peer_endpoint(peer),
+                    persistent_keepalive=network.keepalive,
+                    name=peer.name,
+                )
+            self._single[key] = entry
+        return self._single[key]
+
+    def peer(self, host_id: str, peer_id: str) -> PeerConfig | None:
+        if peer_id == host_id:
+            return None
+        network = self.only_network(host_id)
+        if network is None:
+            return peer_for(self.topology, host_id, peer_id)
+        return self._network_entry(peer_id, network)
+
+    def roster(self, network_name: str) -> list[tuple[str, PeerConfig]]:
+        """(host, entry) of every member of a network, sorted by public key."""
+        if network_name not in self._rosters:
+            members = {n.host_id for n in self.topology.nodes_of_network(network_name)}
+            entries = [
+                (h, e) for h in members if (e := self._network_entry(h, network_name)) is not None
+            ]
+            entries.sort(key=lambda item: item[1].public_key)
+            self._rosters[network_name] = entries
+        return self._rosters[network_name]
+
+
+def desired_for(
+    topology: Topology, host_id: str, revision: int | None = None, cache: PeerCache | None = None
+) -> DesiredState | None:
+    """The whole state host `host_id` should have; None for an unknown host.
+
+    A host in no network (its last node removed) gets an empty state: no
+    addresses, no peers. That is how its agent learns to let go. `revision`
+    defaults to the host's revision in the topology.
+    """
+    interface = interface_for(topology, host_id)
+    if interface is None:
+        return None
+    cache = cache or PeerCache(topology)
+    only = cache.only_network(host_id)
+    if only is not None:
+        peers = tuple(entry for h, entry in cache.roster(only) if h != host_id)
+    else:
+        others = {
+            n.host_id
+            for network in topology.networks_of_host(host_id)
+            for n in topology.nodes_of_network(network)
+        }
+        found = (peer_for(topology, host_id, other) for other in others)
+        peers = tuple(sorted((p for p in found if p is not None), key=lambda p: p.public_key))
     return DesiredState(
         host_id=host_id,
-        revision=revision,
-        addresses=tuple(sorted(addresses)),
-        listen_port=host.listen_port,
-        mtu=mtu or 1420,
-        peers=tuple(peers),
+        revision=topology.revision_of(host_id) if revision is None else revision,
+        addresses=interface.addresses,
+        listen_port=interface.listen_port,
+        mtu=interface.mtu,
+        peers=peers,
     )
+
+
+@dataclass
+class DesiredChanges:
+    """What a batch of events did to desired states, accumulated event by event."""
+
+    reconfigured: set[str] = field(default_factory=set)
+    interfaces: set[str] = field(default_factory=set)
+    # network -> hosts whose entry every member of the network must re-read
+    peers_by_network: dict[str, set[str]] = field(default_factory=dict)
+
+    def add(self, touched: Touched) -> None:
+        self.reconfigured |= touched.reconfigured
+        self.interfaces |= touched.interfaces
+        for host_id, network in touched.peer_changes:
+            self.peers_by_network.setdefault(network, set()).add(host_id)
+
+    def __bool__(self) -> bool:
+        return bool(self.reconfigured or self.interfaces or self.peers_by_network)
+
+    def candidates(self, topology: Topology) -> dict[str, set[str]]:
+        """Hosts that may need a message -> the peers whose entries they must re-read."""
+        out: dict[str, set[str]] = {h: set() for h in self.reconfigured | self.interfaces}
+        for network, changed in self.peers_by_network.items():
+            for host_id in changed:
+                out.setdefault(host_id, set())
+            for node_id in topology.nodes_by_network.get(network, ()):
+                member = topology.nodes[node_id].host_id
+                out.setdefault(member, set()).update(changed - {member})
+        return out
+
+
+def messages(
+    topology: Topology,
+    changes: DesiredChanges,
+    published: dict[str, int],
+    *,
+    snapshots_only: bool = False,
+) -> list[DesiredMessage]:
+    """One message per host whose revision moved past `published` (host ->
+    revision its subject is at): a snapshot for a new or reconfigured host
+    (or for every host with `snapshots_only`, the full-state baseline), a delta
+    for the others. Sorted by host."""
+    cache = PeerCache(topology)
+    out: list[DesiredMessage] = []
+    for host_id, peer_ids in sorted(changes.candidates(topology).items()):
+        if host_id not in topology.hosts:
+            continue
+        revision = topology.revision_of(host_id)
+        base = published.get(host_id)
+        if base is not None and base >= revision:
+            continue
+        if base is None or snapshots_only or host_id in changes.reconfigured:
+            state = desired_for(topology, host_id, revision, cache)
+            assert state is not None
+            out.append(state)
+            continue
+        upsert: list[PeerConfig] = []
+        remove: list[str] = []
+        for peer_id in sorted(peer_ids):
+            entry = cache.peer(host_id, peer_id)
+            if entry is not None:
+                upsert.append(entry)
+            elif peer_id in topology.hosts:
+                remove.append(topology.hosts[peer_id].public_key)
+        out.append(
+            DesiredDelta(
+                host_id=host_id,
+                revision=revision,
+                base=base,
+                interface=interface_for(topology, host_id)
+                if host_id in changes.interfaces
+                else None,
+                upsert=tuple(upsert),
+                remove=tuple(remove),
+            )
+        )
+    return out

@@ -1,8 +1,9 @@
-"""The SQLite read model: topology rows, published desired states, checkpoint.
+"""The SQLite read model: topology rows (with desired-state revisions), checkpoint.
 
 The projection runner writes the rows an event touched and the checkpoint in
 one transaction, so a crash never applies an event twice or skips one. The
-file can be deleted at any time: the runner rebuilds it from the stream.
+file can be deleted at any time: the runner rebuilds it from the stream, and a
+file of another schema version is deleted and rebuilt on open.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from events.desired import DesiredState, desired_decoder, desired_encoder
 from projections.topology import EnrollmentKey, Host, Network, Node, Topology, Touched
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoint (name TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS networks (
     name TEXT PRIMARY KEY, cidr TEXT NOT NULL, listen_port INTEGER NOT NULL,
-    mtu INTEGER NOT NULL, keepalive INTEGER NOT NULL, created_at REAL NOT NULL);
+    mtu INTEGER NOT NULL, keepalive INTEGER NOT NULL, created_at REAL NOT NULL,
+    revision INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
     key_id TEXT PRIMARY KEY, network TEXT NOT NULL, secret_sha256 TEXT NOT NULL,
     uses INTEGER, used INTEGER NOT NULL, expires_at REAL, revoked INTEGER NOT NULL,
@@ -31,13 +32,12 @@ CREATE TABLE IF NOT EXISTS keys (
 CREATE TABLE IF NOT EXISTS retired_keys (key_id TEXT PRIMARY KEY, network TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS hosts (
     host_id TEXT PRIMARY KEY, name TEXT NOT NULL, public_key TEXT NOT NULL,
-    listen_port INTEGER NOT NULL, endpoints TEXT NOT NULL, registered_at REAL NOT NULL);
+    listen_port INTEGER NOT NULL, endpoints TEXT NOT NULL, registered_at REAL NOT NULL,
+    revision INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, network TEXT NOT NULL, host_id TEXT NOT NULL,
     name TEXT NOT NULL, address TEXT NOT NULL, joined_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS nodes_network ON nodes (network);
-CREATE TABLE IF NOT EXISTS desired (
-    host_id TEXT PRIMARY KEY, revision INTEGER NOT NULL, body BLOB NOT NULL);
 """
 
 CHECKPOINT = "topology"
@@ -51,16 +51,33 @@ class ReadModel:
 
     @classmethod
     async def open(cls, path: Path | str) -> ReadModel:
-        db = await aiosqlite.connect(str(path))
-        db.row_factory = aiosqlite.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
+        db = await cls._connect(path)
+        async with db.execute("SELECT name FROM sqlite_master WHERE name = 'meta'") as cur:
+            has_meta = await cur.fetchone() is not None
+        if has_meta:
+            async with db.execute("SELECT value FROM meta WHERE key = 'schema'") as cur:
+                row = await cur.fetchone()
+            if row is None or row["value"] != str(SCHEMA_VERSION):
+                # A projection of another shape: cheaper and safer to rebuild
+                # from the stream than to migrate.
+                await db.close()
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+                db = await cls._connect(path)
         await db.executescript(SCHEMA)
         await db.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
         )
         await db.commit()
         return cls(db)
+
+    @staticmethod
+    async def _connect(path: Path | str) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(str(path))
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        return db
 
     async def close(self) -> None:
         await self.db.close()
@@ -93,108 +110,93 @@ class ReadModel:
         topology.last_seq = await self.checkpoint()
         return topology
 
-    async def load_desired(self) -> dict[str, DesiredState]:
-        rows = await self._all("SELECT body FROM desired")
-        return {d.host_id: d for d in (desired_decoder.decode(r["body"]) for r in rows)}
-
     async def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[aiosqlite.Row]:
         async with self.db.execute(sql, params) as cur:
             return list(await cur.fetchall())
 
-    async def commit_event(
-        self,
-        topology: Topology,
-        touched: Touched,
-        desired: list[DesiredState],
-        seq: int,
-        *,
-        commit: bool = True,
-    ) -> None:
-        """Persist what one event changed, with its checkpoint, in one transaction.
-
-        With commit=False the transaction stays open and the next call adds to it:
-        replaying a long stream commits every few hundred events, still atomically
-        with the checkpoint (a crash loses the open batch and replays it).
-        """
+    async def commit(self, topology: Topology, touched: Touched, seq: int) -> None:
+        """Persist what a batch of events changed, with its checkpoint, in one
+        transaction (a crash loses the whole batch and replays it)."""
         db = self.db
+        networks = touched.networks | {network for _, network in touched.peer_changes}
+        hosts = touched.hosts | touched.reconfigured | touched.interfaces
         try:
-            for name in touched.networks:
-                net = topology.networks.get(name)
-                if net is None:
-                    await db.execute("DELETE FROM networks WHERE name = ?", (name,))
-                else:
-                    await db.execute(
-                        "INSERT OR REPLACE INTO networks VALUES (?, ?, ?, ?, ?, ?)",
-                        (
-                            net.name,
-                            net.cidr,
-                            net.listen_port,
-                            net.mtu,
-                            net.keepalive,
-                            net.created_at,
-                        ),
+            gone_networks = [(n,) for n in networks if n not in topology.networks]
+            await db.executemany("DELETE FROM networks WHERE name = ?", gone_networks)
+            await db.executemany(
+                "INSERT OR REPLACE INTO networks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (n.name, n.cidr, n.listen_port, n.mtu, n.keepalive, n.created_at, n.revision)
+                    for n in (topology.networks.get(name) for name in networks)
+                    if n is not None
+                ],
+            )
+            await db.executemany(
+                "DELETE FROM keys WHERE key_id = ?",
+                [(k,) for k in touched.keys if k not in topology.keys],
+            )
+            await db.executemany(
+                "INSERT OR REPLACE INTO retired_keys VALUES (?, ?)",
+                [
+                    (k, topology.retired_keys[k])
+                    for k in touched.keys
+                    if k not in topology.keys and k in topology.retired_keys
+                ],
+            )
+            await db.executemany(
+                "INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        key.key_id,
+                        key.network,
+                        key.secret_sha256,
+                        key.uses,
+                        key.used,
+                        key.expires_at,
+                        int(key.revoked),
+                        key.created_at,
                     )
-            for key_id in touched.keys:
-                key = topology.keys.get(key_id)
-                if key is None:
-                    await db.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
-                    retired = topology.retired_keys.get(key_id)
-                    if retired is not None:
-                        await db.execute(
-                            "INSERT OR REPLACE INTO retired_keys VALUES (?, ?)", (key_id, retired)
-                        )
-                else:
-                    await db.execute(
-                        "INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            key.key_id,
-                            key.network,
-                            key.secret_sha256,
-                            key.uses,
-                            key.used,
-                            key.expires_at,
-                            int(key.revoked),
-                            key.created_at,
-                        ),
+                    for key in (topology.keys.get(k) for k in touched.keys)
+                    if key is not None
+                ],
+            )
+            await db.executemany(
+                "INSERT OR REPLACE INTO hosts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        host.host_id,
+                        host.name,
+                        host.public_key,
+                        host.listen_port,
+                        msgspec.json.encode(list(host.endpoints)).decode(),
+                        host.registered_at,
+                        host.revision,
                     )
-            for host_id in touched.hosts:
-                host = topology.hosts.get(host_id)
-                if host is not None:
-                    await db.execute(
-                        "INSERT OR REPLACE INTO hosts VALUES (?, ?, ?, ?, ?, ?)",
-                        (
-                            host.host_id,
-                            host.name,
-                            host.public_key,
-                            host.listen_port,
-                            msgspec.json.encode(list(host.endpoints)).decode(),
-                            host.registered_at,
-                        ),
+                    for host in (topology.hosts.get(h) for h in hosts)
+                    if host is not None
+                ],
+            )
+            await db.executemany(
+                "DELETE FROM nodes WHERE node_id = ?",
+                [(n,) for n in touched.nodes if n not in topology.nodes],
+            )
+            await db.executemany(
+                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        node.node_id,
+                        node.network,
+                        node.host_id,
+                        node.name,
+                        node.address,
+                        node.joined_at,
                     )
-            for node_id in touched.nodes:
-                node = topology.nodes.get(node_id)
-                if node is None:
-                    await db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
-                else:
-                    await db.execute(
-                        "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?)",
-                        (
-                            node.node_id,
-                            node.network,
-                            node.host_id,
-                            node.name,
-                            node.address,
-                            node.joined_at,
-                        ),
-                    )
-            for state in desired:
-                await db.execute(
-                    "INSERT OR REPLACE INTO desired VALUES (?, ?, ?)",
-                    (state.host_id, state.revision, desired_encoder.encode(state)),
-                )
+                    for node in (topology.nodes.get(n) for n in touched.nodes)
+                    if node is not None
+                ],
+            )
             await db.execute("INSERT OR REPLACE INTO checkpoint VALUES (?, ?)", (CHECKPOINT, seq))
-            if commit:
-                await db.commit()
+            await db.commit()
         except BaseException:
             await db.rollback()
             raise

@@ -37,6 +37,9 @@ class Network:
     mtu: int
     keepalive: int
     created_at: float
+    # Last event that changed what members see of each other (membership or a
+    # member's peer entry): every member's desired revision is at least this.
+    revision: int = 0
 
 
 @dataclass
@@ -62,6 +65,8 @@ class Host:
     listen_port: int
     endpoints: tuple[str, ...]
     registered_at: float
+    # Last event that changed this host's own interface or memberships.
+    revision: int = 0
 
 
 @dataclass
@@ -76,14 +81,32 @@ class Node:
 
 @dataclass(frozen=True)
 class Touched:
-    """What one event changed: ids to persist and hosts whose desired state may move."""
+    """What one event changed: ids to persist, and how desired states moved.
+
+    `reconfigured` hosts need their whole state (a snapshot); `interfaces` hosts
+    had their interface settings change; `peer_changes` holds (host, network):
+    every other member of the network sees that host's peer entry change.
+    """
 
     networks: frozenset[str] = frozenset()
     keys: frozenset[str] = frozenset()
     hosts: frozenset[str] = frozenset()
     nodes: frozenset[str] = frozenset()
-    # Networks whose membership or settings changed: every host in them is affected.
-    network_members_changed: frozenset[str] = frozenset()
+    reconfigured: frozenset[str] = frozenset()
+    interfaces: frozenset[str] = frozenset()
+    peer_changes: frozenset[tuple[str, str]] = frozenset()
+
+    @staticmethod
+    def union(many: list[Touched]) -> Touched:
+        return Touched(
+            networks=frozenset().union(*(t.networks for t in many)),
+            keys=frozenset().union(*(t.keys for t in many)),
+            hosts=frozenset().union(*(t.hosts for t in many)),
+            nodes=frozenset().union(*(t.nodes for t in many)),
+            reconfigured=frozenset().union(*(t.reconfigured for t in many)),
+            interfaces=frozenset().union(*(t.interfaces for t in many)),
+            peer_changes=frozenset().union(*(t.peer_changes for t in many)),
+        )
 
 
 @dataclass
@@ -117,6 +140,35 @@ class Topology:
             (self.nodes[n] for n in self.nodes_by_host.get(host_id, ())),
             key=lambda node: node.network,
         )
+
+    def networks_of_host(self, host_id: str) -> set[str]:
+        return {self.nodes[n].network for n in self.nodes_by_host.get(host_id, ())}
+
+    def revision_of(self, host_id: str) -> int:
+        """The host's desired-state revision: the last event that changed it."""
+        host = self.hosts.get(host_id)
+        revision = host.revision if host is not None else 0
+        for node_id in self.nodes_by_host.get(host_id, ()):
+            network = self.networks.get(self.nodes[node_id].network)
+            if network is not None and network.revision > revision:
+                revision = network.revision
+        return revision
+
+    def mark_peer_changed(
+        self, host_id: str, networks: set[str], seq: int
+    ) -> frozenset[tuple[str, str]]:
+        for name in networks:
+            network = self.networks.get(name)
+            if network is not None:
+                network.revision = seq
+        return frozenset((host_id, name) for name in networks)
+
+    def mark_reconfigured(self, host_ids: frozenset[str], seq: int) -> frozenset[str]:
+        for host_id in host_ids:
+            host = self.hosts.get(host_id)
+            if host is not None:
+                host.revision = seq
+        return host_ids
 
     def add_node(self, node: Node) -> None:
         self.nodes[node.node_id] = node
@@ -155,6 +207,7 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 mtu=e.mtu,
                 keepalive=e.keepalive,
                 created_at=at,
+                revision=recorded.seq,
             )
             return Touched(networks=frozenset({e.network}))
         case NetworkDeleted(network=name):
@@ -165,11 +218,13 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 topology.retired_keys[key_id] = name
             removed = [topology.drop_node(n) for n in list(topology.nodes_by_network.get(name, ()))]
             topology.nodes_by_network.pop(name, None)
+            members = frozenset(n.host_id for n in removed if n)
             return Touched(
                 networks=frozenset({name}),
                 keys=key_ids,
                 nodes=frozenset(n.node_id for n in removed if n),
-                hosts=frozenset(n.host_id for n in removed if n),
+                hosts=members,
+                reconfigured=topology.mark_reconfigured(members, recorded.seq),
             )
         case EnrollmentKeyCreated() as e:
             topology.keys[e.key_id] = EnrollmentKey(
@@ -201,13 +256,26 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 registered_at=at,
             )
             topology.host_by_public_key[e.public_key] = e.host_id
-            return Touched(hosts=frozenset({e.host_id}))
+            # A host registering again (a re-join) may come with a new name or
+            # endpoints: what its peers see of it changes too.
+            networks = topology.networks_of_host(e.host_id)
+            return Touched(
+                hosts=frozenset({e.host_id}),
+                reconfigured=topology.mark_reconfigured(frozenset({e.host_id}), recorded.seq),
+                peer_changes=topology.mark_peer_changed(e.host_id, networks, recorded.seq),
+            )
         case HostEndpointObserved() as e:
             host = topology.hosts.get(e.host_id)
             if host is not None:
                 host.endpoints = e.endpoints
                 host.listen_port = e.listen_port
-            return Touched(hosts=frozenset({e.host_id}))
+                host.revision = recorded.seq
+            networks = topology.networks_of_host(e.host_id)
+            return Touched(
+                hosts=frozenset({e.host_id}),
+                interfaces=frozenset({e.host_id}),
+                peer_changes=topology.mark_peer_changed(e.host_id, networks, recorded.seq),
+            )
         case NodeJoined() as e:
             topology.add_node(
                 Node(
@@ -222,25 +290,15 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
             return Touched(
                 nodes=frozenset({e.node_id}),
                 hosts=frozenset({e.host_id}),
-                network_members_changed=frozenset({e.network}),
+                reconfigured=topology.mark_reconfigured(frozenset({e.host_id}), recorded.seq),
+                peer_changes=topology.mark_peer_changed(e.host_id, {e.network}, recorded.seq),
             )
         case NodeRemoved() as e:
             topology.drop_node(e.node_id)
             return Touched(
                 nodes=frozenset({e.node_id}),
                 hosts=frozenset({e.host_id}),
-                network_members_changed=frozenset({e.network}),
+                reconfigured=topology.mark_reconfigured(frozenset({e.host_id}), recorded.seq),
+                peer_changes=topology.mark_peer_changed(e.host_id, {e.network}, recorded.seq),
             )
     return Touched()  # pragma: no cover - every event type is matched above
-
-
-def affected_hosts(topology: Topology, touched: Touched) -> set[str]:
-    """Hosts whose desired state may have changed: the touched hosts, every host
-    sharing a network with them, and every member of a changed network."""
-    hosts = set(touched.hosts)
-    networks = set(touched.network_members_changed)
-    for host_id in touched.hosts:
-        networks.update(n.network for n in topology.nodes_of_host(host_id))
-    for network in networks:
-        hosts.update(n.host_id for n in topology.nodes_of_network(network))
-    return hosts

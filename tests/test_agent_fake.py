@@ -13,7 +13,8 @@ from agent.backend import BackendError, PeerSpec
 from agent.daemon import Agent
 from agent.fake import FakeBackend, FakeLink, FakeMachine
 from agent.statedir import Identity, StateDir, private_key_b64, public_key_of
-from events.desired import DesiredState, PeerConfig
+from events.desired import DesiredDelta, DesiredState, PeerConfig
+from events.feed import Outcome
 
 KEY = PrivateKey(bytes(range(32)))
 PEERS = {n: base64.b64encode(bytes([n]) * 32).decode() for n in range(1, 5)}
@@ -63,7 +64,7 @@ def machine_of(agent: Agent) -> FakeMachine:
 async def step(agent: Agent, desired: DesiredState) -> list[str]:
     machine = machine_of(agent)
     machine.ops.clear()
-    assert agent.offer(desired)
+    assert agent.offer(desired) is Outcome.TAKEN
     assert await agent.reconcile_once()
     return list(machine.ops)
 
@@ -102,14 +103,14 @@ async def test_golden_sequence(agent: Agent) -> None:
     ]
     # The same state again (a duplicate message) changes nothing.
     machine_of(agent).ops.clear()
-    assert not agent.offer(state(9, peer(1)))
+    assert agent.offer(state(9, peer(1))) is Outcome.STALE
     assert await agent.reconcile_once()
     assert machine_of(agent).ops == []
 
 
 async def test_stale_revision_is_ignored(agent: Agent) -> None:
     await step(agent, state(10, peer(1)))
-    assert not agent.offer(state(7, peer(2)))
+    assert agent.offer(state(7, peer(2))) is Outcome.STALE
     assert agent.desired is not None and agent.desired.revision == 10
 
 
@@ -200,3 +201,40 @@ def test_reconnect_backoff_grows_with_jitter_and_is_capped() -> None:
     assert all(0 < d <= CONNECT_BACKOFF_MAX for d in delays)
     assert delays[-1] >= CONNECT_BACKOFF_MAX / 2  # at the cap, jittered down at most by half
     assert delays[0] < delays[5]
+
+
+async def test_deltas_apply_in_order_and_a_gap_waits_for_the_snapshot(agent: Agent) -> None:
+    await step(agent, state(10, peer(1)))
+    machine = machine_of(agent)
+    machine.ops.clear()
+    agent._wake.clear()
+    added = DesiredDelta(host_id="h1", revision=12, base=10, upsert=(peer(2),))
+    # A burst: nothing is applied until the last pending message is read.
+    assert agent.offer(added, pending=1) is Outcome.TAKEN
+    assert agent.desired is not None and agent.desired.revision == 12
+    assert not agent._wake.is_set()
+    dropped = DesiredDelta(host_id="h1", revision=13, base=12, remove=(PEERS[1],))
+    assert agent.offer(dropped, pending=0) is Outcome.TAKEN
+    assert agent._wake.is_set()
+    assert await agent.reconcile_once()
+    assert sorted(machine.ops) == [
+        f"add peer {PEERS[2][:8]} allowed 10.0.0.3/32 endpoint 192.0.2.2:51820",
+        f"remove peer {PEERS[1][:8]}",
+    ]
+    assert StateDir(agent.state.path).load_desired() == agent.desired
+    # A delta from a revision we never saw: a gap. The state stays as it was
+    # until the subject's snapshot comes round again (even an older one).
+    machine.ops.clear()
+    gap = DesiredDelta(host_id="h1", revision=20, base=15, upsert=(peer(1),))
+    assert agent.offer(gap) is Outcome.GAP
+    assert agent.desired.revision == 13
+    assert agent.offer(DesiredDelta(host_id="h1", revision=21, base=20)) is Outcome.STALE
+    assert agent.offer(state(11, peer(1)), pending=1) is Outcome.TAKEN  # re-read: snapshot
+    assert agent.offer(DesiredDelta(host_id="h1", revision=15, base=11), pending=1) is Outcome.TAKEN
+    assert agent.offer(gap, pending=0) is Outcome.TAKEN
+    assert agent.desired.revision == 20
+    assert await agent.reconcile_once()
+    assert sorted(machine.ops) == [
+        f"add peer {PEERS[1][:8]} allowed 10.0.0.2/32 endpoint 192.0.2.1:51820",
+        f"remove peer {PEERS[2][:8]}",
+    ]

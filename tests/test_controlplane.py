@@ -16,10 +16,10 @@ import pytest
 from nats.aio.client import Client
 
 from controlplane.embedded import EmbeddedNats
+from controlplane.publisher import read_desired
 from controlplane.service import ControlPlane
 from events.commands import Reply
-from events.desired import desired_decoder
-from events.subjects import DESIRED_STREAM, EVENTS_STREAM, desired_subject
+from events.subjects import DESIRED_STREAM, EVENTS_STREAM
 from events.tokens import make_token, parse_token
 from tests.factories import public_key
 
@@ -88,9 +88,8 @@ async def test_join_publishes_desired_state_to_each_host(cp: tuple[ControlPlane,
     assert {"id", "name", "network", "address", "public_key", "endpoint"} <= set(nodes[0])
     js = admin.nc.jetstream()
     for n, host_id in enumerate(hosts, 1):
-        msg = await js.get_last_msg(DESIRED_STREAM, desired_subject(host_id))
-        assert msg.data is not None
-        state = desired_decoder.decode(msg.data)
+        state = await read_desired(js, host_id)
+        assert state is not None
         assert state.addresses == (f"10.10.0.{n}/24",)
         assert {p.public_key for p in state.peers} == {public_key(m) for m in (1, 2, 3) if m != n}
     status = await admin.query("status")

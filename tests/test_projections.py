@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controlplane.decide import Rejected
 from events.commands import (
     CreateEnrollmentKey,
     CreateNetwork,
@@ -12,13 +21,23 @@ from events.commands import (
     RemoveNode,
     ReportEndpoint,
 )
-from events.desired import PeerConfig
+from events.desired import (
+    DeltaMismatch,
+    DesiredDelta,
+    DesiredMessage,
+    DesiredState,
+    PeerConfig,
+    apply_delta,
+    decode_message,
+    desired_decoder,
+    desired_encoder,
+)
 from events.store import MemoryEventStore, PendingEvent
 from events.tokens import make_token
-from projections.desired import desired_for
+from projections.desired import DesiredChanges, desired_for, messages
 from projections.runner import ProjectionRunner
 from projections.sqlite import ReadModel
-from projections.topology import affected_hosts
+from projections.topology import Topology, Touched
 from tests.factories import World, public_key
 
 
@@ -54,25 +73,94 @@ def test_desired_state_is_the_full_mesh_minus_self() -> None:
     )
 
 
+class Agents:
+    """What agents would hold if they applied every message, with the checks
+    a real agent makes (a delta applies to exactly its base)."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, DesiredState] = {}
+        self.published: dict[str, int] = {}
+        self.sent: list[DesiredMessage] = []
+
+    def publish(self, topology: Topology, touched: Sequence[Touched]) -> list[DesiredMessage]:
+        changes = DesiredChanges()
+        for one in touched:
+            changes.add(one)
+        found = messages(topology, changes, self.published)
+        for message in found:
+            # Through the wire format, as an agent would read it.
+            message = decode_message(desired_encoder.encode(message))
+            if isinstance(message, DesiredDelta):
+                self.states[message.host_id] = apply_delta(self.states[message.host_id], message)
+            else:
+                self.states[message.host_id] = message
+            self.published[message.host_id] = message.revision
+        self.sent.extend(found)
+        return found
+
+    def assert_converged(self, topology: Topology) -> None:
+        for host_id in topology.hosts:
+            want = desired_for(topology, host_id)
+            assert self.states.get(host_id) == want, host_id
+
+
 def test_removed_node_disappears_from_peers_and_its_host_is_emptied() -> None:
     world, ids = mesh(3)
+    agents = Agents()
+    agents.publish(world.topology, [])
+    agents.published = {h: world.topology.revision_of(h) for h in ids}
+    agents.states = {h: desired_for(world.topology, h) for h in ids}  # type: ignore[misc]
     _, touched = world.run(RemoveNode(node="office/h3"))
-    assert affected_hosts(world.topology, touched[0]) == set(ids)
+    sent = agents.publish(world.topology, touched)
+    # The removed host gets its (empty) state whole; the others a one-key removal.
+    by_host = {m.host_id: m for m in sent}
+    assert set(by_host) == set(ids)
+    emptied = by_host[ids[2]]
+    assert isinstance(emptied, DesiredState)
+    assert emptied.addresses == () and emptied.peers == ()
     for host_id in ids[:2]:
-        state = desired_for(world.topology, host_id, 1)
-        assert state is not None
-        assert public_key(3) not in {p.public_key for p in state.peers}
-    emptied = desired_for(world.topology, ids[2], 1)
-    assert emptied is not None and emptied.addresses == () and emptied.peers == ()
+        delta = by_host[host_id]
+        assert isinstance(delta, DesiredDelta)
+        assert delta.remove == (public_key(3),) and delta.upsert == ()
+    agents.assert_converged(world.topology)
 
 
-def test_endpoint_change_touches_the_host_and_its_peers_only() -> None:
+def test_a_join_sends_one_snapshot_and_one_peer_to_everyone_else() -> None:
+    world, ids = mesh(50)
+    agents = Agents()
+    agents.published = {h: world.topology.revision_of(h) for h in ids}
+    agents.states = {h: desired_for(world.topology, h) for h in ids}  # type: ignore[misc]
+    key_id = next(iter(world.topology.keys))
+    token = make_token("x", key_id, "s2")
+    _, touched = world.run(Join(token=token, public_key=public_key(99), name="new"))
+    sent = agents.publish(world.topology, touched)
+    snapshots = [m for m in sent if isinstance(m, DesiredState)]
+    deltas = [m for m in sent if isinstance(m, DesiredDelta)]
+    assert len(snapshots) == 1 and len(snapshots[0].peers) == 50
+    assert len(deltas) == 50
+    assert all(len(d.upsert) == 1 and d.upsert[0].name == "new" for d in deltas)
+    assert all(d.interface is None and d.remove == () for d in deltas)
+    agents.assert_converged(world.topology)
+
+
+def test_endpoint_change_tells_the_peers_and_moves_the_hosts_revision() -> None:
     world, ids = mesh(3)
     world.run(CreateNetwork(name="lab", cidr="10.20.0.0/24"))
-    _, touched = world.run(ReportEndpoint(host_id=ids[1], endpoints=("198.51.100.9",)))
-    assert affected_hosts(world.topology, touched[0]) == set(ids)
-    peer = {p.name: p for p in desired_for(world.topology, ids[0], 1).peers}["h2"]  # type: ignore[union-attr]
-    assert peer.endpoint == "198.51.100.9:51820"
+    agents = Agents()
+    agents.published = {h: world.topology.revision_of(h) for h in ids}
+    agents.states = {h: desired_for(world.topology, h) for h in ids}  # type: ignore[misc]
+    _, touched = world.run(
+        ReportEndpoint(host_id=ids[1], endpoints=("198.51.100.9",), listen_port=51999)
+    )
+    sent = {m.host_id: m for m in agents.publish(world.topology, touched)}
+    assert set(sent) == set(ids)
+    moved = sent[ids[1]]
+    assert isinstance(moved, DesiredDelta) and moved.upsert == ()
+    assert moved.interface is not None and moved.interface.listen_port == 51999
+    told = sent[ids[0]]
+    assert isinstance(told, DesiredDelta)
+    assert [p.endpoint for p in told.upsert] == ["198.51.100.9:51999"]
+    agents.assert_converged(world.topology)
 
 
 def test_network_delete_leaves_hosts_with_empty_state() -> None:
@@ -84,39 +172,131 @@ def test_network_delete_leaves_hosts_with_empty_state() -> None:
     assert state is not None and state.peers == ()
 
 
+def test_a_delta_applies_only_to_its_base() -> None:
+    state = DesiredState(host_id="h1", revision=5, addresses=(), listen_port=1, mtu=1420)
+    with pytest.raises(DeltaMismatch):
+        apply_delta(state, DesiredDelta(host_id="h1", revision=9, base=4))
+    with pytest.raises(DeltaMismatch):
+        apply_delta(state, DesiredDelta(host_id="h2", revision=9, base=5))
+    assert apply_delta(state, DesiredDelta(host_id="h1", revision=9, base=5)).revision == 9
+
+
+def test_version_1_states_still_decode() -> None:
+    old = b'{"host_id":"h1","revision":3,"addresses":[],"listen_port":1,"mtu":1420,"peers":[]}'
+    assert decode_message(old) == desired_decoder.decode(old)
+    assert isinstance(decode_message(old), DesiredState) and decode_message(old).revision == 3
+    with pytest.raises(msgspec.ValidationError):
+        decode_message(b'{"kind":"delta","host_id":"h1"}')
+
+
+# Operations on a small world: joins into two networks (so hosts share one or
+# both), node removals, endpoint moves, re-joins and a network delete.
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["join", "remove", "endpoint", "delete", "recreate"]),
+        st.integers(0, 5),
+        st.sampled_from(["a", "b"]),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS)
+def test_snapshots_plus_deltas_always_equal_the_derived_state(
+    ops: list[tuple[str, int, str, bool]],
+) -> None:
+    """The protocol's one promise: whatever happens, in batches of any size, a
+    host that applies its messages in order holds exactly `desired_for`."""
+    world = World()
+    agents = Agents()
+    tokens: dict[str, str] = {}
+
+    def network(name: str) -> None:
+        world.run(CreateNetwork(name=name, cidr=f"10.{ord(name)}.0.0/24"))
+        key_id = world.run(CreateEnrollmentKey(network=name, uses=None))[0].result["key_id"]
+        tokens[name] = make_token("x", key_id, f"s{world._keys}")
+
+    for name in ("a", "b"):
+        network(name)
+    # Start from a mesh where hosts 2 and 3 are in both networks.
+    pending: list[Touched] = []
+    for host in range(6):
+        for net in ("a", "b")[: 2 if host in (2, 3) else 1] if host < 4 else ("b",):
+            joined = world.run(
+                Join(token=tokens[net], public_key=public_key(host), name=f"h{host}")
+            )
+            pending.extend(joined[1])
+    for op, host, net, flush in ops:
+        try:
+            if op == "join":
+                _, touched = world.run(
+                    Join(token=tokens[net], public_key=public_key(host), name=f"h{host}")
+                )
+            elif op == "remove":
+                _, touched = world.run(RemoveNode(node=f"{net}/h{host}"))
+            elif op == "endpoint":
+                host_id = world.topology.host_by_public_key[public_key(host)]
+                _, touched = world.run(
+                    ReportEndpoint(host_id=host_id, endpoints=(f"198.51.100.{len(world.log)}",))
+                )
+            elif op == "delete":
+                _, touched = world.run(DeleteNetwork(name=net, force=True))
+            else:
+                network(net)
+                touched = []
+        except (Rejected, KeyError):  # refused (unknown host, no network): nothing happened
+            continue
+        pending.extend(touched)
+        if flush:  # a batch ends: coalesced into one message per host
+            agents.publish(world.topology, pending)
+            pending = []
+            agents.assert_converged(world.topology)
+    agents.publish(world.topology, pending)
+    agents.assert_converged(world.topology)
+
+
 class RecordingPublisher:
     def __init__(self) -> None:
-        self.published: list[tuple[str, int]] = []
+        self.published: list[DesiredMessage] = []
         self.last: dict[str, int] = {}
 
-    async def publish(self, state: object) -> None:
-        host_id, revision = state.host_id, state.revision  # type: ignore[attr-defined]
-        self.published.append((host_id, revision))
-        self.last[host_id] = revision
+    async def publish(self, batch: Sequence[tuple[DesiredMessage, bytes]]) -> None:
+        for message, data in batch:
+            assert decode_message(data) == message
+            self.published.append(message)
+            self.last[message.host_id] = message.revision
 
-    async def last_revision(self, host_id: str) -> int | None:
-        return self.last.get(host_id)
+    async def published_revisions(self) -> dict[str, int]:
+        return dict(self.last)
 
 
-async def run_until(runner: ProjectionRunner, seq: int) -> None:
-    import asyncio
-
+async def run_until(runner: ProjectionRunner, seq: int) -> asyncio.Task[None]:
     task = asyncio.create_task(runner.run())
-    try:
-        assert await runner.wait_for(seq, 10)
-        await asyncio.wait_for(runner.caught_up.wait(), 10)
-    finally:
-        task.cancel()
-        with __import__("contextlib").suppress(asyncio.CancelledError):
-            await task
+    assert await runner.wait_for(seq, 10)
+    await asyncio.wait_for(runner.caught_up.wait(), 10)
+    return task
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def stored(world: World) -> MemoryEventStore:
+    store = MemoryEventStore()
+    for recorded in world.log:
+        await store.append([PendingEvent(recorded.subject, recorded.envelope)])
+    return store
 
 
 async def test_read_model_rebuilds_identically_from_the_stream(tmp_path: Path) -> None:
     world, _ = mesh(4)
     world.run(RemoveNode(node="office/h2"))
-    store = MemoryEventStore()
-    for recorded in world.log:
-        await store.append([PendingEvent(recorded.subject, recorded.envelope)])
+    store = await stored(world)
     head = await store.last_sequence()
 
     async def build(
@@ -124,9 +304,9 @@ async def test_read_model_rebuilds_identically_from_the_stream(tmp_path: Path) -
     ) -> dict[str, list[dict[str, object]]]:
         model = await ReadModel.open(path)
         try:
-            await run_until(ProjectionRunner(store, model, publisher), head)
+            await stop(await run_until(ProjectionRunner(store, model, publisher), head))
             tables = {}
-            for table in ("networks", "keys", "hosts", "nodes", "desired", "checkpoint"):
+            for table in ("networks", "keys", "hosts", "nodes", "checkpoint"):
                 async with model.db.execute(f"SELECT * FROM {table} ORDER BY 1") as cur:
                     tables[table] = [dict(r) for r in await cur.fetchall()]
             return tables
@@ -138,10 +318,59 @@ async def test_read_model_rebuilds_identically_from_the_stream(tmp_path: Path) -
     assert first["checkpoint"][0]["seq"] == head
     assert len(first["nodes"]) == 3
     published_once = list(publisher.published)
-    # A replay publishes once, after catching up, the final revisions only.
-    assert len(published_once) == len(first["desired"]) == 4
+    # A replay publishes once, after catching up: one snapshot per host, at
+    # the host's final revision.
+    assert len(published_once) == 4
+    assert all(isinstance(m, DesiredState) for m in published_once)
+    assert {m.host_id: m.revision for m in published_once} == {
+        h: world.topology.revision_of(h) for h in world.topology.hosts
+    }
     # Delete the database: the same state comes back, and nothing is re-published.
     (tmp_path / "a.sqlite3").unlink()
     second = await build(tmp_path / "a.sqlite3", publisher)
     assert second == first
     assert publisher.published == published_once
+
+
+async def test_a_read_model_of_another_schema_is_rebuilt(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    model = await ReadModel.open(path)
+    await model.db.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    await model.db.execute("INSERT INTO checkpoint VALUES ('topology', 99)")
+    await model.db.commit()
+    await model.close()
+    model = await ReadModel.open(path)
+    try:
+        assert await model.checkpoint() == 0
+    finally:
+        await model.close()
+
+
+async def test_live_changes_are_published_as_deltas_and_coalesced(tmp_path: Path) -> None:
+    world, ids = mesh(3)
+    store = await stored(world)
+    publisher = RecordingPublisher()
+    model = await ReadModel.open(tmp_path / "m.sqlite3")
+    runner = ProjectionRunner(store, model, publisher)
+    task = await run_until(runner, await store.last_sequence())
+    try:
+        publisher.published.clear()
+        # Two endpoint moves appended together reach the runner as one batch:
+        # every host gets one message covering both.
+        first = world.run(ReportEndpoint(host_id=ids[0], endpoints=("198.51.100.1",)))
+        second = world.run(ReportEndpoint(host_id=ids[1], endpoints=("198.51.100.2",)))
+        assert first and second
+        await store.append([PendingEvent(r.subject, r.envelope) for r in world.log[-2:]])
+        assert await runner.wait_for(len(world.log), 10)
+        by_host = {m.host_id: m for m in publisher.published}
+        assert len(publisher.published) == 3 == len(by_host)
+        third = by_host[ids[2]]
+        assert isinstance(third, DesiredDelta)
+        assert sorted(p.endpoint or "" for p in third.upsert) == [
+            "198.51.100.1:51820",
+            "198.51.100.2:51820",
+        ]
+        assert third.revision == len(world.log)
+    finally:
+        await stop(task)
+        await model.close()
