@@ -3,10 +3,21 @@
 A real nats-server, the real control plane (`netmesh server --nats-url`, a
 separate process so that its CPU time can be read), and N simulated agents in
 this process sharing a few NATS connections. Each simulated agent does what a
-real one does with its messages: decode, check the revision, plan against a
-fake machine, apply. Prints a table and writes JSON under bench/results/.
+real one does with its messages: decode, check the revision chain (the same
+`DesiredFeed` the agent uses), plan against a fake machine, apply.
 
-    .venv/bin/python bench/run.py [--hosts 10,100,300] [--joins 20]
+Setting up N hosts by N joins would cost N^2/2 messages before anything is
+measured, so the network is seeded instead: the bench decides the joins itself
+(the control plane's pure `decide`) and appends the events; the control plane
+then starts, replays them and publishes each host its snapshot. Simulated
+agents start from their host's revision and interface without the seed's
+peers (N agents holding N peers each would not fit in one process at 5,000);
+what is measured after that (joins, endpoint moves) goes through the whole
+system. A real agent also reads its device and plans over all its peers on
+every pass: that is measured on its own, with real wireguard-go, by
+`bench/agent_apply.py`.
+
+    .venv/bin/python bench/run.py [--hosts 10,100,1000,5000] [--joins 20]
 
 A benchmark, not a test: figures depend on the machine (see the JSON's
 "machine" field) and on what else it is doing.
@@ -23,6 +34,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,28 +53,37 @@ from nats.aio.client import Client
 from agent.apply import apply
 from agent.fake import FakeBackend, FakeLink, FakeMachine
 from agent.plan import Actual, plan
-from controlplane.decide import host_id_for
+from controlplane.decide import Context, decide, host_id_for
 from controlplane.embedded import EmbeddedNats, free_port
-from events.commands import Reply
+from events.commands import AnyCommand, CreateEnrollmentKey, CreateNetwork, Join, Reply
 from events.connect import server_has_seen_everything
-from events.desired import DesiredState, desired_decoder
-from events.envelope import make_envelope
+from events.desired import DesiredMessage, DesiredState, decode_message
+from events.envelope import RecordedEvent, make_envelope
+from events.feed import DesiredFeed, Outcome
 from events.jetstream import JetStreamEventStore
 from events.model import HostEndpointObserved
 from events.store import PendingEvent
 from events.subjects import DESIRED_PREFIX, aggregate_subject
+from events.tokens import make_token
+from projections.desired import interface_for
 from projections.runner import ProjectionRunner
 from projections.sqlite import ReadModel
+from projections.topology import Topology, evolve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONNECTIONS = 4
 SIM_KEY = PrivateKey(bytes(32))
 SIM_PRIVATE = base64.b64encode(bytes(SIM_KEY)).decode()
 SIM_PUBLIC = base64.b64encode(bytes(SIM_KEY.public_key)).decode()
+NETWORK = "bench"
 
 
 def public_key(n: int) -> str:
     return base64.b64encode(hashlib.sha256(f"bench-host-{n}".encode()).digest()).decode()
+
+
+def endpoint(n: int) -> str:
+    return f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -72,26 +93,33 @@ def cpu_seconds(pid: int) -> float:
 
 @dataclass
 class SimAgent:
-    host_id: str
+    feed: DesiredFeed
     machine: FakeMachine = field(default_factory=FakeMachine)
-    desired: DesiredState | None = None
+    applied: DesiredState | None = None
     bytes_in: int = 0
     messages: int = 0
+    gaps: int = 0
 
-    async def on_message(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        self.messages += 1
-        state = desired_decoder.decode(data)
-        if self.desired is not None and state.revision <= self.desired.revision:
+    async def take(self, message: DesiredMessage) -> None:
+        outcome = self.feed.take(message)
+        if outcome is Outcome.GAP:
+            self.gaps += 1  # a real agent would re-read its subject; here it is a bug
+        if outcome is not Outcome.TAKEN or self.feed.state is None:
             return
         backend = FakeBackend("nm0", self.machine)
         link = FakeLink("nm0", self.machine)
         device = await backend.read() if await backend.exists() else None
         link_state = await link.state() if await link.exists() else None
-        ops = plan(state, Actual(device, link_state), public_key=SIM_PUBLIC, previous=self.desired)
+        state = self.feed.state
+        ops = plan(state, Actual(device, link_state), public_key=SIM_PUBLIC, previous=self.applied)
         await apply(ops, backend, link, SIM_PRIVATE)
         self.machine.ops.clear()
-        self.desired = state
+        self.applied = state
+
+    async def on_message(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.messages += 1
+        await self.take(decode_message(data))
 
 
 class Bench:
@@ -100,20 +128,24 @@ class Bench:
         self.conns = conns
         self.admin = conns[0]
         self.agents: dict[str, SimAgent] = {}
-        self.progress = asyncio.Condition()
+        self._threshold = 0
+        self._remaining = 0
+        self._all_past = asyncio.Event()
+        self.head = 0  # stream sequence of the last event the bench caused
 
     async def request(self, verb: str, **fields: Any) -> Any:
         fields.setdefault("command_id", uuid.uuid4().hex)
         msg = await self.admin.request(
-            f"netmesh.cmd.{verb}", msgspec.json.encode(fields), timeout=60
+            f"netmesh.cmd.{verb}", msgspec.json.encode(fields), timeout=120
         )
         reply = msgspec.json.decode(msg.data, type=Reply)
         if not reply.ok:
             raise RuntimeError(f"{verb}: {reply.error}")
-        return reply.result, reply.seq
+        self.head = max(self.head, reply.seq or 0)
+        return reply.result
 
-    async def wait_ready(self, cp: asyncio.subprocess.Process, timeout: float = 60) -> None:
-        """Until the control plane answers a query (it starts up asynchronously)."""
+    async def wait_ready(self, cp: asyncio.subprocess.Process, timeout: float = 600) -> None:
+        """Until the control plane answers a query (it answers once caught up)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -124,46 +156,52 @@ class Bench:
                     raise RuntimeError("the control plane did not start") from None
                 await asyncio.sleep(0.05)
 
-    async def network_token(self) -> str:
-        """A network wide enough for any N here, and an unlimited key to it."""
-        await self.request("network.create", name="bench", cidr="10.128.0.0/9")
-        key, _ = await self.request("key.create", network="bench", uses=None)
-        return str(key["token"])
-
-    async def add_agent(self, n: int, token: str) -> tuple[str, int]:
-        # Subscribe before joining (the host id follows from the key), as a real
-        # agent's JetStream consumer would not miss its first state.
-        host_id = host_id_for(public_key(n))
-        agent = SimAgent(host_id)
+    async def attach(self, n: int, host_id: str, seed: DesiredState | None) -> None:
+        agent = SimAgent(DesiredFeed(host_id))
+        if seed is not None:
+            await agent.take(seed)
         self.agents[host_id] = agent
         conn = self.conns[1 + n % (len(self.conns) - 1)] if len(self.conns) > 1 else self.conns[0]
 
         async def deliver(msg: Any) -> None:
+            had = agent.feed.revision
             await agent.on_message(msg.data)
-            async with self.progress:
-                self.progress.notify_all()
+            if had <= self._threshold < agent.feed.revision:
+                self._remaining -= 1
+                if self._remaining == 0:
+                    self._all_past.set()
 
         await conn.subscribe(f"{DESIRED_PREFIX}.{host_id}", cb=deliver)
-        await server_has_seen_everything(conn)
-        result, seq = await self.request(
-            "join",
-            token=token,
-            public_key=public_key(n),
-            name=f"h{n}",
-            endpoints=[f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}"],
-        )
-        assert result["host_id"] == host_id
-        return host_id, seq or 0
 
-    async def wait_all_at(self, revision: int, hosts: list[str], timeout: float = 300) -> None:
-        def done() -> bool:
-            return all(
-                (a.desired is not None and a.desired.revision >= revision)
-                for a in (self.agents[h] for h in hosts)
+    async def join(self, n: int, token: str) -> str:
+        """Join host n and wait until every agent, the new one included, has it."""
+        # Subscribe before joining (the host id follows from the key), as a
+        # real agent's consumer would not miss its first state.
+        host_id = host_id_for(public_key(n))
+        await self.attach(n, host_id, None)
+        for conn in self.conns:
+            await server_has_seen_everything(conn)
+        async with self.all_past(self.head):
+            result = await self.request(
+                "join", token=token, public_key=public_key(n), name=f"h{n}", endpoints=[endpoint(n)]
             )
+        assert result["host_id"] == host_id
+        return host_id
 
-        async with self.progress:
-            await asyncio.wait_for(self.progress.wait_for(done), timeout)
+    @contextlib.asynccontextmanager
+    async def all_past(self, seq: int, timeout: float = 600) -> AsyncIterator[None]:
+        """Around a command: on exit, wait until every agent holds a revision
+        after `seq` (it has what the command caused). Counted as messages
+        arrive, so that waiting costs O(1) per message, not O(N)."""
+        self._threshold = seq
+        self._remaining = sum(1 for a in self.agents.values() if a.feed.revision <= seq)
+        self._all_past.clear()
+        yield
+        if self._remaining > 0:
+            await asyncio.wait_for(self._all_past.wait(), timeout)
+
+    def received(self) -> int:
+        return sum(a.bytes_in for a in self.agents.values())
 
 
 def pct(values: list[float], q: float) -> float:
@@ -171,71 +209,184 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def summary(values: list[float]) -> dict[str, float]:
+    return {"p50": pct(values, 0.5), "p95": pct(values, 0.95), "max": max(values)}
+
+
+@dataclass
+class Seed:
+    topology: Topology
+    token_parts: tuple[str, str]  # key id, secret
+    hosts: list[str]
+
+
+async def seed_network(store: JetStreamEventStore, hosts: int, extra_events: int = 0) -> Seed:
+    """Decide a network and `hosts` joins here and append the events (and
+    `extra_events` endpoint observations), folding them as the control plane
+    will, so that the bench knows every host's revision."""
+    topology = Topology()
+    pending: list[PendingEvent] = []
+    seq = await store.last_sequence()
+    now = time.time()
+
+    def run(command: AnyCommand, key_id: str = "", secret: str = "") -> Any:
+        nonlocal seq
+        ctx = Context(now=now, actor="bench", new_key_id=key_id, new_secret=secret)
+        decision = decide(topology, command, ctx)
+        for subject, event in decision.events:
+            seq += 1
+            env = make_envelope(
+                event, event_id=str(seq), time=now, actor="bench", command_id=str(seq)
+            )
+            pending.append(PendingEvent(subject, env))
+            evolve(topology, RecordedEvent(seq=seq, subject=subject, envelope=env))
+        return decision.result
+
+    async def flush(force: bool = False) -> None:
+        nonlocal pending
+        while len(pending) >= 900 or (force and pending):
+            chunk, pending = pending[:900], pending[900:]
+            await store.append(chunk)
+
+    run(CreateNetwork(name=NETWORK, cidr="10.128.0.0/9"))
+    key = run(CreateEnrollmentKey(network=NETWORK, uses=None), "kbench", "sbench")
+    token = make_token("nats://bench", key["key_id"], "sbench")
+    ids = []
+    for n in range(hosts):
+        result = run(
+            Join(token=token, public_key=public_key(n), name=f"h{n}", endpoints=(endpoint(n),))
+        )
+        ids.append(result["host_id"])
+        await flush()
+    for i in range(extra_events):
+        host_id = ids[i % len(ids)]
+        event = HostEndpointObserved(host_id=host_id, endpoints=(f"192.0.2.{i % 250 + 1}",))
+        seq += 1
+        env = make_envelope(event, event_id=str(seq), time=now, actor="bench", command_id=str(seq))
+        subject = aggregate_subject("host", host_id)
+        pending.append(PendingEvent(subject, env))
+        evolve(topology, RecordedEvent(seq=seq, subject=subject, envelope=env))
+        await flush()
+    await flush(force=True)
+    assert await store.last_sequence() == seq
+    return Seed(topology, (key["key_id"], "sbench"), ids)
+
+
+def seed_state(topology: Topology, host_id: str) -> DesiredState:
+    """What a simulated agent starts from: its host's revision and interface
+    (the seed's peers left out, see the module's docstring)."""
+    interface = interface_for(topology, host_id)
+    assert interface is not None
+    return DesiredState(
+        host_id=host_id,
+        revision=topology.revision_of(host_id),
+        addresses=interface.addresses,
+        listen_port=interface.listen_port,
+        mtu=interface.mtu,
+    )
+
+
 @contextlib.asynccontextmanager
 async def control_plane(
-    workdir: Path, tag: str, connections: int
-) -> AsyncIterator[tuple[Bench, int]]:
-    """A nats-server, `netmesh server --nats-url` as its own process (so its CPU
-    time can be read), and `connections` client connections; yields the Bench
-    and the control plane's pid once it answers."""
+    workdir: Path, tag: str, *, hosts: int = 0, full_states: bool = False
+) -> AsyncIterator[tuple[Bench, int, Seed | None]]:
+    """A nats-server seeded with `hosts` joined hosts, `netmesh server
+    --nats-url` as its own process (so that its CPU time can be read), and
+    client connections; yields the Bench, the control plane's pid and the seed
+    once it answers."""
     server = EmbeddedNats(workdir / f"js-{tag}", port=free_port(), server_name=f"bench-{tag}")
     await server.start()
-    cp = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", "server", "--nats-url", server.url,
-        "--data-dir", str(workdir / f"cp-{tag}"), "--log-level", "warning",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
     conns = [
-        await nats.connect(server.url, pending_size=64 * 1024 * 1024) for _ in range(connections)
+        await nats.connect(server.url, pending_size=256 * 1024 * 1024) for _ in range(CONNECTIONS)
     ]
+    seed = None
+    cp = None
     try:
+        if hosts:
+            from controlplane.streams import ensure_streams
+
+            await ensure_streams(conns[0].jetstream())
+            seed = await seed_network(JetStreamEventStore(conns[0], timeout=60), hosts)
+        cp = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli.main", "server", "--nats-url", server.url,
+            "--data-dir", str(workdir / f"cp-{tag}"), "--log-level", "warning",
+            "--desired-states", "full" if full_states else "deltas",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
         bench = Bench(server.url, conns)
         await bench.wait_ready(cp)
-        yield bench, cp.pid
+        if seed is not None:
+            bench.head = await JetStreamEventStore(conns[0]).last_sequence()
+            for n, host_id in enumerate(seed.hosts):
+                await bench.attach(n, host_id, seed_state(seed.topology, host_id))
+            for conn in conns:
+                await server_has_seen_everything(conn)
+        yield bench, cp.pid, seed
     finally:
         for c in conns:
             await c.close()
-        cp.terminate()
-        await cp.wait()
+        if cp is not None:
+            cp.terminate()
+            await cp.wait()
         await server.stop()
 
 
-async def bench_joins(hosts: int, joins: int, workdir: Path) -> dict[str, Any]:
-    async with control_plane(workdir, f"joins{hosts}", CONNECTIONS) as (bench, cp_pid):
-        token = await bench.network_token()
-        for n in range(hosts):
-            await bench.add_agent(n, token)
-        everyone = list(bench.agents)
-        last = max(a.desired.revision if a.desired else 0 for a in bench.agents.values())
-        await bench.wait_all_at(last, everyone)
+async def bench_joins(
+    hosts: int, joins: int, endpoint_moves: int, workdir: Path, *, full_states: bool = False
+) -> dict[str, Any]:
+    tag = f"{'full' if full_states else 'delta'}{hosts}"
+    async with control_plane(workdir, tag, hosts=hosts, full_states=full_states) as (
+        bench,
+        cp_pid,
+        seed,
+    ):
+        assert seed is not None
+        token = make_token(bench.url, *seed.token_parts)
+        # One join first, not measured: it brings simulated agents' fake
+        # machines to their full state in the baseline (and warms caches).
+        await bench.join(hosts, token)
 
-        latencies, bytes_per_join, cpu = [], [], []
+        latencies, sizes, cpu = [], [], []
         for j in range(joins):
-            before_bytes = sum(a.bytes_in for a in bench.agents.values())
-            before_cpu = cpu_seconds(cp_pid)
+            before_bytes, before_cpu = bench.received(), cpu_seconds(cp_pid)
             start = time.perf_counter()
-            _host_id, seq = await bench.add_agent(hosts + j, token)
-            await bench.wait_all_at(seq, list(bench.agents))
+            await bench.join(hosts + 1 + j, token)
             latencies.append(time.perf_counter() - start)
             cpu.append(cpu_seconds(cp_pid) - before_cpu)
-            bytes_per_join.append(sum(a.bytes_in for a in bench.agents.values()) - before_bytes)
+            sizes.append(bench.received() - before_bytes)
+
+        move_latencies, move_sizes = [], []
+        for m in range(endpoint_moves):
+            host_id = seed.hosts[m % len(seed.hosts)]
+            before_bytes = bench.received()
+            start = time.perf_counter()
+            async with bench.all_past(bench.head):
+                await bench.request(
+                    "endpoint.report", host_id=host_id, endpoints=[f"198.51.100.{m % 250 + 1}"]
+                )
+            move_latencies.append(time.perf_counter() - start)
+            move_sizes.append(bench.received() - before_bytes)
+        gaps = sum(a.gaps for a in bench.agents.values())
         return {
             "hosts": hosts,
-            "join_converged_ms": {
-                "p50": pct(latencies, 0.5) * 1000,
-                "p95": pct(latencies, 0.95) * 1000,
-                "max": max(latencies) * 1000,
-            },
-            "bytes_per_join": statistics.mean(bytes_per_join),
+            "mode": "full states" if full_states else "deltas",
+            "joins": joins,
+            "join_converged_ms": {k: v * 1000 for k, v in summary(latencies).items()},
+            "bytes_per_join": statistics.mean(sizes),
             "cp_cpu_ms_per_join": statistics.mean(cpu) * 1000,
+            "endpoint_moves": endpoint_moves,
+            "endpoint_converged_ms": {k: v * 1000 for k, v in summary(move_latencies).items()}
+            if move_latencies
+            else None,
+            "bytes_per_endpoint_change": statistics.mean(move_sizes) if move_sizes else None,
+            "gaps": gaps,
         }
 
 
 async def bench_commands(count: int, concurrency: int, workdir: Path) -> dict[str, Any]:
-    async with control_plane(workdir, "commands", 1) as (bench, _cp_pid):
-        token = await bench.network_token()
-        joined, _ = await bench.request("join", token=token, public_key=public_key(0), name="h0")
-        host_id = joined["host_id"]
+    async with control_plane(workdir, "commands", hosts=1) as (bench, cp_pid, seed):
+        assert seed is not None
+        host_id = seed.hosts[0]
         latencies: list[float] = []
         semaphore = asyncio.Semaphore(concurrency)
 
@@ -247,11 +398,12 @@ async def bench_commands(count: int, concurrency: int, workdir: Path) -> dict[st
                 )
                 latencies.append(time.perf_counter() - t0)
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds(cp_pid)
         await asyncio.gather(*(one(i) for i in range(count)))
         elapsed = time.perf_counter() - start
         return {
             "commands": count,
+            "cp_cpu_ms_per_command": (cpu_seconds(cp_pid) - cpu) / count * 1000,
             "concurrency": concurrency,
             "per_second": count / elapsed,
             "latency_ms": {"p50": pct(latencies, 0.5) * 1000, "p99": pct(latencies, 0.99) * 1000},
@@ -259,46 +411,54 @@ async def bench_commands(count: int, concurrency: int, workdir: Path) -> dict[st
 
 
 class NullPublisher:
-    async def publish(self, state: DesiredState) -> None:
+    async def publish(self, batch: Any) -> None:
         return None
 
-    async def last_revision(self, host_id: str) -> int | None:
-        return None
+    async def published_revisions(self) -> dict[str, int]:
+        return {}
 
 
 async def bench_rebuild(events: int, workdir: Path) -> dict[str, Any]:
-    """Rebuild the read model from `events` stored events (endpoint observations
-    of 1,000 hosts: the commonest event in a live network)."""
+    """Rebuild the read model from `events` stored events: 1,000 hosts joining
+    one network, then endpoint observations (the commonest event in a live
+    network), each of which moves every member's revision."""
     server = EmbeddedNats(workdir / "js-rebuild", port=free_port(), server_name="benchrebuild")
     await server.start()
     nc = await nats.connect(server.url)
     try:
-        store = JetStreamEventStore(nc, timeout=30)
+        store = JetStreamEventStore(nc, timeout=60)
         await store.ensure_stream()
-        batch: list[PendingEvent] = []
-        for i in range(events):
-            host = f"h{i % 1000:012d}"
-            event = HostEndpointObserved(host_id=host, endpoints=(f"192.0.2.{i % 250 + 1}",))
-            env = make_envelope(event, event_id=str(i), time=1.0, actor="bench", command_id=str(i))
-            batch.append(PendingEvent(aggregate_subject("host", host), env))
-            if len(batch) == 1000:
-                await store.append(batch)
-                batch = []
-        if batch:
-            await store.append(batch)
+        hosts = 1000
+        await seed_network(store, hosts, extra_events=max(events - 3 * hosts - 2, 0))
+        total = await store.last_sequence()
         model = await ReadModel.open(workdir / "rebuild.sqlite3")
         runner = ProjectionRunner(store, model, NullPublisher())
         start = time.perf_counter()
         task = asyncio.create_task(runner.run())
-        await runner.wait_for(events, 600)
+        await runner.wait_for(total, 600)
         elapsed = time.perf_counter() - start
         await store.close()
-        await asyncio.wait([task], timeout=10)
+        await asyncio.wait([task], timeout=30)
         await model.close()
-        return {"events": events, "seconds": elapsed, "events_per_second": events / elapsed}
+        return {"events": total, "seconds": elapsed, "events_per_second": total / elapsed}
     finally:
         await nc.close()
         await server.stop()
+
+
+def bench_agent_apply(peers: int) -> dict[str, Any] | None:
+    """bench/agent_apply.py in a network namespace of its own (needs root and wireguard-go)."""
+    script = Path(__file__).resolve().parent / "agent_apply.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--peers", str(peers)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        return {"skipped": (result.stderr.strip().splitlines() or ["failed"])[-1]}
+    parsed: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return parsed
 
 
 def machine() -> dict[str, Any]:
@@ -310,31 +470,68 @@ def machine() -> dict[str, Any]:
     }
 
 
+def print_joins(result: dict[str, Any]) -> None:
+    c = result["join_converged_ms"]
+    line = (
+        f"{result['mode']:>11}, {result['hosts']:>5} hosts: join converged p50 {c['p50']:8.1f} ms"
+        f"  p95 {c['p95']:8.1f}  max {c['max']:8.1f} | {result['bytes_per_join']:>12,.0f} B/join"
+        f" | control plane {result['cp_cpu_ms_per_join']:7.1f} ms CPU/join"
+    )
+    if result["endpoint_converged_ms"]:
+        e = result["endpoint_converged_ms"]
+        line += (
+            f" | endpoint move p50 {e['p50']:7.1f} ms,"
+            f" {result['bytes_per_endpoint_change']:>12,.0f} B"
+        )
+    if result["gaps"]:
+        line += f" | {result['gaps']} GAPS"
+    print(line, flush=True)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hosts", default="10,100,300")
+    parser.add_argument("--hosts", default="10,100,1000,5000")
+    parser.add_argument("--baseline-hosts", default="10,100,1000")
     parser.add_argument("--joins", type=int, default=20)
+    parser.add_argument("--baseline-joins", type=int, default=5)
+    parser.add_argument("--endpoint-moves", type=int, default=10)
     parser.add_argument("--commands", type=int, default=2000)
     parser.add_argument("--rebuild-events", type=int, default=100_000)
+    parser.add_argument("--agent-peers", type=int, default=1000)
     args = parser.parse_args()
-    out: dict[str, Any] = {"machine": machine(), "joins": [], "at": time.time()}
+    out: dict[str, Any] = {"machine": machine(), "joins": [], "baseline": [], "at": time.time()}
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for hosts in (int(h) for h in args.hosts.split(",")):
-            result = await bench_joins(hosts, args.joins, workdir)
+        for hosts in (int(h) for h in args.hosts.split(",") if h):
+            result = await bench_joins(hosts, args.joins, args.endpoint_moves, workdir)
             out["joins"].append(result)
-            c = result["join_converged_ms"]
+            print_joins(result)
+        for hosts in (int(h) for h in args.baseline_hosts.split(",") if h):
+            result = await bench_joins(
+                hosts, args.baseline_joins, args.endpoint_moves // 2, workdir, full_states=True
+            )
+            out["baseline"].append(result)
+            print_joins(result)
+        for base in out["baseline"]:
+            ours = next((r for r in out["joins"] if r["hosts"] == base["hosts"]), None)
+            if ours is None:
+                continue
             print(
-                f"join, {hosts:>5} hosts: converged p50 {c['p50']:8.1f} ms  p95 {c['p95']:8.1f} ms"
-                f"  max {c['max']:8.1f} ms | {result['bytes_per_join']:>12,.0f} B/join"
-                f" | control plane {result['cp_cpu_ms_per_join']:7.1f} ms CPU/join",
+                f"baseline / deltas at {base['hosts']:>5} hosts:"
+                f" bytes per join x{base['bytes_per_join'] / ours['bytes_per_join']:,.1f},"
+                f" control plane CPU x"
+                f"{base['cp_cpu_ms_per_join'] / max(ours['cp_cpu_ms_per_join'], 0.1):,.1f},"
+                f" convergence p50 x"
+                f"{base['join_converged_ms']['p50'] / ours['join_converged_ms']['p50']:,.1f}",
                 flush=True,
             )
         out["commands"] = await bench_commands(args.commands, 32, workdir)
         cmd = out["commands"]
         print(
             f"commands: {cmd['per_second']:,.0f}/s at concurrency {cmd['concurrency']}, "
-            f"p50 {cmd['latency_ms']['p50']:.1f} ms, p99 {cmd['latency_ms']['p99']:.1f} ms",
+            f"p50 {cmd['latency_ms']['p50']:.1f} ms, p99 {cmd['latency_ms']['p99']:.1f} ms, "
+            f"control plane {cmd['cp_cpu_ms_per_command']:.2f} ms CPU/command",
             flush=True,
         )
         out["rebuild"] = await bench_rebuild(args.rebuild_events, workdir)
@@ -343,10 +540,25 @@ async def main() -> None:
             f"= {out['rebuild']['events_per_second']:,.0f} events/s",
             flush=True,
         )
+    if args.agent_peers:
+        out["agent"] = bench_agent_apply(args.agent_peers)
+        agent = out["agent"] or {}
+        if "skipped" in agent:
+            print(f"agent: skipped ({agent['skipped']})", flush=True)
+        else:
+            print(
+                f"agent, {agent['peers']} peers on {agent['backend']}: "
+                f"first apply {agent['first_apply_ms']:.0f} ms, "
+                f"one-peer change {agent['change_ms']:.1f} ms "
+                f"(read {agent['read_ms']:.1f}, plan {agent['plan_ms']:.1f}, "
+                f"apply {agent['apply_ms']:.1f})",
+                flush=True,
+            )
+    out["seconds"] = time.perf_counter() - started
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
+    print(f"wrote {path} ({out['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -189,7 +189,14 @@ class ControlPlane:
         except msgspec.DecodeError:
             return Reply(ok=False, code="invalid", error=f"invalid {verb} command: not JSON")
         async with self._command_lock:
-            return await self._execute(verb, command, actor)
+            reply = await self._execute(verb, command, actor)
+        # Read-your-writes: answer once the read model has the change too. Not
+        # under the lock: the next command only needs the write model, and the
+        # projection takes the events of commands that queue up in one batch.
+        if reply.seq is not None:
+            assert self.runner is not None
+            await self.runner.wait_for(reply.seq, READ_YOUR_WRITES_TIMEOUT)
+        return reply
 
     async def _execute(self, verb: str, command: AnyCommand, actor: str) -> Reply:
         command_id = command.command_id or uuid.uuid4().hex
@@ -226,8 +233,6 @@ class ControlPlane:
             except StoreError as exc:
                 return Reply(ok=False, code="unavailable", error=f"event store: {exc}")
             await self._wait_write_model(seq)
-            assert self.runner is not None
-            await self.runner.wait_for(seq, READ_YOUR_WRITES_TIMEOUT)
             log.info("command applied", verb=verb, seq=seq, events=len(decision.events))
             return Reply(ok=True, result=self._result(verb, decision, ctx), seq=seq)
         return Reply(ok=False, code="busy", error="too many concurrent changes; try again")

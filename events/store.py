@@ -86,6 +86,13 @@ class EventStore(Protocol):
         """Every event from `from_seq` on, in order, then live ones, until `close()`."""
         ...
 
+    def follow_batches(
+        self, from_seq: int = 1, max_batch: int = 1000
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """`follow`, in lists of what has arrived (1 to `max_batch` events each):
+        a consumer that is slower than the stream gets bigger batches."""
+        ...
+
     async def close(self) -> None:
         """End every `follow()` iteration."""
         ...
@@ -160,11 +167,20 @@ class MemoryEventStore:
         return len(self._log)
 
     async def follow(self, from_seq: int = 1) -> AsyncIterator[RecordedEvent]:
+        async for batch in self.follow_batches(from_seq):
+            for recorded in batch:
+                yield recorded
+
+    async def follow_batches(
+        self, from_seq: int = 1, max_batch: int = 1000
+    ) -> AsyncIterator[list[RecordedEvent]]:
         next_seq = max(from_seq, 1)
         while not self._closed:
-            while next_seq <= len(self._log):
-                yield self._log[next_seq - 1]
-                next_seq += 1
+            if next_seq <= len(self._log):
+                batch = self._log[next_seq - 1 : next_seq - 1 + max_batch]
+                next_seq += len(batch)
+                yield batch
+                continue
             async with self._changed:
                 while next_seq > len(self._log) and not self._closed:
                     await self._changed.wait()

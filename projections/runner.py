@@ -19,7 +19,6 @@ commit and publish.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -88,40 +87,8 @@ class ProjectionRunner:
         log.info("projection starting", checkpoint=self.checkpoint, head=head)
         if self.checkpoint >= head:
             await self._finish_catch_up()
-        queue: asyncio.Queue[RecordedEvent | BaseException | None] = asyncio.Queue(MAX_BATCH * 4)
-        reader = asyncio.create_task(self._read(queue), name="projection-reader")
-        try:
-            while True:
-                first = await queue.get()
-                batch: list[RecordedEvent] = []
-                item: RecordedEvent | BaseException | None = first
-                while True:
-                    if item is None:
-                        if batch:
-                            await self._apply(batch, head)
-                        return
-                    if isinstance(item, BaseException):
-                        raise item
-                    batch.append(item)
-                    if len(batch) >= MAX_BATCH or queue.empty():
-                        break
-                    item = queue.get_nowait()
-                await self._apply(batch, head)
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-
-    async def _read(self, queue: asyncio.Queue[RecordedEvent | BaseException | None]) -> None:
-        try:
-            async for recorded in self._store.follow(self.checkpoint + 1):
-                await queue.put(recorded)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            await queue.put(exc)
-            return
-        await queue.put(None)
+        async for batch in self._store.follow_batches(self.checkpoint + 1, MAX_BATCH):
+            await self._apply(batch, head)
 
     async def _apply(self, batch: list[RecordedEvent], head: int) -> None:
         live = self.caught_up.is_set()

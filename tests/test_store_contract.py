@@ -147,3 +147,41 @@ async def test_follow_replays_then_streams_live(store: EventStore) -> None:
     await task
     assert [r.seq for r in seen] == [2, 3, 4, 5]
     assert [r.subject for r in seen][-1] == aggregate_subject("network", "e")
+
+
+async def test_follow_batches_hands_over_what_has_arrived(store: EventStore) -> None:
+    for name in "abcdefg":
+        await store.append([created(name)])
+    batches: list[list[int]] = []
+
+    async def consume() -> None:
+        async for batch in store.follow_batches(2, max_batch=3):
+            batches.append([r.seq for r in batch])
+            if batch[-1].seq == 8:
+                return
+
+    task = asyncio.create_task(consume())
+    await store.append([created("h")])
+    await asyncio.wait_for(task, 10)
+    flat = [seq for batch in batches for seq in batch]
+    assert flat == [2, 3, 4, 5, 6, 7, 8]
+    assert all(1 <= len(batch) <= 3 for batch in batches)
+    # Six events were stored before following began: they come in full batches.
+    assert len(batches) < len(flat)
+
+
+async def test_close_ends_followers(store: EventStore) -> None:
+    await store.append([created("a")])
+    seen: list[int] = []
+    following = asyncio.Event()
+
+    async def consume() -> None:
+        async for batch in store.follow_batches(1):
+            seen.extend(r.seq for r in batch)
+            following.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(following.wait(), 10)
+    await store.close()
+    await asyncio.wait_for(task, 10)  # ends by itself, no cancellation
+    assert seen == [1]
