@@ -15,6 +15,7 @@ same topology gives the same messages.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -24,20 +25,31 @@ from projections.topology import Host, Network, Topology, Touched
 
 def peer_endpoint(host: Host) -> str | None:
     """The first endpoint candidate, with the host's listen port unless it names one."""
-    for candidate in host.endpoints:
+    return _endpoint(host.endpoints, host.listen_port)
+
+
+@functools.lru_cache(maxsize=65536)
+def _endpoint(endpoints: tuple[str, ...], listen_port: int) -> str | None:
+    # Cached: a snapshot of N peers would parse N addresses otherwise.
+    for candidate in endpoints:
         if not candidate:
             continue
         try:
             ip = ipaddress.ip_address(candidate)
         except ValueError:
             return candidate  # already "ip:port" / "[v6]:port"
-        return f"[{ip}]:{host.listen_port}" if ip.version == 6 else f"{ip}:{host.listen_port}"
+        return f"[{ip}]:{listen_port}" if ip.version == 6 else f"{ip}:{listen_port}"
     return None
 
 
 def _host_prefix(network: Network) -> tuple[int, int]:
     """(network prefix length, host prefix length) of a network's addresses."""
-    net = ipaddress.ip_network(network.cidr)
+    return _prefixes(network.cidr)
+
+
+@functools.lru_cache(maxsize=1024)
+def _prefixes(cidr: str) -> tuple[int, int]:
+    net = ipaddress.ip_network(cidr)
     return net.prefixlen, net.max_prefixlen
 
 
