@@ -163,6 +163,7 @@ class Agent:
         self.detect_endpoints = False  # True when endpoints were found, not given
         self.feed = DesiredFeed(identity.host_id, state.load_desired())
         self._unsaved = False  # the feed moved since the state was last saved and applied
+        self._resynced_for = 0  # the `seen` revision of the last re-read for a gap
         self.applied: DesiredState | None = None
         self.nc: Client | None = None
         self._wake = asyncio.Event()
@@ -190,16 +191,16 @@ class Agent:
             log.warning("desired state for another host ignored", host_id=message.host_id)
         elif outcome is Outcome.GAP:
             log.info(
-                "gap in desired states, re-reading from the snapshot",
+                "desired-state delta does not follow ours, skipped",
                 have=self.feed.revision,
                 base=getattr(message, "base", None),
                 revision=message.revision,
             )
-            if self.nc is not None:
-                asyncio.get_running_loop().create_task(self._resubscribe())
         elif outcome is Outcome.TAKEN:
             self._unsaved = True
-        if self._unsaved and pending == 0 and not self.feed.resyncing:
+        if pending > 0 or self.feed.resyncing:
+            return outcome
+        if self._unsaved:
             self._unsaved = False
             state = self.feed.state
             assert state is not None
@@ -209,7 +210,27 @@ class Agent:
                 log.warning("desired state not cached on disk", error=str(exc))
             log.info("desired state received", revision=state.revision, peers=len(state.peers))
             self._wake.set()
+        if self.feed.behind:
+            self._resync()
         return outcome
+
+    def _resync(self) -> None:
+        """Re-read the subject from its snapshot, once per revision we cannot
+        reach: a subject whose chain stays broken after that (a bad message)
+        must not make us re-read it in a loop."""
+        if self._resynced_for >= self.feed.seen:
+            log.warning(
+                "a desired-state delta does not chain even after re-reading: ignored",
+                have=self.feed.revision,
+                seen=self.feed.seen,
+            )
+            self.feed.seen = self.feed.revision  # forget it; later deltas apply as usual
+            return
+        self._resynced_for = self.feed.seen
+        log.info("re-reading desired states from the snapshot", have=self.feed.revision)
+        self.feed.resyncing = True
+        if self.nc is not None:
+            asyncio.get_running_loop().create_task(self._resubscribe())
 
     async def _on_desired(self, msg: Msg) -> None:
         try:

@@ -15,7 +15,7 @@ from events.desired import (
     DesiredState,
     decode_message,
 )
-from events.feed import DesiredFeed, Outcome
+from events.feed import DesiredFeed
 from events.subjects import DESIRED_PREFIX, DESIRED_STREAM, desired_subject
 
 ACK_TIMEOUT = 30.0
@@ -107,8 +107,9 @@ async def read_desired(js: JetStreamContext, host_id: str) -> DesiredState | Non
         while remaining > 0:
             for msg in await sub.fetch(min(remaining, 1000), timeout=ACK_TIMEOUT):
                 remaining -= 1
-                if feed.take(decode_message(msg.data)) is Outcome.GAP:
-                    raise ValueError(f"the desired states of {host_id} have a gap")
+                feed.take(decode_message(msg.data))
     finally:
         await sub.unsubscribe()
+    if feed.behind:
+        raise ValueError(f"the desired states of {host_id} do not chain (a gap)")
     return feed.state

@@ -1,8 +1,14 @@
 """An agent's reading of its desired-state subject: snapshots and deltas in order.
 
 Pure: `take` decides what a message does to the state the agent holds. The
-daemon, the benchmark's simulated agents and `read_desired` feed it messages and act on the
-outcome; see events/PROTOCOL.md for the rules.
+daemon, the benchmark's simulated agents and `read_desired` feed it messages
+and act on the outcome; see events/PROTOCOL.md for the rules.
+
+A delta that does not follow the state held (a gap) is not fatal by itself:
+with several control-plane replicas, two chains of deltas can interleave on a
+subject, and the next message may fill in. Only when everything pending has
+been read and the state is still behind a revision seen is the subject re-read
+from its snapshot (`behind`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from events.desired import DesiredDelta, DesiredMessage, DesiredState, apply_del
 class Outcome(enum.Enum):
     TAKEN = "taken"  # the state moved
     STALE = "stale"  # at or below what we hold (or skipped while resyncing)
-    GAP = "gap"  # a delta that does not follow: re-read the subject from its snapshot
+    GAP = "gap"  # a delta that does not follow what we hold: skipped, remembered
     FOREIGN = "foreign"  # for another host
 
 
@@ -24,14 +30,21 @@ class Outcome(enum.Enum):
 class DesiredFeed:
     host_id: str
     state: DesiredState | None = None
-    # After a gap: the subject is being re-read from its start, which is the
-    # latest snapshot; deltas before it are skipped and that snapshot is taken
-    # even if older than what we hold (the deltas after it bring it forward).
+    # While re-reading the subject from its start (the latest snapshot): deltas
+    # before the snapshot are skipped and the snapshot is taken even if older
+    # than what we hold (the deltas after it bring it forward).
     resyncing: bool = False
+    # The highest revision seen in a delta we could not apply.
+    seen: int = 0
 
     @property
     def revision(self) -> int:
         return self.state.revision if self.state is not None else 0
+
+    @property
+    def behind(self) -> bool:
+        """A revision newer than ours was announced and we could not reach it."""
+        return self.seen > self.revision
 
     def take(self, message: DesiredMessage) -> Outcome:
         if message.host_id != self.host_id:
@@ -48,7 +61,7 @@ class DesiredFeed:
         if self.resyncing or delta.revision <= self.revision:
             return Outcome.STALE
         if self.state is None or delta.base != self.state.revision:
-            self.resyncing = True
+            self.seen = max(self.seen, delta.revision)
             return Outcome.GAP
         self.state = apply_delta(self.state, delta)
         return Outcome.TAKEN
