@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.backend import BackendError, PeerSpec, WireGuardBackend
-from agent.link import LinkControl
+from agent.backend import BackendError, DeviceState, PeerSpec, WireGuardBackend
+from agent.link import LinkControl, LinkState
 from agent.plan import (
+    Actual,
     AddAddress,
     CreateInterface,
     Op,
@@ -35,6 +36,20 @@ class ApplyResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+async def read_actual(backend: WireGuardBackend, link: LinkControl) -> Actual:
+    """What is on the machine now. The device is read once: `exists()` is itself
+    a read, and reading a 1,000-peer device twice doubled an agent's pass."""
+    device: DeviceState | None
+    try:
+        device = await backend.read()
+    except BackendError:
+        if await backend.exists():
+            raise  # there, but unreadable: not the same as absent
+        device = None
+    link_state: LinkState | None = await link.state() if await link.exists() else None
+    return Actual(device=device, link=link_state)
 
 
 async def apply(

@@ -29,11 +29,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from agent.apply import apply
+from agent.apply import apply, read_actual
 from agent.backend import BackendError, DeviceState, WireGuardBackend
 from agent.endpoints import detect_endpoints
 from agent.kernel import KernelBackend, kernel_wireguard_available
-from agent.link import Link, LinkControl, LinkState
+from agent.link import Link, LinkControl
 from agent.plan import Actual, plan
 from agent.statedir import (
     AgentStatus,
@@ -263,13 +263,7 @@ class Agent:
     # -- reconcile -----------------------------------------------------------
 
     async def read_actual(self) -> Actual:
-        device: DeviceState | None = None
-        link: LinkState | None = None
-        if await self.backend.exists():
-            device = await self.backend.read()
-        if await self.link.exists():
-            link = await self.link.state()
-        return Actual(device=device, link=link)
+        return await read_actual(self.backend, self.link)
 
     async def reconcile_once(self) -> bool:
         """One pass. Returns True when the interface matches the desired state."""

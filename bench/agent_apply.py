@@ -29,7 +29,7 @@ import time
 
 from nacl.public import PrivateKey
 
-from agent.apply import apply
+from agent.apply import apply, read_actual
 from agent.link import Link
 from agent.plan import Actual, plan
 from agent.userspace import UserspaceBackend
@@ -66,9 +66,7 @@ async def inner(peers: int) -> dict[str, object]:
     )
 
     async def actual() -> Actual:
-        device = await backend.read() if await backend.exists() else None
-        link_state = await link.state() if await link.exists() else None
-        return Actual(device, link_state)
+        return await read_actual(backend, link)
 
     try:
         t0 = time.perf_counter()

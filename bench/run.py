@@ -50,9 +50,9 @@ import nats.errors
 from nacl.public import PrivateKey
 from nats.aio.client import Client
 
-from agent.apply import apply
+from agent.apply import apply, read_actual
 from agent.fake import FakeBackend, FakeLink, FakeMachine
-from agent.plan import Actual, plan
+from agent.plan import plan
 from controlplane.decide import Context, decide, host_id_for
 from controlplane.embedded import EmbeddedNats, free_port
 from events.commands import AnyCommand, CreateEnrollmentKey, CreateNetwork, Join, Reply
@@ -108,10 +108,9 @@ class SimAgent:
             return
         backend = FakeBackend("nm0", self.machine)
         link = FakeLink("nm0", self.machine)
-        device = await backend.read() if await backend.exists() else None
-        link_state = await link.state() if await link.exists() else None
         state = self.feed.state
-        ops = plan(state, Actual(device, link_state), public_key=SIM_PUBLIC, previous=self.applied)
+        actual = await read_actual(backend, link)
+        ops = plan(state, actual, public_key=SIM_PUBLIC, previous=self.applied)
         await apply(ops, backend, link, SIM_PRIVATE)
         self.machine.ops.clear()
         self.applied = state
