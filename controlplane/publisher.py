@@ -56,7 +56,9 @@ class JetStreamDesiredPublisher:
                         # The ack wait below bounds the whole batch instead.
                     )
                 )
-            await asyncio.wait_for(asyncio.gather(*acks), ACK_TIMEOUT)
+            async with asyncio.timeout(ACK_TIMEOUT):
+                for ack in acks:
+                    await ack
         finally:
             for ack in acks:
                 ack.cancel()  # no-op when done; frees the pending slot otherwise

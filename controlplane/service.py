@@ -159,9 +159,11 @@ class ControlPlane:
 
     async def _wait_write_model(self, seq: int, timeout: float = 10.0) -> None:
         async with self._write_progress:
-            await asyncio.wait_for(
-                self._write_progress.wait_for(lambda: self.write_model.last_seq >= seq), timeout
-            )
+            if self.write_model.last_seq >= seq:
+                return
+            # asyncio.timeout, not wait_for: no extra task per command.
+            async with asyncio.timeout(timeout):
+                await self._write_progress.wait_for(lambda: self.write_model.last_seq >= seq)
 
     async def _catch_up(self) -> None:
         await self._wait_write_model(await self.store.last_sequence(), timeout=120)
@@ -203,8 +205,9 @@ class ControlPlane:
         ctx = Context(
             now=time.time(),
             actor=actor,
-            new_key_id="k" + secrets.token_hex(5),
-            new_secret=secrets.token_urlsafe(24),
+            # Only a new key needs these (drawing them cost 5% of a command).
+            new_key_id="k" + secrets.token_hex(5) if verb == "key.create" else "",
+            new_secret=secrets.token_urlsafe(24) if verb == "key.create" else "",
         )
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:

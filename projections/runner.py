@@ -197,11 +197,12 @@ class ProjectionRunner:
 
     async def wait_for(self, seq: int, timeout: float) -> bool:
         """Wait until the checkpoint reaches `seq`; False on timeout."""
+        if self.checkpoint >= seq:
+            return True
         async with self._progress:
             try:
-                await asyncio.wait_for(
-                    self._progress.wait_for(lambda: self.checkpoint >= seq), timeout
-                )
+                async with asyncio.timeout(timeout):
+                    await self._progress.wait_for(lambda: self.checkpoint >= seq)
             except TimeoutError:
                 return False
         return True
