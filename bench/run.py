@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -71,7 +72,10 @@ from projections.sqlite import ReadModel
 from projections.topology import Topology, evolve
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONNECTIONS = 4
+# Simulated agents share these connections. The full-state baseline pushes
+# 166 MB per join at 1,000 hosts: spread over fewer connections, one exceeds
+# the server's per-client pending limit and is cut as a slow consumer.
+CONNECTIONS = 9
 SIM_KEY = PrivateKey(bytes(32))
 SIM_PRIVATE = base64.b64encode(bytes(SIM_KEY)).decode()
 SIM_PUBLIC = base64.b64encode(bytes(SIM_KEY.public_key)).decode()
@@ -131,6 +135,8 @@ class Bench:
         self._remaining = 0
         self._all_past = asyncio.Event()
         self.head = 0  # stream sequence of the last event the bench caused
+        self.failed = asyncio.Event()  # a connection broke: results would be wrong
+        self.failures: list[str] = []
 
     async def request(self, verb: str, **fields: Any) -> Any:
         fields.setdefault("command_id", uuid.uuid4().hex)
@@ -197,7 +203,15 @@ class Bench:
         self._all_past.clear()
         yield
         if self._remaining > 0:
-            await asyncio.wait_for(self._all_past.wait(), timeout)
+            done = asyncio.ensure_future(self._all_past.wait())
+            broken = asyncio.ensure_future(self.failed.wait())
+            await asyncio.wait([done, broken], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done.cancel()
+            broken.cancel()
+            if self.failed.is_set():
+                raise RuntimeError(f"a bench connection failed: {'; '.join(self.failures)}")
+            if not self._all_past.is_set():
+                raise TimeoutError(f"{self._remaining} agents did not converge in {timeout} s")
 
     def received(self) -> int:
         return sum(a.bytes_in for a in self.agents.values())
@@ -295,8 +309,26 @@ async def control_plane(
     once it answers."""
     server = EmbeddedNats(workdir / f"js-{tag}", port=free_port(), server_name=f"bench-{tag}")
     await server.start()
+    failures: list[str] = []
+    broken = asyncio.Event()
+
+    async def on_error(exc: Exception) -> None:
+        failures.append(repr(exc))
+        broken.set()
+
+    async def on_disconnect() -> None:
+        failures.append("disconnected")
+        broken.set()
+
     conns = [
-        await nats.connect(server.url, pending_size=256 * 1024 * 1024) for _ in range(CONNECTIONS)
+        await nats.connect(
+            server.url,
+            pending_size=256 * 1024 * 1024,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            max_reconnect_attempts=0,
+        )
+        for _ in range(CONNECTIONS)
     ]
     seed = None
     cp = None
@@ -313,6 +345,8 @@ async def control_plane(
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         bench = Bench(server.url, conns)
+        bench.failed = broken
+        bench.failures = failures
         await bench.wait_ready(cp)
         if seed is not None:
             bench.head = await JetStreamEventStore(conns[0]).last_sequence()
@@ -564,4 +598,12 @@ if __name__ == "__main__":
     from cli.logs import configure_logging
 
     configure_logging("console", "warning")
-    asyncio.run(main())
+
+    async def run_until_signalled() -> None:
+        # SIGTERM cancels like Ctrl-C, so that the finally blocks stop the
+        # nats-server and control plane this run started.
+        task = asyncio.ensure_future(main())
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        await task
+
+    asyncio.run(run_until_signalled())
