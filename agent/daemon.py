@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from events.connect import connect_once
 from events.desired import DesiredMessage, DesiredState, decode_message
 from events.feed import DesiredFeed, Outcome
 from events.reports import APPLIED, AppliedReport, PeerReport, applied_encoder
+from events.signing import SIGNATURE_HEADER, verify, verify_key_of
 from events.subjects import (
     DESIRED_STREAM,
     REPORTS_STREAM,
@@ -64,6 +65,7 @@ log = structlog.get_logger("netmesh.agent")
 RESYNC_INTERVAL = 30.0
 SETTLE_DELAY = 3.0
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
+RESYNC_GRACE = 10.0  # seconds a re-read may take to find its snapshot
 CONNECT_BACKOFF_MIN, CONNECT_BACKOFF_MAX = 0.5, 10.0
 
 
@@ -162,8 +164,13 @@ class Agent:
         self.resync_interval = resync_interval
         self.detect_endpoints = False  # True when endpoints were found, not given
         self.feed = DesiredFeed(identity.host_id, state.load_desired())
+        self._verify_key = verify_key_of(identity.server_key) if identity.server_key else None
+        self.rejected = 0
+        self.last_rejection: str | None = None
         self._unsaved = False  # the feed moved since the state was last saved and applied
         self._resynced_for = 0  # the `seen` revision of the last re-read for a gap
+        self._warned_unpinned = False
+        self._background: set[asyncio.Task[None]] = set()
         self.applied: DesiredState | None = None
         self.nc: Client | None = None
         self._wake = asyncio.Event()
@@ -200,6 +207,11 @@ class Agent:
             self._unsaved = True
         if pending > 0 or self.feed.resyncing:
             return outcome
+        if self.feed.settle():
+            log.warning(
+                "re-reading desired states gave an older state; keeping ours",
+                revision=self.feed.revision,
+            )
         if self._unsaved:
             self._unsaved = False
             state = self.feed.state
@@ -228,11 +240,49 @@ class Agent:
             return
         self._resynced_for = self.feed.seen
         log.info("re-reading desired states from the snapshot", have=self.feed.revision)
-        self.feed.resyncing = True
+        self.feed.begin_resync()
         if self.nc is not None:
-            asyncio.get_running_loop().create_task(self._resubscribe())
+            self._spawn(self._resubscribe())
+        # A subject with no snapshot to re-read from (purged) must not leave us
+        # skipping deltas for good.
+        asyncio.get_running_loop().call_later(RESYNC_GRACE, self._end_resync)
+
+    def _end_resync(self) -> None:
+        if self.feed.resyncing:
+            log.warning("no snapshot found when re-reading desired states; going on")
+            self.feed.resyncing = False
+            self.feed.settle()
+
+    def authentic(self, data: bytes, signature: str | None) -> bool:
+        """Whether a desired-state message comes from our control plane. A
+        refused one changes nothing; it is counted, logged and reported."""
+        if self._verify_key is None:
+            if not self._warned_unpinned:
+                self._warned_unpinned = True
+                log.warning(
+                    "no control-plane key pinned (enrolled with an old token): desired "
+                    "states are not verified; re-enroll with a new token to pin one"
+                )
+            return True
+        why = verify(self._verify_key, data, signature)
+        if why is None:
+            return True
+        self.rejected += 1
+        self.last_rejection = f"{why} desired state refused at {time.strftime('%H:%M:%S')}"
+        log.warning("desired state refused", why=why, rejected=self.rejected)
+        self.write_status()
+        self._spawn(self.report())
+        return False
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run in the background, holding a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _on_desired(self, msg: Msg) -> None:
+        if not self.authentic(msg.data, (msg.headers or {}).get(SIGNATURE_HEADER)):
+            return
         try:
             message = decode_message(msg.data)
         except msgspec.DecodeError as exc:
@@ -309,6 +359,8 @@ class Agent:
             desired_revision=self.desired.revision if self.desired else 0,
             applied_revision=self.applied.revision if self.applied else 0,
             last_error=self._last_error,
+            rejected=self.rejected,
+            last_rejection=self.last_rejection,
             updated_at=time.time(),
         )
         try:
@@ -356,6 +408,8 @@ class Agent:
             interface=self.backend.interface,
             error=self._last_error,
             peers=peers,
+            rejected=self.rejected,
+            last_rejection=self.last_rejection,
         )
         try:
             await self.nc.jetstream().publish(
@@ -471,7 +525,7 @@ class Agent:
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected")
-        asyncio.get_running_loop().create_task(self._resubscribe())
+        self._spawn(self._resubscribe())
 
     async def _on_disconnected(self) -> None:
         log.info("disconnected from the control plane; keeping the last desired state")
@@ -522,6 +576,8 @@ async def run_agent(
             server=url,
             networks=networks,
             endpoints=offered,
+            # Pinned from the token (enroll() has parsed it already).
+            server_key=parse_token(token).server_key or (identity.server_key if identity else ""),
         )
         state.save_identity(identity)
         log.info(

@@ -23,6 +23,10 @@ class Identity(msgspec.Struct, kw_only=True):
     server: str
     networks: list[str] = []
     endpoints: list[str] = []
+    # The control plane's signing key, pinned from the enrollment token: desired
+    # states not signed by it are refused. Empty for hosts enrolled before tokens
+    # carried it (they accept unsigned states, with a warning; re-enroll to pin).
+    server_key: str = ""
 
 
 class AgentStatus(msgspec.Struct, kw_only=True):
@@ -35,6 +39,8 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     desired_revision: int = 0
     applied_revision: int = 0
     last_error: str | None = None
+    rejected: int = 0
+    last_rejection: str | None = None
     updated_at: float = 0.0
 
 

@@ -49,6 +49,7 @@ import msgspec
 import nats
 import nats.errors
 from nacl.public import PrivateKey
+from nacl.signing import VerifyKey
 from nats.aio.client import Client
 
 from agent.apply import apply, read_actual
@@ -63,6 +64,7 @@ from events.envelope import RecordedEvent, make_envelope
 from events.feed import DesiredFeed, Outcome
 from events.jetstream import JetStreamEventStore
 from events.model import HostEndpointObserved
+from events.signing import SIGNATURE_HEADER, load_or_create, verify
 from events.store import PendingEvent
 from events.subjects import DESIRED_PREFIX, aggregate_subject
 from events.tokens import make_token
@@ -98,6 +100,7 @@ def cpu_seconds(pid: int) -> float:
 @dataclass
 class SimAgent:
     feed: DesiredFeed
+    verify_key: VerifyKey
     machine: FakeMachine = field(default_factory=FakeMachine)
     applied: DesiredState | None = None
     bytes_in: int = 0
@@ -119,15 +122,18 @@ class SimAgent:
         self.machine.ops.clear()
         self.applied = state
 
-    async def on_message(self, data: bytes) -> None:
+    async def on_message(self, data: bytes, signature: str | None) -> None:
         self.bytes_in += len(data)
         self.messages += 1
+        if verify(self.verify_key, data, signature) is not None:
+            raise RuntimeError("a desired state failed its signature check")
         await self.take(decode_message(data))
 
 
 class Bench:
-    def __init__(self, url: str, conns: list[Client]) -> None:
+    def __init__(self, url: str, conns: list[Client], verify_key: VerifyKey) -> None:
         self.url = url
+        self.verify_key = verify_key  # the control plane's, as agents pin it
         self.conns = conns
         self.admin = conns[0]
         self.agents: dict[str, SimAgent] = {}
@@ -162,7 +168,7 @@ class Bench:
                 await asyncio.sleep(0.05)
 
     async def attach(self, n: int, host_id: str, seed: DesiredState | None) -> None:
-        agent = SimAgent(DesiredFeed(host_id))
+        agent = SimAgent(DesiredFeed(host_id), self.verify_key)
         if seed is not None:
             await agent.take(seed)
         self.agents[host_id] = agent
@@ -170,7 +176,7 @@ class Bench:
 
         async def deliver(msg: Any) -> None:
             had = agent.feed.revision
-            await agent.on_message(msg.data)
+            await agent.on_message(msg.data, (msg.headers or {}).get(SIGNATURE_HEADER))
             if had <= self._threshold < agent.feed.revision:
                 self._remaining -= 1
                 if self._remaining == 0:
@@ -344,7 +350,15 @@ async def control_plane(
             "--desired-states", "full" if full_states else "deltas",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
-        bench = Bench(server.url, conns)
+        # The control plane makes its signing key on start; read it the way
+        # an agent gets it (the public half) once the file is there.
+        key_file = workdir / f"cp-{tag}" / "signing.key"
+        deadline = time.monotonic() + 60
+        while not key_file.exists():
+            if cp.returncode is not None or time.monotonic() > deadline:
+                raise RuntimeError("the control plane made no signing key")
+            await asyncio.sleep(0.05)
+        bench = Bench(server.url, conns, load_or_create(key_file).verify_key)
         bench.failed = broken
         bench.failures = failures
         await bench.wait_ready(cp)

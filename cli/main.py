@@ -132,6 +132,7 @@ def server(
     """Run the control plane (foreground; stops on SIGINT/SIGTERM)."""
     from controlplane.embedded import NatsServerError
     from controlplane.server import ControlPlaneFailed, run_server, split_listen
+    from events.signing import SigningKeyError
 
     configure_logging(log_format, log_level)
     if nats_url is None:
@@ -149,7 +150,7 @@ def server(
                 snapshots_only=desired_states == "full",
             )
         )
-    except (NatsServerError, ControlPlaneFailed) as exc:
+    except (NatsServerError, ControlPlaneFailed, SigningKeyError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot start: {exc}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from nacl.signing import SigningKey
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -16,6 +17,7 @@ from events.desired import (
     decode_message,
 )
 from events.feed import DesiredFeed
+from events.signing import SIGNATURE_HEADER, sign
 from events.subjects import DESIRED_PREFIX, DESIRED_STREAM, desired_subject
 
 ACK_TIMEOUT = 30.0
@@ -30,8 +32,9 @@ def message_id(message: DesiredMessage) -> str:
 
 
 class JetStreamDesiredPublisher:
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, signing_key: SigningKey) -> None:
         self._js = js
+        self._key = signing_key
 
     async def publish(self, batch: Sequence[tuple[DesiredMessage, bytes]]) -> None:
         # Pipelined: every message is sent before any ack is awaited (one round
@@ -42,6 +45,7 @@ class JetStreamDesiredPublisher:
                 headers = {
                     "Nats-Msg-Id": message_id(message),
                     REVISION_HEADER: str(message.revision),
+                    SIGNATURE_HEADER: sign(self._key, data),
                 }
                 if not isinstance(message, DesiredDelta):
                     headers["Nats-Rollup"] = "sub"  # a snapshot replaces what came before

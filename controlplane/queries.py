@@ -163,6 +163,9 @@ async def status(model: ReadModel, applied: AppliedLookup) -> list[dict[str, Any
                 "state": state,
                 "reported_at": report.get("at") if report else None,
                 "error": report.get("error") if report else None,
+                # Desired states the agent refused (bad or missing signature).
+                "rejected": report.get("rejected", 0) if report else 0,
+                "last_rejection": report.get("last_rejection") if report else None,
                 "peers": _peers(report, names),
             }
         )

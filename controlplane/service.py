@@ -36,6 +36,7 @@ from events.connect import server_has_seen_everything
 from events.envelope import make_envelope
 from events.jetstream import JetStreamEventStore
 from events.reports import APPLIED, applied_decoder
+from events.signing import load_or_create, public_text
 from events.store import ConcurrencyConflict, DuplicateAppend, PendingEvent, StoreError
 from events.subjects import COMMAND_PREFIX, QUERY_PREFIX, REPORTS_STREAM, report_subject
 from events.tokens import make_token
@@ -66,6 +67,9 @@ class ControlPlane:
         self._snapshots_only = snapshots_only
         self._js = nc.jetstream()
         self.data_dir = data_dir
+        # The key desired states are signed with; its public half goes into
+        # every enrollment token, and agents pin it. Raises SigningKeyError.
+        self.signing_key = load_or_create(data_dir / "signing.key")
         self.advertise_url = advertise_url
         self.store = JetStreamEventStore(nc)
         self.write_model = Topology()
@@ -87,7 +91,7 @@ class ControlPlane:
         self.runner = ProjectionRunner(
             self.store,
             self.model,
-            JetStreamDesiredPublisher(self._js),
+            JetStreamDesiredPublisher(self._js, self.signing_key),
             snapshots_only=self._snapshots_only,
         )
         self._tasks.append(
@@ -258,7 +262,9 @@ class ControlPlane:
     def _result(self, verb: str, decision: Decision, ctx: Context) -> dict[str, Any]:
         result = dict(decision.result)
         if verb == "key.create":
-            result["token"] = make_token(self.advertise_url, ctx.new_key_id, ctx.new_secret)
+            result["token"] = make_token(
+                self.advertise_url, ctx.new_key_id, ctx.new_secret, public_text(self.signing_key)
+            )
         return result
 
     # -- queries --------------------------------------------------------------

@@ -36,6 +36,8 @@ class DesiredFeed:
     resyncing: bool = False
     # The highest revision seen in a delta we could not apply.
     seen: int = 0
+    # The state held when a re-read began: the re-read must not leave us older.
+    _before_resync: DesiredState | None = None
 
     @property
     def revision(self) -> int:
@@ -45,6 +47,25 @@ class DesiredFeed:
     def behind(self) -> bool:
         """A revision newer than ours was announced and we could not reach it."""
         return self.seen > self.revision
+
+    def begin_resync(self) -> None:
+        """The subject is about to be re-read from its start."""
+        self.resyncing = True
+        if self._before_resync is None:
+            self._before_resync = self.state
+
+    def settle(self) -> bool:
+        """Everything pending has been read. A finished re-read that left us
+        older than before (an old snapshot replayed onto the subject, rolling up
+        the newer messages) is undone. True when it was."""
+        before = self._before_resync
+        if before is None or self.resyncing:
+            return False
+        self._before_resync = None
+        if self.revision < before.revision:
+            self.state = before
+            return True
+        return False
 
     def take(self, message: DesiredMessage) -> Outcome:
         if message.host_id != self.host_id:

@@ -27,6 +27,10 @@ class AppliedReport(msgspec.Struct, frozen=True, kw_only=True):
     interface: str
     error: str | None = None  # set when the last apply failed; revision is then the last good
     peers: tuple[PeerReport, ...] = ()
+    # Desired-state messages refused since the agent started (unsigned, badly
+    # signed), and why the last one was: someone is publishing on our subject.
+    rejected: int = 0
+    last_rejection: str | None = None
 
 
 applied_encoder = msgspec.json.Encoder()

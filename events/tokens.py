@@ -1,8 +1,11 @@
 """Enrollment tokens: one string carrying what a new host needs to join.
 
-    nmt1.<base64url(JSON {"server": url, "key_id": id, "secret": secret})>
+    nmt1.<base64url(JSON {"server": url, "key_id": id, "secret": secret,
+                          "server_key": base64 Ed25519 public key})>
 
 The control plane stores only sha256(secret); the token is shown once.
+`server_key` is the key the control plane signs desired states with: the agent
+pins it at enrollment, so the token is all it needs to trust (no public CA).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import binascii
 import hashlib
 
 import msgspec
+
+from events.signing import verify_key_of
 
 TOKEN_PREFIX = "nmt1."
 
@@ -24,10 +29,13 @@ class TokenParts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     server: str
     key_id: str
     secret: str
+    server_key: str = ""  # empty in tokens made before signed desired states
 
 
-def make_token(server: str, key_id: str, secret: str) -> str:
-    body = msgspec.json.encode(TokenParts(server=server, key_id=key_id, secret=secret))
+def make_token(server: str, key_id: str, secret: str, server_key: str = "") -> str:
+    body = msgspec.json.encode(
+        TokenParts(server=server, key_id=key_id, secret=secret, server_key=server_key)
+    )
     return TOKEN_PREFIX + base64.urlsafe_b64encode(body).decode().rstrip("=")
 
 
@@ -44,6 +52,11 @@ def parse_token(token: str) -> TokenParts:
         raise InvalidToken("enrollment token is damaged (copy it again, whole)") from exc
     if not parts.key_id or not parts.secret:
         raise InvalidToken("enrollment token is damaged (copy it again, whole)")
+    if parts.server_key:
+        try:
+            verify_key_of(parts.server_key)
+        except ValueError:
+            raise InvalidToken("enrollment token is damaged (copy it again, whole)") from None
     return parts
 
 

@@ -1,5 +1,6 @@
 """A real `Agent` (on the fake machine) against a real nats-server and control
-plane: snapshot then deltas through JetStream, and a gap on its subject."""
+plane: snapshot then deltas through JetStream, a gap on its subject, and
+messages forged or replayed there by someone with access to the broker."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from pathlib import Path
 import nats
 import pytest
 from nacl.public import PrivateKey
+from nacl.signing import SigningKey
 
 from agent.daemon import Agent
 from agent.fake import FakeBackend, FakeLink, FakeMachine
 from agent.statedir import Identity, StateDir, private_key_b64, public_key_of
 from controlplane.embedded import EmbeddedNats
-from controlplane.publisher import JetStreamDesiredPublisher
+from controlplane.publisher import JetStreamDesiredPublisher, read_desired
 from controlplane.service import ControlPlane
 from events.desired import DesiredDelta, PeerConfig, desired_encoder
+from events.signing import SIGNATURE_HEADER, sign
+from events.subjects import DESIRED_STREAM, desired_subject
+from events.tokens import parse_token
 from tests.factories import public_key
 from tests.netns import wait_until
 from tests.test_controlplane import Admin, network_with_token
@@ -40,7 +45,12 @@ async def setup(
     )
     machine = FakeMachine()
     agent = Agent(
-        identity=Identity(host_id=joined["host_id"], name="me", server=nats_server.url),
+        identity=Identity(
+            host_id=joined["host_id"],
+            name="me",
+            server=nats_server.url,
+            server_key=parse_token(token).server_key,  # pinned as at enrollment
+        ),
         state=StateDir(tmp_path / "agent"),
         backend=FakeBackend("nm0", machine),
         link=FakeLink("nm0", machine),
@@ -84,7 +94,8 @@ async def test_agent_follows_deltas_and_survives_a_gap(
         base=before + 999,
         upsert=(PeerConfig(public_key=public_key(9), allowed_ips=("10.10.0.9/32",)),),
     )
-    await JetStreamDesiredPublisher(admin.nc.jetstream()).publish(
+    # Signed by the control plane's own key: a lost message, not a forgery.
+    await JetStreamDesiredPublisher(admin.nc.jetstream(), plane.signing_key).publish(
         [(bogus, desired_encoder.encode(bogus))]
     )
     await wait_until(lambda: agent._resynced_for == bogus.revision, message="re-read")
@@ -100,3 +111,55 @@ async def test_agent_follows_deltas_and_survives_a_gap(
     await admin.ok("node.remove", node="office/two")
     await wait_until(lambda: device_peers(agent) == {public_key(3)}, message="removal")
     assert plane.runner is not None and plane.runner.messages_published > 0
+
+
+async def test_forged_and_replayed_desired_states_change_nothing(
+    setup: tuple[ControlPlane, Admin, Agent, str],
+) -> None:
+    plane, admin, agent, token = setup
+    await admin.ok("join", token=token, public_key=public_key(2), name="two")
+    await wait_until(lambda: device_peers(agent) == {public_key(2)}, message="first peer")
+    first = await read_desired(admin.nc.jetstream(), agent.identity.host_id)
+    assert first is not None
+    await admin.ok("join", token=token, public_key=public_key(3), name="three")
+    await wait_until(lambda: device_peers(agent) == {public_key(2), public_key(3)})
+    held = agent.feed.revision
+    js = admin.nc.jetstream()
+    subject = desired_subject(agent.identity.host_id)
+    intruder = PeerConfig(public_key=public_key(66), allowed_ips=("10.10.0.66/32",))
+    forged = DesiredDelta(
+        host_id=agent.identity.host_id, revision=held + 1, base=held, upsert=(intruder,)
+    )
+    data = desired_encoder.encode(forged)
+    # Unsigned, signed by another key, and a genuine signature on other bytes.
+    other = SigningKey.generate()
+    genuine = sign(plane.signing_key, desired_encoder.encode(first))
+    for headers in ({}, {SIGNATURE_HEADER: sign(other, data)}, {SIGNATURE_HEADER: genuine}):
+        await js.publish(subject, data, stream=DESIRED_STREAM, headers=headers)
+    await wait_until(lambda: agent.rejected == 3, message="three refusals")
+    assert agent.feed.revision == held
+    assert public_key(66) not in device_peers(agent)
+    assert agent.last_rejection is not None
+
+    async def reported() -> bool:
+        reply = await admin.send("netmesh.query.status", {})
+        mine = [r for r in reply.result if r["name"] == "me"]
+        return bool(mine) and mine[0].get("rejected") == 3
+
+    await wait_until(reported, message="the refusals reported to the control plane")
+
+    # An old genuine snapshot replayed with a rollup wipes the newer messages
+    # off the subject: the agent ignores it, and a re-read does not go back.
+    replay = desired_encoder.encode(first)
+    await js.publish(
+        subject,
+        replay,
+        stream=DESIRED_STREAM,
+        headers={"Nats-Rollup": "sub", SIGNATURE_HEADER: sign(plane.signing_key, replay)},
+    )
+    agent.feed.seen = held + 5  # as if a later delta had not chained: forces a re-read
+    agent._resync()
+    await wait_until(lambda: not agent.feed.resyncing, message="re-read done")
+    assert agent.feed.revision == held
+    assert agent.feed.settle() is False
+    assert device_peers(agent) == {public_key(2), public_key(3)}

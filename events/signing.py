@@ -1,0 +1,74 @@
+"""Ed25519 signatures over desired-state messages (and, later, commands).
+
+The control plane signs the exact bytes it publishes; the signature travels in
+a header, so the payload stays plain JSON for anyone tapping the stream. An
+agent verifies with the key it pinned at enrollment (the token carries it):
+then whoever can publish on the broker still cannot make an agent add a peer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from pathlib import Path
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+SIGNATURE_HEADER = "Netmesh-Signature"
+
+
+class SigningKeyError(Exception):
+    """The key file is unreadable or not a key."""
+
+
+def sign(key: SigningKey, data: bytes) -> str:
+    """Base64 of the detached signature of `data`."""
+    return base64.b64encode(key.sign(data).signature).decode()
+
+
+def verify_key_of(text: str) -> VerifyKey:
+    """A public key as tokens carry it (base64). Raises ValueError."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise ValueError("not base64") from exc
+    if len(raw) != 32:
+        raise ValueError("not an Ed25519 public key")
+    return VerifyKey(raw)
+
+
+def public_text(key: SigningKey) -> str:
+    return base64.b64encode(bytes(key.verify_key)).decode()
+
+
+def verify(key: VerifyKey, data: bytes, signature: str | None) -> str | None:
+    """None when `signature` is a valid signature of `data` by `key`, else why not."""
+    if not signature:
+        return "unsigned"
+    try:
+        raw = base64.b64decode(signature, validate=True)
+        key.verify(data, raw)
+    except (binascii.Error, ValueError, BadSignatureError):
+        return "bad signature"
+    return None
+
+
+def load_or_create(path: Path) -> SigningKey:
+    """The key in `path` (base64 seed), made on first use with mode 0600."""
+    if path.exists():
+        try:
+            return SigningKey(base64.b64decode(path.read_text().strip(), validate=True))
+        except (OSError, binascii.Error, ValueError) as exc:
+            raise SigningKeyError(f"{path}: not a signing key ({exc})") from None
+    key = SigningKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(base64.b64encode(bytes(key)).decode() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return key
