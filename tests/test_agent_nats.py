@@ -5,6 +5,7 @@ messages forged or replayed there by someone with access to the broker."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import nats
 import pytest
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
+from nats.js.errors import NotFoundError
 
 from agent.daemon import Agent
 from agent.fake import FakeBackend, FakeLink, FakeMachine
@@ -22,7 +24,7 @@ from controlplane.publisher import JetStreamDesiredPublisher, read_desired
 from controlplane.service import ControlPlane
 from events.desired import DesiredDelta, PeerConfig, desired_encoder
 from events.signing import SIGNATURE_HEADER, sign
-from events.subjects import DESIRED_STREAM, desired_subject
+from events.subjects import DESIRED_STREAM, EVENTS_STREAM, REPORTS_STREAM, desired_subject
 from events.tokens import parse_token
 from tests.factories import public_key
 from tests.netns import wait_until
@@ -163,3 +165,48 @@ async def test_forged_and_replayed_desired_states_change_nothing(
     assert agent.feed.revision == held
     assert agent.feed.settle() is False
     assert device_peers(agent) == {public_key(2), public_key(3)}
+
+
+async def test_no_secret_appears_in_streams_read_model_or_logs(
+    setup: tuple[ControlPlane, Admin, Agent, str],
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The agent's WireGuard private key, the control plane's signing key and
+    the enrollment secret: in none of the streams (payloads and headers), the
+    read model, or anything logged."""
+    plane, admin, agent, token = setup
+    await admin.ok("join", token=token, public_key=public_key(2), name="two")
+    await wait_until(lambda: device_peers(agent) == {public_key(2)})
+    await agent.reconcile_once()  # logs a pass, reports
+    await admin.ok("node.remove", node="office/two")
+    await wait_until(lambda: device_peers(agent) == set())
+
+    wg_key = base64.b64decode(agent._private_key)
+    seed = bytes(plane.signing_key)
+    secret = parse_token(token).secret
+    needles = {
+        "wireguard key (base64)": agent._private_key,
+        "wireguard key (hex)": wg_key.hex(),
+        "signing key (base64)": base64.b64encode(seed).decode(),
+        "signing key (hex)": seed.hex(),
+        "enrollment secret": secret,
+    }
+    haystacks: dict[str, bytes] = {}
+    js = admin.nc.jetstream()
+    for stream in (EVENTS_STREAM, DESIRED_STREAM, REPORTS_STREAM):
+        last = (await js.stream_info(stream)).state.last_seq
+        for seq in range(1, last + 1):
+            try:
+                msg = await js.get_msg(stream, seq)
+            except NotFoundError:  # rolled up or replaced
+                continue
+            haystacks[f"{stream} #{seq}"] = (msg.data or b"") + repr(msg.headers).encode()
+    for path in (tmp_path / "cp").glob("readmodel.sqlite3*"):
+        haystacks[path.name] = path.read_bytes()
+    out, err = capfd.readouterr()
+    haystacks["logs"] = (out + err).encode()
+    assert len(haystacks) > 10 and b"desired state received" in haystacks["logs"]  # saw things
+    for where, data in haystacks.items():
+        for what, needle in needles.items():
+            assert needle.encode() not in data, f"{what} found in {where}"
