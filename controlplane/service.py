@@ -59,6 +59,22 @@ class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     node: str | None = None
 
 
+def _duplicate(command_id: str, seq: int | None) -> Reply:
+    where = f" (event #{seq})" if seq is not None else ""
+    return Reply(
+        ok=False,
+        code="duplicate",
+        error=f"command id {command_id!r} was already applied{where}; send a new id",
+    )
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters (newlines included) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class ControlPlane:
     def __init__(
         self, nc: Client, data_dir: Path, advertise_url: str, *, snapshots_only: bool = False
@@ -185,6 +201,14 @@ class ControlPlane:
             await msg.respond(_reply_encoder.encode(reply))
 
     async def handle_command(self, verb: str, payload: bytes, *, actor: str) -> Reply:
+        reply = await self._handle_command(verb, payload, actor=actor)
+        if reply.error is not None:
+            # Refusals quote what was sent (field names, values): keep them on
+            # one line whatever it contained.
+            reply.error = one_line(reply.error)
+        return reply
+
+    async def _handle_command(self, verb: str, payload: bytes, *, actor: str) -> Reply:
         cls = VERBS.get(verb)
         if cls is None:
             return Reply(ok=False, code="invalid", error=f"unknown command {verb!r}")
@@ -214,6 +238,9 @@ class ControlPlane:
             new_secret=secrets.token_urlsafe(24) if verb == "key.create" else "",
         )
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            applied_at = self.write_model.commands.get(command_id)
+            if applied_at is not None:
+                return _duplicate(command_id, applied_at)
             try:
                 decision = decide(self.write_model, command, ctx)
             except Rejected as exc:
@@ -227,9 +254,14 @@ class ControlPlane:
                     expect=decision.expect,
                     msg_id=command_id,
                 )
-            except (ConcurrencyConflict, DuplicateAppend) as exc:
-                # Someone wrote first (or this command already landed): catch up
-                # and decide again against what is there now.
+            except DuplicateAppend:
+                # JetStream knows the id (its duplicate window) before our write
+                # model does: wait for it, then answer as above.
+                await self._catch_up()
+                return _duplicate(command_id, self.write_model.commands.get(command_id))
+            except ConcurrencyConflict as exc:
+                # Someone wrote first: catch up and decide again against what is
+                # there now.
                 log.info(
                     "append conflict, deciding again", verb=verb, attempt=attempt, why=str(exc)
                 )

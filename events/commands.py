@@ -100,7 +100,8 @@ class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
     ok: bool
     result: Any = None
     error: str | None = None
-    code: str | None = None  # invalid | not_found | conflict | exhausted | expired | revoked ...
+    # invalid | not_found | conflict | exhausted | expired | revoked | duplicate | busy ...
+    code: str | None = None
     seq: int | None = None  # stream sequence of the last event the command appended
 
 

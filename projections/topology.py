@@ -28,6 +28,8 @@ from events.model import (
 )
 from events.subjects import EVENTS_PREFIX
 
+COMMAND_MEMORY = 100_000
+
 
 @dataclass
 class Network:
@@ -125,6 +127,10 @@ class Topology:
     versions: dict[str, int] = field(default_factory=dict)
     last_network_seq: int = 0
     last_seq: int = 0
+    # Command id -> stream sequence of its last event, for the most recent
+    # COMMAND_MEMORY commands: a command sent twice is refused, not applied twice
+    # (JetStream's own duplicate window is minutes; this outlives it).
+    commands: dict[str, int] = field(default_factory=dict)
 
     def version(self, subject: str) -> int:
         return self.versions.get(subject, 0)
@@ -194,6 +200,12 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
         return Touched()
     topology.versions[subject] = recorded.seq
     topology.last_seq = max(topology.last_seq, recorded.seq)
+    command_id = recorded.envelope.command_id
+    if command_id:
+        topology.commands.pop(command_id, None)  # re-insert: most recent last
+        topology.commands[command_id] = recorded.seq
+        if len(topology.commands) > COMMAND_MEMORY:
+            del topology.commands[next(iter(topology.commands))]
     if subject.startswith(f"{EVENTS_PREFIX}.network."):
         topology.last_network_seq = max(topology.last_network_seq, recorded.seq)
     at = recorded.envelope.time
