@@ -95,6 +95,7 @@ class Harness:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
+            self.loop.close()
             self.tmp.cleanup()
 
 
