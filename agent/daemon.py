@@ -57,6 +57,7 @@ from events.subjects import (
     command_subject,
     desired_subject,
     report_subject,
+    resync_subject,
 )
 from events.tokens import InvalidToken, parse_token
 
@@ -232,11 +233,14 @@ class Agent:
         must not make us re-read it in a loop."""
         if self._resynced_for >= self.feed.seen:
             log.warning(
-                "a desired-state delta does not chain even after re-reading: ignored",
+                "desired states still do not chain after re-reading; "
+                "asking the control plane for a snapshot",
                 have=self.feed.revision,
                 seen=self.feed.seen,
             )
             self.feed.seen = self.feed.revision  # forget it; later deltas apply as usual
+            if self.nc is not None and self.nc.is_connected:
+                self._spawn(self._request_snapshot())
             return
         self._resynced_for = self.feed.seen
         log.info("re-reading desired states from the snapshot", have=self.feed.revision)
@@ -246,6 +250,11 @@ class Agent:
         # A subject with no snapshot to re-read from (purged) must not leave us
         # skipping deltas for good.
         asyncio.get_running_loop().call_later(RESYNC_GRACE, self._end_resync)
+
+    async def _request_snapshot(self) -> None:
+        assert self.nc is not None
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(resync_subject(self.identity.host_id), b"")
 
     def _end_resync(self) -> None:
         if self.feed.resyncing:

@@ -57,6 +57,7 @@ from agent.fake import FakeBackend, FakeLink, FakeMachine
 from agent.plan import plan
 from controlplane.decide import Context, decide, host_id_for
 from controlplane.embedded import EmbeddedNats, free_port
+from controlplane.publisher import MemoryDesiredPublisher
 from events.commands import AnyCommand, CreateEnrollmentKey, CreateNetwork, Join, Reply
 from events.connect import server_has_seen_everything
 from events.desired import DesiredMessage, DesiredState, decode_message
@@ -457,14 +458,6 @@ async def bench_commands(count: int, concurrency: int, workdir: Path) -> dict[st
         }
 
 
-class NullPublisher:
-    async def publish(self, batch: Any) -> None:
-        return None
-
-    async def published_revisions(self) -> dict[str, int]:
-        return {}
-
-
 async def bench_rebuild(events: int, workdir: Path) -> dict[str, Any]:
     """Rebuild the read model from `events` stored events: 1,000 hosts joining
     one network, then endpoint observations (the commonest event in a live
@@ -479,7 +472,7 @@ async def bench_rebuild(events: int, workdir: Path) -> dict[str, Any]:
         await seed_network(store, hosts, extra_events=max(events - 3 * hosts - 2, 0))
         total = await store.last_sequence()
         model = await ReadModel.open(workdir / "rebuild.sqlite3")
-        runner = ProjectionRunner(store, model, NullPublisher())
+        runner = ProjectionRunner(store, model, MemoryDesiredPublisher())
         start = time.perf_counter()
         task = asyncio.create_task(runner.run())
         await runner.wait_for(total, 600)

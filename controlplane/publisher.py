@@ -1,13 +1,28 @@
-"""Publishes desired-state messages on `netmesh.desired.<host>` (stream NETMESH_DESIRED)."""
+"""Publishes desired-state messages on `netmesh.desired.<host>` (stream NETMESH_DESIRED).
+
+Each message is appended only if the host's subject is still where this
+publisher last saw it (`Nats-Expected-Last-Subject-Sequence`): with several
+control-plane replicas, a subject then holds one chain, each delta following
+the message before it, and a lagging replica cannot roll up a subject with an
+older snapshot. A refused append is reported back (None) for the runner to
+resolve.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Sequence
+from typing import Any
 
+import msgspec
 from nacl.signing import SigningKey
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from events.desired import (
     REVISION_HEADER,
@@ -21,6 +36,34 @@ from events.signing import SIGNATURE_HEADER, sign
 from events.subjects import DESIRED_PREFIX, DESIRED_STREAM, desired_subject
 
 ACK_TIMEOUT = 30.0
+# Acks awaited every this many messages: bounds what is in flight (a join into
+# a network of 5,000 hosts is one batch of 5,000 messages).
+WINDOW = 1000
+ERR_WRONG_LAST_SEQUENCE = 10071
+
+
+class PublishError(Exception):
+    """JetStream did not store a message (other than for a moved subject)."""
+
+
+def _stored_at(answer: bytes) -> int | None:
+    """The stream sequence in a JetStream publish ack; None for "wrong last
+    sequence" (the subject moved on). Raises PublishError otherwise."""
+    if not answer:
+        raise PublishError("no answer from JetStream (no stream for the subject?)")
+    try:
+        ack = msgspec.json.decode(answer, type=dict[str, Any])
+    except msgspec.DecodeError:
+        raise PublishError(f"unreadable JetStream answer {answer[:80]!r}") from None
+    error = ack.get("error")
+    if isinstance(error, dict):
+        if error.get("err_code") == ERR_WRONG_LAST_SEQUENCE:
+            return None
+        raise PublishError(f"{error.get('description')} (err_code {error.get('err_code')})")
+    seq = ack.get("seq")
+    if not isinstance(seq, int):
+        raise PublishError(f"JetStream answer without a sequence: {answer[:80]!r}")
+    return seq
 
 
 def message_id(message: DesiredMessage) -> str:
@@ -32,43 +75,74 @@ def message_id(message: DesiredMessage) -> str:
 
 
 class JetStreamDesiredPublisher:
-    def __init__(self, js: JetStreamContext, signing_key: SigningKey) -> None:
-        self._js = js
+    def __init__(self, nc: Client, signing_key: SigningKey) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
         self._key = signing_key
+        # Acks come to one wildcard inbox and resolve our own futures. Not
+        # nats-py's publish_async: its ack handler raises (instead of
+        # reporting) a "wrong last sequence" answer, leaving the future hanging.
+        self._inbox = nc.new_inbox()
+        self._acks: dict[str, asyncio.Future[bytes]] = {}
+        self._ack_sub: Subscription | None = None
+        self._tokens = itertools.count()
 
-    async def publish(self, batch: Sequence[tuple[DesiredMessage, bytes]]) -> None:
-        # Pipelined: every message is sent before any ack is awaited (one round
-        # trip per batch, not per message). One connection keeps them in order.
-        acks = []
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._acks.pop(msg.subject.rpartition(".")[2], None)
+        if future is not None and not future.done():
+            future.set_result(msg.data)
+
+    async def _send(
+        self, subject: str, data: bytes, headers: dict[str, str]
+    ) -> asyncio.Future[bytes]:
+        if self._ack_sub is None:
+            # Sent before the first publish on the same connection: the server
+            # has the subscription when the first ack comes back.
+            self._ack_sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
+        token = str(next(self._tokens))
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._acks[token] = future
+        await self._nc.publish(subject, data, reply=f"{self._inbox}.{token}", headers=headers)
+        return future
+
+    async def publish(self, batch: Sequence[tuple[DesiredMessage, bytes, int]]) -> list[int | None]:
+        """Append each (message, encoded, expected last sequence of its subject);
+        for each, the stream sequence it got, or None when the subject had moved
+        on (another writer). Raises on anything else; a retry is safe."""
+        out: list[int | None] = []
+        for start in range(0, len(batch), WINDOW):
+            out.extend(await self._publish_window(batch[start : start + WINDOW]))
+        return out
+
+    async def _publish_window(
+        self, window: Sequence[tuple[DesiredMessage, bytes, int]]
+    ) -> list[int | None]:
+        # Pipelined: the window is sent before any ack is awaited (one round
+        # trip per window, not per message). One connection keeps them in order.
+        acks: list[asyncio.Future[bytes]] = []
         try:
-            for message, data in batch:
+            for message, data, expected in window:
                 headers = {
+                    "Nats-Expected-Stream": DESIRED_STREAM,
                     "Nats-Msg-Id": message_id(message),
+                    "Nats-Expected-Last-Subject-Sequence": str(expected),
                     REVISION_HEADER: str(message.revision),
                     SIGNATURE_HEADER: sign(self._key, data),
                 }
                 if not isinstance(message, DesiredDelta):
                     headers["Nats-Rollup"] = "sub"  # a snapshot replaces what came before
-                acks.append(
-                    await self._js.publish_async(
-                        desired_subject(message.host_id),
-                        data,
-                        stream=DESIRED_STREAM,
-                        headers=headers,
-                        # No stall timeout: nats-py would start a timer task per
-                        # message for it (a tenth of a join's cost at 2,000 hosts).
-                        # The ack wait below bounds the whole batch instead.
-                    )
-                )
+                acks.append(await self._send(desired_subject(message.host_id), data, headers))
+            out: list[int | None] = []
             async with asyncio.timeout(ACK_TIMEOUT):
                 for ack in acks:
-                    await ack
+                    out.append(_stored_at(await ack))
+            return out
         finally:
             for ack in acks:
-                ack.cancel()  # no-op when done; frees the pending slot otherwise
+                ack.cancel()  # no-op when done
 
-    async def published_revisions(self) -> dict[str, int]:
-        """The revision header of the last message of every host's subject,
+    async def published(self) -> dict[str, tuple[int, int]]:
+        """host -> (revision, stream sequence) of the last message on its subject,
         read with a headers-only consumer (no payloads cross the wire)."""
         prefix = f"{DESIRED_PREFIX}."
         sub = await self._js.pull_subscribe(
@@ -81,20 +155,31 @@ class JetStreamDesiredPublisher:
                 inactive_threshold=60.0,
             ),
         )
-        revisions: dict[str, int] = {}
+        found: dict[str, tuple[int, int]] = {}
         try:
             info = await sub.consumer_info()
             remaining = info.num_pending or 0
             while remaining > 0:
                 for msg in await sub.fetch(min(remaining, 1000), timeout=ACK_TIMEOUT):
                     remaining -= 1
-                    host_id = msg.subject.removeprefix(prefix)
-                    value = (msg.headers or {}).get(REVISION_HEADER)
-                    if value is not None and value.isdigit():
-                        revisions[host_id] = int(value)
+                    value = (msg.headers or {}).get(REVISION_HEADER, "")
+                    revision = int(value) if value.isdigit() else 0  # 0: republish
+                    found[msg.subject.removeprefix(prefix)] = (
+                        revision,
+                        msg.metadata.sequence.stream,
+                    )
         finally:
             await sub.unsubscribe()
-        return revisions
+        return found
+
+    async def last(self, host_id: str) -> tuple[int, int] | None:
+        """(revision, stream sequence) of the last message on one host's subject."""
+        try:
+            msg = await self._js.get_last_msg(DESIRED_STREAM, desired_subject(host_id))
+        except NotFoundError:
+            return None
+        value = (msg.headers or {}).get(REVISION_HEADER, "")
+        return (int(value) if value.isdigit() else 0), int(msg.seq or 0)
 
 
 async def read_desired(js: JetStreamContext, host_id: str) -> DesiredState | None:
@@ -119,3 +204,36 @@ async def read_desired(js: JetStreamContext, host_id: str) -> DesiredState | Non
     if feed.behind:
         raise ValueError(f"the desired states of {host_id} do not chain (a gap)")
     return feed.state
+
+
+class MemoryDesiredPublisher:
+    """The same contract in memory (tests, benchmarks): one stream of messages,
+    per-subject expectations, snapshots rolling up their subject."""
+
+    def __init__(self) -> None:
+        self.subjects: dict[str, list[tuple[int, DesiredMessage, bytes]]] = {}
+        self.seq = 0
+
+    async def publish(self, batch: Sequence[tuple[DesiredMessage, bytes, int]]) -> list[int | None]:
+        out: list[int | None] = []
+        for message, data, expected in batch:
+            held = self.subjects.setdefault(message.host_id, [])
+            if (held[-1][0] if held else 0) != expected:
+                out.append(None)
+                continue
+            self.seq += 1
+            if not isinstance(message, DesiredDelta):
+                held.clear()
+            held.append((self.seq, message, data))
+            out.append(self.seq)
+        return out
+
+    async def published(self) -> dict[str, tuple[int, int]]:
+        return {h: (m[-1][1].revision, m[-1][0]) for h, m in self.subjects.items() if m}
+
+    async def last(self, host_id: str) -> tuple[int, int] | None:
+        held = self.subjects.get(host_id)
+        return (held[-1][1].revision, held[-1][0]) if held else None
+
+    def messages(self, host_id: str) -> list[DesiredMessage]:
+        return [m for _, m, _ in self.subjects.get(host_id, [])]

@@ -38,7 +38,13 @@ from events.jetstream import JetStreamEventStore
 from events.reports import APPLIED, applied_decoder
 from events.signing import load_or_create, public_text
 from events.store import ConcurrencyConflict, DuplicateAppend, PendingEvent, StoreError
-from events.subjects import COMMAND_PREFIX, QUERY_PREFIX, REPORTS_STREAM, report_subject
+from events.subjects import (
+    COMMAND_PREFIX,
+    QUERY_PREFIX,
+    REPORTS_STREAM,
+    RESYNC_PREFIX,
+    report_subject,
+)
 from events.tokens import make_token
 from projections.runner import ProjectionRunner
 from projections.sqlite import ReadModel
@@ -107,7 +113,7 @@ class ControlPlane:
         self.runner = ProjectionRunner(
             self.store,
             self.model,
-            JetStreamDesiredPublisher(self._js, self.signing_key),
+            JetStreamDesiredPublisher(self._nc, self.signing_key),
             snapshots_only=self._snapshots_only,
         )
         self._tasks.append(
@@ -121,6 +127,9 @@ class ControlPlane:
         )
         self._subs.append(
             await self._nc.subscribe(f"{QUERY_PREFIX}.>", queue=QUEUE_GROUP, cb=self._on_query)
+        )
+        self._subs.append(
+            await self._nc.subscribe(f"{RESYNC_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_resync)
         )
         # Make sure the server has our subscriptions before we say we are ready.
         await server_has_seen_everything(self._nc)
@@ -300,6 +309,19 @@ class ControlPlane:
         return result
 
     # -- queries --------------------------------------------------------------
+
+    async def _on_resync(self, msg: Msg) -> None:
+        """An agent cannot follow its subject: send it a fresh snapshot."""
+        host_id = msg.subject.rpartition(".")[2]
+        assert self.runner is not None
+        try:
+            sent = await self.runner.resend_snapshot(host_id)
+        except Exception:  # the service must outlive any one request
+            log.exception("resync failed", host_id=host_id)
+            sent = False
+        log.info("snapshot requested", host_id=host_id, sent=sent)
+        if msg.reply:
+            await msg.respond(_reply_encoder.encode(Reply(ok=sent)))
 
     async def _on_query(self, msg: Msg) -> None:
         what = msg.subject[len(QUERY_PREFIX) + 1 :]

@@ -10,6 +10,8 @@ REPORTS_STREAM = "NETMESH_REPORTS"
 REPORTS_PREFIX = "netmesh.report"
 COMMAND_PREFIX = "netmesh.cmd"
 QUERY_PREFIX = "netmesh.query"
+# An agent whose subject does not chain asks here for a fresh snapshot.
+RESYNC_PREFIX = "netmesh.resync"
 
 NETWORK_EVENTS_WILDCARD = f"{EVENTS_PREFIX}.network.*"
 
@@ -25,6 +27,10 @@ def desired_subject(host_id: str) -> str:
 
 def report_subject(host_id: str, kind: str) -> str:
     return f"{REPORTS_PREFIX}.{host_id}.{kind}"
+
+
+def resync_subject(host_id: str) -> str:
+    return f"{RESYNC_PREFIX}.{host_id}"
 
 
 def command_subject(verb: str) -> str:

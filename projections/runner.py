@@ -43,13 +43,18 @@ PEER_ENTRY_BYTES = 150
 
 
 class DesiredPublisher(Protocol):
-    async def publish(self, batch: Sequence[tuple[DesiredMessage, bytes]]) -> None:
-        """Publish encoded messages, in order; return when all are stored.
-        Idempotent per message (a retry after a partial failure is safe)."""
+    async def publish(self, batch: Sequence[tuple[DesiredMessage, bytes, int]]) -> list[int | None]:
+        """Append (message, encoded, expected last stream sequence of its
+        subject) in order; for each, its stream sequence, or None when the
+        subject had moved on. Raises on other failures (a retry is safe)."""
         ...
 
-    async def published_revisions(self) -> dict[str, int]:
-        """host -> revision of the last message on its subject."""
+    async def published(self) -> dict[str, tuple[int, int]]:
+        """host -> (revision, stream sequence) of the last message on its subject."""
+        ...
+
+    async def last(self, host_id: str) -> tuple[int, int] | None:
+        """(revision, stream sequence) of the last message on one subject."""
         ...
 
 
@@ -61,16 +66,20 @@ class ProjectionRunner:
         publisher: DesiredPublisher,
         *,
         snapshots_only: bool = False,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         self._store = store
+        self._max_batch = max_batch
         self._model = model
         self._publisher = publisher
         # The Netmaker-like baseline for benchmarks: a full state on every change.
         self._snapshots_only = snapshots_only
         self.topology = Topology()
         self.checkpoint = 0
-        # host -> revision its subject is at (after catch-up).
+        # host -> revision its subject is at, and the stream sequence of that
+        # message (appends expect it: one chain per subject, whatever replicas do).
         self.published: dict[str, int] = {}
+        self._subject_seq: dict[str, int] = {}
         # Compaction: bytes of deltas since a host's last snapshot, and that snapshot's size.
         self._since_snapshot: dict[str, int] = {}
         self._snapshot_size: dict[str, int] = {}
@@ -87,7 +96,7 @@ class ProjectionRunner:
         log.info("projection starting", checkpoint=self.checkpoint, head=head)
         if self.checkpoint >= head:
             await self._finish_catch_up()
-        async for batch in self._store.follow_batches(self.checkpoint + 1, MAX_BATCH):
+        async for batch in self._store.follow_batches(self.checkpoint + 1, self._max_batch):
             await self._apply(batch, head)
 
     async def _apply(self, batch: list[RecordedEvent], head: int) -> None:
@@ -138,15 +147,27 @@ class ProjectionRunner:
         return self._since_snapshot.get(host_id, 0) + len(delta) > size
 
     async def _publish(self, batch: list[tuple[DesiredMessage, bytes]]) -> None:
-        """Publish, retrying until it lands: the projection must not move past a
-        desired state that agents never got (it would only be repaired at restart)."""
+        """Publish, retrying until each message landed or was overtaken: the
+        projection must not move past a desired state that agents never got."""
+        moved: list[DesiredMessage] = []
+        for (message, data), seq in zip(batch, await self._publish_retrying(batch), strict=True):
+            if seq is None:
+                moved.append(message)
+            else:
+                self._landed(message, data, seq)
+        for message in moved:
+            await self._resolve(message)
+
+    async def _publish_retrying(
+        self, batch: list[tuple[DesiredMessage, bytes]]
+    ) -> list[int | None]:
         if not batch:
-            return
+            return []
+        outgoing = [(m, d, self._subject_seq.get(m.host_id, 0)) for m, d in batch]
         delay = 0.1
         while True:
             try:
-                await self._publisher.publish(batch)
-                break
+                return await self._publisher.publish(outgoing)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -158,28 +179,72 @@ class ProjectionRunner:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        for message, data in batch:
-            host_id = message.host_id
-            self.published[host_id] = message.revision
-            if isinstance(message, DesiredState):
-                self._snapshot_size[host_id] = len(data)
-                self._since_snapshot[host_id] = 0
-            else:
-                self._since_snapshot[host_id] = self._since_snapshot.get(host_id, 0) + len(data)
-            self.bytes_published += len(data)
-        self.messages_published += len(batch)
+
+    def _landed(self, message: DesiredMessage, data: bytes, seq: int) -> None:
+        host_id = message.host_id
+        self.published[host_id] = message.revision
+        self._subject_seq[host_id] = seq
+        if isinstance(message, DesiredState):
+            self._snapshot_size[host_id] = len(data)
+            self._since_snapshot[host_id] = 0
+        else:
+            self._since_snapshot[host_id] = self._since_snapshot.get(host_id, 0) + len(data)
+        self.bytes_published += len(data)
+        self.messages_published += 1
+
+    async def _resolve(self, message: DesiredMessage) -> None:
+        """The host's subject moved on without us (another replica, or our own
+        earlier attempt that did land). If it already holds this revision or a
+        newer one, nothing is missing; otherwise send a snapshot after what is
+        there, so that the chain on the subject stays whole."""
+        host_id = message.host_id
+        for _ in range(10):
+            last = await self._publisher.last(host_id)
+            revision, seq = last if last is not None else (0, 0)
+            self.published[host_id] = revision
+            self._subject_seq[host_id] = seq
+            if last is not None and revision >= message.revision:
+                return
+            state = desired_for(self.topology, host_id)
+            if state is None:
+                return
+            data = desired_encoder.encode(state)
+            (landed,) = await self._publish_retrying([(state, data)])
+            if landed is not None:
+                self._landed(state, data, landed)
+                return
+        log.warning("desired state subject keeps moving; giving up for now", host_id=host_id)
+
+    async def resend_snapshot(self, host_id: str) -> bool:
+        """Publish a host's whole state after whatever its subject holds (an
+        agent asked: its subject does not chain). False if unknown or not
+        caught up yet."""
+        if not self.caught_up.is_set() or host_id not in self.topology.hosts:
+            return False
+        for _ in range(5):
+            last = await self._publisher.last(host_id)
+            self._subject_seq[host_id] = last[1] if last is not None else 0
+            state = desired_for(self.topology, host_id)
+            assert state is not None
+            data = desired_encoder.encode(state)
+            (landed,) = await self._publish_retrying([(state, data)])
+            if landed is not None:
+                self._landed(state, data, landed)
+                return True
+        return False
 
     async def _finish_catch_up(self) -> None:
-        published = await self._publisher.published_revisions()
+        published = await self._publisher.published()
         cache = PeerCache(self.topology)
         behind = [
             host_id
             for host_id in sorted(self.topology.hosts)
             # Only fill in what is missing or older: another replica may already
             # have published a newer revision while this one was catching up.
-            if published.get(host_id, -1) < self.topology.revision_of(host_id)
+            if published.get(host_id, (-1, 0))[0] < self.topology.revision_of(host_id)
         ]
-        self.published = {h: r for h, r in published.items() if h in self.topology.hosts}
+        self.published = {h: r for h, (r, _) in published.items() if h in self.topology.hosts}
+        self._subject_seq = {h: q for h, (_, q) in published.items() if h in self.topology.hosts}
         for start in range(0, len(behind), SNAPSHOT_CHUNK):
             chunk: list[tuple[DesiredMessage, bytes]] = []
             for host_id in behind[start : start + SNAPSHOT_CHUNK]:

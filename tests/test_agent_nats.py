@@ -86,33 +86,43 @@ async def test_agent_follows_deltas_and_survives_a_gap(
     plane, admin, agent, token = setup
     await admin.ok("join", token=token, public_key=public_key(2), name="two")
     await wait_until(lambda: device_peers(agent) == {public_key(2)}, message="first peer")
-    before = agent.feed.revision
 
-    # A delta on the subject that chains to nothing (as if one were lost): the
-    # agent skips it, re-reads the subject once, and keeps the right state.
-    bogus = DesiredDelta(
-        host_id=agent.identity.host_id,
-        revision=before + 1000,
-        base=before + 999,
-        upsert=(PeerConfig(public_key=public_key(9), allowed_ips=("10.10.0.9/32",)),),
-    )
-    # Signed by the control plane's own key: a lost message, not a forgery.
-    await JetStreamDesiredPublisher(admin.nc.jetstream(), plane.signing_key).publish(
-        [(bogus, desired_encoder.encode(bogus))]
-    )
-    await wait_until(lambda: agent._resynced_for == bogus.revision, message="re-read")
-    await wait_until(lambda: not agent.feed.resyncing and not agent.feed.behind)
-    assert agent.feed.revision == before
-    assert device_peers(agent) == {public_key(2)}
-
-    # Later changes still arrive as deltas and apply.
+    # While the agent is away, two changes are published, and the first one is
+    # then deleted from the stream: the subject no longer chains.
+    assert agent._sub is not None
+    await agent._sub.unsubscribe()
+    agent._sub = None
+    js = admin.nc.jetstream()
+    publisher = JetStreamDesiredPublisher(admin.nc, plane.signing_key)
+    host_id = agent.identity.host_id
+    assert plane.runner is not None
+    plane.runner._snapshot_size[host_id] = 10**9  # both changes stay deltas (no compaction)
     await admin.ok("join", token=token, public_key=public_key(3), name="three")
+    await wait_until(lambda: _last_revision(plane, host_id) > agent.feed.revision)
+    lost = await publisher.last(host_id)
+    assert lost is not None
+    await admin.ok("join", token=token, public_key=public_key(4), name="four")
+    await wait_until(lambda: _last_revision(plane, host_id) > lost[0])
+    await js.delete_msg(DESIRED_STREAM, lost[1])
+
+    # Back: the delta after the hole does not chain; re-reading the subject
+    # does not help; the agent asks for a snapshot and gets everything.
+    await agent.subscribe()
     await wait_until(
-        lambda: device_peers(agent) == {public_key(2), public_key(3)}, message="second peer"
+        lambda: device_peers(agent) == {public_key(2), public_key(3), public_key(4)},
+        message="all peers after the gap",
     )
+    assert agent._resynced_for > 0  # it did go through the re-read
+
+    # Later changes arrive as deltas again.
     await admin.ok("node.remove", node="office/two")
-    await wait_until(lambda: device_peers(agent) == {public_key(3)}, message="removal")
+    await wait_until(lambda: device_peers(agent) == {public_key(3), public_key(4)})
     assert plane.runner is not None and plane.runner.messages_published > 0
+
+
+def _last_revision(plane: ControlPlane, host_id: str) -> int:
+    assert plane.runner is not None
+    return plane.runner.published.get(host_id, 0)
 
 
 async def test_forged_and_replayed_desired_states_change_nothing(

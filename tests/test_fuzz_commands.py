@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controlplane.embedded import EmbeddedNats, free_port
+from controlplane.publisher import MemoryDesiredPublisher
 from controlplane.service import ControlPlane
 from events.commands import VERBS, Reply
 from events.store import MemoryEventStore, PendingEvent
@@ -226,7 +227,7 @@ async def _replays_cleanly(harness: Harness) -> None:
     assert replayed.networks.keys() == plane.write_model.networks.keys()
     model = await ReadModel.open(Path(harness.tmp.name) / "rebuilt.sqlite3")
     try:
-        runner = ProjectionRunner(copy, model, _Null())
+        runner = ProjectionRunner(copy, model, MemoryDesiredPublisher())
         task = asyncio.create_task(runner.run())
         assert await runner.wait_for(head, 30)
         await copy.close()
@@ -234,11 +235,3 @@ async def _replays_cleanly(harness: Harness) -> None:
         assert runner.topology.nodes.keys() == replayed.nodes.keys()
     finally:
         await model.close()
-
-
-class _Null:
-    async def publish(self, batch: Any) -> None:
-        return None
-
-    async def published_revisions(self) -> dict[str, int]:
-        return {}

@@ -13,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.decide import Rejected
+from controlplane.publisher import MemoryDesiredPublisher
 from events.commands import (
+    AnyCommand,
     CreateEnrollmentKey,
     CreateNetwork,
     DeleteNetwork,
@@ -32,6 +34,7 @@ from events.desired import (
     desired_decoder,
     desired_encoder,
 )
+from events.feed import DesiredFeed, Outcome
 from events.store import MemoryEventStore, PendingEvent
 from events.tokens import make_token
 from projections.desired import DesiredChanges, desired_for, messages
@@ -258,19 +261,20 @@ def test_snapshots_plus_deltas_always_equal_the_derived_state(
     agents.assert_converged(world.topology)
 
 
-class RecordingPublisher:
+class RecordingPublisher(MemoryDesiredPublisher):
+    """The in-memory publisher, also keeping every message that landed."""
+
     def __init__(self) -> None:
-        self.published: list[DesiredMessage] = []
-        self.last: dict[str, int] = {}
+        super().__init__()
+        self.sent: list[DesiredMessage] = []
 
-    async def publish(self, batch: Sequence[tuple[DesiredMessage, bytes]]) -> None:
-        for message, data in batch:
+    async def publish(self, batch: Sequence[tuple[DesiredMessage, bytes, int]]) -> list[int | None]:
+        out = await super().publish(batch)
+        for (message, data, _), seq in zip(batch, out, strict=True):
             assert decode_message(data) == message
-            self.published.append(message)
-            self.last[message.host_id] = message.revision
-
-    async def published_revisions(self) -> dict[str, int]:
-        return dict(self.last)
+            if seq is not None:
+                self.sent.append(message)
+        return out
 
 
 async def run_until(runner: ProjectionRunner, seq: int) -> asyncio.Task[None]:
@@ -317,7 +321,7 @@ async def test_read_model_rebuilds_identically_from_the_stream(tmp_path: Path) -
     first = await build(tmp_path / "a.sqlite3", publisher)
     assert first["checkpoint"][0]["seq"] == head
     assert len(first["nodes"]) == 3
-    published_once = list(publisher.published)
+    published_once = list(publisher.sent)
     # A replay publishes once, after catching up: one snapshot per host, at
     # the host's final revision.
     assert len(published_once) == 4
@@ -329,7 +333,7 @@ async def test_read_model_rebuilds_identically_from_the_stream(tmp_path: Path) -
     (tmp_path / "a.sqlite3").unlink()
     second = await build(tmp_path / "a.sqlite3", publisher)
     assert second == first
-    assert publisher.published == published_once
+    assert publisher.sent == published_once
 
 
 async def test_a_read_model_of_another_schema_is_rebuilt(tmp_path: Path) -> None:
@@ -354,7 +358,7 @@ async def test_live_changes_are_published_as_deltas_and_coalesced(tmp_path: Path
     runner = ProjectionRunner(store, model, publisher)
     task = await run_until(runner, await store.last_sequence())
     try:
-        publisher.published.clear()
+        publisher.sent.clear()
         # Two endpoint moves appended together reach the runner as one batch:
         # every host gets one message covering both.
         first = world.run(ReportEndpoint(host_id=ids[0], endpoints=("198.51.100.1",)))
@@ -362,8 +366,8 @@ async def test_live_changes_are_published_as_deltas_and_coalesced(tmp_path: Path
         assert first and second
         await store.append([PendingEvent(r.subject, r.envelope) for r in world.log[-2:]])
         assert await runner.wait_for(len(world.log), 10)
-        by_host = {m.host_id: m for m in publisher.published}
-        assert len(publisher.published) == 3 == len(by_host)
+        by_host = {m.host_id: m for m in publisher.sent}
+        assert len(publisher.sent) == 3 == len(by_host)
         third = by_host[ids[2]]
         assert isinstance(third, DesiredDelta)
         assert sorted(p.endpoint or "" for p in third.upsert) == [
@@ -374,3 +378,45 @@ async def test_live_changes_are_published_as_deltas_and_coalesced(tmp_path: Path
     finally:
         await stop(task)
         await model.close()
+
+
+async def test_two_replicas_leave_one_chain_per_subject(tmp_path: Path) -> None:
+    """Two projections publishing the same events with different batch
+    boundaries onto the same subjects: each subject stays one chain (every
+    delta follows the message before it) and reads as `desired_for`."""
+    world, ids = mesh(4)
+    store = await stored(world)
+    publisher = MemoryDesiredPublisher()
+    models = [await ReadModel.open(tmp_path / f"r{n}.sqlite3") for n in (1, 2)]
+    runners = [
+        ProjectionRunner(store, models[0], publisher, max_batch=1),
+        ProjectionRunner(store, models[1], publisher, max_batch=3),
+    ]
+    tasks = [await run_until(r, await store.last_sequence()) for r in runners]
+    try:
+        key_id = next(iter(world.topology.keys))
+        token = make_token("x", key_id, "s2")
+        commands: list[AnyCommand] = [
+            Join(token=token, public_key=public_key(7), name="h7"),
+            ReportEndpoint(host_id=ids[0], endpoints=("198.51.100.1",)),
+            RemoveNode(node="office/h2"),
+            ReportEndpoint(host_id=ids[2], endpoints=("198.51.100.3",)),
+            Join(token=token, public_key=public_key(8), name="h8"),
+        ]
+        for command in commands:
+            before = len(world.log)
+            world.run(command)
+            await store.append([PendingEvent(r.subject, r.envelope) for r in world.log[before:]])
+        for runner in runners:
+            assert await runner.wait_for(len(world.log), 10)
+        for host_id in world.topology.hosts:
+            feed = DesiredFeed(host_id)
+            chain = publisher.messages(host_id)
+            for message in chain:
+                assert feed.take(message) is not Outcome.GAP, (host_id, chain)
+            assert feed.state == desired_for(world.topology, host_id)
+    finally:
+        for task in tasks:
+            await stop(task)
+        for model in models:
+            await model.close()
