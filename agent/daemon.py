@@ -172,6 +172,7 @@ class Agent:
         self._resynced_for = 0  # the `seen` revision of the last re-read for a gap
         self._warned_unpinned = False
         self._background: set[asyncio.Task[None]] = set()
+        self._subscribing = asyncio.Lock()
         self.applied: DesiredState | None = None
         self.nc: Client | None = None
         self._wake = asyncio.Event()
@@ -497,6 +498,12 @@ class Agent:
         await self._resubscribe()
 
     async def _resubscribe(self) -> None:
+        # A gap's re-read and a reconnect can ask at once: one at a time, or
+        # two subscriptions would be made and one leaked.
+        async with self._subscribing:
+            await self._resubscribe_now()
+
+    async def _resubscribe_now(self) -> None:
         delay = CONNECT_BACKOFF_MIN
         while True:
             try:

@@ -221,7 +221,7 @@ class JetStreamEventStore:
 
         self._followers[sub] = end
         try:
-            while True:
+            while not ended:  # close(): stop now, even with events buffered
                 batch: list[RecordedEvent] = []
                 while buffer and len(batch) < max_batch:
                     item = buffer.popleft()
@@ -231,8 +231,6 @@ class JetStreamEventStore:
                 if batch:
                     yield batch
                     continue
-                if ended:
-                    return
                 arrived.clear()
                 await arrived.wait()
         finally:

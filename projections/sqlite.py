@@ -9,6 +9,7 @@ file of another schema version is deleted and rebuilt on open.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,10 @@ class ReadModel:
 
     def __init__(self, db: aiosqlite.Connection, writer: sqlite3.Connection) -> None:
         self.db = db  # reads (queries, loading)
-        self._writer = writer  # the runner's writes, from a worker thread
+        self._writer = writer  # the runner's writes, only ever on `_thread`
+        # One thread: a write still running when the runner is cancelled
+        # finishes before `close()` closes the connection (queued behind it).
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="readmodel")
 
     @classmethod
     async def open(cls, path: Path | str) -> ReadModel:
@@ -86,7 +90,8 @@ class ReadModel:
 
     async def close(self) -> None:
         await self.db.close()
-        self._writer.close()
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._writer.close)
+        self._thread.shutdown()
 
     async def checkpoint(self) -> int:
         async with self.db.execute(
@@ -209,7 +214,9 @@ class ReadModel:
             ),
             ("INSERT OR REPLACE INTO checkpoint VALUES (?, ?)", [(CHECKPOINT, seq)]),
         ]
-        await asyncio.to_thread(self._write, [(sql, rows) for sql, rows in writes if rows])
+        await asyncio.get_running_loop().run_in_executor(
+            self._thread, self._write, [(sql, rows) for sql, rows in writes if rows]
+        )
 
     def _write(self, writes: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
         db = self._writer
