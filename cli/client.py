@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import nats.errors
+from nacl.signing import SigningKey
 from nats.aio.client import Client
 
 from events.commands import Reply
 from events.connect import connect_once
+from events.signing import SigningKeyError, command_headers, load_or_create
 from events.subjects import command_subject, query_subject
 
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
@@ -37,14 +41,21 @@ def _why(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-async def request(nc: Client, subject: str, payload: dict[str, Any], server: str) -> Any:
+async def request(
+    nc: Client,
+    subject: str,
+    payload: dict[str, Any] | bytes,
+    server: str,
+    headers: dict[str, str] | None = None,
+) -> Any:
     """Send a command or query; return its result. Raises CliError on any refusal."""
+    data = payload if isinstance(payload, bytes) else msgspec.json.encode(payload)
     try:
         msg = await nc.request(
             subject,
-            msgspec.json.encode(payload),
+            data,
             timeout=REQUEST_TIMEOUT,
-            headers={"Netmesh-Actor": "cli"},
+            headers={"Netmesh-Actor": "cli", **(headers or {})},
         )
     except nats.errors.NoRespondersError:
         raise CliError(f"no netmesh server is answering at {server}") from None
@@ -59,13 +70,36 @@ async def request(nc: Client, subject: str, payload: dict[str, Any], server: str
     return reply.result
 
 
-async def command(server: str, verb: str, **fields: Any) -> Any:
+async def command(
+    server: str, verb: str, *, admin_key: SigningKey | None = None, **fields: Any
+) -> Any:
+    """Send a command; with `admin_key`, signed (with a fresh id and the time)."""
     nc = await connect(server)
     try:
         fields.setdefault("command_id", uuid.uuid4().hex)
-        return await request(nc, command_subject(verb), fields, server)
+        headers: dict[str, str] = {}
+        payload: dict[str, Any] | bytes = fields
+        if admin_key is not None:
+            fields["signed_at"] = time.time()
+            payload = msgspec.json.encode(fields)
+            headers = command_headers(admin_key, verb, payload)
+        return await request(nc, command_subject(verb), payload, server, headers)
     finally:
         await nc.close()
+
+
+def load_admin_key(path: Path | None) -> SigningKey:
+    """The admin key to sign with; CliError with what to do when there is none."""
+    if path is None or not path.exists():
+        where = f" ({path} does not exist)" if path is not None else ""
+        raise CliError(
+            "admin commands are signed: pass --admin-key PATH (or NETMESH_ADMIN_KEY); "
+            f"`netmesh server` wrote one to <data-dir>/admin.key on its first start{where}"
+        )
+    try:
+        return load_or_create(path)
+    except SigningKeyError as exc:
+        raise CliError(str(exc)) from None
 
 
 async def query(server: str, what: str, **args: Any) -> Any:

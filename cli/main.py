@@ -10,12 +10,15 @@ import re
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from cli.client import DEFAULT_SERVER, CliError, command, connect, query
+from cli.client import DEFAULT_SERVER, CliError, command, connect, load_admin_key, query
 from cli.logs import configure_logging
+
+if TYPE_CHECKING:
+    from controlplane.audit import AuditReport
 
 T = TypeVar("T")
 
@@ -59,6 +62,14 @@ def parse_duration(text: str) -> float | None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+DEFAULT_ADMIN_KEY = Path("netmesh-data/admin.key")
+
+
+async def admin_command(server: str, verb: str, **fields: Any) -> Any:
+    """A command signed with the admin key given to `netmesh` (or the default)."""
+    path = click.get_current_context().find_root().params.get("admin_key")
+    key = load_admin_key(path)
+    return await command(server, verb, admin_key=key, **fields)
 
 
 def explicit_server(ctx: click.Context) -> str | None:
@@ -81,8 +92,17 @@ def explicit_server(ctx: click.Context) -> str | None:
     show_default=True,
     help="NATS URL of the netmesh control plane (env NETMESH_SERVER).",
 )
+@click.option(
+    "--admin-key",
+    envvar="NETMESH_ADMIN_KEY",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=DEFAULT_ADMIN_KEY,
+    show_default=True,
+    help="Key that signs admin commands (env NETMESH_ADMIN_KEY); the server writes the "
+    "first one to <data-dir>/admin.key.",
+)
 @click.pass_context
-def cli(ctx: click.Context, server: str) -> None:
+def cli(ctx: click.Context, server: str, admin_key: Path) -> None:
     """netmesh: WireGuard overlay networks, event-sourced on NATS JetStream."""
     ctx.obj = server
 
@@ -183,7 +203,7 @@ def network_create(
 ) -> None:
     """Create network NAME."""
     result = run(
-        command(
+        admin_command(
             server,
             "network.create",
             name=name,
@@ -244,7 +264,7 @@ def network_show(server: str, name: str, as_json: bool) -> None:
 @click.pass_obj
 def network_delete(server: str, name: str, force: bool, as_json: bool) -> None:
     """Delete network NAME; its keys stop working (refused while it has nodes)."""
-    result = run(command(server, "network.delete", name=name, force=force))
+    result = run(admin_command(server, "network.delete", name=name, force=force))
     if as_json:
         emit_json(result)
     else:
@@ -281,7 +301,7 @@ def key_create(
         raise click.UsageError("--uses and --unlimited exclude each other")
     expires_in = parse_duration(expires)
     result = run(
-        command(
+        admin_command(
             server,
             "key.create",
             network=network_name,
@@ -330,7 +350,7 @@ def key_list(server: str, as_json: bool) -> None:
 @click.pass_obj
 def key_revoke(server: str, key_id: str, as_json: bool) -> None:
     """Revoke enrollment key KEY_ID: it can no longer be used to join."""
-    result = run(command(server, "key.revoke", key_id=key_id))
+    result = run(admin_command(server, "key.revoke", key_id=key_id))
     if as_json:
         emit_json(result)
     else:
@@ -419,7 +439,7 @@ def node_show(server: str, node_ref: str, as_json: bool) -> None:
 @click.pass_obj
 def node_remove(server: str, node_ref: str, as_json: bool) -> None:
     """Remove NODE from its network: every peer drops it."""
-    result = run(command(server, "node.remove", node=node_ref))
+    result = run(admin_command(server, "node.remove", node=node_ref))
     if as_json:
         emit_json(result)
     else:
@@ -503,6 +523,62 @@ async def _events_log(server: str, follow: bool, as_json: bool) -> None:
             sys.stdout.flush()
             if not follow and recorded.seq >= head:
                 return
+    finally:
+        await nc.close()
+
+
+@events.command("verify")
+@click.option(
+    "--root-key",
+    default=None,
+    help="The first admin's public key (base64), if you know it: otherwise the log's "
+    "first admin is trusted, and printed.",
+)
+@json_option
+@click.pass_obj
+def events_verify(server: str, root_key: str | None, as_json: bool) -> None:
+    """Check every event's signatures against the admins before it (exit 1 on a problem)."""
+    report = run(_events_verify(server, root_key))
+    if as_json:
+        emit_json(
+            {
+                "events": report.events,
+                "signed_commands": report.signed_commands,
+                "unsigned_agent_events": report.unsigned_events,
+                "root_key": report.root,
+                "problems": [{"seq": seq, "problem": why} for seq, why in report.problems],
+            }
+        )
+    else:
+        click.echo(
+            f"{report.events} events: {report.signed_commands} signed admin commands verified, "
+            f"{report.unsigned_events} events from agents (not signed), "
+            f"{len(report.problems)} problems; root admin key {report.root or '-'}"
+        )
+        for seq, why in report.problems:
+            click.echo(f"  event {seq}: {why}")
+    if report.problems:
+        sys.exit(1)
+
+
+async def _events_verify(server: str, root_key: str | None) -> AuditReport:
+    from controlplane.audit import verify_log
+    from events.jetstream import JetStreamEventStore
+
+    nc = await connect(server)
+    try:
+        store = JetStreamEventStore(nc)
+        try:
+            head = await store.last_sequence()
+        except Exception as exc:
+            raise CliError(f"cannot read the event stream at {server}: {exc!r}") from None
+        recorded = []
+        if head:
+            async for batch in store.follow_batches(1):
+                recorded.extend(batch)
+                if batch[-1].seq >= head:
+                    break
+        return verify_log(recorded, root_key)
     finally:
         await nc.close()
 

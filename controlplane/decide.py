@@ -49,6 +49,45 @@ NETWORK_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 HOST_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})$")
 
 
+# Commands only an admin may send, signed with their key. The others come from
+# agents: `join` is authorized by its enrollment token; `endpoint.report` and
+# `host.leave` name their host (to be signed by the host's key, later).
+ADMIN_VERBS = frozenset(
+    {"network.create", "network.delete", "key.create", "key.revoke", "node.remove"}
+)
+# How far a command's `signed_at` may be from the control plane's clock.
+SIGNATURE_WINDOW = 300.0
+
+
+def authorize(
+    topology: Topology,
+    verb: str,
+    signer: str | None,
+    signature_problem: str | None,
+    signed_at: float,
+    now: float,
+) -> str | None:
+    """The actor ("admin:<name>") for a signed admin command; None for verbs
+    that need no admin. Raises Rejected ("unauthorized") otherwise.
+    `signature_problem` is None when the signature checked out."""
+    if verb not in ADMIN_VERBS:
+        return None
+    if not signer or signature_problem == "unsigned":
+        raise Rejected("unauthorized", f"{verb} must be signed by an admin key (--admin-key)")
+    if signature_problem is not None:
+        raise Rejected("unauthorized", f"{verb}: {signature_problem}")
+    admin = topology.admins.get(signer)
+    if admin is None:
+        raise Rejected("unauthorized", f"{verb}: signed by a key that is not an admin's")
+    if abs(now - signed_at) > SIGNATURE_WINDOW:
+        raise Rejected(
+            "unauthorized",
+            f"{verb}: signed at {signed_at:.0f}, more than {SIGNATURE_WINDOW:.0f} s from "
+            "the server's clock (a replay, or a clock to fix)",
+        )
+    return f"admin:{admin[0]}"
+
+
 class Rejected(Exception):
     """A command refused by the rules. `code` is stable; the message is for people."""
 

@@ -17,6 +17,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +29,37 @@ from nats.aio.subscription import Subscription
 from nats.js.errors import NotFoundError
 
 from controlplane import queries
-from controlplane.decide import Context, Decision, Rejected, decide
+from controlplane.decide import Context, Decision, Rejected, authorize, decide
 from controlplane.publisher import JetStreamDesiredPublisher
 from controlplane.streams import ensure_streams
 from events.commands import VERBS, AnyCommand, Reply
 from events.connect import server_has_seen_everything
 from events.envelope import make_envelope
 from events.jetstream import JetStreamEventStore
+from events.model import AdminAdded
 from events.reports import APPLIED, applied_decoder
-from events.signing import load_or_create, public_text
-from events.store import ConcurrencyConflict, DuplicateAppend, PendingEvent, StoreError
+from events.signing import (
+    COMMAND_SIGNER_HEADER,
+    SIGNATURE_HEADER,
+    load_or_create,
+    public_text,
+    signed_command,
+    verify,
+    verify_key_of,
+)
+from events.store import (
+    ConcurrencyConflict,
+    DuplicateAppend,
+    Expectation,
+    PendingEvent,
+    StoreError,
+)
 from events.subjects import (
     COMMAND_PREFIX,
     QUERY_PREFIX,
     REPORTS_STREAM,
     RESYNC_PREFIX,
+    aggregate_subject,
     report_subject,
 )
 from events.tokens import make_token
@@ -63,6 +80,26 @@ class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str | None = None
     network: str | None = None
     node: str | None = None
+
+
+@dataclass(frozen=True)
+class Proof:
+    signed: str  # the exact signed text: context, verb, payload
+    signer: str
+    signature: str
+
+
+def _signature_problem(
+    verb: str, payload: bytes, signer: str | None, signature: str | None
+) -> str | None:
+    """None when `signature` is `signer`'s over the command, else why not."""
+    if not signer or not signature:
+        return "unsigned"
+    try:
+        key = verify_key_of(signer)
+    except ValueError:
+        return "the signer is not an Ed25519 public key"
+    return verify(key, signed_command(verb, payload), signature)
 
 
 def _duplicate(command_id: str, seq: int | None) -> Reply:
@@ -121,6 +158,7 @@ class ControlPlane:
         )
         self._tasks.append(asyncio.create_task(self._supervised("projection", self.runner.run())))
         await self._catch_up()
+        await self._bootstrap_admin()
         await asyncio.wait_for(self.runner.caught_up.wait(), 120)
         self._subs.append(
             await self._nc.subscribe(f"{COMMAND_PREFIX}.>", queue=QUEUE_GROUP, cb=self._on_command)
@@ -202,22 +240,41 @@ class ControlPlane:
     async def _on_command(self, msg: Msg) -> None:
         verb = msg.subject[len(COMMAND_PREFIX) + 1 :]
         try:
-            reply = await self.handle_command(verb, msg.data, actor=_actor(msg))
+            headers = msg.headers or {}
+            reply = await self.handle_command(
+                verb,
+                msg.data,
+                actor=_actor(msg),
+                signer=headers.get(COMMAND_SIGNER_HEADER),
+                signature=headers.get(SIGNATURE_HEADER),
+            )
         except Exception:  # the service must outlive any one command
             log.exception("command failed", verb=verb)
             reply = Reply(ok=False, code="internal", error="internal error (see the server log)")
         if msg.reply:
             await msg.respond(_reply_encoder.encode(reply))
 
-    async def handle_command(self, verb: str, payload: bytes, *, actor: str) -> Reply:
-        reply = await self._handle_command(verb, payload, actor=actor)
+    async def handle_command(
+        self,
+        verb: str,
+        payload: bytes,
+        *,
+        actor: str,
+        signer: str | None = None,
+        signature: str | None = None,
+    ) -> Reply:
+        reply = await self._handle_command(
+            verb, payload, actor=actor, signer=signer, signature=signature
+        )
         if reply.error is not None:
             # Refusals quote what was sent (field names, values): keep them on
             # one line whatever it contained.
             reply.error = one_line(reply.error)
         return reply
 
-    async def _handle_command(self, verb: str, payload: bytes, *, actor: str) -> Reply:
+    async def _handle_command(
+        self, verb: str, payload: bytes, *, actor: str, signer: str | None, signature: str | None
+    ) -> Reply:
         cls = VERBS.get(verb)
         if cls is None:
             return Reply(ok=False, code="invalid", error=f"unknown command {verb!r}")
@@ -227,8 +284,21 @@ class ControlPlane:
             return Reply(ok=False, code="invalid", error=f"invalid {verb} command: {exc}")
         except msgspec.DecodeError:
             return Reply(ok=False, code="invalid", error=f"invalid {verb} command: not JSON")
+        proof: Proof | None = None
+        problem = _signature_problem(verb, payload, signer, signature)
+        try:
+            admin = authorize(
+                self.write_model, verb, signer, problem, command.signed_at, time.time()
+            )
+        except Rejected as exc:
+            log.warning("command refused", verb=verb, code=exc.code, reason=exc.message)
+            return Reply(ok=False, code=exc.code, error=exc.message)
+        if admin is not None:
+            actor = admin
+            assert signer is not None and signature is not None
+            proof = Proof(signed_command(verb, payload).decode(), signer, signature)
         async with self._command_lock:
-            reply = await self._execute(verb, command, actor)
+            reply = await self._execute(verb, command, actor, proof)
         # Read-your-writes: answer once the read model has the change too. Not
         # under the lock: the next command only needs the write model, and the
         # projection takes the events of commands that queue up in one batch.
@@ -237,7 +307,9 @@ class ControlPlane:
             await self.runner.wait_for(reply.seq, READ_YOUR_WRITES_TIMEOUT)
         return reply
 
-    async def _execute(self, verb: str, command: AnyCommand, actor: str) -> Reply:
+    async def _execute(
+        self, verb: str, command: AnyCommand, actor: str, proof: Proof | None
+    ) -> Reply:
         command_id = command.command_id or uuid.uuid4().hex
         ctx = Context(
             now=time.time(),
@@ -259,7 +331,7 @@ class ControlPlane:
                 return Reply(ok=True, result=self._result(verb, decision, ctx))
             try:
                 seq = await self.store.append(
-                    self._pending(decision, ctx, command_id),
+                    self._pending(decision, ctx, command_id, proof),
                     expect=decision.expect,
                     msg_id=command_id,
                 )
@@ -285,20 +357,47 @@ class ControlPlane:
             return Reply(ok=True, result=self._result(verb, decision, ctx), seq=seq)
         return Reply(ok=False, code="busy", error="too many concurrent changes; try again")
 
-    def _pending(self, decision: Decision, ctx: Context, command_id: str) -> list[PendingEvent]:
-        return [
-            PendingEvent(
-                subject,
-                make_envelope(
-                    event,
-                    event_id=uuid.uuid4().hex,
-                    time=ctx.now,
-                    actor=ctx.actor,
-                    command_id=command_id,
-                ),
+    def _pending(
+        self, decision: Decision, ctx: Context, command_id: str, proof: Proof | None
+    ) -> list[PendingEvent]:
+        pending = []
+        for i, (subject, event) in enumerate(decision.events):
+            envelope = make_envelope(
+                event,
+                event_id=uuid.uuid4().hex,
+                time=ctx.now,
+                actor=ctx.actor,
+                command_id=command_id,
             )
-            for subject, event in decision.events
-        ]
+            if proof is not None and i == 0:
+                # The command's proof goes with its first event: the log is
+                # evidence of who asked for what (`netmesh events verify`).
+                envelope = msgspec.structs.replace(
+                    envelope, signed=proof.signed, signer=proof.signer, signature=proof.signature
+                )
+            pending.append(PendingEvent(subject, envelope))
+        return pending
+
+    async def _bootstrap_admin(self) -> None:
+        """On first start (no admin in the stream), make the first admin's key
+        in the data dir (0600) and register it: the root of trust."""
+        if self.write_model.admins:
+            return
+        key = load_or_create(self.data_dir / "admin.key")
+        subject = aggregate_subject("admin", "admin")
+        event = AdminAdded(name="admin", public_key=public_text(key), role="admin")
+        envelope = make_envelope(
+            event, event_id=uuid.uuid4().hex, time=time.time(), actor="bootstrap", command_id=""
+        )
+        try:
+            seq = await self.store.append(
+                [PendingEvent(subject, envelope)], expect=[Expectation(subject, 0)]
+            )
+        except ConcurrencyConflict:  # another replica did it first
+            await self._catch_up()
+            return
+        await self._wait_write_model(seq)
+        log.info("first admin created", key_file=str(self.data_dir / "admin.key"))
 
     def _result(self, verb: str, decision: Decision, ctx: Context) -> dict[str, Any]:
         result = dict(decision.result)

@@ -20,6 +20,9 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=63)]
 
 class Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     command_id: str = ""  # set by the sender; makes a retried command harmless
+    # When the sender signed it (seconds since the epoch): with the command id,
+    # what makes a captured admin command useless to replay.
+    signed_at: float = 0.0
 
 
 class CreateNetwork(Command, frozen=True, tag="network.create"):

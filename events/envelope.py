@@ -29,7 +29,7 @@ Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 UPCASTERS: dict[tuple[str, int], Upcaster] = {}
 
 
-class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     event_id: str
     type: str
     schema: int
@@ -37,6 +37,12 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     actor: str
     command_id: str
     data: AnyEvent
+    # The proof, on the first event of a signed command: the exact bytes the
+    # admin signed (verb and payload), their public key and the signature.
+    # `netmesh events verify` checks them offline.
+    signed: str = ""
+    signer: str = ""
+    signature: str = ""
 
 
 class _RawEnvelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +53,9 @@ class _RawEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     actor: str
     command_id: str
     data: msgspec.Raw
+    signed: str = ""
+    signer: str = ""
+    signature: str = ""
 
 
 class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,4 +129,7 @@ def decode_envelope(raw: bytes) -> Envelope:
         actor=env.actor,
         command_id=env.command_id,
         data=data,
+        signed=env.signed,
+        signer=env.signer,
+        signature=env.signature,
     )

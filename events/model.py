@@ -80,8 +80,18 @@ class NodeRemoved(Event, frozen=True, tag="node.removed"):
     host_id: str
 
 
+class AdminAdded(Event, frozen=True, tag="admin.added"):
+    """Someone may sign admin commands. The first one is written by the control
+    plane on its first start (the root of trust `events verify` starts from)."""
+
+    name: str
+    public_key: str  # base64 Ed25519
+    role: str = "admin"
+
+
 AnyEvent = (
-    NetworkCreated
+    AdminAdded
+    | NetworkCreated
     | NetworkDeleted
     | EnrollmentKeyCreated
     | EnrollmentKeyUsed
@@ -93,6 +103,7 @@ AnyEvent = (
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = (
+    AdminAdded,
     NetworkCreated,
     NetworkDeleted,
     EnrollmentKeyCreated,
@@ -120,6 +131,8 @@ def aggregate_of(event: AnyEvent) -> tuple[str, str]:
     and endpoints.
     """
     match event:
+        case AdminAdded(name=name):
+            return ("admin", name)
         case HostRegistered(host_id=h) | HostEndpointObserved(host_id=h):
             return ("host", h)
         case (

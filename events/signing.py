@@ -55,6 +55,24 @@ def verify(key: VerifyKey, data: bytes, signature: str | None) -> str | None:
     return None
 
 
+COMMAND_SIGNER_HEADER = "Netmesh-Signer"
+COMMAND_CONTEXT = b"netmesh-command\n"
+
+
+def signed_command(verb: str, payload: bytes) -> bytes:
+    """What an admin signs for a command: a context tag (a signature made for
+    anything else cannot pass as a command), the verb, the exact payload (which
+    holds the command id and the time it was signed)."""
+    return COMMAND_CONTEXT + verb.encode() + b"\n" + payload
+
+
+def command_headers(key: SigningKey, verb: str, payload: bytes) -> dict[str, str]:
+    return {
+        COMMAND_SIGNER_HEADER: public_text(key),
+        SIGNATURE_HEADER: sign(key, signed_command(verb, payload)),
+    }
+
+
 def load_or_create(path: Path) -> SigningKey:
     """The key in `path` (base64 seed), made on first use with mode 0600."""
     if path.exists():

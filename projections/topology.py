@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from events.envelope import RecordedEvent
 from events.model import (
+    AdminAdded,
     EnrollmentKeyCreated,
     EnrollmentKeyRevoked,
     EnrollmentKeyUsed,
@@ -127,6 +128,8 @@ class Topology:
     versions: dict[str, int] = field(default_factory=dict)
     last_network_seq: int = 0
     last_seq: int = 0
+    # Admins who may sign commands: public key -> (name, role).
+    admins: dict[str, tuple[str, str]] = field(default_factory=dict)
     # Command id -> stream sequence of its last event, for the most recent
     # COMMAND_MEMORY commands: a command sent twice is refused, not applied twice
     # (JetStream's own duplicate window is minutes; this outlives it).
@@ -211,6 +214,9 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
     at = recorded.envelope.time
 
     match recorded.event:
+        case AdminAdded() as e:
+            topology.admins[e.public_key] = (e.name, e.role)
+            return Touched()
         case NetworkCreated() as e:
             topology.networks[e.network] = Network(
                 name=e.network,

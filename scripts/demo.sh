@@ -55,7 +55,8 @@ in_host() {
         'mkdir -p /var/run/wireguard && mount -t tmpfs tmpfs /var/run/wireguard && exec "$@"' sh "$@"
 }
 
-nm() { ip netns exec "$P-cp" "$NETMESH" --server "$SERVER" "$@"; }
+# Admin commands are signed with the key the server made on its first start.
+nm() { ip netns exec "$P-cp" "$NETMESH" --server "$SERVER" --admin-key "$WORK/cp/admin.key" "$@"; }
 
 wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
     local seconds=$1 what=$2; shift 2

@@ -69,7 +69,15 @@ class Mesh:
 
     async def cli(self, *args: str, check: bool = True) -> tuple[int, str, str]:
         assert self.cp is not None
-        result = await self.cp.run(NETMESH, "--server", "nats://127.0.0.1:4222", *args, check=False)
+        result = await self.cp.run(
+            NETMESH,
+            "--server",
+            "nats://127.0.0.1:4222",
+            "--admin-key",
+            str(self.tmp / "cp" / "admin.key"),
+            *args,
+            check=False,
+        )
         if check:
             assert result.returncode == 0, f"{args}: {result.stderr}"
         return result.returncode, result.stdout, result.stderr

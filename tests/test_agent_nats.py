@@ -23,7 +23,7 @@ from controlplane.embedded import EmbeddedNats
 from controlplane.publisher import JetStreamDesiredPublisher, read_desired
 from controlplane.service import ControlPlane
 from events.desired import DesiredDelta, PeerConfig, desired_encoder
-from events.signing import SIGNATURE_HEADER, sign
+from events.signing import SIGNATURE_HEADER, load_or_create, sign
 from events.subjects import DESIRED_STREAM, EVENTS_STREAM, REPORTS_STREAM, desired_subject
 from events.tokens import parse_token
 from tests.factories import public_key
@@ -39,7 +39,7 @@ async def setup(
     admin_nc = await nats.connect(nats_server.url)
     plane = ControlPlane(cp_nc, tmp_path / "cp", nats_server.url)
     await plane.start()
-    admin = Admin(admin_nc)
+    admin = Admin(admin_nc, load_or_create(tmp_path / "cp" / "admin.key"))
     token = await network_with_token(admin)
     key = PrivateKey.generate()
     joined = await admin.ok(

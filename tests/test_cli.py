@@ -19,11 +19,16 @@ from events.tokens import make_token
 NETMESH = str(Path(sys.executable).parent / "netmesh")
 
 
+ADMIN_KEY: dict[str, str] = {}  # server URL -> its admin key file
+
+
 async def netmesh(server: str | None, *args: str) -> tuple[int, str, str]:
     """Run the CLI; with server=None, no --server (the token says where)."""
+    key = ADMIN_KEY.get(server or "")
     proc = await asyncio.create_subprocess_exec(
         NETMESH,
         *(["--server", server] if server else []),
+        *(["--admin-key", key] if key else []),
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -39,6 +44,7 @@ async def server(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[str
     nc = await nats.connect(nats_server.url)
     plane = ControlPlane(nc, tmp_path / "cp", nats_server.url)
     await plane.start()
+    ADMIN_KEY[nats_server.url] = str(tmp_path / "cp" / "admin.key")
     try:
         yield nats_server.url
     finally:
@@ -75,9 +81,60 @@ async def test_admin_session(server: str) -> None:
     assert (rc, json.loads(out)) == (0, [])
     rc, out, _ = await netmesh(server, "events", "log", "--json")
     types = [json.loads(line)["type"] for line in out.splitlines()]
-    assert types == ["network.created", "enrollment_key.created", "enrollment_key.revoked"]
+    assert types == [
+        "admin.added",  # the first admin, made by the server on its first start
+        "network.created",
+        "enrollment_key.created",
+        "enrollment_key.revoked",
+    ]
     rc, out, _ = await netmesh(server, "network", "delete", "office")
     assert rc == 0
+    # The log is evidence: every admin change carries its signature.
+    rc, out, err = await netmesh(server, "events", "verify", "--json")
+    report = json.loads(out)
+    assert (rc, report["signed_commands"], report["problems"]) == (0, 4, []), err
+
+
+async def test_admin_commands_need_the_admin_key(server: str, tmp_path: Path) -> None:
+    from nacl.signing import SigningKey
+
+    from events.signing import public_text
+
+    rc, _, err = await netmesh_no_key(server, "network", "create", "x", "--cidr", "10.9.0.0/24")
+    one_line_error(rc, err, "admin commands are signed")
+    stranger = tmp_path / "stranger.key"
+    stranger.write_text(public_text(SigningKey.generate()))  # not even a private key file
+    rc, _, err = await netmesh_no_key(
+        server, "--admin-key", str(stranger), "network", "create", "x", "--cidr", "10.9.0.0/24"
+    )
+    assert rc != 0
+    other = tmp_path / "other.key"
+    from events.signing import load_or_create
+
+    load_or_create(other)
+    rc, _, err = await netmesh_no_key(
+        server, "--admin-key", str(other), "network", "create", "x", "--cidr", "10.9.0.0/24"
+    )
+    one_line_error(rc, err, "not an admin")
+    rc, out, _ = await netmesh(server, "network", "list", "--json")
+    assert json.loads(out) == []  # nothing was created
+
+
+async def netmesh_no_key(server: str, *args: str) -> tuple[int, str, str]:
+    """The CLI without the test's admin key (run from a directory without one)."""
+    proc = await asyncio.create_subprocess_exec(
+        NETMESH,
+        "--server",
+        server,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        cwd="/",
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,24 +14,36 @@ from typing import Any
 import msgspec
 import nats
 import pytest
+from nacl.signing import SigningKey
 from nats.aio.client import Client
 
+from controlplane.decide import ADMIN_VERBS
 from controlplane.embedded import EmbeddedNats
 from controlplane.publisher import read_desired
 from controlplane.service import ControlPlane
 from events.commands import Reply
+from events.signing import command_headers, load_or_create
 from events.subjects import DESIRED_STREAM, EVENTS_STREAM
 from events.tokens import make_token, parse_token
 from tests.factories import public_key
 
 
 class Admin:
-    def __init__(self, nc: Client) -> None:
+    """Sends commands as the CLI does: admin verbs signed with the admin key."""
+
+    def __init__(self, nc: Client, key: SigningKey | None) -> None:
         self.nc = nc
+        self.key = key
 
     async def send(self, subject: str, payload: dict[str, Any] | bytes) -> Reply:
+        verb = subject.removeprefix("netmesh.cmd.")
+        headers: dict[str, str] = {}
+        if isinstance(payload, dict) and verb in ADMIN_VERBS and self.key is not None:
+            payload = {"command_id": uuid.uuid4().hex, **payload, "signed_at": time.time()}
         data = payload if isinstance(payload, bytes) else msgspec.json.encode(payload)
-        msg = await self.nc.request(subject, data, timeout=10)
+        if verb in ADMIN_VERBS and self.key is not None:
+            headers = command_headers(self.key, verb, data)
+        msg = await self.nc.request(subject, data, timeout=10, headers=headers)
         return msgspec.json.decode(msg.data, type=Reply)
 
     async def ok(self, verb: str, **fields: Any) -> Any:
@@ -57,7 +70,7 @@ async def cp(
     plane = ControlPlane(cp_nc, tmp_path / "cp", nats_server.url)
     await plane.start()
     try:
-        yield plane, Admin(admin_nc)
+        yield plane, Admin(admin_nc, load_or_create(tmp_path / "cp" / "admin.key"))
     finally:
         assert await plane.stop() == []
         await cp_nc.close()
@@ -158,11 +171,11 @@ async def test_rebuilt_read_model_changes_nothing_agents_see(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
     nc = await nats.connect(nats_server.url)
-    admin = Admin(nc)
     data = tmp_path / "cp"
     try:
         plane = ControlPlane(nc, data, nats_server.url)
         await plane.start()
+        admin = Admin(nc, load_or_create(data / "admin.key"))
         token = await network_with_token(admin)
         for n in (1, 2, 3):
             await admin.ok("join", token=token, public_key=public_key(n), name=f"h{n}")
@@ -193,7 +206,7 @@ async def test_two_replicas_allocate_distinct_addresses(
     try:
         for plane in planes:
             await plane.start()
-        admin = Admin(conns[2])
+        admin = Admin(conns[2], load_or_create(tmp_path / "cp0" / "admin.key"))
         await admin.ok("network.create", name="office", cidr="10.10.0.0/24")
         key = await admin.ok("key.create", network="office", uses=None)
         # Bypass the queue group: send half the joins to each replica directly.
@@ -231,7 +244,7 @@ async def test_token_carries_advertised_url(nats_server: EmbeddedNats, tmp_path:
     plane = ControlPlane(nc, tmp_path / "cp", "nats://mesh.example:4222")
     await plane.start()
     try:
-        admin = Admin(nc)
+        admin = Admin(nc, load_or_create(tmp_path / "cp" / "admin.key"))
         token = await network_with_token(admin)
         assert parse_token(token).server == "nats://mesh.example:4222"
         assert token != make_token("nats://mesh.example:4222", "x", "y")

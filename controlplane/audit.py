@@ -1,0 +1,138 @@
+"""`netmesh events verify`: check the event log's signatures, offline.
+
+Pure: it reads recorded events and trusts nothing but the keys in them, from
+the root of trust on (the first `admin.added`, or a key the operator names).
+An event an admin command produced carries, on the command's first event, the
+exact signed text, the signer and the signature; the check recomputes all of it.
+A server or broker that altered an admin event, invented one, or replayed a
+command under another id is caught; what agents send is not signed yet (their
+events are counted, not verified).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from events.envelope import RecordedEvent
+from events.model import (
+    AdminAdded,
+    EnrollmentKeyCreated,
+    EnrollmentKeyRevoked,
+    Event,
+    NetworkCreated,
+    NetworkDeleted,
+    NodeRemoved,
+)
+from events.signing import COMMAND_CONTEXT, verify, verify_key_of
+
+# What each admin verb may produce first, and the field that must match the
+# signed command: a valid signature cannot be pinned on another change.
+FIRST_EVENT: dict[str, tuple[type[Event], str, str]] = {
+    "network.create": (NetworkCreated, "network", "name"),
+    "network.delete": (NetworkDeleted, "network", "name"),
+    "key.create": (EnrollmentKeyCreated, "network", "network"),
+    "key.revoke": (EnrollmentKeyRevoked, "key_id", "key_id"),
+    "node.remove": (NodeRemoved, "node_id", "node"),
+}
+
+
+@dataclass
+class AuditReport:
+    events: int = 0
+    signed_commands: int = 0
+    unsigned_events: int = 0  # from agents (join, endpoint reports, leave): not signed yet
+    root: str | None = None  # the admin key everything was checked against
+    problems: list[tuple[int, str]] = field(default_factory=list)
+
+
+def verify_log(events: Iterable[RecordedEvent], root: str | None = None) -> AuditReport:
+    """Check every event; `root` is the first admin's public key if known."""
+    report = AuditReport(root=root)
+    admins: dict[str, str] = {}  # public key -> name
+    proven: set[str] = set()  # command ids whose proof checked out
+    for recorded in events:
+        report.events += 1
+        env = recorded.envelope
+        if env.signature:
+            problem = _check_proof(
+                env.signed, env.signer, env.signature, env.command_id, admins, env.data
+            )
+            if problem is None:
+                proven.add(env.command_id)
+                report.signed_commands += 1
+            else:
+                report.problems.append((recorded.seq, problem))
+        match env.data:
+            case AdminAdded() as added if not admins and not env.signature:
+                # The root of trust: the first admin, written by the server.
+                if report.root is None:
+                    report.root = added.public_key
+                elif added.public_key != report.root:
+                    report.problems.append(
+                        (recorded.seq, "the first admin is not the root key you gave")
+                    )
+                    continue
+                admins[added.public_key] = added.name
+            case AdminAdded() as added:
+                if env.command_id not in proven:
+                    report.problems.append((recorded.seq, "admin added without a signed command"))
+                    continue
+                admins[added.public_key] = added.name
+            case (
+                NetworkCreated()
+                | NetworkDeleted()
+                | EnrollmentKeyCreated()
+                | EnrollmentKeyRevoked()
+            ) as event if env.command_id not in proven:
+                report.problems.append(
+                    (recorded.seq, f"{type(event).__name__} without a valid admin signature")
+                )
+            case _ if env.command_id not in proven:
+                report.unsigned_events += 1
+    return report
+
+
+def _check_proof(
+    signed: str,
+    signer: str,
+    signature: str,
+    command_id: str,
+    admins: dict[str, str],
+    event: Event,
+) -> str | None:
+    if signer not in admins:
+        return "signed by a key that was not an admin's at the time"
+    try:
+        key = verify_key_of(signer)
+    except ValueError:
+        return "the signer is not a public key"
+    problem = verify(key, signed.encode(), signature)
+    if problem is not None:
+        return f"{problem} on the command"
+    context, _, rest = signed.encode().partition(b"\n")
+    verb, _, payload = rest.partition(b"\n")
+    if context + b"\n" != COMMAND_CONTEXT:
+        return "the signed text is not a command"
+    try:
+        fields = msgspec.json.decode(payload, type=dict[str, object])
+    except msgspec.DecodeError:
+        return "the signed command is not JSON"
+    if fields.get("command_id") != command_id:
+        return "the event's command id is not the one that was signed"
+    expected = FIRST_EVENT.get(verb.decode())
+    if expected is None:
+        return f"{verb.decode()!r} is not an admin command"
+    cls, event_field, command_field = expected
+    if not isinstance(event, cls):
+        return f"a signed {verb.decode()} cannot produce {type(event).__name__}"
+    wanted = fields.get(command_field)
+    have = getattr(event, event_field)
+    # node.remove names a node as the admin typed it ("office/h1" or an id).
+    if command_field == "node" and isinstance(wanted, str) and "/" in wanted:
+        return None if have and isinstance(event, NodeRemoved) else "node mismatch"
+    if wanted != have:
+        return f"the event's {event_field} {have!r} is not the signed {wanted!r}"
+    return None
