@@ -74,6 +74,12 @@ class UserspaceBackend:
         self._reap()
         if await self.exists():
             return
+        if self.pid is not None:
+            # Our previous wireguard-go is still shutting down (its link was
+            # deleted): let it finish first. On exit it removes its socket file
+            # by path, which would be the new process's socket by then, leaving
+            # a device nobody can configure.
+            await self._wait_own_exit(time.monotonic() + self._timeout)
         pid = self._spawn()
         self.pid = pid
         deadline = time.monotonic() + self._timeout

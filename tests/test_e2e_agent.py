@@ -20,6 +20,7 @@ import json
 import re
 import signal
 import time
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -374,6 +375,8 @@ async def test_drift_is_logged_and_repaired(mesh: Mesh) -> None:
     assert "create interface" in ops, mesh.log("agent-a")
     assert f"add address {a_address}" in ops, ops
     dump = (await mesh.wg("a", "dump")).splitlines()[0].split("\t")
+    if dump[1] != nodes["a"]["public_key"]:
+        Path("/tmp/agent-a-debug.log").write_text(mesh.log("agent-a"))
     assert dump[1] == nodes["a"]["public_key"] and dump[2] == "51820", dump
     started = time.monotonic()
     assert await wait_until(lambda: ping(a, nodes["b"]["address"]), timeout=10, message="a->b")
