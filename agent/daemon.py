@@ -25,6 +25,7 @@ import msgspec
 import nats
 import nats.errors
 import structlog
+from nacl.signing import SigningKey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -50,7 +51,13 @@ from events.connect import connect_once
 from events.desired import DesiredMessage, DesiredState, decode_message
 from events.feed import DesiredFeed, Outcome
 from events.reports import APPLIED, AppliedReport, PeerReport, applied_encoder
-from events.signing import SIGNATURE_HEADER, verify, verify_key_of
+from events.signing import (
+    SIGNATURE_HEADER,
+    public_text,
+    signed_payload,
+    verify,
+    verify_key_of,
+)
 from events.subjects import (
     DESIRED_STREAM,
     REPORTS_STREAM,
@@ -98,6 +105,7 @@ async def enroll(
     public_key: str,
     endpoints: Sequence[str],
     listen_port: int | None,
+    signing_key: SigningKey,
 ) -> tuple[str, dict[str, Any]]:
     """Join with the token. Returns (server URL, join result). Raises AgentError."""
     try:
@@ -112,7 +120,11 @@ async def enroll(
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise AgentError(f"cannot reach the control plane at {url}: {exc}") from None
     try:
-        payload = msgspec.json.encode(
+        # Signed with the host's own key, which the join registers: from now
+        # on only this machine can speak for this host.
+        payload, signature = signed_payload(
+            signing_key,
+            "join",
             {
                 "command_id": uuid.uuid4().hex,
                 "token": token,
@@ -120,14 +132,15 @@ async def enroll(
                 "name": name,
                 "endpoints": list(endpoints),
                 "listen_port": listen_port,
-            }
+                "signing_key": public_text(signing_key),
+            },
         )
         try:
             msg = await nc.request(
                 command_subject("join"),
                 payload,
                 timeout=15,
-                headers={"Netmesh-Actor": f"agent:{name}"},
+                headers={"Netmesh-Actor": f"agent:{name}", **signature},
             )
         except nats.errors.NoRespondersError:
             raise AgentError(f"no netmesh control plane is answering at {url}") from None
@@ -523,16 +536,20 @@ class Agent:
         # Without a desired state we do not know our port: let the control plane
         # keep the one it chose (the network's) rather than claim a default.
         listen_port = self.desired.listen_port if self.desired else None
-        payload = msgspec.json.encode(
+        payload, signature = signed_payload(
+            self.state.signing_key(),
+            "endpoint.report",
             {
                 "command_id": uuid.uuid4().hex,
                 "host_id": self.identity.host_id,
                 "endpoints": endpoints,
                 "listen_port": listen_port,
-            }
+            },
         )
         try:
-            msg = await self.nc.request(command_subject("endpoint.report"), payload, timeout=10)
+            msg = await self.nc.request(
+                command_subject("endpoint.report"), payload, timeout=10, headers=signature
+            )
             reply = msgspec.json.decode(msg.data, type=Reply)
             if not reply.ok:
                 log.warning("endpoint report refused", error=reply.error)
@@ -584,7 +601,9 @@ async def run_agent(
     host_name = name or (identity.name if identity else socket.gethostname().split(".")[0])
     offered = list(endpoints) or await detect_endpoints(exclude=interface)
     if token is not None:
-        url, result = await enroll(token, server, host_name, public_key, offered, listen_port)
+        url, result = await enroll(
+            token, server, host_name, public_key, offered, listen_port, state.signing_key()
+        )
         networks = sorted({*(identity.networks if identity else []), result["network"]})
         identity = Identity(
             host_id=result["host_id"],

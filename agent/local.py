@@ -18,6 +18,7 @@ from agent.statedir import StateDir, load_status, pid_alive
 from agent.userspace import UserspaceBackend
 from events.commands import Reply
 from events.connect import connect_once
+from events.signing import signed_payload
 from events.subjects import command_subject
 
 
@@ -134,15 +135,16 @@ async def leave(state_dir: Path, server: str | None, network: str | None) -> lis
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise AgentError(f"cannot reach the control plane at {url}: {exc}") from None
     try:
-        payload = {"command_id": uuid.uuid4().hex, "host_id": identity.host_id}
+        fields: dict[str, object] = {"command_id": uuid.uuid4().hex, "host_id": identity.host_id}
         if network is not None:
-            payload["network"] = network
+            fields["network"] = network
+        payload, signature = signed_payload(state.signing_key(), "host.leave", fields)
         try:
             msg = await nc.request(
                 command_subject("host.leave"),
-                msgspec.json.encode(payload),
+                payload,
                 timeout=15,
-                headers={"Netmesh-Actor": f"agent:{identity.name}"},
+                headers={"Netmesh-Actor": f"agent:{identity.name}", **signature},
             )
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             raise AgentError(f"no netmesh control plane is answering at {url}") from None

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import msgspec
 from nacl.public import PrivateKey
+from nacl.signing import SigningKey
 
 from events.desired import DesiredState, desired_decoder, desired_encoder
+from events.signing import SigningKeyError, load_or_create
 
 
 class Identity(msgspec.Struct, kw_only=True):
@@ -79,6 +81,13 @@ class StateDir:
     @property
     def _key_file(self) -> Path:
         return self.path / "private.key"
+
+    def signing_key(self) -> SigningKey:
+        """This host's Ed25519 key, for its own commands; made on first use (0600)."""
+        try:
+            return load_or_create(self.path / "signing.key")
+        except SigningKeyError as exc:
+            raise StateDirError(str(exc)) from None
 
     def private_key(self) -> PrivateKey:
         """This host's WireGuard key, made on first use."""

@@ -5,8 +5,9 @@ the root of trust on (the first `admin.added`, or a key the operator names).
 An event an admin command produced carries, on the command's first event, the
 exact signed text, the signer and the signature; the check recomputes all of it.
 A server or broker that altered an admin event, invented one, or replayed a
-command under another id is caught; what agents send is not signed yet (their
-events are counted, not verified).
+command under another id is caught. Hosts sign their own commands (join,
+endpoint reports, leaving) with a key registered at their join; events from
+hosts enrolled by older agents carry no proof and are counted as unsigned.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from events.model import (
     AdminAdded,
     EnrollmentKeyCreated,
     EnrollmentKeyRevoked,
+    EnrollmentKeyUsed,
     Event,
+    HostEndpointObserved,
+    HostRegistered,
     NetworkCreated,
     NetworkDeleted,
     NodeRemoved,
@@ -36,7 +40,13 @@ FIRST_EVENT: dict[str, tuple[type[Event], str, str]] = {
     "key.create": (EnrollmentKeyCreated, "network", "network"),
     "key.revoke": (EnrollmentKeyRevoked, "key_id", "key_id"),
     "node.remove": (NodeRemoved, "node_id", "node"),
+    "join": (EnrollmentKeyUsed, "network", ""),
+    "endpoint.report": (HostEndpointObserved, "host_id", "host_id"),
+    "host.leave": (NodeRemoved, "host_id", "host_id"),
 }
+ADMIN_VERBS = frozenset(
+    {"network.create", "network.delete", "key.create", "key.revoke", "node.remove"}
+)
 
 
 @dataclass
@@ -52,13 +62,14 @@ def verify_log(events: Iterable[RecordedEvent], root: str | None = None) -> Audi
     """Check every event; `root` is the first admin's public key if known."""
     report = AuditReport(root=root)
     admins: dict[str, str] = {}  # public key -> name
+    hosts: dict[str, str] = {}  # host id -> its signing key
     proven: set[str] = set()  # command ids whose proof checked out
     for recorded in events:
         report.events += 1
         env = recorded.envelope
         if env.signature:
             problem = _check_proof(
-                env.signed, env.signer, env.signature, env.command_id, admins, env.data
+                env.signed, env.signer, env.signature, env.command_id, admins, hosts, env.data
             )
             if problem is None:
                 proven.add(env.command_id)
@@ -66,6 +77,11 @@ def verify_log(events: Iterable[RecordedEvent], root: str | None = None) -> Audi
             else:
                 report.problems.append((recorded.seq, problem))
         match env.data:
+            case HostRegistered() as registered:
+                if registered.signing_key:
+                    hosts[registered.host_id] = registered.signing_key
+                if env.command_id not in proven:
+                    report.unsigned_events += 1
             case AdminAdded() as added if not admins and not env.signature:
                 # The root of trust: the first admin, written by the server.
                 if report.root is None:
@@ -101,10 +117,9 @@ def _check_proof(
     signature: str,
     command_id: str,
     admins: dict[str, str],
+    hosts: dict[str, str],
     event: Event,
 ) -> str | None:
-    if signer not in admins:
-        return "signed by a key that was not an admin's at the time"
     try:
         key = verify_key_of(signer)
     except ValueError:
@@ -120,6 +135,15 @@ def _check_proof(
         fields = msgspec.json.decode(payload, type=dict[str, object])
     except msgspec.DecodeError:
         return "the signed command is not JSON"
+    name = verb.decode()
+    if name in ADMIN_VERBS:
+        if signer not in admins:
+            return "signed by a key that was not an admin's at the time"
+    elif name == "join":
+        if fields.get("signing_key") != signer:
+            return "a join signed by another key than the one it registers"
+    elif hosts.get(str(fields.get("host_id"))) != signer:
+        return "signed by a key that is not the host's"
     if fields.get("command_id") != command_id:
         return "the event's command id is not the one that was signed"
     expected = FIRST_EVENT.get(verb.decode())
@@ -128,6 +152,8 @@ def _check_proof(
     cls, event_field, command_field = expected
     if not isinstance(event, cls):
         return f"a signed {verb.decode()} cannot produce {type(event).__name__}"
+    if not command_field:
+        return None
     wanted = fields.get(command_field)
     have = getattr(event, event_field)
     # node.remove names a node as the admin typed it ("office/h1" or an id).

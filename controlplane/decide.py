@@ -50,8 +50,9 @@ HOST_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})$")
 
 
 # Commands only an admin may send, signed with their key. The others come from
-# agents: `join` is authorized by its enrollment token; `endpoint.report` and
-# `host.leave` name their host (to be signed by the host's key, later).
+# agents: `join` is authorized by its enrollment token and signed by the new
+# host's own key; `endpoint.report` and `host.leave` must be signed by the key
+# their host registered (hosts enrolled by agents older than that have none).
 ADMIN_VERBS = frozenset(
     {"network.create", "network.delete", "key.create", "key.revoke", "node.remove"}
 )
@@ -62,16 +63,18 @@ SIGNATURE_WINDOW = 300.0
 def authorize(
     topology: Topology,
     verb: str,
+    command: AnyCommand,
     signer: str | None,
     signature_problem: str | None,
-    signed_at: float,
     now: float,
 ) -> str | None:
-    """The actor ("admin:<name>") for a signed admin command; None for verbs
-    that need no admin. Raises Rejected ("unauthorized") otherwise.
-    `signature_problem` is None when the signature checked out."""
+    """Who a signed command is from: "admin:<name>" or "host:<id>"; None for a
+    command that needs no signature (from an agent that has no key). Raises
+    Rejected ("unauthorized") otherwise. `signature_problem` is None when the
+    signature checked out."""
     if verb not in ADMIN_VERBS:
-        return None
+        return _authorize_host(topology, verb, command, signer, signature_problem, now)
+    signed_at = command.signed_at
     if not signer or signature_problem == "unsigned":
         raise Rejected("unauthorized", f"{verb} must be signed by an admin key (--admin-key)")
     if signature_problem is not None:
@@ -86,6 +89,40 @@ def authorize(
             "the server's clock (a replay, or a clock to fix)",
         )
     return f"admin:{admin[0]}"
+
+
+def _authorize_host(
+    topology: Topology,
+    verb: str,
+    command: AnyCommand,
+    signer: str | None,
+    signature_problem: str | None,
+    now: float,
+) -> str | None:
+    if isinstance(command, Join):
+        required, host_id = command.signing_key, command.name
+        existing = topology.hosts.get(topology.host_by_public_key.get(command.public_key, ""))
+        if existing is not None and existing.signing_key and existing.signing_key != required:
+            # Someone else's WireGuard key with their own signing key: a takeover.
+            raise Rejected(
+                "unauthorized",
+                f"join: host {existing.host_id} is registered with another signing key",
+            )
+    elif isinstance(command, ReportEndpoint | LeaveNetworks):
+        host = topology.hosts.get(command.host_id)
+        required, host_id = (host.signing_key if host is not None else ""), command.host_id
+    else:
+        return None
+    if not required:
+        return None
+    if signature_problem is not None or signer != required:
+        why = signature_problem if signer == required else "signed by another key"
+        raise Rejected("unauthorized", f"{verb}: must be signed by the host's key ({why})")
+    if abs(now - command.signed_at) > SIGNATURE_WINDOW:
+        raise Rejected(
+            "unauthorized", f"{verb}: signed more than {SIGNATURE_WINDOW:.0f} s from now"
+        )
+    return f"host:{host_id}" if host_id else "host"
 
 
 class Rejected(Exception):
@@ -384,6 +421,7 @@ def _join(topology: Topology, cmd: Join, ctx: Context) -> Decision:
                     public_key=public_key,
                     listen_port=listen_port,
                     endpoints=endpoints,
+                    signing_key=cmd.signing_key,
                 ),
             )
         )

@@ -287,13 +287,15 @@ class ControlPlane:
         proof: Proof | None = None
         problem = _signature_problem(verb, payload, signer, signature)
         try:
-            admin = authorize(
-                self.write_model, verb, signer, problem, command.signed_at, time.time()
-            )
+            admin = authorize(self.write_model, verb, command, signer, problem, time.time())
         except Rejected as exc:
             log.warning("command refused", verb=verb, code=exc.code, reason=exc.message)
             return Reply(ok=False, code=exc.code, error=exc.message)
         if admin is not None:
+            if not command.command_id:
+                # The id is what makes a signed command impossible to replay,
+                # and what ties its events to its proof.
+                return Reply(ok=False, code="invalid", error=f"a signed {verb} needs a command_id")
             actor = admin
             assert signer is not None and signature is not None
             proof = Proof(signed_command(verb, payload).decode(), signer, signature)

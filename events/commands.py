@@ -54,6 +54,9 @@ class Join(Command, frozen=True, tag="join"):
     name: Name
     endpoints: tuple[str, ...] = ()
     listen_port: Port | None = None  # None: the network's listen port
+    # The host's own Ed25519 key (base64): the join is signed with it, and so
+    # must be everything the host sends later (endpoint reports, leaving).
+    signing_key: str = ""
 
 
 class RemoveNode(Command, frozen=True, tag="node.remove"):

@@ -58,6 +58,7 @@ class HostRegistered(Event, frozen=True, tag="host.registered"):
     public_key: str
     listen_port: Port = 51820
     endpoints: tuple[str, ...] = ()  # candidate "ip" or "ip:port" the host offered
+    signing_key: str = ""  # the host's Ed25519 key (base64); empty for old agents
 
 
 class HostEndpointObserved(Event, frozen=True, tag="host.endpoint_observed"):

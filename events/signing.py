@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import time
 from pathlib import Path
 
+import msgspec
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
@@ -71,6 +73,14 @@ def command_headers(key: SigningKey, verb: str, payload: bytes) -> dict[str, str
         COMMAND_SIGNER_HEADER: public_text(key),
         SIGNATURE_HEADER: sign(key, signed_command(verb, payload)),
     }
+
+
+def signed_payload(
+    key: SigningKey, verb: str, fields: dict[str, object]
+) -> tuple[bytes, dict[str, str]]:
+    """A command's payload, stamped with the time, and the headers that sign it."""
+    payload = msgspec.json.encode({**fields, "signed_at": time.time()})
+    return payload, command_headers(key, verb, payload)
 
 
 def load_or_create(path: Path) -> SigningKey:

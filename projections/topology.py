@@ -70,6 +70,7 @@ class Host:
     registered_at: float
     # Last event that changed this host's own interface or memberships.
     revision: int = 0
+    signing_key: str = ""  # what the host's own commands must be signed with
 
 
 @dataclass
@@ -272,6 +273,7 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 listen_port=e.listen_port,
                 endpoints=e.endpoints,
                 registered_at=at,
+                signing_key=e.signing_key,
             )
             topology.host_by_public_key[e.public_key] = e.host_id
             # A host registering again (a re-join) may come with a new name or

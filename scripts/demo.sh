@@ -150,4 +150,6 @@ say "netmesh status"
 nm status
 say "netmesh events log"
 nm events log
+say "netmesh events verify: every admin change carries its signature"
+nm events verify
 say "the demo worked"

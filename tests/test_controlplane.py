@@ -17,12 +17,13 @@ import pytest
 from nacl.signing import SigningKey
 from nats.aio.client import Client
 
+from controlplane.audit import verify_log
 from controlplane.decide import ADMIN_VERBS
 from controlplane.embedded import EmbeddedNats
 from controlplane.publisher import read_desired
 from controlplane.service import ControlPlane
 from events.commands import Reply
-from events.signing import command_headers, load_or_create
+from events.signing import command_headers, load_or_create, public_text, signed_payload
 from events.subjects import DESIRED_STREAM, EVENTS_STREAM
 from events.tokens import make_token, parse_token
 from tests.factories import public_key
@@ -263,3 +264,57 @@ async def test_an_unreadable_event_fails_the_service_loudly(
     await admin.nc.jetstream().publish("netmesh.ev.network.x", b"not an event")
     await asyncio.wait_for(plane.failed.wait(), 10)
     assert plane.failure is not None and "DecodeError" in plane.failure
+
+
+async def test_a_host_speaks_only_with_its_own_key(cp: tuple[ControlPlane, Admin]) -> None:
+    """A host registered with a signing key: its endpoint reports must be signed
+    by that key, and its WireGuard key cannot be re-joined with another one."""
+    plane, admin = cp
+    token = await network_with_token(admin)
+    host_key = SigningKey.generate()
+    payload, headers = signed_payload(
+        host_key,
+        "join",
+        {"token": token, "public_key": public_key(1), "name": "h1", "command_id": "j1",
+         "signing_key": public_text(host_key)},
+    )  # fmt: skip
+    msg = await admin.nc.request("netmesh.cmd.join", payload, headers=headers, timeout=10)
+    joined = msgspec.json.decode(msg.data, type=Reply)
+    assert joined.ok, joined.error
+    host_id = joined.result["host_id"]
+    before = await admin.last_seq()
+
+    report = {"host_id": host_id, "endpoints": ["198.51.100.7"], "command_id": "r1"}
+    other = SigningKey.generate()
+    attempts = [
+        (msgspec.json.encode({**report, "signed_at": time.time()}), {}),  # unsigned
+        signed_payload(other, "endpoint.report", report),  # someone else's key
+        signed_payload(host_key, "host.leave", report),  # signed for another verb
+    ]
+    for data, hdrs in attempts:
+        msg = await admin.nc.request("netmesh.cmd.endpoint.report", data, headers=hdrs, timeout=10)
+        refused = msgspec.json.decode(msg.data, type=Reply)
+        assert (refused.ok, refused.code) == (False, "unauthorized"), refused
+    # Taking the host over: its WireGuard key, a new signing key.
+    data, hdrs = signed_payload(
+        other,
+        "join",
+        {"token": token, "public_key": public_key(1), "name": "h1",
+         "signing_key": public_text(other)},
+    )  # fmt: skip
+    msg = await admin.nc.request("netmesh.cmd.join", data, headers=hdrs, timeout=10)
+    refused = msgspec.json.decode(msg.data, type=Reply)
+    assert (refused.ok, refused.code) == (False, "unauthorized"), refused
+    assert await admin.last_seq() == before  # nothing was written
+
+    data, hdrs = signed_payload(host_key, "endpoint.report", report)
+    msg = await admin.nc.request("netmesh.cmd.endpoint.report", data, headers=hdrs, timeout=10)
+    assert msgspec.json.decode(msg.data, type=Reply).ok
+    # The log proves it: the join and the report are verified as the host's.
+    recorded = []
+    async for batch in plane.store.follow_batches(1):
+        recorded.extend(batch)
+        if batch[-1].seq >= await admin.last_seq():
+            break
+    audit = verify_log(recorded)
+    assert audit.problems == [] and audit.signed_commands == 4  # network, key, join, report

@@ -74,12 +74,23 @@ class Harness:
         self.plane = ControlPlane(self.nc, root / "cp", self.server.url)
         await self.plane.start()
         # Something to aim at: a network, a key, two nodes.
-        await self.command("network.create", {"name": "office", "cidr": "10.10.0.0/24"})
-        key = await self.command("key.create", {"network": "office", "uses": None})
+        await self.command(
+            "network.create", {"name": "office", "cidr": "10.10.0.0/24", "command_id": "n1"}
+        )
+        key = await self.command(
+            "key.create", {"network": "office", "uses": None, "command_id": "k1"}
+        )
+        assert key.ok, key.error
         self.token = key.result["token"]
         for n in (1, 2):
             joined = await self.command(
-                "join", {"token": self.token, "public_key": public_key(n), "name": f"h{n}"}
+                "join",
+                {
+                    "token": self.token,
+                    "public_key": public_key(n),
+                    "name": f"h{n}",
+                    "command_id": f"j{n}",
+                },
             )
             assert joined.ok, joined.error
             self.host_ids.append(joined.result["host_id"])
@@ -184,6 +195,7 @@ def pools(token: str, host_ids: list[str]) -> dict[str, st.SearchStrategy[Any]]:
         "node": st.sampled_from(["office/h1", "office/h2", "h1", "lab/h1", "nope", ""]),
         "force": st.booleans(),
         "command_id": st.text(max_size=12),
+        "signing_key": st.sampled_from(["", public_key(1)]) | st.text(max_size=8),
         "signed_at": st.floats(allow_nan=False) | st.text(max_size=4),
     }
 
