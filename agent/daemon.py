@@ -194,6 +194,19 @@ class Agent:
         self._sub: Any = None
         self._last_error: str | None = None
 
+    def reload_key(self) -> None:
+        """SIGHUP (from `netmesh agent rotate-key`): take the key now in the state
+        dir; the next pass sets it on the device, peers already expect it."""
+        try:
+            key = self.state.private_key()
+        except (OSError, ValueError, StateDirError) as exc:
+            log.warning("key not reloaded", error=str(exc))
+            return
+        self._private_key = private_key_b64(key)
+        self.public_key = public_key_of(key)
+        log.info("WireGuard key reloaded", public_key=self.public_key)
+        self._wake.set()
+
     def wake(self) -> None:
         """Run a reconcile pass soon (a change was seen)."""
         self._wake.set()
@@ -644,6 +657,7 @@ async def run_agent(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, agent.reload_key)
     tasks = [
         asyncio.create_task(agent.reconcile_forever(), name="reconcile"),
         asyncio.create_task(agent.connect_forever(), name="connect"),

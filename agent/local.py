@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +16,7 @@ from agent.backend import BackendError, DeviceState, WireGuardBackend
 from agent.daemon import AgentError
 from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.link import Link
-from agent.statedir import StateDir, load_status, pid_alive
+from agent.statedir import StateDir, load_status, pid_alive, public_key_of
 from agent.userspace import UserspaceBackend
 from events.commands import Reply
 from events.connect import connect_once
@@ -121,6 +123,46 @@ async def interface_down(state_dir: Path, interface: str) -> bool:
         if backend is not None:
             await backend.close()
     return present
+
+
+async def rotate_key(state_dir: Path, server: str | None) -> str:
+    """Make a new WireGuard key here, tell the control plane, then switch to it
+    (a running agent is told with SIGHUP). Returns the new public key. Raises
+    AgentError; on refusal nothing changed."""
+    state = StateDir(state_dir)
+    identity = state.load_identity()
+    if identity is None:
+        raise AgentError(f"not enrolled ({state_dir} has no identity): nothing to rotate")
+    key = state.stage_private_key()
+    public_key = public_key_of(key)
+    url = server or identity.server
+    try:
+        nc = await connect_once(url, timeout=5, name=f"netmesh-agent-rotate-{identity.name}")
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise AgentError(f"cannot reach the control plane at {url}: {exc}") from None
+    try:
+        fields: dict[str, object] = {
+            "command_id": uuid.uuid4().hex,
+            "host_id": identity.host_id,
+            "public_key": public_key,
+        }
+        payload, signature = signed_payload(state.signing_key(), "host.rotate_key", fields)
+        try:
+            msg = await nc.request(
+                command_subject("host.rotate_key"), payload, timeout=15, headers=signature
+            )
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            raise AgentError(f"no netmesh control plane is answering at {url}") from None
+        reply = msgspec.json.decode(msg.data, type=Reply)
+        if not reply.ok:
+            raise AgentError(f"key rotation refused: {reply.error}")
+    finally:
+        await nc.close()
+    state.commit_private_key()
+    pid = running_agent_pid(state_dir)
+    if pid is not None:
+        os.kill(pid, signal.SIGHUP)  # the running agent switches to the new key
+    return public_key
 
 
 async def leave(state_dir: Path, server: str | None, network: str | None) -> list[str]:

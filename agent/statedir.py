@@ -89,6 +89,16 @@ class StateDir:
         except SigningKeyError as exc:
             raise StateDirError(str(exc)) from None
 
+    def stage_private_key(self) -> PrivateKey:
+        """A new WireGuard key, written next to the current one (0600) until
+        `commit_private_key`: a rotation the control plane refuses changes nothing."""
+        key = PrivateKey.generate()
+        atomic_write(self.path / "private.key.next", base64.b64encode(bytes(key)) + b"\n", 0o600)
+        return key
+
+    def commit_private_key(self) -> None:
+        os.replace(self.path / "private.key.next", self._key_file)
+
     def private_key(self) -> PrivateKey:
         """This host's WireGuard key, made on first use."""
         if self._key_file.exists():

@@ -824,6 +824,21 @@ def agent_leave(
         raise click.ClickException(str(exc)) from None
 
 
+@agent.command("rotate-key")
+@state_dir_option
+@click.pass_context
+def agent_rotate_key(ctx: click.Context, state_dir: Path) -> None:
+    """Make a new WireGuard key on this machine; peers switch to it in place."""
+    from agent.daemon import AgentError
+    from agent.local import rotate_key
+
+    try:
+        public_key = asyncio.run(rotate_key(state_dir, explicit_server(ctx)))
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"new public key {public_key}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: every error is one line on stderr and a non-zero exit."""
     try:

@@ -25,6 +25,7 @@ from events.model import (
     EnrollmentKeyUsed,
     Event,
     HostEndpointObserved,
+    HostKeyRotated,
     HostRegistered,
     NetworkCreated,
     NetworkDeleted,
@@ -43,6 +44,7 @@ FIRST_EVENT: dict[str, tuple[type[Event], str, str]] = {
     "join": (EnrollmentKeyUsed, "network", ""),
     "endpoint.report": (HostEndpointObserved, "host_id", "host_id"),
     "host.leave": (NodeRemoved, "host_id", "host_id"),
+    "host.rotate_key": (HostKeyRotated, "host_id", "host_id"),
 }
 ADMIN_VERBS = frozenset(
     {"network.create", "network.delete", "key.create", "key.revoke", "node.remove"}

@@ -27,6 +27,7 @@ from events.commands import (
     RemoveNode,
     ReportEndpoint,
     RevokeEnrollmentKey,
+    RotateHostKey,
 )
 from events.model import (
     AnyEvent,
@@ -34,6 +35,7 @@ from events.model import (
     EnrollmentKeyRevoked,
     EnrollmentKeyUsed,
     HostEndpointObserved,
+    HostKeyRotated,
     HostRegistered,
     NetworkCreated,
     NetworkDeleted,
@@ -108,7 +110,7 @@ def _authorize_host(
                 "unauthorized",
                 f"join: host {existing.host_id} is registered with another signing key",
             )
-    elif isinstance(command, ReportEndpoint | LeaveNetworks):
+    elif isinstance(command, ReportEndpoint | LeaveNetworks | RotateHostKey):
         host = topology.hosts.get(command.host_id)
         required, host_id = (host.signing_key if host is not None else ""), command.host_id
     else:
@@ -170,6 +172,8 @@ def decide(topology: Topology, command: AnyCommand, ctx: Context) -> Decision:
             return _report_endpoint(topology, command)
         case LeaveNetworks():
             return _leave(topology, command)
+        case RotateHostKey():
+            return _rotate_key(topology, command)
     raise Rejected("invalid", f"unknown command {command!r}")  # pragma: no cover
 
 
@@ -529,6 +533,29 @@ def _report_endpoint(topology: Topology, cmd: ReportEndpoint) -> Decision:
         events=((subject, event),),
         expect=(_guard(topology, subject),),
         result={"host_id": host.host_id, "changed": True},
+    )
+
+
+def _rotate_key(topology: Topology, cmd: RotateHostKey) -> Decision:
+    host = topology.hosts.get(cmd.host_id)
+    if host is None:
+        raise Rejected("not_found", f"no host {cmd.host_id!r}")
+    if not host.signing_key:
+        # Without a signing key anyone could claim to be this host: re-enroll.
+        raise Rejected(
+            "unauthorized", f"host {cmd.host_id} has no signing key: re-enroll it to rotate"
+        )
+    new_key = parse_public_key(cmd.public_key)
+    if new_key == host.public_key:
+        return Decision(result={"host_id": host.host_id, "changed": False})
+    if new_key in topology.host_by_public_key:
+        raise Rejected("conflict", "that public key belongs to another host")
+    subject = host_subject(host.host_id)
+    event = HostKeyRotated(host_id=host.host_id, public_key=new_key, previous_key=host.public_key)
+    return Decision(
+        events=((subject, event),),
+        expect=(_guard(topology, subject),),
+        result={"host_id": host.host_id, "changed": True, "public_key": new_key},
     )
 
 

@@ -69,6 +69,14 @@ class ReportEndpoint(Command, frozen=True, tag="endpoint.report"):
     listen_port: Port | None = None  # None: keep the host's port
 
 
+class RotateHostKey(Command, frozen=True, tag="host.rotate_key"):
+    """A host announces its new WireGuard public key (`netmesh agent rotate-key`):
+    peers switch to it in place."""
+
+    host_id: str
+    public_key: str
+
+
 class LeaveNetworks(Command, frozen=True, tag="host.leave"):
     """A host takes itself out of one network, or all (`netmesh agent leave`)."""
 
@@ -85,6 +93,7 @@ AnyCommand = (
     | RemoveNode
     | ReportEndpoint
     | LeaveNetworks
+    | RotateHostKey
 )
 
 COMMAND_TYPES: tuple[type[Command], ...] = (
@@ -96,6 +105,7 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     RemoveNode,
     ReportEndpoint,
     LeaveNetworks,
+    RotateHostKey,
 )
 VERBS: dict[str, type[Command]] = {str(cls.__struct_config__.tag): cls for cls in COMMAND_TYPES}
 

@@ -67,6 +67,14 @@ class HostEndpointObserved(Event, frozen=True, tag="host.endpoint_observed"):
     listen_port: Port = 51820
 
 
+class HostKeyRotated(Event, frozen=True, tag="host.key_rotated"):
+    """The host's WireGuard public key changed (made on the host; peers switch)."""
+
+    host_id: str
+    public_key: str
+    previous_key: str
+
+
 class NodeJoined(Event, frozen=True, tag="node.joined"):
     network: str
     node_id: str
@@ -99,6 +107,7 @@ AnyEvent = (
     | EnrollmentKeyRevoked
     | HostRegistered
     | HostEndpointObserved
+    | HostKeyRotated
     | NodeJoined
     | NodeRemoved
 )
@@ -112,6 +121,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     EnrollmentKeyRevoked,
     HostRegistered,
     HostEndpointObserved,
+    HostKeyRotated,
     NodeJoined,
     NodeRemoved,
 )
@@ -134,7 +144,9 @@ def aggregate_of(event: AnyEvent) -> tuple[str, str]:
     match event:
         case AdminAdded(name=name):
             return ("admin", name)
-        case HostRegistered(host_id=h) | HostEndpointObserved(host_id=h):
+        case (
+            HostRegistered(host_id=h) | HostEndpointObserved(host_id=h) | HostKeyRotated(host_id=h)
+        ):
             return ("host", h)
         case (
             NetworkCreated(network=n)

@@ -199,12 +199,16 @@ class DesiredChanges:
     interfaces: set[str] = field(default_factory=set)
     # network -> hosts whose entry every member of the network must re-read
     peers_by_network: dict[str, set[str]] = field(default_factory=dict)
+    # host -> public keys it had before (rotated away): peers drop them
+    retired_keys: dict[str, set[str]] = field(default_factory=dict)
 
     def add(self, touched: Touched) -> None:
         self.reconfigured |= touched.reconfigured
         self.interfaces |= touched.interfaces
         for host_id, network in touched.peer_changes:
             self.peers_by_network.setdefault(network, set()).add(host_id)
+        for host_id, key in touched.retired_keys:
+            self.retired_keys.setdefault(host_id, set()).add(key)
 
     def __bool__(self) -> bool:
         return bool(self.reconfigured or self.interfaces or self.peers_by_network)
@@ -254,6 +258,7 @@ def messages(
                 upsert.append(entry)
             elif peer_id in topology.hosts:
                 remove.append(topology.hosts[peer_id].public_key)
+            remove.extend(sorted(changes.retired_keys.get(peer_id, ())))
         out.append(
             DesiredDelta(
                 host_id=host_id,

@@ -21,6 +21,7 @@ from events.model import (
     EnrollmentKeyRevoked,
     EnrollmentKeyUsed,
     HostEndpointObserved,
+    HostKeyRotated,
     HostRegistered,
     NetworkCreated,
     NetworkDeleted,
@@ -99,6 +100,8 @@ class Touched:
     reconfigured: frozenset[str] = frozenset()
     interfaces: frozenset[str] = frozenset()
     peer_changes: frozenset[tuple[str, str]] = frozenset()
+    # (host, its previous public key): peers must drop that key.
+    retired_keys: frozenset[tuple[str, str]] = frozenset()
 
     @staticmethod
     def union(many: list[Touched]) -> Touched:
@@ -110,6 +113,7 @@ class Touched:
             reconfigured=frozenset().union(*(t.reconfigured for t in many)),
             interfaces=frozenset().union(*(t.interfaces for t in many)),
             peer_changes=frozenset().union(*(t.peer_changes for t in many)),
+            retired_keys=frozenset().union(*(t.retired_keys for t in many)),
         )
 
 
@@ -295,6 +299,19 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 hosts=frozenset({e.host_id}),
                 interfaces=frozenset({e.host_id}),
                 peer_changes=topology.mark_peer_changed(e.host_id, networks, recorded.seq),
+            )
+        case HostKeyRotated() as e:
+            host = topology.hosts.get(e.host_id)
+            if host is None:
+                return Touched()
+            topology.host_by_public_key.pop(host.public_key, None)
+            host.public_key = e.public_key
+            topology.host_by_public_key[e.public_key] = e.host_id
+            networks = topology.networks_of_host(e.host_id)
+            return Touched(
+                hosts=frozenset({e.host_id}),
+                peer_changes=topology.mark_peer_changed(e.host_id, networks, recorded.seq),
+                retired_keys=frozenset({(e.host_id, e.previous_key)}),
             )
         case NodeJoined() as e:
             topology.add_node(

@@ -624,3 +624,39 @@ async def test_endpoint_change_reaches_peers_without_admin_action(mesh: Mesh) ->
     )
     events = (await mesh.cli("events", "log", "--json"))[1]
     assert "host.endpoint_observed" in events
+
+
+async def test_key_rotation_switches_peers_in_place(mesh: Mesh) -> None:
+    """`agent rotate-key` on b while both agents run: a new key made on b, the
+    control plane records it, a's peer entry switches to it (the old key is
+    gone), b's device uses it, and traffic flows again both ways."""
+    _, nodes = await _mesh_up(mesh, ("a", "b"))
+    a, b = mesh.hosts["a"], mesh.hosts["b"]
+    old_key = nodes["b"]["public_key"]
+    rotated = await b.run(
+        NETMESH,
+        "agent",
+        "rotate-key",
+        "--state-dir",
+        str(mesh.tmp / "b"),
+        beside=mesh.agents["b"].pid,
+    )
+    new_key = rotated.stdout.strip().rpartition(" ")[2]
+    assert new_key and new_key != old_key, rotated.stdout
+    listed = {n["name"]: n for n in await mesh.cli_json("node", "list")}
+    assert listed["b"]["public_key"] == new_key
+    await wait_until(
+        lambda: _has_peer(mesh, "a", new_key),
+        timeout=REPAIR_WITHIN + 5,
+        message="a has b's new key",
+    )
+    assert await _lacks(mesh, "a", old_key)
+
+    async def b_uses_new_key() -> bool:
+        return (await mesh.wg("b", "public-key")).strip() == new_key
+
+    await wait_until(b_uses_new_key, timeout=REPAIR_WITHIN + 5, message="b's device switched")
+    assert await wait_until(lambda: ping(a, nodes["b"]["address"]), timeout=15, message="a->b")
+    assert await wait_until(lambda: ping(b, nodes["a"]["address"]), timeout=15, message="b->a")
+    private = (mesh.tmp / "b" / "private.key").read_text()
+    assert private.strip() and not (mesh.tmp / "b" / "private.key.next").exists()

@@ -30,6 +30,7 @@ def test_tags_are_stable_and_past_tense() -> None:
         "enrollment_key.revoked",
         "host.registered",
         "host.endpoint_observed",
+        "host.key_rotated",
         "node.joined",
         "node.removed",
     ]

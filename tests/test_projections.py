@@ -22,6 +22,7 @@ from events.commands import (
     Join,
     RemoveNode,
     ReportEndpoint,
+    RotateHostKey,
 )
 from events.desired import (
     DeltaMismatch,
@@ -196,7 +197,7 @@ def test_version_1_states_still_decode() -> None:
 # both), node removals, endpoint moves, re-joins and a network delete.
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["join", "remove", "endpoint", "delete", "recreate"]),
+        st.sampled_from(["join", "remove", "endpoint", "delete", "recreate", "rotate"]),
         st.integers(0, 5),
         st.sampled_from(["a", "b"]),
         st.booleans(),
@@ -229,14 +230,24 @@ def test_snapshots_plus_deltas_always_equal_the_derived_state(
     for host in range(6):
         for net in ("a", "b")[: 2 if host in (2, 3) else 1] if host < 4 else ("b",):
             joined = world.run(
-                Join(token=tokens[net], public_key=public_key(host), name=f"h{host}")
+                Join(
+                    token=tokens[net],
+                    public_key=public_key(host),
+                    name=f"h{host}",
+                    signing_key=f"sk{host}",
+                )
             )
             pending.extend(joined[1])
     for op, host, net, flush in ops:
         try:
             if op == "join":
                 _, touched = world.run(
-                    Join(token=tokens[net], public_key=public_key(host), name=f"h{host}")
+                    Join(
+                        token=tokens[net],
+                        public_key=public_key(host),
+                        name=f"h{host}",
+                        signing_key=f"sk{host}",
+                    )
                 )
             elif op == "remove":
                 _, touched = world.run(RemoveNode(node=f"{net}/h{host}"))
@@ -244,6 +255,11 @@ def test_snapshots_plus_deltas_always_equal_the_derived_state(
                 host_id = world.topology.host_by_public_key[public_key(host)]
                 _, touched = world.run(
                     ReportEndpoint(host_id=host_id, endpoints=(f"198.51.100.{len(world.log)}",))
+                )
+            elif op == "rotate":
+                host_id = world.topology.host_by_public_key.get(public_key(host), "")
+                _, touched = world.run(
+                    RotateHostKey(host_id=host_id, public_key=public_key(1000 + len(world.log)))
                 )
             elif op == "delete":
                 _, touched = world.run(DeleteNetwork(name=net, force=True))
