@@ -476,6 +476,81 @@ def status(server: str, as_json: bool) -> None:
 
 
 @cli.group()
+def admin() -> None:
+    """Who may sign commands: admins, network admins, auditors."""
+
+
+@admin.command("keygen")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+def admin_keygen(path: Path) -> None:
+    """Make a new admin key in PATH (0600) and print its public key, for `admin add`."""
+    from events.signing import load_or_create, public_text
+
+    if path.exists():
+        raise click.ClickException(f"{path} exists: not overwriting a key")
+    click.echo(public_text(load_or_create(path)))
+
+
+@admin.command("add")
+@click.argument("name")
+@click.option("--key", "public_key", required=True, help="Their public key (from `admin keygen`).")
+@click.option(
+    "--role",
+    type=click.Choice(["admin", "network-admin", "auditor"]),
+    default="admin",
+    show_default=True,
+)
+@click.option(
+    "--network", "networks", multiple=True, help="A network-admin's network (repeatable)."
+)
+@json_option
+@click.pass_obj
+def admin_add(
+    server: str, name: str, public_key: str, role: str, networks: tuple[str, ...], as_json: bool
+) -> None:
+    """Let NAME sign commands, with ROLE."""
+    result = run(
+        admin_command(
+            server,
+            "admin.add",
+            name=name,
+            public_key=public_key,
+            role=role,
+            networks=list(networks),
+        )
+    )
+    if as_json:
+        emit_json(result)
+    else:
+        scope = f" of {', '.join(networks)}" if networks else ""
+        click.echo(f"added {role} {name}{scope}")
+
+
+@admin.command("list")
+@json_option
+@click.pass_obj
+def admin_list(server: str, as_json: bool) -> None:
+    """Admins, their roles and keys."""
+    rows = run(query(server, "admins"))
+    if as_json:
+        emit_json(rows)
+        return
+    table(
+        [[r["name"], r["role"], ",".join(r["networks"]) or "-", r["public_key"]] for r in rows],
+        ["NAME", "ROLE", "NETWORKS", "PUBLIC KEY"],
+    )
+
+
+@admin.command("remove")
+@click.argument("name")
+@click.pass_obj
+def admin_remove(server: str, name: str) -> None:
+    """NAME may no longer sign commands (the last admin cannot be removed)."""
+    run(admin_command(server, "admin.remove", name=name))
+    click.echo(f"removed admin {name}")
+
+
+@cli.group()
 def events() -> None:
     """The event stream: the audit log."""
 

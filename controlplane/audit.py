@@ -20,6 +20,7 @@ import msgspec
 from events.envelope import RecordedEvent
 from events.model import (
     AdminAdded,
+    AdminRemoved,
     EnrollmentKeyCreated,
     EnrollmentKeyRevoked,
     EnrollmentKeyUsed,
@@ -45,9 +46,19 @@ FIRST_EVENT: dict[str, tuple[type[Event], str, str]] = {
     "endpoint.report": (HostEndpointObserved, "host_id", "host_id"),
     "host.leave": (NodeRemoved, "host_id", "host_id"),
     "host.rotate_key": (HostKeyRotated, "host_id", "host_id"),
+    "admin.add": (AdminAdded, "name", "name"),
+    "admin.remove": (AdminRemoved, "name", "name"),
 }
 ADMIN_VERBS = frozenset(
-    {"network.create", "network.delete", "key.create", "key.revoke", "node.remove"}
+    {
+        "network.create",
+        "network.delete",
+        "key.create",
+        "key.revoke",
+        "node.remove",
+        "admin.add",
+        "admin.remove",
+    }
 )
 
 
@@ -99,6 +110,12 @@ def verify_log(events: Iterable[RecordedEvent], root: str | None = None) -> Audi
                     report.problems.append((recorded.seq, "admin added without a signed command"))
                     continue
                 admins[added.public_key] = added.name
+            case AdminRemoved(name=name):
+                if env.command_id not in proven:
+                    report.problems.append((recorded.seq, "admin removed without a signed command"))
+                    continue
+                for key in [k for k, n in admins.items() if n == name]:
+                    del admins[key]
             case (
                 NetworkCreated()
                 | NetworkDeleted()

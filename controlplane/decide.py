@@ -18,18 +18,23 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from events.commands import (
+    ROLES,
+    AddAdmin,
     AnyCommand,
     CreateEnrollmentKey,
     CreateNetwork,
     DeleteNetwork,
     Join,
     LeaveNetworks,
+    RemoveAdmin,
     RemoveNode,
     ReportEndpoint,
     RevokeEnrollmentKey,
     RotateHostKey,
 )
 from events.model import (
+    AdminAdded,
+    AdminRemoved,
     AnyEvent,
     EnrollmentKeyCreated,
     EnrollmentKeyRevoked,
@@ -45,7 +50,7 @@ from events.model import (
 from events.store import Expectation
 from events.subjects import NETWORK_EVENTS_WILDCARD, aggregate_subject
 from events.tokens import InvalidToken, parse_token, secret_digest
-from projections.topology import EnrollmentKey, Node, Topology
+from projections.topology import Admin, EnrollmentKey, Node, Topology
 
 NETWORK_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 HOST_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})$")
@@ -56,7 +61,15 @@ HOST_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})$")
 # host's own key; `endpoint.report` and `host.leave` must be signed by the key
 # their host registered (hosts enrolled by agents older than that have none).
 ADMIN_VERBS = frozenset(
-    {"network.create", "network.delete", "key.create", "key.revoke", "node.remove"}
+    {
+        "network.create",
+        "network.delete",
+        "key.create",
+        "key.revoke",
+        "node.remove",
+        "admin.add",
+        "admin.remove",
+    }
 )
 # How far a command's `signed_at` may be from the control plane's clock.
 SIGNATURE_WINDOW = 300.0
@@ -84,13 +97,43 @@ def authorize(
     admin = topology.admins.get(signer)
     if admin is None:
         raise Rejected("unauthorized", f"{verb}: signed by a key that is not an admin's")
+    _check_role(topology, verb, command, admin)
     if abs(now - signed_at) > SIGNATURE_WINDOW:
         raise Rejected(
             "unauthorized",
             f"{verb}: signed at {signed_at:.0f}, more than {SIGNATURE_WINDOW:.0f} s from "
             "the server's clock (a replay, or a clock to fix)",
         )
-    return f"admin:{admin[0]}"
+    return f"admin:{admin.name}"
+
+
+def _check_role(topology: Topology, verb: str, command: AnyCommand, admin: Admin) -> None:
+    """Raises Rejected when `admin`'s role does not cover the command."""
+    if admin.role == "admin":
+        return
+    if admin.role != "network-admin":
+        raise Rejected("unauthorized", f"{verb}: {admin.name} is an {admin.role}: read-only")
+    network: str | None = None
+    match command:
+        case CreateNetwork(name=name) | DeleteNetwork(name=name):
+            network = name
+        case CreateEnrollmentKey(network=name):
+            network = name
+        case RevokeEnrollmentKey(key_id=key_id):
+            key = topology.keys.get(key_id)
+            network = key.network if key is not None else None
+        case RemoveNode(node=ref):
+            try:
+                network = resolve_node(topology, ref).network
+            except Rejected:
+                network = None  # decide says why
+        case _:
+            raise Rejected("unauthorized", f"{verb}: only an admin may do that")
+    if network is not None and network not in admin.networks:
+        raise Rejected(
+            "unauthorized",
+            f"{verb}: {admin.name} administers {', '.join(admin.networks)}, not {network!r}",
+        )
 
 
 def _authorize_host(
@@ -174,6 +217,10 @@ def decide(topology: Topology, command: AnyCommand, ctx: Context) -> Decision:
             return _leave(topology, command)
         case RotateHostKey():
             return _rotate_key(topology, command)
+        case AddAdmin():
+            return _add_admin(topology, command)
+        case RemoveAdmin():
+            return _remove_admin(topology, command)
     raise Rejected("invalid", f"unknown command {command!r}")  # pragma: no cover
 
 
@@ -533,6 +580,51 @@ def _report_endpoint(topology: Topology, cmd: ReportEndpoint) -> Decision:
         events=((subject, event),),
         expect=(_guard(topology, subject),),
         result={"host_id": host.host_id, "changed": True},
+    )
+
+
+def _add_admin(topology: Topology, cmd: AddAdmin) -> Decision:
+    if not NETWORK_NAME.match(cmd.name):
+        raise Rejected("invalid", f"invalid admin name {cmd.name!r}: use a-z, 0-9 and '-'")
+    try:
+        raw = base64.b64decode(cmd.public_key, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise Rejected("invalid", "admin key must be an Ed25519 public key, base64")
+    if cmd.role not in ROLES:
+        raise Rejected("invalid", f"role must be one of {', '.join(ROLES)}")
+    if (cmd.role == "network-admin") != bool(cmd.networks):
+        raise Rejected("invalid", "a network-admin needs --network (and only a network-admin)")
+    for network in cmd.networks:
+        _network(topology, network)
+    names = {a.name for a in topology.admins.values()}
+    if cmd.name in names:
+        raise Rejected("conflict", f"admin {cmd.name!r} already exists")
+    key = base64.b64encode(raw).decode()
+    if key in topology.admins:
+        raise Rejected("conflict", "that key already belongs to an admin")
+    subject = aggregate_subject("admin", cmd.name)
+    event = AdminAdded(name=cmd.name, public_key=key, role=cmd.role, networks=cmd.networks)
+    return Decision(
+        events=((subject, event),),
+        expect=(_guard(topology, subject),),
+        result={"name": cmd.name, "role": cmd.role, "networks": list(cmd.networks)},
+    )
+
+
+def _remove_admin(topology: Topology, cmd: RemoveAdmin) -> Decision:
+    admin = next((a for a in topology.admins.values() if a.name == cmd.name), None)
+    if admin is None:
+        raise Rejected("not_found", f"no admin {cmd.name!r}")
+    full = [a for a in topology.admins.values() if a.role == "admin"]
+    if admin.role == "admin" and len(full) == 1:
+        raise Rejected("conflict", f"{cmd.name!r} is the last admin: add another first")
+    subject = aggregate_subject("admin", cmd.name)
+    return Decision(
+        events=((subject, AdminRemoved(name=cmd.name)),),
+        expect=(_guard(topology, subject),),
+        result={"name": cmd.name},
     )
 
 

@@ -458,6 +458,21 @@ class ControlPlane:
                 return await queries.list_keys(model, now=time.time())
             case "status":
                 return await queries.status(model, self.applied_report)
+            case "admins":
+                # From the write model: admins are a matter of authorization,
+                # not of the read model.
+                return sorted(
+                    (
+                        {
+                            "name": a.name,
+                            "role": a.role,
+                            "networks": list(a.networks),
+                            "public_key": a.public_key,
+                        }
+                        for a in self.write_model.admins.values()
+                    ),
+                    key=lambda a: str(a["name"]),
+                )
         raise Rejected("invalid", f"unknown query {what!r}")
 
     async def applied_report(self, host_id: str) -> dict[str, Any] | None:

@@ -77,6 +77,23 @@ class RotateHostKey(Command, frozen=True, tag="host.rotate_key"):
     public_key: str
 
 
+ROLES = ("admin", "network-admin", "auditor")
+
+
+class AddAdmin(Command, frozen=True, tag="admin.add"):
+    """Someone else may sign commands: `admin` (everything), `network-admin`
+    (their networks only), `auditor` (queries and the event log only)."""
+
+    name: Name
+    public_key: str  # base64 Ed25519 (`netmesh admin keygen` makes one)
+    role: str = "admin"
+    networks: tuple[str, ...] = ()
+
+
+class RemoveAdmin(Command, frozen=True, tag="admin.remove"):
+    name: str
+
+
 class LeaveNetworks(Command, frozen=True, tag="host.leave"):
     """A host takes itself out of one network, or all (`netmesh agent leave`)."""
 
@@ -94,6 +111,8 @@ AnyCommand = (
     | ReportEndpoint
     | LeaveNetworks
     | RotateHostKey
+    | AddAdmin
+    | RemoveAdmin
 )
 
 COMMAND_TYPES: tuple[type[Command], ...] = (
@@ -106,6 +125,8 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     ReportEndpoint,
     LeaveNetworks,
     RotateHostKey,
+    AddAdmin,
+    RemoveAdmin,
 )
 VERBS: dict[str, type[Command]] = {str(cls.__struct_config__.tag): cls for cls in COMMAND_TYPES}
 

@@ -95,11 +95,17 @@ class AdminAdded(Event, frozen=True, tag="admin.added"):
 
     name: str
     public_key: str  # base64 Ed25519
-    role: str = "admin"
+    role: str = "admin"  # admin | network-admin | auditor
+    networks: tuple[str, ...] = ()  # a network admin's networks
+
+
+class AdminRemoved(Event, frozen=True, tag="admin.removed"):
+    name: str
 
 
 AnyEvent = (
     AdminAdded
+    | AdminRemoved
     | NetworkCreated
     | NetworkDeleted
     | EnrollmentKeyCreated
@@ -114,6 +120,7 @@ AnyEvent = (
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     AdminAdded,
+    AdminRemoved,
     NetworkCreated,
     NetworkDeleted,
     EnrollmentKeyCreated,
@@ -142,7 +149,7 @@ def aggregate_of(event: AnyEvent) -> tuple[str, str]:
     and endpoints.
     """
     match event:
-        case AdminAdded(name=name):
+        case AdminAdded(name=name) | AdminRemoved(name=name):
             return ("admin", name)
         case (
             HostRegistered(host_id=h) | HostEndpointObserved(host_id=h) | HostKeyRotated(host_id=h)

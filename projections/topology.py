@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from events.envelope import RecordedEvent
 from events.model import (
     AdminAdded,
+    AdminRemoved,
     EnrollmentKeyCreated,
     EnrollmentKeyRevoked,
     EnrollmentKeyUsed,
@@ -31,6 +32,14 @@ from events.model import (
 from events.subjects import EVENTS_PREFIX
 
 COMMAND_MEMORY = 100_000
+
+
+@dataclass(frozen=True)
+class Admin:
+    name: str
+    public_key: str
+    role: str  # admin | network-admin | auditor
+    networks: tuple[str, ...] = ()
 
 
 @dataclass
@@ -133,8 +142,8 @@ class Topology:
     versions: dict[str, int] = field(default_factory=dict)
     last_network_seq: int = 0
     last_seq: int = 0
-    # Admins who may sign commands: public key -> (name, role).
-    admins: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Admins who may sign commands, by public key.
+    admins: dict[str, Admin] = field(default_factory=dict)
     # Command id -> stream sequence of its last event, for the most recent
     # COMMAND_MEMORY commands: a command sent twice is refused, not applied twice
     # (JetStream's own duplicate window is minutes; this outlives it).
@@ -220,7 +229,12 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
 
     match recorded.event:
         case AdminAdded() as e:
-            topology.admins[e.public_key] = (e.name, e.role)
+            topology.admins[e.public_key] = Admin(e.name, e.public_key, e.role, e.networks)
+            return Touched()
+        case AdminRemoved(name=name):
+            for admin_key, admin in list(topology.admins.items()):
+                if admin.name == name:
+                    del topology.admins[admin_key]
             return Touched()
         case NetworkCreated() as e:
             topology.networks[e.network] = Network(

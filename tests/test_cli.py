@@ -185,3 +185,53 @@ async def test_agent_refuses_bad_tokens_before_touching_anything(
     assert state.stat().st_mode & 0o777 == 0o700
     events = (await netmesh(server, "events", "log", "--json"))[1]
     assert "join" not in events and "node.joined" not in events
+
+
+async def test_admin_roles(server: str, tmp_path: Path) -> None:
+    """An admin adds a network admin and an auditor: the network admin manages
+    only their network, the auditor changes nothing, a removed admin nothing,
+    and the log verifies throughout."""
+    await netmesh(server, "network", "create", "office", "--cidr", "10.10.0.0/24")
+    await netmesh(server, "network", "create", "lab", "--cidr", "10.20.0.0/24")
+    keys = {}
+    for who in ("olga", "aldo"):
+        rc, out, err = await netmesh(server, "admin", "keygen", str(tmp_path / f"{who}.key"))
+        assert rc == 0, err
+        keys[who] = out.strip()
+    rc, out, err = await netmesh(
+        server, "admin", "add", "olga", "--key", keys["olga"], "--role", "network-admin",
+        "--network", "office",
+    )  # fmt: skip
+    assert (rc, out.strip()) == (0, "added network-admin olga of office"), err
+    rc, _, err = await netmesh(
+        server, "admin", "add", "aldo", "--key", keys["aldo"], "--role", "auditor"
+    )
+    assert rc == 0, err
+    rc, out, _ = await netmesh(server, "admin", "list", "--json")
+    assert [(a["name"], a["role"]) for a in json.loads(out)] == [
+        ("admin", "admin"),
+        ("aldo", "auditor"),
+        ("olga", "network-admin"),
+    ]
+
+    async def as_(who: str, *args: str) -> tuple[int, str, str]:
+        return await netmesh_no_key(server, "--admin-key", str(tmp_path / f"{who}.key"), *args)
+
+    rc, out, err = await as_("olga", "key", "create", "--network", "office")
+    assert rc == 0 and out.startswith("nmt1."), err
+    rc, _, err = await as_("olga", "key", "create", "--network", "lab")
+    one_line_error(rc, err, "olga administers office, not 'lab'")
+    rc, _, err = await as_("olga", "admin", "add", "eve", "--key", keys["aldo"])
+    one_line_error(rc, err, "only an admin may do that")
+    rc, _, err = await as_("aldo", "network", "delete", "lab")
+    one_line_error(rc, err, "aldo is an auditor: read-only")
+    rc, _, err = await netmesh(server, "admin", "remove", "admin")
+    one_line_error(rc, err, "last admin")
+    rc, _, err = await netmesh(server, "admin", "remove", "olga")
+    assert rc == 0, err
+    rc, _, err = await as_("olga", "key", "create", "--network", "office")
+    one_line_error(rc, err, "not an admin's")
+    rc, out, err = await netmesh(server, "events", "verify", "--json")
+    report = json.loads(out)
+    # network x2, admin.add x2, olga's key, admin.remove
+    assert (rc, report["signed_commands"], report["problems"]) == (0, 6, []), err

@@ -23,6 +23,7 @@ from events.model import EVENT_TYPES, HostRegistered, NodeJoined
 def test_tags_are_stable_and_past_tense() -> None:
     assert [cls.__struct_config__.tag for cls in EVENT_TYPES] == [
         "admin.added",
+        "admin.removed",
         "network.created",
         "network.deleted",
         "enrollment_key.created",

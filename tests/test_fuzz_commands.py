@@ -196,6 +196,8 @@ def pools(token: str, host_ids: list[str]) -> dict[str, st.SearchStrategy[Any]]:
         "force": st.booleans(),
         "command_id": st.text(max_size=12),
         "signing_key": st.sampled_from(["", public_key(1)]) | st.text(max_size=8),
+        "role": st.sampled_from(["admin", "network-admin", "auditor", "root"]),
+        "networks": st.lists(st.sampled_from(["office", "lab", "nope"]), max_size=2),
         "signed_at": st.floats(allow_nan=False) | st.text(max_size=4),
     }
 
