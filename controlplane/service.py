@@ -32,7 +32,8 @@ from controlplane import queries
 from controlplane.decide import Context, Decision, Rejected, authorize, decide
 from controlplane.publisher import JetStreamDesiredPublisher
 from controlplane.streams import ensure_streams
-from events.commands import VERBS, AnyCommand, Reply
+from controlplane.throttle import FailureWindow
+from events.commands import VERBS, AnyCommand, Join, Reply
 from events.connect import server_has_seen_everything
 from events.envelope import make_envelope
 from events.jetstream import JetStreamEventStore
@@ -62,7 +63,7 @@ from events.subjects import (
     aggregate_subject,
     report_subject,
 )
-from events.tokens import make_token
+from events.tokens import InvalidToken, make_token, parse_token
 from projections.runner import ProjectionRunner
 from projections.sqlite import ReadModel
 from projections.topology import Topology, evolve
@@ -100,6 +101,21 @@ def _signature_problem(
     except ValueError:
         return "the signer is not an Ed25519 public key"
     return verify(key, signed_command(verb, payload), signature)
+
+
+# Refusals that count against an enrollment key (someone is guessing).
+BAD_TOKEN = frozenset({"invalid_token", "revoked", "expired", "exhausted"})
+
+
+def _throttle_key(command: AnyCommand) -> str | None:
+    """What failed joins are counted against: the token's key id (or one bucket
+    for tokens that do not even parse)."""
+    if not isinstance(command, Join):
+        return None
+    try:
+        return f"key:{parse_token(command.token).key_id}"
+    except InvalidToken:
+        return "malformed"
 
 
 def _duplicate(command_id: str, seq: int | None) -> Reply:
@@ -141,6 +157,7 @@ class ControlPlane:
         self.failed = asyncio.Event()  # set when a consumer the service needs has died
         self.failure: str | None = None
         self._stopping = False
+        self._join_failures = FailureWindow()
 
     async def start(self) -> None:
         """Create streams, catch up, then start answering. Raises on NATS errors."""
@@ -284,6 +301,29 @@ class ControlPlane:
             return Reply(ok=False, code="invalid", error=f"invalid {verb} command: {exc}")
         except msgspec.DecodeError:
             return Reply(ok=False, code="invalid", error=f"invalid {verb} command: not JSON")
+        throttled = _throttle_key(command)
+        now = time.time()
+        if throttled is not None and not self._join_failures.allowed(throttled, now):
+            wait = self._join_failures.retry_after(throttled, now)
+            return Reply(
+                ok=False,
+                code="rate_limited",
+                error=f"too many failed joins with this enrollment key; try again in {wait:.0f} s",
+            )
+        reply = await self._authorized(verb, payload, command, actor, signer, signature)
+        if throttled is not None and reply.code in BAD_TOKEN:
+            self._join_failures.failed(throttled, now)
+        return reply
+
+    async def _authorized(
+        self,
+        verb: str,
+        payload: bytes,
+        command: AnyCommand,
+        actor: str,
+        signer: str | None,
+        signature: str | None,
+    ) -> Reply:
         proof: Proof | None = None
         problem = _signature_problem(verb, payload, signer, signature)
         try:

@@ -318,3 +318,23 @@ async def test_a_host_speaks_only_with_its_own_key(cp: tuple[ControlPlane, Admin
             break
     audit = verify_log(recorded)
     assert audit.problems == [] and audit.signed_commands == 4  # network, key, join, report
+
+
+async def test_guessing_a_token_is_throttled(cp: tuple[ControlPlane, Admin]) -> None:
+    _, admin = cp
+    token = await network_with_token(admin)
+    parts = parse_token(token)
+    wrong = make_token(parts.server, parts.key_id, "not-the-secret", parts.server_key)
+    before = await admin.last_seq()
+    for n in range(10):
+        reply = await admin.send(
+            "netmesh.cmd.join", {"token": wrong, "public_key": public_key(n), "name": f"g{n}"}
+        )
+        assert reply.code == "invalid_token", reply
+    # Now even the right secret waits: the key is throttled for a minute.
+    reply = await admin.send(
+        "netmesh.cmd.join", {"token": token, "public_key": public_key(20), "name": "late"}
+    )
+    assert (reply.ok, reply.code) == (False, "rate_limited"), reply
+    assert "try again in" in (reply.error or "")
+    assert await admin.last_seq() == before

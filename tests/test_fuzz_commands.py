@@ -49,6 +49,7 @@ CODES = {
     "revoked",
     "duplicate",  # the fuzzer reuses command ids
     "unauthorized",  # a signed_at of the wrong type or time
+    "rate_limited",  # the fuzzer guesses tokens
 }
 
 
