@@ -48,7 +48,7 @@ from events.model import (
     NodeRemoved,
 )
 from events.store import Expectation
-from events.subjects import NETWORK_EVENTS_WILDCARD, aggregate_subject
+from events.subjects import ADMIN_EVENTS_WILDCARD, NETWORK_EVENTS_WILDCARD, aggregate_subject
 from events.tokens import InvalidToken, parse_token, secret_digest
 from projections.topology import Admin, EnrollmentKey, Node, Topology
 
@@ -146,7 +146,18 @@ def _authorize_host(
 ) -> str | None:
     if isinstance(command, Join):
         required, host_id = command.signing_key, command.name
-        existing = topology.hosts.get(topology.host_by_public_key.get(command.public_key, ""))
+        # The host this join lands on, found as `_join` finds it: by the
+        # normalised key, or by the id derived from it (which also finds a
+        # host that has since rotated that key away).
+        try:
+            key = parse_public_key(command.public_key)
+        except Rejected:
+            key = ""
+        existing = (
+            topology.hosts.get(topology.host_by_public_key.get(key) or host_id_for(key))
+            if key
+            else None
+        )
         if existing is not None and existing.signing_key and existing.signing_key != required:
             # Someone else's WireGuard key with their own signing key: a takeover.
             raise Rejected(
@@ -608,7 +619,8 @@ def _add_admin(topology: Topology, cmd: AddAdmin) -> Decision:
     event = AdminAdded(name=cmd.name, public_key=key, role=cmd.role, networks=cmd.networks)
     return Decision(
         events=((subject, event),),
-        expect=(_guard(topology, subject),),
+        # Across all admins: two replicas must not both pass the checks above.
+        expect=(Expectation(ADMIN_EVENTS_WILDCARD, topology.last_admin_seq),),
         result={"name": cmd.name, "role": cmd.role, "networks": list(cmd.networks)},
     )
 
@@ -623,7 +635,9 @@ def _remove_admin(topology: Topology, cmd: RemoveAdmin) -> Decision:
     subject = aggregate_subject("admin", cmd.name)
     return Decision(
         events=((subject, AdminRemoved(name=cmd.name)),),
-        expect=(_guard(topology, subject),),
+        # Across all admins: two concurrent removals must not both pass the
+        # "last admin" check.
+        expect=(Expectation(ADMIN_EVENTS_WILDCARD, topology.last_admin_seq),),
         result={"name": cmd.name},
     )
 

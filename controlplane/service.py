@@ -16,7 +16,7 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ from events.subjects import (
 from events.tokens import InvalidToken, make_token, parse_token
 from projections.runner import ProjectionRunner
 from projections.sqlite import ReadModel
-from projections.topology import Topology, evolve
+from projections.topology import COMMAND_MEMORY, Topology, evolve
 
 log = structlog.get_logger("netmesh.controlplane")
 
@@ -146,7 +146,9 @@ class ControlPlane:
         # every enrollment token, and agents pin it. Raises SigningKeyError.
         self.signing_key = load_or_create(data_dir / "signing.key")
         self.advertise_url = advertise_url
-        self.store = JetStreamEventStore(nc)
+        self.store = JetStreamEventStore(
+            nc, signing_key=self.signing_key, verify_key=self.signing_key.verify_key
+        )
         self.write_model = Topology()
         self._write_progress = asyncio.Condition()
         self._command_lock = asyncio.Lock()
@@ -158,6 +160,8 @@ class ControlPlane:
         self.failure: str | None = None
         self._stopping = False
         self._join_failures = FailureWindow()
+        # Ids of signed commands seen (most recent COMMAND_MEMORY), whatever came of them.
+        self._signed_ids: dict[str, None] = {}
 
     async def start(self) -> None:
         """Create streams, catch up, then start answering. Raises on NATS errors."""
@@ -237,7 +241,16 @@ class ControlPlane:
 
     async def _follow_write_model(self) -> None:
         async for recorded in self.store.follow(1):
+            refused = self.write_model.refused
             evolve(self.write_model, recorded)
+            if self.write_model.refused > refused:
+                log.warning(
+                    "event not believed: not signed by this control plane",
+                    seq=recorded.seq,
+                    subject=recorded.subject,
+                    type=recorded.envelope.type,
+                    signature=recorded.signature,
+                )
             async with self._write_progress:
                 self._write_progress.notify_all()
 
@@ -326,8 +339,14 @@ class ControlPlane:
     ) -> Reply:
         proof: Proof | None = None
         problem = _signature_problem(verb, payload, signer, signature)
+
+        def authorized() -> str | None:
+            # Checked again before each attempt: a retry decides against a
+            # newer topology, and who may do what can have changed with it.
+            return authorize(self.write_model, verb, command, signer, problem, time.time())
+
         try:
-            admin = authorize(self.write_model, verb, command, signer, problem, time.time())
+            admin = authorized()
         except Rejected as exc:
             log.warning("command refused", verb=verb, code=exc.code, reason=exc.message)
             return Reply(ok=False, code=exc.code, error=exc.message)
@@ -336,11 +355,18 @@ class ControlPlane:
                 # The id is what makes a signed command impossible to replay,
                 # and what ties its events to its proof.
                 return Reply(ok=False, code="invalid", error=f"a signed {verb} needs a command_id")
+            # Remembered whatever the outcome: a signed command that changed
+            # nothing (or was refused) must not be replayable later either.
+            if command.command_id in self._signed_ids:
+                return _duplicate(command.command_id, None)
+            self._signed_ids[command.command_id] = None
+            if len(self._signed_ids) > COMMAND_MEMORY:
+                del self._signed_ids[next(iter(self._signed_ids))]
             actor = admin
             assert signer is not None and signature is not None
             proof = Proof(signed_command(verb, payload).decode(), signer, signature)
         async with self._command_lock:
-            reply = await self._execute(verb, command, actor, proof)
+            reply = await self._execute(verb, command, actor, proof, authorized)
         # Read-your-writes: answer once the read model has the change too. Not
         # under the lock: the next command only needs the write model, and the
         # projection takes the events of commands that queue up in one batch.
@@ -350,7 +376,12 @@ class ControlPlane:
         return reply
 
     async def _execute(
-        self, verb: str, command: AnyCommand, actor: str, proof: Proof | None
+        self,
+        verb: str,
+        command: AnyCommand,
+        actor: str,
+        proof: Proof | None,
+        authorized: Callable[[], str | None],
     ) -> Reply:
         command_id = command.command_id or uuid.uuid4().hex
         ctx = Context(
@@ -365,6 +396,8 @@ class ControlPlane:
             if applied_at is not None:
                 return _duplicate(command_id, applied_at)
             try:
+                if attempt > 1:
+                    authorized()
                 decision = decide(self.write_model, command, ctx)
             except Rejected as exc:
                 log.info("command refused", verb=verb, code=exc.code, reason=exc.message)

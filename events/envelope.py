@@ -64,6 +64,9 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
     seq: int
     subject: str
     envelope: Envelope
+    # Whether the control plane's signature on it checked out: "valid",
+    # "unsigned", "invalid", or "unchecked" (a store that does not verify).
+    signature: str = "unchecked"
 
     @property
     def event(self) -> AnyEvent:

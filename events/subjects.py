@@ -14,6 +14,7 @@ QUERY_PREFIX = "netmesh.query"
 RESYNC_PREFIX = "netmesh.resync"
 
 NETWORK_EVENTS_WILDCARD = f"{EVENTS_PREFIX}.network.*"
+ADMIN_EVENTS_WILDCARD = f"{EVENTS_PREFIX}.admin.*"
 
 
 def aggregate_subject(kind: str, aggregate_id: str) -> str:

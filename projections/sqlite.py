@@ -119,6 +119,8 @@ class ReadModel:
         for row in await self._all("SELECT * FROM nodes"):
             topology.add_node(Node(**dict(row)))
         topology.last_seq = await self.checkpoint()
+        async with self.db.execute("SELECT seq FROM checkpoint WHERE name = 'signed_seen'") as cur:
+            topology.signed_seen = await cur.fetchone() is not None
         return topology
 
     async def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[aiosqlite.Row]:
@@ -213,6 +215,10 @@ class ReadModel:
                 ],
             ),
             ("INSERT OR REPLACE INTO checkpoint VALUES (?, ?)", [(CHECKPOINT, seq)]),
+            (
+                "INSERT OR REPLACE INTO checkpoint VALUES ('signed_seen', ?)",
+                [(1,)] if topology.signed_seen else [],
+            ),
         ]
         await asyncio.get_running_loop().run_in_executor(
             self._thread, self._write, [(sql, rows) for sql, rows in writes if rows]

@@ -141,9 +141,15 @@ class Topology:
     # Optimistic concurrency: last stream sequence per aggregate subject.
     versions: dict[str, int] = field(default_factory=dict)
     last_network_seq: int = 0
+    last_admin_seq: int = 0
     last_seq: int = 0
     # Admins who may sign commands, by public key.
     admins: dict[str, Admin] = field(default_factory=dict)
+    # Once a signed event has been seen, unsigned ones are not believed (before
+    # that, they are events written before the control plane signed them).
+    signed_seen: bool = False
+    # Events seen but not believed (forged onto the stream), for the log.
+    refused: int = 0
     # Command id -> stream sequence of its last event, for the most recent
     # COMMAND_MEMORY commands: a command sent twice is refused, not applied twice
     # (JetStream's own duplicate window is minutes; this outlives it).
@@ -217,14 +223,25 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
         return Touched()
     topology.versions[subject] = recorded.seq
     topology.last_seq = max(topology.last_seq, recorded.seq)
+    if subject.startswith(f"{EVENTS_PREFIX}.network."):
+        topology.last_network_seq = max(topology.last_network_seq, recorded.seq)
+    if subject.startswith(f"{EVENTS_PREFIX}.admin."):
+        topology.last_admin_seq = max(topology.last_admin_seq, recorded.seq)
+    # Versions move for every message on a subject (the stream's optimistic
+    # checks count them all); only authentic events change the model.
+    if recorded.signature == "valid":
+        topology.signed_seen = True
+    elif recorded.signature == "invalid" or (
+        recorded.signature == "unsigned" and topology.signed_seen
+    ):
+        topology.refused += 1
+        return Touched()
     command_id = recorded.envelope.command_id
     if command_id:
         topology.commands.pop(command_id, None)  # re-insert: most recent last
         topology.commands[command_id] = recorded.seq
         if len(topology.commands) > COMMAND_MEMORY:
             del topology.commands[next(iter(topology.commands))]
-    if subject.startswith(f"{EVENTS_PREFIX}.network."):
-        topology.last_network_seq = max(topology.last_network_seq, recorded.seq)
     at = recorded.envelope.time
 
     match recorded.event:

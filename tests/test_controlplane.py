@@ -4,6 +4,7 @@ the stream untouched, desired state on the host's subject, rebuilds, replicas.""
 from __future__ import annotations
 
 import asyncio
+import base64
 import shutil
 import time
 import uuid
@@ -23,10 +24,20 @@ from controlplane.embedded import EmbeddedNats
 from controlplane.publisher import read_desired
 from controlplane.service import ControlPlane
 from events.commands import Reply
-from events.signing import command_headers, load_or_create, public_text, signed_payload
+from events.envelope import encode_envelope, make_envelope
+from events.model import AdminAdded, AnyEvent, NodeJoined
+from events.signing import (
+    SIGNATURE_HEADER,
+    command_headers,
+    load_or_create,
+    public_text,
+    sign,
+    signed_payload,
+)
 from events.subjects import DESIRED_STREAM, EVENTS_STREAM
 from events.tokens import make_token, parse_token
 from tests.factories import public_key
+from tests.netns import wait_until
 
 
 class Admin:
@@ -184,7 +195,9 @@ async def test_rebuilt_read_model_changes_nothing_agents_see(
         nodes_before = await admin.query("nodes")
         desired_info = await nc.jetstream().stream_info(DESIRED_STREAM)
         await plane.stop()
-        shutil.rmtree(data)
+        # The read model is disposable (the keys next to it are not).
+        for path in data.glob("readmodel.sqlite3*"):
+            path.unlink()
 
         plane = ControlPlane(nc, data, nats_server.url)
         await plane.start()
@@ -203,7 +216,12 @@ async def test_two_replicas_allocate_distinct_addresses(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
     conns = [await nats.connect(nats_server.url) for _ in range(3)]
-    planes = [ControlPlane(conns[i], tmp_path / f"cp{i}", nats_server.url) for i in range(2)]
+    # Replicas share the control plane's signing key (agents pin one key, and
+    # each replica must believe the others' events).
+    first = ControlPlane(conns[0], tmp_path / "cp0", nats_server.url)
+    (tmp_path / "cp1").mkdir()
+    shutil.copy(tmp_path / "cp0" / "signing.key", tmp_path / "cp1" / "signing.key")
+    planes = [first, ControlPlane(conns[1], tmp_path / "cp1", nats_server.url)]
     try:
         for plane in planes:
             await plane.start()
@@ -338,3 +356,79 @@ async def test_guessing_a_token_is_throttled(cp: tuple[ControlPlane, Admin]) -> 
     assert (reply.ok, reply.code) == (False, "rate_limited"), reply
     assert "try again in" in (reply.error or "")
     assert await admin.last_seq() == before
+
+
+async def test_events_forged_onto_the_stream_are_not_believed(
+    cp: tuple[ControlPlane, Admin],
+) -> None:
+    """Someone who can publish on the broker writes events straight into the
+    stream: an admin for themselves, a node. The control plane signs what it
+    appends and believes nothing else; its own commands still go through."""
+    plane, admin = cp
+    token = await network_with_token(admin)
+    js = admin.nc.jetstream()
+    eve = SigningKey.generate()
+    forged: list[tuple[str, AnyEvent, dict[str, str]]] = [
+        (
+            "netmesh.ev.admin.eve",
+            AdminAdded(name="eve", public_key=public_text(eve), role="admin"),
+            {},
+        ),
+        (
+            "netmesh.ev.network.office",
+            NodeJoined(
+                network="office",
+                node_id="nforged",
+                host_id="hforged",
+                name="x",
+                address="10.10.0.99",
+            ),
+            {SIGNATURE_HEADER: sign(eve, b"something else")},
+        ),
+    ]
+    last = 0
+    for subject, event, headers in forged:
+        env = make_envelope(event, event_id="f", time=time.time(), actor="eve", command_id="f")
+        ack = await js.publish(subject, encode_envelope(env), headers=headers)
+        last = ack.seq
+    await wait_until(lambda: plane.write_model.last_seq >= last, message="write model saw them")
+    assert plane.write_model.refused == 2
+    assert public_text(eve) not in plane.write_model.admins
+    assert "nforged" not in plane.write_model.nodes
+
+    impostor = Admin(admin.nc, eve)
+    reply = await impostor.send("netmesh.cmd.network.create", {"name": "x", "cidr": "10.9.0.0/24"})
+    assert (reply.ok, reply.code) == (False, "unauthorized")
+    # The network's subject moved (the forged event counts for the optimistic
+    # check); the control plane's own appends are not stuck behind it.
+    await admin.ok("key.create", network="office", uses=1)
+    await admin.ok("join", token=token, public_key=public_key(1), name="h1")
+    assert [n["name"] for n in await admin.query("nodes")] == ["h1"]
+
+
+async def test_a_host_key_in_another_spelling_cannot_take_the_host_over(
+    cp: tuple[ControlPlane, Admin],
+) -> None:
+    _, admin = cp
+    token = await network_with_token(admin)
+    owner, thief = SigningKey.generate(), SigningKey.generate()
+    canonical = public_key(1)
+
+    async def join(key: SigningKey, public: str, command_id: str) -> Reply:
+        fields: dict[str, object] = {
+            "token": token, "public_key": public, "name": "h1", "command_id": command_id,
+            "signing_key": public_text(key),
+        }  # fmt: skip
+        data, headers = signed_payload(key, "join", fields)
+        msg = await admin.nc.request("netmesh.cmd.join", data, headers=headers, timeout=10)
+        return msgspec.json.decode(msg.data, type=Reply)
+
+    assert (await join(owner, canonical, "a")).ok
+    # The same 32 bytes, spelled with the unused low bits of the last character set.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    last = alphabet[alphabet.index(canonical[42]) | 0b11]
+    respelled = canonical[:42] + last + canonical[43:]
+    assert respelled != canonical
+    assert base64.b64decode(respelled) == base64.b64decode(canonical)
+    refused = await join(thief, respelled, "b")
+    assert (refused.ok, refused.code) == (False, "unauthorized"), refused
