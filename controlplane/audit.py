@@ -12,6 +12,8 @@ hosts enrolled by older agents carry no proof and are counted as unsigned.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -74,26 +76,33 @@ class AuditReport:
 def verify_log(events: Iterable[RecordedEvent], root: str | None = None) -> AuditReport:
     """Check every event; `root` is the first admin's public key if known."""
     report = AuditReport(root=root)
-    admins: dict[str, str] = {}  # public key -> name
+    admins: dict[str, tuple[str, str]] = {}  # public key -> (name, role)
     hosts: dict[str, str] = {}  # host id -> its signing key
-    proven: set[str] = set()  # command ids whose proof checked out
+    used: set[str] = set()  # command ids whose proof has been seen (once each)
+    proven = ""  # the command whose events are being read (they follow its proof)
     for recorded in events:
         report.events += 1
         env = recorded.envelope
+        if env.command_id != proven:
+            proven = ""  # a command's events are contiguous: this one is not its
         if env.signature:
             problem = _check_proof(
                 env.signed, env.signer, env.signature, env.command_id, admins, hosts, env.data
             )
+            if problem is None and env.command_id in used:
+                problem = "a proof already used by an earlier command"
             if problem is None:
-                proven.add(env.command_id)
+                proven = env.command_id
+                used.add(env.command_id)
                 report.signed_commands += 1
             else:
+                proven = ""
                 report.problems.append((recorded.seq, problem))
         match env.data:
             case HostRegistered() as registered:
                 if registered.signing_key:
                     hosts[registered.host_id] = registered.signing_key
-                if env.command_id not in proven:
+                if env.command_id != proven:
                     report.unsigned_events += 1
             case AdminAdded() as added if not admins and not env.signature:
                 # The root of trust: the first admin, written by the server.
@@ -104,28 +113,28 @@ def verify_log(events: Iterable[RecordedEvent], root: str | None = None) -> Audi
                         (recorded.seq, "the first admin is not the root key you gave")
                     )
                     continue
-                admins[added.public_key] = added.name
+                admins[added.public_key] = (added.name, added.role)
             case AdminAdded() as added:
-                if env.command_id not in proven:
+                if env.command_id != proven:
                     report.problems.append((recorded.seq, "admin added without a signed command"))
                     continue
-                admins[added.public_key] = added.name
+                admins[added.public_key] = (added.name, added.role)
             case AdminRemoved(name=name):
-                if env.command_id not in proven:
+                if env.command_id != proven:
                     report.problems.append((recorded.seq, "admin removed without a signed command"))
                     continue
-                for key in [k for k, n in admins.items() if n == name]:
+                for key in [k for k, (n, _) in admins.items() if n == name]:
                     del admins[key]
             case (
                 NetworkCreated()
                 | NetworkDeleted()
                 | EnrollmentKeyCreated()
                 | EnrollmentKeyRevoked()
-            ) as event if env.command_id not in proven:
+            ) as event if env.command_id != proven:
                 report.problems.append(
                     (recorded.seq, f"{type(event).__name__} without a valid admin signature")
                 )
-            case _ if env.command_id not in proven:
+            case _ if env.command_id != proven:
                 report.unsigned_events += 1
     return report
 
@@ -135,7 +144,7 @@ def _check_proof(
     signer: str,
     signature: str,
     command_id: str,
-    admins: dict[str, str],
+    admins: dict[str, tuple[str, str]],
     hosts: dict[str, str],
     event: Event,
 ) -> str | None:
@@ -158,6 +167,9 @@ def _check_proof(
     if name in ADMIN_VERBS:
         if signer not in admins:
             return "signed by a key that was not an admin's at the time"
+        role = admins[signer][1]
+        if role == "auditor" or (role == "network-admin" and name.startswith("admin.")):
+            return f"signed by an {role}, who may not {name}"
     elif name == "join":
         if fields.get("signing_key") != signer:
             return "a join signed by another key than the one it registers"
@@ -171,13 +183,38 @@ def _check_proof(
     cls, event_field, command_field = expected
     if not isinstance(event, cls):
         return f"a signed {verb.decode()} cannot produce {type(event).__name__}"
-    if not command_field:
+    if not command_field or name == "node.remove":
+        # A node is named as the admin typed it (id, NETWORK/NAME or a unique
+        # name): which node that was needs the state of the time.
         return None
     wanted = fields.get(command_field)
     have = getattr(event, event_field)
-    # node.remove names a node as the admin typed it ("office/h1" or an id).
-    if command_field == "node" and isinstance(wanted, str) and "/" in wanted:
-        return None if have and isinstance(event, NodeRemoved) else "node mismatch"
     if wanted != have:
         return f"the event's {event_field} {have!r} is not the signed {wanted!r}"
+    # Everything else the command fixes must be what the event says.
+    for command_key, event_key in SAME_FIELDS.get(name, ()):
+        if command_key in fields and _normal(fields[command_key]) != _normal(
+            getattr(event, event_key)
+        ):
+            return f"the event's {event_key} is not the signed one"
     return None
+
+
+# (command field, event field) that must agree, beyond the one FIRST_EVENT names.
+SAME_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "network.create": (("cidr", "cidr"), ("listen_port", "listen_port"), ("mtu", "mtu")),
+    "admin.add": (("public_key", "public_key"), ("role", "role"), ("networks", "networks")),
+    "host.rotate_key": (("public_key", "public_key"),),
+}
+
+
+def _normal(value: object) -> object:
+    """Lists and tuples alike; base64 keys by their bytes."""
+    if isinstance(value, list | tuple):
+        return tuple(value)
+    if isinstance(value, str) and len(value) == 44 and value.endswith("="):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return value
+    return value
