@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nacl.signing
 import nats
 import nats.errors
 from nacl.public import PrivateKey
@@ -65,7 +66,7 @@ from events.envelope import RecordedEvent, make_envelope
 from events.feed import DesiredFeed, Outcome
 from events.jetstream import JetStreamEventStore
 from events.model import HostEndpointObserved
-from events.signing import SIGNATURE_HEADER, load_or_create, verify
+from events.signing import SIGNATURE_HEADER, event_mac_key, load_or_create, verify
 from events.store import PendingEvent
 from events.subjects import DESIRED_PREFIX, aggregate_subject
 from events.tokens import make_token
@@ -466,7 +467,10 @@ async def bench_rebuild(events: int, workdir: Path) -> dict[str, Any]:
     await server.start()
     nc = await nats.connect(server.url)
     try:
-        store = JetStreamEventStore(nc, timeout=60)
+        # As the control plane does: events carry a MAC and every one is checked.
+        store = JetStreamEventStore(
+            nc, timeout=60, mac_key=event_mac_key(nacl.signing.SigningKey.generate())
+        )
         await store.ensure_stream()
         hosts = 1000
         await seed_network(store, hosts, extra_events=max(events - 3 * hosts - 2, 0))

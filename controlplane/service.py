@@ -42,6 +42,7 @@ from events.reports import APPLIED, applied_decoder
 from events.signing import (
     COMMAND_SIGNER_HEADER,
     SIGNATURE_HEADER,
+    event_mac_key,
     load_or_create,
     public_text,
     signed_command,
@@ -146,9 +147,7 @@ class ControlPlane:
         # every enrollment token, and agents pin it. Raises SigningKeyError.
         self.signing_key = load_or_create(data_dir / "signing.key")
         self.advertise_url = advertise_url
-        self.store = JetStreamEventStore(
-            nc, signing_key=self.signing_key, verify_key=self.signing_key.verify_key
-        )
+        self.store = JetStreamEventStore(nc, mac_key=event_mac_key(self.signing_key))
         self.write_model = Topology()
         self._write_progress = asyncio.Condition()
         self._command_lock = asyncio.Lock()

@@ -19,7 +19,6 @@ from typing import Any
 
 import msgspec
 import nats.errors
-from nacl.signing import SigningKey, VerifyKey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -27,7 +26,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from events.envelope import RecordedEvent, decode_envelope, encode_envelope
-from events.signing import SIGNATURE_HEADER, sign, verify
+from events.signing import EVENT_MAC_HEADER, event_mac, event_mac_ok
 from events.store import (
     ConcurrencyConflict,
     DuplicateAppend,
@@ -74,23 +73,14 @@ def events_stream_config(replicas: int = 1) -> StreamConfig:
 
 
 class JetStreamEventStore:
-    """With `signing_key`, every event appended is signed (header
-    `Netmesh-Signature`, over the stored bytes); with `verify_key`, every event
-    read says whether its signature checks out (`RecordedEvent.signature`):
-    anyone who can publish on the broker can put bytes in the stream, not
-    events the control plane will believe."""
+    """With `mac_key`, every event appended carries an HMAC of its stored bytes
+    (header `Netmesh-Mac`), and every event read says whether its MAC checks
+    out (`RecordedEvent.signature`): anyone who can publish on the broker can
+    put bytes in the stream, not events the control plane will believe."""
 
-    def __init__(
-        self,
-        nc: Client,
-        *,
-        timeout: float = 5.0,
-        signing_key: SigningKey | None = None,
-        verify_key: VerifyKey | None = None,
-    ) -> None:
+    def __init__(self, nc: Client, *, timeout: float = 5.0, mac_key: bytes | None = None) -> None:
         self._nc = nc
-        self._signing_key = signing_key
-        self._verify_key = verify_key
+        self._mac_key = mac_key
         self._js: JetStreamContext = nc.jetstream(timeout=timeout)
         self._timeout = timeout
         self._followers: dict[Any, Callable[[], None]] = {}
@@ -121,9 +111,9 @@ class JetStreamEventStore:
             for i, h in enumerate(headers):
                 h["Nats-Msg-Id"] = msg_id if len(events) == 1 else f"{msg_id}.{i + 1}"
         payloads = [encode_envelope(p.envelope) for p in events]
-        if self._signing_key is not None:
+        if self._mac_key is not None:
             for h, payload in zip(headers, payloads, strict=True):
-                h[SIGNATURE_HEADER] = sign(self._signing_key, payload)
+                h[EVENT_MAC_HEADER] = event_mac(self._mac_key, payload)
         if len(events) == 1:
             ack = await self._request(events[0].subject, payloads[0], headers[0])
         else:
@@ -260,12 +250,12 @@ class JetStreamEventStore:
                     await sub.unsubscribe()
 
     def _checked(self, msg: Msg) -> str:
-        if self._verify_key is None:
+        if self._mac_key is None:
             return "unchecked"
-        signature = (msg.headers or {}).get(SIGNATURE_HEADER)
-        if not signature:
+        mac = (msg.headers or {}).get(EVENT_MAC_HEADER)
+        if not mac:
             return "unsigned"
-        return "valid" if verify(self._verify_key, msg.data, signature) is None else "invalid"
+        return "valid" if event_mac_ok(self._mac_key, msg.data, mac) else "invalid"
 
     async def close(self) -> None:
         """End every `follow()` iteration (they stop cleanly, no cancellation needed)."""
