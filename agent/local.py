@@ -16,7 +16,7 @@ from agent.backend import BackendError, DeviceState, WireGuardBackend
 from agent.daemon import AgentError
 from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.link import Link
-from agent.statedir import StateDir, load_status, pid_alive, public_key_of
+from agent.statedir import Identity, StateDir, load_status, pid_alive, public_key_of
 from agent.userspace import UserspaceBackend
 from events.commands import Reply
 from events.connect import connect_once
@@ -125,6 +125,39 @@ async def interface_down(state_dir: Path, interface: str) -> bool:
     return present
 
 
+async def host_command(
+    state: StateDir, identity: Identity, server: str | None, verb: str, fields: dict[str, object]
+) -> Reply:
+    """Send one command as this host, signed with its key; the accepted reply.
+    Raises AgentError (unreachable, no answer, refused)."""
+    url = server or identity.server
+    try:
+        nc = await connect_once(url, timeout=5, name=f"netmesh-agent-{verb}-{identity.name}")
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise AgentError(f"cannot reach the control plane at {url}: {exc}") from None
+    try:
+        payload, signature = signed_payload(
+            state.signing_key(),
+            verb,
+            {"command_id": uuid.uuid4().hex, "host_id": identity.host_id, **fields},
+        )
+        try:
+            msg = await nc.request(
+                command_subject(verb),
+                payload,
+                timeout=15,
+                headers={"Netmesh-Actor": f"agent:{identity.name}", **signature},
+            )
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            raise AgentError(f"no netmesh control plane is answering at {url}") from None
+        reply = msgspec.json.decode(msg.data, type=Reply)
+        if not reply.ok:
+            raise AgentError(f"{verb} refused: {reply.error}")
+        return reply
+    finally:
+        await nc.close()
+
+
 async def rotate_key(state_dir: Path, server: str | None) -> str:
     """Make a new WireGuard key here, tell the control plane, then switch to it
     (a running agent is told with SIGHUP). Returns the new public key. Raises
@@ -133,31 +166,8 @@ async def rotate_key(state_dir: Path, server: str | None) -> str:
     identity = state.load_identity()
     if identity is None:
         raise AgentError(f"not enrolled ({state_dir} has no identity): nothing to rotate")
-    key = state.stage_private_key()
-    public_key = public_key_of(key)
-    url = server or identity.server
-    try:
-        nc = await connect_once(url, timeout=5, name=f"netmesh-agent-rotate-{identity.name}")
-    except (OSError, nats.errors.Error, TimeoutError) as exc:
-        raise AgentError(f"cannot reach the control plane at {url}: {exc}") from None
-    try:
-        fields: dict[str, object] = {
-            "command_id": uuid.uuid4().hex,
-            "host_id": identity.host_id,
-            "public_key": public_key,
-        }
-        payload, signature = signed_payload(state.signing_key(), "host.rotate_key", fields)
-        try:
-            msg = await nc.request(
-                command_subject("host.rotate_key"), payload, timeout=15, headers=signature
-            )
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-            raise AgentError(f"no netmesh control plane is answering at {url}") from None
-        reply = msgspec.json.decode(msg.data, type=Reply)
-        if not reply.ok:
-            raise AgentError(f"key rotation refused: {reply.error}")
-    finally:
-        await nc.close()
+    public_key = public_key_of(state.stage_private_key())
+    await host_command(state, identity, server, "host.rotate_key", {"public_key": public_key})
     state.commit_private_key()
     pid = running_agent_pid(state_dir)
     if pid is not None:
@@ -171,30 +181,8 @@ async def leave(state_dir: Path, server: str | None, network: str | None) -> lis
     identity = state.load_identity()
     if identity is None:
         raise AgentError(f"not enrolled ({state_dir} has no identity): nothing to leave")
-    url = server or identity.server
-    try:
-        nc = await connect_once(url, timeout=5, name=f"netmesh-agent-leave-{identity.name}")
-    except (OSError, nats.errors.Error, TimeoutError) as exc:
-        raise AgentError(f"cannot reach the control plane at {url}: {exc}") from None
-    try:
-        fields: dict[str, object] = {"command_id": uuid.uuid4().hex, "host_id": identity.host_id}
-        if network is not None:
-            fields["network"] = network
-        payload, signature = signed_payload(state.signing_key(), "host.leave", fields)
-        try:
-            msg = await nc.request(
-                command_subject("host.leave"),
-                payload,
-                timeout=15,
-                headers={"Netmesh-Actor": f"agent:{identity.name}", **signature},
-            )
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-            raise AgentError(f"no netmesh control plane is answering at {url}") from None
-        reply = msgspec.json.decode(msg.data, type=Reply)
-        if not reply.ok:
-            raise AgentError(f"leave refused: {reply.error}")
-    finally:
-        await nc.close()
+    fields: dict[str, object] = {} if network is None else {"network": network}
+    reply = await host_command(state, identity, server, "host.leave", fields)
     left: list[str] = list(reply.result["left"])
     identity.networks = [n for n in identity.networks if n not in left]
     state.save_identity(identity)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from controlplane.decide import ADMIN_VERBS
 from events.envelope import RecordedEvent
 from events.model import (
     AdminAdded,
@@ -51,17 +52,6 @@ FIRST_EVENT: dict[str, tuple[type[Event], str, str]] = {
     "admin.add": (AdminAdded, "name", "name"),
     "admin.remove": (AdminRemoved, "name", "name"),
 }
-ADMIN_VERBS = frozenset(
-    {
-        "network.create",
-        "network.delete",
-        "key.create",
-        "key.revoke",
-        "node.remove",
-        "admin.add",
-        "admin.remove",
-    }
-)
 
 
 @dataclass
