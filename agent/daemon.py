@@ -465,12 +465,47 @@ class Agent:
             self._wake.clear()
             try:
                 await self.reconcile_once()
+                await self.check_key_epoch()
                 if self.detect_endpoints:
                     await self.check_endpoints()
             except Exception as exc:  # the loop is the agent: it must outlive any pass
                 log.exception("reconcile pass failed", error=repr(exc))
                 self._last_error = f"pass failed: {exc!r}"
                 await asyncio.sleep(min(self.resync_interval, RETRY_MAX))
+
+    async def check_key_epoch(self) -> None:
+        """An admin asked for a new WireGuard key (`netmesh node rotate-key`):
+        make it here, announce it (signed), then switch to it."""
+        desired = self.desired
+        if desired is None or desired.key_epoch <= self.identity.key_epoch:
+            return
+        if self.nc is None or not self.nc.is_connected:
+            return  # the next pass after reconnecting
+        public_key = public_key_of(self.state.stage_private_key())
+        payload, signature = signed_payload(
+            self.state.signing_key(),
+            "host.rotate_key",
+            {
+                "command_id": uuid.uuid4().hex,
+                "host_id": self.identity.host_id,
+                "public_key": public_key,
+            },
+        )
+        try:
+            msg = await self.nc.request(
+                command_subject("host.rotate_key"), payload, timeout=10, headers=signature
+            )
+            reply = msgspec.json.decode(msg.data, type=Reply)
+        except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
+            log.info("key rotation not delivered, will retry", error=repr(exc))
+            return
+        if reply.ok:
+            self.state.commit_private_key()
+            self.reload_key()
+        else:  # not retried: it would fail the same way on every pass
+            log.warning("key rotation refused", error=reply.error)
+        self.identity.key_epoch = desired.key_epoch
+        self.state.save_identity(self.identity)
 
     async def check_endpoints(self) -> None:
         """Endpoints found on this machine (not given with --endpoint) can move:

@@ -29,6 +29,8 @@ class Identity(msgspec.Struct, kw_only=True):
     # states not signed by it are refused. Empty for hosts enrolled before tokens
     # carried it (they accept unsigned states, with a warning; re-enroll to pin).
     server_key: str = ""
+    # The last key epoch the control plane asked for that this host honoured.
+    key_epoch: int = 0
 
 
 class AgentStatus(msgspec.Struct, kw_only=True):

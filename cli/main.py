@@ -433,6 +433,15 @@ def node_show(server: str, node_ref: str, as_json: bool) -> None:
         )
 
 
+@node.command("rotate-key")
+@click.argument("node_ref", metavar="NODE")
+@click.pass_obj
+def node_rotate_key(server: str, node_ref: str) -> None:
+    """Ask NODE's host for a new WireGuard key (made there; peers switch in place)."""
+    result = run(admin_command(server, "node.rotate_key", node=node_ref))
+    click.echo(f"asked host {result['host_id']} for a new key (epoch {result['epoch']})")
+
+
 @node.command("remove")
 @click.argument("node_ref", metavar="NODE")
 @json_option

@@ -30,6 +30,7 @@ from events.model import (
     Event,
     HostEndpointObserved,
     HostKeyRotated,
+    HostKeyRotationRequested,
     HostRegistered,
     NetworkCreated,
     NetworkDeleted,
@@ -49,6 +50,7 @@ FIRST_EVENT: dict[str, tuple[type[Event], str, str]] = {
     "endpoint.report": (HostEndpointObserved, "host_id", "host_id"),
     "host.leave": (NodeRemoved, "host_id", "host_id"),
     "host.rotate_key": (HostKeyRotated, "host_id", "host_id"),
+    "node.rotate_key": (HostKeyRotationRequested, "", ""),
     "admin.add": (AdminAdded, "name", "name"),
     "admin.remove": (AdminRemoved, "name", "name"),
 }

@@ -29,6 +29,7 @@ from events.commands import (
     RemoveAdmin,
     RemoveNode,
     ReportEndpoint,
+    RequestKeyRotation,
     RevokeEnrollmentKey,
     RotateHostKey,
 )
@@ -41,6 +42,7 @@ from events.model import (
     EnrollmentKeyUsed,
     HostEndpointObserved,
     HostKeyRotated,
+    HostKeyRotationRequested,
     HostRegistered,
     NetworkCreated,
     NetworkDeleted,
@@ -67,6 +69,7 @@ ADMIN_VERBS = frozenset(
         "key.create",
         "key.revoke",
         "node.remove",
+        "node.rotate_key",
         "admin.add",
         "admin.remove",
     }
@@ -122,7 +125,7 @@ def _check_role(topology: Topology, verb: str, command: AnyCommand, admin: Admin
         case RevokeEnrollmentKey(key_id=key_id):
             key = topology.keys.get(key_id)
             network = key.network if key is not None else None
-        case RemoveNode(node=ref):
+        case RemoveNode(node=ref) | RequestKeyRotation(node=ref):
             try:
                 network = resolve_node(topology, ref).network
             except Rejected:
@@ -228,6 +231,8 @@ def decide(topology: Topology, command: AnyCommand, ctx: Context) -> Decision:
             return _leave(topology, command)
         case RotateHostKey():
             return _rotate_key(topology, command)
+        case RequestKeyRotation():
+            return _request_rotation(topology, command)
         case AddAdmin():
             return _add_admin(topology, command)
         case RemoveAdmin():
@@ -639,6 +644,22 @@ def _remove_admin(topology: Topology, cmd: RemoveAdmin) -> Decision:
         # "last admin" check.
         expect=(Expectation(ADMIN_EVENTS_WILDCARD, topology.last_admin_seq),),
         result={"name": cmd.name},
+    )
+
+
+def _request_rotation(topology: Topology, cmd: RequestKeyRotation) -> Decision:
+    node = resolve_node(topology, cmd.node)
+    host = topology.hosts[node.host_id]
+    if not host.signing_key:
+        raise Rejected(
+            "conflict", f"host {host.host_id} has no signing key: re-enroll it to rotate its key"
+        )
+    subject = host_subject(host.host_id)
+    event = HostKeyRotationRequested(host_id=host.host_id, epoch=host.key_epoch + 1)
+    return Decision(
+        events=((subject, event),),
+        expect=(_guard(topology, subject),),
+        result={"host_id": host.host_id, "node": node.node_id, "epoch": event.epoch},
     )
 
 

@@ -69,6 +69,12 @@ class ReportEndpoint(Command, frozen=True, tag="endpoint.report"):
     listen_port: Port | None = None  # None: keep the host's port
 
 
+class RequestKeyRotation(Command, frozen=True, tag="node.rotate_key"):
+    """An admin asks a node's host to make a new WireGuard key."""
+
+    node: str
+
+
 class RotateHostKey(Command, frozen=True, tag="host.rotate_key"):
     """A host announces its new WireGuard public key (`netmesh agent rotate-key`):
     peers switch to it in place."""
@@ -113,6 +119,7 @@ AnyCommand = (
     | RotateHostKey
     | AddAdmin
     | RemoveAdmin
+    | RequestKeyRotation
 )
 
 COMMAND_TYPES: tuple[type[Command], ...] = (
@@ -127,6 +134,7 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     RotateHostKey,
     AddAdmin,
     RemoveAdmin,
+    RequestKeyRotation,
 )
 VERBS: dict[str, type[Command]] = {str(cls.__struct_config__.tag): cls for cls in COMMAND_TYPES}
 

@@ -33,6 +33,9 @@ class InterfaceConfig(msgspec.Struct, frozen=True, kw_only=True):
     addresses: tuple[str, ...]
     listen_port: int
     mtu: int
+    # Raised by `netmesh node rotate-key`: an agent holding a lower epoch makes
+    # a new WireGuard key and announces it.
+    key_epoch: int = 0
 
 
 class DesiredState(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="snapshot"):
@@ -49,10 +52,16 @@ class DesiredState(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", 
     mtu: int
     peers: tuple[PeerConfig, ...] = ()
     protocol: int = PROTOCOL
+    key_epoch: int = 0
 
     @property
     def interface(self) -> InterfaceConfig:
-        return InterfaceConfig(addresses=self.addresses, listen_port=self.listen_port, mtu=self.mtu)
+        return InterfaceConfig(
+            addresses=self.addresses,
+            listen_port=self.listen_port,
+            mtu=self.mtu,
+            key_epoch=self.key_epoch,
+        )
 
 
 class DesiredDelta(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="delta"):
@@ -104,6 +113,7 @@ def apply_delta(state: DesiredState, delta: DesiredDelta) -> DesiredState:
         listen_port=interface.listen_port,
         mtu=interface.mtu,
         peers=peers,
+        key_epoch=interface.key_epoch,
     )
 
 

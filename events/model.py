@@ -75,6 +75,13 @@ class HostKeyRotated(Event, frozen=True, tag="host.key_rotated"):
     previous_key: str
 
 
+class HostKeyRotationRequested(Event, frozen=True, tag="host.key_rotation_requested"):
+    """An admin asked the host to make a new WireGuard key (`node rotate-key`)."""
+
+    host_id: str
+    epoch: int
+
+
 class NodeJoined(Event, frozen=True, tag="node.joined"):
     network: str
     node_id: str
@@ -114,6 +121,7 @@ AnyEvent = (
     | HostRegistered
     | HostEndpointObserved
     | HostKeyRotated
+    | HostKeyRotationRequested
     | NodeJoined
     | NodeRemoved
 )
@@ -129,6 +137,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     HostRegistered,
     HostEndpointObserved,
     HostKeyRotated,
+    HostKeyRotationRequested,
     NodeJoined,
     NodeRemoved,
 )
@@ -152,7 +161,10 @@ def aggregate_of(event: AnyEvent) -> tuple[str, str]:
         case AdminAdded(name=name) | AdminRemoved(name=name):
             return ("admin", name)
         case (
-            HostRegistered(host_id=h) | HostEndpointObserved(host_id=h) | HostKeyRotated(host_id=h)
+            HostRegistered(host_id=h)
+            | HostEndpointObserved(host_id=h)
+            | HostKeyRotated(host_id=h)
+            | HostKeyRotationRequested(host_id=h)
         ):
             return ("host", h)
         case (

@@ -67,7 +67,10 @@ def interface_for(topology: Topology, host_id: str) -> InterfaceConfig | None:
         addresses.append(f"{node.address}/{_host_prefix(network)[0]}")
         mtu = network.mtu if mtu == 0 else min(mtu, network.mtu)
     return InterfaceConfig(
-        addresses=tuple(sorted(addresses)), listen_port=host.listen_port, mtu=mtu or 1420
+        addresses=tuple(sorted(addresses)),
+        listen_port=host.listen_port,
+        mtu=mtu or 1420,
+        key_epoch=host.key_epoch,
     )
 
 
@@ -188,6 +191,7 @@ def desired_for(
         listen_port=interface.listen_port,
         mtu=interface.mtu,
         peers=peers,
+        key_epoch=interface.key_epoch,
     )
 
 

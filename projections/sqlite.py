@@ -19,7 +19,7 @@ import msgspec
 
 from projections.topology import EnrollmentKey, Host, Network, Node, Topology, Touched
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS retired_keys (key_id TEXT PRIMARY KEY, network TEXT N
 CREATE TABLE IF NOT EXISTS hosts (
     host_id TEXT PRIMARY KEY, name TEXT NOT NULL, public_key TEXT NOT NULL,
     listen_port INTEGER NOT NULL, endpoints TEXT NOT NULL, registered_at REAL NOT NULL,
-    revision INTEGER NOT NULL);
+    revision INTEGER NOT NULL, signing_key TEXT NOT NULL, key_epoch INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, network TEXT NOT NULL, host_id TEXT NOT NULL,
     name TEXT NOT NULL, address TEXT NOT NULL, joined_at REAL NOT NULL);
@@ -180,7 +180,7 @@ class ReadModel:
                 ],
             ),
             (
-                "INSERT OR REPLACE INTO hosts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO hosts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         host.host_id,
@@ -190,6 +190,8 @@ class ReadModel:
                         msgspec.json.encode(list(host.endpoints)).decode(),
                         host.registered_at,
                         host.revision,
+                        host.signing_key,
+                        host.key_epoch,
                     )
                     for host in (topology.hosts.get(h) for h in hosts)
                     if host is not None

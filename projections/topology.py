@@ -23,6 +23,7 @@ from events.model import (
     EnrollmentKeyUsed,
     HostEndpointObserved,
     HostKeyRotated,
+    HostKeyRotationRequested,
     HostRegistered,
     NetworkCreated,
     NetworkDeleted,
@@ -81,6 +82,7 @@ class Host:
     # Last event that changed this host's own interface or memberships.
     revision: int = 0
     signing_key: str = ""  # what the host's own commands must be signed with
+    key_epoch: int = 0  # raised when an admin asks for a new WireGuard key
 
 
 @dataclass
@@ -331,6 +333,13 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 interfaces=frozenset({e.host_id}),
                 peer_changes=topology.mark_peer_changed(e.host_id, networks, recorded.seq),
             )
+        case HostKeyRotationRequested() as e:
+            host = topology.hosts.get(e.host_id)
+            if host is None:
+                return Touched()
+            host.key_epoch = e.epoch
+            host.revision = recorded.seq
+            return Touched(hosts=frozenset({e.host_id}), interfaces=frozenset({e.host_id}))
         case HostKeyRotated() as e:
             host = topology.hosts.get(e.host_id)
             if host is None:

@@ -661,3 +661,23 @@ async def test_key_rotation_switches_peers_in_place(mesh: Mesh) -> None:
     assert await wait_until(lambda: ping(b, nodes["a"]["address"]), timeout=15, message="b->a")
     private = (mesh.tmp / "b" / "private.key").read_text()
     assert private.strip() and not (mesh.tmp / "b" / "private.key.next").exists()
+
+    # The admin asks instead (`node rotate-key`): b's agent makes the key itself.
+    await mesh.cli("node", "rotate-key", "office/b")
+
+    async def b_listed_with_another_key() -> str | None:
+        listed = {n["name"]: n for n in await mesh.cli_json("node", "list")}
+        key = listed["b"]["public_key"]
+        return key if key not in (old_key, new_key) else None
+
+    third = await wait_until(b_listed_with_another_key, timeout=REPAIR_WITHIN + 10, message="3rd")
+    assert third is not None
+    await wait_until(lambda: _has_peer(mesh, "a", third), timeout=REPAIR_WITHIN + 5, message="a")
+    assert await _lacks(mesh, "a", new_key)
+
+    async def b_uses_third_key() -> bool:
+        return (await mesh.wg("b", "public-key")).strip() == third
+
+    await wait_until(b_uses_third_key, timeout=REPAIR_WITHIN + 5, message="b switched again")
+    assert await wait_until(lambda: ping(a, nodes["b"]["address"]), timeout=15, message="a->b")
+    assert await wait_until(lambda: ping(b, nodes["a"]["address"]), timeout=15, message="b->a")

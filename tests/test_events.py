@@ -32,6 +32,7 @@ def test_tags_are_stable_and_past_tense() -> None:
         "host.registered",
         "host.endpoint_observed",
         "host.key_rotated",
+        "host.key_rotation_requested",
         "node.joined",
         "node.removed",
     ]

@@ -22,6 +22,7 @@ from events.commands import (
     Join,
     RemoveNode,
     ReportEndpoint,
+    RequestKeyRotation,
     RotateHostKey,
 )
 from events.desired import (
@@ -197,7 +198,7 @@ def test_version_1_states_still_decode() -> None:
 # both), node removals, endpoint moves, re-joins and a network delete.
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["join", "remove", "endpoint", "delete", "recreate", "rotate"]),
+        st.sampled_from(["join", "remove", "endpoint", "delete", "recreate", "rotate", "request"]),
         st.integers(0, 5),
         st.sampled_from(["a", "b"]),
         st.booleans(),
@@ -261,6 +262,8 @@ def test_snapshots_plus_deltas_always_equal_the_derived_state(
                 _, touched = world.run(
                     RotateHostKey(host_id=host_id, public_key=public_key(1000 + len(world.log)))
                 )
+            elif op == "request":
+                _, touched = world.run(RequestKeyRotation(node=f"{net}/h{host}"))
             elif op == "delete":
                 _, touched = world.run(DeleteNetwork(name=net, force=True))
             else:
