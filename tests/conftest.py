@@ -46,3 +46,28 @@ async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
         yield client
     finally:
         await client.close()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Last resort: namespaces this pytest process made (their names carry our
+    pid) that a test's own cleanup did not remove, with whatever still runs in
+    them. Each cleanup is by our own ids; anything found is reported, since it
+    means a test leaked."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+
+    prefix = f"nmt{os.getpid()}-"
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    leaked = [line.split()[0] for line in listed.stdout.splitlines() if line.startswith(prefix)]
+    for netns in leaked:
+        pids = subprocess.run(
+            ["ip", "netns", "pids", netns], capture_output=True, text=True, check=False
+        ).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+    if leaked:
+        print(f"\nWARNING: test namespaces left behind and removed now: {', '.join(leaked)}")
