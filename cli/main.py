@@ -635,8 +635,8 @@ def events_verify(server: str, root_key: str | None, as_json: bool) -> None:
         )
     else:
         click.echo(
-            f"{report.events} events: {report.signed_commands} signed admin commands verified, "
-            f"{report.unsigned_events} events from agents (not signed), "
+            f"{report.events} events: {report.signed_commands} signed commands verified, "
+            f"{report.unsigned_events} events without a proof (agents without a key), "
             f"{len(report.problems)} problems; root admin key {report.root or '-'}"
         )
         for seq, why in report.problems:
