@@ -72,6 +72,10 @@ def events_stream_config(replicas: int = 1) -> StreamConfig:
     )
 
 
+# Events read ahead of the consumer at most (then the subscription waits).
+FOLLOW_BUFFER = 20_000
+
+
 class JetStreamEventStore:
     """With `mac_key`, every event appended carries an HMAC of its stored bytes
     (header `Netmesh-Mac`), and every event read says whether its MAC checks
@@ -199,9 +203,16 @@ class JetStreamEventStore:
         # a fifth of a replay's time. What has arrived is handed over at once.
         buffer: collections.deque[RecordedEvent | BaseException] = collections.deque()
         arrived = asyncio.Event()
+        drained = asyncio.Event()
         ended = False
 
         async def on_message(msg: Msg) -> None:
+            # Backpressure: a consumer slower than the stream (a long replay)
+            # holds the callback here, and with it the consumer's flow control,
+            # instead of buffering the whole stream in memory.
+            while len(buffer) >= FOLLOW_BUFFER and not ended:
+                drained.clear()
+                await drained.wait()
             try:
                 buffer.append(
                     RecordedEvent(
@@ -229,6 +240,7 @@ class JetStreamEventStore:
             nonlocal ended
             ended = True
             arrived.set()
+            drained.set()
 
         self._followers[sub] = end
         try:
@@ -240,6 +252,7 @@ class JetStreamEventStore:
                         raise item
                     batch.append(item)
                 if batch:
+                    drained.set()
                     yield batch
                     continue
                 arrived.clear()

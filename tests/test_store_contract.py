@@ -185,3 +185,22 @@ async def test_close_ends_followers(store: EventStore) -> None:
     await store.close()
     await asyncio.wait_for(task, 10)  # ends by itself, no cancellation
     assert seen == [1]
+
+
+async def test_a_slow_follower_gets_everything_in_order(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The JetStream follower reads ahead at most FOLLOW_BUFFER events, then
+    holds the subscription: a slow consumer still gets every event, in order."""
+    import events.jetstream
+
+    monkeypatch.setattr(events.jetstream, "FOLLOW_BUFFER", 3)
+    for n in range(30):
+        await store.append([created(f"n{n}")])
+    seen: list[int] = []
+    async for batch in store.follow_batches(1, max_batch=2):
+        await asyncio.sleep(0)  # a consumer that yields between batches
+        seen.extend(r.seq for r in batch)
+        if seen[-1] >= 30:
+            break
+    assert seen == list(range(1, 31))
