@@ -113,13 +113,22 @@ class Harness:
         )
 
     async def _stop(self) -> None:
-        await self.plane.stop()
-        await self.nc.close()
-        await self.server.stop()
+        # Whatever _start got to.
+        if hasattr(self, "plane"):
+            await self.plane.stop()
+        if hasattr(self, "nc"):
+            await self.nc.close()
+        if hasattr(self, "server"):
+            await self.server.stop()
 
     def __enter__(self) -> Harness:
         self.thread.start()
-        self.run(self._start(), timeout=60)
+        try:
+            self.run(self._start(), timeout=60)
+        except BaseException:
+            # __exit__ does not run when __enter__ fails: stop what did start.
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
