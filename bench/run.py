@@ -328,19 +328,20 @@ async def control_plane(
         failures.append("disconnected")
         broken.set()
 
-    conns = [
-        await nats.connect(
-            server.url,
-            pending_size=256 * 1024 * 1024,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-            max_reconnect_attempts=0,
-        )
-        for _ in range(CONNECTIONS)
-    ]
+    conns: list[Client] = []
     seed = None
     cp = None
     try:
+        for _ in range(CONNECTIONS):
+            conns.append(
+                await nats.connect(
+                    server.url,
+                    pending_size=256 * 1024 * 1024,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    max_reconnect_attempts=0,
+                )
+            )
         if hosts:
             from controlplane.streams import ensure_streams
 
