@@ -84,3 +84,18 @@ class WireGuardBackend(Protocol):
     async def close(self) -> None:
         """Release resources; leaves the interface up (a stopped agent keeps the network)."""
         ...
+
+
+class ExistsByReading:
+    """`exists()` for a backend whose `read()` fails exactly when the device is
+    not there (wireguard-go's socket, the kernel's netlink family)."""
+
+    async def read(self) -> DeviceState:
+        raise NotImplementedError
+
+    async def exists(self) -> bool:
+        try:
+            await self.read()
+        except BackendError:
+            return False
+        return True

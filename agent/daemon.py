@@ -89,6 +89,33 @@ class AgentError(Exception):
     """Stops the agent with a one-line message (bad token, refused join, ...)."""
 
 
+async def send_host_command(
+    nc: Client,
+    state: StateDir,
+    identity: Identity,
+    verb: str,
+    fields: dict[str, Any],
+    timeout: float = 10.0,
+) -> Reply:
+    """A command from this host, signed with its key (with a fresh id and the
+    time). Raises nats.errors.Error / TimeoutError when it is not answered."""
+    payload, signature = signed_payload(
+        state.signing_key(),
+        verb,
+        {"command_id": uuid.uuid4().hex, "host_id": identity.host_id, **fields},
+    )
+    msg = await nc.request(
+        command_subject(verb),
+        payload,
+        timeout=timeout,
+        headers={"Netmesh-Actor": f"agent:{identity.name}", **signature},
+    )
+    try:
+        return msgspec.json.decode(msg.data, type=Reply)
+    except msgspec.DecodeError:
+        return Reply(ok=False, error="the control plane sent an answer this agent cannot read")
+
+
 async def make_backend(kind: str, interface: str) -> WireGuardBackend:
     """`auto`: the kernel's WireGuard where the module is there, else wireguard-go."""
     if kind == "auto":
@@ -482,21 +509,11 @@ class Agent:
         if self.nc is None or not self.nc.is_connected:
             return  # the next pass after reconnecting
         public_key = public_key_of(self.state.stage_private_key())
-        payload, signature = signed_payload(
-            self.state.signing_key(),
-            "host.rotate_key",
-            {
-                "command_id": uuid.uuid4().hex,
-                "host_id": self.identity.host_id,
-                "public_key": public_key,
-            },
-        )
         try:
-            msg = await self.nc.request(
-                command_subject("host.rotate_key"), payload, timeout=10, headers=signature
+            reply = await send_host_command(
+                self.nc, self.state, self.identity, "host.rotate_key", {"public_key": public_key}
             )
-            reply = msgspec.json.decode(msg.data, type=Reply)
-        except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
+        except (nats.errors.Error, TimeoutError) as exc:
             log.info("key rotation not delivered, will retry", error=repr(exc))
             return
         if reply.ok:
@@ -584,21 +601,14 @@ class Agent:
         # Without a desired state we do not know our port: let the control plane
         # keep the one it chose (the network's) rather than claim a default.
         listen_port = self.desired.listen_port if self.desired else None
-        payload, signature = signed_payload(
-            self.state.signing_key(),
-            "endpoint.report",
-            {
-                "command_id": uuid.uuid4().hex,
-                "host_id": self.identity.host_id,
-                "endpoints": endpoints,
-                "listen_port": listen_port,
-            },
-        )
         try:
-            msg = await self.nc.request(
-                command_subject("endpoint.report"), payload, timeout=10, headers=signature
+            reply = await send_host_command(
+                self.nc,
+                self.state,
+                self.identity,
+                "endpoint.report",
+                {"endpoints": endpoints, "listen_port": listen_port},
             )
-            reply = msgspec.json.decode(msg.data, type=Reply)
             if not reply.ok:
                 log.warning("endpoint report refused", error=reply.error)
         except (nats.errors.Error, TimeoutError) as exc:

@@ -38,7 +38,7 @@ from pyroute2.netlink.generic.wireguard import (
     wgmsg,
 )
 
-from agent.backend import BackendError, DeviceState, PeerSpec, PeerState
+from agent.backend import BackendError, DeviceState, ExistsByReading, PeerSpec, PeerState
 from agent.link import Link
 
 __all__ = [
@@ -359,7 +359,7 @@ async def kernel_wireguard_available() -> bool:
     return True
 
 
-class KernelBackend:
+class KernelBackend(ExistsByReading):
     """One kernel WireGuard interface, in the caller's network namespace.
 
     The generic-netlink socket opens on first use and `close()` closes it; the
@@ -373,13 +373,6 @@ class KernelBackend:
         # One request at a time on the shared socket keeps errors attributable;
         # it also keeps two callers from opening two sockets.
         self._lock = asyncio.Lock()
-
-    async def exists(self) -> bool:
-        try:
-            await self.read()
-        except BackendError:
-            return False
-        return True
 
     async def create(self) -> None:
         ipr = AsyncIPRoute()

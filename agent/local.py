@@ -5,23 +5,19 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import nats.errors
 
 from agent.backend import BackendError, DeviceState, WireGuardBackend
-from agent.daemon import AgentError
+from agent.daemon import AgentError, send_host_command
 from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.link import Link
 from agent.statedir import Identity, StateDir, load_status, pid_alive, public_key_of
 from agent.userspace import UserspaceBackend
 from events.commands import Reply
 from events.connect import connect_once
-from events.signing import signed_payload
-from events.subjects import command_subject
 
 
 async def find_device(interface: str) -> tuple[WireGuardBackend | None, DeviceState | None]:
@@ -126,9 +122,9 @@ async def interface_down(state_dir: Path, interface: str) -> bool:
 
 
 async def host_command(
-    state: StateDir, identity: Identity, server: str | None, verb: str, fields: dict[str, object]
+    state: StateDir, identity: Identity, server: str | None, verb: str, fields: dict[str, Any]
 ) -> Reply:
-    """Send one command as this host, signed with its key; the accepted reply.
+    """Send one command as this host (its own connection); the accepted reply.
     Raises AgentError (unreachable, no answer, refused)."""
     url = server or identity.server
     try:
@@ -136,26 +132,14 @@ async def host_command(
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise AgentError(f"cannot reach the control plane at {url}: {exc}") from None
     try:
-        payload, signature = signed_payload(
-            state.signing_key(),
-            verb,
-            {"command_id": uuid.uuid4().hex, "host_id": identity.host_id, **fields},
-        )
-        try:
-            msg = await nc.request(
-                command_subject(verb),
-                payload,
-                timeout=15,
-                headers={"Netmesh-Actor": f"agent:{identity.name}", **signature},
-            )
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-            raise AgentError(f"no netmesh control plane is answering at {url}") from None
-        reply = msgspec.json.decode(msg.data, type=Reply)
-        if not reply.ok:
-            raise AgentError(f"{verb} refused: {reply.error}")
-        return reply
+        reply = await send_host_command(nc, state, identity, verb, fields, timeout=15)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
+        raise AgentError(f"no netmesh control plane is answering at {url}") from None
     finally:
         await nc.close()
+    if not reply.ok:
+        raise AgentError(f"{verb} refused: {reply.error}")
+    return reply
 
 
 async def rotate_key(state_dir: Path, server: str | None) -> str:
@@ -181,7 +165,7 @@ async def leave(state_dir: Path, server: str | None, network: str | None) -> lis
     identity = state.load_identity()
     if identity is None:
         raise AgentError(f"not enrolled ({state_dir} has no identity): nothing to leave")
-    fields: dict[str, object] = {} if network is None else {"network": network}
+    fields: dict[str, Any] = {} if network is None else {"network": network}
     reply = await host_command(state, identity, server, "host.leave", fields)
     left: list[str] = list(reply.result["left"])
     identity.networks = [n for n in identity.networks if n not in left]

@@ -14,7 +14,7 @@ import signal
 import time
 
 from agent import uapi
-from agent.backend import BackendError, DeviceState, PeerSpec
+from agent.backend import BackendError, DeviceState, ExistsByReading, PeerSpec
 from agent.link import Link
 
 # wireguard-go refuses to run when it believes the kernel module is available.
@@ -24,7 +24,7 @@ _ENV_OVERRIDE = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
 _MAX_ANSWER = 64 * 1024 * 1024
 
 
-class UserspaceBackend:
+class UserspaceBackend(ExistsByReading):
     """One wireguard-go interface.
 
     `socket_dir` is where this class looks for `<interface>.sock`; wireguard-go's own
@@ -54,13 +54,6 @@ class UserspaceBackend:
         # create/destroy poll for a while; overlapping calls must not start two
         # wireguard-go processes or race a deletion.
         self._lifecycle = asyncio.Lock()
-
-    async def exists(self) -> bool:
-        try:
-            await self.read()
-        except BackendError:
-            return False
-        return True
 
     async def create(self) -> None:
         async with self._lifecycle:

@@ -298,13 +298,7 @@ def seed_state(topology: Topology, host_id: str) -> DesiredState:
     (the seed's peers left out, see the module's docstring)."""
     interface = interface_for(topology, host_id)
     assert interface is not None
-    return DesiredState(
-        host_id=host_id,
-        revision=topology.revision_of(host_id),
-        addresses=interface.addresses,
-        listen_port=interface.listen_port,
-        mtu=interface.mtu,
-    )
+    return DesiredState.of(host_id, topology.revision_of(host_id), interface)
 
 
 @contextlib.asynccontextmanager

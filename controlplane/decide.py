@@ -248,6 +248,13 @@ def host_subject(host_id: str) -> str:
     return aggregate_subject("host", host_id)
 
 
+def _one_event(
+    topology: Topology, subject: str, event: AnyEvent, result: dict[str, Any]
+) -> Decision:
+    """The commonest decision: one event on one aggregate, guarded by its version."""
+    return Decision(events=((subject, event),), expect=(_guard(topology, subject),), result=result)
+
+
 def _guard(topology: Topology, subject: str) -> Expectation:
     return Expectation(subject, topology.version(subject))
 
@@ -308,11 +315,7 @@ def _delete_network(topology: Topology, cmd: DeleteNetwork) -> Decision:
             "or pass --force to disconnect them",
         )
     subject = network_subject(cmd.name)
-    return Decision(
-        events=((subject, NetworkDeleted(network=cmd.name)),),
-        expect=(_guard(topology, subject),),
-        result={"network": cmd.name},
-    )
+    return _one_event(topology, subject, NetworkDeleted(network=cmd.name), {"network": cmd.name})
 
 
 def _network(topology: Topology, name: str) -> Any:
@@ -333,10 +336,11 @@ def _create_key(topology: Topology, cmd: CreateEnrollmentKey, ctx: Context) -> D
         uses=cmd.uses,
         expires_at=expires_at,
     )
-    return Decision(
-        events=((subject, event),),
-        expect=(_guard(topology, subject),),
-        result={
+    return _one_event(
+        topology,
+        subject,
+        event,
+        {
             "key_id": ctx.new_key_id,
             "network": cmd.network,
             "uses": cmd.uses,
@@ -352,10 +356,11 @@ def _revoke_key(topology: Topology, cmd: RevokeEnrollmentKey) -> Decision:
     if key.revoked:
         return Decision(result={"key_id": key.key_id, "already_revoked": True})
     subject = network_subject(key.network)
-    return Decision(
-        events=((subject, EnrollmentKeyRevoked(network=key.network, key_id=key.key_id)),),
-        expect=(_guard(topology, subject),),
-        result={"key_id": key.key_id},
+    return _one_event(
+        topology,
+        subject,
+        EnrollmentKeyRevoked(network=key.network, key_id=key.key_id),
+        {"key_id": key.key_id},
     )
 
 
@@ -570,15 +575,11 @@ def resolve_node(topology: Topology, ref: str) -> Node:
 def _remove_node(topology: Topology, cmd: RemoveNode) -> Decision:
     node = resolve_node(topology, cmd.node)
     subject = network_subject(node.network)
-    return Decision(
-        events=(
-            (
-                subject,
-                NodeRemoved(network=node.network, node_id=node.node_id, host_id=node.host_id),
-            ),
-        ),
-        expect=(_guard(topology, subject),),
-        result={"node_id": node.node_id, "network": node.network, "name": node.name},
+    return _one_event(
+        topology,
+        subject,
+        NodeRemoved(network=node.network, node_id=node.node_id, host_id=node.host_id),
+        {"node_id": node.node_id, "network": node.network, "name": node.name},
     )
 
 
@@ -592,11 +593,7 @@ def _report_endpoint(topology: Topology, cmd: ReportEndpoint) -> Decision:
         return Decision(result={"host_id": host.host_id, "changed": False})
     subject = host_subject(host.host_id)
     event = HostEndpointObserved(host_id=host.host_id, endpoints=endpoints, listen_port=listen_port)
-    return Decision(
-        events=((subject, event),),
-        expect=(_guard(topology, subject),),
-        result={"host_id": host.host_id, "changed": True},
-    )
+    return _one_event(topology, subject, event, {"host_id": host.host_id, "changed": True})
 
 
 def _add_admin(topology: Topology, cmd: AddAdmin) -> Decision:
@@ -656,10 +653,11 @@ def _request_rotation(topology: Topology, cmd: RequestKeyRotation) -> Decision:
         )
     subject = host_subject(host.host_id)
     event = HostKeyRotationRequested(host_id=host.host_id, epoch=host.key_epoch + 1)
-    return Decision(
-        events=((subject, event),),
-        expect=(_guard(topology, subject),),
-        result={"host_id": host.host_id, "node": node.node_id, "epoch": event.epoch},
+    return _one_event(
+        topology,
+        subject,
+        event,
+        {"host_id": host.host_id, "node": node.node_id, "epoch": event.epoch},
     )
 
 
@@ -679,10 +677,8 @@ def _rotate_key(topology: Topology, cmd: RotateHostKey) -> Decision:
         raise Rejected("conflict", "that public key belongs to another host")
     subject = host_subject(host.host_id)
     event = HostKeyRotated(host_id=host.host_id, public_key=new_key, previous_key=host.public_key)
-    return Decision(
-        events=((subject, event),),
-        expect=(_guard(topology, subject),),
-        result={"host_id": host.host_id, "changed": True, "public_key": new_key},
+    return _one_event(
+        topology, subject, event, {"host_id": host.host_id, "changed": True, "public_key": new_key}
     )
 
 

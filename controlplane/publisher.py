@@ -145,32 +145,15 @@ class JetStreamDesiredPublisher:
         """host -> (revision, stream sequence) of the last message on its subject,
         read with a headers-only consumer (no payloads cross the wire)."""
         prefix = f"{DESIRED_PREFIX}."
-        sub = await self._js.pull_subscribe(
-            f"{DESIRED_PREFIX}.>",
-            stream=DESIRED_STREAM,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        return {
+            msg.subject.removeprefix(prefix): (_revision(msg.headers), msg.metadata.sequence.stream)
+            for msg in await _pending(
+                self._js,
+                f"{DESIRED_PREFIX}.>",
+                DeliverPolicy.LAST_PER_SUBJECT,
                 headers_only=True,
-                ack_policy=AckPolicy.NONE,
-                inactive_threshold=60.0,
-            ),
-        )
-        found: dict[str, tuple[int, int]] = {}
-        try:
-            info = await sub.consumer_info()
-            remaining = info.num_pending or 0
-            while remaining > 0:
-                for msg in await sub.fetch(min(remaining, 1000), timeout=ACK_TIMEOUT):
-                    remaining -= 1
-                    value = (msg.headers or {}).get(REVISION_HEADER, "")
-                    revision = int(value) if value.isdigit() else 0  # 0: republish
-                    found[msg.subject.removeprefix(prefix)] = (
-                        revision,
-                        msg.metadata.sequence.stream,
-                    )
-        finally:
-            await sub.unsubscribe()
-        return found
+            )
+        }
 
     async def last(self, host_id: str) -> tuple[int, int] | None:
         """(revision, stream sequence) of the last message on one host's subject."""
@@ -178,29 +161,47 @@ class JetStreamDesiredPublisher:
             msg = await self._js.get_last_msg(DESIRED_STREAM, desired_subject(host_id))
         except NotFoundError:
             return None
-        value = (msg.headers or {}).get(REVISION_HEADER, "")
-        return (int(value) if value.isdigit() else 0), int(msg.seq or 0)
+        return _revision(msg.headers), int(msg.seq or 0)
+
+
+def _revision(headers: dict[str, str] | None) -> int:
+    """The `Netmesh-Revision` header; 0 when absent (a version-1 message: republish)."""
+    value = (headers or {}).get(REVISION_HEADER, "")
+    return int(value) if value.isdigit() else 0
+
+
+async def _pending(
+    js: JetStreamContext, subject: str, policy: DeliverPolicy, *, headers_only: bool = False
+) -> list[Msg]:
+    """Every message an ephemeral consumer on `subject` has pending now, in order."""
+    sub = await js.pull_subscribe(
+        subject,
+        stream=DESIRED_STREAM,
+        config=ConsumerConfig(
+            deliver_policy=policy,
+            headers_only=headers_only,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=60.0,
+        ),
+    )
+    out: list[Msg] = []
+    try:
+        remaining = (await sub.consumer_info()).num_pending or 0
+        while remaining > 0:
+            batch = await sub.fetch(min(remaining, 1000), timeout=ACK_TIMEOUT)
+            remaining -= len(batch)
+            out.extend(batch)
+    finally:
+        await sub.unsubscribe()
+    return out
 
 
 async def read_desired(js: JetStreamContext, host_id: str) -> DesiredState | None:
     """A host's desired state as an agent starting from nothing would read it:
     its subject's snapshot and the deltas since, in order. None if there is none."""
-    sub = await js.pull_subscribe(
-        desired_subject(host_id),
-        stream=DESIRED_STREAM,
-        config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60.0
-        ),
-    )
     feed = DesiredFeed(host_id)
-    try:
-        remaining = (await sub.consumer_info()).num_pending or 0
-        while remaining > 0:
-            for msg in await sub.fetch(min(remaining, 1000), timeout=ACK_TIMEOUT):
-                remaining -= 1
-                feed.take(decode_message(msg.data))
-    finally:
-        await sub.unsubscribe()
+    for msg in await _pending(js, desired_subject(host_id), DeliverPolicy.ALL):
+        feed.take(decode_message(msg.data))
     if feed.behind:
         raise ValueError(f"the desired states of {host_id} do not chain (a gap)")
     return feed.state

@@ -54,6 +54,24 @@ class DesiredState(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", 
     protocol: int = PROTOCOL
     key_epoch: int = 0
 
+    @classmethod
+    def of(
+        cls,
+        host_id: str,
+        revision: int,
+        interface: InterfaceConfig,
+        peers: tuple[PeerConfig, ...] = (),
+    ) -> DesiredState:
+        return cls(
+            host_id=host_id,
+            revision=revision,
+            addresses=interface.addresses,
+            listen_port=interface.listen_port,
+            mtu=interface.mtu,
+            peers=peers,
+            key_epoch=interface.key_epoch,
+        )
+
     @property
     def interface(self) -> InterfaceConfig:
         return InterfaceConfig(
@@ -105,16 +123,7 @@ def apply_delta(state: DesiredState, delta: DesiredDelta) -> DesiredState:
         for peer in delta.upsert:
             by_key[peer.public_key] = peer
         peers = tuple(sorted(by_key.values(), key=lambda p: p.public_key))
-    interface = delta.interface or state.interface
-    return DesiredState(
-        host_id=state.host_id,
-        revision=delta.revision,
-        addresses=interface.addresses,
-        listen_port=interface.listen_port,
-        mtu=interface.mtu,
-        peers=peers,
-        key_epoch=interface.key_epoch,
-    )
+    return DesiredState.of(state.host_id, delta.revision, delta.interface or state.interface, peers)
 
 
 desired_encoder = msgspec.json.Encoder()

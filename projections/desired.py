@@ -80,11 +80,17 @@ def peer_for(topology: Topology, host_id: str, peer_id: str) -> PeerConfig | Non
     if peer is None or peer_id == host_id:
         return None
     shared = topology.networks_of_host(host_id) & topology.networks_of_host(peer_id)
+    return _peer_entry(topology, peer, shared)
+
+
+def _peer_entry(topology: Topology, peer: Host, networks: set[str]) -> PeerConfig | None:
+    """`peer` as seen through `networks`: its addresses in them, the smallest
+    keepalive of them; None when it has a node in none of them."""
     allowed = []
     keepalive: int | None = None
-    for node in topology.nodes_of_host(peer_id):
+    for node in topology.nodes_of_host(peer.host_id):
         network = topology.networks.get(node.network)
-        if node.network not in shared or network is None:
+        if node.network not in networks or network is None:
             continue
         allowed.append(f"{node.address}/{_host_prefix(network)[1]}")
         keepalive = network.keepalive if keepalive is None else min(keepalive, network.keepalive)
@@ -118,26 +124,10 @@ class PeerCache:
     def _network_entry(self, peer_id: str, network_name: str) -> PeerConfig | None:
         key = (peer_id, network_name)
         if key not in self._single:
-            entry = None
             peer = self.topology.hosts.get(peer_id)
-            network = self.topology.networks.get(network_name)
-            node = next(
-                (
-                    self.topology.nodes[n]
-                    for n in self.topology.nodes_by_host.get(peer_id, ())
-                    if self.topology.nodes[n].network == network_name
-                ),
-                None,
+            self._single[key] = (
+                _peer_entry(self.topology, peer, {network_name}) if peer is not None else None
             )
-            if peer is not None and network is not None and node is not None:
-                entry = PeerConfig(
-                    public_key=peer.public_key,
-                    allowed_ips=(f"{node.address}/{_host_prefix(network)[1]}",),
-                    endpoint=peer_endpoint(peer),
-                    persistent_keepalive=network.keepalive,
-                    name=peer.name,
-                )
-            self._single[key] = entry
         return self._single[key]
 
     def peer(self, host_id: str, peer_id: str) -> PeerConfig | None:
@@ -184,14 +174,8 @@ def desired_for(
         }
         found = (peer_for(topology, host_id, other) for other in others)
         peers = tuple(sorted((p for p in found if p is not None), key=lambda p: p.public_key))
-    return DesiredState(
-        host_id=host_id,
-        revision=topology.revision_of(host_id) if revision is None else revision,
-        addresses=interface.addresses,
-        listen_port=interface.listen_port,
-        mtu=interface.mtu,
-        peers=peers,
-        key_epoch=interface.key_epoch,
+    return DesiredState.of(
+        host_id, topology.revision_of(host_id) if revision is None else revision, interface, peers
     )
 
 

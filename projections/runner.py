@@ -195,25 +195,9 @@ class ProjectionRunner:
     async def _resolve(self, message: DesiredMessage) -> None:
         """The host's subject moved on without us (another replica, or our own
         earlier attempt that did land). If it already holds this revision or a
-        newer one, nothing is missing; otherwise send a snapshot after what is
+        newer one, nothing is missing; otherwise a snapshot goes after what is
         there, so that the chain on the subject stays whole."""
-        host_id = message.host_id
-        for _ in range(10):
-            last = await self._publisher.last(host_id)
-            revision, seq = last if last is not None else (0, 0)
-            self.published[host_id] = revision
-            self._subject_seq[host_id] = seq
-            if last is not None and revision >= message.revision:
-                return
-            state = desired_for(self.topology, host_id)
-            if state is None:
-                return
-            data = desired_encoder.encode(state)
-            (landed,) = await self._publish_retrying([(state, data)])
-            if landed is not None:
-                self._landed(state, data, landed)
-                return
-        log.warning("desired state subject keeps moving; giving up for now", host_id=host_id)
+        await self._snapshot_after_subject(message.host_id, unless_at=message.revision)
 
     async def resend_snapshot(self, host_id: str) -> bool:
         """Publish a host's whole state after whatever its subject holds (an
@@ -221,16 +205,28 @@ class ProjectionRunner:
         caught up yet."""
         if not self.caught_up.is_set() or host_id not in self.topology.hosts:
             return False
-        for _ in range(5):
+        return await self._snapshot_after_subject(host_id)
+
+    async def _snapshot_after_subject(self, host_id: str, *, unless_at: int | None = None) -> bool:
+        """Append the host's whole state right after the last message on its
+        subject (re-read each attempt: it may keep moving); with `unless_at`,
+        nothing when the subject already holds that revision or a newer one."""
+        for _ in range(10):
             last = await self._publisher.last(host_id)
-            self._subject_seq[host_id] = last[1] if last is not None else 0
+            revision, seq = last if last is not None else (0, 0)
+            self.published[host_id] = revision
+            self._subject_seq[host_id] = seq
+            if last is not None and unless_at is not None and revision >= unless_at:
+                return True
             state = desired_for(self.topology, host_id)
-            assert state is not None
+            if state is None:
+                return False
             data = desired_encoder.encode(state)
             (landed,) = await self._publish_retrying([(state, data)])
             if landed is not None:
                 self._landed(state, data, landed)
                 return True
+        log.warning("desired state subject keeps moving; giving up for now", host_id=host_id)
         return False
 
     async def _finish_catch_up(self) -> None:

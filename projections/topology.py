@@ -12,6 +12,7 @@ events always give the same model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from events.envelope import RecordedEvent
@@ -117,14 +118,10 @@ class Touched:
     @staticmethod
     def union(many: list[Touched]) -> Touched:
         return Touched(
-            networks=frozenset().union(*(t.networks for t in many)),
-            keys=frozenset().union(*(t.keys for t in many)),
-            hosts=frozenset().union(*(t.hosts for t in many)),
-            nodes=frozenset().union(*(t.nodes for t in many)),
-            reconfigured=frozenset().union(*(t.reconfigured for t in many)),
-            interfaces=frozenset().union(*(t.interfaces for t in many)),
-            peer_changes=frozenset().union(*(t.peer_changes for t in many)),
-            retired_keys=frozenset().union(*(t.retired_keys for t in many)),
+            **{
+                f.name: frozenset().union(*(getattr(t, f.name) for t in many))
+                for f in dataclasses.fields(Touched)
+            }
         )
 
 

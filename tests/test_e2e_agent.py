@@ -632,7 +632,7 @@ async def test_key_rotation_switches_peers_in_place(mesh: Mesh) -> None:
     control plane records it, a's peer entry switches to it (the old key is
     gone), b's device uses it, and traffic flows again both ways."""
     _, nodes = await _mesh_up(mesh, ("a", "b"))
-    a, b = mesh.hosts["a"], mesh.hosts["b"]
+    b = mesh.hosts["b"]
     old_key = nodes["b"]["public_key"]
     rotated = await b.run(
         NETMESH,
@@ -646,19 +646,7 @@ async def test_key_rotation_switches_peers_in_place(mesh: Mesh) -> None:
     assert new_key and new_key != old_key, rotated.stdout
     listed = {n["name"]: n for n in await mesh.cli_json("node", "list")}
     assert listed["b"]["public_key"] == new_key
-    await wait_until(
-        lambda: _has_peer(mesh, "a", new_key),
-        timeout=REPAIR_WITHIN + 5,
-        message="a has b's new key",
-    )
-    assert await _lacks(mesh, "a", old_key)
-
-    async def b_uses_new_key() -> bool:
-        return (await mesh.wg("b", "public-key")).strip() == new_key
-
-    await wait_until(b_uses_new_key, timeout=REPAIR_WITHIN + 5, message="b's device switched")
-    assert await wait_until(lambda: ping(a, nodes["b"]["address"]), timeout=15, message="a->b")
-    assert await wait_until(lambda: ping(b, nodes["a"]["address"]), timeout=15, message="b->a")
+    await _switched(mesh, nodes, old_key, new_key)
     private = (mesh.tmp / "b" / "private.key").read_text()
     assert private.strip() and not (mesh.tmp / "b" / "private.key.next").exists()
 
@@ -672,12 +660,21 @@ async def test_key_rotation_switches_peers_in_place(mesh: Mesh) -> None:
 
     third = await wait_until(b_listed_with_another_key, timeout=REPAIR_WITHIN + 10, message="3rd")
     assert third is not None
-    await wait_until(lambda: _has_peer(mesh, "a", third), timeout=REPAIR_WITHIN + 5, message="a")
-    assert await _lacks(mesh, "a", new_key)
+    await _switched(mesh, nodes, new_key, third)
 
-    async def b_uses_third_key() -> bool:
-        return (await mesh.wg("b", "public-key")).strip() == third
 
-    await wait_until(b_uses_third_key, timeout=REPAIR_WITHIN + 5, message="b switched again")
+async def _switched(mesh: Mesh, nodes: dict[str, dict[str, Any]], old: str, new: str) -> None:
+    """b went from key `old` to `new`: a's peer entry switched, b's device uses
+    it, and traffic flows both ways again."""
+    a, b = mesh.hosts["a"], mesh.hosts["b"]
+    await wait_until(
+        lambda: _has_peer(mesh, "a", new), timeout=REPAIR_WITHIN + 5, message="a has b's new key"
+    )
+    assert await _lacks(mesh, "a", old)
+
+    async def b_uses_new_key() -> bool:
+        return (await mesh.wg("b", "public-key")).strip() == new
+
+    await wait_until(b_uses_new_key, timeout=REPAIR_WITHIN + 5, message="b's device switched")
     assert await wait_until(lambda: ping(a, nodes["b"]["address"]), timeout=15, message="a->b")
     assert await wait_until(lambda: ping(b, nodes["a"]["address"]), timeout=15, message="b->a")
