@@ -28,7 +28,7 @@ import structlog
 from nacl.signing import SigningKey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from agent.apply import apply, read_actual
 from agent.backend import BackendError, DeviceState, WireGuardBackend
@@ -47,9 +47,10 @@ from agent.statedir import (
 from agent.userspace import UserspaceBackend
 from agent.watch import watch_interface
 from events.commands import Reply
-from events.connect import connect_once
+from events.connect import connect_once, refused_by_broker
 from events.desired import DesiredMessage, DesiredState, decode_message
 from events.feed import DesiredFeed, Outcome
+from events.natsid import client_options
 from events.reports import APPLIED, AppliedReport, PeerReport, applied_encoder
 from events.signing import (
     SIGNATURE_HEADER,
@@ -75,6 +76,10 @@ SETTLE_DELAY = 3.0
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
 RESYNC_GRACE = 10.0  # seconds a re-read may take to find its snapshot
 CONNECT_BACKOFF_MIN, CONNECT_BACKOFF_MAX = 0.5, 10.0
+# The desired-state consumer: the server's heartbeat when idle, and how long an
+# abandoned consumer (its agent gone) outlives it.
+CONSUMER_HEARTBEAT = 5.0
+CONSUMER_INACTIVE = 60.0
 
 
 def reconnect_backoff(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
@@ -141,10 +146,20 @@ async def enroll(
         raise AgentError(str(exc)) from None
     url = server or parts.server
     try:
-        nc = await connect_once(url, timeout=5, name=f"netmesh-agent-enroll-{name}")
+        nc = await connect_once(
+            url,
+            timeout=5,
+            name=f"netmesh-agent-enroll-{name}",
+            **client_options(signing_key, token),
+        )
     except nats.errors.NoServersError:
         raise AgentError(f"cannot reach the control plane at {url}: nothing answers") from None
     except (OSError, nats.errors.Error, TimeoutError) as exc:
+        if refused_by_broker(exc):
+            raise AgentError(
+                f"join refused: the broker at {url} turned this agent away: enrollment token "
+                "not recognised (damaged or tampered), or too many failed attempts"
+            ) from None
         raise AgentError(f"cannot reach the control plane at {url}: {exc}") from None
     try:
         # Signed with the host's own key, which the join registers: from now
@@ -219,6 +234,7 @@ class Agent:
         self._retry_delay = RETRY_MIN
         self._retry_handle: asyncio.TimerHandle | None = None
         self._sub: Any = None
+        self._closing = False
         self._last_error: str | None = None
 
     def reload_key(self) -> None:
@@ -365,12 +381,26 @@ class Agent:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
         js = self.nc.jetstream()
+        subject = desired_subject(self.identity.host_id)
+        # A named consumer filtered on our subject (not an ordered consumer,
+        # whose create request names no subject): the broker lets this host
+        # create consumers on its own subject and nothing else. Gaps are the
+        # feed's to notice (it re-reads, then asks for a snapshot).
         self._sub = await js.subscribe(
-            desired_subject(self.identity.host_id),
+            subject,
             stream=DESIRED_STREAM,
-            ordered_consumer=True,
             cb=self._on_desired,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+            manual_ack=True,
+            config=ConsumerConfig(
+                name=f"agent-{self.identity.host_id}-{uuid.uuid4().hex[:8]}",
+                filter_subject=subject,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.NONE,
+                flow_control=True,
+                idle_heartbeat=CONSUMER_HEARTBEAT,
+                inactive_threshold=CONSUMER_INACTIVE,
+                mem_storage=True,
+            ),
         )
 
     # -- reconcile -----------------------------------------------------------
@@ -550,10 +580,12 @@ class Agent:
                 # nats-py retries a failed *first* connect forever on its own, every
                 # reconnect_time_wait, silently and without backoff. Probe with a
                 # connection that gives up, so the backoff and the log here apply.
-                probe = await connect_once(self.identity.server, timeout=5)
+                login = client_options(self.state.signing_key())
+                probe = await connect_once(self.identity.server, timeout=5, **login)
                 await probe.close()
                 self.nc = await nats.connect(
                     self.identity.server,
+                    **login,
                     name=f"netmesh-agent-{self.identity.name}",
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=CONNECT_BACKOFF_MIN,
@@ -562,8 +594,18 @@ class Agent:
                     reconnected_cb=self._on_reconnected,
                     disconnected_cb=self._on_disconnected,
                     error_cb=self._on_error,
+                    closed_cb=self._on_closed,
                 )
             except (OSError, nats.errors.Error, TimeoutError) as exc:
+                if refused_by_broker(exc):
+                    # Removed from its networks (or no control plane to ask):
+                    # the interface stays as it was last told.
+                    log.warning(
+                        "the broker refuses this host; keeping the last desired state",
+                        retry_in=round(CONNECT_BACKOFF_MAX, 1),
+                    )
+                    await asyncio.sleep(CONNECT_BACKOFF_MAX * random.uniform(0.5, 1.0))
+                    continue
                 log.info(
                     "control plane unreachable, running from cache",
                     error=repr(exc),
@@ -622,10 +664,22 @@ class Agent:
         log.info("disconnected from the control plane; keeping the last desired state")
         self.write_status()
 
+    async def _on_closed(self) -> None:
+        # nats-py gives up for good when the broker refuses us mid-session (a
+        # removed host, kicked): start over with the connect loop and its backoff.
+        if self._closing:
+            return
+        log.info("connection closed by the broker; reconnecting with backoff")
+        self.nc = None
+        self._sub = None
+        self.write_status()
+        self._spawn(self.connect_forever())
+
     async def _on_error(self, exc: Exception) -> None:
         log.debug("nats error", error=repr(exc))
 
     async def close(self) -> None:
+        self._closing = True
         if self._retry_handle is not None:
             self._retry_handle.cancel()
         if self.nc is not None:

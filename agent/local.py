@@ -18,6 +18,7 @@ from agent.statedir import Identity, StateDir, load_status, pid_alive, public_ke
 from agent.userspace import UserspaceBackend
 from events.commands import Reply
 from events.connect import connect_once
+from events.natsid import client_options
 
 
 async def find_device(interface: str) -> tuple[WireGuardBackend | None, DeviceState | None]:
@@ -128,7 +129,12 @@ async def host_command(
     Raises AgentError (unreachable, no answer, refused)."""
     url = server or identity.server
     try:
-        nc = await connect_once(url, timeout=5, name=f"netmesh-agent-{verb}-{identity.name}")
+        nc = await connect_once(
+            url,
+            timeout=5,
+            name=f"netmesh-agent-{verb}-{identity.name}",
+            **client_options(state.signing_key()),
+        )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise AgentError(f"cannot reach the control plane at {url}: {exc}") from None
     try:

@@ -13,7 +13,8 @@ from nacl.signing import SigningKey
 from nats.aio.client import Client
 
 from events.commands import Reply
-from events.connect import connect_once
+from events.connect import connect_once, refused_by_broker
+from events.natsid import client_options
 from events.signing import SigningKeyError, command_headers, load_or_create
 from events.subjects import command_subject, query_subject
 
@@ -25,14 +26,22 @@ class CliError(Exception):
     """Shown to the user as one line; the process exits non-zero."""
 
 
-async def connect(server: str) -> Client:
+async def connect(server: str, key: SigningKey | None = None) -> Client:
+    """Connect as the admin whose key this is (the broker admits no one else)."""
+    login = client_options(key) if key is not None else {}
     try:
-        return await connect_once(server, name="netmesh-cli")
+        return await connect_once(server, name="netmesh-cli", **login)
     except nats.errors.NoServersError:
         raise CliError(
             f"cannot connect to {server}: nothing answers there (is `netmesh server` running?)"
         ) from None
     except (OSError, nats.errors.Error, TimeoutError) as exc:
+        if refused_by_broker(exc):
+            who = "this admin key is not registered (removed?)" if key else "no admin key given"
+            raise CliError(
+                f"the broker at {server} refused the connection: {who}; "
+                "pass --admin-key PATH (or NETMESH_ADMIN_KEY)"
+            ) from None
         raise CliError(f"cannot connect to {server}: {_why(exc)}") from None
 
 
@@ -74,7 +83,7 @@ async def command(
     server: str, verb: str, *, admin_key: SigningKey | None = None, **fields: Any
 ) -> Any:
     """Send a command; with `admin_key`, signed (with a fresh id and the time)."""
-    nc = await connect(server)
+    nc = await connect(server, admin_key)
     try:
         fields.setdefault("command_id", uuid.uuid4().hex)
         headers: dict[str, str] = {}
@@ -86,6 +95,17 @@ async def command(
         return await request(nc, command_subject(verb), payload, server, headers)
     finally:
         await nc.close()
+
+
+def login_key(path: Path | None) -> SigningKey | None:
+    """The admin key to log in with, if there is one (queries and the event
+    stream need no signature, but a guarded broker wants to know who asks)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return load_or_create(path)
+    except SigningKeyError as exc:
+        raise CliError(str(exc)) from None
 
 
 def load_admin_key(path: Path | None) -> SigningKey:
@@ -102,8 +122,8 @@ def load_admin_key(path: Path | None) -> SigningKey:
         raise CliError(str(exc)) from None
 
 
-async def query(server: str, what: str, **args: Any) -> Any:
-    nc = await connect(server)
+async def query(server: str, what: str, *, key: SigningKey | None = None, **args: Any) -> Any:
+    nc = await connect(server, key)
     try:
         return await request(nc, query_subject(what), {k: v for k, v in args.items() if v}, server)
     finally:

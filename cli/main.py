@@ -14,10 +14,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from cli.client import DEFAULT_SERVER, CliError, command, connect, load_admin_key, query
+from cli.client import (
+    DEFAULT_SERVER,
+    CliError,
+    command,
+    connect,
+    load_admin_key,
+    login_key,
+    query,
+)
 from cli.logs import configure_logging
 
 if TYPE_CHECKING:
+    from nacl.signing import SigningKey
+
     from controlplane.audit import AuditReport
 
 T = TypeVar("T")
@@ -70,6 +80,12 @@ async def admin_command(server: str, verb: str, **fields: Any) -> Any:
     path = click.get_current_context().find_root().params.get("admin_key")
     key = load_admin_key(path)
     return await command(server, verb, admin_key=key, **fields)
+
+
+def admin_login() -> SigningKey | None:
+    """The admin key given to `netmesh` (or the default), if it exists: who this
+    CLI is to the broker, for queries and the event stream too."""
+    return login_key(click.get_current_context().find_root().params.get("admin_key"))
 
 
 def explicit_server(ctx: click.Context) -> str | None:
@@ -133,6 +149,12 @@ def cli(ctx: click.Context, server: str, admin_key: Path) -> None:
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
 )
 @click.option(
+    "--print-nats-config",
+    is_flag=True,
+    help="Print the nats-server configuration that lets this control plane guard an "
+    "external NATS (--nats-url), then exit.",
+)
+@click.option(
     "--desired-states",
     type=click.Choice(["deltas", "full"]),
     default="deltas",
@@ -147,13 +169,20 @@ def server(
     advertise: str | None,
     log_format: str,
     log_level: str,
+    print_nats_config: bool,
     desired_states: str,
 ) -> None:
     """Run the control plane (foreground; stops on SIGINT/SIGTERM)."""
     from controlplane.embedded import NatsServerError
-    from controlplane.server import ControlPlaneFailed, run_server, split_listen
+    from controlplane.server import ControlPlaneFailed, broker_config, run_server, split_listen
     from events.signing import SigningKeyError
 
+    if print_nats_config:
+        try:
+            click.echo(broker_config(data_dir.resolve()))
+        except (SigningKeyError, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
+        return
     configure_logging(log_format, log_level)
     if nats_url is None:
         try:
@@ -224,7 +253,7 @@ def network_create(
 @click.pass_obj
 def network_list(server: str, as_json: bool) -> None:
     """List networks."""
-    rows = run(query(server, "networks"))
+    rows = run(query(server, key=admin_login(), what="networks"))
     if as_json:
         emit_json(rows)
         return
@@ -243,7 +272,7 @@ def network_list(server: str, as_json: bool) -> None:
 @click.pass_obj
 def network_show(server: str, name: str, as_json: bool) -> None:
     """Show network NAME, its nodes and keys."""
-    net = run(query(server, "network", name=name))
+    net = run(query(server, key=admin_login(), what="network", name=name))
     if as_json:
         emit_json(net)
         return
@@ -337,7 +366,7 @@ def _print_keys(rows: list[dict[str, Any]]) -> None:
 @click.pass_obj
 def key_list(server: str, as_json: bool) -> None:
     """List enrollment keys (never their secrets)."""
-    rows = run(query(server, "keys"))
+    rows = run(query(server, key=admin_login(), what="keys"))
     if as_json:
         emit_json(rows)
     else:
@@ -381,7 +410,7 @@ def node() -> None:
 @click.pass_obj
 def node_list(server: str, network_name: str | None, as_json: bool) -> None:
     """List nodes."""
-    rows = run(query(server, "nodes", network=network_name))
+    rows = run(query(server, key=admin_login(), what="nodes", network=network_name))
     if as_json:
         emit_json(rows)
     else:
@@ -394,7 +423,7 @@ def node_list(server: str, network_name: str | None, as_json: bool) -> None:
 @click.pass_obj
 def node_show(server: str, node_ref: str, as_json: bool) -> None:
     """Show NODE (id, NETWORK/NAME, or a unique name)."""
-    n = run(query(server, "node", node=node_ref))
+    n = run(query(server, key=admin_login(), what="node", node=node_ref))
     if as_json:
         emit_json(n)
         return
@@ -463,7 +492,7 @@ def node_remove(server: str, node_ref: str, as_json: bool) -> None:
 @click.pass_obj
 def status(server: str, as_json: bool) -> None:
     """Each node: is its interface at the revision the control plane wants?"""
-    rows = run(query(server, "status"))
+    rows = run(query(server, key=admin_login(), what="status"))
     if as_json:
         emit_json(rows)
         return
@@ -540,7 +569,7 @@ def admin_add(
 @click.pass_obj
 def admin_list(server: str, as_json: bool) -> None:
     """Admins, their roles and keys."""
-    rows = run(query(server, "admins"))
+    rows = run(query(server, key=admin_login(), what="admins"))
     if as_json:
         emit_json(rows)
         return
@@ -579,7 +608,7 @@ async def _events_log(server: str, follow: bool, as_json: bool) -> None:
     from events.envelope import encode_envelope
     from events.jetstream import JetStreamEventStore
 
-    nc = await connect(server)
+    nc = await connect(server, admin_login())
     try:
         store = JetStreamEventStore(nc)
         try:
@@ -649,7 +678,7 @@ async def _events_verify(server: str, root_key: str | None) -> AuditReport:
     from controlplane.audit import verify_log
     from events.jetstream import JetStreamEventStore
 
-    nc = await connect(server)
+    nc = await connect(server, admin_login())
     try:
         store = JetStreamEventStore(nc)
         try:

@@ -13,6 +13,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 
@@ -55,6 +56,7 @@ class EmbeddedNats:
         config: Path | None = None,
         log_file: Path | None = None,
         server_name: str | None = None,
+        client_options: dict[str, Any] | None = None,
     ) -> None:
         self.store_dir = store_dir
         # Readiness is checked against this name, so that a stray server already
@@ -65,6 +67,9 @@ class EmbeddedNats:
         self.port = port
         self.config = config if config is not None else REPO_NATS_CONF
         self.log_file = log_file
+        # How a client logs in (and TLS), when the config asks for it: the
+        # readiness check connects like any client.
+        self.client_options = client_options or {}
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -109,7 +114,7 @@ class EmbeddedNats:
                     f"nats-server exited with {self._proc.returncode} (port {self.port} in use?)"
                 )
             try:
-                nc = await connect_once(self.url, timeout=1)
+                nc = await connect_once(self.url, timeout=1, **self.client_options)
             except (OSError, nats.errors.Error):
                 if loop.time() > deadline:
                     await self.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from pathlib import Path
 
@@ -12,9 +13,12 @@ import nats
 import nats.errors
 import structlog
 
-from controlplane.embedded import EmbeddedNats, NatsServerError
+from controlplane.brokerauth import BrokerKeys, server_config
+from controlplane.embedded import REPO_NATS_CONF, EmbeddedNats, NatsServerError
 from controlplane.service import ControlPlane
-from events.connect import connect_once
+from events import natsid
+from events.connect import connect_once, refused_by_broker
+from events.signing import load_or_create
 
 log = structlog.get_logger("netmesh.server")
 
@@ -31,6 +35,23 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def broker_config(data_dir: Path) -> str:
+    """The nats-server configuration for a broker this control plane guards."""
+    keys = BrokerKeys.derive(load_or_create(data_dir / "signing.key"))
+    return server_config(REPO_NATS_CONF.read_text(), keys)
+
+
+def write_broker_config(data_dir: Path, keys: BrokerKeys) -> Path:
+    """Written on every start (0600: it names the control plane's users)."""
+    path = data_dir / "nats-server.conf"
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(server_config(REPO_NATS_CONF.read_text(), keys))
+    tmp.replace(path)
+    return path
+
+
 async def run_server(
     data_dir: Path,
     listen: str,
@@ -42,20 +63,33 @@ async def run_server(
 ) -> None:
     """Run until SIGINT/SIGTERM (or cancellation); stop everything cleanly."""
     embedded: EmbeddedNats | None = None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    keys = BrokerKeys.derive(load_or_create(data_dir / "signing.key"))
+    login = natsid.client_options(keys.controlplane)
     if nats_url is None:
         host, port = split_listen(listen)
+        config = write_broker_config(data_dir, keys)
         embedded = EmbeddedNats(
-            data_dir / "jetstream", host=host, port=port, log_file=data_dir / "nats-server.log"
+            data_dir / "jetstream",
+            host=host,
+            port=port,
+            log_file=data_dir / "nats-server.log",
+            config=config,
+            client_options=login,
         )
-        data_dir.mkdir(parents=True, exist_ok=True)
         await embedded.start()
         nats_url = embedded.url
         log.info("embedded nats-server started", url=nats_url, pid=embedded.pid)
     else:
         # nats-py would retry a dead URL forever, deaf to signals: ask once first.
         try:
-            probe = await connect_once(nats_url, timeout=5)
-        except (OSError, nats.errors.Error, TimeoutError):
+            probe = await connect_once(nats_url, timeout=5, **login)
+        except (OSError, nats.errors.Error, TimeoutError) as exc:
+            if refused_by_broker(exc):
+                raise NatsServerError(
+                    f"the NATS server at {nats_url} refused the control plane's key: configure "
+                    "it with `netmesh server --print-nats-config` (see README, Security)"
+                ) from None
             raise NatsServerError(f"cannot connect to {nats_url}: nothing answers there") from None
         await probe.close()
     stop = asyncio.Event()
@@ -63,11 +97,30 @@ async def run_server(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     nc = None
+    system_nc = None
     control_plane = None
     try:
-        nc = await nats.connect(nats_url, name="netmesh-controlplane", max_reconnect_attempts=-1)
+        nc = await nats.connect(
+            nats_url, name="netmesh-controlplane", max_reconnect_attempts=-1, **login
+        )
+        if nc._server_info.get("auth_required"):
+            system_nc = await nats.connect(
+                nats_url,
+                name="netmesh-controlplane-system",
+                max_reconnect_attempts=-1,
+                **natsid.client_options(keys.system),
+            )
+        else:
+            log.warning(
+                "the NATS server admits anonymous connections: anyone who reaches it can "
+                "read and publish everything (see README, Security)"
+            )
         control_plane = ControlPlane(
-            nc, data_dir, advertise or nats_url, snapshots_only=snapshots_only
+            nc,
+            data_dir,
+            advertise or nats_url,
+            snapshots_only=snapshots_only,
+            system_nc=system_nc,
         )
         await control_plane.start()
         if ready is not None:
@@ -86,9 +139,10 @@ async def run_server(
             loop.remove_signal_handler(sig)
         if control_plane is not None:
             await control_plane.stop()
-        if nc is not None:
-            with contextlib.suppress(Exception):
-                await nc.drain()
+        for conn in (nc, system_nc):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.drain()
         if embedded is not None:
             await embedded.stop()
             log.info("embedded nats-server stopped")

@@ -29,6 +29,7 @@ from nats.aio.subscription import Subscription
 from nats.js.errors import NotFoundError
 
 from controlplane import queries
+from controlplane.brokerauth import BrokerGate, BrokerKeys, names_at_stake, still_admitted
 from controlplane.decide import Context, Decision, Rejected, authorize, decide
 from controlplane.publisher import JetStreamDesiredPublisher
 from controlplane.streams import ensure_streams
@@ -137,7 +138,13 @@ def one_line(text: str) -> str:
 
 class ControlPlane:
     def __init__(
-        self, nc: Client, data_dir: Path, advertise_url: str, *, snapshots_only: bool = False
+        self,
+        nc: Client,
+        data_dir: Path,
+        advertise_url: str,
+        *,
+        snapshots_only: bool = False,
+        system_nc: Client | None = None,
     ) -> None:
         self._nc = nc
         self._snapshots_only = snapshots_only
@@ -152,6 +159,7 @@ class ControlPlane:
         self._write_progress = asyncio.Condition()
         self._command_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
         self.model: ReadModel | None = None
         self.runner: ProjectionRunner | None = None
@@ -161,6 +169,18 @@ class ControlPlane:
         self._join_failures = FailureWindow()
         # Ids of signed commands seen (most recent COMMAND_MEMORY), whatever came of them.
         self._signed_ids: dict[str, None] = {}
+        # With a connection to the broker's system account, this control plane
+        # decides who may connect (auth callout) and disconnects who lost access.
+        self.gate: BrokerGate | None = None
+        if system_nc is not None:
+            self.gate = BrokerGate(
+                nc,
+                system_nc,
+                BrokerKeys.derive(self.signing_key),
+                lambda: self.write_model,
+                QUEUE_GROUP,
+                self._join_failures,
+            )
 
     async def start(self) -> None:
         """Create streams, catch up, then start answering. Raises on NATS errors."""
@@ -179,6 +199,8 @@ class ControlPlane:
         self._tasks.append(asyncio.create_task(self._supervised("projection", self.runner.run())))
         await self._catch_up()
         await self._bootstrap_admin()
+        if self.gate is not None:
+            await self.gate.start()
         await asyncio.wait_for(self.runner.caught_up.wait(), 120)
         self._subs.append(
             await self._nc.subscribe(f"{COMMAND_PREFIX}.>", queue=QUEUE_GROUP, cb=self._on_command)
@@ -199,6 +221,10 @@ class ControlPlane:
         Returns the names of tasks that did not stop in time (none, normally).
         """
         self._stopping = True
+        if self.gate is not None:
+            await self.gate.stop()
+        for task in self._background:
+            task.cancel()
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -241,7 +267,12 @@ class ControlPlane:
     async def _follow_write_model(self) -> None:
         async for recorded in self.store.follow(1):
             refused = self.write_model.refused
+            at_stake = names_at_stake(self.write_model, recorded.envelope.data)
             evolve(self.write_model, recorded)
+            if at_stake and self.gate is not None and self.runner is not None:
+                lost = {n for n in at_stake if not still_admitted(self.write_model, n)}
+                if lost and self.runner.caught_up.is_set():
+                    self._spawn_disconnect(lost, recorded.seq)
             if self.write_model.refused > refused:
                 log.warning(
                     "event not believed: not signed by this control plane",
@@ -252,6 +283,18 @@ class ControlPlane:
                 )
             async with self._write_progress:
                 self._write_progress.notify_all()
+
+    def _spawn_disconnect(self, names: set[str], seq: int) -> None:
+        async def disconnect() -> None:
+            assert self.gate is not None and self.runner is not None
+            # First let the host receive the desired state that removes it (its
+            # agent tears its interface down), then cut it off.
+            await self.runner.wait_published(seq, timeout=5)
+            await self.gate.disconnect(names)
+
+        task = asyncio.create_task(disconnect(), name=f"disconnect {sorted(names)}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _wait_write_model(self, seq: int, timeout: float = 10.0) -> None:
         async with self._write_progress:

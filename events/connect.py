@@ -19,17 +19,40 @@ async def _silent(exc: Exception) -> None:
     """The caller reports the failure itself, once."""
 
 
+def refused_by_broker(exc: BaseException) -> bool:
+    """The broker turned our credentials away (nats-py raises a plain Error with
+    the server's text on first connect, AuthorizationError later)."""
+    return isinstance(exc, nats.errors.AuthorizationError) or (
+        "authorization violation" in str(exc).lower()
+    )
+
+
 async def connect_once(url: str, *, timeout: float = 3.0, **options: Any) -> Client:
     """Connect or raise (OSError, nats.errors.Error, TimeoutError), without retrying."""
-    return await nats.connect(
-        url,
-        connect_timeout=timeout,
-        allow_reconnect=False,
-        max_reconnect_attempts=1,
-        reconnect_time_wait=0.05,
-        error_cb=_silent,
-        **options,
-    )
+    options.setdefault("error_cb", _silent)
+    nc = Client()
+    try:
+        # nats-py's annotations say int; its timeouts take seconds as floats.
+        await nc.connect(
+            url,
+            **{
+                "connect_timeout": timeout,
+                "allow_reconnect": False,
+                "max_reconnect_attempts": 1,
+                "reconnect_time_wait": 0.05,
+                **options,
+            },
+        )
+    except BaseException:
+        # nats-py leaves the socket of a refused connection open (an
+        # "Authorization Violation" on first connect): close it here.
+        transport = getattr(nc, "_transport", None)
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                transport.close()
+                await transport.wait_closed()
+        raise
+    return nc
 
 
 async def server_has_seen_everything(nc: Client, timeout: float = 5.0) -> None:

@@ -85,6 +85,8 @@ class ProjectionRunner:
         self._snapshot_size: dict[str, int] = {}
         self._progress = asyncio.Condition()
         self.caught_up = asyncio.Event()
+        # Events up to here have their desired states published (live only).
+        self.published_through = 0
         self.messages_published = 0
         self.bytes_published = 0
 
@@ -116,6 +118,9 @@ class ProjectionRunner:
         if live:
             if changes:
                 await self._publish_changes(changes)
+            async with self._progress:
+                self.published_through = seq
+                self._progress.notify_all()
         elif seq >= head:
             await self._finish_catch_up()
 
@@ -248,6 +253,9 @@ class ProjectionRunner:
                 assert state is not None
                 chunk.append((state, desired_encoder.encode(state)))
             await self._publish(chunk)
+        async with self._progress:
+            self.published_through = self.checkpoint
+            self._progress.notify_all()
         self.caught_up.set()
         log.info(
             "projection caught up",
@@ -264,6 +272,17 @@ class ProjectionRunner:
             try:
                 async with asyncio.timeout(timeout):
                     await self._progress.wait_for(lambda: self.checkpoint >= seq)
+            except TimeoutError:
+                return False
+        return True
+
+    async def wait_published(self, seq: int, timeout: float) -> bool:
+        """Wait until the desired states that event `seq` changed are published
+        (or were never to be: caught up past it); False on timeout."""
+        async with self._progress:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._progress.wait_for(lambda: self.published_through >= seq)
             except TimeoutError:
                 return False
         return True

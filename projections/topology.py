@@ -172,6 +172,16 @@ class Topology:
     def networks_of_host(self, host_id: str) -> set[str]:
         return {self.nodes[n].network for n in self.nodes_by_host.get(host_id, ())}
 
+    def host_by_signing_key(self, key: str) -> str | None:
+        """The host that registered this signing key (a scan: this runs once per
+        broker connection, not per message)."""
+        if not key:
+            return None
+        for host in self.hosts.values():
+            if host.signing_key == key:
+                return host.host_id
+        return None
+
     def revision_of(self, host_id: str) -> int:
         """The host's desired-state revision: the last event that changed it."""
         host = self.hosts.get(host_id)

@@ -1,0 +1,392 @@
+"""Who may do what on the broker: the control plane answers NATS's auth callout.
+
+Every connection except the control plane's own is put to the control plane
+(`$SYS.REQ.USER.AUTH`), which decides from its current topology and answers
+with a user JWT listing exactly what that connection may publish and subscribe:
+
+- a host (its nkey is the Ed25519 key it registered at join, and it is still a
+  node somewhere): its own desired subject (through a consumer filtered on it),
+  its own reports and resync requests, the host commands, its own inbox;
+- an enrolling agent (a key the control plane does not know yet, plus an
+  enrollment token whose key it knows): `join`, and its own inbox;
+- an admin or network admin (the admin key they sign commands with): commands,
+  queries and reading the event stream; an auditor: queries and events only.
+
+Why auth callout and not JWTs minted ahead of time (both checked here, see
+STACK.md): the control plane already holds every fact a decision needs (hosts,
+admins and roles, enrollment keys), so the broker asks it and there is nothing
+to push, expire or keep in sync; removing a node or an admin is one event, and
+the next connection is refused by the same rule that admitted it. The price:
+while no control plane is running, nothing new can connect (connected agents
+keep their connections and their WireGuard state; an agent that loses its
+connection runs from its cache and retries until a control plane answers).
+
+Pure decisions here (`grant_for`, `user_claims`, `server_config`); the
+callout service and the connection kicking are the I/O at the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import structlog
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from controlplane.throttle import FailureWindow
+from events import natsid
+from events.model import AdminRemoved, AnyEvent, NetworkDeleted, NodeRemoved
+from events.subjects import (
+    COMMAND_PREFIX,
+    DESIRED_STREAM,
+    EVENTS_STREAM,
+    QUERY_PREFIX,
+    command_subject,
+    desired_subject,
+    report_subject,
+    resync_subject,
+)
+from events.tokens import InvalidToken, parse_token, secret_digest
+from projections.topology import Topology
+
+log = structlog.get_logger("netmesh.brokerauth")
+
+AUTH_SUBJECT = "$SYS.REQ.USER.AUTH"
+# Users the callout admits live in the default account; the control plane's
+# own user is declared in the config (and skips the callout).
+ACCOUNT = "$G"
+HOST_VERBS = ("join", "endpoint.report", "host.leave", "host.rotate_key")
+
+# Reading the event stream (and nothing else of JetStream): what `netmesh
+# events log/verify` and integrations need.
+_EVENT_READER = (
+    "$JS.API.INFO",
+    f"$JS.API.STREAM.INFO.{EVENTS_STREAM}",
+    f"$JS.API.STREAM.MSG.GET.{EVENTS_STREAM}",
+    f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}",
+    f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.>",
+    f"$JS.API.CONSUMER.INFO.{EVENTS_STREAM}.>",
+    f"$JS.API.CONSUMER.DELETE.{EVENTS_STREAM}.>",
+    f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS_STREAM}.>",
+    f"$JS.FC.{EVENTS_STREAM}.>",
+)
+
+
+class Refused(Exception):
+    """Why a connection is not admitted (logged by the server, not shown to the client)."""
+
+
+@dataclass(frozen=True)
+class BrokerKeys:
+    """The control plane's NATS identities, derived from its signing key, so
+    replicas sharing `signing.key` share them."""
+
+    issuer: SigningKey  # signs the user JWTs the callout hands out
+    controlplane: SigningKey  # the control plane's own connection
+    system: SigningKey  # the system account: connection lists and kicks
+
+    @classmethod
+    def derive(cls, root: SigningKey) -> BrokerKeys:
+        return cls(
+            issuer=natsid.derived_key(root, "auth-callout-issuer"),
+            controlplane=natsid.derived_key(root, "controlplane"),
+            system=natsid.derived_key(root, "system"),
+        )
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A connection admitted as `name`, with what it may publish and subscribe."""
+
+    name: str  # host:<id> | admin:<name> | enroll:<key id>
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+def host_name(host_id: str) -> str:
+    return f"host:{host_id}"
+
+
+def admin_name(name: str) -> str:
+    return f"admin:{name}"
+
+
+def host_grant(host_id: str, nkey: str) -> Grant:
+    desired = desired_subject(host_id)
+    return Grant(
+        name=host_name(host_id),
+        publish=(
+            *(command_subject(verb) for verb in HOST_VERBS),
+            report_subject(host_id, "*"),
+            resync_subject(host_id),
+            # A consumer of any name, but only on its own subject: the server
+            # checks the filter in the subject against the consumer's config.
+            f"$JS.API.CONSUMER.CREATE.{DESIRED_STREAM}.*.{desired}",
+            f"$JS.FC.{DESIRED_STREAM}.>",
+        ),
+        subscribe=(f"{natsid.inbox_prefix(nkey)}.>",),
+    )
+
+
+def enroll_grant(key_id: str, nkey: str) -> Grant:
+    return Grant(
+        name=f"enroll:{key_id}",
+        publish=(command_subject("join"),),
+        subscribe=(f"{natsid.inbox_prefix(nkey)}.>",),
+    )
+
+
+def admin_grant(name: str, role: str, nkey: str) -> Grant:
+    commands = () if role == "auditor" else (f"{COMMAND_PREFIX}.>",)
+    return Grant(
+        name=admin_name(name),
+        publish=(*commands, f"{QUERY_PREFIX}.>", *_EVENT_READER),
+        subscribe=(f"{natsid.inbox_prefix(nkey)}.>",),
+    )
+
+
+def _signature_bytes(text: str) -> bytes:
+    padded = text + "=" * (-len(text) % 4)
+    try:
+        return base64.urlsafe_b64decode(padded)
+    except (binascii.Error, ValueError):
+        return base64.b64decode(padded)
+
+
+def grant_for(
+    topology: Topology,
+    connect_opts: dict[str, Any],
+    nonce: str,
+    now: float,
+    failures: FailureWindow,
+) -> Grant:
+    """Decide one connection. Raises Refused.
+
+    The server does not check an nkey's signature when a callout decides, so
+    this does: the client must have signed the server's nonce with the key it
+    names. Then: a known admin key, a host key that is still in some network,
+    or a new key with an enrollment token whose key this control plane knows.
+    """
+    nkey = connect_opts.get("nkey")
+    signature = connect_opts.get("sig")
+    if not isinstance(nkey, str) or not isinstance(signature, str) or not nonce:
+        raise Refused("no key: netmesh admits no anonymous connections")
+    try:
+        verify_key = natsid.verify_key_of_nkey(nkey)
+        verify_key.verify(nonce.encode(), _signature_bytes(signature))
+    except (natsid.JwtError, BadSignatureError, binascii.Error, ValueError):
+        raise Refused("the nonce is not signed by the key presented") from None
+    key_text = base64.b64encode(bytes(verify_key)).decode()
+    admin = topology.admins.get(key_text)
+    if admin is not None:
+        return admin_grant(admin.name, admin.role, nkey)
+    host_id = topology.host_by_signing_key(key_text)
+    if host_id is not None and topology.nodes_by_host.get(host_id):
+        return host_grant(host_id, nkey)
+    token = connect_opts.get("auth_token")
+    if not isinstance(token, str) or not token:
+        raise Refused("unknown key (removed host or admin?) and no enrollment token")
+    try:
+        parts = parse_token(token)
+    except InvalidToken as exc:
+        raise Refused(str(exc)) from None
+    if not failures.allowed(parts.key_id, now):
+        raise Refused(f"enrollment key {parts.key_id}: too many failed attempts, rate limited")
+    key = topology.keys.get(parts.key_id)
+    if key is not None:
+        if hmac.compare_digest(key.secret_sha256, secret_digest(parts.secret)):
+            # Usable or not (expired, used up, revoked): the join says which.
+            return enroll_grant(key.key_id, nkey)
+    elif parts.key_id in topology.retired_keys:
+        # The join explains that the key's network was deleted.
+        return enroll_grant(parts.key_id, nkey)
+    failures.failed(parts.key_id, now)
+    raise Refused("enrollment token not recognised")
+
+
+def user_claims(grant: Grant, user_nkey: str) -> dict[str, Any]:
+    return {
+        "sub": user_nkey,
+        "aud": ACCOUNT,
+        "name": grant.name,
+        "nats": {
+            "pub": {"allow": list(grant.publish)},
+            "sub": {"allow": list(grant.subscribe)},
+            "subs": -1,
+            "data": -1,
+            "payload": -1,
+            "type": "user",
+            "version": 2,
+        },
+    }
+
+
+def response_claims(
+    user_nkey: str, server_id: str, *, user_jwt: str | None = None, error: str | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"type": "authorization_response", "version": 2}
+    if user_jwt is not None:
+        body["jwt"] = user_jwt
+    if error is not None:
+        body["error"] = error
+    return {"sub": user_nkey, "aud": server_id, "nats": body}
+
+
+def names_at_stake(topology: Topology, event: AnyEvent) -> set[str]:
+    """Before `event` is applied: the admitted identities it may take access from."""
+    if isinstance(event, NodeRemoved):
+        return {host_name(event.host_id)}
+    if isinstance(event, NetworkDeleted):
+        return {host_name(node.host_id) for node in topology.nodes_of_network(event.network)}
+    if isinstance(event, AdminRemoved):
+        return {admin_name(event.name)}
+    return set()
+
+
+def still_admitted(topology: Topology, name: str) -> bool:
+    kind, _, ident = name.partition(":")
+    if kind == "host":
+        return bool(topology.nodes_by_host.get(ident))
+    if kind == "admin":
+        return any(admin.name == ident for admin in topology.admins.values())
+    return True
+
+
+def server_config(base: str, keys: BrokerKeys, tls: str = "") -> str:
+    """nats-server configuration for a broker the control plane guards: `base`
+    (limits, JetStream), the control plane's two users, and the callout."""
+    controlplane = natsid.public_nkey(keys.controlplane)
+    system = natsid.public_nkey(keys.system)
+    issuer = natsid.public_nkey(keys.issuer, natsid.ACCOUNT)
+    return f"""{base}
+# --- written by netmesh server: broker access is decided by the control plane.
+accounts {{
+  SYS {{ users: [ {{ nkey: {system} }} ] }}
+}}
+system_account: SYS
+authorization {{
+  timeout: 5
+  users: [ {{ nkey: {controlplane} }} ]
+  auth_callout {{
+    issuer: {issuer}
+    auth_users: [ {controlplane}, {system} ]
+  }}
+}}
+{tls}"""
+
+
+class BrokerGate:
+    """Serves the auth callout, and disconnects identities that lost access."""
+
+    def __init__(
+        self,
+        nc: Client,
+        system_nc: Client,
+        keys: BrokerKeys,
+        topology: Callable[[], Topology],
+        queue: str,
+        failures: FailureWindow,
+    ) -> None:
+        self._nc = nc
+        self._system_nc = system_nc
+        self._keys = keys
+        self._topology = topology
+        self._queue = queue
+        # Shared with the join command: failed tokens count the same either way.
+        self._failures = failures
+        self._sub: Subscription | None = None
+        self.admitted = 0
+        self.refused = 0
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(AUTH_SUBJECT, queue=self._queue, cb=self._on_request)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_request(self, msg: Msg) -> None:
+        try:
+            request = natsid.decode_verified(msg.data.decode(errors="replace"))
+            info = request["nats"]
+            user_nkey = str(info["user_nkey"])
+            server_id = str(info["server_id"]["id"])
+            client = info.get("client_info") or {}
+            opts = info.get("connect_opts") or {}
+        except (natsid.JwtError, KeyError, TypeError) as exc:
+            log.warning("malformed auth request ignored", error=str(exc))
+            return
+        try:
+            grant = grant_for(
+                self._topology(), opts, str(client.get("nonce", "")), time.time(), self._failures
+            )
+        except Refused as exc:
+            self.refused += 1
+            log.info("broker connection refused", host=client.get("host"), why=str(exc))
+            answer = response_claims(user_nkey, server_id, error=str(exc))
+        else:
+            self.admitted += 1
+            user_jwt = natsid.encode(user_claims(grant, user_nkey), self._keys.issuer)
+            answer = response_claims(user_nkey, server_id, user_jwt=user_jwt)
+        if msg.reply:
+            await msg.respond(natsid.encode(answer, self._keys.issuer).encode())
+
+    async def disconnect(self, names: set[str], timeout: float = 1.0) -> int:
+        """Close every connection admitted as one of `names`, on every server
+        that answers within `timeout`. Returns how many were closed."""
+        closed = 0
+        for name in sorted(names):
+            for server_id, cid in await self._connections_of(name, timeout):
+                with contextlib.suppress(Exception):
+                    await self._system_nc.request(
+                        f"$SYS.REQ.SERVER.{server_id}.KICK",
+                        msgspec.json.encode({"cid": cid}),
+                        timeout=timeout,
+                    )
+                    closed += 1
+        if closed:
+            log.info("disconnected identities that lost access", names=sorted(names), closed=closed)
+        return closed
+
+    async def _connections_of(self, name: str, timeout: float) -> list[tuple[str, int]]:
+        # Every server in a cluster answers the PING: collect for `timeout`.
+        found: list[tuple[str, int]] = []
+        inbox = self._system_nc.new_inbox()
+        sub = await self._system_nc.subscribe(inbox)
+        try:
+            await self._system_nc.publish(
+                "$SYS.REQ.SERVER.PING.CONNZ",
+                msgspec.json.encode({"user": name, "limit": 10_000}),
+                reply=inbox,
+            )
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    reply = await sub.next_msg(timeout=left)
+                except Exception:
+                    break
+                try:
+                    body = msgspec.json.decode(reply.data)
+                    server_id = body["server"]["id"]
+                    found += [(server_id, c["cid"]) for c in body["data"]["connections"]]
+                except (msgspec.DecodeError, KeyError, TypeError):
+                    continue
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return found
