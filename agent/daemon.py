@@ -47,7 +47,13 @@ from agent.statedir import (
 from agent.userspace import UserspaceBackend
 from agent.watch import watch_interface
 from events.commands import Reply
-from events.connect import connect_once, refused_by_broker
+from events.connect import (
+    BrokerTlsMissing,
+    close_quickly,
+    connect_once,
+    refused_by_broker,
+    tls_options,
+)
 from events.desired import DesiredMessage, DesiredState, decode_message
 from events.feed import DesiredFeed, Outcome
 from events.natsid import client_options
@@ -121,6 +127,18 @@ async def send_host_command(
         return Reply(ok=False, error="the control plane sent an answer this agent cannot read")
 
 
+def broker_login(state: StateDir, identity: Identity, url: str) -> dict[str, Any]:
+    """nats-py options to connect as this host: its key, and TLS against the
+    CA pinned at enrollment when the URL is tls://. Raises AgentError."""
+    try:
+        return {
+            **client_options(state.signing_key()),
+            **tls_options(url, identity.ca_der()),
+        }
+    except BrokerTlsMissing as exc:
+        raise AgentError(f"{exc}: enroll again with a fresh token") from None
+
+
 async def make_backend(kind: str, interface: str) -> WireGuardBackend:
     """`auto`: the kernel's WireGuard where the module is there, else wireguard-go."""
     if kind == "auto":
@@ -151,7 +169,10 @@ async def enroll(
             timeout=5,
             name=f"netmesh-agent-enroll-{name}",
             **client_options(signing_key, token),
+            **tls_options(url, parts.ca_der()),
         )
+    except BrokerTlsMissing as exc:
+        raise AgentError(f"{exc}: use a token made by this control plane") from None
     except nats.errors.NoServersError:
         raise AgentError(f"cannot reach the control plane at {url}: nothing answers") from None
     except (OSError, nats.errors.Error, TimeoutError) as exc:
@@ -580,7 +601,7 @@ class Agent:
                 # nats-py retries a failed *first* connect forever on its own, every
                 # reconnect_time_wait, silently and without backoff. Probe with a
                 # connection that gives up, so the backoff and the log here apply.
-                login = client_options(self.state.signing_key())
+                login = broker_login(self.state, self.identity, self.identity.server)
                 probe = await connect_once(self.identity.server, timeout=5, **login)
                 await probe.close()
                 self.nc = await nats.connect(
@@ -683,8 +704,7 @@ class Agent:
         if self._retry_handle is not None:
             self._retry_handle.cancel()
         if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.close()
+            await close_quickly(self.nc)
         await self.backend.close()
         await self.link.close()
 
@@ -725,6 +745,7 @@ async def run_agent(
             endpoints=offered,
             # Pinned from the token (enroll() has parsed it already).
             server_key=parse_token(token).server_key or (identity.server_key if identity else ""),
+            server_ca=parse_token(token).ca or (identity.server_ca if identity else ""),
         )
         state.save_identity(identity)
         log.info(
@@ -741,6 +762,7 @@ async def run_agent(
             identity.server = server or identity.server
             identity.endpoints = offered
             state.save_identity(identity)
+    broker_login(state, identity, identity.server)  # a tls:// server without a CA: say so now
 
     agent = Agent(
         identity=identity,

@@ -11,14 +11,13 @@ from typing import Any
 import nats.errors
 
 from agent.backend import BackendError, DeviceState, WireGuardBackend
-from agent.daemon import AgentError, send_host_command
+from agent.daemon import AgentError, broker_login, send_host_command
 from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.link import Link
 from agent.statedir import Identity, StateDir, load_status, pid_alive, public_key_of
 from agent.userspace import UserspaceBackend
 from events.commands import Reply
 from events.connect import connect_once
-from events.natsid import client_options
 
 
 async def find_device(interface: str) -> tuple[WireGuardBackend | None, DeviceState | None]:
@@ -133,7 +132,7 @@ async def host_command(
             url,
             timeout=5,
             name=f"netmesh-agent-{verb}-{identity.name}",
-            **client_options(state.signing_key()),
+            **broker_login(state, identity, url),
         )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise AgentError(f"cannot reach the control plane at {url}: {exc}") from None

@@ -31,6 +31,11 @@ class Identity(msgspec.Struct, kw_only=True):
     server_key: str = ""
     # The last key epoch the control plane asked for that this host honoured.
     key_epoch: int = 0
+    # The broker's CA (base64 DER), pinned from the token, for a tls:// server.
+    server_ca: str = ""
+
+    def ca_der(self) -> bytes | None:
+        return base64.b64decode(self.server_ca) if self.server_ca else None
 
 
 class AgentStatus(msgspec.Struct, kw_only=True):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from nacl.signing import SigningKey
 from nats.aio.client import Client
 
 from events.commands import Reply
-from events.connect import connect_once, refused_by_broker
+from events.connect import BrokerTlsMissing, connect_once, refused_by_broker, tls_options
 from events.natsid import client_options
 from events.signing import SigningKeyError, command_headers, load_or_create
 from events.subjects import command_subject, query_subject
@@ -26,11 +28,30 @@ class CliError(Exception):
     """Shown to the user as one line; the process exits non-zero."""
 
 
-async def connect(server: str, key: SigningKey | None = None) -> Client:
-    """Connect as the admin whose key this is (the broker admits no one else)."""
-    login = client_options(key) if key is not None else {}
+@dataclass(frozen=True)
+class Login:
+    """Who the CLI is to the broker: an admin key (the broker admits no one
+    else) and, for a tls:// server, the CA its certificate must chain to."""
+
+    key: SigningKey | None = None
+    ca: bytes | None = None
+
+
+async def connect(server: str, login: Login | None = None) -> Client:
+    login = login or Login()
+    key = login.key
     try:
-        return await connect_once(server, name="netmesh-cli", **login)
+        options = {
+            **(client_options(key) if key is not None else {}),
+            **tls_options(server, login.ca),
+        }
+    except BrokerTlsMissing:
+        raise CliError(
+            f"{server} speaks TLS: pass --ca PATH (or NETMESH_CA), the server's "
+            "<data-dir>/tls/ca.pem"
+        ) from None
+    try:
+        return await connect_once(server, name="netmesh-cli", **options)
     except nats.errors.NoServersError:
         raise CliError(
             f"cannot connect to {server}: nothing answers there (is `netmesh server` running?)"
@@ -79,11 +100,10 @@ async def request(
     return reply.result
 
 
-async def command(
-    server: str, verb: str, *, admin_key: SigningKey | None = None, **fields: Any
-) -> Any:
-    """Send a command; with `admin_key`, signed (with a fresh id and the time)."""
-    nc = await connect(server, admin_key)
+async def command(server: str, verb: str, *, login: Login | None = None, **fields: Any) -> Any:
+    """Send a command; with the login's key, signed (with a fresh id and the time)."""
+    admin_key = login.key if login is not None else None
+    nc = await connect(server, login)
     try:
         fields.setdefault("command_id", uuid.uuid4().hex)
         headers: dict[str, str] = {}
@@ -97,15 +117,23 @@ async def command(
         await nc.close()
 
 
-def login_key(path: Path | None) -> SigningKey | None:
-    """The admin key to log in with, if there is one (queries and the event
-    stream need no signature, but a guarded broker wants to know who asks)."""
-    if path is None or not path.is_file():
-        return None
-    try:
-        return load_or_create(path)
-    except SigningKeyError as exc:
-        raise CliError(str(exc)) from None
+def login_from(key_path: Path | None, ca_path: Path | None) -> Login:
+    """The admin key and broker CA to log in with, where they exist (queries
+    and the event stream need no signature, but a guarded broker wants to know
+    who asks)."""
+    key = None
+    if key_path is not None and key_path.is_file():
+        try:
+            key = load_or_create(key_path)
+        except SigningKeyError as exc:
+            raise CliError(str(exc)) from None
+    ca = None
+    if ca_path is not None and ca_path.is_file():
+        try:
+            ca = ssl.PEM_cert_to_DER_cert(ca_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CliError(f"cannot read the broker CA {ca_path}: {exc}") from None
+    return Login(key, ca)
 
 
 def load_admin_key(path: Path | None) -> SigningKey:
@@ -122,8 +150,8 @@ def load_admin_key(path: Path | None) -> SigningKey:
         raise CliError(str(exc)) from None
 
 
-async def query(server: str, what: str, *, key: SigningKey | None = None, **args: Any) -> Any:
-    nc = await connect(server, key)
+async def query(server: str, what: str, *, login: Login | None = None, **args: Any) -> Any:
+    nc = await connect(server, login)
     try:
         return await request(nc, query_subject(what), {k: v for k, v in args.items() if v}, server)
     finally:

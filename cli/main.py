@@ -17,17 +17,16 @@ import click
 from cli.client import (
     DEFAULT_SERVER,
     CliError,
+    Login,
     command,
     connect,
     load_admin_key,
-    login_key,
+    login_from,
     query,
 )
 from cli.logs import configure_logging
 
 if TYPE_CHECKING:
-    from nacl.signing import SigningKey
-
     from controlplane.audit import AuditReport
 
 T = TypeVar("T")
@@ -73,19 +72,21 @@ def parse_duration(text: str) -> float | None:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 DEFAULT_ADMIN_KEY = Path("netmesh-data/admin.key")
+DEFAULT_CA = Path("netmesh-data/tls/ca.pem")
 
 
 async def admin_command(server: str, verb: str, **fields: Any) -> Any:
     """A command signed with the admin key given to `netmesh` (or the default)."""
-    path = click.get_current_context().find_root().params.get("admin_key")
-    key = load_admin_key(path)
-    return await command(server, verb, admin_key=key, **fields)
+    params = click.get_current_context().find_root().params
+    key = load_admin_key(params.get("admin_key"))
+    return await command(server, verb, login=Login(key, login().ca), **fields)
 
 
-def admin_login() -> SigningKey | None:
-    """The admin key given to `netmesh` (or the default), if it exists: who this
-    CLI is to the broker, for queries and the event stream too."""
-    return login_key(click.get_current_context().find_root().params.get("admin_key"))
+def login() -> Login:
+    """The admin key and broker CA given to `netmesh` (or the defaults), where
+    they exist: who this CLI is to the broker, for queries and events too."""
+    params = click.get_current_context().find_root().params
+    return login_from(params.get("admin_key"), params.get("ca"))
 
 
 def explicit_server(ctx: click.Context) -> str | None:
@@ -117,8 +118,17 @@ def explicit_server(ctx: click.Context) -> str | None:
     help="Key that signs admin commands (env NETMESH_ADMIN_KEY); the server writes the "
     "first one to <data-dir>/admin.key.",
 )
+@click.option(
+    "--ca",
+    envvar="NETMESH_CA",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=DEFAULT_CA,
+    show_default=True,
+    help="CA certificate of a tls:// server (env NETMESH_CA); the server writes it to "
+    "<data-dir>/tls/ca.pem.",
+)
 @click.pass_context
-def cli(ctx: click.Context, server: str, admin_key: Path) -> None:
+def cli(ctx: click.Context, server: str, admin_key: Path, ca: Path) -> None:
     """netmesh: WireGuard overlay networks, event-sourced on NATS JetStream."""
     ctx.obj = server
 
@@ -173,6 +183,7 @@ def server(
     desired_states: str,
 ) -> None:
     """Run the control plane (foreground; stops on SIGINT/SIGTERM)."""
+    from controlplane.brokertls import BrokerTlsError
     from controlplane.embedded import NatsServerError
     from controlplane.server import ControlPlaneFailed, broker_config, run_server, split_listen
     from events.signing import SigningKeyError
@@ -180,7 +191,7 @@ def server(
     if print_nats_config:
         try:
             click.echo(broker_config(data_dir.resolve()))
-        except (SigningKeyError, OSError) as exc:
+        except (SigningKeyError, BrokerTlsError, OSError) as exc:
             raise click.ClickException(str(exc)) from None
         return
     configure_logging(log_format, log_level)
@@ -199,7 +210,7 @@ def server(
                 snapshots_only=desired_states == "full",
             )
         )
-    except (NatsServerError, ControlPlaneFailed, SigningKeyError) as exc:
+    except (NatsServerError, ControlPlaneFailed, SigningKeyError, BrokerTlsError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
@@ -253,7 +264,7 @@ def network_create(
 @click.pass_obj
 def network_list(server: str, as_json: bool) -> None:
     """List networks."""
-    rows = run(query(server, key=admin_login(), what="networks"))
+    rows = run(query(server, login=login(), what="networks"))
     if as_json:
         emit_json(rows)
         return
@@ -272,7 +283,7 @@ def network_list(server: str, as_json: bool) -> None:
 @click.pass_obj
 def network_show(server: str, name: str, as_json: bool) -> None:
     """Show network NAME, its nodes and keys."""
-    net = run(query(server, key=admin_login(), what="network", name=name))
+    net = run(query(server, login=login(), what="network", name=name))
     if as_json:
         emit_json(net)
         return
@@ -366,7 +377,7 @@ def _print_keys(rows: list[dict[str, Any]]) -> None:
 @click.pass_obj
 def key_list(server: str, as_json: bool) -> None:
     """List enrollment keys (never their secrets)."""
-    rows = run(query(server, key=admin_login(), what="keys"))
+    rows = run(query(server, login=login(), what="keys"))
     if as_json:
         emit_json(rows)
     else:
@@ -410,7 +421,7 @@ def node() -> None:
 @click.pass_obj
 def node_list(server: str, network_name: str | None, as_json: bool) -> None:
     """List nodes."""
-    rows = run(query(server, key=admin_login(), what="nodes", network=network_name))
+    rows = run(query(server, login=login(), what="nodes", network=network_name))
     if as_json:
         emit_json(rows)
     else:
@@ -423,7 +434,7 @@ def node_list(server: str, network_name: str | None, as_json: bool) -> None:
 @click.pass_obj
 def node_show(server: str, node_ref: str, as_json: bool) -> None:
     """Show NODE (id, NETWORK/NAME, or a unique name)."""
-    n = run(query(server, key=admin_login(), what="node", node=node_ref))
+    n = run(query(server, login=login(), what="node", node=node_ref))
     if as_json:
         emit_json(n)
         return
@@ -492,7 +503,7 @@ def node_remove(server: str, node_ref: str, as_json: bool) -> None:
 @click.pass_obj
 def status(server: str, as_json: bool) -> None:
     """Each node: is its interface at the revision the control plane wants?"""
-    rows = run(query(server, key=admin_login(), what="status"))
+    rows = run(query(server, login=login(), what="status"))
     if as_json:
         emit_json(rows)
         return
@@ -569,7 +580,7 @@ def admin_add(
 @click.pass_obj
 def admin_list(server: str, as_json: bool) -> None:
     """Admins, their roles and keys."""
-    rows = run(query(server, key=admin_login(), what="admins"))
+    rows = run(query(server, login=login(), what="admins"))
     if as_json:
         emit_json(rows)
         return
@@ -608,7 +619,7 @@ async def _events_log(server: str, follow: bool, as_json: bool) -> None:
     from events.envelope import encode_envelope
     from events.jetstream import JetStreamEventStore
 
-    nc = await connect(server, admin_login())
+    nc = await connect(server, login())
     try:
         store = JetStreamEventStore(nc)
         try:
@@ -678,7 +689,7 @@ async def _events_verify(server: str, root_key: str | None) -> AuditReport:
     from controlplane.audit import verify_log
     from events.jetstream import JetStreamEventStore
 
-    nc = await connect(server, admin_login())
+    nc = await connect(server, login())
     try:
         store = JetStreamEventStore(nc)
         try:

@@ -57,6 +57,7 @@ class EmbeddedNats:
         log_file: Path | None = None,
         server_name: str | None = None,
         client_options: dict[str, Any] | None = None,
+        tls: bool = False,
     ) -> None:
         self.store_dir = store_dir
         # Readiness is checked against this name, so that a stray server already
@@ -70,12 +71,13 @@ class EmbeddedNats:
         # How a client logs in (and TLS), when the config asks for it: the
         # readiness check connects like any client.
         self.client_options = client_options or {}
+        self.tls = tls  # the config makes it speak TLS (clients then dial tls://)
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"nats://{host}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{host}:{self.port}"
 
     @property
     def pid(self) -> int | None:

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
 import structlog
 
 from controlplane.brokerauth import BrokerKeys, server_config
+from controlplane.brokertls import BrokerTls, ensure_broker_tls
 from controlplane.embedded import REPO_NATS_CONF, EmbeddedNats, NatsServerError
 from controlplane.service import ControlPlane
 from events import natsid
-from events.connect import connect_once, refused_by_broker
+from events.connect import connect_once, refused_by_broker, tls_options, uses_tls
 from events.signing import load_or_create
 
 log = structlog.get_logger("netmesh.server")
@@ -36,20 +39,34 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 def broker_config(data_dir: Path) -> str:
-    """The nats-server configuration for a broker this control plane guards."""
+    """The nats-server configuration for an external broker this control plane
+    guards (with TLS: clients beyond loopback are the usual case there)."""
     keys = BrokerKeys.derive(load_or_create(data_dir / "signing.key"))
-    return server_config(REPO_NATS_CONF.read_text(), keys)
+    return server_config(REPO_NATS_CONF.read_text(), keys, ensure_broker_tls(data_dir).config())
 
 
-def write_broker_config(data_dir: Path, keys: BrokerKeys) -> Path:
+def write_broker_config(data_dir: Path, keys: BrokerKeys, tls: BrokerTls | None = None) -> Path:
     """Written on every start (0600: it names the control plane's users)."""
     path = data_dir / "nats-server.conf"
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
-        out.write(server_config(REPO_NATS_CONF.read_text(), keys))
+        out.write(server_config(REPO_NATS_CONF.read_text(), keys, tls.config() if tls else ""))
     tmp.replace(path)
     return path
+
+
+def beyond_loopback(host: str) -> bool:
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host != "localhost"
+
+
+def as_tls_url(url: str) -> str:
+    """Agents are told tls://: the broker speaks nothing else."""
+    scheme, sep, rest = url.partition("://")
+    return f"tls://{rest}" if sep and scheme.lower() == "nats" else url
 
 
 async def run_server(
@@ -66,24 +83,36 @@ async def run_server(
     data_dir.mkdir(parents=True, exist_ok=True)
     keys = BrokerKeys.derive(load_or_create(data_dir / "signing.key"))
     login = natsid.client_options(keys.controlplane)
+    secure: dict[str, Any] = {}  # TLS options, when the broker speaks TLS
+    broker_ca: bytes | None = None
     if nats_url is None:
         host, port = split_listen(listen)
-        config = write_broker_config(data_dir, keys)
+        # Reachable beyond this machine: TLS, with a CA of our own.
+        tls = ensure_broker_tls(data_dir) if beyond_loopback(host) else None
+        if tls is not None:
+            broker_ca = tls.ca_der()
+            secure = tls_options("tls://", broker_ca)
+            if advertise is not None:
+                advertise = as_tls_url(advertise)
         embedded = EmbeddedNats(
             data_dir / "jetstream",
             host=host,
             port=port,
             log_file=data_dir / "nats-server.log",
-            config=config,
-            client_options=login,
+            config=write_broker_config(data_dir, keys, tls),
+            client_options=login | secure,
+            tls=tls is not None,
         )
         await embedded.start()
         nats_url = embedded.url
         log.info("embedded nats-server started", url=nats_url, pid=embedded.pid)
     else:
+        if uses_tls(nats_url):
+            broker_ca = ensure_broker_tls(data_dir).ca_der()
+            secure = tls_options(nats_url, broker_ca)
         # nats-py would retry a dead URL forever, deaf to signals: ask once first.
         try:
-            probe = await connect_once(nats_url, timeout=5, **login)
+            probe = await connect_once(nats_url, timeout=5, **login, **secure)
         except (OSError, nats.errors.Error, TimeoutError) as exc:
             if refused_by_broker(exc):
                 raise NatsServerError(
@@ -101,7 +130,7 @@ async def run_server(
     control_plane = None
     try:
         nc = await nats.connect(
-            nats_url, name="netmesh-controlplane", max_reconnect_attempts=-1, **login
+            nats_url, name="netmesh-controlplane", max_reconnect_attempts=-1, **login, **secure
         )
         if nc._server_info.get("auth_required"):
             system_nc = await nats.connect(
@@ -109,6 +138,7 @@ async def run_server(
                 name="netmesh-controlplane-system",
                 max_reconnect_attempts=-1,
                 **natsid.client_options(keys.system),
+                **secure,
             )
         else:
             log.warning(
@@ -121,6 +151,7 @@ async def run_server(
             advertise or nats_url,
             snapshots_only=snapshots_only,
             system_nc=system_nc,
+            broker_ca=broker_ca,
         )
         await control_plane.start()
         if ready is not None:

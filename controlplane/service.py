@@ -145,6 +145,7 @@ class ControlPlane:
         *,
         snapshots_only: bool = False,
         system_nc: Client | None = None,
+        broker_ca: bytes | None = None,
     ) -> None:
         self._nc = nc
         self._snapshots_only = snapshots_only
@@ -154,6 +155,7 @@ class ControlPlane:
         # every enrollment token, and agents pin it. Raises SigningKeyError.
         self.signing_key = load_or_create(data_dir / "signing.key")
         self.advertise_url = advertise_url
+        self.broker_ca = broker_ca  # goes into tokens: agents pin it for tls://
         self.store = JetStreamEventStore(nc, mac_key=event_mac_key(self.signing_key))
         self.write_model = Topology()
         self._write_progress = asyncio.Condition()
@@ -520,7 +522,11 @@ class ControlPlane:
         result = dict(decision.result)
         if verb == "key.create":
             result["token"] = make_token(
-                self.advertise_url, ctx.new_key_id, ctx.new_secret, public_text(self.signing_key)
+                self.advertise_url,
+                ctx.new_key_id,
+                ctx.new_secret,
+                public_text(self.signing_key),
+                self.broker_ca,
             )
         return result
 

@@ -7,12 +7,37 @@ enrollment and readiness checks want "connected" or a one-line reason, quickly.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ssl
 from typing import Any
 
 import nats
 import nats.errors
 from nats.aio.client import Client
+
+# The name the broker's certificate is made for, whatever address it is dialled
+# at: clients check the certificate against the CA they pinned and this name.
+BROKER_TLS_NAME = "netmesh-nats"
+
+
+class BrokerTlsMissing(Exception):
+    """A tls:// URL, but no CA to check the broker's certificate against."""
+
+
+def uses_tls(url: str) -> bool:
+    return url.strip().lower().startswith("tls://")
+
+
+def tls_options(url: str, ca_der: bytes | None) -> dict[str, Any]:
+    """nats-py options for `url`: for tls://, TLS first (before the server says
+    anything) against the pinned CA only. Raises BrokerTlsMissing."""
+    if not uses_tls(url):
+        return {}
+    if not ca_der:
+        raise BrokerTlsMissing(f"{url} wants TLS, but no CA certificate is known to check it")
+    context = ssl.create_default_context(cadata=ca_der)
+    return {"tls": context, "tls_hostname": BROKER_TLS_NAME, "tls_handshake_first": True}
 
 
 async def _silent(exc: Exception) -> None:
@@ -46,13 +71,33 @@ async def connect_once(url: str, *, timeout: float = 3.0, **options: Any) -> Cli
     except BaseException:
         # nats-py leaves the socket of a refused connection open (an
         # "Authorization Violation" on first connect): close it here.
-        transport = getattr(nc, "_transport", None)
-        if transport is not None:
-            with contextlib.suppress(Exception):
-                transport.close()
-                await transport.wait_closed()
+        # (Aborted, not closed: after a failed TLS handshake, waiting for a
+        # clean close never ends.)
+        _abort(nc)
         raise
     return nc
+
+
+def _abort(nc: Client) -> None:
+    """Drop the connection's socket now (nats-py keeps it in private fields)."""
+    transport = getattr(nc, "_transport", None)
+    for name in ("_io_writer", "_bare_io_writer"):
+        writer = getattr(transport, name, None)
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.transport.abort()
+
+
+async def close_quickly(nc: Client, timeout: float = 2.0) -> None:
+    """Close, but do not wait long for a peer that is gone: a TLS close waits
+    for the broker's answer, which never comes over a path that died (an
+    agent whose address went away took 30 s to stop)."""
+    try:
+        await asyncio.wait_for(nc.close(), timeout)
+    except TimeoutError:
+        _abort(nc)
+    except Exception:  # closing is best effort
+        return
 
 
 async def server_has_seen_everything(nc: Client, timeout: float = 5.0) -> None:

@@ -1,7 +1,8 @@
 """Enrollment tokens: one string carrying what a new host needs to join.
 
     nmt1.<base64url(JSON {"server": url, "key_id": id, "secret": secret,
-                          "server_key": base64 Ed25519 public key})>
+                          "server_key": base64 Ed25519 public key,
+                          "ca": base64 DER of the broker's CA, for tls:// URLs})>
 
 The control plane stores only sha256(secret); the token is shown once.
 `server_key` is the key the control plane signs desired states with: the agent
@@ -30,11 +31,25 @@ class TokenParts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     key_id: str
     secret: str
     server_key: str = ""  # empty in tokens made before signed desired states
+    # The broker's CA certificate (base64 DER) when it speaks TLS (tls:// URL):
+    # the agent checks the broker against it, and nothing else.
+    ca: str = ""
+
+    def ca_der(self) -> bytes | None:
+        return base64.b64decode(self.ca) if self.ca else None
 
 
-def make_token(server: str, key_id: str, secret: str, server_key: str = "") -> str:
+def make_token(
+    server: str, key_id: str, secret: str, server_key: str = "", ca: bytes | None = None
+) -> str:
     body = msgspec.json.encode(
-        TokenParts(server=server, key_id=key_id, secret=secret, server_key=server_key)
+        TokenParts(
+            server=server,
+            key_id=key_id,
+            secret=secret,
+            server_key=server_key,
+            ca=base64.b64encode(ca).decode() if ca else "",
+        )
     )
     return TOKEN_PREFIX + base64.urlsafe_b64encode(body).decode().rstrip("=")
 
@@ -52,11 +67,13 @@ def parse_token(token: str) -> TokenParts:
         raise InvalidToken("enrollment token is damaged (copy it again, whole)") from exc
     if not parts.key_id or not parts.secret:
         raise InvalidToken("enrollment token is damaged (copy it again, whole)")
-    if parts.server_key:
-        try:
+    try:
+        if parts.server_key:
             verify_key_of(parts.server_key)
-        except ValueError:
-            raise InvalidToken("enrollment token is damaged (copy it again, whole)") from None
+        if parts.ca:
+            base64.b64decode(parts.ca, validate=True)
+    except (ValueError, binascii.Error):
+        raise InvalidToken("enrollment token is damaged (copy it again, whole)") from None
     return parts
 
 

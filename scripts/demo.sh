@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 NETMESH="$PWD/.venv/bin/netmesh"
 P="nmdemo$$"
 WORK="$(mktemp -d /tmp/netmesh-demo.XXXXXX)"
-SERVER="nats://127.0.0.1:4222"
+# Listening beyond loopback, the broker speaks only TLS (its own CA, in the data dir).
+SERVER="tls://127.0.0.1:4222"
 HOSTS=(alpha bravo charlie)
 PIDS=()
 NAMESPACES=()
@@ -56,7 +57,10 @@ in_host() {
 }
 
 # Admin commands are signed with the key the server made on its first start.
-nm() { ip netns exec "$P-cp" "$NETMESH" --server "$SERVER" --admin-key "$WORK/cp/admin.key" "$@"; }
+nm() {
+    ip netns exec "$P-cp" "$NETMESH" --server "$SERVER" --admin-key "$WORK/cp/admin.key" \
+        --ca "$WORK/cp/tls/ca.pem" "$@"
+}
 
 wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
     local seconds=$1 what=$2; shift 2
@@ -86,7 +90,7 @@ CP_ADDR=192.0.2.11
 
 say "starting the control plane: netmesh server (embedded nats-server)"
 in_host "$P-cp" "$NETMESH" server --data-dir "$WORK/cp" --listen 0.0.0.0:4222 \
-    --advertise "nats://$CP_ADDR:4222" >"$WORK/server.log" 2>&1 &
+    --advertise "tls://$CP_ADDR:4222" >"$WORK/server.log" 2>&1 &
 PIDS+=($!)
 wait_for 60 "the control plane" nm network list
 

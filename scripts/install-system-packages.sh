@@ -14,6 +14,8 @@ have nft || need+=(nftables)
 have ping || need+=(iputils-ping)
 have nsenter || need+=(util-linux)
 have make || need+=(make)
+# The broker's private CA and certificate (TLS beyond loopback) are made with openssl.
+have openssl || need+=(openssl)
 # Debian's python3 needs python3-venv for `python3 -m venv`.
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 

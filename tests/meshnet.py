@@ -71,10 +71,13 @@ class Mesh:
         assert self.cp is not None
         result = await self.cp.run(
             NETMESH,
+            # Listening beyond loopback, the broker speaks only TLS.
             "--server",
-            "nats://127.0.0.1:4222",
+            "tls://127.0.0.1:4222",
             "--admin-key",
             str(self.tmp / "cp" / "admin.key"),
+            "--ca",
+            str(self.tmp / "cp" / "tls" / "ca.pem"),
             *args,
             check=False,
         )

@@ -304,3 +304,43 @@ async def test_agent_reconnects_after_a_broker_restart(broker: Broker) -> None:
     await broker.server.start()
     await asyncio.wait_for(reconnected.wait(), 30)
     assert nc.is_connected
+
+
+async def test_broker_beyond_loopback_speaks_only_tls_with_its_own_ca(tmp_path: Path) -> None:
+    """A plaintext client, and a TLS client that trusts another CA, are turned
+    away before any credentials are sent; one pinned to the broker's CA gets in."""
+    from controlplane.brokertls import ensure_broker_tls
+    from events.connect import tls_options
+
+    data = tmp_path / "cp"
+    data.mkdir()
+    keys = BrokerKeys.derive(load_or_create(data / "signing.key"))
+    tls = ensure_broker_tls(data)
+    assert (tls.key.stat().st_mode & 0o777) == 0o600
+    login = natsid.client_options(keys.controlplane)
+    pinned = tls_options("tls://", tls.ca_der())
+    server = EmbeddedNats(
+        tmp_path / "js",
+        port=free_port(),
+        config=write_broker_config(data, keys, tls),
+        client_options=login | pinned,
+        tls=True,
+        server_name=f"tls-{uuid.uuid4().hex[:8]}",
+    )
+    await server.start()
+    try:
+        assert server.url.startswith("tls://")
+        nc = await connect_once(server.url, **login, **pinned)
+        assert nc.is_connected
+        await nc.close()
+        plain = server.url.replace("tls://", "nats://")
+        with pytest.raises((OSError, nats.errors.Error, TimeoutError)):
+            await connect_once(plain, timeout=2, **login)
+        other = ensure_broker_tls(tmp_path / "elsewhere")
+        with pytest.raises((OSError, nats.errors.Error, TimeoutError)) as caught:
+            await connect_once(
+                server.url, timeout=2, **login, **tls_options("tls://", other.ca_der())
+            )
+        assert "certificate verify failed" in str(caught.value).lower()
+    finally:
+        await server.stop()
