@@ -697,6 +697,11 @@ class Agent:
         self._spawn(self.connect_forever())
 
     async def _on_error(self, exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            # The broker refused something this agent tried: a bug or a
+            # mismatch with the control plane's version; never silent.
+            log.warning("denied by the broker", error=str(exc))
+            return
         log.debug("nats error", error=repr(exc))
 
     async def close(self) -> None:

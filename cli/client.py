@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,14 @@ from nacl.signing import SigningKey
 from nats.aio.client import Client
 
 from events.commands import Reply
-from events.connect import BrokerTlsMissing, connect_once, refused_by_broker, tls_options
+from events.connect import (
+    BrokerDenied,
+    BrokerTlsMissing,
+    Denials,
+    connect_once,
+    refused_by_broker,
+    tls_options,
+)
 from events.natsid import client_options
 from events.signing import SigningKeyError, command_headers, load_or_create
 from events.subjects import command_subject, query_subject
@@ -50,8 +58,9 @@ async def connect(server: str, login: Login | None = None) -> Client:
             f"{server} speaks TLS: pass --ca PATH (or NETMESH_CA), the server's "
             "<data-dir>/tls/ca.pem"
         ) from None
+    denials = Denials()
     try:
-        return await connect_once(server, name="netmesh-cli", **options)
+        nc = await connect_once(server, name="netmesh-cli", error_cb=denials.on_error, **options)
     except nats.errors.NoServersError:
         raise CliError(
             f"cannot connect to {server}: nothing answers there (is `netmesh server` running?)"
@@ -64,6 +73,12 @@ async def connect(server: str, login: Login | None = None) -> Client:
                 "pass --admin-key PATH (or NETMESH_ADMIN_KEY)"
             ) from None
         raise CliError(f"cannot connect to {server}: {_why(exc)}") from None
+    _denials[nc] = denials
+    return nc
+
+
+# Each CLI connection's permission violations, for `request`.
+_denials: weakref.WeakKeyDictionary[Client, Denials] = weakref.WeakKeyDictionary()
 
 
 def _why(exc: BaseException) -> str:
@@ -80,13 +95,19 @@ async def request(
 ) -> Any:
     """Send a command or query; return its result. Raises CliError on any refusal."""
     data = payload if isinstance(payload, bytes) else msgspec.json.encode(payload)
+    denials = _denials.get(nc) or Denials()
     try:
-        msg = await nc.request(
+        msg = await denials.request(
+            nc,
             subject,
             data,
             timeout=REQUEST_TIMEOUT,
             headers={"Netmesh-Actor": "cli", **(headers or {})},
         )
+    except BrokerDenied as exc:
+        raise CliError(
+            f"denied by the broker: {exc} (this admin key's role does not allow it)"
+        ) from None
     except nats.errors.NoRespondersError:
         raise CliError(f"no netmesh server is answering at {server}") from None
     except nats.errors.TimeoutError:

@@ -15,6 +15,7 @@ from typing import Any
 import nats
 import nats.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 # The name the broker's certificate is made for, whatever address it is dialled
 # at: clients check the certificate against the CA they pinned and this name.
@@ -42,6 +43,44 @@ def tls_options(url: str, ca_der: bytes | None) -> dict[str, Any]:
 
 async def _silent(exc: Exception) -> None:
     """The caller reports the failure itself, once."""
+
+
+class BrokerDenied(Exception):
+    """The broker refused to let this connection publish or subscribe there."""
+
+
+class Denials:
+    """Permission violations the broker reports on a connection. They arrive
+    asynchronously (as -ERR): without this, a request the broker would not
+    deliver just times out, and a refusal looks like a dead server."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self._changed = asyncio.Event()
+
+    async def on_error(self, exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            self.seen.append(str(exc).removeprefix("nats: "))
+            self._changed.set()
+
+    async def request(self, nc: Client, subject: str, data: bytes, **options: Any) -> Msg:
+        """`nc.request`, failing with BrokerDenied as soon as the broker refuses
+        it (or the reply subscription) instead of at the timeout."""
+        before = len(self.seen)
+        asked = asyncio.ensure_future(nc.request(subject, data, **options))
+        while True:
+            self._changed.clear()
+            denied = asyncio.ensure_future(self._changed.wait())
+            await asyncio.wait({asked, denied}, return_when=asyncio.FIRST_COMPLETED)
+            denied.cancel()
+            if asked.done():
+                return asked.result()
+            fresh = [why for why in self.seen[before:] if subject in why or "_inbox" in why]
+            if fresh:
+                asked.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asked
+                raise BrokerDenied(fresh[0])
 
 
 def refused_by_broker(exc: BaseException) -> bool:

@@ -24,6 +24,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from agent.daemon import AgentError, enroll
 from agent.statedir import public_key_of
+from cli.client import CliError, Login, command
 from controlplane.brokerauth import BrokerKeys
 from controlplane.embedded import EmbeddedNats, NatsServerError, free_port
 from controlplane.server import write_broker_config
@@ -244,6 +245,12 @@ async def test_auditor_reads_but_cannot_command(broker: Broker) -> None:
     seq = await reader.last_seq()  # the event stream is readable
     await auditor.nc.publish("netmesh.cmd.network.create", b"{}")
     await auditor.denied("netmesh.cmd.network.create")
+    assert await reader.last_seq() == seq
+    # The CLI says so at once, rather than waiting out its timeout.
+    with pytest.raises(CliError, match="denied by the broker: permissions violation"):
+        await command(
+            broker.url, "network.create", login=Login(auditor_key), name="x", cidr="10.1.0.0/24"
+        )
     assert await reader.last_seq() == seq
 
 
