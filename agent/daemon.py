@@ -85,6 +85,9 @@ CONNECT_BACKOFF_MIN, CONNECT_BACKOFF_MAX = 0.5, 10.0
 # The desired-state consumer: the server's heartbeat when idle, and how long an
 # abandoned consumer (its agent gone) outlives it.
 CONSUMER_HEARTBEAT = 5.0
+# Removed from its networks (or no control plane to ask): the interface stays
+# as it was last told, and the agent keeps asking.
+REFUSED = "the broker refuses this host; keeping the last desired state"
 CONSUMER_INACTIVE = 60.0
 
 
@@ -256,6 +259,7 @@ class Agent:
         self._retry_handle: asyncio.TimerHandle | None = None
         self._sub: Any = None
         self._closing = False
+        self._refused_logged = False
         self._last_error: str | None = None
 
     def reload_key(self) -> None:
@@ -619,12 +623,7 @@ class Agent:
                 )
             except (OSError, nats.errors.Error, TimeoutError) as exc:
                 if refused_by_broker(exc):
-                    # Removed from its networks (or no control plane to ask):
-                    # the interface stays as it was last told.
-                    log.warning(
-                        "the broker refuses this host; keeping the last desired state",
-                        retry_in=round(CONNECT_BACKOFF_MAX, 1),
-                    )
+                    log.warning(REFUSED, retry_in=round(CONNECT_BACKOFF_MAX, 1))
                     await asyncio.sleep(CONNECT_BACKOFF_MAX * random.uniform(0.5, 1.0))
                     continue
                 log.info(
@@ -678,6 +677,7 @@ class Agent:
             log.info("endpoint report not delivered", error=repr(exc))
 
     async def _on_reconnected(self) -> None:
+        self._refused_logged = False
         log.info("reconnected")
         self._spawn(self._resubscribe())
 
@@ -697,6 +697,13 @@ class Agent:
         self._spawn(self.connect_forever())
 
     async def _on_error(self, exc: Exception) -> None:
+        if refused_by_broker(exc):
+            # nats-py keeps reconnecting on its own (with our backoff); say
+            # once per outage why it does not get in.
+            if not self._refused_logged:
+                self._refused_logged = True
+                log.warning(REFUSED, retry_in=round(CONNECT_BACKOFF_MAX, 1))
+            return
         if "permissions violation" in str(exc).lower():
             # The broker refused something this agent tried: a bug or a
             # mismatch with the control plane's version; never silent.

@@ -32,3 +32,11 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    # asyncio warns on every TLS connection the broker closes ("returning true
+    # from eof_received() has no effect when using ssl", from nats-py's
+    # protocol): noise, once per reconnect, with nothing to act on.
+    logging.getLogger("asyncio").addFilter(_not_eof_received_noise)
+
+
+def _not_eof_received_noise(record: logging.LogRecord) -> bool:
+    return "eof_received" not in record.getMessage()

@@ -51,6 +51,21 @@ async def test_three_hosts_mesh_remove_and_server_rebuild(mesh: Mesh) -> None:
         )
     assert not await ping(mesh.hosts["a"], overlay["c"], timeout=1)
     assert await ping(mesh.hosts["a"], overlay["b"])
+    # c got its last desired state (no peers) before the broker cut it off,
+    # and is refused when it tries to come back.
+    await wait_until(
+        functools.partial(_lacks_peer, mesh, "c", nodes["a"]["public_key"]),
+        timeout=30,
+        message="c drops its peers",
+    )
+    await wait_until(
+        lambda: any(
+            e.get("event") == "the broker refuses this host; keeping the last desired state"
+            for e in mesh.log_entries("agent-c")
+        ),
+        timeout=30,
+        message="c disconnected and refused",
+    )
 
     # Restart the server with its read model deleted: agents see nothing change.
     await wait_until(mesh.all_in_sync, timeout=30, interval=0.3, message="in sync after remove")
