@@ -32,10 +32,16 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # asyncio warns on every TLS connection the broker closes ("returning true
-    # from eof_received() has no effect when using ssl", from nats-py's
-    # protocol): noise, once per reconnect, with nothing to act on.
-    logging.getLogger("asyncio").addFilter(_not_eof_received_noise)
+    quiet_tls_noise()
+
+
+def quiet_tls_noise() -> None:
+    """asyncio warns whenever a TLS connection ends ("returning true from
+    eof_received() has no effect when using ssl", about nats-py's protocol
+    class): noise, once per connection, with nothing to act on."""
+    asyncio_log = logging.getLogger("asyncio")
+    if _not_eof_received_noise not in asyncio_log.filters:
+        asyncio_log.addFilter(_not_eof_received_noise)
 
 
 def _not_eof_received_noise(record: logging.LogRecord) -> bool:

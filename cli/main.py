@@ -24,7 +24,7 @@ from cli.client import (
     login_from,
     query,
 )
-from cli.logs import configure_logging
+from cli.logs import configure_logging, quiet_tls_noise
 
 if TYPE_CHECKING:
     from controlplane.audit import AuditReport
@@ -130,6 +130,7 @@ def explicit_server(ctx: click.Context) -> str | None:
 @click.pass_context
 def cli(ctx: click.Context, server: str, admin_key: Path, ca: Path) -> None:
     """netmesh: WireGuard overlay networks, event-sourced on NATS JetStream."""
+    quiet_tls_noise()
     ctx.obj = server
 
 
