@@ -70,16 +70,14 @@ ACCOUNT = "$G"
 HOST_VERBS = ("join", "endpoint.report", "host.leave", "host.rotate_key")
 
 # Reading the event stream (and nothing else of JetStream): what `netmesh
-# events log/verify` and integrations need.
+# events log/verify` and integrations need. Creating consumers, not deleting or
+# pulling from them: the control plane follows this stream with consumers too.
 _EVENT_READER = (
     "$JS.API.INFO",
     f"$JS.API.STREAM.INFO.{EVENTS_STREAM}",
     f"$JS.API.STREAM.MSG.GET.{EVENTS_STREAM}",
     f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}",
     f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.>",
-    f"$JS.API.CONSUMER.INFO.{EVENTS_STREAM}.>",
-    f"$JS.API.CONSUMER.DELETE.{EVENTS_STREAM}.>",
-    f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS_STREAM}.>",
     f"$JS.FC.{EVENTS_STREAM}.>",
 )
 
