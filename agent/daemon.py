@@ -84,6 +84,7 @@ RESYNC_GRACE = 10.0  # seconds a re-read may take to find its snapshot
 CONNECT_BACKOFF_MIN, CONNECT_BACKOFF_MAX = 0.5, 10.0
 # The desired-state consumer: the server's heartbeat when idle, and how long an
 # abandoned consumer (its agent gone) outlives it.
+SCHEDULED_ROTATION_RETRY = 3600.0  # after a refused scheduled rotation
 CONSUMER_HEARTBEAT = 5.0
 # Removed from its networks (or no control plane to ask): the interface stays
 # as it was last told, and the agent keeps asking.
@@ -234,6 +235,7 @@ class Agent:
         private_key: str,
         public_key: str,
         resync_interval: float = RESYNC_INTERVAL,
+        rotate_every: float | None = None,
     ) -> None:
         self.identity = identity
         self.state = state
@@ -242,6 +244,9 @@ class Agent:
         self._private_key = private_key
         self.public_key = public_key
         self.resync_interval = resync_interval
+        # Make a new WireGuard key when the current one is this old (seconds).
+        self.rotate_every = rotate_every
+        self._next_scheduled_rotation = 0.0  # after a refusal: not before this
         self.detect_endpoints = False  # True when endpoints were found, not given
         self.feed = DesiredFeed(identity.host_id, state.load_desired())
         self._verify_key = verify_key_of(identity.server_key) if identity.server_key else None
@@ -547,7 +552,7 @@ class Agent:
             self._wake.clear()
             try:
                 await self.reconcile_once()
-                await self.check_key_epoch()
+                await self.check_key_rotation()
                 if self.detect_endpoints:
                     await self.check_endpoints()
             except Exception as exc:  # the loop is the agent: it must outlive any pass
@@ -555,14 +560,31 @@ class Agent:
                 self._last_error = f"pass failed: {exc!r}"
                 await asyncio.sleep(min(self.resync_interval, RETRY_MAX))
 
-    async def check_key_epoch(self) -> None:
-        """An admin asked for a new WireGuard key (`netmesh node rotate-key`):
-        make it here, announce it (signed), then switch to it."""
+    def rotation_due(self, now: float) -> str | None:
+        """Why this host should make a new WireGuard key now, if it should: an
+        admin asked (`netmesh node rotate-key`), or the key is older than
+        `--rotate-key-every` (its file's age: a rotation replaces the file)."""
         desired = self.desired
-        if desired is None or desired.key_epoch <= self.identity.key_epoch:
+        if desired is None:
+            return None
+        if desired.key_epoch > self.identity.key_epoch:
+            return "requested"
+        if self.rotate_every is not None and now >= self._next_scheduled_rotation:
+            age = now - self.state.private_key_made_at()
+            if age >= self.rotate_every:
+                return "scheduled"
+        return None
+
+    async def check_key_rotation(self) -> None:
+        """Make a new WireGuard key here when one is due, announce it (signed),
+        then switch to it; peers take it in place."""
+        why = self.rotation_due(time.time())
+        if why is None:
             return
         if self.nc is None or not self.nc.is_connected:
             return  # the next pass after reconnecting
+        desired = self.desired
+        assert desired is not None
         public_key = public_key_of(self.state.stage_private_key())
         try:
             reply = await send_host_command(
@@ -573,9 +595,11 @@ class Agent:
             return
         if reply.ok:
             self.state.commit_private_key()
+            log.info("key rotated", why=why)
             self.reload_key()
-        else:  # not retried: it would fail the same way on every pass
-            log.warning("key rotation refused", error=reply.error)
+        else:  # not retried at once: it would fail the same way on every pass
+            log.warning("key rotation refused", error=reply.error, why=why)
+            self._next_scheduled_rotation = time.time() + SCHEDULED_ROTATION_RETRY
         self.identity.key_epoch = desired.key_epoch
         self.state.save_identity(self.identity)
 
@@ -732,6 +756,7 @@ async def run_agent(
     interface: str,
     listen_port: int | None = None,
     resync_interval: float = RESYNC_INTERVAL,
+    rotate_every: float | None = None,
 ) -> None:
     """Enroll if needed and run until SIGINT/SIGTERM. Raises AgentError."""
     state = StateDir(state_dir)
@@ -784,6 +809,7 @@ async def run_agent(
         private_key=private_key_b64(key),
         public_key=public_key,
         resync_interval=resync_interval,
+        rotate_every=rotate_every,
     )
     agent.detect_endpoints = not endpoints
     stop = asyncio.Event()

@@ -106,6 +106,10 @@ class StateDir:
     def commit_private_key(self) -> None:
         os.replace(self.path / "private.key.next", self._key_file)
 
+    def private_key_made_at(self) -> float:
+        """When the current WireGuard key was made (its file's mtime)."""
+        return self._key_file.stat().st_mtime
+
     def private_key(self) -> PrivateKey:
         """This host's WireGuard key, made on first use."""
         if self._key_file.exists():

@@ -799,6 +799,13 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None
     show_default=True,
     help="Seconds between full re-checks of the interface (drift repair).",
 )
+@click.option(
+    "--rotate-key-every",
+    default="never",
+    show_default=True,
+    help="Make a new WireGuard key when the current one is this old (e.g. 30d); peers "
+    "switch to it in place.",
+)
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto")
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
@@ -815,12 +822,18 @@ def agent_up(
     interface: str,
     listen_port: int | None,
     resync_interval: float,
+    rotate_key_every: str,
     log_format: str,
     log_level: str,
 ) -> None:
     """Enroll (once) and run the agent in the foreground."""
     from agent.daemon import AgentError, run_agent
 
+    try:
+        rotate_every = parse_duration(rotate_key_every)
+    except click.BadParameter as exc:
+        exc.param_hint = "--rotate-key-every"
+        raise
     configure_logging(log_format, log_level)
     if server is None:
         # `netmesh --server URL agent up` (or NETMESH_SERVER) works too; the
@@ -838,6 +851,7 @@ def agent_up(
                 interface=interface,
                 listen_port=listen_port,
                 resync_interval=resync_interval,
+                rotate_every=rotate_every,
             )
         )
     except AgentError as exc:

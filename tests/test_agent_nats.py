@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 from nats.js.errors import NotFoundError
 
-from agent.daemon import Agent
+from agent.daemon import Agent, enroll
 from agent.fake import FakeBackend, FakeLink, FakeMachine
 from agent.statedir import Identity, StateDir, private_key_b64, public_key_of
 from controlplane.embedded import EmbeddedNats
@@ -42,8 +44,11 @@ async def setup(
     admin = Admin(admin_nc, load_or_create(tmp_path / "cp" / "admin.key"))
     token = await network_with_token(admin)
     key = PrivateKey.generate()
-    joined = await admin.ok(
-        "join", token=token, public_key=public_key_of(key), name="me", endpoints=["192.0.2.1"]
+    state = StateDir(tmp_path / "agent")
+    state.ensure()
+    # Joined as `agent up` does: signed with the host key it registers.
+    _, joined = await enroll(
+        token, nats_server.url, "me", public_key_of(key), ["192.0.2.1"], None, state.signing_key()
     )
     machine = FakeMachine()
     agent = Agent(
@@ -53,13 +58,12 @@ async def setup(
             server=nats_server.url,
             server_key=parse_token(token).server_key,  # pinned as at enrollment
         ),
-        state=StateDir(tmp_path / "agent"),
+        state=state,
         backend=FakeBackend("nm0", machine),
         link=FakeLink("nm0", machine),
         private_key=private_key_b64(key),
         public_key=public_key_of(key),
     )
-    agent.state.ensure()
     loop = asyncio.create_task(agent.reconcile_forever())
     try:
         await agent.connect_forever()
@@ -220,3 +224,27 @@ async def test_no_secret_appears_in_streams_read_model_or_logs(
     for where, data in haystacks.items():
         for what, needle in needles.items():
             assert needle.encode() not in data, f"{what} found in {where}"
+
+
+async def test_agent_rotates_its_key_on_schedule(
+    setup: tuple[ControlPlane, Admin, Agent, str],
+) -> None:
+    """`--rotate-key-every`: once the key file is older than that, the agent
+    makes a new key, the control plane records it, and the device uses it."""
+    _, admin, agent, _ = setup
+    old_public = agent.public_key
+    key_file = agent.state.path / "private.key"
+    key_file.write_text(agent._private_key + "\n")  # the fixture's key, where agents keep it
+    agent.rotate_every = 3600
+    assert agent.rotation_due(time.time()) is None  # a fresh key file: not due
+    long_ago = time.time() - 7200
+    os.utime(key_file, (long_ago, long_ago))
+    assert agent.rotation_due(time.time()) == "scheduled"
+    agent.wake()
+
+    async def rotated() -> bool:
+        nodes = await admin.query("nodes")
+        return agent.public_key != old_public and nodes[0]["public_key"] == agent.public_key
+
+    await wait_until(rotated, timeout=10, message="key rotated and recorded")
+    assert agent.rotation_due(time.time()) is None  # the new key is fresh
