@@ -351,3 +351,25 @@ async def test_broker_beyond_loopback_speaks_only_tls_with_its_own_ca(tmp_path: 
         assert "certificate verify failed" in str(caught.value).lower()
     finally:
         await server.stop()
+
+
+async def test_unusable_tokens_get_their_specific_refusal_through_a_guarded_broker(
+    broker: Broker,
+) -> None:
+    """A token whose key authenticates but cannot be used (revoked, used up, its
+    network deleted) still reaches the join, which says exactly why."""
+    admin = broker.admin
+    await admin.ok("network.create", name="office", cidr="10.10.0.0/24")
+    revoked = await admin.ok("key.create", network="office", uses=5)
+    await admin.ok("key.revoke", key_id=revoked["key_id"])
+    with pytest.raises(AgentError, match="has been revoked"):
+        await joined_host(broker, str(revoked["token"]), "r")
+    once = str((await admin.ok("key.create", network="office", uses=1))["token"])
+    await joined_host(broker, once, "first")
+    with pytest.raises(AgentError, match="is used up"):
+        await joined_host(broker, once, "second")
+    await admin.ok("network.create", name="lab", cidr="10.20.0.0/24")
+    lab = str((await admin.ok("key.create", network="lab", uses=5))["token"])
+    await admin.ok("network.delete", name="lab")
+    with pytest.raises(AgentError, match="which has been deleted"):
+        await joined_host(broker, lab, "late")
