@@ -59,14 +59,15 @@ from agent.plan import plan
 from controlplane.decide import Context, decide, host_id_for
 from controlplane.embedded import EmbeddedNats, free_port
 from controlplane.publisher import MemoryDesiredPublisher
+from events import natsid
 from events.commands import AnyCommand, CreateEnrollmentKey, CreateNetwork, Join, Reply
-from events.connect import server_has_seen_everything
+from events.connect import connect_once, server_has_seen_everything
 from events.desired import DesiredMessage, DesiredState, decode_message
 from events.envelope import RecordedEvent, make_envelope
 from events.feed import DesiredFeed, Outcome
 from events.jetstream import JetStreamEventStore
 from events.model import HostEndpointObserved
-from events.signing import SIGNATURE_HEADER, event_mac_key, load_or_create, verify
+from events.signing import SIGNATURE_HEADER, event_mac_key, load_or_create, public_text, verify
 from events.store import PendingEvent
 from events.subjects import DESIRED_PREFIX, aggregate_subject
 from events.tokens import make_token
@@ -241,7 +242,12 @@ class Seed:
     hosts: list[str]
 
 
-async def seed_network(store: JetStreamEventStore, hosts: int, extra_events: int = 0) -> Seed:
+async def seed_network(
+    store: JetStreamEventStore,
+    hosts: int,
+    extra_events: int = 0,
+    signing_keys: list[nacl.signing.SigningKey] | None = None,
+) -> Seed:
     """Decide a network and `hosts` joins here and append the events (and
     `extra_events` endpoint observations), folding them as the control plane
     will, so that the bench knows every host's revision."""
@@ -274,8 +280,15 @@ async def seed_network(store: JetStreamEventStore, hosts: int, extra_events: int
     token = make_token("nats://bench", key["key_id"], "sbench")
     ids = []
     for n in range(hosts):
+        signing = public_text(signing_keys[n]) if signing_keys else ""
         result = run(
-            Join(token=token, public_key=public_key(n), name=f"h{n}", endpoints=(endpoint(n),))
+            Join(
+                token=token,
+                public_key=public_key(n),
+                name=f"h{n}",
+                endpoints=(endpoint(n),),
+                signing_key=signing,
+            )
         )
         ids.append(result["host_id"])
         await flush()
@@ -485,6 +498,104 @@ async def bench_rebuild(events: int, workdir: Path) -> dict[str, Any]:
         await server.stop()
 
 
+async def storm(
+    url: str, keys: list[nacl.signing.SigningKey], cp_pid: int | None
+) -> dict[str, Any]:
+    """Every host connects at once (as after a broker restart); timed per connection."""
+    latencies: list[float] = []
+    clients: list[Client] = []
+
+    async def one(key: nacl.signing.SigningKey) -> None:
+        t0 = time.perf_counter()
+        clients.append(await connect_once(url, timeout=60, **natsid.client_options(key)))
+        latencies.append(time.perf_counter() - t0)
+
+    cpu = cpu_seconds(cp_pid) if cp_pid else 0.0
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(k) for k in keys))
+        elapsed = time.perf_counter() - start
+    finally:
+        for client in clients:
+            await client.close()
+    result: dict[str, Any] = {
+        "connections": len(keys),
+        "per_second": len(keys) / elapsed,
+        "latency_ms": {"p50": pct(latencies, 0.5) * 1000, "p95": pct(latencies, 0.95) * 1000},
+    }
+    if cp_pid:
+        result["cp_cpu_ms_per_connection"] = (cpu_seconds(cp_pid) - cpu) / len(keys) * 1000
+    return result
+
+
+async def bench_connect_storm(hosts: int, workdir: Path) -> dict[str, Any]:
+    """`hosts` agents connecting at once to a guarded broker (each connection
+    decided by the control plane through the auth callout), against the same
+    connections to a broker that admits anyone."""
+    import resource
+
+    from controlplane.brokerauth import BrokerKeys
+    from controlplane.server import write_broker_config
+    from controlplane.streams import ensure_streams
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * hosts + 1024)), hard))
+    keys = [
+        nacl.signing.SigningKey(hashlib.sha256(f"storm-{n}".encode()).digest())
+        for n in range(hosts)
+    ]
+    data = workdir / "cp-storm"
+    data.mkdir()
+    broker_keys = BrokerKeys.derive(load_or_create(data / "signing.key"))
+    login = natsid.client_options(broker_keys.controlplane)
+    server = EmbeddedNats(
+        workdir / "js-storm",
+        port=free_port(),
+        server_name="bench-storm",
+        config=write_broker_config(data, broker_keys),
+        client_options=login,
+    )
+    await server.start()
+    cp = None
+    try:
+        nc = await nats.connect(server.url, **login)
+        try:
+            await ensure_streams(nc.jetstream())
+            await seed_network(JetStreamEventStore(nc, timeout=60), hosts, signing_keys=keys)
+        finally:
+            await nc.close()
+        cp = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli.main", "server", "--nats-url", server.url,
+            "--data-dir", str(data), "--log-level", "warning",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:  # ready once it admits a host
+            try:
+                probe = await connect_once(server.url, **natsid.client_options(keys[0]))
+                await probe.close()
+                break
+            except (OSError, nats.errors.Error, TimeoutError):
+                if cp.returncode is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the control plane did not start admitting hosts") from None
+                await asyncio.sleep(0.1)
+        guarded = await storm(server.url, keys, cp.pid)
+    finally:
+        if cp is not None and cp.returncode is None:
+            cp.terminate()
+            await cp.wait()
+        await server.stop()
+    plain_server = EmbeddedNats(
+        workdir / "js-storm-plain", port=free_port(), server_name="bench-plain"
+    )
+    await plain_server.start()
+    try:
+        plain = await storm(plain_server.url, keys, None)
+    finally:
+        await plain_server.stop()
+    return {"guarded": guarded, "open": plain}
+
+
 def bench_agent_apply(peers: int) -> dict[str, Any] | None:
     """bench/agent_apply.py in a network namespace of its own (needs root and wireguard-go)."""
     script = Path(__file__).resolve().parent / "agent_apply.py"
@@ -537,6 +648,7 @@ async def main() -> None:
     parser.add_argument("--commands", type=int, default=2000)
     parser.add_argument("--rebuild-events", type=int, default=100_000)
     parser.add_argument("--agent-peers", type=int, default=1000)
+    parser.add_argument("--storm-hosts", type=int, default=1000)
     args = parser.parse_args()
     out: dict[str, Any] = {"machine": machine(), "joins": [], "baseline": [], "at": time.time()}
     started = time.perf_counter()
@@ -579,6 +691,19 @@ async def main() -> None:
             f"= {out['rebuild']['events_per_second']:,.0f} events/s",
             flush=True,
         )
+        if args.storm_hosts:
+            out["connect_storm"] = storm_result = await bench_connect_storm(
+                args.storm_hosts, workdir
+            )
+            g, o = storm_result["guarded"], storm_result["open"]
+            print(
+                f"connect storm, {g['connections']:,} hosts at once: guarded broker "
+                f"{g['per_second']:,.0f}/s (p50 {g['latency_ms']['p50']:.0f} ms, "
+                f"p95 {g['latency_ms']['p95']:.0f} ms, control plane "
+                f"{g['cp_cpu_ms_per_connection']:.2f} ms CPU/connection); open broker "
+                f"{o['per_second']:,.0f}/s: x{o['per_second'] / g['per_second']:.1f}",
+                flush=True,
+            )
     if args.agent_peers:
         out["agent"] = bench_agent_apply(args.agent_peers)
         agent = out["agent"] or {}
