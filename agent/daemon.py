@@ -28,7 +28,6 @@ import structlog
 from nacl.signing import SigningKey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from agent.apply import apply, read_actual
 from agent.backend import BackendError, DeviceState, WireGuardBackend
@@ -66,10 +65,9 @@ from events.signing import (
     verify_key_of,
 )
 from events.subjects import (
-    DESIRED_STREAM,
     REPORTS_STREAM,
     command_subject,
-    desired_subject,
+    consume_subject,
     report_subject,
     resync_subject,
 )
@@ -82,14 +80,10 @@ SETTLE_DELAY = 3.0
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
 RESYNC_GRACE = 10.0  # seconds a re-read may take to find its snapshot
 CONNECT_BACKOFF_MIN, CONNECT_BACKOFF_MAX = 0.5, 10.0
-# The desired-state consumer: the server's heartbeat when idle, and how long an
-# abandoned consumer (its agent gone) outlives it.
 SCHEDULED_ROTATION_RETRY = 3600.0  # after a refused scheduled rotation
-CONSUMER_HEARTBEAT = 5.0
 # Removed from its networks (or no control plane to ask): the interface stays
 # as it was last told, and the agent keeps asking.
 REFUSED = "the broker refuses this host; keeping the last desired state"
-CONSUMER_INACTIVE = 60.0
 
 
 def reconnect_backoff(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
@@ -410,28 +404,23 @@ class Agent:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
-        js = self.nc.jetstream()
-        subject = desired_subject(self.identity.host_id)
-        # A named consumer filtered on our subject (not an ordered consumer,
-        # whose create request names no subject): the broker lets this host
-        # create consumers on its own subject and nothing else. Gaps are the
-        # feed's to notice (it re-reads, then asks for a snapshot).
-        self._sub = await js.subscribe(
-            subject,
-            stream=DESIRED_STREAM,
-            cb=self._on_desired,
-            manual_ack=True,
-            config=ConsumerConfig(
-                name=f"agent-{self.identity.host_id}-{uuid.uuid4().hex[:8]}",
-                filter_subject=subject,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_policy=AckPolicy.NONE,
-                flow_control=True,
-                idle_heartbeat=CONSUMER_HEARTBEAT,
-                inactive_threshold=CONSUMER_INACTIVE,
-                mem_storage=True,
-            ),
+        # Listen first, then ask the control plane for a consumer of our
+        # subject delivering here: it starts with the latest snapshot. (Agents
+        # may not create consumers themselves: see events/subjects.py.) Gaps
+        # are the feed's to notice: it re-reads, then asks for a snapshot.
+        inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(inbox, cb=self._on_desired)
+        answer = await self.nc.request(
+            consume_subject(self.identity.host_id),
+            msgspec.json.encode({"deliver_subject": inbox}),
+            timeout=10,
         )
+        try:
+            reply = msgspec.json.decode(answer.data, type=Reply)
+        except msgspec.DecodeError:
+            raise nats.errors.Error("the control plane sent an unreadable answer") from None
+        if not reply.ok:
+            raise nats.errors.Error(f"no consumer for our desired state: {reply.error}")
 
     # -- reconcile -----------------------------------------------------------
 

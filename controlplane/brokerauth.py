@@ -5,8 +5,9 @@ Every connection except the control plane's own is put to the control plane
 with a user JWT listing exactly what that connection may publish and subscribe:
 
 - a host (its nkey is the Ed25519 key it registered at join, and it is still a
-  node somewhere): its own desired subject (through a consumer filtered on it),
-  its own reports and resync requests, the host commands, its own inbox;
+  node somewhere): a consumer of its own desired subject that the control plane
+  creates for it (delivering to its inbox), its own reports and resync
+  requests, the host commands, its own inbox;
 - an enrolling agent (a key the control plane does not know yet, plus an
   enrollment token whose key it knows): `join`, and its own inbox;
 - an admin or network admin (the admin key they sign commands with): commands,
@@ -40,7 +41,7 @@ from typing import Any
 import msgspec
 import structlog
 from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey
+from nacl.signing import SigningKey, VerifyKey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -50,11 +51,10 @@ from events import natsid
 from events.model import AdminRemoved, AnyEvent, NetworkDeleted, NodeRemoved
 from events.subjects import (
     COMMAND_PREFIX,
-    DESIRED_STREAM,
     EVENTS_STREAM,
     QUERY_PREFIX,
     command_subject,
-    desired_subject,
+    consume_subject,
     report_subject,
     resync_subject,
 )
@@ -122,17 +122,15 @@ def admin_name(name: str) -> str:
 
 
 def host_grant(host_id: str, nkey: str) -> Grant:
-    desired = desired_subject(host_id)
     return Grant(
         name=host_name(host_id),
         publish=(
             *(command_subject(verb) for verb in HOST_VERBS),
             report_subject(host_id, "*"),
             resync_subject(host_id),
-            # A consumer of any name, but only on its own subject: the server
-            # checks the filter in the subject against the consumer's config.
-            f"$JS.API.CONSUMER.CREATE.{DESIRED_STREAM}.*.{desired}",
-            f"$JS.FC.{DESIRED_STREAM}.>",
+            # Its desired state comes through a consumer the control plane makes
+            # for it, delivering to its inbox; it may not create consumers.
+            consume_subject(host_id),
         ),
         subscribe=(f"{natsid.inbox_prefix(nkey)}.>",),
     )
@@ -212,6 +210,28 @@ def grant_for(
         return enroll_grant(parts.key_id, nkey)
     failures.failed(parts.key_id, now)
     raise Refused("enrollment token not recognised")
+
+
+def delivery_problem(topology: Topology, host_id: str, deliver_subject: str) -> str | None:
+    """Why the control plane will not make host `host_id` a consumer delivering
+    to `deliver_subject` (None: it will). Only the host itself can ask (the
+    broker grants `netmesh.consume.<host>` to it alone), and only for delivery
+    into its own inbox, the one subject tree it can read."""
+    host = topology.hosts.get(host_id)
+    if host is None or not topology.nodes_by_host.get(host_id):
+        return f"no host {host_id} in any network"
+    if not host.signing_key:
+        return f"host {host_id} has no key: enroll it again"
+    verify_key = VerifyKey(base64.b64decode(host.signing_key))
+    inbox = natsid.inbox_prefix(natsid.public_nkey(verify_key)) + "."
+    if not deliver_subject.startswith(inbox) or not _is_literal(deliver_subject):
+        return "deliver subject must be in the host's own inbox"
+    return None
+
+
+def _is_literal(subject: str) -> bool:
+    tokens = subject.split(".")
+    return all(tokens) and not any(t in ("*", ">") for t in tokens)
 
 
 def user_claims(grant: Grant, user_nkey: str) -> dict[str, Any]:

@@ -26,10 +26,17 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from controlplane import queries
-from controlplane.brokerauth import BrokerGate, BrokerKeys, names_at_stake, still_admitted
+from controlplane.brokerauth import (
+    BrokerGate,
+    BrokerKeys,
+    delivery_problem,
+    names_at_stake,
+    still_admitted,
+)
 from controlplane.decide import Context, Decision, Rejected, authorize, decide
 from controlplane.publisher import JetStreamDesiredPublisher
 from controlplane.streams import ensure_streams
@@ -59,10 +66,13 @@ from events.store import (
 )
 from events.subjects import (
     COMMAND_PREFIX,
+    CONSUME_PREFIX,
+    DESIRED_STREAM,
     QUERY_PREFIX,
     REPORTS_STREAM,
     RESYNC_PREFIX,
     aggregate_subject,
+    desired_subject,
     report_subject,
 )
 from events.tokens import InvalidToken, make_token, parse_token
@@ -75,8 +85,13 @@ log = structlog.get_logger("netmesh.controlplane")
 QUEUE_GROUP = "netmesh-controlplane"
 MAX_ATTEMPTS = 10
 READ_YOUR_WRITES_TIMEOUT = 5.0
+AGENT_CONSUMER_INACTIVE = 60.0
 
 _reply_encoder = msgspec.json.Encoder()
+
+
+class ConsumeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    deliver_subject: str
 
 
 class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -162,6 +177,8 @@ class ControlPlane:
         self._command_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        # host -> the consumer made last for its agent (the one before goes).
+        self._agent_consumers: dict[str, str] = {}
         self._subs: list[Subscription] = []
         self.model: ReadModel | None = None
         self.runner: ProjectionRunner | None = None
@@ -212,6 +229,9 @@ class ControlPlane:
         )
         self._subs.append(
             await self._nc.subscribe(f"{RESYNC_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_resync)
+        )
+        self._subs.append(
+            await self._nc.subscribe(f"{CONSUME_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_consume)
         )
         # Make sure the server has our subscriptions before we say we are ready.
         await server_has_seen_everything(self._nc)
@@ -544,6 +564,50 @@ class ControlPlane:
         log.info("snapshot requested", host_id=host_id, sent=sent)
         if msg.reply:
             await msg.respond(_reply_encoder.encode(Reply(ok=sent)))
+
+    async def _on_consume(self, msg: Msg) -> None:
+        """An agent asks for a consumer of its desired subject: made here, so
+        that no agent may create consumers (whose deliver subject the broker
+        does not check against the creator's permissions)."""
+        host_id = msg.subject.rpartition(".")[2]
+        try:
+            request = msgspec.json.decode(msg.data, type=ConsumeRequest)
+        except msgspec.DecodeError as exc:
+            reply = Reply(ok=False, code="invalid", error=f"invalid consume request: {exc}")
+        else:
+            reply = await self._make_agent_consumer(host_id, request.deliver_subject)
+        if msg.reply:
+            await msg.respond(_reply_encoder.encode(reply))
+
+    async def _make_agent_consumer(self, host_id: str, deliver_subject: str) -> Reply:
+        if self.gate is not None:
+            problem = delivery_problem(self.write_model, host_id, deliver_subject)
+            if problem is not None:
+                return Reply(ok=False, code="unauthorized", error=problem)
+        name = f"agent-{host_id}-{uuid.uuid4().hex[:8]}"
+        try:
+            await self._js.add_consumer(
+                DESIRED_STREAM,
+                ConsumerConfig(
+                    name=name,
+                    filter_subject=desired_subject(host_id),
+                    deliver_subject=deliver_subject,
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_policy=AckPolicy.NONE,
+                    # Gone a minute after its agent stops listening.
+                    inactive_threshold=AGENT_CONSUMER_INACTIVE,
+                    mem_storage=True,
+                ),
+            )
+        except Exception as exc:  # the service must outlive any one request
+            log.warning("agent consumer not made", host_id=host_id, error=repr(exc))
+            return Reply(ok=False, code="internal", error="could not make a consumer; retry")
+        previous = self._agent_consumers.pop(host_id, None)
+        self._agent_consumers[host_id] = name
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await self._js.delete_consumer(DESIRED_STREAM, previous)
+        return Reply(ok=True, result={"consumer": name})
 
     async def _on_query(self, msg: Msg) -> None:
         what = msg.subject[len(QUERY_PREFIX) + 1 :]

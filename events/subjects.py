@@ -12,6 +12,11 @@ COMMAND_PREFIX = "netmesh.cmd"
 QUERY_PREFIX = "netmesh.query"
 # An agent whose subject does not chain asks here for a fresh snapshot.
 RESYNC_PREFIX = "netmesh.resync"
+# An agent asks here for a consumer of its desired subject, delivering to its
+# inbox: agents never create consumers themselves (a consumer's deliver subject
+# is not checked against the creator's permissions, so a host allowed to create
+# one could have JetStream deliver to any subject).
+CONSUME_PREFIX = "netmesh.consume"
 
 NETWORK_EVENTS_WILDCARD = f"{EVENTS_PREFIX}.network.*"
 ADMIN_EVENTS_WILDCARD = f"{EVENTS_PREFIX}.admin.*"
@@ -32,6 +37,10 @@ def report_subject(host_id: str, kind: str) -> str:
 
 def resync_subject(host_id: str) -> str:
     return f"{RESYNC_PREFIX}.{host_id}"
+
+
+def consume_subject(host_id: str) -> str:
+    return f"{CONSUME_PREFIX}.{host_id}"
 
 
 def command_subject(verb: str) -> str:

@@ -20,7 +20,6 @@ import pytest
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 from nats.aio.client import Client
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from agent.daemon import AgentError, enroll
 from agent.statedir import public_key_of
@@ -30,9 +29,16 @@ from controlplane.embedded import EmbeddedNats, NatsServerError, free_port
 from controlplane.server import write_broker_config
 from controlplane.service import ControlPlane
 from events import natsid
+from events.commands import Reply
 from events.connect import connect_once, refused_by_broker
 from events.signing import load_or_create, public_text
-from events.subjects import DESIRED_STREAM, EVENTS_STREAM, desired_subject, report_subject
+from events.subjects import (
+    DESIRED_STREAM,
+    EVENTS_STREAM,
+    consume_subject,
+    desired_subject,
+    report_subject,
+)
 from tests.netns import wait_until
 from tests.test_controlplane import Admin
 
@@ -191,33 +197,37 @@ async def test_host_reads_only_its_own_desired_state(broker: Broker) -> None:
     before = await events_count(broker)
     host = await broker.connect(key_a)
     nc = host.nc
-    js = nc.jetstream()
 
-    def consumer(host_id: str) -> ConsumerConfig:
-        return ConsumerConfig(
-            name=f"probe-{uuid.uuid4().hex[:6]}",
-            filter_subject=desired_subject(host_id),
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=10,
+    async def consume(host_id: str, deliver: str) -> Reply:
+        answer = await nc.request(
+            consume_subject(host_id),
+            msgspec.json.encode({"deliver_subject": deliver}),
+            timeout=5,
         )
+        return msgspec.json.decode(answer.data, type=Reply)
 
-    # Its own subject: readable (the snapshot the join published).
-    own = await js.subscribe(
-        desired_subject(host_a), stream=DESIRED_STREAM, manual_ack=True, config=consumer(host_a)
-    )
+    # Its own subject: the control plane makes it a consumer delivering to its
+    # inbox, starting with the snapshot the join published.
+    inbox = nc.new_inbox()
+    own = await nc.subscribe(inbox)
+    assert (await consume(host_a, inbox)).ok
     first = await own.next_msg(timeout=5)
     assert msgspec.json.decode(first.data)["kind"] == "snapshot"
+    # ...but only into its own inbox (a consumer delivering elsewhere would let
+    # it push messages onto any subject).
+    refused = await consume(host_a, "netmesh.cmd.network.delete")
+    assert not refused.ok and "own inbox" in (refused.error or "")
 
-    # Another host's: the consumer cannot be created, nor a plain subscription made.
-    with pytest.raises((nats.errors.Error, TimeoutError)):
-        await js.subscribe(
-            desired_subject(host_b),
-            stream=DESIRED_STREAM,
-            manual_ack=True,
-            config=consumer(host_b),
-        )
+    # It may not create consumers itself, not even on its own subject (the
+    # broker does not check a consumer's deliver subject against its creator).
+    name = f"probe-{uuid.uuid4().hex[:6]}"
+    await nc.publish(
+        f"$JS.API.CONSUMER.CREATE.{DESIRED_STREAM}.{name}.{desired_subject(host_a)}", b"{}"
+    )
     await host.denied(f"CONSUMER.CREATE.{DESIRED_STREAM}")
+    # Another host's desired state: no consumer, no plain subscription.
+    await nc.publish(consume_subject(host_b), b"{}")
+    await host.denied(consume_subject(host_b))
     await nc.subscribe(desired_subject(host_b))
     await host.denied(f'Subscription to "{desired_subject(host_b)}"')
 

@@ -12,6 +12,7 @@ from controlplane.brokerauth import (
     BrokerKeys,
     Grant,
     Refused,
+    delivery_problem,
     grant_for,
     names_at_stake,
     still_admitted,
@@ -93,7 +94,8 @@ def test_each_identity_gets_its_own_grant() -> None:
     granted = decide(topology, opts(host))
     assert granted.name == "host:h1"
     assert "netmesh.report.h1.*" in granted.publish
-    assert "$JS.API.CONSUMER.CREATE.NETMESH_DESIRED.*.netmesh.desired.h1" in granted.publish
+    assert "netmesh.consume.h1" in granted.publish
+    assert not any(p.startswith("$JS") for p in granted.publish)  # no consumers of its own
     assert granted.subscribe == (f"_INBOX_{natsid.public_nkey(host)}.>",)
     newcomer = decide(topology, opts(SigningKey.generate(), token))
     assert newcomer.name == "enroll:k1" and newcomer.publish == ("netmesh.cmd.join",)
@@ -149,6 +151,23 @@ def test_tokens_that_do_not_authenticate_are_refused_then_throttled() -> None:
     # A key of a deleted network: admitted to join, which explains the refusal.
     retired = make_token(parts.server, "k0", "whatever")
     assert decide(topology, opts(SigningKey.generate(), retired)).name == "enroll:k0"
+
+
+def test_consumers_deliver_only_into_the_hosts_own_inbox() -> None:
+    topology, _, host, _ = world()
+    inbox = f"_INBOX_{natsid.public_nkey(host)}"
+    assert delivery_problem(topology, "h1", f"{inbox}.abc") is None
+    for bad in (
+        "netmesh.cmd.network.delete",
+        f"{inbox}.>",
+        f"{inbox}.*",
+        f"{inbox}..x",
+        f"_INBOX_{natsid.public_nkey(SigningKey.generate())}.abc",
+    ):
+        assert delivery_problem(topology, "h1", bad) is not None, bad
+    assert delivery_problem(topology, "nobody", f"{inbox}.abc") is not None
+    topology.nodes_by_host["h1"] = set()
+    assert delivery_problem(topology, "h1", f"{inbox}.abc") is not None
 
 
 def test_who_loses_access() -> None:
