@@ -68,7 +68,7 @@ class AuditReport:
 def verify_log(events: Iterable[RecordedEvent], root: str | None = None) -> AuditReport:
     """Check every event; `root` is the first admin's public key if known."""
     report = AuditReport(root=root)
-    admins: dict[str, tuple[str, str]] = {}  # public key -> (name, role)
+    admins: dict[str, tuple[str, str, tuple[str, ...]]] = {}  # public key -> name, role, networks
     hosts: dict[str, str] = {}  # host id -> its signing key
     used: set[str] = set()  # command ids whose proof has been seen (once each)
     proven = ""  # the command whose events are being read (they follow its proof)
@@ -105,17 +105,17 @@ def verify_log(events: Iterable[RecordedEvent], root: str | None = None) -> Audi
                         (recorded.seq, "the first admin is not the root key you gave")
                     )
                     continue
-                admins[added.public_key] = (added.name, added.role)
+                admins[added.public_key] = (added.name, added.role, tuple(added.networks))
             case AdminAdded() as added:
                 if env.command_id != proven:
                     report.problems.append((recorded.seq, "admin added without a signed command"))
                     continue
-                admins[added.public_key] = (added.name, added.role)
+                admins[added.public_key] = (added.name, added.role, tuple(added.networks))
             case AdminRemoved(name=name):
                 if env.command_id != proven:
                     report.problems.append((recorded.seq, "admin removed without a signed command"))
                     continue
-                for key in [k for k, (n, _) in admins.items() if n == name]:
+                for key in [k for k, (n, _, _) in admins.items() if n == name]:
                     del admins[key]
             case (
                 NetworkCreated()
@@ -136,7 +136,7 @@ def _check_proof(
     signer: str,
     signature: str,
     command_id: str,
-    admins: dict[str, tuple[str, str]],
+    admins: dict[str, tuple[str, str, tuple[str, ...]]],
     hosts: dict[str, str],
     event: Event,
 ) -> str | None:
@@ -159,9 +159,14 @@ def _check_proof(
     if name in ADMIN_VERBS:
         if signer not in admins:
             return "signed by a key that was not an admin's at the time"
-        role = admins[signer][1]
+        _, role, networks = admins[signer]
         if role == "auditor" or (role == "network-admin" and name.startswith("admin.")):
             return f"signed by an {role}, who may not {name}"
+        # A network admin's change must stay in their networks (the event names
+        # the network, except a key-rotation request, which names the host).
+        scope = getattr(event, "network", None)
+        if role == "network-admin" and scope is not None and scope not in networks:
+            return f"signed by a network admin of {', '.join(networks)}, not of {scope!r}"
     elif name == "join":
         if fields.get("signing_key") != signer:
             return "a join signed by another key than the one it registers"

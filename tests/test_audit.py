@@ -122,3 +122,33 @@ def test_a_tampered_signature_is_caught() -> None:
     )
     problems = [why for _, why in verify_log(log.events).problems]
     assert problems[0] == "bad signature on the command"
+
+
+def test_a_network_admin_outside_their_networks_is_caught() -> None:
+    """The control plane refuses this; a log that holds it was written by
+    someone else, and verify says so."""
+    ops = SigningKey.generate()
+    log = genuine()
+    log.add(
+        AdminAdded(
+            name="ops", public_key=public_text(ops), role="network-admin", networks=("lab",)
+        ),
+        "c2",
+        ROOT,
+        "admin.add",
+        {
+            "name": "ops",
+            "public_key": public_text(ops),
+            "role": "network-admin",
+            "networks": ["lab"],
+        },
+    )
+    log.add(NetworkDeleted(network="office"), "c3", ops, "network.delete", {"name": "office"})
+    assert [why for _, why in verify_log(log.events).problems] == [
+        "signed by a network admin of lab, not of 'office'",
+        "NetworkDeleted without a valid admin signature",
+    ]
+    inside = genuine()
+    inside.events = log.events[:3]
+    inside.add(NetworkDeleted(network="lab"), "c4", ops, "network.delete", {"name": "lab"})
+    assert verify_log(inside.events).problems == []
