@@ -41,6 +41,7 @@ from controlplane.decide import Context, Decision, Rejected, authorize, decide
 from controlplane.publisher import JetStreamDesiredPublisher
 from controlplane.streams import ensure_streams
 from controlplane.throttle import FailureWindow
+from events import natsid
 from events.commands import VERBS, AnyCommand, Join, Reply
 from events.connect import server_has_seen_everything
 from events.envelope import make_envelope
@@ -179,6 +180,7 @@ class ControlPlane:
         self._background: set[asyncio.Task[None]] = set()
         # host -> the consumer made last for its agent (the one before goes).
         self._agent_consumers: dict[str, str] = {}
+        self.not_answered = 0  # requests whose reply address was not an inbox
         self._subs: list[Subscription] = []
         self.model: ReadModel | None = None
         self.runner: ProjectionRunner | None = None
@@ -345,8 +347,7 @@ class ControlPlane:
         except Exception:  # the service must outlive any one command
             log.exception("command failed", verb=verb)
             reply = Reply(ok=False, code="internal", error="internal error (see the server log)")
-        if msg.reply:
-            await msg.respond(_reply_encoder.encode(reply))
+        await self._answer(msg, reply)
 
     async def handle_command(
         self,
@@ -562,8 +563,7 @@ class ControlPlane:
             log.exception("resync failed", host_id=host_id)
             sent = False
         log.info("snapshot requested", host_id=host_id, sent=sent)
-        if msg.reply:
-            await msg.respond(_reply_encoder.encode(Reply(ok=sent)))
+        await self._answer(msg, Reply(ok=sent))
 
     async def _on_consume(self, msg: Msg) -> None:
         """An agent asks for a consumer of its desired subject: made here, so
@@ -576,8 +576,7 @@ class ControlPlane:
             reply = Reply(ok=False, code="invalid", error=f"invalid consume request: {exc}")
         else:
             reply = await self._make_agent_consumer(host_id, request.deliver_subject)
-        if msg.reply:
-            await msg.respond(_reply_encoder.encode(reply))
+        await self._answer(msg, reply)
 
     async def _make_agent_consumer(self, host_id: str, deliver_subject: str) -> Reply:
         if self.gate is not None:
@@ -609,6 +608,20 @@ class ControlPlane:
                 await self._js.delete_consumer(DESIRED_STREAM, previous)
         return Reply(ok=True, result={"consumer": name})
 
+    async def _answer(self, msg: Msg, reply: Reply) -> None:
+        """Answer a request, but only into an inbox. The broker checks the
+        subject a client publishes to, never the reply address it names, and
+        this connection may publish anywhere: answering to `netmesh.ev.x` would
+        write into the event stream. No stream captures inboxes, and each
+        identity reads only its own."""
+        if not msg.reply:
+            return
+        if not natsid.is_inbox(msg.reply):
+            self.not_answered += 1
+            log.warning("not answered: reply address is not an inbox", subject=msg.subject)
+            return
+        await msg.respond(_reply_encoder.encode(reply))
+
     async def _on_query(self, msg: Msg) -> None:
         what = msg.subject[len(QUERY_PREFIX) + 1 :]
         try:
@@ -621,8 +634,7 @@ class ControlPlane:
         except Exception:
             log.exception("query failed", what=what)
             reply = Reply(ok=False, code="internal", error="internal error (see the server log)")
-        if msg.reply:
-            await msg.respond(_reply_encoder.encode(reply))
+        await self._answer(msg, reply)
 
     async def answer(self, what: str, args: QueryArgs) -> Any:
         model = self.model

@@ -64,6 +64,11 @@ def inbox_prefix(nkey: str) -> str:
     return f"_INBOX_{nkey}"
 
 
+def is_inbox(subject: str) -> bool:
+    """An inbox: nats-py's default (`_INBOX.`) or an identity's (`_INBOX_<nkey>.`)."""
+    return subject.startswith(("_INBOX.", "_INBOX_"))
+
+
 def client_options(key: SigningKey, token: str | None = None) -> dict[str, Any]:
     """nats-py connect options to log in as `key` (with an enrollment token, to join)."""
     options: dict[str, Any] = {

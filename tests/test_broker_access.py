@@ -38,6 +38,7 @@ from events.subjects import (
     consume_subject,
     desired_subject,
     report_subject,
+    resync_subject,
 )
 from tests.netns import wait_until
 from tests.test_controlplane import Admin
@@ -383,3 +384,30 @@ async def test_unusable_tokens_get_their_specific_refusal_through_a_guarded_brok
     await admin.ok("network.delete", name="lab")
     with pytest.raises(AgentError, match="which has been deleted"):
         await joined_host(broker, lab, "late")
+
+
+async def test_reply_addresses_cannot_steer_the_control_plane_into_the_streams(
+    broker: Broker,
+) -> None:
+    """The broker checks where a client publishes, never the reply address it
+    names; the control plane (which may publish anywhere) answers only into
+    inboxes. Otherwise a host could have its resync answer written into the
+    event stream (found by review: the write model then stopped)."""
+    admin = broker.admin
+    await admin.ok("network.create", name="office", cidr="10.10.0.0/24")
+    token = str((await admin.ok("key.create", network="office", uses=5))["token"])
+    key, host_id = await joined_host(broker, token, "a")
+    host = await broker.connect(key)
+    enrolling = await broker.connect(SigningKey.generate(), token)
+    before = await events_count(broker)
+    await host.nc.publish(resync_subject(host_id), b"", reply="netmesh.ev.network.office")
+    await host.nc.publish(
+        consume_subject(host_id), b'{"deliver_subject": "x"}', reply="netmesh.ev.host.x"
+    )
+    await enrolling.nc.publish("netmesh.cmd.join", b"{}", reply="netmesh.ev.network.office")
+    await admin.nc.publish("netmesh.query.networks", b"{}", reply="netmesh.ev.admin.x")
+    # Each was handled (and not answered) before the next query is answered.
+    await wait_until(lambda: broker.plane.not_answered >= 4, timeout=5, message="requests handled")
+    assert await admin.query("networks")
+    assert await events_count(broker) == before
+    assert not broker.plane.failed.is_set()
