@@ -49,6 +49,7 @@ from nats.aio.subscription import Subscription
 from controlplane.throttle import FailureWindow
 from events import natsid
 from events.model import AdminRemoved, AnyEvent, NetworkDeleted, NodeRemoved
+from events.reports import APPLIED
 from events.subjects import (
     COMMAND_PREFIX,
     EVENTS_STREAM,
@@ -126,7 +127,7 @@ def host_grant(host_id: str, nkey: str) -> Grant:
         name=host_name(host_id),
         publish=(
             *(command_subject(verb) for verb in HOST_VERBS),
-            report_subject(host_id, "*"),
+            report_subject(host_id, APPLIED),
             resync_subject(host_id),
             # Its desired state comes through a consumer the control plane makes
             # for it, delivering to its inbox; it may not create consumers.

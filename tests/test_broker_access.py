@@ -235,6 +235,10 @@ async def test_host_reads_only_its_own_desired_state(broker: Broker) -> None:
     # Reports for another host, admin commands, events, stream deletes: denied.
     await nc.publish(report_subject(host_b, "applied"), b"{}")
     await host.denied(report_subject(host_b, "applied"))
+    # Its own reports: only the kind agents send (each kept once per subject:
+    # a host inventing subjects could otherwise fill the broker's disk).
+    await nc.publish(report_subject(host_a, "anything"), b"{}")
+    await host.denied(report_subject(host_a, "anything"))
     await nc.publish("netmesh.cmd.network.delete", b"{}")
     await host.denied("netmesh.cmd.network.delete")
     await nc.publish("netmesh.ev.network.office", b"{}")
