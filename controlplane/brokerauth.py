@@ -71,14 +71,15 @@ ACCOUNT = "$G"
 HOST_VERBS = ("join", "endpoint.report", "host.leave", "host.rotate_key")
 
 # Reading the event stream (and nothing else of JetStream): what `netmesh
-# events log/verify` and integrations need. Creating consumers, not deleting or
-# pulling from them: the control plane follows this stream with consumers too.
+# events log/verify` and integrations need. Ephemeral consumers only (the
+# create subject that names no consumer refuses durable ones, which would
+# outlive their reader); not deleting or pulling from consumers: the control
+# plane follows this stream with consumers too.
 _EVENT_READER = (
     "$JS.API.INFO",
     f"$JS.API.STREAM.INFO.{EVENTS_STREAM}",
     f"$JS.API.STREAM.MSG.GET.{EVENTS_STREAM}",
     f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}",
-    f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.>",
     f"$JS.FC.{EVENTS_STREAM}.>",
 )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -415,3 +416,27 @@ async def test_reply_addresses_cannot_steer_the_control_plane_into_the_streams(
     assert await admin.query("networks")
     assert await events_count(broker) == before
     assert not broker.plane.failed.is_set()
+
+
+async def test_readers_make_only_ephemeral_event_consumers(broker: Broker) -> None:
+    """An auditor follows the event stream (as `events log -f` does) but cannot
+    leave durable consumers behind (they would outlive the auditor's removal)."""
+    auditor_key = SigningKey.generate()
+    await broker.admin.ok(
+        "admin.add", name="eve", public_key=public_text(auditor_key), role="auditor"
+    )
+    auditor = await broker.connect(auditor_key)
+    js = auditor.nc.jetstream()
+    sub = await js.subscribe("netmesh.ev.>", stream=EVENTS_STREAM, ordered_consumer=True)
+    assert (await sub.next_msg(timeout=5)).subject.startswith("netmesh.ev.")
+    durable = json.dumps(
+        {"stream_name": EVENTS_STREAM, "config": {"durable_name": "stay", "ack_policy": "none"}}
+    ).encode()
+    answer = await auditor.nc.request(
+        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}", durable, timeout=5
+    )
+    assert "error" in json.loads(answer.data)
+    await auditor.nc.publish(f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.stay", durable)
+    await auditor.denied(f"CONSUMER.CREATE.{EVENTS_STREAM}.stay")
+    await auditor.nc.publish(f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS_STREAM}.stay", durable)
+    await auditor.denied("CONSUMER.DURABLE.CREATE")
