@@ -69,6 +69,8 @@ AUTH_SUBJECT = "$SYS.REQ.USER.AUTH"
 # own user is declared in the config (and skips the callout).
 ACCOUNT = "$G"
 HOST_VERBS = ("join", "endpoint.report", "host.leave", "host.rotate_key")
+ENROLL_LIFETIME = 120  # seconds an enrolling agent's connection may last
+SWEEP_INTERVAL = 60.0  # how often connections are checked against who is admitted
 
 # Reading the event stream (and nothing else of JetStream): what `netmesh
 # events log/verify` and integrations need. Ephemeral consumers only (the
@@ -113,6 +115,10 @@ class Grant:
     name: str  # host:<id> | admin:<name> | enroll:<key id>
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    # Seconds until the broker closes the connection (None: while admitted;
+    # the control plane disconnects identities that lose access).
+    lifetime: int | None = None
+    max_subscriptions: int = 100
 
 
 def host_name(host_id: str) -> str:
@@ -143,6 +149,8 @@ def enroll_grant(key_id: str, nkey: str) -> Grant:
         name=f"enroll:{key_id}",
         publish=(command_subject("join"),),
         subscribe=(f"{natsid.inbox_prefix(nkey)}.>",),
+        # Long enough to join; a token's connection does not outlive it.
+        lifetime=ENROLL_LIFETIME,
     )
 
 
@@ -152,6 +160,7 @@ def admin_grant(name: str, role: str, nkey: str) -> Grant:
         name=admin_name(name),
         publish=(*commands, f"{QUERY_PREFIX}.>", *_EVENT_READER),
         subscribe=(f"{natsid.inbox_prefix(nkey)}.>",),
+        max_subscriptions=1000,
     )
 
 
@@ -236,21 +245,24 @@ def _is_literal(subject: str) -> bool:
     return all(tokens) and not any(t in ("*", ">") for t in tokens)
 
 
-def user_claims(grant: Grant, user_nkey: str) -> dict[str, Any]:
-    return {
+def user_claims(grant: Grant, user_nkey: str, now: float) -> dict[str, Any]:
+    claims: dict[str, Any] = {
         "sub": user_nkey,
         "aud": ACCOUNT,
         "name": grant.name,
         "nats": {
             "pub": {"allow": list(grant.publish)},
             "sub": {"allow": list(grant.subscribe)},
-            "subs": -1,
+            "subs": grant.max_subscriptions,
             "data": -1,
             "payload": -1,
             "type": "user",
             "version": 2,
         },
     }
+    if grant.lifetime is not None:
+        claims["exp"] = int(now) + grant.lifetime
+    return claims
 
 
 def response_claims(
@@ -347,12 +359,15 @@ class BrokerGate:
             server_id = str(info["server_id"]["id"])
             client = info.get("client_info") or {}
             opts = info.get("connect_opts") or {}
+            if request.get("iss") != server_id:
+                raise natsid.JwtError("not signed by the server it names")
         except (natsid.JwtError, KeyError, TypeError) as exc:
             log.warning("malformed auth request ignored", error=str(exc))
             return
+        now = time.time()
         try:
             grant = grant_for(
-                self._topology(), opts, str(client.get("nonce", "")), time.time(), self._failures
+                self._topology(), opts, str(client.get("nonce", "")), now, self._failures
             )
         except Refused as exc:
             self.refused += 1
@@ -360,7 +375,7 @@ class BrokerGate:
             answer = response_claims(user_nkey, server_id, error=str(exc))
         else:
             self.admitted += 1
-            user_jwt = natsid.encode(user_claims(grant, user_nkey), self._keys.issuer)
+            user_jwt = natsid.encode(user_claims(grant, user_nkey, now), self._keys.issuer)
             answer = response_claims(user_nkey, server_id, user_jwt=user_jwt)
         if msg.reply:
             await msg.respond(natsid.encode(answer, self._keys.issuer).encode())
@@ -382,17 +397,57 @@ class BrokerGate:
             log.info("disconnected identities that lost access", names=sorted(names), closed=closed)
         return closed
 
-    async def _connections_of(self, name: str, timeout: float) -> list[tuple[str, int]]:
-        # Every server in a cluster answers the PING: collect for `timeout`.
-        found: list[tuple[str, int]] = []
+    async def sweep(self, timeout: float = 2.0) -> int:
+        """Disconnect every connection whose identity is no longer admitted: the
+        net under `disconnect` (a control plane that stopped between an event
+        and its disconnect, a kick that timed out). Returns how many."""
+        closed = 0
+        topology = self._topology()
+        for server_id in await self._servers(timeout):
+            for cid, name in await self._named_connections(server_id, timeout):
+                if name.partition(":")[0] in ("host", "admin") and not still_admitted(
+                    topology, name
+                ):
+                    with contextlib.suppress(Exception):
+                        await self._system_nc.request(
+                            f"$SYS.REQ.SERVER.{server_id}.KICK",
+                            msgspec.json.encode({"cid": cid}),
+                            timeout=timeout,
+                        )
+                        closed += 1
+                        log.info("disconnected: no longer admitted", name=name)
+        return closed
+
+    async def _servers(self, timeout: float) -> list[str]:
+        return [
+            body["server"]["id"]
+            for body in await self._gather("$SYS.REQ.SERVER.PING", {}, timeout)
+            if isinstance(body.get("server"), dict) and "id" in body["server"]
+        ]
+
+    async def _named_connections(self, server_id: str, timeout: float) -> list[tuple[int, str]]:
+        found: list[tuple[int, str]] = []
+        offset = 0
+        while True:
+            reply = await self._system_nc.request(
+                f"$SYS.REQ.SERVER.{server_id}.CONNZ",
+                msgspec.json.encode({"auth": True, "offset": offset, "limit": 1024}),
+                timeout=timeout,
+            )
+            data = msgspec.json.decode(reply.data).get("data") or {}
+            page = data.get("connections") or []
+            found += [(c["cid"], str(c.get("authorized_user", ""))) for c in page]
+            offset += len(page)
+            if not page or offset >= int(data.get("total", 0)):
+                return found
+
+    async def _gather(self, subject: str, body: dict[str, Any], timeout: float) -> list[Any]:
+        """Every server's answer to a PING-style request, collected for `timeout`."""
+        answers: list[Any] = []
         inbox = self._system_nc.new_inbox()
         sub = await self._system_nc.subscribe(inbox)
         try:
-            await self._system_nc.publish(
-                "$SYS.REQ.SERVER.PING.CONNZ",
-                msgspec.json.encode({"user": name, "limit": 10_000}),
-                reply=inbox,
-            )
+            await self._system_nc.publish(subject, msgspec.json.encode(body), reply=inbox)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             while (left := deadline - loop.time()) > 0:
@@ -400,13 +455,21 @@ class BrokerGate:
                     reply = await sub.next_msg(timeout=left)
                 except Exception:
                     break
-                try:
-                    body = msgspec.json.decode(reply.data)
-                    server_id = body["server"]["id"]
-                    found += [(server_id, c["cid"]) for c in body["data"]["connections"]]
-                except (msgspec.DecodeError, KeyError, TypeError):
-                    continue
+                with contextlib.suppress(msgspec.DecodeError):
+                    answers.append(msgspec.json.decode(reply.data))
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        return answers
+
+    async def _connections_of(self, name: str, timeout: float) -> list[tuple[str, int]]:
+        found: list[tuple[str, int]] = []
+        for body in await self._gather(
+            "$SYS.REQ.SERVER.PING.CONNZ", {"user": name, "limit": 10_000}, timeout
+        ):
+            try:
+                server_id = body["server"]["id"]
+                found += [(server_id, c["cid"]) for c in body["data"]["connections"]]
+            except (KeyError, TypeError):
+                continue
         return found

@@ -31,6 +31,7 @@ from nats.js.errors import NotFoundError
 
 from controlplane import queries
 from controlplane.brokerauth import (
+    SWEEP_INTERVAL,
     BrokerGate,
     BrokerKeys,
     delivery_problem,
@@ -222,6 +223,7 @@ class ControlPlane:
         await self._bootstrap_admin()
         if self.gate is not None:
             await self.gate.start()
+            self._background.add(asyncio.create_task(self._sweep_forever(), name="sweep"))
         await asyncio.wait_for(self.runner.caught_up.wait(), 120)
         self._subs.append(
             await self._nc.subscribe(f"{COMMAND_PREFIX}.>", queue=QUEUE_GROUP, cb=self._on_command)
@@ -307,6 +309,17 @@ class ControlPlane:
                 )
             async with self._write_progress:
                 self._write_progress.notify_all()
+
+    async def _sweep_forever(self) -> None:
+        """Now (a removal may have happened just before a restart) and then
+        every minute: disconnect whoever is connected but no longer admitted."""
+        assert self.gate is not None
+        while not self._stopping:
+            try:
+                await self.gate.sweep()
+            except Exception as exc:  # the broker is away: try again later
+                log.info("connection sweep failed", error=repr(exc))
+            await asyncio.sleep(SWEEP_INTERVAL)
 
     def _spawn_disconnect(self, names: set[str], seq: int) -> None:
         async def disconnect() -> None:

@@ -440,3 +440,18 @@ async def test_readers_make_only_ephemeral_event_consumers(broker: Broker) -> No
     await auditor.denied(f"CONSUMER.CREATE.{EVENTS_STREAM}.stay")
     await auditor.nc.publish(f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS_STREAM}.stay", durable)
     await auditor.denied("CONSUMER.DURABLE.CREATE")
+
+
+async def test_sweep_disconnects_whoever_is_no_longer_admitted(broker: Broker) -> None:
+    """The net under the disconnect that follows a removal: a control plane
+    that stopped in between, or a kick that failed. Here the removal is
+    simulated in the control plane's view only, so only the sweep can act."""
+    assert broker.plane.gate is not None
+    other = SigningKey.generate()
+    await broker.admin.ok("admin.add", name="bob", public_key=public_text(other), role="admin")
+    bob = await broker.connect(other)
+    assert await broker.plane.gate.sweep() == 0  # everyone connected is admitted
+    del broker.plane.write_model.admins[public_text(other)]
+    assert await broker.plane.gate.sweep() == 1
+    await wait_until(lambda: not bob.nc.is_connected, timeout=10, message="bob disconnected")
+    assert broker.admin.nc.is_connected  # the others stay

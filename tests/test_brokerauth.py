@@ -99,8 +99,10 @@ def test_each_identity_gets_its_own_grant() -> None:
     assert granted.subscribe == (f"_INBOX_{natsid.public_nkey(host)}.>",)
     newcomer = decide(topology, opts(SigningKey.generate(), token))
     assert newcomer.name == "enroll:k1" and newcomer.publish == ("netmesh.cmd.join",)
-    claims = user_claims(newcomer, "UXYZ")
+    claims = user_claims(newcomer, "UXYZ", 1000.0)
     assert claims["nats"]["pub"] == {"allow": ["netmesh.cmd.join"]}
+    assert claims["exp"] == 1000 + 120  # an enrolling connection is short-lived
+    assert "exp" not in user_claims(granted, "UXYZ", 1000.0)  # a host's lasts while admitted
 
 
 def test_auditor_gets_no_commands() -> None:
