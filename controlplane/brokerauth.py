@@ -209,9 +209,13 @@ def grant_for(
         parts = parse_token(token)
     except InvalidToken as exc:
         raise Refused(str(exc)) from None
-    if not failures.allowed(parts.key_id, now):
-        raise Refused(f"enrollment key {parts.key_id}: too many failed attempts, rate limited")
     key = topology.keys.get(parts.key_id)
+    # Made-up key ids share one window: a flood of them neither grows the
+    # table nor pushes real keys' failures out of it.
+    known = key is not None or parts.key_id in topology.retired_keys
+    bucket = parts.key_id if known else "(unknown key)"
+    if not failures.allowed(bucket, now):
+        raise Refused(f"enrollment key {parts.key_id}: too many failed attempts, rate limited")
     if key is not None:
         if hmac.compare_digest(key.secret_sha256, secret_digest(parts.secret)):
             # Usable or not (expired, used up, revoked): the join says which.
@@ -219,7 +223,7 @@ def grant_for(
     elif parts.key_id in topology.retired_keys:
         # The join explains that the key's network was deleted.
         return enroll_grant(parts.key_id, nkey)
-    failures.failed(parts.key_id, now)
+    failures.failed(bucket, now)
     raise Refused("enrollment token not recognised")
 
 

@@ -8,7 +8,7 @@ making the control plane check secrets as fast as NATS delivers requests.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 
@@ -17,7 +17,9 @@ class FailureWindow:
     limit: int = 10
     window: float = 60.0
     max_keys: int = 10_000  # bound the memory an attacker can make us use
-    _failures: dict[str, deque[float]] = field(default_factory=dict)
+    # Least recently failed first: forgetting the oldest key is O(1), so a
+    # flood of made-up keys cannot make each failure cost a scan.
+    _failures: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)
 
     def allowed(self, key: str, now: float) -> bool:
         recent = self._failures.get(key)
@@ -31,10 +33,10 @@ class FailureWindow:
         return len(recent) < self.limit
 
     def failed(self, key: str, now: float) -> None:
-        if key not in self._failures and len(self._failures) >= self.max_keys:
-            # Forget the key whose latest failure is oldest.
-            oldest = min(self._failures, key=lambda k: self._failures[k][-1])
-            del self._failures[oldest]
+        if key in self._failures:
+            self._failures.move_to_end(key)
+        elif len(self._failures) >= self.max_keys:
+            self._failures.popitem(last=False)  # the key whose latest failure is oldest
         self._failures.setdefault(key, deque()).append(now)
 
     def retry_after(self, key: str, now: float) -> float:

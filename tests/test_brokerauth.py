@@ -150,6 +150,14 @@ def test_tokens_that_do_not_authenticate_are_refused_then_throttled() -> None:
             decide(topology, opts(SigningKey.generate(), forged), failures)
     with pytest.raises(Refused, match="rate limited"):
         decide(topology, opts(SigningKey.generate(), token), failures)
+    # Made-up key ids share one window: they do not crowd out real keys' counts.
+    other = FailureWindow(limit=3)
+    for n in range(5):
+        with pytest.raises(Refused):
+            decide(
+                topology, opts(SigningKey.generate(), make_token("x", f"k-made-up-{n}", "s")), other
+            )
+    assert len(other._failures) == 1
     # A key of a deleted network: admitted to join, which explains the refusal.
     retired = make_token(parts.server, "k0", "whatever")
     assert decide(topology, opts(SigningKey.generate(), retired)).name == "enroll:k0"

@@ -25,3 +25,13 @@ def test_memory_is_bounded() -> None:
     window.failed("c", 3.0)  # forgets "a", the stalest
     assert window.allowed("a", 4.0)
     assert not window.allowed("b", 4.0) and not window.allowed("c", 4.0)
+
+
+def test_a_key_failing_again_is_remembered_longest() -> None:
+    window = FailureWindow(limit=2, window=60.0, max_keys=2)
+    window.failed("a", 1.0)
+    window.failed("b", 2.0)
+    window.failed("a", 3.0)  # "a" failed last: "b" is now the stalest
+    window.failed("c", 4.0)
+    assert not window.allowed("a", 5.0)  # two failures kept
+    assert window.allowed("b", 5.0)
