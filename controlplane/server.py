@@ -8,6 +8,7 @@ import contextlib
 import ipaddress
 import os
 import signal
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,15 @@ async def run_server(
         log.info("embedded nats-server started", url=nats_url, pid=embedded.pid)
     else:
         if uses_tls(nats_url):
-            broker_ca = ensure_broker_tls(data_dir).ca_der()
+            # The CA that --print-nats-config made and configured the broker
+            # with; made afresh here it could not match the broker's certificate.
+            ca_file = data_dir / "tls" / "ca.pem"
+            if not ca_file.exists():
+                raise NatsServerError(
+                    f"{nats_url} speaks TLS but {ca_file} does not exist: configure the "
+                    "broker with `netmesh server --print-nats-config` (which makes it)"
+                )
+            broker_ca = ssl.PEM_cert_to_DER_cert(ca_file.read_text())
             secure = tls_options(nats_url, broker_ca)
         # nats-py would retry a dead URL forever, deaf to signals: ask once first.
         try:

@@ -173,14 +173,19 @@ class Topology:
         return {self.nodes[n].network for n in self.nodes_by_host.get(host_id, ())}
 
     def host_by_signing_key(self, key: str) -> str | None:
-        """The host that registered this signing key (a scan: this runs once per
-        broker connection, not per message)."""
+        """The host that registered this signing key, preferring one that is
+        still in a network (a machine that lost its WireGuard key but kept its
+        signing key joins again as a new host). A scan: this runs once per
+        broker connection, not per message."""
         if not key:
             return None
+        found = None
         for host in self.hosts.values():
             if host.signing_key == key:
-                return host.host_id
-        return None
+                if self.nodes_by_host.get(host.host_id):
+                    return host.host_id
+                found = host.host_id
+        return found
 
     def revision_of(self, host_id: str) -> int:
         """The host's desired-state revision: the last event that changed it."""

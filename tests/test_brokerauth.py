@@ -207,3 +207,10 @@ def test_token_carries_the_broker_ca() -> None:
             .decode()
             .rstrip("=")
         )
+
+
+def test_a_signing_key_reused_by_a_new_host_logs_in_as_the_one_in_a_network() -> None:
+    topology, _, host, _ = world()
+    topology.hosts["h0"] = Host("h0", "old", "pub0", 51820, (), 0.0, signing_key=public_text(host))
+    topology.hosts = {"h0": topology.hosts["h0"], "h1": topology.hosts["h1"]}  # h0 first
+    assert decide(topology, opts(host)).name == "host:h1"
