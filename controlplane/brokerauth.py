@@ -390,13 +390,7 @@ class BrokerGate:
         closed = 0
         for name in sorted(names):
             for server_id, cid in await self._connections_of(name, timeout):
-                with contextlib.suppress(Exception):
-                    await self._system_nc.request(
-                        f"$SYS.REQ.SERVER.{server_id}.KICK",
-                        msgspec.json.encode({"cid": cid}),
-                        timeout=timeout,
-                    )
-                    closed += 1
+                closed += await self._kick(server_id, cid, timeout)
         if closed:
             log.info("disconnected identities that lost access", names=sorted(names), closed=closed)
         return closed
@@ -409,18 +403,25 @@ class BrokerGate:
         topology = self._topology()
         for server_id in await self._servers(timeout):
             for cid, name in await self._named_connections(server_id, timeout):
-                if name.partition(":")[0] in ("host", "admin") and not still_admitted(
+                lost = name.partition(":")[0] in ("host", "admin") and not still_admitted(
                     topology, name
-                ):
-                    with contextlib.suppress(Exception):
-                        await self._system_nc.request(
-                            f"$SYS.REQ.SERVER.{server_id}.KICK",
-                            msgspec.json.encode({"cid": cid}),
-                            timeout=timeout,
-                        )
-                        closed += 1
-                        log.info("disconnected: no longer admitted", name=name)
+                )
+                if lost and await self._kick(server_id, cid, timeout):
+                    closed += 1
+                    log.info("disconnected: no longer admitted", name=name)
         return closed
+
+    async def _kick(self, server_id: str, cid: int, timeout: float) -> bool:
+        """Close one connection (best effort: the sweep tries again)."""
+        try:
+            await self._system_nc.request(
+                f"$SYS.REQ.SERVER.{server_id}.KICK",
+                msgspec.json.encode({"cid": cid}),
+                timeout=timeout,
+            )
+        except Exception:
+            return False
+        return True
 
     async def _servers(self, timeout: float) -> list[str]:
         return [
