@@ -9,7 +9,8 @@ with a user JWT listing exactly what that connection may publish and subscribe:
   creates for it (delivering to its inbox), its own reports and resync
   requests, the host commands, its own inbox;
 - an enrolling agent (a key the control plane does not know yet, plus an
-  enrollment token whose key it knows): `join`, and its own inbox;
+  enrollment token whose key and secret match, usable or not: the join says
+  why not): `join` and its own inbox, for two minutes;
 - an admin or network admin (the admin key they sign commands with): commands,
   queries and reading the event stream; an auditor: queries and events only.
 
