@@ -327,7 +327,10 @@ class ControlPlane:
             # First let the host receive the desired state that removes it (its
             # agent tears its interface down), then cut it off.
             await self.runner.wait_published(seq, timeout=5)
-            await self.gate.disconnect(names)
+            try:
+                await self.gate.disconnect(names)
+            except Exception as exc:  # the minute's sweep tries again
+                log.info("disconnect failed", names=sorted(names), error=repr(exc))
 
         task = asyncio.create_task(disconnect(), name=f"disconnect {sorted(names)}")
         self._background.add(task)
