@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from events.jetstream import events_stream_config
@@ -23,9 +23,11 @@ def desired_stream_config(replicas: int = 1) -> StreamConfig:
     )
 
 
-# A report lists every peer (~200 B each): 1 MB is some 5,000 peers.
+# A report lists every peer (~200 B each): 1 MB is some 5,000 peers. With one
+# subject per host (all a host may write), the stream holds at most hosts x 1 MB.
+# (No max_bytes: JetStream reserves it up front, and a small disk then refuses
+# to create the stream at all.)
 REPORT_MAX_BYTES = 1024 * 1024
-REPORTS_MAX_BYTES = 2 * 1024 * 1024 * 1024
 
 
 def reports_stream_config(replicas: int = 1) -> StreamConfig:
@@ -36,11 +38,8 @@ def reports_stream_config(replicas: int = 1) -> StreamConfig:
         storage=StorageType.FILE,
         num_replicas=replicas,
         max_msgs_per_subject=1,
-        # Bounds against a host that reports too much (each host may write only
-        # its own `applied` subject; this caps the size of each and of all).
+        # Bounds against a host that reports too much.
         max_msg_size=REPORT_MAX_BYTES,
-        max_bytes=REPORTS_MAX_BYTES,
-        discard=DiscardPolicy.OLD,
         allow_direct=True,
         description="netmesh agent reports: applied revision, endpoints, handshakes",
     )
@@ -58,6 +57,6 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
         except NotFoundError:
             await js.add_stream(config)
         else:
-            if config.name == REPORTS_STREAM:
-                # Its limits were added later; changing limits is allowed.
+            if config.name != DESIRED_STREAM:
+                # Limits added since the stream was made (changing them is allowed).
                 await js.update_stream(config)

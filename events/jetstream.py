@@ -22,7 +22,13 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    StorageType,
+    StreamConfig,
+    StreamConsumerLimits,
+)
 from nats.js.errors import NotFoundError
 
 from events.envelope import RecordedEvent, decode_envelope, encode_envelope
@@ -60,6 +66,9 @@ class _PubAck(msgspec.Struct):
 _ack_decoder = msgspec.json.Decoder(_PubAck)
 
 
+READER_CONSUMER_INACTIVE = 60.0
+
+
 def events_stream_config(replicas: int = 1) -> StreamConfig:
     """NETMESH_EVENTS: the audit log, kept forever."""
     return StreamConfig(
@@ -68,6 +77,10 @@ def events_stream_config(replicas: int = 1) -> StreamConfig:
         storage=StorageType.FILE,
         num_replicas=replicas,
         allow_atomic=True,
+        # Readers (admins, auditors, integrations) make their own consumers:
+        # none may outlive a minute without a listener (so none outlives a
+        # removed reader), whatever it asked for.
+        consumer_limits=StreamConsumerLimits(inactive_threshold=READER_CONSUMER_INACTIVE),
         description="netmesh events: the source of truth and audit log",
     )
 

@@ -436,6 +436,22 @@ async def test_readers_make_only_ephemeral_event_consumers(broker: Broker) -> No
         f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}", durable, timeout=5
     )
     assert "error" in json.loads(answer.data)
+    # Nor one that asks to linger unheard for an hour (the stream caps it).
+    lingering = json.dumps(
+        {
+            "stream_name": EVENTS_STREAM,
+            "config": {
+                "name": "lingering",
+                "deliver_subject": "nowhere.at.all",
+                "ack_policy": "none",
+                "inactive_threshold": 3600 * 10**9,
+            },
+        }
+    ).encode()
+    answer = await auditor.nc.request(
+        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}", lingering, timeout=5
+    )
+    assert "error" in json.loads(answer.data)
     await auditor.nc.publish(f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.stay", durable)
     await auditor.denied(f"CONSUMER.CREATE.{EVENTS_STREAM}.stay")
     await auditor.nc.publish(f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS_STREAM}.stay", durable)
