@@ -167,6 +167,21 @@ def _authorize_host(
                 "unauthorized",
                 f"join: host {existing.host_id} is registered with another signing key",
             )
+        # A host key is one host's login to the broker: a second host joining
+        # with it (a machine that lost its WireGuard key but kept its host
+        # key) would log in as the first, while that one is still a member.
+        holder = topology.host_by_signing_key(required)
+        if (
+            holder is not None
+            and (existing is None or holder != existing.host_id)
+            and topology.nodes_by_host.get(holder)
+        ):
+            raise Rejected(
+                "conflict",
+                f"join: this machine's host key already belongs to host {holder}, still in "
+                f"{', '.join(sorted(topology.networks_of_host(holder)))}: remove that node "
+                "first, or enroll from a fresh state dir",
+            )
     elif isinstance(command, ReportEndpoint | LeaveNetworks | RotateHostKey):
         host = topology.hosts.get(command.host_id)
         required, host_id = (host.signing_key if host is not None else ""), command.host_id

@@ -322,6 +322,18 @@ async def test_a_host_speaks_only_with_its_own_key(cp: tuple[ControlPlane, Admin
     msg = await admin.nc.request("netmesh.cmd.join", data, headers=hdrs, timeout=10)
     refused = msgspec.json.decode(msg.data, type=Reply)
     assert (refused.ok, refused.code) == (False, "unauthorized"), refused
+    # Its host key for a second host (another WireGuard key) while the first is
+    # still a member: it would log in to the broker as the first.
+    data, hdrs = signed_payload(
+        host_key,
+        "join",
+        {"token": token, "public_key": public_key(2), "name": "h1-again",
+         "signing_key": public_text(host_key)},
+    )  # fmt: skip
+    msg = await admin.nc.request("netmesh.cmd.join", data, headers=hdrs, timeout=10)
+    refused = msgspec.json.decode(msg.data, type=Reply)
+    assert (refused.ok, refused.code) == (False, "conflict"), refused
+    assert "already belongs to host" in (refused.error or "")
     assert await admin.last_seq() == before  # nothing was written
 
     data, hdrs = signed_payload(host_key, "endpoint.report", report)
