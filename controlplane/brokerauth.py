@@ -211,10 +211,7 @@ def grant_for(
     except InvalidToken as exc:
         raise Refused(str(exc)) from None
     key = topology.keys.get(parts.key_id)
-    # Made-up key ids share one window: a flood of them neither grows the
-    # table nor pushes real keys' failures out of it.
-    known = key is not None or parts.key_id in topology.retired_keys
-    bucket = parts.key_id if known else "(unknown key)"
+    bucket = throttle_bucket(topology, parts.key_id)
     if not failures.allowed(bucket, now):
         raise Refused(f"enrollment key {parts.key_id}: too many failed attempts, rate limited")
     if key is not None:
@@ -222,10 +219,22 @@ def grant_for(
             # Usable or not (expired, used up, revoked): the join says which.
             return enroll_grant(key.key_id, nkey)
     elif parts.key_id in topology.retired_keys:
-        # The join explains that the key's network was deleted.
+        # The join explains that the key's network was deleted. Its secret is
+        # not kept: counted as a failure, so this is throttled like guessing.
+        failures.failed(bucket, now)
         return enroll_grant(parts.key_id, nkey)
     failures.failed(bucket, now)
     raise Refused("enrollment token not recognised")
+
+
+def throttle_bucket(topology: Topology, key_id: str) -> str:
+    """What failed enrollments are counted against, for connections and joins
+    alike: the key id, or one shared bucket for ids this control plane never
+    made (a flood of made-up ids neither grows the table nor pushes real keys'
+    failures out of it)."""
+    if key_id in topology.keys or key_id in topology.retired_keys:
+        return f"key:{key_id}"
+    return "unknown key"
 
 
 def delivery_problem(topology: Topology, host_id: str, deliver_subject: str) -> str | None:

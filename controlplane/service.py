@@ -37,6 +37,7 @@ from controlplane.brokerauth import (
     delivery_problem,
     names_at_stake,
     still_admitted,
+    throttle_bucket,
 )
 from controlplane.decide import Context, Decision, Rejected, authorize, decide
 from controlplane.publisher import JetStreamDesiredPublisher
@@ -126,13 +127,13 @@ def _signature_problem(
 BAD_TOKEN = frozenset({"invalid_token", "revoked", "expired", "exhausted"})
 
 
-def _throttle_key(command: AnyCommand) -> str | None:
-    """What failed joins are counted against: the token's key id (or one bucket
-    for tokens that do not even parse)."""
+def _throttle_key(topology: Topology, command: AnyCommand) -> str | None:
+    """What failed joins are counted against: the same window as failed broker
+    connections with that token (or one bucket for tokens that do not parse)."""
     if not isinstance(command, Join):
         return None
     try:
-        return f"key:{parse_token(command.token).key_id}"
+        return throttle_bucket(topology, parse_token(command.token).key_id)
     except InvalidToken:
         return "malformed"
 
@@ -395,7 +396,7 @@ class ControlPlane:
             return Reply(ok=False, code="invalid", error=f"invalid {verb} command: {exc}")
         except msgspec.DecodeError:
             return Reply(ok=False, code="invalid", error=f"invalid {verb} command: not JSON")
-        throttled = _throttle_key(command)
+        throttled = _throttle_key(self.write_model, command)
         now = time.time()
         if throttled is not None and not self._join_failures.allowed(throttled, now):
             wait = self._join_failures.retry_after(throttled, now)
