@@ -412,7 +412,12 @@ class BrokerGate:
         closed = 0
         topology = self._topology()
         for server_id in await self._servers(timeout):
-            for cid, name in await self._named_connections(server_id, timeout):
+            try:
+                connections = await self._named_connections(server_id, timeout)
+            except Exception as exc:  # one slow server does not stop the others
+                log.info("connections not listed", server=server_id, error=repr(exc))
+                continue
+            for cid, name in connections:
                 lost = name.partition(":")[0] in ("host", "admin") and not still_admitted(
                     topology, name
                 )

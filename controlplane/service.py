@@ -183,6 +183,10 @@ class ControlPlane:
         # host -> the consumer made last for its agent (the one before goes).
         self._agent_consumers: dict[str, str] = {}
         self.not_answered = 0  # requests whose reply address was not an inbox
+        # Our own replies (JetStream acks among them) arrive under this prefix,
+        # when it is our own (on an open broker everyone shares `_INBOX.`).
+        prefix = bytes(nc._inbox_prefix).decode()
+        self._own_inbox = f"{prefix}." if prefix != "_INBOX" else None
         self._subs: list[Subscription] = []
         self.model: ReadModel | None = None
         self.runner: ProjectionRunner | None = None
@@ -252,6 +256,8 @@ class ControlPlane:
             await self.gate.stop()
         for task in self._background:
             task.cancel()
+        if self._background:
+            await asyncio.wait(self._background, timeout=timeout / 4)
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -312,14 +318,18 @@ class ControlPlane:
                 self._write_progress.notify_all()
 
     async def _sweep_forever(self) -> None:
-        """Now (a removal may have happened just before a restart) and then
-        every minute: disconnect whoever is connected but no longer admitted."""
-        assert self.gate is not None
+        """Once caught up (a removal may have happened just before a restart)
+        and then every minute: disconnect whoever is connected but no longer
+        admitted. Only when every desired state the write model implies is
+        published: a removed host gets its last state before it is cut off."""
+        assert self.gate is not None and self.runner is not None
+        await self.runner.caught_up.wait()
         while not self._stopping:
-            try:
-                await self.gate.sweep()
-            except Exception as exc:  # the broker is away: try again later
-                log.info("connection sweep failed", error=repr(exc))
+            if self.runner.published_through >= self.write_model.last_seq:
+                try:
+                    await self.gate.sweep()
+                except Exception as exc:  # the broker is away: try again later
+                    log.info("connection sweep failed", error=repr(exc))
             await asyncio.sleep(SWEEP_INTERVAL)
 
     def _spawn_disconnect(self, names: set[str], seq: int) -> None:
@@ -633,7 +643,8 @@ class ControlPlane:
         identity reads only its own."""
         if not msg.reply:
             return
-        if not natsid.is_inbox(msg.reply):
+        ours = self._own_inbox is not None and msg.reply.startswith(self._own_inbox)
+        if not natsid.is_inbox(msg.reply) or ours:
             self.not_answered += 1
             log.warning("not answered: reply address is not an inbox", subject=msg.subject)
             return

@@ -411,6 +411,13 @@ async def test_reply_addresses_cannot_steer_the_control_plane_into_the_streams(
     )
     await enrolling.nc.publish("netmesh.cmd.join", b"{}", reply="netmesh.ev.network.office")
     await admin.nc.publish("netmesh.query.networks", b"{}", reply="netmesh.ev.admin.x")
+    # Nor into the control plane's own inbox (where its JetStream acks arrive).
+    own = natsid.inbox_prefix(
+        natsid.public_nkey(
+            BrokerKeys.derive(load_or_create(broker.data / "signing.key")).controlplane
+        )
+    )
+    await admin.nc.publish("netmesh.query.networks", b"{}", reply=f"{own}.x")
     # Each was handled (and not answered) before the next query is answered.
     await wait_until(lambda: broker.plane.not_answered >= 4, timeout=5, message="requests handled")
     assert await admin.query("networks")
