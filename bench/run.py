@@ -57,7 +57,7 @@ from agent.apply import apply, read_actual
 from agent.fake import FakeBackend, FakeLink, FakeMachine
 from agent.plan import plan
 from controlplane.decide import Context, decide, host_id_for
-from controlplane.embedded import EmbeddedNats, free_port
+from controlplane.embedded import REPO_NATS_CONF, EmbeddedNats, free_port
 from controlplane.publisher import MemoryDesiredPublisher
 from events import natsid
 from events.commands import AnyCommand, CreateEnrollmentKey, CreateNetwork, Join, Reply
@@ -322,7 +322,19 @@ async def control_plane(
     --nats-url` as its own process (so that its CPU time can be read), and
     client connections; yields the Bench, the control plane's pid and the seed
     once it answers."""
-    server = EmbeddedNats(workdir / f"js-{tag}", port=free_port(), server_name=f"bench-{tag}")
+    # The full-state baseline pushes ~170 MB per join at 1,000 hosts through the
+    # bench's 9 shared connections: more than nats-server's default 64 MB of
+    # pending data per connection, after which it cuts the connection as a slow
+    # consumer (seen once as "a bench connection failed: UnexpectedEOF").
+    config = workdir / "bench-nats.conf"
+    config.write_text(REPO_NATS_CONF.read_text() + "\nmax_pending: 1GB\n")
+    server = EmbeddedNats(
+        workdir / f"js-{tag}",
+        port=free_port(),
+        server_name=f"bench-{tag}",
+        config=config,
+        log_file=workdir / f"nats-{tag}.log",
+    )
     await server.start()
     failures: list[str] = []
     broken = asyncio.Event()
