@@ -12,7 +12,7 @@ typed decoding (see `UPCASTERS`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -43,6 +43,23 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     signed: str = ""
     signer: str = ""
     signature: str = ""
+
+
+# What a store that checks event MACs hands over for a message in the event
+# stream that is not an event and carries no valid MAC (garbage written by
+# someone else): seen, so that the subject's version still moves, and never
+# believed (its `signature` is "invalid", so `evolve` stops before the data,
+# which is absent). An undecodable message *with* a valid MAC is ours, from
+# another version: that stops the reader, loudly.
+NOT_AN_EVENT = Envelope(
+    event_id="",
+    type="(not an event)",
+    schema=0,
+    time=0.0,
+    actor="",
+    command_id="",
+    data=cast("AnyEvent", None),
+)
 
 
 class _RawEnvelope(msgspec.Struct, frozen=True, kw_only=True):

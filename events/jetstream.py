@@ -31,7 +31,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from events.envelope import RecordedEvent, decode_envelope, encode_envelope
+from events.envelope import NOT_AN_EVENT, RecordedEvent, decode_envelope, encode_envelope
 from events.signing import EVENT_MAC_HEADER, event_mac, event_mac_ok
 from events.store import (
     ConcurrencyConflict,
@@ -227,15 +227,8 @@ class JetStreamEventStore:
                 drained.clear()
                 await drained.wait()
             try:
-                buffer.append(
-                    RecordedEvent(
-                        seq=msg.metadata.sequence.stream,
-                        subject=msg.subject,
-                        envelope=decode_envelope(msg.data),
-                        signature=self._checked(msg),
-                    )
-                )
-            except Exception as exc:  # an undecodable event stops the follower, loudly
+                buffer.append(self._recorded(msg))
+            except Exception as exc:  # an undecodable event of ours stops the follower, loudly
                 buffer.append(exc)
             arrived.set()
 
@@ -274,6 +267,18 @@ class JetStreamEventStore:
             if self._followers.pop(sub, None) is not None:
                 with contextlib.suppress(nats.errors.Error):
                     await sub.unsubscribe()
+
+    def _recorded(self, msg: Msg) -> RecordedEvent:
+        seq = msg.metadata.sequence.stream
+        signature = self._checked(msg)
+        try:
+            envelope = decode_envelope(msg.data)
+        except Exception:
+            if signature in ("valid", "unchecked"):
+                raise
+            # Not an event, and not ours: seen, never believed.
+            envelope, signature = NOT_AN_EVENT, "invalid"
+        return RecordedEvent(seq=seq, subject=msg.subject, envelope=envelope, signature=signature)
 
     def _checked(self, msg: Msg) -> str:
         if self._mac_key is None:
