@@ -15,6 +15,7 @@ import nats.errors
 from nacl.signing import SigningKey
 from nats.aio.client import Client
 
+from events import natsid
 from events.commands import Reply
 from events.connect import (
     BrokerDenied,
@@ -136,6 +137,14 @@ async def command(server: str, verb: str, *, login: Login | None = None, **field
         return await request(nc, command_subject(verb), payload, server, headers)
     finally:
         await nc.close()
+
+
+def event_reader(nc: Client, login: Login) -> str | None:
+    """Who reads the event stream, on a guarded broker (where readers have the
+    control plane make their consumers); None on an open one."""
+    if login.key is None or not nc._server_info.get("auth_required"):
+        return None
+    return str(natsid.public_nkey(login.key))
 
 
 def login_from(key_path: Path | None, ca_path: Path | None) -> Login:

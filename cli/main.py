@@ -20,6 +20,7 @@ from cli.client import (
     Login,
     command,
     connect,
+    event_reader,
     load_admin_key,
     login_from,
     query,
@@ -620,9 +621,10 @@ async def _events_log(server: str, follow: bool, as_json: bool) -> None:
     from events.envelope import encode_envelope
     from events.jetstream import JetStreamEventStore
 
-    nc = await connect(server, login())
+    who = login()
+    nc = await connect(server, who)
     try:
-        store = JetStreamEventStore(nc)
+        store = JetStreamEventStore(nc, reader=event_reader(nc, who))
         try:
             head = await store.last_sequence()
         except Exception as exc:
@@ -690,9 +692,10 @@ async def _events_verify(server: str, root_key: str | None) -> AuditReport:
     from controlplane.audit import verify_log
     from events.jetstream import JetStreamEventStore
 
-    nc = await connect(server, login())
+    who = login()
+    nc = await connect(server, who)
     try:
-        store = JetStreamEventStore(nc)
+        store = JetStreamEventStore(nc, reader=event_reader(nc, who))
         try:
             head = await store.last_sequence()
         except Exception as exc:

@@ -57,6 +57,7 @@ from events.subjects import (
     QUERY_PREFIX,
     command_subject,
     consume_subject,
+    read_events_subject,
     report_subject,
     resync_subject,
 )
@@ -73,17 +74,13 @@ HOST_VERBS = ("join", "endpoint.report", "host.leave", "host.rotate_key")
 ENROLL_LIFETIME = 120  # seconds an enrolling agent's connection may last
 SWEEP_INTERVAL = 60.0  # how often connections are checked against who is admitted
 
-# Reading the event stream (and nothing else of JetStream): what `netmesh
-# events log/verify` and integrations need. Ephemeral consumers only (the
-# create subject that names no consumer refuses durable ones, which would
-# outlive their reader); not deleting or pulling from consumers: the control
-# plane follows this stream with consumers too.
+# Reading the event stream: its info and single messages; a consumer of it
+# only through the control plane (`netmesh.readevents.<nkey>`, delivering into
+# the reader's inbox), since a consumer a client makes may deliver anywhere.
 _EVENT_READER = (
     "$JS.API.INFO",
     f"$JS.API.STREAM.INFO.{EVENTS_STREAM}",
     f"$JS.API.STREAM.MSG.GET.{EVENTS_STREAM}",
-    f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}",
-    f"$JS.FC.{EVENTS_STREAM}.>",
 )
 
 
@@ -159,7 +156,7 @@ def admin_grant(name: str, role: str, nkey: str) -> Grant:
     commands = () if role == "auditor" else (f"{COMMAND_PREFIX}.>",)
     return Grant(
         name=admin_name(name),
-        publish=(*commands, f"{QUERY_PREFIX}.>", *_EVENT_READER),
+        publish=(*commands, f"{QUERY_PREFIX}.>", *_EVENT_READER, read_events_subject(nkey)),
         subscribe=(f"{natsid.inbox_prefix(nkey)}.>",),
         max_subscriptions=1000,
     )
@@ -237,6 +234,27 @@ def throttle_bucket(topology: Topology, key_id: str) -> str:
     return "unknown key"
 
 
+def reader_problem(topology: Topology, nkey: str, deliver_subject: str) -> str | None:
+    """Why the control plane will not make the reader with this nkey a consumer
+    of the event stream delivering to `deliver_subject` (None: it will). Only
+    that reader can ask (the broker grants `netmesh.readevents.<nkey>` to it
+    alone); the subject must be in its inbox."""
+    try:
+        key_text = base64.b64encode(bytes(natsid.verify_key_of_nkey(nkey))).decode()
+    except natsid.JwtError:
+        return "not a reader's key"
+    if key_text not in topology.admins:
+        return "not an admin or auditor"
+    return _inbox_problem(nkey, deliver_subject)
+
+
+def _inbox_problem(nkey: str, deliver_subject: str) -> str | None:
+    inbox = natsid.inbox_prefix(nkey) + "."
+    if not deliver_subject.startswith(inbox) or not _is_literal(deliver_subject):
+        return "deliver subject must be in the asker's own inbox"
+    return None
+
+
 def delivery_problem(topology: Topology, host_id: str, deliver_subject: str) -> str | None:
     """Why the control plane will not make host `host_id` a consumer delivering
     to `deliver_subject` (None: it will). Only the host itself can ask (the
@@ -248,10 +266,7 @@ def delivery_problem(topology: Topology, host_id: str, deliver_subject: str) -> 
     if not host.signing_key:
         return f"host {host_id} has no key: enroll it again"
     verify_key = VerifyKey(base64.b64decode(host.signing_key))
-    inbox = natsid.inbox_prefix(natsid.public_nkey(verify_key)) + "."
-    if not deliver_subject.startswith(inbox) or not _is_literal(deliver_subject):
-        return "deliver subject must be in the host's own inbox"
-    return None
+    return _inbox_problem(natsid.public_nkey(verify_key), deliver_subject)
 
 
 def _is_literal(subject: str) -> bool:

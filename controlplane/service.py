@@ -36,6 +36,7 @@ from controlplane.brokerauth import (
     BrokerKeys,
     delivery_problem,
     names_at_stake,
+    reader_problem,
     still_admitted,
     throttle_bucket,
 )
@@ -71,7 +72,10 @@ from events.subjects import (
     COMMAND_PREFIX,
     CONSUME_PREFIX,
     DESIRED_STREAM,
+    EVENTS_PREFIX,
+    EVENTS_STREAM,
     QUERY_PREFIX,
+    READ_EVENTS_PREFIX,
     REPORTS_STREAM,
     RESYNC_PREFIX,
     aggregate_subject,
@@ -95,6 +99,7 @@ _reply_encoder = msgspec.json.Encoder()
 
 class ConsumeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     deliver_subject: str
+    start_seq: int = 1  # event stream readers: where to start
 
 
 class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -241,6 +246,11 @@ class ControlPlane:
         )
         self._subs.append(
             await self._nc.subscribe(f"{CONSUME_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_consume)
+        )
+        self._subs.append(
+            await self._nc.subscribe(
+                f"{READ_EVENTS_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_read_events
+            )
         )
         # Make sure the server has our subscriptions before we say we are ready.
         await server_has_seen_everything(self._nc)
@@ -604,6 +614,43 @@ class ControlPlane:
         else:
             reply = await self._make_agent_consumer(host_id, request.deliver_subject)
         await self._answer(msg, reply)
+
+    async def _on_read_events(self, msg: Msg) -> None:
+        """An admin, auditor or integration asks for a consumer of the event
+        stream, delivering into its inbox (readers make none themselves, for
+        the same reason as agents)."""
+        nkey = msg.subject.rpartition(".")[2]
+        try:
+            request = msgspec.json.decode(msg.data, type=ConsumeRequest)
+        except msgspec.DecodeError as exc:
+            reply = Reply(ok=False, code="invalid", error=f"invalid read request: {exc}")
+        else:
+            reply = await self._make_reader_consumer(nkey, request)
+        await self._answer(msg, reply)
+
+    async def _make_reader_consumer(self, nkey: str, request: ConsumeRequest) -> Reply:
+        if self.gate is not None:
+            problem = reader_problem(self.write_model, nkey, request.deliver_subject)
+            if problem is not None:
+                return Reply(ok=False, code="unauthorized", error=problem)
+        try:
+            info = await self._js.add_consumer(
+                EVENTS_STREAM,
+                ConsumerConfig(
+                    name=f"reader-{uuid.uuid4().hex[:12]}",
+                    filter_subject=f"{EVENTS_PREFIX}.>",
+                    deliver_subject=request.deliver_subject,
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=max(request.start_seq, 1),
+                    ack_policy=AckPolicy.NONE,
+                    inactive_threshold=AGENT_CONSUMER_INACTIVE,
+                    mem_storage=True,
+                ),
+            )
+        except Exception as exc:  # the service must outlive any one request
+            log.warning("reader consumer not made", error=repr(exc))
+            return Reply(ok=False, code="internal", error="could not make a consumer; retry")
+        return Reply(ok=True, result={"consumer": info.name})
 
     async def _make_agent_consumer(self, host_id: str, deliver_subject: str) -> Reply:
         if self.gate is not None:

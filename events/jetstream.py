@@ -14,7 +14,7 @@ import asyncio
 import collections
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -42,7 +42,7 @@ from events.store import (
     StoreUnavailable,
     check_batch,
 )
-from events.subjects import EVENTS_PREFIX, EVENTS_STREAM
+from events.subjects import EVENTS_PREFIX, EVENTS_STREAM, read_events_subject
 
 # JetStream error codes (ADR / server source) that carry meaning here.
 ERR_WRONG_LAST_SEQUENCE = 10071
@@ -95,9 +95,19 @@ class JetStreamEventStore:
     out (`RecordedEvent.signature`): anyone who can publish on the broker can
     put bytes in the stream, not events the control plane will believe."""
 
-    def __init__(self, nc: Client, *, timeout: float = 5.0, mac_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        timeout: float = 5.0,
+        mac_key: bytes | None = None,
+        reader: str | None = None,
+    ) -> None:
         self._nc = nc
         self._mac_key = mac_key
+        # On a guarded broker a reader (an admin's nkey) may not make consumers:
+        # it asks the control plane for one delivering into its inbox.
+        self._reader = reader
         self._js: JetStreamContext = nc.jetstream(timeout=timeout)
         self._timeout = timeout
         self._followers: dict[Any, Callable[[], None]] = {}
@@ -232,15 +242,18 @@ class JetStreamEventStore:
                 buffer.append(exc)
             arrived.set()
 
-        sub = await self._js.subscribe(
-            f"{EVENTS_PREFIX}.>",
-            stream=EVENTS_STREAM,
-            ordered_consumer=True,
-            cb=on_message,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(from_seq, 1)
-            ),
-        )
+        if self._reader is None:
+            sub = await self._js.subscribe(
+                f"{EVENTS_PREFIX}.>",
+                stream=EVENTS_STREAM,
+                ordered_consumer=True,
+                cb=on_message,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(from_seq, 1)
+                ),
+            )
+        else:
+            sub = await self._reader_subscription(max(from_seq, 1), on_message, buffer, arrived)
 
         def end() -> None:
             nonlocal ended
@@ -267,6 +280,44 @@ class JetStreamEventStore:
             if self._followers.pop(sub, None) is not None:
                 with contextlib.suppress(nats.errors.Error):
                     await sub.unsubscribe()
+
+    async def _reader_subscription(
+        self,
+        from_seq: int,
+        on_message: Callable[[Msg], Awaitable[None]],
+        buffer: collections.deque[RecordedEvent | BaseException],
+        arrived: asyncio.Event,
+    ) -> Any:
+        """Listen on a fresh inbox subject, then have the control plane make a
+        consumer delivering there from `from_seq`. Without the ordered
+        consumer's repair, a message dropped on the way (a reader too slow for
+        its buffers) ends the reading with an error rather than a silent gap."""
+        assert self._reader is not None
+        expected = 1
+
+        async def in_order(msg: Msg) -> None:
+            nonlocal expected
+            delivered = msg.metadata.sequence.consumer
+            if delivered != expected:
+                buffer.append(StoreError("events were dropped on the way (reader too slow)"))
+                arrived.set()
+                return
+            expected += 1
+            await on_message(msg)
+
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox, cb=in_order)
+        answer = await self._nc.request(
+            read_events_subject(self._reader),
+            msgspec.json.encode({"deliver_subject": inbox, "start_seq": from_seq}),
+            timeout=self._timeout,
+        )
+        reply = msgspec.json.decode(answer.data)
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            await sub.unsubscribe()
+            why = reply.get("error") if isinstance(reply, dict) else "unreadable answer"
+            raise StoreError(f"the control plane made no consumer of the event stream: {why}")
+        return sub
 
     def _recorded(self, msg: Msg) -> RecordedEvent:
         seq = msg.metadata.sequence.stream

@@ -17,6 +17,9 @@ RESYNC_PREFIX = "netmesh.resync"
 # is not checked against the creator's permissions, so a host allowed to create
 # one could have JetStream deliver to any subject).
 CONSUME_PREFIX = "netmesh.consume"
+# The same for readers of the event stream (admins, auditors, integrations):
+# `netmesh.readevents.<their nkey>`.
+READ_EVENTS_PREFIX = "netmesh.readevents"
 
 NETWORK_EVENTS_WILDCARD = f"{EVENTS_PREFIX}.network.*"
 ADMIN_EVENTS_WILDCARD = f"{EVENTS_PREFIX}.admin.*"
@@ -41,6 +44,10 @@ def resync_subject(host_id: str) -> str:
 
 def consume_subject(host_id: str) -> str:
     return f"{CONSUME_PREFIX}.{host_id}"
+
+
+def read_events_subject(nkey: str) -> str:
+    return f"{READ_EVENTS_PREFIX}.{nkey}"
 
 
 def command_subject(verb: str) -> str:

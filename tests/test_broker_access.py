@@ -32,12 +32,14 @@ from controlplane.service import ControlPlane
 from events import natsid
 from events.commands import Reply
 from events.connect import connect_once, refused_by_broker
+from events.jetstream import JetStreamEventStore
 from events.signing import load_or_create, public_text
 from events.subjects import (
     DESIRED_STREAM,
     EVENTS_STREAM,
     consume_subject,
     desired_subject,
+    read_events_subject,
     report_subject,
     resync_subject,
 )
@@ -425,44 +427,42 @@ async def test_reply_addresses_cannot_steer_the_control_plane_into_the_streams(
     assert not broker.plane.failed.is_set()
 
 
-async def test_readers_make_only_ephemeral_event_consumers(broker: Broker) -> None:
-    """An auditor follows the event stream (as `events log -f` does) but cannot
-    leave durable consumers behind (they would outlive the auditor's removal)."""
+async def test_readers_read_events_through_consumers_the_control_plane_makes(
+    broker: Broker,
+) -> None:
+    """An auditor reads the whole event stream (as `events log/verify` do), but
+    makes no consumers itself: a consumer may deliver to any subject, and one
+    could outlive the auditor's removal."""
     auditor_key = SigningKey.generate()
     await broker.admin.ok(
         "admin.add", name="eve", public_key=public_text(auditor_key), role="auditor"
     )
     auditor = await broker.connect(auditor_key)
-    js = auditor.nc.jetstream()
-    sub = await js.subscribe("netmesh.ev.>", stream=EVENTS_STREAM, ordered_consumer=True)
-    assert (await sub.next_msg(timeout=5)).subject.startswith("netmesh.ev.")
-    durable = json.dumps(
-        {"stream_name": EVENTS_STREAM, "config": {"durable_name": "stay", "ack_policy": "none"}}
+    nkey = natsid.public_nkey(auditor_key)
+    store = JetStreamEventStore(auditor.nc, reader=nkey)
+    head = await store.last_sequence()
+    seen = []
+    async for batch in store.follow_batches(1):
+        seen += [r.seq for r in batch]
+        if seen[-1] >= head:
+            break
+    assert seen == list(range(1, head + 1))
+
+    # Its own consumers: none, durable or not.
+    consumer = json.dumps(
+        {"stream_name": EVENTS_STREAM, "config": {"deliver_subject": "x", "ack_policy": "none"}}
     ).encode()
+    await auditor.nc.publish(f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}", consumer)
+    await auditor.denied(f"CONSUMER.CREATE.{EVENTS_STREAM}")
+    # Through the control plane: only into its own inbox, and only as itself.
     answer = await auditor.nc.request(
-        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}", durable, timeout=5
+        read_events_subject(nkey), b'{"deliver_subject": "netmesh.cmd.x"}', timeout=5
     )
-    assert "error" in json.loads(answer.data)
-    # Nor one that asks to linger unheard for an hour (the stream caps it).
-    lingering = json.dumps(
-        {
-            "stream_name": EVENTS_STREAM,
-            "config": {
-                "name": "lingering",
-                "deliver_subject": "nowhere.at.all",
-                "ack_policy": "none",
-                "inactive_threshold": 3600 * 10**9,
-            },
-        }
-    ).encode()
-    answer = await auditor.nc.request(
-        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}", lingering, timeout=5
-    )
-    assert "error" in json.loads(answer.data)
-    await auditor.nc.publish(f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.stay", durable)
-    await auditor.denied(f"CONSUMER.CREATE.{EVENTS_STREAM}.stay")
-    await auditor.nc.publish(f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS_STREAM}.stay", durable)
-    await auditor.denied("CONSUMER.DURABLE.CREATE")
+    refused = msgspec.json.decode(answer.data, type=Reply)
+    assert not refused.ok and "own inbox" in (refused.error or "")
+    other = natsid.public_nkey(load_or_create(broker.data / "admin.key"))
+    await auditor.nc.publish(read_events_subject(other), b"{}")
+    await auditor.denied(read_events_subject(other))
 
 
 async def test_sweep_disconnects_whoever_is_no_longer_admitted(broker: Broker) -> None:
