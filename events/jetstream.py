@@ -297,8 +297,10 @@ class JetStreamEventStore:
 
         async def in_order(msg: Msg) -> None:
             nonlocal expected
-            delivered = msg.metadata.sequence.consumer
-            if delivered != expected:
+            if expected == 0:
+                return  # already broken: the reader is stopping
+            if msg.metadata.sequence.consumer != expected:
+                expected = 0
                 buffer.append(StoreError("events were dropped on the way (reader too slow)"))
                 arrived.set()
                 return
