@@ -21,6 +21,7 @@ from events.connect import (
     BrokerDenied,
     BrokerTlsMissing,
     Denials,
+    broker_guarded,
     connect_once,
     refused_by_broker,
     tls_options,
@@ -142,7 +143,7 @@ async def command(server: str, verb: str, *, login: Login | None = None, **field
 def event_reader(nc: Client, login: Login) -> str | None:
     """Who reads the event stream, on a guarded broker (where readers have the
     control plane make their consumers); None on an open one."""
-    if login.key is None or not nc._server_info.get("auth_required"):
+    if login.key is None or not broker_guarded(nc):
         return None
     return str(natsid.public_nkey(login.key))
 

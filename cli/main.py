@@ -83,6 +83,11 @@ async def admin_command(server: str, verb: str, **fields: Any) -> Any:
     return await command(server, verb, login=Login(key, login().ca), **fields)
 
 
+async def admin_query(server: str, what: str, **args: Any) -> Any:
+    """A query, logged in as the admin given to `netmesh` (where there is one)."""
+    return await query(server, what, login=login(), **args)
+
+
 def login() -> Login:
     """The admin key and broker CA given to `netmesh` (or the defaults), where
     they exist: who this CLI is to the broker, for queries and events too."""
@@ -266,7 +271,7 @@ def network_create(
 @click.pass_obj
 def network_list(server: str, as_json: bool) -> None:
     """List networks."""
-    rows = run(query(server, login=login(), what="networks"))
+    rows = run(admin_query(server, "networks"))
     if as_json:
         emit_json(rows)
         return
@@ -285,7 +290,7 @@ def network_list(server: str, as_json: bool) -> None:
 @click.pass_obj
 def network_show(server: str, name: str, as_json: bool) -> None:
     """Show network NAME, its nodes and keys."""
-    net = run(query(server, login=login(), what="network", name=name))
+    net = run(admin_query(server, "network", name=name))
     if as_json:
         emit_json(net)
         return
@@ -379,7 +384,7 @@ def _print_keys(rows: list[dict[str, Any]]) -> None:
 @click.pass_obj
 def key_list(server: str, as_json: bool) -> None:
     """List enrollment keys (never their secrets)."""
-    rows = run(query(server, login=login(), what="keys"))
+    rows = run(admin_query(server, "keys"))
     if as_json:
         emit_json(rows)
     else:
@@ -423,7 +428,7 @@ def node() -> None:
 @click.pass_obj
 def node_list(server: str, network_name: str | None, as_json: bool) -> None:
     """List nodes."""
-    rows = run(query(server, login=login(), what="nodes", network=network_name))
+    rows = run(admin_query(server, "nodes", network=network_name))
     if as_json:
         emit_json(rows)
     else:
@@ -436,7 +441,7 @@ def node_list(server: str, network_name: str | None, as_json: bool) -> None:
 @click.pass_obj
 def node_show(server: str, node_ref: str, as_json: bool) -> None:
     """Show NODE (id, NETWORK/NAME, or a unique name)."""
-    n = run(query(server, login=login(), what="node", node=node_ref))
+    n = run(admin_query(server, "node", node=node_ref))
     if as_json:
         emit_json(n)
         return
@@ -505,7 +510,7 @@ def node_remove(server: str, node_ref: str, as_json: bool) -> None:
 @click.pass_obj
 def status(server: str, as_json: bool) -> None:
     """Each node: is its interface at the revision the control plane wants?"""
-    rows = run(query(server, login=login(), what="status"))
+    rows = run(admin_query(server, "status"))
     if as_json:
         emit_json(rows)
         return
@@ -582,7 +587,7 @@ def admin_add(
 @click.pass_obj
 def admin_list(server: str, as_json: bool) -> None:
     """Admins, their roles and keys."""
-    rows = run(query(server, login=login(), what="admins"))
+    rows = run(admin_query(server, "admins"))
     if as_json:
         emit_json(rows)
         return

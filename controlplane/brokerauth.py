@@ -412,10 +412,7 @@ class BrokerGate:
     async def disconnect(self, names: set[str], timeout: float = 1.0) -> int:
         """Close every connection admitted as one of `names`, on every server
         that answers within `timeout`. Returns how many were closed."""
-        closed = 0
-        for name in sorted(names):
-            for server_id, cid in await self._connections_of(name, timeout):
-                closed += await self._kick(server_id, cid, timeout)
+        closed = await self._kick_where(names.__contains__, timeout)
         if closed:
             log.info("disconnected identities that lost access", names=sorted(names), closed=closed)
         return closed
@@ -424,8 +421,18 @@ class BrokerGate:
         """Disconnect every connection whose identity is no longer admitted: the
         net under `disconnect` (a control plane that stopped between an event
         and its disconnect, a kick that timed out). Returns how many."""
-        closed = 0
         topology = self._topology()
+
+        def lost(name: str) -> bool:
+            kind = name.partition(":")[0]
+            return kind in ("host", "admin") and not still_admitted(topology, name)
+
+        return await self._kick_where(lost, timeout)
+
+    async def _kick_where(self, should_go: Callable[[str], bool], timeout: float) -> int:
+        """Close the connections, on every server that answers, whose admitted
+        name `should_go` says must go. Returns how many were closed."""
+        closed = 0
         for server_id in await self._servers(timeout):
             try:
                 connections = await self._named_connections(server_id, timeout)
@@ -433,12 +440,9 @@ class BrokerGate:
                 log.info("connections not listed", server=server_id, error=repr(exc))
                 continue
             for cid, name in connections:
-                lost = name.partition(":")[0] in ("host", "admin") and not still_admitted(
-                    topology, name
-                )
-                if lost and await self._kick(server_id, cid, timeout):
+                if should_go(name) and await self._kick(server_id, cid, timeout):
                     closed += 1
-                    log.info("disconnected: no longer admitted", name=name)
+                    log.info("disconnected", name=name)
         return closed
 
     async def _kick(self, server_id: str, cid: int, timeout: float) -> bool:
@@ -496,15 +500,3 @@ class BrokerGate:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         return answers
-
-    async def _connections_of(self, name: str, timeout: float) -> list[tuple[str, int]]:
-        found: list[tuple[str, int]] = []
-        for body in await self._gather(
-            "$SYS.REQ.SERVER.PING.CONNZ", {"user": name, "limit": 10_000}, timeout
-        ):
-            try:
-                server_id = body["server"]["id"]
-                found += [(server_id, c["cid"]) for c in body["data"]["connections"]]
-            except (KeyError, TypeError):
-                continue
-        return found

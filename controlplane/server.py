@@ -21,7 +21,7 @@ from controlplane.brokertls import BrokerTls, ensure_broker_tls
 from controlplane.embedded import REPO_NATS_CONF, EmbeddedNats, NatsServerError
 from controlplane.service import ControlPlane
 from events import natsid
-from events.connect import connect_once, refused_by_broker, tls_options, uses_tls
+from events.connect import broker_guarded, connect_once, refused_by_broker, tls_options, uses_tls
 from events.signing import load_or_create
 
 log = structlog.get_logger("netmesh.server")
@@ -141,7 +141,7 @@ async def run_server(
         nc = await nats.connect(
             nats_url, name="netmesh-controlplane", max_reconnect_attempts=-1, **login, **secure
         )
-        if nc._server_info.get("auth_required"):
+        if broker_guarded(nc):
             system_nc = await nats.connect(
                 nats_url,
                 name="netmesh-controlplane-system",

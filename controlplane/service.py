@@ -16,7 +16,7 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,7 @@ log = structlog.get_logger("netmesh.controlplane")
 QUEUE_GROUP = "netmesh-controlplane"
 MAX_ATTEMPTS = 10
 READ_YOUR_WRITES_TIMEOUT = 5.0
-AGENT_CONSUMER_INACTIVE = 60.0
+CLIENT_CONSUMER_INACTIVE = 60.0
 
 _reply_encoder = msgspec.json.Encoder()
 
@@ -607,80 +607,68 @@ class ControlPlane:
         that no agent may create consumers (whose deliver subject the broker
         does not check against the creator's permissions)."""
         host_id = msg.subject.rpartition(".")[2]
-        try:
-            request = msgspec.json.decode(msg.data, type=ConsumeRequest)
-        except msgspec.DecodeError as exc:
-            reply = Reply(ok=False, code="invalid", error=f"invalid consume request: {exc}")
-        else:
-            reply = await self._make_agent_consumer(host_id, request.deliver_subject)
-        await self._answer(msg, reply)
+        await self._answer(msg, await self._consumer_for(msg, self._make_agent_consumer, host_id))
 
     async def _on_read_events(self, msg: Msg) -> None:
         """An admin, auditor or integration asks for a consumer of the event
         stream, delivering into its inbox (readers make none themselves, for
         the same reason as agents)."""
         nkey = msg.subject.rpartition(".")[2]
+        await self._answer(msg, await self._consumer_for(msg, self._make_reader_consumer, nkey))
+
+    async def _consumer_for(
+        self,
+        msg: Msg,
+        make: Callable[[str, ConsumeRequest], Awaitable[Reply]],
+        asker: str,
+    ) -> Reply:
         try:
             request = msgspec.json.decode(msg.data, type=ConsumeRequest)
         except msgspec.DecodeError as exc:
-            reply = Reply(ok=False, code="invalid", error=f"invalid read request: {exc}")
-        else:
-            reply = await self._make_reader_consumer(nkey, request)
-        await self._answer(msg, reply)
+            return Reply(ok=False, code="invalid", error=f"invalid consumer request: {exc}")
+        return await make(asker, request)
 
     async def _make_reader_consumer(self, nkey: str, request: ConsumeRequest) -> Reply:
-        if self.gate is not None:
-            problem = reader_problem(self.write_model, nkey, request.deliver_subject)
-            if problem is not None:
-                return Reply(ok=False, code="unauthorized", error=problem)
-        try:
-            info = await self._js.add_consumer(
-                EVENTS_STREAM,
-                ConsumerConfig(
-                    name=f"reader-{uuid.uuid4().hex[:12]}",
-                    filter_subject=f"{EVENTS_PREFIX}.>",
-                    deliver_subject=request.deliver_subject,
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=max(request.start_seq, 1),
-                    ack_policy=AckPolicy.NONE,
-                    inactive_threshold=AGENT_CONSUMER_INACTIVE,
-                    mem_storage=True,
-                ),
-            )
-        except Exception as exc:  # the service must outlive any one request
-            log.warning("reader consumer not made", error=repr(exc))
-            return Reply(ok=False, code="internal", error="could not make a consumer; retry")
-        return Reply(ok=True, result={"consumer": info.name})
+        problem = reader_problem(self.write_model, nkey, request.deliver_subject)
+        config = _delivering_consumer(
+            f"reader-{uuid.uuid4().hex[:12]}",
+            f"{EVENTS_PREFIX}.>",
+            request.deliver_subject,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(request.start_seq, 1),
+        )
+        return await self._make_consumer(EVENTS_STREAM, config, problem)
 
-    async def _make_agent_consumer(self, host_id: str, deliver_subject: str) -> Reply:
-        if self.gate is not None:
-            problem = delivery_problem(self.write_model, host_id, deliver_subject)
-            if problem is not None:
-                return Reply(ok=False, code="unauthorized", error=problem)
-        name = f"agent-{host_id}-{uuid.uuid4().hex[:8]}"
+    async def _make_agent_consumer(self, host_id: str, request: ConsumeRequest) -> Reply:
+        problem = delivery_problem(self.write_model, host_id, request.deliver_subject)
+        config = _delivering_consumer(
+            f"agent-{host_id}-{uuid.uuid4().hex[:8]}",
+            desired_subject(host_id),
+            request.deliver_subject,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        reply = await self._make_consumer(DESIRED_STREAM, config, problem)
+        if reply.ok:
+            assert config.name is not None
+            previous = self._agent_consumers.pop(host_id, None)
+            self._agent_consumers[host_id] = config.name
+            if previous is not None:
+                with contextlib.suppress(Exception):
+                    await self._js.delete_consumer(DESIRED_STREAM, previous)
+        return reply
+
+    async def _make_consumer(
+        self, stream: str, config: ConsumerConfig, problem: str | None
+    ) -> Reply:
+        """Create it, unless a guarded broker's rules say no (`problem`)."""
+        if self.gate is not None and problem is not None:
+            return Reply(ok=False, code="unauthorized", error=problem)
         try:
-            await self._js.add_consumer(
-                DESIRED_STREAM,
-                ConsumerConfig(
-                    name=name,
-                    filter_subject=desired_subject(host_id),
-                    deliver_subject=deliver_subject,
-                    deliver_policy=DeliverPolicy.ALL,
-                    ack_policy=AckPolicy.NONE,
-                    # Gone a minute after its agent stops listening.
-                    inactive_threshold=AGENT_CONSUMER_INACTIVE,
-                    mem_storage=True,
-                ),
-            )
+            await self._js.add_consumer(stream, config)
         except Exception as exc:  # the service must outlive any one request
-            log.warning("agent consumer not made", host_id=host_id, error=repr(exc))
+            log.warning("consumer not made", stream=stream, error=repr(exc))
             return Reply(ok=False, code="internal", error="could not make a consumer; retry")
-        previous = self._agent_consumers.pop(host_id, None)
-        self._agent_consumers[host_id] = name
-        if previous is not None:
-            with contextlib.suppress(Exception):
-                await self._js.delete_consumer(DESIRED_STREAM, previous)
-        return Reply(ok=True, result={"consumer": name})
+        return Reply(ok=True, result={"consumer": config.name})
 
     async def _answer(self, msg: Msg, reply: Reply) -> None:
         """Answer a request, but only into an inbox. The broker checks the
@@ -771,6 +759,22 @@ def awaiting(task: asyncio.Task[Any]) -> list[str]:
             where.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
         awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "ag_await", None)
     return where
+
+
+def _delivering_consumer(
+    name: str, filter_subject: str, deliver_subject: str, **start: Any
+) -> ConsumerConfig:
+    """A consumer made for a client: pushes into its inbox, no acks, in memory,
+    gone a minute after nobody listens."""
+    return ConsumerConfig(
+        name=name,
+        filter_subject=filter_subject,
+        deliver_subject=deliver_subject,
+        ack_policy=AckPolicy.NONE,
+        inactive_threshold=CLIENT_CONSUMER_INACTIVE,
+        mem_storage=True,
+        **start,
+    )
 
 
 def _actor(msg: Msg) -> str:

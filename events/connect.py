@@ -83,6 +83,13 @@ class Denials:
                 raise BrokerDenied(fresh[0])
 
 
+def broker_guarded(nc: Client) -> bool:
+    """Whether the broker asked this connection for credentials (a guarded
+    broker; nats-py keeps the server's INFO in a private field)."""
+    info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
+    return bool(info.get("auth_required"))
+
+
 def refused_by_broker(exc: BaseException) -> bool:
     """The broker turned our credentials away (nats-py raises a plain Error with
     the server's text on first connect, AuthorizationError later)."""

@@ -331,14 +331,17 @@ async def test_a_host_speaks_only_with_its_own_key(cp: tuple[ControlPlane, Admin
     plane, admin = cp
     token = await network_with_token(admin)
     host_key = SigningKey.generate()
-    payload, headers = signed_payload(
-        host_key,
-        "join",
-        {"token": token, "public_key": public_key(1), "name": "h1", "command_id": "j1",
-         "signing_key": public_text(host_key)},
-    )  # fmt: skip
-    msg = await admin.nc.request("netmesh.cmd.join", payload, headers=headers, timeout=10)
-    joined = msgspec.json.decode(msg.data, type=Reply)
+
+    async def send(verb: str, signed: tuple[bytes, dict[str, str]]) -> Reply:
+        data, hdrs = signed
+        msg = await admin.nc.request(f"netmesh.cmd.{verb}", data, headers=hdrs, timeout=10)
+        return msgspec.json.decode(msg.data, type=Reply)
+
+    def join(key: SigningKey, n: int, name: str, **extra: str) -> tuple[bytes, dict[str, str]]:
+        fields = {"token": token, "public_key": public_key(n), "name": name, **extra}
+        return signed_payload(key, "join", {**fields, "signing_key": public_text(key)})
+
+    joined = await send("join", join(host_key, 1, "h1", command_id="j1"))
     assert joined.ok, joined.error
     host_id = joined.result["host_id"]
     before = await admin.last_seq()
@@ -350,37 +353,20 @@ async def test_a_host_speaks_only_with_its_own_key(cp: tuple[ControlPlane, Admin
         signed_payload(other, "endpoint.report", report),  # someone else's key
         signed_payload(host_key, "host.leave", report),  # signed for another verb
     ]
-    for data, hdrs in attempts:
-        msg = await admin.nc.request("netmesh.cmd.endpoint.report", data, headers=hdrs, timeout=10)
-        refused = msgspec.json.decode(msg.data, type=Reply)
+    for attempt in attempts:
+        refused = await send("endpoint.report", attempt)
         assert (refused.ok, refused.code) == (False, "unauthorized"), refused
     # Taking the host over: its WireGuard key, a new signing key.
-    data, hdrs = signed_payload(
-        other,
-        "join",
-        {"token": token, "public_key": public_key(1), "name": "h1",
-         "signing_key": public_text(other)},
-    )  # fmt: skip
-    msg = await admin.nc.request("netmesh.cmd.join", data, headers=hdrs, timeout=10)
-    refused = msgspec.json.decode(msg.data, type=Reply)
+    refused = await send("join", join(other, 1, "h1"))
     assert (refused.ok, refused.code) == (False, "unauthorized"), refused
     # Its host key for a second host (another WireGuard key) while the first is
     # still a member: it would log in to the broker as the first.
-    data, hdrs = signed_payload(
-        host_key,
-        "join",
-        {"token": token, "public_key": public_key(2), "name": "h1-again",
-         "signing_key": public_text(host_key)},
-    )  # fmt: skip
-    msg = await admin.nc.request("netmesh.cmd.join", data, headers=hdrs, timeout=10)
-    refused = msgspec.json.decode(msg.data, type=Reply)
+    refused = await send("join", join(host_key, 2, "h1-again"))
     assert (refused.ok, refused.code) == (False, "conflict"), refused
     assert "already belongs to host" in (refused.error or "")
     assert await admin.last_seq() == before  # nothing was written
 
-    data, hdrs = signed_payload(host_key, "endpoint.report", report)
-    msg = await admin.nc.request("netmesh.cmd.endpoint.report", data, headers=hdrs, timeout=10)
-    assert msgspec.json.decode(msg.data, type=Reply).ok
+    assert (await send("endpoint.report", signed_payload(host_key, "endpoint.report", report))).ok
     # The log proves it: the join and the report are verified as the host's.
     recorded = []
     async for batch in plane.store.follow_batches(1):
