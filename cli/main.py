@@ -622,9 +622,11 @@ def events_log(server: str, follow: bool, as_json: bool) -> None:
 
 async def _events_log(server: str, follow: bool, as_json: bool) -> None:
     import msgspec
+    import nats.errors
 
     from events.envelope import encode_envelope
     from events.jetstream import JetStreamEventStore
+    from events.store import StoreError
 
     who = login()
     nc = await connect(server, who)
@@ -655,6 +657,9 @@ async def _events_log(server: str, follow: bool, as_json: bool) -> None:
             sys.stdout.flush()
             if not follow and recorded.seq >= head:
                 return
+    except (StoreError, nats.errors.Error, TimeoutError) as exc:
+        # The control plane made no consumer, or events were dropped on the way.
+        raise CliError(f"cannot read the event stream at {server}: {exc}") from None
     finally:
         await nc.close()
 
@@ -694,8 +699,11 @@ def events_verify(server: str, root_key: str | None, as_json: bool) -> None:
 
 
 async def _events_verify(server: str, root_key: str | None) -> AuditReport:
+    import nats.errors
+
     from controlplane.audit import verify_log
     from events.jetstream import JetStreamEventStore
+    from events.store import StoreError
 
     who = login()
     nc = await connect(server, who)
@@ -712,6 +720,9 @@ async def _events_verify(server: str, root_key: str | None) -> AuditReport:
                 if batch[-1].seq >= head:
                     break
         return verify_log(recorded, root_key)
+    except (StoreError, nats.errors.Error, TimeoutError) as exc:
+        # The control plane made no consumer, or events were dropped on the way.
+        raise CliError(f"cannot read the event stream at {server}: {exc}") from None
     finally:
         await nc.close()
 
