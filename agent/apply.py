@@ -14,10 +14,12 @@ from agent.link import LinkControl, LinkState
 from agent.plan import (
     Actual,
     AddAddress,
+    AddRoute,
     CreateInterface,
     Op,
     RemoveAddress,
     RemovePeer,
+    RemoveRoute,
     SetListenPort,
     SetMtu,
     SetPrivateKey,
@@ -81,6 +83,10 @@ async def apply(
                     await link.add_address(cidr)
                 case RemoveAddress(cidr=cidr):
                     await link.remove_address(cidr)
+                case AddRoute(cidr=cidr):
+                    await link.add_route(cidr)
+                case RemoveRoute(cidr=cidr):
+                    await link.remove_route(cidr)
             done += 1
             i += 1
     except BackendError as exc:

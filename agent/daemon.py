@@ -29,12 +29,13 @@ from nacl.signing import SigningKey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from agent.apply import apply, read_actual
+from agent.apply import read_actual
 from agent.backend import BackendError, DeviceState, WireGuardBackend
 from agent.endpoints import detect_endpoints
 from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.link import Link, LinkControl
-from agent.plan import Actual, plan
+from agent.plan import Actual, Op
+from agent.reconcile import reconcile
 from agent.statedir import (
     AgentStatus,
     Identity,
@@ -252,6 +253,9 @@ class Agent:
         self._background: set[asyncio.Task[None]] = set()
         self._subscribing = asyncio.Lock()
         self.applied: DesiredState | None = None
+        # Per reconciler, the desired state it last applied in full.
+        self._applied_by: dict[str, DesiredState] = {}
+        self.section_errors: dict[str, str] = {}  # reconciler -> why its last pass failed
         self.nc: Client | None = None
         self._wake = asyncio.Event()
         self._retry_delay = RETRY_MIN
@@ -428,37 +432,53 @@ class Agent:
         return await read_actual(self.backend, self.link)
 
     async def reconcile_once(self) -> bool:
-        """One pass. Returns True when the interface matches the desired state."""
+        """One pass. Returns True when the machine matches the desired state."""
         desired = self.desired
         if desired is None:
             return True
+        drift = self.applied is not None and self.applied.revision == desired.revision
+
+        def log_op(section: str, op: Op) -> None:
+            log.info(
+                "drift repair" if drift else "apply",
+                section=section,
+                op=str(op),
+                revision=desired.revision,
+            )
+
         try:
-            actual = await self.read_actual()
+            result = await reconcile(
+                desired,
+                self.backend,
+                self.link,
+                public_key=self.public_key,
+                private_key=self._private_key,
+                previous=self._applied_by,
+                on_op=log_op,
+            )
         except BackendError as exc:
             return self._failed(desired, f"read: {exc}")
-        ops = plan(desired, actual, public_key=self.public_key, previous=self.applied)
-        if ops:
-            drift = self.applied is not None and self.applied.revision == desired.revision
-            for op in ops:
-                log.info(
-                    "drift repair" if drift else "apply", op=str(op), revision=desired.revision
-                )
-            result = await apply(ops, self.backend, self.link, self._private_key)
-            if not result.ok:
-                return self._failed(desired, f"{ops[result.applied]}: {result.error}")
+        for outcome in result.outcomes:
+            if outcome.ok:
+                self._applied_by[outcome.name] = desired
+        self.section_errors = result.errors()
+        if not result.ok:
+            return self._failed(
+                desired, "; ".join(f"{name}: {why}" for name, why in self.section_errors.items())
+            )
         newly = self.applied is None or self.applied.revision != desired.revision
         self.applied = desired
         self._last_error = None
         self._retry_delay = RETRY_MIN
-        if newly or ops:
-            log.info("in sync", revision=desired.revision, ops=len(ops))
-        if ops:
+        if newly or result.ops:
+            log.info("in sync", revision=desired.revision, ops=result.ops)
+        if result.ops:
             # Look again soon: new peers handshake within seconds, and the
             # control plane should hear about it before the next resync.
             asyncio.get_running_loop().call_later(SETTLE_DELAY, self._wake.set)
         self.write_status()
         # An empty plan means the device we just read is still current.
-        await self.report(None if ops else actual.device)
+        await self.report(None if result.ops else result.actual.device)
         return True
 
     def write_status(self) -> None:
@@ -519,6 +539,7 @@ class Agent:
             at=time.time(),
             interface=self.backend.interface,
             error=self._last_error,
+            section_errors=self.section_errors,
             peers=peers,
             rejected=self.rejected,
             last_rejection=self.last_rejection,
@@ -556,7 +577,7 @@ class Agent:
         desired = self.desired
         if desired is None:
             return None
-        if desired.key_epoch > self.identity.key_epoch:
+        if desired.interface.key_epoch > self.identity.key_epoch:
             return "requested"
         if self.rotate_every is not None and now >= self._next_scheduled_rotation:
             age = now - self.state.private_key_made_at()
@@ -589,7 +610,7 @@ class Agent:
         else:  # not retried at once: it would fail the same way on every pass
             log.warning("key rotation refused", error=reply.error, why=why)
             self._next_scheduled_rotation = time.time() + SCHEDULED_ROTATION_RETRY
-        self.identity.key_epoch = desired.key_epoch
+        self.identity.key_epoch = desired.interface.key_epoch
         self.state.save_identity(self.identity)
 
     async def check_endpoints(self) -> None:
@@ -675,7 +696,7 @@ class Agent:
         endpoints = list(self.identity.endpoints)
         # Without a desired state we do not know our port: let the control plane
         # keep the one it chose (the network's) rather than claim a default.
-        listen_port = self.desired.listen_port if self.desired else None
+        listen_port = self.desired.interface.listen_port if self.desired else None
         try:
             reply = await send_host_command(
                 self.nc,

@@ -20,7 +20,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 from agent.backend import BackendError
 
 _MAIN_TABLE = 254
-_RTPROT_KERNEL = 2  # routes the kernel derives from addresses
+# Routes the agent adds carry this protocol number (unassigned in
+# /etc/iproute2/rt_protos): it lists and removes only those, never a route
+# someone else put on its interface.
+RTPROT_NETMESH = 77
 _RTN_UNICAST = 1
 _RT_SCOPE_UNIVERSE = 0
 _IFF_UP = 0x1
@@ -44,9 +47,9 @@ class LinkState(msgspec.Struct, frozen=True, kw_only=True):
         "10.0.0.1/24"), sorted as strings. Kernel-made IPv6 link-local (fe80::/10) and
         host-scope addresses are left out: nobody configured them.
     routes: destinations ("network/prefix", sorted as strings) of unicast routes in
-        the main table whose output interface is this one, except those the kernel
-        adds by itself for the interface's addresses (proto kernel): what remains is
-        what someone (the agent) added.
+        the main table whose output interface is this one and that the agent added
+        (protocol RTPROT_NETMESH): not the kernel's own for the interface's
+        addresses, not anyone else's.
     """
 
     index: int
@@ -105,7 +108,7 @@ class Link:
                     async for msg in await ipr.route("dump", table=_MAIN_TABLE)
                     if msg.get("oif") == index
                     and msg["type"] == _RTN_UNICAST
-                    and msg["proto"] != _RTPROT_KERNEL
+                    and msg["proto"] == RTPROT_NETMESH
                     and msg.get("table") == _MAIN_TABLE
                 ]
             except NetlinkError as exc:
@@ -169,6 +172,7 @@ class Link:
             ok=(errno.EEXIST,),
             dst=destination,
             table=_MAIN_TABLE,
+            proto=RTPROT_NETMESH,
         )
         # EEXIST may come from a route to the same destination via another
         # interface: that one is not ours to take over silently.
@@ -186,6 +190,7 @@ class Link:
             ok=(errno.ESRCH, errno.ENOENT),
             dst=str(_network(cidr)),
             table=_MAIN_TABLE,
+            proto=RTPROT_NETMESH,
         )
 
     async def delete(self) -> None:

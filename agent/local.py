@@ -57,7 +57,7 @@ async def local_status(state_dir: Path, interface: str | None) -> dict[str, Any]
     finally:
         await link.close()
     now = time.time()
-    names = {p.public_key: p.name for p in desired.peers} if desired else {}
+    names = {key: p.name for key, p in desired.peers.items()} if desired else {}
     return {
         "host_id": identity.host_id if identity else None,
         "name": identity.name if identity else None,

@@ -1,7 +1,10 @@
-"""plan(desired, actual) -> ops: what to change so the interface is as desired.
+"""plan(desired, actual) -> ops: what to change so the machine is as desired.
 
-Pure and typed; every op prints itself, so the plan that is applied is also
-what is logged and shown (`--dry-run` for free). Rules that keep tunnels up:
+One pure planner per part of the machine the agent owns (the WireGuard device,
+the link and its addresses, the peers, the routes): each is one reconciler's
+plan (agent/reconcile.py), and `plan` is all of them in order. Pure and
+typed; every op prints itself, so the plan that is applied is also what is
+logged and shown (`--dry-run` for free). Rules that keep tunnels up:
 
 - touch only what differs: an unchanged peer is never written;
 - a peer is changed in place (its allowed IPs replaced), never removed and
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 
 from agent.backend import DeviceState, PeerSpec, PeerState
 from agent.link import LinkState
-from events.desired import DesiredState, PeerConfig
+from events.desired import DesiredState, PeerEntry
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,22 @@ class RemovePeer:
         return f"remove peer {self.public_key}"
 
 
+@dataclass(frozen=True)
+class AddRoute:
+    cidr: str
+
+    def __str__(self) -> str:
+        return f"add route {self.cidr}"
+
+
+@dataclass(frozen=True)
+class RemoveRoute:
+    cidr: str
+
+    def __str__(self) -> str:
+        return f"remove route {self.cidr}"
+
+
 Op = (
     CreateInterface
     | SetPrivateKey
@@ -114,36 +133,32 @@ Op = (
     | RemoveAddress
     | UpsertPeer
     | RemovePeer
+    | AddRoute
+    | RemoveRoute
 )
 
 
-def plan(
-    desired: DesiredState,
-    actual: Actual,
-    *,
-    public_key: str,
-    previous: DesiredState | None = None,
-) -> list[Op]:
-    """Ops that take `actual` to `desired`; empty when nothing differs.
-
-    `public_key` is this host's own key (the device must hold its private half);
-    `previous` is the desired state last applied, used to tell a control-plane
-    endpoint change from WireGuard roaming.
-    """
+def plan_interface(desired: DesiredState, actual: Actual, *, public_key: str) -> list[Op]:
+    """The WireGuard device itself: there, with our key and the listen port."""
     ops: list[Op] = []
     device = actual.device
-    link = actual.link
-    if device is None or link is None:
+    if device is None or actual.link is None:
         ops.append(CreateInterface())
     if device is None or device.public_key != public_key:
         ops.append(SetPrivateKey(public_key))
-    if device is None or device.listen_port != desired.listen_port:
-        ops.append(SetListenPort(desired.listen_port))
-    if link is None or link.mtu != desired.mtu:
-        ops.append(SetMtu(desired.mtu))
+    if device is None or device.listen_port != desired.interface.listen_port:
+        ops.append(SetListenPort(desired.interface.listen_port))
+    return ops
 
+
+def plan_link(desired: DesiredState, actual: Actual) -> list[Op]:
+    """The link: MTU, addresses (add before delete), administratively up."""
+    ops: list[Op] = []
+    link = actual.link
+    if link is None or link.mtu != desired.interface.mtu:
+        ops.append(SetMtu(desired.interface.mtu))
     have_addresses = set(link.addresses) if link else set()
-    want_addresses = set(desired.addresses)
+    want_addresses = set(desired.sections.addresses)
     stale = have_addresses - want_addresses
     # The kernel knows an address by its IP, not its prefix: one whose prefix
     # changes must go before it can come back (add-before-delete cannot apply).
@@ -154,25 +169,64 @@ def plan(
     ops.extend(RemoveAddress(a) for a in sorted(stale - set(reprefixed)))
     if link is None or not link.up:
         ops.append(SetUp())
-
-    have_peers = {p.public_key: p for p in device.peers} if device else {}
-    before = {p.public_key: p for p in previous.peers} if previous else {}
-    for peer in desired.peers:
-        op = _peer_op(peer, have_peers.get(peer.public_key), before.get(peer.public_key))
-        if op is not None:
-            ops.append(op)
-    wanted_keys = {p.public_key for p in desired.peers}
-    ops.extend(RemovePeer(k) for k in sorted(set(have_peers) - wanted_keys))
     return ops
 
 
+def plan_peers(
+    desired: DesiredState, actual: Actual, *, previous: DesiredState | None = None
+) -> list[Op]:
+    """Peers changed in place, added before the stale ones go."""
+    ops: list[Op] = []
+    device = actual.device
+    have_peers = {p.public_key: p for p in device.peers} if device else {}
+    before = previous.peers if previous else {}
+    for key, peer in sorted(desired.peers.items()):
+        op = _peer_op(key, peer, have_peers.get(key), before.get(key))
+        if op is not None:
+            ops.append(op)
+    ops.extend(RemovePeer(k) for k in sorted(set(have_peers) - set(desired.peers)))
+    return ops
+
+
+def plan_routes(desired: DesiredState, actual: Actual) -> list[Op]:
+    """Routes through the interface: only those the agent made are read back
+    (`LinkState.routes`), so only those can be removed."""
+    have = set(actual.link.routes) if actual.link else set()
+    want = set(desired.sections.routes)
+    ops: list[Op] = [AddRoute(r) for r in sorted(want - have)]
+    ops.extend(RemoveRoute(r) for r in sorted(have - want))
+    return ops
+
+
+def plan(
+    desired: DesiredState,
+    actual: Actual,
+    *,
+    public_key: str,
+    previous: DesiredState | None = None,
+) -> list[Op]:
+    """Every section's ops, in the order the agent applies them; empty when
+    nothing differs (what a dry run prints).
+
+    `public_key` is this host's own key (the device must hold its private half);
+    `previous` is the desired state last applied, used to tell a control-plane
+    endpoint change from WireGuard roaming.
+    """
+    return [
+        *plan_interface(desired, actual, public_key=public_key),
+        *plan_link(desired, actual),
+        *plan_peers(desired, actual, previous=previous),
+        *plan_routes(desired, actual),
+    ]
+
+
 def _peer_op(
-    peer: PeerConfig, have: PeerState | None, before: PeerConfig | None
+    key: str, peer: PeerEntry, have: PeerState | None, before: PeerEntry | None
 ) -> UpsertPeer | None:
     allowed = tuple(sorted(peer.allowed_ips))
     if have is None:
         spec = PeerSpec(
-            public_key=peer.public_key,
+            public_key=key,
             allowed_ips=allowed,
             endpoint=peer.endpoint,
             persistent_keepalive=peer.persistent_keepalive,
@@ -189,7 +243,7 @@ def _peer_op(
     ):
         return None
     spec = PeerSpec(
-        public_key=peer.public_key,
+        public_key=key,
         allowed_ips=allowed,
         endpoint=peer.endpoint if endpoint_moved else None,
         persistent_keepalive=peer.persistent_keepalive,

@@ -15,7 +15,7 @@ import msgspec
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from events.desired import DesiredState, desired_decoder, desired_encoder
+from events.desired import DesiredState, decode_state, desired_encoder
 from events.signing import SigningKeyError, load_or_create
 
 
@@ -136,7 +136,8 @@ class StateDir:
         if not path.exists():
             return None
         try:
-            return desired_decoder.decode(path.read_bytes())
+            # Any version this agent can read: older ones are upcast.
+            return decode_state(path.read_bytes())
         except msgspec.DecodeError:
             return None  # a damaged cache is only a cache: the server sends it again
 

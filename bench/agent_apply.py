@@ -33,17 +33,25 @@ from agent.apply import apply, read_actual
 from agent.link import Link
 from agent.plan import Actual, plan
 from agent.userspace import UserspaceBackend
-from events.desired import DesiredDelta, DesiredState, PeerConfig, apply_delta
+from events.desired import (
+    WIREGUARD,
+    AddressEntry,
+    DesiredDelta,
+    DesiredState,
+    InterfaceEntry,
+    PeerEntry,
+    Sections,
+    apply_delta,
+)
 
 PRIVATE_MOUNT = (
     'mkdir -p /var/run/wireguard && mount -t tmpfs tmpfs /var/run/wireguard && exec "$@"'
 )
 
 
-def peer(n: int) -> PeerConfig:
+def peer(n: int) -> tuple[str, PeerEntry]:
     key = base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
-    return PeerConfig(
-        public_key=key,
+    return key, PeerEntry(
         allowed_ips=(f"10.{100 + n // 65536}.{n // 256 % 256}.{n % 256}/32",),
         endpoint=f"192.0.2.{n % 250 + 1}:51820",
         name=f"p{n}",
@@ -59,10 +67,11 @@ async def inner(peers: int) -> dict[str, object]:
     state = DesiredState(
         host_id="bench",
         revision=1,
-        addresses=("10.99.0.1/16",),
-        listen_port=51820,
-        mtu=1420,
-        peers=tuple(sorted((peer(n) for n in range(peers)), key=lambda p: p.public_key)),
+        sections=Sections(
+            interface={WIREGUARD: InterfaceEntry(listen_port=51820, mtu=1420)},
+            addresses={"10.99.0.1/16": AddressEntry()},
+            peers=dict(sorted(peer(n) for n in range(peers))),
+        ),
     )
 
     async def actual() -> Actual:
@@ -81,7 +90,7 @@ async def inner(peers: int) -> dict[str, object]:
                 host_id="bench",
                 revision=state.revision + 1,
                 base=state.revision,
-                upsert=(peer(peers + n),),
+                upsert=Sections(peers=dict([peer(peers + n)])),
             )
             previous, state = state, apply_delta(state, delta)
             t0 = time.perf_counter()

@@ -21,7 +21,14 @@ from nacl.public import PrivateKey
 from agent.daemon import Agent
 from agent.fake import FakeBackend, FakeLink, FakeMachine
 from agent.statedir import Identity, StateDir, private_key_b64, public_key_of
-from events.desired import DesiredState, PeerConfig
+from events.desired import (
+    WIREGUARD,
+    AddressEntry,
+    DesiredState,
+    InterfaceEntry,
+    PeerEntry,
+    Sections,
+)
 
 
 def rss_kib() -> int:
@@ -31,10 +38,9 @@ def rss_kib() -> int:
     return 0
 
 
-def peer(n: int, generation: int) -> PeerConfig:
+def peer(n: int, generation: int) -> tuple[str, PeerEntry]:
     key = base64.b64encode(hashlib.sha256(f"{n}".encode()).digest()).decode()
-    return PeerConfig(
-        public_key=key,
+    return key, PeerEntry(
         allowed_ips=(f"10.{n // 250}.{n % 250}.{generation % 200 + 1}/32",),
         endpoint=f"192.0.2.{n % 250}:{51820 + generation % 7}",
         persistent_keepalive=25,
@@ -62,10 +68,11 @@ async def main(updates: int, peers: int) -> None:
             state = DesiredState(
                 host_id="h",
                 revision=i,
-                addresses=("10.0.0.1/16",),
-                listen_port=51820,
-                mtu=1420,
-                peers=tuple(members),
+                sections=Sections(
+                    interface={WIREGUARD: InterfaceEntry(listen_port=51820, mtu=1420)},
+                    addresses={"10.0.0.1/16": AddressEntry()},
+                    peers=dict(members),
+                ),
             )
             agent.offer(state)
             await agent.reconcile_once()

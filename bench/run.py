@@ -62,7 +62,7 @@ from controlplane.publisher import MemoryDesiredPublisher
 from events import natsid
 from events.commands import AnyCommand, CreateEnrollmentKey, CreateNetwork, Join, Reply
 from events.connect import connect_once, server_has_seen_everything
-from events.desired import DesiredMessage, DesiredState, decode_message
+from events.desired import DesiredMessage, DesiredState, Sections, decode_message
 from events.envelope import RecordedEvent, make_envelope
 from events.feed import DesiredFeed, Outcome
 from events.jetstream import JetStreamEventStore
@@ -71,10 +71,12 @@ from events.signing import SIGNATURE_HEADER, event_mac_key, load_or_create, publ
 from events.store import PendingEvent
 from events.subjects import DESIRED_PREFIX, aggregate_subject
 from events.tokens import make_token
-from projections.desired import interface_for
+from projections.desired import fold
 from projections.runner import ProjectionRunner
+from projections.sections.addresses import AddressSection
+from projections.sections.interface import InterfaceSection
 from projections.sqlite import ReadModel
-from projections.topology import Topology, evolve
+from projections.topology import Topology
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Simulated agents share these connections. The full-state baseline pushes
@@ -266,7 +268,7 @@ async def seed_network(
                 event, event_id=str(seq), time=now, actor="bench", command_id=str(seq)
             )
             pending.append(PendingEvent(subject, env))
-            evolve(topology, RecordedEvent(seq=seq, subject=subject, envelope=env))
+            fold(topology, RecordedEvent(seq=seq, subject=subject, envelope=env))
         return decision.result
 
     async def flush(force: bool = False) -> None:
@@ -299,7 +301,7 @@ async def seed_network(
         env = make_envelope(event, event_id=str(seq), time=now, actor="bench", command_id=str(seq))
         subject = aggregate_subject("host", host_id)
         pending.append(PendingEvent(subject, env))
-        evolve(topology, RecordedEvent(seq=seq, subject=subject, envelope=env))
+        fold(topology, RecordedEvent(seq=seq, subject=subject, envelope=env))
         await flush()
     await flush(force=True)
     assert await store.last_sequence() == seq
@@ -309,9 +311,14 @@ async def seed_network(
 def seed_state(topology: Topology, host_id: str) -> DesiredState:
     """What a simulated agent starts from: its host's revision and interface
     (the seed's peers left out, see the module's docstring)."""
-    interface = interface_for(topology, host_id)
-    assert interface is not None
-    return DesiredState.of(host_id, topology.revision_of(host_id), interface)
+    return DesiredState(
+        host_id=host_id,
+        revision=topology.revision_of(host_id),
+        sections=Sections(
+            interface=InterfaceSection(topology).entries(host_id),
+            addresses=AddressSection(topology).entries(host_id),
+        ),
+    )
 
 
 @contextlib.asynccontextmanager

@@ -1,36 +1,38 @@
-"""Desired WireGuard state: what the control plane tells one host to be.
+"""Desired state: what the control plane tells one host to be, in named sections.
 
 This is protocol (see PROTOCOL.md in this folder for its versions): agents of
 one version must read what control planes of the next version write. Fields
 are only ever added, with defaults.
 
-A host's subject `netmesh.desired.<host>` carries a snapshot (the whole state,
-published with a rollup so that it replaces everything before it), then
-deltas. Each delta names the revision it applies to (`base`): an agent applies
-it only on top of exactly that revision, and on a gap goes back to the snapshot.
+A host's desired state is a set of named sections (`Sections`): the WireGuard
+interface, its addresses, its peers, its routes; later features add their own
+(firewall, dns, ...). Each section is a keyed map of entries. A host's subject
+`netmesh.desired.<host>` carries a snapshot (every section whole, published
+with a rollup so that it replaces everything before it), then deltas: per
+section, entries upserted by key and keys removed, all under one revision. A
+delta names the revision it applies to (`base`): an agent applies it only on
+top of exactly that revision, and on a gap goes back to the snapshot.
+
+Adding a section is one field in `Sections` (and its entry type): the framing,
+signing, feed, cache and delta arithmetic here are generic over sections.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import msgspec
 
-PROTOCOL = 2
+PROTOCOL = 3
+
+# The key of the one entry of the `interface` section.
+WIREGUARD = "wireguard"
 
 
-class PeerConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """One WireGuard peer as the control plane wants it."""
+class InterfaceEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """The WireGuard interface's own settings."""
 
-    public_key: str  # base64, as `wg` prints it
-    allowed_ips: tuple[str, ...]  # CIDRs, e.g. ("10.10.0.2/32",)
-    endpoint: str | None = None  # "ip:port" or "[ipv6]:port"; None when the peer is unreachable
-    persistent_keepalive: int = 0  # seconds, 0 = off
-    name: str = ""  # for logs and humans; not part of WireGuard config
-
-
-class InterfaceConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """The interface settings of a desired state, sent whole when any changes."""
-
-    addresses: tuple[str, ...]
     listen_port: int
     mtu: int
     # Raised by `netmesh node rotate-key`: an agent holding a lower epoch makes
@@ -38,8 +40,58 @@ class InterfaceConfig(msgspec.Struct, frozen=True, kw_only=True):
     key_epoch: int = 0
 
 
+_DEFAULT_INTERFACE = InterfaceEntry(listen_port=51820, mtu=1420)
+
+
+class AddressEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """An interface address, keyed by "ip/prefix" (the network's prefix, so the
+    connected route covers the network)."""
+
+    network: str = ""  # the network it is this host's address in
+
+
+class PeerEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One WireGuard peer, keyed by its public key (base64, as `wg` prints it)."""
+
+    allowed_ips: tuple[str, ...]  # CIDRs, e.g. ("10.10.0.2/32",)
+    endpoint: str | None = None  # "ip:port" or "[ipv6]:port"; None when the peer is unreachable
+    persistent_keepalive: int = 0  # seconds, 0 = off
+    name: str = ""  # for logs and humans; not part of WireGuard config
+
+
+class RouteEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A route through the overlay interface, keyed by its destination CIDR."""
+
+    metric: int = 0
+
+
+class Sections(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
+):
+    """Every section of a host's desired state, each a map key -> entry.
+
+    Closed-world: a section this agent does not know is a decoding error, not
+    something silently left unenforced (an older agent must be upgraded).
+    Entries are open-world (fields added with defaults).
+    """
+
+    interface: dict[str, InterfaceEntry] = {}
+    addresses: dict[str, AddressEntry] = {}
+    peers: dict[str, PeerEntry] = {}
+    routes: dict[str, RouteEntry] = {}
+
+
+SECTION_NAMES: tuple[str, ...] = Sections.__struct_fields__
+
+
+def section(sections: Sections, name: str) -> dict[str, Any]:
+    """The entries of section `name`."""
+    entries: dict[str, Any] = getattr(sections, name)
+    return entries
+
+
 class DesiredState(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="snapshot"):
-    """Everything a host's agent needs to configure its interface (a snapshot).
+    """Everything a host's agent needs (a snapshot).
 
     `revision` is the event-stream sequence this state reflects: agents apply a
     state only when its revision is newer than the one they hold.
@@ -47,57 +99,45 @@ class DesiredState(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", 
 
     host_id: str
     revision: int
-    addresses: tuple[str, ...]  # interface addresses with prefix, e.g. ("10.10.0.1/24",)
-    listen_port: int
-    mtu: int
-    peers: tuple[PeerConfig, ...] = ()
+    sections: Sections = Sections()
     protocol: int = PROTOCOL
-    key_epoch: int = 0
-
-    @classmethod
-    def of(
-        cls,
-        host_id: str,
-        revision: int,
-        interface: InterfaceConfig,
-        peers: tuple[PeerConfig, ...] = (),
-    ) -> DesiredState:
-        return cls(
-            host_id=host_id,
-            revision=revision,
-            addresses=interface.addresses,
-            listen_port=interface.listen_port,
-            mtu=interface.mtu,
-            peers=peers,
-            key_epoch=interface.key_epoch,
-        )
 
     @property
-    def interface(self) -> InterfaceConfig:
-        return InterfaceConfig(
-            addresses=self.addresses,
-            listen_port=self.listen_port,
-            mtu=self.mtu,
-            key_epoch=self.key_epoch,
-        )
+    def interface(self) -> InterfaceEntry:
+        """The interface settings (defaults if the control plane sent none)."""
+        return self.sections.interface.get(WIREGUARD) or _DEFAULT_INTERFACE
+
+    @property
+    def peers(self) -> dict[str, PeerEntry]:
+        return self.sections.peers
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(sorted(self.sections.addresses))
 
 
 class DesiredDelta(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="delta"):
     """What changed in a host's desired state between revision `base` and `revision`.
 
-    Peers are upserted whole (keyed by public key) or removed by public key;
-    `interface` is None when the interface settings did not change. An empty
-    delta (nothing changed for this host, but its revision moved) keeps the
-    chain of revisions unbroken.
+    `upsert` holds whole entries by key, per section; `remove` the keys that
+    go, per section. An empty delta (nothing changed for this host, but its
+    revision moved) keeps the chain of revisions unbroken.
     """
 
     host_id: str
     revision: int
     base: int
-    interface: InterfaceConfig | None = None
-    upsert: tuple[PeerConfig, ...] = ()
-    remove: tuple[str, ...] = ()
+    upsert: Sections = Sections()
+    remove: dict[str, tuple[str, ...]] = {}
     protocol: int = PROTOCOL
+
+    def __post_init__(self) -> None:
+        unknown = set(self.remove) - set(SECTION_NAMES)
+        if unknown:
+            raise ValueError(f"unknown section(s) {', '.join(sorted(unknown))}")
+
+    def touches(self, name: str) -> bool:
+        return bool(section(self.upsert, name) or self.remove.get(name))
 
 
 DesiredMessage = DesiredState | DesiredDelta
@@ -109,39 +149,147 @@ class DeltaMismatch(Exception):
 
 def apply_delta(state: DesiredState, delta: DesiredDelta) -> DesiredState:
     """The state `delta` leads to from `state`. Raises DeltaMismatch when
-    `delta.base` is not `state.revision` or the hosts differ."""
+    `delta.base` is not `state.revision` or the hosts differ. Sections the
+    delta does not touch are shared with `state`, not copied."""
     if delta.host_id != state.host_id or delta.base != state.revision:
         raise DeltaMismatch(
             f"delta {delta.base}->{delta.revision} for {delta.host_id} does not apply to "
             f"revision {state.revision} of {state.host_id}"
         )
-    peers = state.peers
-    if delta.upsert or delta.remove:
-        by_key = {p.public_key: p for p in peers}
-        for key in delta.remove:
-            by_key.pop(key, None)
-        for peer in delta.upsert:
-            by_key[peer.public_key] = peer
-        peers = tuple(sorted(by_key.values(), key=lambda p: p.public_key))
-    return DesiredState.of(state.host_id, delta.revision, delta.interface or state.interface, peers)
+    changed: dict[str, dict[str, Any]] = {}
+    for name in SECTION_NAMES:
+        upserts = section(delta.upsert, name)
+        removals = delta.remove.get(name, ())
+        if not upserts and not removals:
+            continue
+        entries = dict(section(state.sections, name))
+        for key in removals:
+            entries.pop(key, None)
+        entries.update(upserts)
+        changed[name] = entries
+    sections = msgspec.structs.replace(state.sections, **changed) if changed else state.sections
+    return DesiredState(host_id=state.host_id, revision=delta.revision, sections=sections)
+
+
+def sections_of(entries: dict[str, dict[str, Any]]) -> Sections:
+    """`Sections` from section name -> entries (names must be known)."""
+    return Sections(**entries)
 
 
 desired_encoder = msgspec.json.Encoder()
-desired_decoder = msgspec.json.Decoder(DesiredState)
 _message_decoder: msgspec.json.Decoder[DesiredState | DesiredDelta] = msgspec.json.Decoder(
     DesiredMessage
 )
 
 
+class _Version(msgspec.Struct):
+    """What a message says of its version (a cheap first pass over it)."""
+
+    protocol: int = 1
+    kind: str = ""
+
+
+_version_decoder = msgspec.json.Decoder(_Version)
+
+
+class UnknownSection(msgspec.ValidationError):
+    """A message with a section this agent does not know: the control plane is
+    newer. Upgrade the agent."""
+
+
 def decode_message(data: bytes) -> DesiredMessage:
-    """A snapshot or a delta; a version-1 state (no `kind`) reads as a snapshot.
-    Raises msgspec.DecodeError (ValidationError included) on anything else."""
+    """A snapshot or a delta, of this version or an older one (upcast).
+    Raises msgspec.DecodeError (ValidationError, UnknownSection included) on
+    anything else."""
+    version = _version_decoder.decode(data)
     try:
-        return _message_decoder.decode(data)
+        if version.protocol >= PROTOCOL and version.kind:
+            return _message_decoder.decode(data)
+        message: DesiredMessage = msgspec.convert(
+            upcast(msgspec.json.decode(data)),
+            DesiredMessage,
+        )
+        return message
     except msgspec.ValidationError as exc:
-        if "`kind`" not in str(exc):
-            raise
-        return desired_decoder.decode(data)
+        text = str(exc)
+        if "unknown field" in text and ("$.sections" in text or "$.upsert" in text):
+            raise UnknownSection(
+                f"{text}: a section unknown to this agent (desired-state protocol "
+                f"{PROTOCOL}); upgrade the agent"
+            ) from None
+        raise
+
+
+def decode_state(data: bytes) -> DesiredState:
+    """A snapshot (an agent's cached state, of any version). Raises msgspec.DecodeError."""
+    message = decode_message(data)
+    if not isinstance(message, DesiredState):
+        raise msgspec.ValidationError("expected a snapshot, got a delta")
+    return message
+
+
+# -- older versions, upcast on the raw dict (one function per step) -----------
+
+
+def _v1_to_v2(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 had whole states only, without `kind`."""
+    return {**raw, "kind": "snapshot", "protocol": 2}
+
+
+def _v2_to_v3(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 2: a flat interface and a peer list; deltas carried `interface`
+    whole (when any of its settings moved) and peers by public key."""
+
+    def peers(items: Any) -> dict[str, Any]:
+        return {
+            p["public_key"]: {k: v for k, v in p.items() if k != "public_key"}
+            for p in items or ()
+            if isinstance(p, dict) and "public_key" in p
+        }
+
+    def interface(settings: dict[str, Any]) -> dict[str, Any]:
+        entry = {k: settings[k] for k in ("listen_port", "mtu", "key_epoch") if k in settings}
+        return {
+            "interface": {WIREGUARD: entry},
+            "addresses": {a: {} for a in settings.get("addresses") or ()},
+        }
+
+    common = {"host_id": raw.get("host_id"), "revision": raw.get("revision"), "protocol": 3}
+    if raw.get("kind") == "delta":
+        upsert: dict[str, Any] = {"peers": peers(raw.get("upsert"))}
+        if isinstance(raw.get("interface"), dict):
+            # Version 2 changed addresses only through snapshots: a delta's
+            # `interface` repeated them, so upserting them loses nothing.
+            upsert.update(interface(raw["interface"]))
+        return {
+            **common,
+            "kind": "delta",
+            "base": raw.get("base"),
+            "upsert": upsert,
+            "remove": {"peers": raw.get("remove") or []},
+        }
+    return {
+        **common,
+        "kind": "snapshot",
+        "sections": {**interface(raw), "peers": peers(raw.get("peers"))},
+    }
+
+
+_UPCASTS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
+
+
+def upcast(raw: dict[str, Any]) -> dict[str, Any]:
+    """An older message's raw dict as today's version would write it."""
+    version = raw.get("protocol", 1) if "kind" in raw else 1
+    if not isinstance(version, int) or version < 1:
+        version = 1
+    while version < PROTOCOL:
+        step = _UPCASTS.get(version)
+        if step is None:  # pragma: no cover - every version below PROTOCOL has a step
+            raise msgspec.ValidationError(f"no upcast from desired-state protocol {version}")
+        raw = step(raw)
+        version = int(raw["protocol"])
+    return raw
 
 
 # Header on every desired-state message, so that the control plane can learn

@@ -27,9 +27,9 @@ import structlog
 from events.desired import DesiredDelta, DesiredMessage, DesiredState, desired_encoder
 from events.envelope import RecordedEvent
 from events.store import EventStore
-from projections.desired import DesiredChanges, PeerCache, desired_for, messages
+from projections.desired import Builders, DesiredChanges, fold, messages
 from projections.sqlite import ReadModel
-from projections.topology import Topology, Touched, evolve
+from projections.topology import Topology, Touched
 
 log = structlog.get_logger("netmesh.projections")
 
@@ -106,7 +106,7 @@ class ProjectionRunner:
         touched: list[Touched] = []
         changes = DesiredChanges()
         for recorded in batch:
-            one = evolve(self.topology, recorded)
+            one = fold(self.topology, recorded)
             touched.append(one)
             if live:
                 changes.add(one)
@@ -125,17 +125,21 @@ class ProjectionRunner:
             await self._finish_catch_up()
 
     async def _publish_changes(self, changes: DesiredChanges) -> None:
+        builders = Builders(self.topology)
         found = messages(
-            self.topology, changes, self.published, snapshots_only=self._snapshots_only
+            self.topology,
+            changes,
+            self.published,
+            snapshots_only=self._snapshots_only,
+            builders=builders,
         )
-        cache = PeerCache(self.topology)
         batch: list[tuple[DesiredMessage, bytes]] = []
         for message in found:
             data = desired_encoder.encode(message)
             if isinstance(message, DesiredDelta) and self._compaction_due(message.host_id, data):
                 # Deltas since the last snapshot outweigh a snapshot: send one,
                 # so that the subject (rolled up) stays about a snapshot's size.
-                snapshot = desired_for(self.topology, message.host_id, message.revision, cache)
+                snapshot = builders.state(message.host_id, message.revision)
                 assert snapshot is not None
                 message, data = snapshot, desired_encoder.encode(snapshot)
             batch.append((message, data))
@@ -223,7 +227,7 @@ class ProjectionRunner:
             self._subject_seq[host_id] = seq
             if last is not None and unless_at is not None and revision >= unless_at:
                 return True
-            state = desired_for(self.topology, host_id)
+            state = Builders(self.topology).state(host_id)
             if state is None:
                 return False
             data = desired_encoder.encode(state)
@@ -236,7 +240,7 @@ class ProjectionRunner:
 
     async def _finish_catch_up(self) -> None:
         published = await self._publisher.published()
-        cache = PeerCache(self.topology)
+        builders = Builders(self.topology)
         behind = [
             host_id
             for host_id in sorted(self.topology.hosts)
@@ -249,7 +253,7 @@ class ProjectionRunner:
         for start in range(0, len(behind), SNAPSHOT_CHUNK):
             chunk: list[tuple[DesiredMessage, bytes]] = []
             for host_id in behind[start : start + SNAPSHOT_CHUNK]:
-                state = desired_for(self.topology, host_id, cache=cache)
+                state = builders.state(host_id)
                 assert state is not None
                 chunk.append((state, desired_encoder.encode(state)))
             await self._publish(chunk)

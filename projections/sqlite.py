@@ -135,8 +135,9 @@ class ReadModel:
         topology), and written in one hop to a thread with its own connection:
         one hop per batch rather than one per statement.
         """
-        networks = touched.networks | {network for _, network in touched.peer_changes}
-        hosts = touched.hosts | touched.reconfigured | touched.interfaces
+        # `fold` adds the hosts and networks whose desired revisions moved.
+        networks = touched.networks
+        hosts = touched.hosts | touched.reconfigured
         writes: list[tuple[str, list[tuple[Any, ...]]]] = [
             (
                 "DELETE FROM networks WHERE name = ?",

@@ -12,8 +12,9 @@ events always give the same model.
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from events.envelope import RecordedEvent
 from events.model import (
@@ -100,9 +101,10 @@ class Node:
 class Touched:
     """What one event changed: ids to persist, and how desired states moved.
 
-    `reconfigured` hosts need their whole state (a snapshot); `interfaces` hosts
-    had their interface settings change; `peer_changes` holds (host, network):
-    every other member of the network sees that host's peer entry change.
+    `reconfigured` hosts had their memberships change: they need their whole
+    desired state (a snapshot). Which entries of which sections other hosts
+    must re-read is for each section's rule to say (`projections.sections`);
+    `projections.desired.fold` adds those as `rereads`.
     """
 
     networks: frozenset[str] = frozenset()
@@ -110,18 +112,19 @@ class Touched:
     hosts: frozenset[str] = frozenset()
     nodes: frozenset[str] = frozenset()
     reconfigured: frozenset[str] = frozenset()
-    interfaces: frozenset[str] = frozenset()
-    peer_changes: frozenset[tuple[str, str]] = frozenset()
-    # (host, its previous public key): peers must drop that key.
-    retired_keys: frozenset[tuple[str, str]] = frozenset()
+    # Filled in by projections.desired.fold: (section rule's rereads).
+    rereads: tuple[Any, ...] = ()
+    believed: bool = True  # False for an event seen but not applied
 
     @staticmethod
     def union(many: list[Touched]) -> Touched:
         return Touched(
-            **{
-                f.name: frozenset().union(*(getattr(t, f.name) for t in many))
-                for f in dataclasses.fields(Touched)
-            }
+            networks=frozenset().union(*(t.networks for t in many)),
+            keys=frozenset().union(*(t.keys for t in many)),
+            hosts=frozenset().union(*(t.hosts for t in many)),
+            nodes=frozenset().union(*(t.nodes for t in many)),
+            reconfigured=frozenset().union(*(t.reconfigured for t in many)),
+            rereads=tuple(r for t in many for r in t.rereads),
         )
 
 
@@ -197,21 +200,17 @@ class Topology:
                 revision = network.revision
         return revision
 
-    def mark_peer_changed(
-        self, host_id: str, networks: set[str], seq: int
-    ) -> frozenset[tuple[str, str]]:
-        for name in networks:
-            network = self.networks.get(name)
-            if network is not None:
-                network.revision = seq
-        return frozenset((host_id, name) for name in networks)
-
-    def mark_reconfigured(self, host_ids: frozenset[str], seq: int) -> frozenset[str]:
+    def mark_changed(self, host_ids: Iterable[str], networks: Iterable[str], seq: int) -> None:
+        """Event `seq` changed these hosts' desired states, and those of every
+        member of these networks: their revisions move to it."""
         for host_id in host_ids:
             host = self.hosts.get(host_id)
             if host is not None:
                 host.revision = seq
-        return host_ids
+        for name in networks:
+            network = self.networks.get(name)
+            if network is not None:
+                network.revision = seq
 
     def add_node(self, node: Node) -> None:
         self.nodes[node.node_id] = node
@@ -234,7 +233,7 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
     """
     subject = recorded.subject
     if recorded.seq <= topology.versions.get(subject, 0):
-        return Touched()
+        return Touched(believed=False)
     topology.versions[subject] = recorded.seq
     topology.last_seq = max(topology.last_seq, recorded.seq)
     if subject.startswith(f"{EVENTS_PREFIX}.network."):
@@ -249,7 +248,7 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
         recorded.signature == "unsigned" and topology.signed_seen
     ):
         topology.refused += 1
-        return Touched()
+        return Touched(believed=False)
     command_id = recorded.envelope.command_id
     if command_id:
         topology.commands.pop(command_id, None)  # re-insert: most recent last
@@ -292,7 +291,7 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 keys=key_ids,
                 nodes=frozenset(n.node_id for n in removed if n),
                 hosts=members,
-                reconfigured=topology.mark_reconfigured(members, recorded.seq),
+                reconfigured=members,
             )
         case EnrollmentKeyCreated() as e:
             topology.keys[e.key_id] = EnrollmentKey(
@@ -325,33 +324,19 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 signing_key=e.signing_key,
             )
             topology.host_by_public_key[e.public_key] = e.host_id
-            # A host registering again (a re-join) may come with a new name or
-            # endpoints: what its peers see of it changes too.
-            networks = topology.networks_of_host(e.host_id)
-            return Touched(
-                hosts=frozenset({e.host_id}),
-                reconfigured=topology.mark_reconfigured(frozenset({e.host_id}), recorded.seq),
-                peer_changes=topology.mark_peer_changed(e.host_id, networks, recorded.seq),
-            )
+            return Touched(hosts=frozenset({e.host_id}), reconfigured=frozenset({e.host_id}))
         case HostEndpointObserved() as e:
             host = topology.hosts.get(e.host_id)
             if host is not None:
                 host.endpoints = e.endpoints
                 host.listen_port = e.listen_port
-                host.revision = recorded.seq
-            networks = topology.networks_of_host(e.host_id)
-            return Touched(
-                hosts=frozenset({e.host_id}),
-                interfaces=frozenset({e.host_id}),
-                peer_changes=topology.mark_peer_changed(e.host_id, networks, recorded.seq),
-            )
+            return Touched(hosts=frozenset({e.host_id}))
         case HostKeyRotationRequested() as e:
             host = topology.hosts.get(e.host_id)
             if host is None:
                 return Touched()
             host.key_epoch = e.epoch
-            host.revision = recorded.seq
-            return Touched(hosts=frozenset({e.host_id}), interfaces=frozenset({e.host_id}))
+            return Touched(hosts=frozenset({e.host_id}))
         case HostKeyRotated() as e:
             host = topology.hosts.get(e.host_id)
             if host is None:
@@ -359,12 +344,7 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
             topology.host_by_public_key.pop(host.public_key, None)
             host.public_key = e.public_key
             topology.host_by_public_key[e.public_key] = e.host_id
-            networks = topology.networks_of_host(e.host_id)
-            return Touched(
-                hosts=frozenset({e.host_id}),
-                peer_changes=topology.mark_peer_changed(e.host_id, networks, recorded.seq),
-                retired_keys=frozenset({(e.host_id, e.previous_key)}),
-            )
+            return Touched(hosts=frozenset({e.host_id}))
         case NodeJoined() as e:
             topology.add_node(
                 Node(
@@ -379,15 +359,13 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
             return Touched(
                 nodes=frozenset({e.node_id}),
                 hosts=frozenset({e.host_id}),
-                reconfigured=topology.mark_reconfigured(frozenset({e.host_id}), recorded.seq),
-                peer_changes=topology.mark_peer_changed(e.host_id, {e.network}, recorded.seq),
+                reconfigured=frozenset({e.host_id}),
             )
         case NodeRemoved() as e:
             topology.drop_node(e.node_id)
             return Touched(
                 nodes=frozenset({e.node_id}),
                 hosts=frozenset({e.host_id}),
-                reconfigured=topology.mark_reconfigured(frozenset({e.host_id}), recorded.seq),
-                peer_changes=topology.mark_peer_changed(e.host_id, {e.network}, recorded.seq),
+                reconfigured=frozenset({e.host_id}),
             )
     return Touched()  # pragma: no cover - every event type is matched above

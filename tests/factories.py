@@ -8,7 +8,8 @@ import hashlib
 from controlplane.decide import Context, Decision, decide
 from events.commands import AnyCommand
 from events.envelope import RecordedEvent, make_envelope
-from projections.topology import Topology, Touched, evolve
+from projections.desired import fold
+from projections.topology import Topology, Touched
 
 
 def public_key(n: int) -> str:
@@ -47,5 +48,5 @@ class World:
                 ),
             )
             self.log.append(recorded)
-            touched.append(evolve(self.topology, recorded))
+            touched.append(fold(self.topology, recorded))
         return decision, touched

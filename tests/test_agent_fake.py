@@ -13,16 +13,16 @@ from agent.backend import BackendError, PeerSpec
 from agent.daemon import Agent
 from agent.fake import FakeBackend, FakeLink, FakeMachine
 from agent.statedir import Identity, StateDir, private_key_b64, public_key_of
-from events.desired import DesiredDelta, DesiredState, PeerConfig
+from events.desired import DesiredDelta, DesiredState, PeerEntry, Sections
 from events.feed import Outcome
+from tests.desired_states import desired_state
 
 KEY = PrivateKey(bytes(range(32)))
 PEERS = {n: base64.b64encode(bytes([n]) * 32).decode() for n in range(1, 5)}
 
 
-def peer(n: int, endpoint: str | None = None, allowed: str | None = None) -> PeerConfig:
-    return PeerConfig(
-        public_key=PEERS[n],
+def peer(n: int, endpoint: str | None = None, allowed: str | None = None) -> tuple[str, PeerEntry]:
+    return PEERS[n], PeerEntry(
         allowed_ips=(allowed or f"10.0.0.{n + 1}/32",),
         endpoint=endpoint or f"192.0.2.{n}:51820",
         persistent_keepalive=25,
@@ -31,16 +31,13 @@ def peer(n: int, endpoint: str | None = None, allowed: str | None = None) -> Pee
 
 
 def state(
-    revision: int, *peers: PeerConfig, addresses: tuple[str, ...] = ("10.0.0.1/24",)
+    revision: int, *peers: tuple[str, PeerEntry], addresses: tuple[str, ...] = ("10.0.0.1/24",)
 ) -> DesiredState:
-    return DesiredState(
-        host_id="h1",
-        revision=revision,
-        addresses=addresses,
-        listen_port=51820,
-        mtu=1420,
-        peers=peers,
-    )
+    return desired_state(host_id="h1", revision=revision, addresses=addresses, peers=peers)
+
+
+def upsert(*peers: tuple[str, PeerEntry]) -> Sections:
+    return Sections(peers=dict(peers))
 
 
 @pytest.fixture
@@ -208,12 +205,12 @@ async def test_deltas_apply_in_order_and_an_unfilled_gap_rereads_the_snapshot(ag
     machine = machine_of(agent)
     machine.ops.clear()
     agent._wake.clear()
-    added = DesiredDelta(host_id="h1", revision=12, base=10, upsert=(peer(2),))
+    added = DesiredDelta(host_id="h1", revision=12, base=10, upsert=upsert(peer(2)))
     # A burst: nothing is applied until the last pending message is read.
     assert agent.offer(added, pending=1) is Outcome.TAKEN
     assert agent.desired is not None and agent.desired.revision == 12
     assert not agent._wake.is_set()
-    dropped = DesiredDelta(host_id="h1", revision=13, base=12, remove=(PEERS[1],))
+    dropped = DesiredDelta(host_id="h1", revision=13, base=12, remove={"peers": (PEERS[1],)})
     assert agent.offer(dropped, pending=0) is Outcome.TAKEN
     assert agent._wake.is_set()
     assert await agent.reconcile_once()
@@ -226,10 +223,10 @@ async def test_deltas_apply_in_order_and_an_unfilled_gap_rereads_the_snapshot(ag
     # message): skipped, and harmless if the next message fills the gap.
     machine.ops.clear()
     agent._wake.clear()
-    jump = DesiredDelta(host_id="h1", revision=15, base=14, upsert=(peer(1),))
+    jump = DesiredDelta(host_id="h1", revision=15, base=14, upsert=upsert(peer(1)))
     assert agent.offer(jump, pending=1) is Outcome.GAP
     assert agent.desired.revision == 13
-    fill = DesiredDelta(host_id="h1", revision=15, base=13, upsert=(peer(1),))
+    fill = DesiredDelta(host_id="h1", revision=15, base=13, upsert=upsert(peer(1)))
     assert agent.offer(fill, pending=0) is Outcome.TAKEN
     assert not agent.feed.behind and not agent.feed.resyncing
     assert agent.desired.revision == 15 and agent._wake.is_set()
@@ -238,7 +235,7 @@ async def test_deltas_apply_in_order_and_an_unfilled_gap_rereads_the_snapshot(ag
     # A gap nothing fills: once everything pending is read, the subject is
     # re-read from its snapshot (older than what we hold, and taken anyway),
     # and the deltas after it bring the state forward.
-    gap = DesiredDelta(host_id="h1", revision=20, base=18, remove=(PEERS[2],))
+    gap = DesiredDelta(host_id="h1", revision=20, base=18, remove={"peers": (PEERS[2],)})
     assert agent.offer(gap, pending=0) is Outcome.GAP
     assert agent.feed.resyncing
     assert agent.offer(DesiredDelta(host_id="h1", revision=21, base=20)) is Outcome.STALE

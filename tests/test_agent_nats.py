@@ -24,7 +24,7 @@ from agent.statedir import Identity, StateDir, private_key_b64, public_key_of
 from controlplane.embedded import EmbeddedNats
 from controlplane.publisher import JetStreamDesiredPublisher, read_desired
 from controlplane.service import ControlPlane
-from events.desired import DesiredDelta, PeerConfig, desired_encoder
+from events.desired import DesiredDelta, PeerEntry, Sections, desired_encoder
 from events.signing import SIGNATURE_HEADER, load_or_create, sign
 from events.subjects import DESIRED_STREAM, EVENTS_STREAM, REPORTS_STREAM, desired_subject
 from events.tokens import parse_token
@@ -142,9 +142,9 @@ async def test_forged_and_replayed_desired_states_change_nothing(
     held = agent.feed.revision
     js = admin.nc.jetstream()
     subject = desired_subject(agent.identity.host_id)
-    intruder = PeerConfig(public_key=public_key(66), allowed_ips=("10.10.0.66/32",))
+    intruder = Sections(peers={public_key(66): PeerEntry(allowed_ips=("10.10.0.66/32",))})
     forged = DesiredDelta(
-        host_id=agent.identity.host_id, revision=held + 1, base=held, upsert=(intruder,)
+        host_id=agent.identity.host_id, revision=held + 1, base=held, upsert=intruder
     )
     data = desired_encoder.encode(forged)
     # Unsigned, signed by another key, and a genuine signature on other bytes.

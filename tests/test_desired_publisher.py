@@ -39,7 +39,7 @@ async def publisher(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
 
 
 def snapshot(host: str, revision: int) -> tuple[DesiredMessage, bytes]:
-    state = DesiredState(host_id=host, revision=revision, addresses=(), listen_port=1, mtu=1420)
+    state = DesiredState(host_id=host, revision=revision)
     return state, desired_encoder.encode(state)
 
 

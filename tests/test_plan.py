@@ -7,15 +7,15 @@ import pytest
 from agent.backend import DeviceState, PeerState
 from agent.link import LinkState
 from agent.plan import Actual, plan
-from events.desired import DesiredState, PeerConfig
+from events.desired import DesiredState, PeerEntry
+from tests.desired_states import desired_state
 
 ME = "me" + "A" * 42
 PK = {n: f"peer{n}" + "B" * 39 for n in range(1, 4)}
 
 
-def peer(n: int, endpoint: str | None = None, keepalive: int = 25) -> PeerConfig:
-    return PeerConfig(
-        public_key=PK[n],
+def peer(n: int, endpoint: str | None = None, keepalive: int = 25) -> tuple[str, PeerEntry]:
+    return PK[n], PeerEntry(
         allowed_ips=(f"10.0.0.{n + 1}/32",),
         endpoint=endpoint or f"192.0.2.{n}:51820",
         persistent_keepalive=keepalive,
@@ -23,28 +23,30 @@ def peer(n: int, endpoint: str | None = None, keepalive: int = 25) -> PeerConfig
     )
 
 
-def desired(*peers: PeerConfig, addresses: tuple[str, ...] = ("10.0.0.1/24",)) -> DesiredState:
-    return DesiredState(
-        host_id="h", revision=5, addresses=addresses, listen_port=51820, mtu=1420, peers=peers
-    )
+def desired(
+    *peers: tuple[str, PeerEntry],
+    addresses: tuple[str, ...] = ("10.0.0.1/24",),
+    routes: tuple[str, ...] = (),
+) -> DesiredState:
+    return desired_state(addresses=addresses, peers=peers, routes=routes)
 
 
 def state_of(d: DesiredState, **link_changes: object) -> Actual:
     """The machine exactly as `d` wants it (with optional link differences)."""
-    link = dict(index=3, mtu=d.mtu, up=True, addresses=d.addresses, routes=())
+    link = dict(index=3, mtu=d.interface.mtu, up=True, addresses=d.addresses, routes=())
     link.update(link_changes)
     return Actual(
         device=DeviceState(
             public_key=ME,
-            listen_port=d.listen_port,
+            listen_port=d.interface.listen_port,
             peers=tuple(
                 PeerState(
-                    public_key=p.public_key,
+                    public_key=key,
                     allowed_ips=p.allowed_ips,
                     endpoint=p.endpoint,
                     persistent_keepalive=p.persistent_keepalive,
                 )
-                for p in d.peers
+                for key, p in d.peers.items()
             ),
         ),
         link=LinkState(**link),  # type: ignore[arg-type]

@@ -26,14 +26,16 @@ from events.commands import (
     RotateHostKey,
 )
 from events.desired import (
+    WIREGUARD,
     DeltaMismatch,
     DesiredDelta,
     DesiredMessage,
     DesiredState,
-    PeerConfig,
+    PeerEntry,
+    Sections,
     apply_delta,
     decode_message,
-    desired_decoder,
+    decode_state,
     desired_encoder,
 )
 from events.feed import DesiredFeed, Outcome
@@ -66,11 +68,10 @@ def test_desired_state_is_the_full_mesh_minus_self() -> None:
     assert state is not None
     assert state.revision == 7
     assert state.addresses == ("10.10.0.1/24",)
-    assert state.listen_port == 51820 and state.mtu == 1420
-    by_name = {p.name: p for p in state.peers}
+    assert state.interface.listen_port == 51820 and state.interface.mtu == 1420
+    by_name = {p.name: p for p in state.peers.values()}
     assert set(by_name) == {"h2", "h3"}
-    assert by_name["h2"] == PeerConfig(
-        public_key=public_key(2),
+    assert state.peers[public_key(2)] == PeerEntry(
         allowed_ips=("10.10.0.2/32",),
         endpoint="192.0.2.2:51820",
         persistent_keepalive=10,
@@ -122,11 +123,11 @@ def test_removed_node_disappears_from_peers_and_its_host_is_emptied() -> None:
     assert set(by_host) == set(ids)
     emptied = by_host[ids[2]]
     assert isinstance(emptied, DesiredState)
-    assert emptied.addresses == () and emptied.peers == ()
+    assert emptied.addresses == () and emptied.peers == {}
     for host_id in ids[:2]:
         delta = by_host[host_id]
         assert isinstance(delta, DesiredDelta)
-        assert delta.remove == (public_key(3),) and delta.upsert == ()
+        assert delta.remove == {"peers": (public_key(3),)} and delta.upsert == Sections()
     agents.assert_converged(world.topology)
 
 
@@ -143,8 +144,11 @@ def test_a_join_sends_one_snapshot_and_one_peer_to_everyone_else() -> None:
     deltas = [m for m in sent if isinstance(m, DesiredDelta)]
     assert len(snapshots) == 1 and len(snapshots[0].peers) == 50
     assert len(deltas) == 50
-    assert all(len(d.upsert) == 1 and d.upsert[0].name == "new" for d in deltas)
-    assert all(d.interface is None and d.remove == () for d in deltas)
+    assert all(
+        len(d.upsert.peers) == 1 and next(iter(d.upsert.peers.values())).name == "new"
+        for d in deltas
+    )
+    assert all(not d.upsert.interface and d.remove == {} for d in deltas)
     agents.assert_converged(world.topology)
 
 
@@ -160,11 +164,11 @@ def test_endpoint_change_tells_the_peers_and_moves_the_hosts_revision() -> None:
     sent = {m.host_id: m for m in agents.publish(world.topology, touched)}
     assert set(sent) == set(ids)
     moved = sent[ids[1]]
-    assert isinstance(moved, DesiredDelta) and moved.upsert == ()
-    assert moved.interface is not None and moved.interface.listen_port == 51999
+    assert isinstance(moved, DesiredDelta) and not moved.upsert.peers
+    assert moved.upsert.interface[WIREGUARD].listen_port == 51999
     told = sent[ids[0]]
     assert isinstance(told, DesiredDelta)
-    assert [p.endpoint for p in told.upsert] == ["198.51.100.9:51999"]
+    assert [p.endpoint for p in told.upsert.peers.values()] == ["198.51.100.9:51999"]
     agents.assert_converged(world.topology)
 
 
@@ -174,11 +178,11 @@ def test_network_delete_leaves_hosts_with_empty_state() -> None:
     assert world.topology.nodes == {}
     assert world.topology.keys == {}
     state = desired_for(world.topology, ids[0], 1)
-    assert state is not None and state.peers == ()
+    assert state is not None and state.peers == {}
 
 
 def test_a_delta_applies_only_to_its_base() -> None:
-    state = DesiredState(host_id="h1", revision=5, addresses=(), listen_port=1, mtu=1420)
+    state = DesiredState(host_id="h1", revision=5)
     with pytest.raises(DeltaMismatch):
         apply_delta(state, DesiredDelta(host_id="h1", revision=9, base=4))
     with pytest.raises(DeltaMismatch):
@@ -188,7 +192,7 @@ def test_a_delta_applies_only_to_its_base() -> None:
 
 def test_version_1_states_still_decode() -> None:
     old = b'{"host_id":"h1","revision":3,"addresses":[],"listen_port":1,"mtu":1420,"peers":[]}'
-    assert decode_message(old) == desired_decoder.decode(old)
+    assert decode_message(old) == decode_state(old)
     assert isinstance(decode_message(old), DesiredState) and decode_message(old).revision == 3
     with pytest.raises(msgspec.ValidationError):
         decode_message(b'{"kind":"delta","host_id":"h1"}')
@@ -389,7 +393,7 @@ async def test_live_changes_are_published_as_deltas_and_coalesced(tmp_path: Path
         assert len(publisher.sent) == 3 == len(by_host)
         third = by_host[ids[2]]
         assert isinstance(third, DesiredDelta)
-        assert sorted(p.endpoint or "" for p in third.upsert) == [
+        assert sorted(p.endpoint or "" for p in third.upsert.peers.values()) == [
             "198.51.100.1:51820",
             "198.51.100.2:51820",
         ]

@@ -1,0 +1,113 @@
+"""One reconciler per part of the machine the agent owns, run in one pass.
+
+Each reconciler plans from the same reading of the machine (read once: reading
+a 1,000-peer device costs ~10 ms) with its own pure planner, applies its own
+ops, and reports its own outcome. One failing does not stop the others: a
+route that cannot be added leaves the peers in place and up to date. Like
+Tailscale's split of the WireGuard config from the router's, each part of the
+desired state has its owner here:
+
+| reconciler | sections it reads | what it owns |
+| --- | --- | --- |
+| interface | interface | the WireGuard device: present, our key, the listen port |
+| link | interface (mtu), addresses | MTU, addresses, link up |
+| peers | peers | the device's peers, changed in place |
+| routes | routes | routes through the interface that the agent added |
+
+Later features (firewall, dns) add a reconciler here with their section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.apply import apply, read_actual
+from agent.backend import BackendError, WireGuardBackend
+from agent.link import LinkControl
+from agent.plan import Actual, Op, plan_interface, plan_link, plan_peers, plan_routes
+from events.desired import DesiredState
+
+# (desired, actual, desired last applied by this reconciler, own public key) -> ops
+Planner = Callable[[DesiredState, Actual, DesiredState | None, str], list[Op]]
+
+
+@dataclass(frozen=True)
+class Reconciler:
+    name: str
+    plan: Planner
+
+
+RECONCILERS: tuple[Reconciler, ...] = (
+    Reconciler("interface", lambda d, a, _, key: plan_interface(d, a, public_key=key)),
+    Reconciler("link", lambda d, a, _prev, _key: plan_link(d, a)),
+    Reconciler("peers", lambda d, a, prev, _key: plan_peers(d, a, previous=prev)),
+    Reconciler("routes", lambda d, a, _prev, _key: plan_routes(d, a)),
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one reconciler did in a pass."""
+
+    name: str
+    ops: tuple[Op, ...]
+    applied: int  # ops carried out, in order
+    error: str | None = None  # the op that failed and why
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class PassResult:
+    actual: Actual  # the machine as read at the start of the pass
+    outcomes: tuple[Outcome, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outcomes)
+
+    @property
+    def ops(self) -> int:
+        return sum(len(o.ops) for o in self.outcomes)
+
+    def errors(self) -> dict[str, str]:
+        return {o.name: o.error for o in self.outcomes if o.error is not None}
+
+
+async def reconcile(
+    desired: DesiredState,
+    backend: WireGuardBackend,
+    link: LinkControl,
+    *,
+    public_key: str,
+    private_key: str,
+    previous: dict[str, DesiredState],
+    reconcilers: tuple[Reconciler, ...] = RECONCILERS,
+    on_op: Callable[[str, Op], None] | None = None,
+) -> PassResult:
+    """Read the machine once, then plan and apply each reconciler in turn.
+
+    `previous` holds, per reconciler, the desired state it last applied in
+    full (to tell a control-plane endpoint change from roaming). Raises
+    BackendError only when the machine cannot be read at all."""
+    actual = await read_actual(backend, link)
+    outcomes = []
+    for reconciler in reconcilers:
+        ops = reconciler.plan(desired, actual, previous.get(reconciler.name), public_key)
+        if not ops:
+            outcomes.append(Outcome(reconciler.name, (), 0))
+            continue
+        for op in ops:
+            if on_op is not None:
+                on_op(reconciler.name, op)
+        try:
+            result = await apply(ops, backend, link, private_key)
+        except BackendError as exc:  # apply reports its own; this is a safety net
+            outcomes.append(Outcome(reconciler.name, tuple(ops), 0, f"{ops[0]}: {exc}"))
+            continue
+        error = None if result.ok else f"{ops[result.applied]}: {result.error}"
+        outcomes.append(Outcome(reconciler.name, tuple(ops), result.applied, error))
+    return PassResult(actual, tuple(outcomes))

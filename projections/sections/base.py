@@ -1,0 +1,50 @@
+"""What every section of the desired state provides (see `__init__`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from events.model import Event
+from projections.topology import Topology
+
+
+@dataclass(frozen=True)
+class Reread:
+    """Viewers that must re-read `keys` of `section`: the `hosts` named and
+    every member of the `networks` named, except `owner` (keys that are its
+    own entry elsewhere, e.g. a host is not its own peer)."""
+
+    section: str
+    keys: frozenset[str]
+    hosts: frozenset[str] = frozenset()
+    networks: frozenset[str] = frozenset()
+    owner: str = ""
+
+
+class SectionBuilder(Protocol):
+    """One section's entries for one batch of events (may cache within it)."""
+
+    def entries(self, host_id: str) -> dict[str, Any]:
+        """The whole section as `host_id` sees it, sorted by key."""
+        ...
+
+    def entry(self, host_id: str, key: str) -> Any | None:
+        """Entry `key` as `host_id` sees it; None when it has none."""
+        ...
+
+
+class SectionRule(Protocol):
+    name: ClassVar[str]
+
+    def __init__(self, topology: Topology) -> None: ...
+
+    def entries(self, host_id: str) -> dict[str, Any]: ...
+
+    def entry(self, host_id: str, key: str) -> Any | None: ...
+
+    @staticmethod
+    def rereads(topology: Topology, event: Event) -> Iterable[Reread]:
+        """Whose entries `event` changed (the topology already includes it)."""
+        ...

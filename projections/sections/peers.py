@@ -1,0 +1,161 @@
+"""The `peers` section: every other host the host shares a network with, keyed
+by public key, allowed the addresses of that host's nodes in the shared networks.
+
+A peer's entry may depend on who looks (the viewer): through which networks
+it is seen. For a viewer in a single network it depends only on the peer and
+that network, so within a batch N viewers of one network share N entries
+instead of computing N x N.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Iterable
+from typing import ClassVar
+
+from events.desired import PeerEntry
+from events.model import (
+    Event,
+    HostEndpointObserved,
+    HostKeyRotated,
+    HostRegistered,
+    NodeJoined,
+    NodeRemoved,
+)
+from projections.sections.addresses import prefixes
+from projections.sections.base import Reread
+from projections.topology import Host, Topology
+
+
+def peer_endpoint(host: Host) -> str | None:
+    """The first endpoint candidate, with the host's listen port unless it names one."""
+    return _endpoint(host.endpoints, host.listen_port)
+
+
+@functools.lru_cache(maxsize=65536)
+def _endpoint(endpoints: tuple[str, ...], listen_port: int) -> str | None:
+    # Cached: a snapshot of N peers would parse N addresses otherwise.
+    for candidate in endpoints:
+        if not candidate:
+            continue
+        try:
+            ip = ipaddress.ip_address(candidate)
+        except ValueError:
+            return candidate  # already "ip:port" / "[v6]:port"
+        return f"[{ip}]:{listen_port}" if ip.version == 6 else f"{ip}:{listen_port}"
+    return None
+
+
+class PeerSection:
+    name: ClassVar[str] = "peers"
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self._through: dict[tuple[str, str], PeerEntry | None] = {}
+        self._rosters: dict[str, list[tuple[str, str, PeerEntry]]] = {}
+
+    def entries(self, host_id: str) -> dict[str, PeerEntry]:
+        only = self._only_network(host_id)
+        if only is not None:
+            return {key: entry for h, key, entry in self._roster(only) if h != host_id}
+        others = {
+            n.host_id
+            for network in self.topology.networks_of_host(host_id)
+            for n in self.topology.nodes_of_network(network)
+        }
+        found = {}
+        for other in others:
+            peer = self.topology.hosts.get(other)
+            if peer is not None and other != host_id:
+                entry = self._seen_by(host_id, peer)
+                if entry is not None:
+                    found[peer.public_key] = entry
+        return dict(sorted(found.items()))
+
+    def entry(self, host_id: str, key: str) -> PeerEntry | None:
+        peer_id = self.topology.host_by_public_key.get(key)
+        peer = self.topology.hosts.get(peer_id) if peer_id is not None else None
+        if peer is None or peer.host_id == host_id:
+            return None
+        only = self._only_network(host_id)
+        if only is not None:
+            return self._through_network(peer, only)
+        return self._seen_by(host_id, peer)
+
+    def _seen_by(self, host_id: str, peer: Host) -> PeerEntry | None:
+        shared = self.topology.networks_of_host(host_id) & self.topology.networks_of_host(
+            peer.host_id
+        )
+        return _entry(self.topology, peer, shared)
+
+    def _only_network(self, host_id: str) -> str | None:
+        node_ids = self.topology.nodes_by_host.get(host_id, ())
+        if len(node_ids) != 1:
+            return None
+        return self.topology.nodes[next(iter(node_ids))].network
+
+    def _through_network(self, peer: Host, network: str) -> PeerEntry | None:
+        cached = (peer.host_id, network)
+        if cached not in self._through:
+            self._through[cached] = _entry(self.topology, peer, {network})
+        return self._through[cached]
+
+    def _roster(self, network: str) -> list[tuple[str, str, PeerEntry]]:
+        """(host, public key, entry) of every member of a network, by public key."""
+        if network not in self._rosters:
+            roster = []
+            for host_id in {n.host_id for n in self.topology.nodes_of_network(network)}:
+                peer = self.topology.hosts.get(host_id)
+                entry = self._through_network(peer, network) if peer is not None else None
+                if peer is not None and entry is not None:
+                    roster.append((host_id, peer.public_key, entry))
+            roster.sort(key=lambda item: item[1])
+            self._rosters[network] = roster
+        return self._rosters[network]
+
+    @staticmethod
+    def rereads(topology: Topology, event: Event) -> Iterable[Reread]:
+        match event:
+            case (
+                NodeJoined(host_id=host_id, network=network)
+                | NodeRemoved(host_id=host_id, network=network)
+            ):
+                networks = frozenset({network})
+            case HostRegistered(host_id=host_id) | HostEndpointObserved(host_id=host_id):
+                networks = frozenset(topology.networks_of_host(host_id))
+            case HostKeyRotated(host_id=host_id, public_key=key, previous_key=previous):
+                # Peers drop the old key and take the new one, in place.
+                networks = frozenset(topology.networks_of_host(host_id))
+                if networks:
+                    keys = frozenset({key, previous})
+                    yield Reread(PeerSection.name, keys, networks=networks, owner=host_id)
+                return
+            case _:
+                return
+        host = topology.hosts.get(host_id)
+        if host is not None and networks:
+            yield Reread(
+                PeerSection.name, frozenset({host.public_key}), networks=networks, owner=host_id
+            )
+
+
+def _entry(topology: Topology, peer: Host, networks: set[str]) -> PeerEntry | None:
+    """`peer` as seen through `networks`: its addresses in them, the smallest
+    keepalive of them; None when it has a node in none of them."""
+    allowed = []
+    keepalive: int | None = None
+    for node in topology.nodes_of_host(peer.host_id):
+        network = topology.networks.get(node.network)
+        if node.network not in networks or network is None:
+            continue
+        allowed.append(f"{node.address}/{prefixes(network.cidr)[1]}")
+        keepalive = network.keepalive if keepalive is None else min(keepalive, network.keepalive)
+    if not allowed:
+        return None
+    return PeerEntry(
+        allowed_ips=tuple(sorted(allowed)),
+        endpoint=peer_endpoint(peer),
+        persistent_keepalive=keepalive or 0,
+        name=peer.name,
+    )
