@@ -65,6 +65,14 @@ async def test_link_state_and_idempotent_changes(testnet: TestNet) -> None:
     shown6 = (await host.run("ip", "-6", "route", "show", "dev", "t0")).stdout
     assert "fd60::/48" in shown6
     assert "mtu 1380" in (await host.run("ip", "link", "show", "t0")).stdout
+    assert "proto 77" in shown  # marked as the agent's own
+
+    # A route someone else put on the interface is not the agent's: not listed,
+    # and removing the agent's route to the same place leaves it alone.
+    await host.run("ip", "route", "add", "10.80.0.0/16", "dev", "t0")
+    assert "10.80.0.0/16" not in (await _state(driver)).routes
+    await driver.call("link", "remove_route", cidr="10.80.0.0/16")
+    assert "10.80.0.0/16" in (await host.run("ip", "route", "show", "dev", "t0")).stdout
 
     for _ in range(2):
         for cidr in ("10.50.0.1/24", "fd50::1/64"):
