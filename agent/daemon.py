@@ -35,6 +35,7 @@ from agent.endpoints import detect_endpoints
 from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.link import Link, LinkControl
 from agent.plan import Actual, Op
+from agent.receiver import DesiredReceiver
 from agent.reconcile import reconcile
 from agent.statedir import (
     AgentStatus,
@@ -62,8 +63,6 @@ from events.signing import (
     SIGNATURE_HEADER,
     public_text,
     signed_payload,
-    verify,
-    verify_key_of,
 )
 from events.subjects import (
     REPORTS_STREAM,
@@ -79,7 +78,6 @@ log = structlog.get_logger("netmesh.agent")
 RESYNC_INTERVAL = 30.0
 SETTLE_DELAY = 3.0
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
-RESYNC_GRACE = 10.0  # seconds a re-read may take to find its snapshot
 CONNECT_BACKOFF_MIN, CONNECT_BACKOFF_MAX = 0.5, 10.0
 SCHEDULED_ROTATION_RETRY = 3600.0  # after a refused scheduled rotation
 # Removed from its networks (or no control plane to ask): the interface stays
@@ -243,13 +241,15 @@ class Agent:
         self.rotate_every = rotate_every
         self._next_scheduled_rotation = 0.0  # after a refusal: not before this
         self.detect_endpoints = False  # True when endpoints were found, not given
-        self.feed = DesiredFeed(identity.host_id, state.load_desired())
-        self._verify_key = verify_key_of(identity.server_key) if identity.server_key else None
-        self.rejected = 0
-        self.last_rejection: str | None = None
-        self._unsaved = False  # the feed moved since the state was last saved and applied
-        self._resynced_for = 0  # the `seen` revision of the last re-read for a gap
-        self._warned_unpinned = False
+        self.receiver = DesiredReceiver(
+            identity.host_id,
+            state,
+            identity.server_key,
+            on_state=self.wake,
+            on_rejection=self._on_rejection,
+            reread=self._reread_subject,
+            ask_for_snapshot=self._ask_for_snapshot,
+        )
         self._background: set[asyncio.Task[None]] = set()
         self._subscribing = asyncio.Lock()
         self.applied: DesiredState | None = None
@@ -286,100 +286,43 @@ class Agent:
 
     @property
     def desired(self) -> DesiredState | None:
-        return self.feed.state
+        return self.receiver.feed.state
+
+    @property
+    def feed(self) -> DesiredFeed:
+        return self.receiver.feed
+
+    @property
+    def rejected(self) -> int:
+        return self.receiver.rejected
+
+    @property
+    def last_rejection(self) -> str | None:
+        return self.receiver.last_rejection
 
     def offer(self, message: DesiredMessage, *, pending: int = 0) -> Outcome:
-        """Take a snapshot or delta from the subject. `pending` is how many more
-        messages the subject holds for us: the state is saved and applied once
-        the burst is read (one pass for many messages, no timer)."""
-        outcome = self.feed.take(message)
-        if outcome is Outcome.FOREIGN:
-            log.warning("desired state for another host ignored", host_id=message.host_id)
-        elif outcome is Outcome.GAP:
-            log.info(
-                "desired-state delta does not follow ours, skipped",
-                have=self.feed.revision,
-                base=getattr(message, "base", None),
-                revision=message.revision,
-            )
-        elif outcome is Outcome.TAKEN:
-            self._unsaved = True
-        if pending > 0 or self.feed.resyncing:
-            return outcome
-        if self.feed.settle():
-            log.warning(
-                "re-reading desired states gave an older state; keeping ours",
-                revision=self.feed.revision,
-            )
-        if self._unsaved:
-            self._unsaved = False
-            state = self.feed.state
-            assert state is not None
-            try:
-                self.state.save_desired(state)
-            except OSError as exc:  # a full disk must not lose the state we were sent
-                log.warning("desired state not cached on disk", error=str(exc))
-            log.info("desired state received", revision=state.revision, peers=len(state.peers))
-            self._wake.set()
-        if self.feed.behind:
-            self._resync()
-        return outcome
+        """See `DesiredReceiver.offer`."""
+        return self.receiver.offer(message, pending=pending)
 
-    def _resync(self) -> None:
-        """Re-read the subject from its snapshot, once per revision we cannot
-        reach: a subject whose chain stays broken after that (a bad message)
-        must not make us re-read it in a loop."""
-        if self._resynced_for >= self.feed.seen:
-            log.warning(
-                "desired states still do not chain after re-reading; "
-                "asking the control plane for a snapshot",
-                have=self.feed.revision,
-                seen=self.feed.seen,
-            )
-            self.feed.seen = self.feed.revision  # forget it; later deltas apply as usual
-            if self.nc is not None and self.nc.is_connected:
-                self._spawn(self._request_snapshot())
-            return
-        self._resynced_for = self.feed.seen
-        log.info("re-reading desired states from the snapshot", have=self.feed.revision)
-        self.feed.begin_resync()
+    def authentic(self, data: bytes, signature: str | None) -> bool:
+        return self.receiver.authentic(data, signature)
+
+    def _on_rejection(self) -> None:
+        self.write_status()
+        self._spawn(self.report())
+
+    def _reread_subject(self) -> None:
         if self.nc is not None:
             self._spawn(self._resubscribe())
-        # A subject with no snapshot to re-read from (purged) must not leave us
-        # skipping deltas for good.
-        asyncio.get_running_loop().call_later(RESYNC_GRACE, self._end_resync)
+
+    def _ask_for_snapshot(self) -> None:
+        if self.nc is not None and self.nc.is_connected:
+            self._spawn(self._request_snapshot())
 
     async def _request_snapshot(self) -> None:
         assert self.nc is not None
         with contextlib.suppress(nats.errors.Error):
             await self.nc.publish(resync_subject(self.identity.host_id), b"")
-
-    def _end_resync(self) -> None:
-        if self.feed.resyncing:
-            log.warning("no snapshot found when re-reading desired states; going on")
-            self.feed.resyncing = False
-            self.feed.settle()
-
-    def authentic(self, data: bytes, signature: str | None) -> bool:
-        """Whether a desired-state message comes from our control plane. A
-        refused one changes nothing; it is counted, logged and reported."""
-        if self._verify_key is None:
-            if not self._warned_unpinned:
-                self._warned_unpinned = True
-                log.warning(
-                    "no control-plane key pinned (enrolled with an old token): desired "
-                    "states are not verified; re-enroll with a new token to pin one"
-                )
-            return True
-        why = verify(self._verify_key, data, signature)
-        if why is None:
-            return True
-        self.rejected += 1
-        self.last_rejection = f"{why} desired state refused at {time.strftime('%H:%M:%S')}"
-        log.warning("desired state refused", why=why, rejected=self.rejected)
-        self.write_status()
-        self._spawn(self.report())
-        return False
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run in the background, holding a reference until it is done."""

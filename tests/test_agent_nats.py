@@ -116,7 +116,7 @@ async def test_agent_follows_deltas_and_survives_a_gap(
         lambda: device_peers(agent) == {public_key(2), public_key(3), public_key(4)},
         message="all peers after the gap",
     )
-    assert agent._resynced_for > 0  # it did go through the re-read
+    assert agent.receiver.resynced_for > 0  # it did go through the re-read
 
     # Later changes arrive as deltas again.
     await admin.ok("node.remove", node="office/two")
@@ -174,7 +174,7 @@ async def test_forged_and_replayed_desired_states_change_nothing(
         headers={"Nats-Rollup": "sub", SIGNATURE_HEADER: sign(plane.signing_key, replay)},
     )
     agent.feed.seen = held + 5  # as if a later delta had not chained: forces a re-read
-    agent._resync()
+    agent.receiver.resync()
     await wait_until(lambda: not agent.feed.resyncing, message="re-read done")
     assert agent.feed.revision == held
     assert agent.feed.settle() is False
