@@ -1,4 +1,9 @@
-"""`netmesh agent up`: enroll once, then keep the interface as the control plane says.
+"""`netmesh agent up`: enroll once, then keep the machine as the control plane says.
+
+The daemon wires its parts: the session with the broker (agent/session.py),
+the desired-state receiver (agent/receiver.py), the reconcilers, one per part
+of the machine (agent/reconcile.py), the host key (agent/keys.py), and the
+reports.
 
 Level-triggered: a desired-state message, a periodic resync (with jitter) or a
 failed apply's retry wakes the loop; each pass reads the machine, plans, applies
@@ -17,7 +22,8 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +35,19 @@ from nacl.signing import SigningKey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from agent.apply import read_actual
 from agent.backend import BackendError, DeviceState, WireGuardBackend
 from agent.endpoints import detect_endpoints
 from agent.kernel import KernelBackend, kernel_wireguard_available
+from agent.keys import HostKey
 from agent.link import Link, LinkControl
-from agent.plan import Actual, Op
+from agent.plan import Op
 from agent.receiver import DesiredReceiver
 from agent.reconcile import reconcile
+from agent.session import (
+    AgentError,
+    Session,
+    broker_login,
+)
 from agent.statedir import (
     AgentStatus,
     Identity,
@@ -50,12 +61,11 @@ from agent.watch import watch_interface
 from events.commands import Reply
 from events.connect import (
     BrokerTlsMissing,
-    close_quickly,
     connect_once,
     refused_by_broker,
     tls_options,
 )
-from events.desired import DesiredMessage, DesiredState, decode_message
+from events.desired import DesiredMessage, DesiredState, UnknownSection, decode_message
 from events.feed import DesiredFeed, Outcome
 from events.natsid import client_options
 from events.reports import APPLIED, AppliedReport, PeerReport, applied_encoder
@@ -65,75 +75,19 @@ from events.signing import (
     signed_payload,
 )
 from events.subjects import (
-    REPORTS_STREAM,
     command_subject,
-    consume_subject,
     report_subject,
-    resync_subject,
 )
 from events.tokens import InvalidToken, parse_token
+
+# AgentError is the CLI's to catch from here too.
+__all__ = ["Agent", "AgentError", "enroll", "make_backend", "run_agent"]
 
 log = structlog.get_logger("netmesh.agent")
 
 RESYNC_INTERVAL = 30.0
 SETTLE_DELAY = 3.0
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
-CONNECT_BACKOFF_MIN, CONNECT_BACKOFF_MAX = 0.5, 10.0
-SCHEDULED_ROTATION_RETRY = 3600.0  # after a refused scheduled rotation
-# Removed from its networks (or no control plane to ask): the interface stays
-# as it was last told, and the agent keeps asking.
-REFUSED = "the broker refuses this host; keeping the last desired state"
-
-
-def reconnect_backoff(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
-    """nats-py reconnect policy: capped exponential backoff with jitter, so that
-    a thousand agents do not hit a restarted server in the same second."""
-    server = min(servers, key=lambda s: s.reconnects)
-    delay = min(CONNECT_BACKOFF_MAX, CONNECT_BACKOFF_MIN * 2 ** min(server.reconnects, 16))
-    return server, delay * random.uniform(0.5, 1.0)
-
-
-class AgentError(Exception):
-    """Stops the agent with a one-line message (bad token, refused join, ...)."""
-
-
-async def send_host_command(
-    nc: Client,
-    state: StateDir,
-    identity: Identity,
-    verb: str,
-    fields: dict[str, Any],
-    timeout: float = 10.0,
-) -> Reply:
-    """A command from this host, signed with its key (with a fresh id and the
-    time). Raises nats.errors.Error / TimeoutError when it is not answered."""
-    payload, signature = signed_payload(
-        state.signing_key(),
-        verb,
-        {"command_id": uuid.uuid4().hex, "host_id": identity.host_id, **fields},
-    )
-    msg = await nc.request(
-        command_subject(verb),
-        payload,
-        timeout=timeout,
-        headers={"Netmesh-Actor": f"agent:{identity.name}", **signature},
-    )
-    try:
-        return msgspec.json.decode(msg.data, type=Reply)
-    except msgspec.DecodeError:
-        return Reply(ok=False, error="the control plane sent an answer this agent cannot read")
-
-
-def broker_login(state: StateDir, identity: Identity, url: str) -> dict[str, Any]:
-    """nats-py options to connect as this host: its key, and TLS against the
-    CA pinned at enrollment when the URL is tls://. Raises AgentError."""
-    try:
-        return {
-            **client_options(state.signing_key()),
-            **tls_options(url, identity.ca_der()),
-        }
-    except BrokerTlsMissing as exc:
-        raise AgentError(f"{exc}: enroll again with a fresh token") from None
 
 
 async def make_backend(kind: str, interface: str) -> WireGuardBackend:
@@ -217,7 +171,24 @@ async def enroll(
         await nc.close()
 
 
+@dataclass
+class ApplyProgress:
+    """How far the machine is from the desired state, as the last pass left it."""
+
+    applied: DesiredState | None = None  # the last desired state applied in full
+    # Per reconciler, the desired state it last applied in full.
+    applied_by: dict[str, DesiredState] = field(default_factory=dict)
+    section_errors: dict[str, str] = field(default_factory=dict)  # reconciler -> why it failed
+    last_error: str | None = None
+    retry_delay: float = RETRY_MIN
+    retry: asyncio.TimerHandle | None = None
+
+
 class Agent:
+    """The daemon: wires the desired-state receiver, the session with the
+    broker, the reconcilers and the reports. Each pass reads the machine,
+    plans and applies per reconciler, and reports the applied revision."""
+
     def __init__(
         self,
         *,
@@ -234,59 +205,37 @@ class Agent:
         self.state = state
         self.backend = backend
         self.link = link
-        self._private_key = private_key
-        self.public_key = public_key
+        self.key = HostKey(state, private_key, public_key, rotate_every)
         self.resync_interval = resync_interval
-        # Make a new WireGuard key when the current one is this old (seconds).
-        self.rotate_every = rotate_every
-        self._next_scheduled_rotation = 0.0  # after a refusal: not before this
         self.detect_endpoints = False  # True when endpoints were found, not given
+        self.session = Session(
+            identity,
+            state,
+            on_message=self._on_desired,
+            on_subscribed=self._on_subscribed,
+            on_change=self.write_status,
+        )
         self.receiver = DesiredReceiver(
             identity.host_id,
             state,
             identity.server_key,
             on_state=self.wake,
             on_rejection=self._on_rejection,
-            reread=self._reread_subject,
-            ask_for_snapshot=self._ask_for_snapshot,
+            reread=lambda: self.session.spawn(self.session.resubscribe()),
+            ask_for_snapshot=lambda: self.session.spawn(self.session.request_snapshot()),
         )
-        self._background: set[asyncio.Task[None]] = set()
-        self._subscribing = asyncio.Lock()
-        self.applied: DesiredState | None = None
-        # Per reconciler, the desired state it last applied in full.
-        self._applied_by: dict[str, DesiredState] = {}
-        self.section_errors: dict[str, str] = {}  # reconciler -> why its last pass failed
-        self.nc: Client | None = None
+        self.progress = ApplyProgress()
         self._wake = asyncio.Event()
-        self._retry_delay = RETRY_MIN
-        self._retry_handle: asyncio.TimerHandle | None = None
-        self._sub: Any = None
-        self._closing = False
-        self._refused_logged = False
-        self._last_error: str | None = None
 
-    def reload_key(self) -> None:
-        """SIGHUP (from `netmesh agent rotate-key`): take the key now in the state
-        dir; the next pass sets it on the device, peers already expect it."""
-        try:
-            key = self.state.private_key()
-        except (OSError, ValueError, StateDirError) as exc:
-            log.warning("key not reloaded", error=str(exc))
-            return
-        self._private_key = private_key_b64(key)
-        self.public_key = public_key_of(key)
-        log.info("WireGuard key reloaded", public_key=self.public_key)
-        self._wake.set()
-
-    def wake(self) -> None:
-        """Run a reconcile pass soon (a change was seen)."""
-        self._wake.set()
-
-    # -- desired state from the control plane ---------------------------------
+    # What the rest of the agent (and its tests) read of its parts.
 
     @property
     def desired(self) -> DesiredState | None:
         return self.receiver.feed.state
+
+    @property
+    def applied(self) -> DesiredState | None:
+        return self.progress.applied
 
     @property
     def feed(self) -> DesiredFeed:
@@ -300,6 +249,24 @@ class Agent:
     def last_rejection(self) -> str | None:
         return self.receiver.last_rejection
 
+    @property
+    def public_key(self) -> str:
+        return self.key.public_key
+
+    @property
+    def nc(self) -> Client | None:
+        return self.session.nc
+
+    def wake(self) -> None:
+        """Run a reconcile pass soon (a change was seen)."""
+        self._wake.set()
+
+    def reload_key(self) -> None:
+        """SIGHUP (from `netmesh agent rotate-key`): take the key now in the state
+        dir; the next pass sets it on the device, peers already expect it."""
+        if self.key.reload():
+            self._wake.set()
+
     def offer(self, message: DesiredMessage, *, pending: int = 0) -> Outcome:
         """See `DesiredReceiver.offer`."""
         return self.receiver.offer(message, pending=pending)
@@ -307,34 +274,19 @@ class Agent:
     def authentic(self, data: bytes, signature: str | None) -> bool:
         return self.receiver.authentic(data, signature)
 
-    def _on_rejection(self) -> None:
-        self.write_status()
-        self._spawn(self.report())
+    def rotation_due(self, now: float) -> str | None:
+        return self.key.rotation_due(self.desired, self.identity, now)
 
-    def _reread_subject(self) -> None:
-        if self.nc is not None:
-            self._spawn(self._resubscribe())
-
-    def _ask_for_snapshot(self) -> None:
-        if self.nc is not None and self.nc.is_connected:
-            self._spawn(self._request_snapshot())
-
-    async def _request_snapshot(self) -> None:
-        assert self.nc is not None
-        with contextlib.suppress(nats.errors.Error):
-            await self.nc.publish(resync_subject(self.identity.host_id), b"")
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run in the background, holding a reference until it is done."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    # -- the session's callbacks ------------------------------------------------
 
     async def _on_desired(self, msg: Msg) -> None:
         if not self.authentic(msg.data, (msg.headers or {}).get(SIGNATURE_HEADER)):
             return
         try:
             message = decode_message(msg.data)
+        except UnknownSection as exc:
+            log.error("desired state this agent cannot enforce ignored", error=str(exc))
+            return
         except msgspec.DecodeError as exc:
             log.warning("undecodable desired state ignored", error=str(exc))
             return
@@ -344,42 +296,29 @@ class Agent:
             pending = 0
         self.offer(message, pending=pending)
 
+    async def _on_subscribed(self) -> None:
+        await self.report_endpoints()
+        self._wake.set()
+
+    def _on_rejection(self) -> None:
+        self.write_status()
+        self.session.spawn(self.report())
+
+    async def connect_forever(self) -> None:
+        await self.session.connect_forever()
+
     async def subscribe(self) -> None:
-        """Read the subject from its start: the latest snapshot, then the deltas
-        since (what we already hold is skipped)."""
-        assert self.nc is not None
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-        # Listen first, then ask the control plane for a consumer of our
-        # subject delivering here: it starts with the latest snapshot. (Agents
-        # may not create consumers themselves: see events/subjects.py.) Gaps
-        # are the feed's to notice: it re-reads, then asks for a snapshot.
-        inbox = self.nc.new_inbox()
-        self._sub = await self.nc.subscribe(inbox, cb=self._on_desired)
-        answer = await self.nc.request(
-            consume_subject(self.identity.host_id),
-            msgspec.json.encode({"deliver_subject": inbox}),
-            timeout=10,
-        )
-        try:
-            reply = msgspec.json.decode(answer.data, type=Reply)
-        except msgspec.DecodeError:
-            raise nats.errors.Error("the control plane sent an unreadable answer") from None
-        if not reply.ok:
-            raise nats.errors.Error(f"no consumer for our desired state: {reply.error}")
+        await self.session.subscribe()
 
     # -- reconcile -----------------------------------------------------------
-
-    async def read_actual(self) -> Actual:
-        return await read_actual(self.backend, self.link)
 
     async def reconcile_once(self) -> bool:
         """One pass. Returns True when the machine matches the desired state."""
         desired = self.desired
         if desired is None:
             return True
-        drift = self.applied is not None and self.applied.revision == desired.revision
+        progress = self.progress
+        drift = progress.applied is not None and progress.applied.revision == desired.revision
 
         def log_op(section: str, op: Op) -> None:
             log.info(
@@ -394,25 +333,26 @@ class Agent:
                 desired,
                 self.backend,
                 self.link,
-                public_key=self.public_key,
-                private_key=self._private_key,
-                previous=self._applied_by,
+                public_key=self.key.public_key,
+                private_key=self.key.private_key,
+                previous=progress.applied_by,
                 on_op=log_op,
             )
         except BackendError as exc:
             return self._failed(desired, f"read: {exc}")
         for outcome in result.outcomes:
             if outcome.ok:
-                self._applied_by[outcome.name] = desired
-        self.section_errors = result.errors()
+                progress.applied_by[outcome.name] = desired
+        progress.section_errors = result.errors()
         if not result.ok:
             return self._failed(
-                desired, "; ".join(f"{name}: {why}" for name, why in self.section_errors.items())
+                desired,
+                "; ".join(f"{name}: {why}" for name, why in progress.section_errors.items()),
             )
-        newly = self.applied is None or self.applied.revision != desired.revision
-        self.applied = desired
-        self._last_error = None
-        self._retry_delay = RETRY_MIN
+        newly = progress.applied is None or progress.applied.revision != desired.revision
+        progress.applied = desired
+        progress.last_error = None
+        progress.retry_delay = RETRY_MIN
         if newly or result.ops:
             log.info("in sync", revision=desired.revision, ops=result.ops)
         if result.ops:
@@ -424,16 +364,53 @@ class Agent:
         await self.report(None if result.ops else result.actual.device)
         return True
 
+    def _failed(self, desired: DesiredState, why: str) -> bool:
+        progress = self.progress
+        progress.last_error = why
+        self.write_status()
+        log.warning(
+            "apply failed, will retry",
+            revision=desired.revision,
+            error=why,
+            retry_in=round(progress.retry_delay, 1),
+        )
+        loop = asyncio.get_running_loop()
+        progress.retry = loop.call_later(progress.retry_delay, self._wake.set)
+        progress.retry_delay = min(progress.retry_delay * 2, RETRY_MAX)
+        return False
+
+    async def reconcile_forever(self) -> None:
+        while True:
+            jitter = random.uniform(0.8, 1.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.resync_interval * jitter)
+            self._wake.clear()
+            try:
+                await self.reconcile_once()
+                await self.check_key_rotation()
+                if self.detect_endpoints:
+                    await self.check_endpoints()
+            except Exception as exc:  # the loop is the agent: it must outlive any pass
+                log.exception("reconcile pass failed", error=repr(exc))
+                self.progress.last_error = f"pass failed: {exc!r}"
+                await asyncio.sleep(min(self.resync_interval, RETRY_MAX))
+
+    async def check_key_rotation(self) -> None:
+        if await self.key.rotate_if_due(self.desired, self.identity, self.session):
+            self._wake.set()
+
+    # -- what the agent tells: status file, reports, endpoints -----------------
+
     def write_status(self) -> None:
         """Best effort: a full disk must not stop the agent."""
         status = AgentStatus(
             pid=os.getpid(),
             interface=self.backend.interface,
             backend=type(self.backend).__name__,
-            connected=self.nc is not None and self.nc.is_connected,
+            connected=self.session.connected,
             desired_revision=self.desired.revision if self.desired else 0,
             applied_revision=self.applied.revision if self.applied else 0,
-            last_error=self._last_error,
+            last_error=self.progress.last_error,
             rejected=self.rejected,
             last_rejection=self.last_rejection,
             updated_at=time.time(),
@@ -443,24 +420,10 @@ class Agent:
         except OSError as exc:
             log.warning("status file not written", error=str(exc))
 
-    def _failed(self, desired: DesiredState, why: str) -> bool:
-        self._last_error = why
-        self.write_status()
-        log.warning(
-            "apply failed, will retry",
-            revision=desired.revision,
-            error=why,
-            retry_in=round(self._retry_delay, 1),
-        )
-        loop = asyncio.get_running_loop()
-        self._retry_handle = loop.call_later(self._retry_delay, self._wake.set)
-        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
-        return False
-
     async def report(self, device: DeviceState | None = None) -> None:
         """Best effort: without NATS the report waits for the next pass.
         `device` is a fresh read of the interface, if the caller has one."""
-        if self.nc is None or not self.nc.is_connected:
+        if not self.session.connected:
             return
         peers: tuple[PeerReport, ...] = ()
         with contextlib.suppress(BackendError):
@@ -481,80 +444,15 @@ class Agent:
             revision=self.applied.revision if self.applied else 0,
             at=time.time(),
             interface=self.backend.interface,
-            error=self._last_error,
-            section_errors=self.section_errors,
+            error=self.progress.last_error,
+            section_errors=self.progress.section_errors,
             peers=peers,
             rejected=self.rejected,
             last_rejection=self.last_rejection,
         )
-        try:
-            await self.nc.jetstream().publish(
-                report_subject(self.identity.host_id, APPLIED),
-                applied_encoder.encode(report),
-                stream=REPORTS_STREAM,
-                timeout=5,
-            )
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.info("report not delivered", error=repr(exc))
-
-    async def reconcile_forever(self) -> None:
-        while True:
-            jitter = random.uniform(0.8, 1.2)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.resync_interval * jitter)
-            self._wake.clear()
-            try:
-                await self.reconcile_once()
-                await self.check_key_rotation()
-                if self.detect_endpoints:
-                    await self.check_endpoints()
-            except Exception as exc:  # the loop is the agent: it must outlive any pass
-                log.exception("reconcile pass failed", error=repr(exc))
-                self._last_error = f"pass failed: {exc!r}"
-                await asyncio.sleep(min(self.resync_interval, RETRY_MAX))
-
-    def rotation_due(self, now: float) -> str | None:
-        """Why this host should make a new WireGuard key now, if it should: an
-        admin asked (`netmesh node rotate-key`), or the key is older than
-        `--rotate-key-every` (its file's age: a rotation replaces the file)."""
-        desired = self.desired
-        if desired is None:
-            return None
-        if desired.interface.key_epoch > self.identity.key_epoch:
-            return "requested"
-        if self.rotate_every is not None and now >= self._next_scheduled_rotation:
-            age = now - self.state.private_key_made_at()
-            if age >= self.rotate_every:
-                return "scheduled"
-        return None
-
-    async def check_key_rotation(self) -> None:
-        """Make a new WireGuard key here when one is due, announce it (signed),
-        then switch to it; peers take it in place."""
-        why = self.rotation_due(time.time())
-        if why is None:
-            return
-        if self.nc is None or not self.nc.is_connected:
-            return  # the next pass after reconnecting
-        desired = self.desired
-        assert desired is not None
-        public_key = public_key_of(self.state.stage_private_key())
-        try:
-            reply = await send_host_command(
-                self.nc, self.state, self.identity, "host.rotate_key", {"public_key": public_key}
-            )
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.info("key rotation not delivered, will retry", error=repr(exc))
-            return
-        if reply.ok:
-            self.state.commit_private_key()
-            log.info("key rotated", why=why)
-            self.reload_key()
-        else:  # not retried at once: it would fail the same way on every pass
-            log.warning("key rotation refused", error=reply.error, why=why)
-            self._next_scheduled_rotation = time.time() + SCHEDULED_ROTATION_RETRY
-        self.identity.key_epoch = desired.interface.key_epoch
-        self.state.save_identity(self.identity)
+        await self.session.publish_report(
+            report_subject(self.identity.host_id, APPLIED), applied_encoder.encode(report)
+        )
 
     async def check_endpoints(self) -> None:
         """Endpoints found on this machine (not given with --endpoint) can move:
@@ -569,131 +467,28 @@ class Agent:
         log.info("local endpoints changed", before=self.identity.endpoints, now=found)
         self.identity.endpoints = found
         self.state.save_identity(self.identity)
-        if self.nc is not None and self.nc.is_connected:
+        if self.session.connected:
             await self.report_endpoints()
-
-    # -- connection ----------------------------------------------------------
-
-    async def connect_forever(self) -> None:
-        """Connect (with capped, jittered backoff), subscribe, and stay subscribed."""
-        delay = CONNECT_BACKOFF_MIN
-        while self.nc is None:
-            try:
-                # nats-py retries a failed *first* connect forever on its own, every
-                # reconnect_time_wait, silently and without backoff. Probe with a
-                # connection that gives up, so the backoff and the log here apply.
-                login = broker_login(self.state, self.identity, self.identity.server)
-                probe = await connect_once(self.identity.server, timeout=5, **login)
-                await probe.close()
-                self.nc = await nats.connect(
-                    self.identity.server,
-                    **login,
-                    name=f"netmesh-agent-{self.identity.name}",
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=CONNECT_BACKOFF_MIN,
-                    reconnect_to_server_handler=reconnect_backoff,
-                    connect_timeout=5,
-                    reconnected_cb=self._on_reconnected,
-                    disconnected_cb=self._on_disconnected,
-                    error_cb=self._on_error,
-                    closed_cb=self._on_closed,
-                )
-            except (OSError, nats.errors.Error, TimeoutError) as exc:
-                if refused_by_broker(exc):
-                    log.warning(REFUSED, retry_in=round(CONNECT_BACKOFF_MAX, 1))
-                    await asyncio.sleep(CONNECT_BACKOFF_MAX * random.uniform(0.5, 1.0))
-                    continue
-                log.info(
-                    "control plane unreachable, running from cache",
-                    error=repr(exc),
-                    retry_in=round(delay, 1),
-                )
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, CONNECT_BACKOFF_MAX)
-        log.info("connected", server=self.identity.server)
-        self.write_status()
-        await self._resubscribe()
-
-    async def _resubscribe(self) -> None:
-        # A gap's re-read and a reconnect can ask at once: one at a time, or
-        # two subscriptions would be made and one leaked.
-        async with self._subscribing:
-            await self._resubscribe_now()
-
-    async def _resubscribe_now(self) -> None:
-        delay = CONNECT_BACKOFF_MIN
-        while True:
-            try:
-                await self.subscribe()
-                await self.report_endpoints()
-                self._wake.set()
-                return
-            except (nats.errors.Error, TimeoutError) as exc:
-                log.info("subscribe failed, retrying", error=repr(exc))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, CONNECT_BACKOFF_MAX)
 
     async def report_endpoints(self) -> None:
         """Tell the control plane where this host can be reached, when that changed."""
-        assert self.nc is not None
-        endpoints = list(self.identity.endpoints)
         # Without a desired state we do not know our port: let the control plane
         # keep the one it chose (the network's) rather than claim a default.
         listen_port = self.desired.interface.listen_port if self.desired else None
         try:
-            reply = await send_host_command(
-                self.nc,
-                self.state,
-                self.identity,
+            reply = await self.session.command(
                 "endpoint.report",
-                {"endpoints": endpoints, "listen_port": listen_port},
+                {"endpoints": list(self.identity.endpoints), "listen_port": listen_port},
             )
             if not reply.ok:
                 log.warning("endpoint report refused", error=reply.error)
         except (nats.errors.Error, TimeoutError) as exc:
             log.info("endpoint report not delivered", error=repr(exc))
 
-    async def _on_reconnected(self) -> None:
-        self._refused_logged = False
-        log.info("reconnected")
-        self._spawn(self._resubscribe())
-
-    async def _on_disconnected(self) -> None:
-        log.info("disconnected from the control plane; keeping the last desired state")
-        self.write_status()
-
-    async def _on_closed(self) -> None:
-        # nats-py gives up for good when the broker refuses us mid-session (a
-        # removed host, kicked): start over with the connect loop and its backoff.
-        if self._closing:
-            return
-        log.info("connection closed by the broker; reconnecting with backoff")
-        self.nc = None
-        self._sub = None
-        self.write_status()
-        self._spawn(self.connect_forever())
-
-    async def _on_error(self, exc: Exception) -> None:
-        if refused_by_broker(exc):
-            # nats-py keeps reconnecting on its own (with our backoff); say
-            # once per outage why it does not get in.
-            if not self._refused_logged:
-                self._refused_logged = True
-                log.warning(REFUSED, retry_in=round(CONNECT_BACKOFF_MAX, 1))
-            return
-        if "permissions violation" in str(exc).lower():
-            # The broker refused something this agent tried: a bug or a
-            # mismatch with the control plane's version; never silent.
-            log.warning("denied by the broker", error=str(exc))
-            return
-        log.debug("nats error", error=repr(exc))
-
     async def close(self) -> None:
-        self._closing = True
-        if self._retry_handle is not None:
-            self._retry_handle.cancel()
-        if self.nc is not None:
-            await close_quickly(self.nc)
+        if self.progress.retry is not None:
+            self.progress.retry.cancel()
+        await self.session.close()
         await self.backend.close()
         await self.link.close()
 

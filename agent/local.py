@@ -11,9 +11,9 @@ from typing import Any
 import nats.errors
 
 from agent.backend import BackendError, DeviceState, WireGuardBackend
-from agent.daemon import AgentError, broker_login, send_host_command
 from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.link import Link
+from agent.session import AgentError, broker_login, send_host_command
 from agent.statedir import Identity, StateDir, load_status, pid_alive, public_key_of
 from agent.userspace import UserspaceBackend
 from events.commands import Reply

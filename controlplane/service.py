@@ -47,6 +47,7 @@ from controlplane.throttle import FailureWindow
 from events import natsid
 from events.commands import VERBS, AnyCommand, Join, Reply
 from events.connect import server_has_seen_everything
+from events.desired import PROTOCOL, SECTION_NAMES
 from events.envelope import make_envelope
 from events.jetstream import JetStreamEventStore
 from events.model import AdminAdded
@@ -100,6 +101,10 @@ _reply_encoder = msgspec.json.Encoder()
 class ConsumeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     deliver_subject: str
     start_seq: int = 1  # event stream readers: where to start
+    # Agents: the desired-state protocol they read and its sections (older
+    # agents send neither, and cannot read what this control plane writes).
+    protocol: int = 0
+    sections: tuple[str, ...] = ()
 
 
 class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -640,6 +645,10 @@ class ControlPlane:
         return await self._make_consumer(EVENTS_STREAM, config, problem)
 
     async def _make_agent_consumer(self, host_id: str, request: ConsumeRequest) -> Reply:
+        outdated = agent_protocol_problem(request.protocol, request.sections)
+        if outdated is not None:
+            log.warning("agent too old for this control plane", host_id=host_id, why=outdated)
+            return Reply(ok=False, code="upgrade_required", error=outdated)
         problem = delivery_problem(self.write_model, host_id, request.deliver_subject)
         config = _delivering_consumer(
             f"agent-{host_id}-{uuid.uuid4().hex[:8]}",
@@ -747,6 +756,20 @@ class ControlPlane:
         except msgspec.ValidationError:
             return None
         return msgspec.to_builtins(report)  # type: ignore[no-any-return]
+
+
+def agent_protocol_problem(protocol: int, sections: tuple[str, ...]) -> str | None:
+    """Why an agent reading desired-state `protocol` with `sections` cannot
+    follow what this control plane publishes; None when it can."""
+    if protocol < PROTOCOL:
+        return (
+            f"this agent reads desired-state protocol {protocol or '2 or older'}, the control "
+            f"plane writes {PROTOCOL}: upgrade the agent"
+        )
+    missing = sorted(set(SECTION_NAMES) - set(sections))
+    if missing:
+        return f"this agent does not know section(s) {', '.join(missing)}: upgrade the agent"
+    return None
 
 
 def awaiting(task: asyncio.Task[Any]) -> list[str]:

@@ -14,7 +14,6 @@ one-peer deltas and one snapshot. Pure: the same topology gives the same message
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,19 +31,36 @@ def fold(topology: Topology, recorded: RecordedEvent) -> Touched:
     touched = evolve(topology, recorded)
     if not touched.believed:
         return touched
-    rereads = tuple(r for rule in SECTIONS for r in rule.rereads(topology, recorded.event))
-    hosts = set(touched.reconfigured)
-    networks: set[str] = set()
+    event = recorded.event
+    rules = _RULES_BY_EVENT.get(type(event))
+    if rules is None:
+        rules = _RULES_BY_EVENT[type(event)] = tuple(
+            rule for rule in SECTIONS if isinstance(event, rule.reacts_to)
+        )
+    if not rules and not touched.reconfigured:
+        return touched
+    if len(rules) == 1:
+        rereads = tuple(rules[0].rereads(topology, event))
+    else:
+        rereads = tuple(r for rule in rules for r in rule.rereads(topology, event))
+    hosts = touched.reconfigured
+    networks: frozenset[str] = frozenset()
     for reread in rereads:
         hosts |= reread.hosts
         networks |= reread.networks
     topology.mark_changed(hosts, networks, recorded.seq)
-    return dataclasses.replace(
-        touched,
-        rereads=rereads,
-        hosts=touched.hosts | hosts,
+    return Touched(
         networks=touched.networks | networks,
+        keys=touched.keys,
+        hosts=touched.hosts | hosts,
+        nodes=touched.nodes,
+        reconfigured=touched.reconfigured,
+        rereads=rereads,
     )
+
+
+# Event type -> the section rules that react to it (most events concern few).
+_RULES_BY_EVENT: dict[type, tuple[type[SectionRule], ...]] = {}
 
 
 class Builders:

@@ -192,7 +192,7 @@ def test_fake_upsert_keeps_endpoint_when_not_given() -> None:
 def test_reconnect_backoff_grows_with_jitter_and_is_capped() -> None:
     from types import SimpleNamespace
 
-    from agent.daemon import CONNECT_BACKOFF_MAX, reconnect_backoff
+    from agent.session import CONNECT_BACKOFF_MAX, reconnect_backoff
 
     delays = [reconnect_backoff([SimpleNamespace(reconnects=n)], {})[1] for n in range(12)]
     assert all(0 < d <= CONNECT_BACKOFF_MAX for d in delays)

@@ -93,9 +93,9 @@ async def test_agent_follows_deltas_and_survives_a_gap(
 
     # While the agent is away, two changes are published, and the first one is
     # then deleted from the stream: the subject no longer chains.
-    assert agent._sub is not None
-    await agent._sub.unsubscribe()
-    agent._sub = None
+    assert agent.session.sub is not None
+    await agent.session.sub.unsubscribe()
+    agent.session.sub = None
     js = admin.nc.jetstream()
     publisher = JetStreamDesiredPublisher(admin.nc, plane.signing_key)
     host_id = agent.identity.host_id
@@ -196,11 +196,11 @@ async def test_no_secret_appears_in_streams_read_model_or_logs(
     await admin.ok("node.remove", node="office/two")
     await wait_until(lambda: device_peers(agent) == set())
 
-    wg_key = base64.b64decode(agent._private_key)
+    wg_key = base64.b64decode(agent.key.private_key)
     seed = bytes(plane.signing_key)
     secret = parse_token(token).secret
     needles = {
-        "wireguard key (base64)": agent._private_key,
+        "wireguard key (base64)": agent.key.private_key,
         "wireguard key (hex)": wg_key.hex(),
         "signing key (base64)": base64.b64encode(seed).decode(),
         "signing key (hex)": seed.hex(),
@@ -234,8 +234,8 @@ async def test_agent_rotates_its_key_on_schedule(
     _, admin, agent, _ = setup
     old_public = agent.public_key
     key_file = agent.state.path / "private.key"
-    key_file.write_text(agent._private_key + "\n")  # the fixture's key, where agents keep it
-    agent.rotate_every = 3600
+    key_file.write_text(agent.key.private_key + "\n")  # the fixture's key, where agents keep it
+    agent.key.rotate_every = 3600
     assert agent.rotation_due(time.time()) is None  # a fresh key file: not due
     long_ago = time.time() - 7200
     os.utime(key_file, (long_ago, long_ago))

@@ -32,6 +32,7 @@ from controlplane.service import ControlPlane
 from events import natsid
 from events.commands import Reply
 from events.connect import connect_once, refused_by_broker
+from events.desired import PROTOCOL, SECTION_NAMES
 from events.jetstream import JetStreamEventStore
 from events.signing import load_or_create, public_text
 from events.subjects import (
@@ -202,13 +203,18 @@ async def test_host_reads_only_its_own_desired_state(broker: Broker) -> None:
     host = await broker.connect(key_a)
     nc = host.nc
 
-    async def consume(host_id: str, deliver: str) -> Reply:
+    async def consume(host_id: str, deliver: str, **agent: object) -> Reply:
+        what = agent or {"protocol": PROTOCOL, "sections": SECTION_NAMES}
         answer = await nc.request(
             consume_subject(host_id),
-            msgspec.json.encode({"deliver_subject": deliver}),
+            msgspec.json.encode({"deliver_subject": deliver, **what}),
             timeout=5,
         )
         return msgspec.json.decode(answer.data, type=Reply)
+
+    # An agent that reads an older protocol (it says none) is told to upgrade.
+    old = await consume(host_a, nc.new_inbox(), sections=["peers"])
+    assert not old.ok and old.code == "upgrade_required" and "upgrade the agent" in str(old.error)
 
     # Its own subject: the control plane makes it a consumer delivering to its
     # inbox, starting with the snapshot the join published.

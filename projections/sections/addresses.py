@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import ClassVar
 
 from events.desired import AddressEntry
@@ -26,6 +26,7 @@ def prefixes(cidr: str) -> tuple[int, int]:
 
 
 class AddressSection:
+    reacts_to: ClassVar[tuple[type[Event], ...]] = ()
     name: ClassVar[str] = "addresses"
 
     def __init__(self, topology: Topology) -> None:
@@ -45,5 +46,5 @@ class AddressSection:
         return self.entries(host_id).get(key)
 
     @staticmethod
-    def rereads(topology: Topology, event: Event) -> Iterable[Reread]:
+    def rereads(topology: Topology, event: Event) -> Sequence[Reread]:
         return ()

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from collections.abc import Sequence
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from events.model import Event
 from projections.topology import Topology
 
 
-@dataclass(frozen=True)
-class Reread:
+class Reread(NamedTuple):
     """Viewers that must re-read `keys` of `section`: the `hosts` named and
     every member of the `networks` named, except `owner` (keys that are its
-    own entry elsewhere, e.g. a host is not its own peer)."""
+    own entry elsewhere, e.g. a host is not its own peer). A tuple: a replay
+    makes one or two per event."""
 
     section: str
     keys: frozenset[str]
@@ -37,6 +36,8 @@ class SectionBuilder(Protocol):
 
 class SectionRule(Protocol):
     name: ClassVar[str]
+    # The event types whose rereads this section has a rule for.
+    reacts_to: ClassVar[tuple[type[Event], ...]]
 
     def __init__(self, topology: Topology) -> None: ...
 
@@ -45,6 +46,6 @@ class SectionRule(Protocol):
     def entry(self, host_id: str, key: str) -> Any | None: ...
 
     @staticmethod
-    def rereads(topology: Topology, event: Event) -> Iterable[Reread]:
+    def rereads(topology: Topology, event: Event) -> Sequence[Reread]:
         """Whose entries `event` changed (the topology already includes it)."""
         ...

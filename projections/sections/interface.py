@@ -6,7 +6,7 @@ interface carries them all); a host in no network keeps its port and the default
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import ClassVar
 
 from events.desired import WIREGUARD, InterfaceEntry
@@ -15,9 +15,11 @@ from projections.sections.base import Reread
 from projections.topology import Topology
 
 DEFAULT_MTU = 1420
+_ENTRY = frozenset({WIREGUARD})
 
 
 class InterfaceSection:
+    reacts_to: ClassVar[tuple[type[Event], ...]] = (HostEndpointObserved, HostKeyRotationRequested)
     name: ClassVar[str] = "interface"
 
     def __init__(self, topology: Topology) -> None:
@@ -43,9 +45,8 @@ class InterfaceSection:
         )
 
     @staticmethod
-    def rereads(topology: Topology, event: Event) -> Iterable[Reread]:
+    def rereads(topology: Topology, event: Event) -> Sequence[Reread]:
         match event:
             case HostEndpointObserved(host_id=host_id) | HostKeyRotationRequested(host_id=host_id):
-                yield Reread(
-                    InterfaceSection.name, frozenset({WIREGUARD}), hosts=frozenset({host_id})
-                )
+                return (Reread(InterfaceSection.name, _ENTRY, hosts=frozenset((host_id,))),)
+        return ()

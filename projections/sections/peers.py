@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import ClassVar
 
 from events.desired import PeerEntry
@@ -48,6 +48,13 @@ def _endpoint(endpoints: tuple[str, ...], listen_port: int) -> str | None:
 
 
 class PeerSection:
+    reacts_to: ClassVar[tuple[type[Event], ...]] = (
+        NodeJoined,
+        NodeRemoved,
+        HostRegistered,
+        HostEndpointObserved,
+        HostKeyRotated,
+    )
     name: ClassVar[str] = "peers"
 
     def __init__(self, topology: Topology) -> None:
@@ -115,29 +122,29 @@ class PeerSection:
         return self._rosters[network]
 
     @staticmethod
-    def rereads(topology: Topology, event: Event) -> Iterable[Reread]:
+    def rereads(topology: Topology, event: Event) -> Sequence[Reread]:
         match event:
             case (
                 NodeJoined(host_id=host_id, network=network)
                 | NodeRemoved(host_id=host_id, network=network)
             ):
-                networks = frozenset({network})
+                networks = frozenset((network,))
             case HostRegistered(host_id=host_id) | HostEndpointObserved(host_id=host_id):
                 networks = frozenset(topology.networks_of_host(host_id))
             case HostKeyRotated(host_id=host_id, public_key=key, previous_key=previous):
                 # Peers drop the old key and take the new one, in place.
                 networks = frozenset(topology.networks_of_host(host_id))
-                if networks:
-                    keys = frozenset({key, previous})
-                    yield Reread(PeerSection.name, keys, networks=networks, owner=host_id)
-                return
+                if not networks:
+                    return ()
+                keys = frozenset((key, previous))
+                return (Reread(PeerSection.name, keys, networks=networks, owner=host_id),)
             case _:
-                return
+                return ()
         host = topology.hosts.get(host_id)
-        if host is not None and networks:
-            yield Reread(
-                PeerSection.name, frozenset({host.public_key}), networks=networks, owner=host_id
-            )
+        if host is None or not networks:
+            return ()
+        keys = frozenset((host.public_key,))
+        return (Reread(PeerSection.name, keys, networks=networks, owner=host_id),)
 
 
 def _entry(topology: Topology, peer: Host, networks: set[str]) -> PeerEntry | None:

@@ -7,7 +7,7 @@ agents already reconcile it: they own exactly the routes they added.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import ClassVar
 
 from events.desired import RouteEntry
@@ -17,6 +17,7 @@ from projections.topology import Topology
 
 
 class RouteSection:
+    reacts_to: ClassVar[tuple[type[Event], ...]] = ()
     name: ClassVar[str] = "routes"
 
     def __init__(self, topology: Topology) -> None:
@@ -29,5 +30,5 @@ class RouteSection:
         return None
 
     @staticmethod
-    def rereads(topology: Topology, event: Event) -> Iterable[Reread]:
+    def rereads(topology: Topology, event: Event) -> Sequence[Reread]:
         return ()
