@@ -22,7 +22,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from agent.plan import Op
 from agent.receiver import DesiredReceiver
 from agent.reconcile import reconcile
 from agent.session import (
+    CONNECT_BACKOFF_MIN,
     AgentError,
     Session,
     broker_login,
@@ -88,6 +89,7 @@ log = structlog.get_logger("netmesh.agent")
 RESYNC_INTERVAL = 30.0
 SETTLE_DELAY = 3.0
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
+JOIN_RETRY_MAX = 60.0  # an enrolled host's join with a token from its config
 
 
 async def make_backend(kind: str, interface: str) -> WireGuardBackend:
@@ -99,6 +101,11 @@ async def make_backend(kind: str, interface: str) -> WireGuardBackend:
     return UserspaceBackend(interface)
 
 
+class Unreachable(AgentError):
+    """No control plane answered (down, or the network is not up yet): trying
+    again later may work."""
+
+
 async def enroll(
     token: str,
     server: str | None,
@@ -108,7 +115,8 @@ async def enroll(
     listen_port: int | None,
     signing_key: SigningKey,
 ) -> tuple[str, dict[str, Any]]:
-    """Join with the token. Returns (server URL, join result). Raises AgentError."""
+    """Join with the token. Returns (server URL, join result). Raises
+    Unreachable (retryable) or AgentError (a refusal: retrying will not help)."""
     try:
         parts = parse_token(token)
     except InvalidToken as exc:
@@ -125,14 +133,14 @@ async def enroll(
     except BrokerTlsMissing as exc:
         raise AgentError(f"{exc}: use a token made by this control plane") from None
     except nats.errors.NoServersError:
-        raise AgentError(f"cannot reach the control plane at {url}: nothing answers") from None
+        raise Unreachable(f"cannot reach the control plane at {url}: nothing answers") from None
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         if refused_by_broker(exc):
             raise AgentError(
                 f"join refused: the broker at {url} turned this agent away: enrollment token "
                 "not recognised (damaged or tampered), or too many failed attempts"
             ) from None
-        raise AgentError(f"cannot reach the control plane at {url}: {exc}") from None
+        raise Unreachable(f"cannot reach the control plane at {url}: {exc}") from None
     try:
         # Signed with the host's own key, which the join registers: from now
         # on only this machine can speak for this host.
@@ -157,9 +165,9 @@ async def enroll(
                 headers={"Netmesh-Actor": f"agent:{name}", **signature},
             )
         except nats.errors.NoRespondersError:
-            raise AgentError(f"no netmesh control plane is answering at {url}") from None
+            raise Unreachable(f"no netmesh control plane is answering at {url}") from None
         except nats.errors.TimeoutError:
-            raise AgentError(f"the control plane at {url} did not answer in time") from None
+            raise Unreachable(f"the control plane at {url} did not answer in time") from None
         try:
             reply = msgspec.json.decode(msg.data, type=Reply)
         except msgspec.DecodeError:
@@ -169,6 +177,89 @@ async def enroll(
         return url, dict(reply.result)
     finally:
         await nc.close()
+
+
+async def join(
+    state: StateDir,
+    identity: Identity | None,
+    token: str,
+    server: str | None,
+    name: str,
+    endpoints: Sequence[str],
+    listen_port: int | None,
+) -> Identity:
+    """Join a network with `token` and save the identity it gives (a new one,
+    or `identity` with one more network). Raises AgentError (Unreachable)."""
+    public_key = public_key_of(state.private_key())
+    url, result = await enroll(
+        token, server, name, public_key, endpoints, listen_port, state.signing_key()
+    )
+    parts = parse_token(token)  # enroll() has parsed it already
+    networks = sorted({*(identity.networks if identity else []), result["network"]})
+    joined = Identity(
+        host_id=result["host_id"],
+        name=name,
+        server=url,
+        networks=networks,
+        endpoints=list(endpoints),
+        # Pinned from the token.
+        server_key=parts.server_key or (identity.server_key if identity else ""),
+        server_ca=parts.ca or (identity.server_ca if identity else ""),
+        key_epoch=identity.key_epoch if identity else 0,
+        joined_keys=sorted({*(identity.joined_keys if identity else []), parts.key_id}),
+    )
+    state.save_identity(joined)
+    log.info(
+        "joined",
+        network=result["network"],
+        address=result["interface_address"],
+        host_id=result["host_id"],
+        node_id=result["node_id"],
+    )
+    return joined
+
+
+async def join_later(
+    state: StateDir,
+    identity: Identity,
+    token: str | None,
+    server: str | None,
+    name: str,
+    listen_port: int | None,
+    wake: Callable[[], None],
+) -> None:
+    """An enrolled host given a token (its config file has one on every start):
+    join in the background, never holding up the start. A token it already
+    used, or one that no longer works, is said once at info level: the host
+    runs from what it has."""
+    if token is None:
+        return
+    try:
+        key_id = parse_token(token).key_id
+    except InvalidToken as exc:
+        log.info("enrollment token not used: this host is enrolled already", why=str(exc))
+        return
+    if key_id in identity.joined_keys:
+        log.debug("enrollment token already used by this host", key_id=key_id)
+        return
+    delay = CONNECT_BACKOFF_MIN
+    while True:
+        try:
+            joined = await join(
+                state, identity, token, server, name, identity.endpoints, listen_port
+            )
+        except Unreachable as exc:
+            log.debug("join with the token postponed", why=str(exc), retry_in=round(delay, 1))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, JOIN_RETRY_MAX)
+            continue
+        except AgentError as exc:
+            log.info("enrollment token not used: this host is enrolled already", why=str(exc))
+            return
+        identity.networks = joined.networks
+        identity.joined_keys = joined.joined_keys
+        wake()
+        return
 
 
 @dataclass
@@ -517,36 +608,16 @@ async def run_agent(
     public_key = public_key_of(key)
     host_name = name or (identity.name if identity else socket.gethostname().split(".")[0])
     offered = list(endpoints) or await detect_endpoints(exclude=interface)
-    if token is not None:
-        url, result = await enroll(
-            token, server, host_name, public_key, offered, listen_port, state.signing_key()
-        )
-        networks = sorted({*(identity.networks if identity else []), result["network"]})
-        identity = Identity(
-            host_id=result["host_id"],
-            name=host_name,
-            server=url,
-            networks=networks,
-            endpoints=offered,
-            # Pinned from the token (enroll() has parsed it already).
-            server_key=parse_token(token).server_key or (identity.server_key if identity else ""),
-            server_ca=parse_token(token).ca or (identity.server_ca if identity else ""),
-        )
+    if identity is None:
+        # Only a host that has never enrolled needs the control plane to start.
+        if token is None:
+            raise AgentError(f"not enrolled yet ({state_dir} has no identity): pass --token")
+        identity = await join(state, None, token, server, host_name, offered, listen_port)
+        token = None
+    elif server is not None or endpoints:
+        identity.server = server or identity.server
+        identity.endpoints = offered
         state.save_identity(identity)
-        log.info(
-            "joined",
-            network=result["network"],
-            address=result["interface_address"],
-            host_id=result["host_id"],
-            node_id=result["node_id"],
-        )
-    elif identity is None:
-        raise AgentError(f"not enrolled yet ({state_dir} has no identity): pass --token")
-    else:
-        if server is not None or endpoints:
-            identity.server = server or identity.server
-            identity.endpoints = offered
-            state.save_identity(identity)
     broker_login(state, identity, identity.server)  # a tls:// server without a CA: say so now
 
     agent = Agent(
@@ -567,6 +638,10 @@ async def run_agent(
     loop.add_signal_handler(signal.SIGHUP, agent.reload_key)
     tasks = [
         asyncio.create_task(agent.reconcile_forever(), name="reconcile"),
+        asyncio.create_task(
+            join_later(state, identity, token, server, host_name, listen_port, agent.wake),
+            name="join",
+        ),
         asyncio.create_task(agent.connect_forever(), name="connect"),
         asyncio.create_task(watch_interface(interface, agent.wake), name="watch"),
     ]

@@ -33,6 +33,9 @@ class Identity(msgspec.Struct, kw_only=True):
     key_epoch: int = 0
     # The broker's CA (base64 DER), pinned from the token, for a tls:// server.
     server_ca: str = ""
+    # Enrollment keys this host has joined with: a token it already used (in
+    # its config file, on every start) is not a reason to join again.
+    joined_keys: list[str] = []
 
     def ca_der(self) -> bytes | None:
         return base64.b64decode(self.server_ca) if self.server_ca else None

@@ -13,9 +13,13 @@ import os
 import signal
 import time
 
+import structlog
+
 from agent import uapi
 from agent.backend import BackendError, DeviceState, ExistsByReading, PeerSpec
 from agent.link import Link
+
+log = structlog.get_logger("netmesh.agent")
 
 # wireguard-go refuses to run when it believes the kernel module is available.
 _ENV_OVERRIDE = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
@@ -73,6 +77,7 @@ class UserspaceBackend(ExistsByReading):
             # by path, which would be the new process's socket by then, leaving
             # a device nobody can configure.
             await self._wait_own_exit(time.monotonic() + self._timeout)
+        await self._replace_orphaned_link()
         pid = self._spawn()
         self.pid = pid
         deadline = time.monotonic() + self._timeout
@@ -90,6 +95,30 @@ class UserspaceBackend(ExistsByReading):
                 raise BackendError(f"wireguard-go for {self.interface} did not answer in time")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
+
+    async def _replace_orphaned_link(self) -> None:
+        """An interface of our name whose control socket does not answer (its
+        wireguard-go was started from another mount namespace, or /run was
+        cleaned) can be neither configured nor created again: delete it, so
+        that a new wireguard-go can make it. It is our interface by name."""
+        link = Link(self.interface)
+        try:
+            if not await link.exists():
+                return
+            log.warning(
+                "interface exists but its wireguard-go control socket does not answer; "
+                "replacing it",
+                interface=self.interface,
+                socket=self.socket_path,
+            )
+            await link.delete()
+            deadline = time.monotonic() + self._timeout
+            while await link.exists():
+                if time.monotonic() > deadline:
+                    raise BackendError(f"{self.interface}: the orphaned link does not go away")
+                await asyncio.sleep(0.05)
+        finally:
+            await link.close()
 
     async def _destroy(self) -> None:
         link = Link(self.interface)

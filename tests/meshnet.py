@@ -94,13 +94,16 @@ class Mesh:
         token: str | None,
         extra_args: Sequence[str] = (),
         endpoint: str | None = None,
+        *,
+        fresh_mount: bool = False,
     ) -> None:
         """Start `netmesh agent up` in host `name` (`extra_args` go last).
 
         On a real machine every process sees the same /var/run/wireguard; here each
         spawn has a private one. So when a wireguard-go of an earlier agent still
         runs in the host, the agent starts beside it (sees its UAPI socket), as an
-        agent restarted on a real machine would.
+        agent restarted on a real machine would; unless `fresh_mount`: then it
+        cannot see that one's socket (as after /run was cleaned).
         """
         host = self.hosts[name]
         args = [
@@ -129,7 +132,7 @@ class Mesh:
             f'exec "$@" >>{self.tmp}/agent-{name}.log 2>&1',
             "sh",
             *args,
-            beside=await self.wireguard_go_pid(name),
+            beside=None if fresh_mount else await self.wireguard_go_pid(name),
         )
 
     async def stop_agent(self, name: str) -> None:

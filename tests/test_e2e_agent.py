@@ -17,6 +17,7 @@ import functools
 import ipaddress
 import itertools
 import json
+import os
 import re
 import signal
 import time
@@ -477,6 +478,60 @@ async def test_overlay_survives_the_server_and_agent_restarts_offline(mesh: Mesh
     stats = await _ping_burst(a, address["b"], count=5)
     assert stats.lost == 0, stats.output
     print(f"agents reconnected {reconnected:.2f}s after the server; c dropped in {converged:.2f}s")
+
+
+async def test_hosts_restarted_during_an_outage_come_back_from_their_cache(mesh: Mesh) -> None:
+    """With the control plane down, b reboots (agent and wireguard-go killed,
+    interface gone) and a's agent dies and comes back unable to see its
+    wireguard-go's socket (/run cleaned): both start with their usual command
+    line, token included, and their tunnel comes back; a host that joins once
+    the control plane returns reaches them."""
+    token, nodes = await _mesh_up(mesh, ("a", "b"))
+    a, b = mesh.hosts["a"], mesh.hosts["b"]
+    await mesh.stop_server()
+    for name in ("a", "b"):
+        process = mesh.agents.pop(name)
+        process.kill()
+        await process.wait()
+    b_wireguard_go = await mesh.wireguard_go_pid("b")
+    assert b_wireguard_go is not None
+    os.kill(b_wireguard_go, signal.SIGKILL)
+    await wait_until(lambda: _link_gone(b), timeout=10, interval=0.1, message="b's interface gone")
+    assert not await ping(a, nodes["b"]["address"], timeout=1)
+
+    since = {name: _log_size(mesh, name) for name in ("a", "b")}
+    await mesh.start_agent("a", token, AGENT_ARGS, fresh_mount=True)
+    await mesh.start_agent("b", token, AGENT_ARGS)
+    for src, dst in (("a", "b"), ("b", "a")):
+        assert await wait_until(
+            functools.partial(ping, mesh.hosts[src], nodes[dst]["address"]),
+            timeout=30,
+            message=f"ping {src} -> {dst} with the control plane down",
+        )
+    for name in ("a", "b"):
+        assert mesh.agents[name].returncode is None, mesh.log(f"agent-{name}")
+        entries = mesh.log_entries(f"agent-{name}")[since[name] :]
+        assert not [e for e in entries if e.get("level") == "error"], mesh.log(f"agent-{name}")
+    replaced = [
+        e
+        for e in mesh.log_entries("agent-a")[since["a"] :]
+        if str(e.get("event")).startswith("interface exists but its wireguard-go control")
+    ]
+    assert len(replaced) == 1, mesh.log("agent-a")
+
+    # The control plane returns: a new host joins and reaches both.
+    await mesh.start_server()
+    await mesh.start_agent("c", token, AGENT_ARGS)
+    for dst in ("a", "b"):
+        assert await wait_until(
+            functools.partial(ping, mesh.hosts["c"], nodes[dst]["address"]),
+            timeout=40,
+            message=f"ping c -> {dst} after the control plane returned",
+        )
+
+
+async def _link_gone(host: Host) -> bool:
+    return (await host.run("ip", "link", "show", IFACE, check=False)).returncode != 0
 
 
 async def test_no_ping_lost_through_joins_removals_and_agent_restarts(mesh: Mesh) -> None:
