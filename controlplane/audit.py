@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from controlplane.decide import ADMIN_VERBS
+from controlplane.rules import verbs_sent_by
+from controlplane.rules.spec import Sender
 from events.envelope import RecordedEvent
 from events.model import (
     AdminAdded,
@@ -37,6 +38,8 @@ from events.model import (
     NodeRemoved,
 )
 from events.signing import COMMAND_CONTEXT, verify, verify_key_of
+
+ADMIN_VERBS = frozenset(verbs_sent_by(Sender.ADMIN))
 
 # What each admin verb may produce first, and the field that must match the
 # signed command: a valid signature cannot be pinned on another change.

@@ -11,7 +11,9 @@ from typing import Any
 
 import msgspec
 
-from controlplane.decide import Rejected, match_node
+from controlplane.rules.base import Rejected
+from controlplane.rules.nodes import match_node
+from events.commands import ErrorCode
 from projections.desired import peer_endpoint
 from projections.sqlite import ReadModel
 from projections.topology import Host
@@ -37,7 +39,7 @@ async def list_networks(model: ReadModel) -> list[dict[str, Any]]:
 async def show_network(model: ReadModel, name: str, now: float) -> dict[str, Any]:
     rows = [n for n in await list_networks(model) if n["name"] == name]
     if not rows:
-        raise Rejected("not_found", f"no network named {name!r}")
+        raise Rejected(ErrorCode.NOT_FOUND, f"no network named {name!r}")
     network = rows[0]
     network["members"] = await list_nodes(model, name)
     network["keys"] = [k for k in await list_keys(model, now) if k["network"] == name]
@@ -82,7 +84,7 @@ def _node(row: dict[str, Any]) -> dict[str, Any]:
 async def list_nodes(model: ReadModel, network: str | None = None) -> list[dict[str, Any]]:
     if network is not None:
         if not await _rows(model, "SELECT 1 FROM networks WHERE name = ?", (network,)):
-            raise Rejected("not_found", f"no network named {network!r}")
+            raise Rejected(ErrorCode.NOT_FOUND, f"no network named {network!r}")
         rows = await _rows(
             model, NODE_SQL + " WHERE nd.network = ? ORDER BY nd.network, nd.name", (network,)
         )

@@ -30,6 +30,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from controlplane import queries
+from controlplane.authorization import authorize
 from controlplane.brokerauth import (
     SWEEP_INTERVAL,
     BrokerGate,
@@ -38,14 +39,15 @@ from controlplane.brokerauth import (
     names_at_stake,
     reader_problem,
     still_admitted,
-    throttle_bucket,
 )
-from controlplane.decide import Context, Decision, Rejected, authorize, decide
+from controlplane.decide import Context, Decision, Rejected, decide
 from controlplane.publisher import JetStreamDesiredPublisher
+from controlplane.rules import spec_for, spec_for_verb
+from controlplane.rules.spec import Need
 from controlplane.streams import ensure_streams
 from controlplane.throttle import FailureWindow
 from events import natsid
-from events.commands import VERBS, AnyCommand, Join, Reply
+from events.commands import AnyCommand, ErrorCode, Reply
 from events.connect import server_has_seen_everything
 from events.envelope import make_envelope
 from events.jetstream import JetStreamEventStore
@@ -82,7 +84,7 @@ from events.subjects import (
     desired_subject,
     report_subject,
 )
-from events.tokens import InvalidToken, make_token, parse_token
+from events.tokens import make_token
 from projections.runner import ProjectionRunner
 from projections.sqlite import ReadModel
 from projections.topology import COMMAND_MEMORY, Topology, evolve
@@ -126,21 +128,6 @@ def _signature_problem(
     except ValueError:
         return "the signer is not an Ed25519 public key"
     return verify(key, signed_command(verb, payload), signature)
-
-
-# Refusals that count against an enrollment key (someone is guessing).
-BAD_TOKEN = frozenset({"invalid_token", "revoked", "expired", "exhausted"})
-
-
-def _throttle_key(topology: Topology, command: AnyCommand) -> str | None:
-    """What failed joins are counted against: the same window as failed broker
-    connections with that token (or one bucket for tokens that do not parse)."""
-    if not isinstance(command, Join):
-        return None
-    try:
-        return throttle_bucket(topology, parse_token(command.token).key_id)
-    except InvalidToken:
-        return "malformed"
 
 
 def _duplicate(command_id: str, seq: int | None) -> Reply:
@@ -407,27 +394,30 @@ class ControlPlane:
     async def _handle_command(
         self, verb: str, payload: bytes, *, actor: str, signer: str | None, signature: str | None
     ) -> Reply:
-        cls = VERBS.get(verb)
-        if cls is None:
-            return Reply(ok=False, code="invalid", error=f"unknown command {verb!r}")
+        spec = spec_for_verb(verb)
+        if spec is None:
+            return Reply.refused(ErrorCode.INVALID, f"unknown command {verb!r}")
         try:
-            command: AnyCommand = msgspec.json.decode(payload, type=cls)  # type: ignore[assignment]
+            command: AnyCommand = msgspec.json.decode(payload, type=spec.command)
         except msgspec.ValidationError as exc:
             return Reply(ok=False, code="invalid", error=f"invalid {verb} command: {exc}")
         except msgspec.DecodeError:
             return Reply(ok=False, code="invalid", error=f"invalid {verb} command: not JSON")
-        throttled = _throttle_key(self.write_model, command)
+        throttle = spec.throttle
+        bucket = throttle.bucket(self.write_model, command) if throttle is not None else None
         now = time.time()
-        if throttled is not None and not self._join_failures.allowed(throttled, now):
-            wait = self._join_failures.retry_after(throttled, now)
-            return Reply(
-                ok=False,
-                code="rate_limited",
-                error=f"too many failed joins with this enrollment key; try again in {wait:.0f} s",
+        if (
+            throttle is not None
+            and bucket is not None
+            and not self._join_failures.allowed(bucket, now)
+        ):
+            wait = self._join_failures.retry_after(bucket, now)
+            return Reply.refused(
+                ErrorCode.RATE_LIMITED, f"too many {throttle.what}; try again in {wait:.0f} s"
             )
         reply = await self._authorized(verb, payload, command, actor, signer, signature)
-        if throttled is not None and reply.code in BAD_TOKEN:
-            self._join_failures.failed(throttled, now)
+        if throttle is not None and bucket is not None and reply.code in throttle.counted:
+            self._join_failures.failed(bucket, now)
         return reply
 
     async def _authorized(
@@ -445,7 +435,7 @@ class ControlPlane:
         def authorized() -> str | None:
             # Checked again before each attempt: a retry decides against a
             # newer topology, and who may do what can have changed with it.
-            return authorize(self.write_model, verb, command, signer, problem, time.time())
+            return authorize(self.write_model, command, signer, problem, time.time())
 
         try:
             admin = authorized()
@@ -486,12 +476,13 @@ class ControlPlane:
         authorized: Callable[[], str | None],
     ) -> Reply:
         command_id = command.command_id or uuid.uuid4().hex
+        spec = spec_for(command)
+        fresh_key = Need.FRESH_KEY in spec.needs
         ctx = Context(
             now=time.time(),
             actor=actor,
-            # Only a new key needs these (drawing them cost 5% of a command).
-            new_key_id="k" + secrets.token_hex(5) if verb == "key.create" else "",
-            new_secret=secrets.token_urlsafe(24) if verb == "key.create" else "",
+            new_key_id="k" + secrets.token_hex(5) if fresh_key else "",
+            new_secret=secrets.token_urlsafe(24) if fresh_key else "",
         )
         for attempt in range(1, MAX_ATTEMPTS + 1):
             applied_at = self.write_model.commands.get(command_id)
@@ -505,7 +496,7 @@ class ControlPlane:
                 log.info("command refused", verb=verb, code=exc.code, reason=exc.message)
                 return Reply(ok=False, code=exc.code, error=exc.message)
             if not decision.events:
-                return Reply(ok=True, result=self._result(verb, decision, ctx))
+                return Reply(ok=True, result=self._result(spec.needs, decision, ctx))
             try:
                 seq = await self.store.append(
                     self._pending(decision, ctx, command_id, proof),
@@ -531,7 +522,7 @@ class ControlPlane:
                 return Reply(ok=False, code="unavailable", error=f"event store: {exc}")
             await self._wait_write_model(seq)
             log.info("command applied", verb=verb, seq=seq, events=len(decision.events))
-            return Reply(ok=True, result=self._result(verb, decision, ctx), seq=seq)
+            return Reply(ok=True, result=self._result(spec.needs, decision, ctx), seq=seq)
         return Reply(ok=False, code="busy", error="too many concurrent changes; try again")
 
     def _pending(
@@ -576,9 +567,9 @@ class ControlPlane:
         await self._wait_write_model(seq)
         log.info("first admin created", key_file=str(self.data_dir / "admin.key"))
 
-    def _result(self, verb: str, decision: Decision, ctx: Context) -> dict[str, Any]:
+    def _result(self, needs: frozenset[Need], decision: Decision, ctx: Context) -> dict[str, Any]:
         result = dict(decision.result)
-        if verb == "key.create":
+        if Need.ENROLLMENT_TOKEN in needs:
             result["token"] = make_token(
                 self.advertise_url,
                 ctx.new_key_id,
@@ -733,7 +724,7 @@ class ControlPlane:
                     ),
                     key=lambda a: str(a["name"]),
                 )
-        raise Rejected("invalid", f"unknown query {what!r}")
+        raise Rejected(ErrorCode.INVALID, f"unknown query {what!r}")
 
     async def applied_report(self, host_id: str) -> dict[str, Any] | None:
         try:
