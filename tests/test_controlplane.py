@@ -268,7 +268,7 @@ async def test_two_replicas_allocate_distinct_addresses(
         key = await admin.ok("key.create", network="office", uses=None)
         # Bypass the queue group: send half the joins to each replica directly.
         joins = [
-            planes[n % 2].handle_command(
+            planes[n % 2].commands.handle(
                 "join",
                 msgspec.json.encode(
                     {"token": key["token"], "public_key": public_key(n), "name": f"h{n}"}
