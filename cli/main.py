@@ -26,6 +26,7 @@ from cli.client import (
     query,
 )
 from cli.logs import configure_logging, quiet_tls_noise
+from events.commands import ROLES
 
 if TYPE_CHECKING:
     from controlplane.audit import AuditReport
@@ -552,7 +553,7 @@ def admin_keygen(path: Path) -> None:
 @click.option("--key", "public_key", required=True, help="Their public key (from `admin keygen`).")
 @click.option(
     "--role",
-    type=click.Choice(["admin", "network-admin", "auditor"]),
+    type=click.Choice(ROLES),
     default="admin",
     show_default=True,
 )

@@ -8,6 +8,11 @@ A server or broker that altered an admin event, invented one, or replayed a
 command under another id is caught. Hosts sign their own commands (join,
 endpoint reports, leaving) with a key registered at their join; events from
 hosts enrolled by older agents carry no proof and are counted as unsigned.
+
+What is checked comes from the commands' specs, as the control plane's own
+authorization does: who may sign a command (a network admin only for their
+networks, found in the topology the log has folded up to that command), which
+event it produces first, and which of its fields the event must repeat.
 """
 
 from __future__ import annotations
@@ -16,44 +21,31 @@ import base64
 import binascii
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
-from controlplane.decide import ADMIN_VERBS
-from events.envelope import RecordedEvent
-from events.model import (
-    AdminAdded,
-    AdminRemoved,
-    EnrollmentKeyCreated,
-    EnrollmentKeyRevoked,
-    EnrollmentKeyUsed,
-    Event,
-    HostEndpointObserved,
-    HostKeyRotated,
-    HostKeyRotationRequested,
-    HostRegistered,
-    NetworkCreated,
-    NetworkDeleted,
-    NodeRemoved,
-)
+from controlplane.authorization import RoleVerdict, role_verdict
+from controlplane.rules import SPECS, spec_for_verb
+from controlplane.rules.spec import ByAdmin, ByEnrolling, ByHost, CommandSpec, Sender
+from events.commands import Command, Role
+from events.envelope import Envelope, RecordedEvent
+from events.model import AdminAdded, AdminRemoved, Event, HostRegistered
 from events.signing import COMMAND_CONTEXT, verify, verify_key_of
+from projections.topology import Topology, evolve
 
-# What each admin verb may produce first, and the field that must match the
-# signed command: a valid signature cannot be pinned on another change.
-FIRST_EVENT: dict[str, tuple[type[Event], str, str]] = {
-    "network.create": (NetworkCreated, "network", "name"),
-    "network.delete": (NetworkDeleted, "network", "name"),
-    "key.create": (EnrollmentKeyCreated, "network", "network"),
-    "key.revoke": (EnrollmentKeyRevoked, "key_id", "key_id"),
-    "node.remove": (NodeRemoved, "node_id", "node"),
-    "join": (EnrollmentKeyUsed, "network", ""),
-    "endpoint.report": (HostEndpointObserved, "host_id", "host_id"),
-    "host.leave": (NodeRemoved, "host_id", "host_id"),
-    "host.rotate_key": (HostKeyRotated, "host_id", "host_id"),
-    "node.rotate_key": (HostKeyRotationRequested, "", ""),
-    "admin.add": (AdminAdded, "name", "name"),
-    "admin.remove": (AdminRemoved, "name", "name"),
-}
+
+def _admin_only_events() -> frozenset[type[Event]]:
+    """Events only an admin's command produces: in the log without a proof, forged."""
+    by_admins = {e for s in SPECS if s.sent_by is Sender.ADMIN for e in s.produces.events}
+    by_others = {e for s in SPECS if s.sent_by is not Sender.ADMIN for e in s.produces.events}
+    return frozenset(by_admins - by_others)
+
+
+ADMIN_ONLY_EVENTS = _admin_only_events()
+
+# public key -> (name, role, networks): the admins proven so far.
+Admins = dict[str, tuple[str, str, tuple[str, ...]]]
 
 
 @dataclass
@@ -68,8 +60,10 @@ class AuditReport:
 def verify_log(events: Iterable[RecordedEvent], root: str | None = None) -> AuditReport:
     """Check every event; `root` is the first admin's public key if known."""
     report = AuditReport(root=root)
-    admins: dict[str, tuple[str, str, tuple[str, ...]]] = {}  # public key -> name, role, networks
-    hosts: dict[str, str] = {}  # host id -> its signing key
+    admins: Admins = {}
+    # Where things are, folded as the control plane folds them: which network a
+    # key or node is in, which key a host registered (at each point of the log).
+    topology = Topology()
     used: set[str] = set()  # command ids whose proof has been seen (once each)
     proven = ""  # the command whose events are being read (they follow its proof)
     for recorded in events:
@@ -78,9 +72,7 @@ def verify_log(events: Iterable[RecordedEvent], root: str | None = None) -> Audi
         if env.command_id != proven:
             proven = ""  # a command's events are contiguous: this one is not its
         if env.signature:
-            problem = _check_proof(
-                env.signed, env.signer, env.signature, env.command_id, admins, hosts, env.data
-            )
+            problem = _check_proof(env, admins, topology)
             if problem is None and env.command_id in used:
                 problem = "a proof already used by an earlier command"
             if problem is None:
@@ -90,10 +82,9 @@ def verify_log(events: Iterable[RecordedEvent], root: str | None = None) -> Audi
             else:
                 proven = ""
                 report.problems.append((recorded.seq, problem))
+        evolve(topology, recorded)
         match env.data:
-            case HostRegistered() as registered:
-                if registered.signing_key:
-                    hosts[registered.host_id] = registered.signing_key
+            case HostRegistered():
                 if env.command_id != proven:
                     report.unsigned_events += 1
             case AdminAdded() as added if not admins and not env.signature:
@@ -117,12 +108,7 @@ def verify_log(events: Iterable[RecordedEvent], root: str | None = None) -> Audi
                     continue
                 for key in [k for k, (n, _, _) in admins.items() if n == name]:
                     del admins[key]
-            case (
-                NetworkCreated()
-                | NetworkDeleted()
-                | EnrollmentKeyCreated()
-                | EnrollmentKeyRevoked()
-            ) as event if env.command_id != proven:
+            case event if type(event) in ADMIN_ONLY_EVENTS and env.command_id != proven:
                 report.problems.append(
                     (recorded.seq, f"{type(event).__name__} without a valid admin signature")
                 )
@@ -131,78 +117,88 @@ def verify_log(events: Iterable[RecordedEvent], root: str | None = None) -> Audi
     return report
 
 
-def _check_proof(
-    signed: str,
-    signer: str,
-    signature: str,
-    command_id: str,
-    admins: dict[str, tuple[str, str, tuple[str, ...]]],
-    hosts: dict[str, str],
-    event: Event,
-) -> str | None:
+def _check_proof(env: Envelope, admins: Admins, topology: Topology) -> str | None:
+    """Why the proof on `env` (the first event of a signed command) does not
+    hold, against the admins proven so far and the log's topology before it."""
     try:
-        key = verify_key_of(signer)
+        key = verify_key_of(env.signer)
     except ValueError:
         return "the signer is not a public key"
-    problem = verify(key, signed.encode(), signature)
+    problem = verify(key, env.signed.encode(), env.signature)
     if problem is not None:
         return f"{problem} on the command"
-    context, _, rest = signed.encode().partition(b"\n")
-    verb, _, payload = rest.partition(b"\n")
+    context, _, rest = env.signed.encode().partition(b"\n")
+    verb_bytes, _, payload = rest.partition(b"\n")
     if context + b"\n" != COMMAND_CONTEXT:
         return "the signed text is not a command"
+    verb = verb_bytes.decode(errors="replace")
+    spec = spec_for_verb(verb)
+    if spec is None:
+        return f"{verb!r} is not an admin command"
     try:
-        fields = msgspec.json.decode(payload, type=dict[str, object])
+        command = msgspec.json.decode(payload, type=spec.command)
+    except msgspec.ValidationError as exc:
+        return f"the signed {verb} is not a valid command: {exc}"
     except msgspec.DecodeError:
         return "the signed command is not JSON"
-    name = verb.decode()
-    if name in ADMIN_VERBS:
-        if signer not in admins:
-            return "signed by a key that was not an admin's at the time"
-        _, role, networks = admins[signer]
-        if role == "auditor" or (role == "network-admin" and name.startswith("admin.")):
-            return f"signed by an {role}, who may not {name}"
-        # A network admin's change must stay in their networks (the event names
-        # the network, except a key-rotation request, which names the host).
-        scope = getattr(event, "network", None)
-        if role == "network-admin" and scope is not None and scope not in networks:
-            return f"signed by a network admin of {', '.join(networks)}, not of {scope!r}"
-    elif name == "join":
-        if fields.get("signing_key") != signer:
-            return "a join signed by another key than the one it registers"
-    elif hosts.get(str(fields.get("host_id"))) != signer:
-        return "signed by a key that is not the host's"
-    if fields.get("command_id") != command_id:
+    event = env.data
+    problem = _signer_problem(spec, command, env.signer, event, admins, topology)
+    if problem is not None:
+        return problem
+    if command.command_id != env.command_id:
         return "the event's command id is not the one that was signed"
-    expected = FIRST_EVENT.get(verb.decode())
-    if expected is None:
-        return f"{verb.decode()!r} is not an admin command"
-    cls, event_field, command_field = expected
-    if not isinstance(event, cls):
-        return f"a signed {verb.decode()} cannot produce {type(event).__name__}"
-    if not command_field or name == "node.remove":
-        # A node is named as the admin typed it (id, NETWORK/NAME or a unique
-        # name): which node that was needs the state of the time.
-        return None
-    wanted = fields.get(command_field)
-    have = getattr(event, event_field)
-    if wanted != have:
-        return f"the event's {event_field} {have!r} is not the signed {wanted!r}"
-    # Everything else the command fixes must be what the event says.
-    for command_key, event_key in SAME_FIELDS.get(name, ()):
-        if command_key in fields and _normal(fields[command_key]) != _normal(
-            getattr(event, event_key)
-        ):
-            return f"the event's {event_key} is not the signed one"
+    if not isinstance(event, spec.produces.first):
+        return f"a signed {verb} cannot produce {type(event).__name__}"
+    return _fields_problem(spec, command, event)
+
+
+def _signer_problem(
+    spec: CommandSpec[Any],
+    command: Command,
+    signer: str,
+    event: Event,
+    admins: Admins,
+    topology: Topology,
+) -> str | None:
+    verb = spec.verb
+    match spec.sender:
+        case ByAdmin(scope=scope):
+            if signer not in admins:
+                return "signed by a key that was not an admin's at the time"
+            _, role, networks = admins[signer]
+            network = None
+            if scope is not None and role == Role.NETWORK_ADMIN:
+                network = scope.of_event(topology, command, event)
+                if network is None:
+                    return f"signed by a network admin, for a {verb} whose network the log lacks"
+            match role_verdict(role, networks, scope, network):
+                case RoleVerdict.READ_ONLY | RoleVerdict.ADMINS_ONLY:
+                    return f"signed by an {role}, who may not {verb}"
+                case RoleVerdict.OUT_OF_SCOPE:
+                    return f"signed by a network admin of {', '.join(networks)}, not of {network!r}"
+        case ByEnrolling(signs_with=signs_with):
+            if signs_with(command) != signer:
+                return f"a {verb} signed by another key than the one it registers"
+        case ByHost(host_of=host_of):
+            host = topology.hosts.get(host_of(command))
+            if host is None or host.signing_key != signer:
+                return "signed by a key that is not the host's"
     return None
 
 
-# (command field, event field) that must agree, beyond the one FIRST_EVENT names.
-SAME_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
-    "network.create": (("cidr", "cidr"), ("listen_port", "listen_port"), ("mtu", "mtu")),
-    "admin.add": (("public_key", "public_key"), ("role", "role"), ("networks", "networks")),
-    "host.rotate_key": (("public_key", "public_key"),),
-}
+def _fields_problem(spec: CommandSpec[Any], command: Command, event: Event) -> str | None:
+    """What the event says that the signed command does not: a valid signature
+    cannot be pinned on another change."""
+    about = spec.produces.about
+    if about is not None:
+        command_field, event_field = about
+        wanted, have = getattr(command, command_field), getattr(event, event_field)
+        if wanted != have:
+            return f"the event's {event_field} {have!r} is not the signed {wanted!r}"
+    for command_field, event_field in spec.produces.agree:
+        if _normal(getattr(command, command_field)) != _normal(getattr(event, event_field)):
+            return f"the event's {event_field} is not the signed one"
+    return None
 
 
 def _normal(value: object) -> object:

@@ -47,6 +47,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from controlplane.rules import verbs_sent_by
+from controlplane.rules.keys import throttle_bucket
+from controlplane.rules.spec import Sender
 from controlplane.throttle import FailureWindow
 from events import natsid
 from events.model import AdminRemoved, AnyEvent, NetworkDeleted, NodeRemoved
@@ -70,7 +73,10 @@ AUTH_SUBJECT = "$SYS.REQ.USER.AUTH"
 # Users the callout admits live in the default account; the control plane's
 # own user is declared in the config (and skips the callout).
 ACCOUNT = "$G"
-HOST_VERBS = ("join", "endpoint.report", "host.leave", "host.rotate_key")
+# The commands an enrolling agent may send, and a host (which may also join
+# another network): from the commands' specs.
+ENROLL_VERBS = verbs_sent_by(Sender.ENROLLING)
+HOST_VERBS = verbs_sent_by(Sender.HOST, Sender.ENROLLING)
 ENROLL_LIFETIME = 120  # seconds an enrolling agent's connection may last
 SWEEP_INTERVAL = 60.0  # how often connections are checked against who is admitted
 
@@ -145,7 +151,7 @@ def host_grant(host_id: str, nkey: str) -> Grant:
 def enroll_grant(key_id: str, nkey: str) -> Grant:
     return Grant(
         name=f"enroll:{key_id}",
-        publish=(command_subject("join"),),
+        publish=tuple(command_subject(verb) for verb in ENROLL_VERBS),
         subscribe=(f"{natsid.inbox_prefix(nkey)}.>",),
         # Long enough to join; a token's connection does not outlive it.
         lifetime=ENROLL_LIFETIME,
@@ -222,16 +228,6 @@ def grant_for(
         return enroll_grant(parts.key_id, nkey)
     failures.failed(bucket, now)
     raise Refused("enrollment token not recognised")
-
-
-def throttle_bucket(topology: Topology, key_id: str) -> str:
-    """What failed enrollments are counted against, for connections and joins
-    alike: the key id, or one shared bucket for ids this control plane never
-    made (a flood of made-up ids neither grows the table nor pushes real keys'
-    failures out of it)."""
-    if key_id in topology.keys or key_id in topology.retired_keys:
-        return f"key:{key_id}"
-    return "unknown key"
 
 
 def reader_problem(topology: Topology, nkey: str, deliver_subject: str) -> str | None:

@@ -1,20 +1,33 @@
-"""Answers to `netmesh.query.<what>`, read from the SQLite read model.
+"""Answers to `netmesh.query.<what>`, read from the SQLite read model (and,
+for admins, from the write model): `QueryService` answers the requests.
 
-Each function returns plain JSON-able data; the service wraps it in a Reply.
+Each query function returns plain JSON-able data; the service wraps it in a Reply.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
-from controlplane.decide import Rejected, match_node
+from controlplane.replies import Responder
+from controlplane.rules.base import Rejected
+from controlplane.rules.nodes import match_node
+from events.commands import ErrorCode, Reply
+from events.reports import APPLIED, applied_decoder
+from events.subjects import QUERY_PREFIX, REPORTS_STREAM, report_subject
 from projections.desired import peer_endpoint
 from projections.sqlite import ReadModel
-from projections.topology import Host
+from projections.topology import Host, Topology
+
+log = structlog.get_logger("netmesh.controlplane")
 
 # host_id -> latest "applied" report, or None if the agent never reported.
 AppliedLookup = Callable[[str], Awaitable[dict[str, Any] | None]]
@@ -37,7 +50,7 @@ async def list_networks(model: ReadModel) -> list[dict[str, Any]]:
 async def show_network(model: ReadModel, name: str, now: float) -> dict[str, Any]:
     rows = [n for n in await list_networks(model) if n["name"] == name]
     if not rows:
-        raise Rejected("not_found", f"no network named {name!r}")
+        raise Rejected(ErrorCode.NOT_FOUND, f"no network named {name!r}")
     network = rows[0]
     network["members"] = await list_nodes(model, name)
     network["keys"] = [k for k in await list_keys(model, now) if k["network"] == name]
@@ -82,7 +95,7 @@ def _node(row: dict[str, Any]) -> dict[str, Any]:
 async def list_nodes(model: ReadModel, network: str | None = None) -> list[dict[str, Any]]:
     if network is not None:
         if not await _rows(model, "SELECT 1 FROM networks WHERE name = ?", (network,)):
-            raise Rejected("not_found", f"no network named {network!r}")
+            raise Rejected(ErrorCode.NOT_FOUND, f"no network named {network!r}")
         rows = await _rows(
             model, NODE_SQL + " WHERE nd.network = ? ORDER BY nd.network, nd.name", (network,)
         )
@@ -193,3 +206,87 @@ def _peers(report: dict[str, Any] | None, names: dict[str, str]) -> list[dict[st
             }
         )
     return peers
+
+
+class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str | None = None
+    network: str | None = None
+    node: str | None = None
+
+
+class QueryService:
+    def __init__(
+        self,
+        nc: Client,
+        responder: Responder,
+        model: Callable[[], ReadModel | None],
+        topology: Callable[[], Topology],
+    ) -> None:
+        self._js = nc.jetstream()
+        self._responder = responder
+        self._model = model
+        self._topology = topology
+
+    async def on_query(self, msg: Msg) -> None:
+        what = msg.subject[len(QUERY_PREFIX) + 1 :]
+        try:
+            args = msgspec.json.decode(msg.data or b"{}", type=QueryArgs)
+            reply = Reply(ok=True, result=await self.answer(what, args))
+        except Rejected as exc:
+            reply = Reply.refused(exc.code, exc.message)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            reply = Reply.refused(ErrorCode.INVALID, f"invalid query: {exc}")
+        except Exception:
+            log.exception("query failed", what=what)
+            reply = Reply.refused(ErrorCode.INTERNAL, "internal error (see the server log)")
+        await self._responder.answer(msg, reply)
+
+    async def answer(self, what: str, args: QueryArgs) -> Any:
+        """Raises Rejected."""
+        model = self._model()
+        assert model is not None
+        match what:
+            case "networks":
+                return await list_networks(model)
+            case "network":
+                return await show_network(model, args.name or "", now=time.time())
+            case "nodes":
+                return await list_nodes(model, args.network)
+            case "node":
+                node = await find_node(model, args.node or "")
+                rows = await status(model, self.applied_report)
+                node["status"] = next((r for r in rows if r["id"] == node["id"]), None)
+                return node
+            case "keys":
+                return await list_keys(model, now=time.time())
+            case "status":
+                return await status(model, self.applied_report)
+            case "admins":
+                # From the write model: admins are a matter of authorization,
+                # not of the read model.
+                return sorted(
+                    (
+                        {
+                            "name": a.name,
+                            "role": a.role,
+                            "networks": list(a.networks),
+                            "public_key": a.public_key,
+                        }
+                        for a in self._topology().admins.values()
+                    ),
+                    key=lambda a: str(a["name"]),
+                )
+        raise Rejected(ErrorCode.INVALID, f"unknown query {what!r}")
+
+    async def applied_report(self, host_id: str) -> dict[str, Any] | None:
+        try:
+            msg = await self._js.get_last_msg(REPORTS_STREAM, report_subject(host_id, APPLIED))
+        except NotFoundError:
+            return None
+        if not msg.data:
+            return None
+        try:
+            report = applied_decoder.decode(msg.data)
+        except msgspec.ValidationError:
+            return None
+        return msgspec.to_builtins(report)  # type: ignore[no-any-return]

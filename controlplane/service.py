@@ -1,167 +1,55 @@
-"""The control plane: command service, queries and projections, in one process.
+"""The control plane process: wires the command pipeline, queries, consumers,
+broker access and the projections together; each is its own module.
 
 Commands arrive on `netmesh.cmd.<verb>` (request/reply), are decided against
 an in-memory topology kept current from the stream (the write model), and
-become events appended with optimistic concurrency. A stale view is safe: the
-append fails with a conflict and the command is decided again, a bounded number
-of times. Queries on `netmesh.query.<what>` are answered from the SQLite read
-model. Several replicas may run: they share the subjects through a queue group.
+become events appended with optimistic concurrency (`pipeline`). Queries on
+`netmesh.query.<what>` are answered from the SQLite read model (`queries`).
+Agents and readers ask here for their consumers (`consumers`); a guarded broker
+asks here who may connect (`access`). Several replicas may run: they share the
+subjects through a queue group.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
-import secrets
-import time
-import uuid
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import structlog
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 
-from controlplane import queries
-from controlplane.brokerauth import (
-    SWEEP_INTERVAL,
-    BrokerGate,
-    BrokerKeys,
-    delivery_problem,
-    names_at_stake,
-    reader_problem,
-    still_admitted,
-    throttle_bucket,
-)
-from controlplane.decide import Context, Decision, Rejected, authorize, decide
+from controlplane.access import Access
+from controlplane.brokerauth import BrokerGate
+from controlplane.consumers import Consumers
+from controlplane.pipeline import CommandPipeline
 from controlplane.publisher import JetStreamDesiredPublisher
+from controlplane.queries import QueryService
+from controlplane.replies import Responder
 from controlplane.streams import ensure_streams
 from controlplane.throttle import FailureWindow
-from events import natsid
-from events.commands import VERBS, AnyCommand, Join, Reply
+from controlplane.writemodel import WriteModel
 from events.connect import server_has_seen_everything
-from events.desired import PROTOCOL, SECTION_NAMES
-from events.envelope import make_envelope
 from events.jetstream import JetStreamEventStore
-from events.model import AdminAdded
-from events.reports import APPLIED, applied_decoder
-from events.signing import (
-    COMMAND_SIGNER_HEADER,
-    SIGNATURE_HEADER,
-    event_mac_key,
-    load_or_create,
-    public_text,
-    signed_command,
-    verify,
-    verify_key_of,
-)
-from events.store import (
-    ConcurrencyConflict,
-    DuplicateAppend,
-    Expectation,
-    PendingEvent,
-    StoreError,
-)
+from events.signing import event_mac_key, load_or_create, public_text
 from events.subjects import (
     COMMAND_PREFIX,
     CONSUME_PREFIX,
-    DESIRED_STREAM,
-    EVENTS_PREFIX,
-    EVENTS_STREAM,
     QUERY_PREFIX,
     READ_EVENTS_PREFIX,
-    REPORTS_STREAM,
     RESYNC_PREFIX,
-    aggregate_subject,
-    desired_subject,
-    report_subject,
 )
-from events.tokens import InvalidToken, make_token, parse_token
+from events.tokens import make_token
 from projections.runner import ProjectionRunner
 from projections.sqlite import ReadModel
-from projections.topology import COMMAND_MEMORY, Topology, evolve
+from projections.topology import Topology
 
 log = structlog.get_logger("netmesh.controlplane")
 
 QUEUE_GROUP = "netmesh-controlplane"
-MAX_ATTEMPTS = 10
-READ_YOUR_WRITES_TIMEOUT = 5.0
-CLIENT_CONSUMER_INACTIVE = 60.0
-
-_reply_encoder = msgspec.json.Encoder()
-
-
-class ConsumeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    deliver_subject: str
-    start_seq: int = 1  # event stream readers: where to start
-    # Agents: the desired-state protocol they read and its sections (older
-    # agents send neither, and cannot read what this control plane writes).
-    protocol: int = 0
-    sections: tuple[str, ...] = ()
-
-
-class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    name: str | None = None
-    network: str | None = None
-    node: str | None = None
-
-
-@dataclass(frozen=True)
-class Proof:
-    signed: str  # the exact signed text: context, verb, payload
-    signer: str
-    signature: str
-
-
-def _signature_problem(
-    verb: str, payload: bytes, signer: str | None, signature: str | None
-) -> str | None:
-    """None when `signature` is `signer`'s over the command, else why not."""
-    if not signer or not signature:
-        return "unsigned"
-    try:
-        key = verify_key_of(signer)
-    except ValueError:
-        return "the signer is not an Ed25519 public key"
-    return verify(key, signed_command(verb, payload), signature)
-
-
-# Refusals that count against an enrollment key (someone is guessing).
-BAD_TOKEN = frozenset({"invalid_token", "revoked", "expired", "exhausted"})
-
-
-def _throttle_key(topology: Topology, command: AnyCommand) -> str | None:
-    """What failed joins are counted against: the same window as failed broker
-    connections with that token (or one bucket for tokens that do not parse)."""
-    if not isinstance(command, Join):
-        return None
-    try:
-        return throttle_bucket(topology, parse_token(command.token).key_id)
-    except InvalidToken:
-        return "malformed"
-
-
-def _duplicate(command_id: str, seq: int | None) -> Reply:
-    where = f" (event #{seq})" if seq is not None else ""
-    return Reply(
-        ok=False,
-        code="duplicate",
-        error=f"command id {command_id!r} was already applied{where}; send a new id",
-    )
-
-
-def one_line(text: str) -> str:
-    """`text` with control characters (newlines included) escaped."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ControlPlane:
@@ -177,7 +65,6 @@ class ControlPlane:
     ) -> None:
         self._nc = nc
         self._snapshots_only = snapshots_only
-        self._js = nc.jetstream()
         self.data_dir = data_dir
         # The key desired states are signed with; its public half goes into
         # every enrollment token, and agents pin it. Raises SigningKeyError.
@@ -185,44 +72,66 @@ class ControlPlane:
         self.advertise_url = advertise_url
         self.broker_ca = broker_ca  # goes into tokens: agents pin it for tls://
         self.store = JetStreamEventStore(nc, mac_key=event_mac_key(self.signing_key))
-        self.write_model = Topology()
-        self._write_progress = asyncio.Condition()
-        self._command_lock = asyncio.Lock()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Task[None]] = set()
-        # host -> the consumer made last for its agent (the one before goes).
-        self._agent_consumers: dict[str, str] = {}
-        self.not_answered = 0  # requests whose reply address was not an inbox
-        # Our own replies (JetStream acks among them) arrive under this prefix,
-        # when it is our own (on an open broker everyone shares `_INBOX.`).
-        prefix = bytes(nc._inbox_prefix).decode()
-        self._own_inbox = f"{prefix}." if prefix != "_INBOX" else None
-        self._subs: list[Subscription] = []
+        self.write = WriteModel(self.store)
         self.model: ReadModel | None = None
         self.runner: ProjectionRunner | None = None
         self.failed = asyncio.Event()  # set when a consumer the service needs has died
         self.failure: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subs: list[Subscription] = []
         self._stopping = False
-        self._join_failures = FailureWindow()
-        # Ids of signed commands seen (most recent COMMAND_MEMORY), whatever came of them.
-        self._signed_ids: dict[str, None] = {}
+        self._responder = Responder(nc)
+        join_failures = FailureWindow()
+        self.commands = CommandPipeline(
+            self.store,
+            self.write,
+            self._responder,
+            join_failures,
+            self._enrollment_token,
+            self._read_your_writes,
+        )
+        self.queries = QueryService(nc, self._responder, lambda: self.model, self._topology)
         # With a connection to the broker's system account, this control plane
         # decides who may connect (auth callout) and disconnects who lost access.
-        self.gate: BrokerGate | None = None
+        self.access: Access | None = None
         if system_nc is not None:
-            self.gate = BrokerGate(
-                nc,
-                system_nc,
-                BrokerKeys.derive(self.signing_key),
-                lambda: self.write_model,
-                QUEUE_GROUP,
-                self._join_failures,
+            self.access = Access(
+                nc, system_nc, self.signing_key, self._topology, QUEUE_GROUP, join_failures
             )
+            self.write.observer = self.access.observe
+        self.consumers = Consumers(
+            nc, self._responder, self._topology, lambda: self.runner, self.access is not None
+        )
+
+    @property
+    def write_model(self) -> Topology:
+        return self.write.topology
+
+    @property
+    def gate(self) -> BrokerGate | None:
+        return self.access.gate if self.access is not None else None
+
+    @property
+    def not_answered(self) -> int:
+        """Requests whose reply address was not an inbox."""
+        return self._responder.not_answered
+
+    def _topology(self) -> Topology:
+        return self.write.topology
+
+    def _enrollment_token(self, key_id: str, secret: str) -> str:
+        return make_token(
+            self.advertise_url, key_id, secret, public_text(self.signing_key), self.broker_ca
+        )
+
+    async def _read_your_writes(self, seq: int, timeout: float) -> None:
+        assert self.runner is not None
+        await self.runner.wait_for(seq, timeout)
 
     async def start(self) -> None:
         """Create streams, catch up, then start answering. Raises on NATS errors."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        await ensure_streams(self._js)
+        await ensure_streams(self._nc.jetstream())
         self.model = await ReadModel.open(self.data_dir / "readmodel.sqlite3")
         self.runner = ProjectionRunner(
             self.store,
@@ -231,32 +140,22 @@ class ControlPlane:
             snapshots_only=self._snapshots_only,
         )
         self._tasks.append(
-            asyncio.create_task(self._supervised("write model", self._follow_write_model()))
+            asyncio.create_task(self._supervised("write model", self.write.follow()))
         )
         self._tasks.append(asyncio.create_task(self._supervised("projection", self.runner.run())))
-        await self._catch_up()
-        await self._bootstrap_admin()
-        if self.gate is not None:
-            await self.gate.start()
-            self._background.add(asyncio.create_task(self._sweep_forever(), name="sweep"))
+        await self.write.catch_up()
+        await self.commands.bootstrap_admin(self.data_dir)
+        if self.access is not None:
+            await self.access.start(self.runner)
         await asyncio.wait_for(self.runner.caught_up.wait(), 120)
-        self._subs.append(
-            await self._nc.subscribe(f"{COMMAND_PREFIX}.>", queue=QUEUE_GROUP, cb=self._on_command)
-        )
-        self._subs.append(
-            await self._nc.subscribe(f"{QUERY_PREFIX}.>", queue=QUEUE_GROUP, cb=self._on_query)
-        )
-        self._subs.append(
-            await self._nc.subscribe(f"{RESYNC_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_resync)
-        )
-        self._subs.append(
-            await self._nc.subscribe(f"{CONSUME_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_consume)
-        )
-        self._subs.append(
-            await self._nc.subscribe(
-                f"{READ_EVENTS_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_read_events
-            )
-        )
+        for prefix, callback in (
+            (f"{COMMAND_PREFIX}.>", self.commands.on_command),
+            (f"{QUERY_PREFIX}.>", self.queries.on_query),
+            (f"{RESYNC_PREFIX}.*", self.consumers.on_resync),
+            (f"{CONSUME_PREFIX}.*", self.consumers.on_consume),
+            (f"{READ_EVENTS_PREFIX}.*", self.consumers.on_read_events),
+        ):
+            self._subs.append(await self._nc.subscribe(prefix, queue=QUEUE_GROUP, cb=callback))
         # Make sure the server has our subscriptions before we say we are ready.
         await server_has_seen_everything(self._nc)
         log.info("control plane ready", seq=self.write_model.last_seq, url=self.advertise_url)
@@ -267,12 +166,8 @@ class ControlPlane:
         Returns the names of tasks that did not stop in time (none, normally).
         """
         self._stopping = True
-        if self.gate is not None:
-            await self.gate.stop()
-        for task in self._background:
-            task.cancel()
-        if self._background:
-            await asyncio.wait(self._background, timeout=timeout / 4)
+        if self.access is not None:
+            await self.access.stop(timeout / 4)
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -312,465 +207,6 @@ class ControlPlane:
             self.failure = f"{what} {why}"
             self.failed.set()
 
-    async def _follow_write_model(self) -> None:
-        async for recorded in self.store.follow(1):
-            refused = self.write_model.refused
-            at_stake = names_at_stake(self.write_model, recorded.envelope.data)
-            evolve(self.write_model, recorded)
-            if at_stake and self.gate is not None and self.runner is not None:
-                lost = {n for n in at_stake if not still_admitted(self.write_model, n)}
-                if lost and self.runner.caught_up.is_set():
-                    self._spawn_disconnect(lost, recorded.seq)
-            if self.write_model.refused > refused:
-                log.warning(
-                    "event not believed: not signed by this control plane",
-                    seq=recorded.seq,
-                    subject=recorded.subject,
-                    type=recorded.envelope.type,
-                    signature=recorded.signature,
-                )
-            async with self._write_progress:
-                self._write_progress.notify_all()
-
-    async def _sweep_forever(self) -> None:
-        """Once caught up (a removal may have happened just before a restart)
-        and then every minute: disconnect whoever is connected but no longer
-        admitted. Only when every desired state the write model implies is
-        published: a removed host gets its last state before it is cut off."""
-        assert self.gate is not None and self.runner is not None
-        await self.runner.caught_up.wait()
-        while not self._stopping:
-            if self.runner.published_through >= self.write_model.last_seq:
-                try:
-                    await self.gate.sweep()
-                except Exception as exc:  # the broker is away: try again later
-                    log.info("connection sweep failed", error=repr(exc))
-            await asyncio.sleep(SWEEP_INTERVAL)
-
-    def _spawn_disconnect(self, names: set[str], seq: int) -> None:
-        async def disconnect() -> None:
-            assert self.gate is not None and self.runner is not None
-            # First let the host receive the desired state that removes it (its
-            # agent tears its interface down), then cut it off.
-            await self.runner.wait_published(seq, timeout=5)
-            try:
-                await self.gate.disconnect(names)
-            except Exception as exc:  # the minute's sweep tries again
-                log.info("disconnect failed", names=sorted(names), error=repr(exc))
-
-        task = asyncio.create_task(disconnect(), name=f"disconnect {sorted(names)}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _wait_write_model(self, seq: int, timeout: float = 10.0) -> None:
-        async with self._write_progress:
-            if self.write_model.last_seq >= seq:
-                return
-            # asyncio.timeout, not wait_for: no extra task per command.
-            async with asyncio.timeout(timeout):
-                await self._write_progress.wait_for(lambda: self.write_model.last_seq >= seq)
-
-    async def _catch_up(self) -> None:
-        await self._wait_write_model(await self.store.last_sequence(), timeout=120)
-
-    # -- commands -------------------------------------------------------------
-
-    async def _on_command(self, msg: Msg) -> None:
-        verb = msg.subject[len(COMMAND_PREFIX) + 1 :]
-        try:
-            headers = msg.headers or {}
-            reply = await self.handle_command(
-                verb,
-                msg.data,
-                actor=_actor(msg),
-                signer=headers.get(COMMAND_SIGNER_HEADER),
-                signature=headers.get(SIGNATURE_HEADER),
-            )
-        except Exception:  # the service must outlive any one command
-            log.exception("command failed", verb=verb)
-            reply = Reply(ok=False, code="internal", error="internal error (see the server log)")
-        await self._answer(msg, reply)
-
-    async def handle_command(
-        self,
-        verb: str,
-        payload: bytes,
-        *,
-        actor: str,
-        signer: str | None = None,
-        signature: str | None = None,
-    ) -> Reply:
-        reply = await self._handle_command(
-            verb, payload, actor=actor, signer=signer, signature=signature
-        )
-        if reply.error is not None:
-            # Refusals quote what was sent (field names, values): keep them on
-            # one line whatever it contained.
-            reply.error = one_line(reply.error)
-        return reply
-
-    async def _handle_command(
-        self, verb: str, payload: bytes, *, actor: str, signer: str | None, signature: str | None
-    ) -> Reply:
-        cls = VERBS.get(verb)
-        if cls is None:
-            return Reply(ok=False, code="invalid", error=f"unknown command {verb!r}")
-        try:
-            command: AnyCommand = msgspec.json.decode(payload, type=cls)  # type: ignore[assignment]
-        except msgspec.ValidationError as exc:
-            return Reply(ok=False, code="invalid", error=f"invalid {verb} command: {exc}")
-        except msgspec.DecodeError:
-            return Reply(ok=False, code="invalid", error=f"invalid {verb} command: not JSON")
-        throttled = _throttle_key(self.write_model, command)
-        now = time.time()
-        if throttled is not None and not self._join_failures.allowed(throttled, now):
-            wait = self._join_failures.retry_after(throttled, now)
-            return Reply(
-                ok=False,
-                code="rate_limited",
-                error=f"too many failed joins with this enrollment key; try again in {wait:.0f} s",
-            )
-        reply = await self._authorized(verb, payload, command, actor, signer, signature)
-        if throttled is not None and reply.code in BAD_TOKEN:
-            self._join_failures.failed(throttled, now)
-        return reply
-
-    async def _authorized(
-        self,
-        verb: str,
-        payload: bytes,
-        command: AnyCommand,
-        actor: str,
-        signer: str | None,
-        signature: str | None,
-    ) -> Reply:
-        proof: Proof | None = None
-        problem = _signature_problem(verb, payload, signer, signature)
-
-        def authorized() -> str | None:
-            # Checked again before each attempt: a retry decides against a
-            # newer topology, and who may do what can have changed with it.
-            return authorize(self.write_model, verb, command, signer, problem, time.time())
-
-        try:
-            admin = authorized()
-        except Rejected as exc:
-            log.warning("command refused", verb=verb, code=exc.code, reason=exc.message)
-            return Reply(ok=False, code=exc.code, error=exc.message)
-        if admin is not None:
-            if not command.command_id:
-                # The id is what makes a signed command impossible to replay,
-                # and what ties its events to its proof.
-                return Reply(ok=False, code="invalid", error=f"a signed {verb} needs a command_id")
-            # Remembered whatever the outcome: a signed command that changed
-            # nothing (or was refused) must not be replayable later either.
-            if command.command_id in self._signed_ids:
-                return _duplicate(command.command_id, None)
-            self._signed_ids[command.command_id] = None
-            if len(self._signed_ids) > COMMAND_MEMORY:
-                del self._signed_ids[next(iter(self._signed_ids))]
-            actor = admin
-            assert signer is not None and signature is not None
-            proof = Proof(signed_command(verb, payload).decode(), signer, signature)
-        async with self._command_lock:
-            reply = await self._execute(verb, command, actor, proof, authorized)
-        # Read-your-writes: answer once the read model has the change too. Not
-        # under the lock: the next command only needs the write model, and the
-        # projection takes the events of commands that queue up in one batch.
-        if reply.seq is not None:
-            assert self.runner is not None
-            await self.runner.wait_for(reply.seq, READ_YOUR_WRITES_TIMEOUT)
-        return reply
-
-    async def _execute(
-        self,
-        verb: str,
-        command: AnyCommand,
-        actor: str,
-        proof: Proof | None,
-        authorized: Callable[[], str | None],
-    ) -> Reply:
-        command_id = command.command_id or uuid.uuid4().hex
-        ctx = Context(
-            now=time.time(),
-            actor=actor,
-            # Only a new key needs these (drawing them cost 5% of a command).
-            new_key_id="k" + secrets.token_hex(5) if verb == "key.create" else "",
-            new_secret=secrets.token_urlsafe(24) if verb == "key.create" else "",
-        )
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            applied_at = self.write_model.commands.get(command_id)
-            if applied_at is not None:
-                return _duplicate(command_id, applied_at)
-            try:
-                if attempt > 1:
-                    authorized()
-                decision = decide(self.write_model, command, ctx)
-            except Rejected as exc:
-                log.info("command refused", verb=verb, code=exc.code, reason=exc.message)
-                return Reply(ok=False, code=exc.code, error=exc.message)
-            if not decision.events:
-                return Reply(ok=True, result=self._result(verb, decision, ctx))
-            try:
-                seq = await self.store.append(
-                    self._pending(decision, ctx, command_id, proof),
-                    expect=decision.expect,
-                    msg_id=command_id,
-                )
-            except DuplicateAppend:
-                # JetStream knows the id (its duplicate window) before our write
-                # model does: wait for it, then answer as above.
-                await self._catch_up()
-                return _duplicate(command_id, self.write_model.commands.get(command_id))
-            except ConcurrencyConflict as exc:
-                # Someone wrote first: catch up and decide again against what is
-                # there now.
-                log.info(
-                    "append conflict, deciding again", verb=verb, attempt=attempt, why=str(exc)
-                )
-                # Jittered backoff: two writers that keep colliding drift apart.
-                await asyncio.sleep(random.uniform(0, 0.005 * attempt))
-                await self._catch_up()
-                continue
-            except StoreError as exc:
-                return Reply(ok=False, code="unavailable", error=f"event store: {exc}")
-            await self._wait_write_model(seq)
-            log.info("command applied", verb=verb, seq=seq, events=len(decision.events))
-            return Reply(ok=True, result=self._result(verb, decision, ctx), seq=seq)
-        return Reply(ok=False, code="busy", error="too many concurrent changes; try again")
-
-    def _pending(
-        self, decision: Decision, ctx: Context, command_id: str, proof: Proof | None
-    ) -> list[PendingEvent]:
-        pending = []
-        for i, (subject, event) in enumerate(decision.events):
-            envelope = make_envelope(
-                event,
-                event_id=uuid.uuid4().hex,
-                time=ctx.now,
-                actor=ctx.actor,
-                command_id=command_id,
-            )
-            if proof is not None and i == 0:
-                # The command's proof goes with its first event: the log is
-                # evidence of who asked for what (`netmesh events verify`).
-                envelope = msgspec.structs.replace(
-                    envelope, signed=proof.signed, signer=proof.signer, signature=proof.signature
-                )
-            pending.append(PendingEvent(subject, envelope))
-        return pending
-
-    async def _bootstrap_admin(self) -> None:
-        """On first start (no admin in the stream), make the first admin's key
-        in the data dir (0600) and register it: the root of trust."""
-        if self.write_model.admins:
-            return
-        key = load_or_create(self.data_dir / "admin.key")
-        subject = aggregate_subject("admin", "admin")
-        event = AdminAdded(name="admin", public_key=public_text(key), role="admin")
-        envelope = make_envelope(
-            event, event_id=uuid.uuid4().hex, time=time.time(), actor="bootstrap", command_id=""
-        )
-        try:
-            seq = await self.store.append(
-                [PendingEvent(subject, envelope)], expect=[Expectation(subject, 0)]
-            )
-        except ConcurrencyConflict:  # another replica did it first
-            await self._catch_up()
-            return
-        await self._wait_write_model(seq)
-        log.info("first admin created", key_file=str(self.data_dir / "admin.key"))
-
-    def _result(self, verb: str, decision: Decision, ctx: Context) -> dict[str, Any]:
-        result = dict(decision.result)
-        if verb == "key.create":
-            result["token"] = make_token(
-                self.advertise_url,
-                ctx.new_key_id,
-                ctx.new_secret,
-                public_text(self.signing_key),
-                self.broker_ca,
-            )
-        return result
-
-    # -- queries --------------------------------------------------------------
-
-    async def _on_resync(self, msg: Msg) -> None:
-        """An agent cannot follow its subject: send it a fresh snapshot."""
-        host_id = msg.subject.rpartition(".")[2]
-        assert self.runner is not None
-        try:
-            sent = await self.runner.resend_snapshot(host_id)
-        except Exception:  # the service must outlive any one request
-            log.exception("resync failed", host_id=host_id)
-            sent = False
-        log.info("snapshot requested", host_id=host_id, sent=sent)
-        await self._answer(msg, Reply(ok=sent))
-
-    async def _on_consume(self, msg: Msg) -> None:
-        """An agent asks for a consumer of its desired subject: made here, so
-        that no agent may create consumers (whose deliver subject the broker
-        does not check against the creator's permissions)."""
-        host_id = msg.subject.rpartition(".")[2]
-        await self._answer(msg, await self._consumer_for(msg, self._make_agent_consumer, host_id))
-
-    async def _on_read_events(self, msg: Msg) -> None:
-        """An admin, auditor or integration asks for a consumer of the event
-        stream, delivering into its inbox (readers make none themselves, for
-        the same reason as agents)."""
-        nkey = msg.subject.rpartition(".")[2]
-        await self._answer(msg, await self._consumer_for(msg, self._make_reader_consumer, nkey))
-
-    async def _consumer_for(
-        self,
-        msg: Msg,
-        make: Callable[[str, ConsumeRequest], Awaitable[Reply]],
-        asker: str,
-    ) -> Reply:
-        try:
-            request = msgspec.json.decode(msg.data, type=ConsumeRequest)
-        except msgspec.DecodeError as exc:
-            return Reply(ok=False, code="invalid", error=f"invalid consumer request: {exc}")
-        return await make(asker, request)
-
-    async def _make_reader_consumer(self, nkey: str, request: ConsumeRequest) -> Reply:
-        problem = reader_problem(self.write_model, nkey, request.deliver_subject)
-        config = _delivering_consumer(
-            f"reader-{uuid.uuid4().hex[:12]}",
-            f"{EVENTS_PREFIX}.>",
-            request.deliver_subject,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=max(request.start_seq, 1),
-        )
-        return await self._make_consumer(EVENTS_STREAM, config, problem)
-
-    async def _make_agent_consumer(self, host_id: str, request: ConsumeRequest) -> Reply:
-        outdated = agent_protocol_problem(request.protocol, request.sections)
-        if outdated is not None:
-            log.warning("agent too old for this control plane", host_id=host_id, why=outdated)
-            return Reply(ok=False, code="upgrade_required", error=outdated)
-        problem = delivery_problem(self.write_model, host_id, request.deliver_subject)
-        config = _delivering_consumer(
-            f"agent-{host_id}-{uuid.uuid4().hex[:8]}",
-            desired_subject(host_id),
-            request.deliver_subject,
-            deliver_policy=DeliverPolicy.ALL,
-        )
-        reply = await self._make_consumer(DESIRED_STREAM, config, problem)
-        if reply.ok:
-            assert config.name is not None
-            previous = self._agent_consumers.pop(host_id, None)
-            self._agent_consumers[host_id] = config.name
-            if previous is not None:
-                with contextlib.suppress(Exception):
-                    await self._js.delete_consumer(DESIRED_STREAM, previous)
-        return reply
-
-    async def _make_consumer(
-        self, stream: str, config: ConsumerConfig, problem: str | None
-    ) -> Reply:
-        """Create it, unless a guarded broker's rules say no (`problem`)."""
-        if self.gate is not None and problem is not None:
-            return Reply(ok=False, code="unauthorized", error=problem)
-        try:
-            await self._js.add_consumer(stream, config)
-        except Exception as exc:  # the service must outlive any one request
-            log.warning("consumer not made", stream=stream, error=repr(exc))
-            return Reply(ok=False, code="internal", error="could not make a consumer; retry")
-        return Reply(ok=True, result={"consumer": config.name})
-
-    async def _answer(self, msg: Msg, reply: Reply) -> None:
-        """Answer a request, but only into an inbox. The broker checks the
-        subject a client publishes to, never the reply address it names, and
-        this connection may publish anywhere: answering to `netmesh.ev.x` would
-        write into the event stream. No stream captures inboxes, and each
-        identity reads only its own."""
-        if not msg.reply:
-            return
-        ours = self._own_inbox is not None and msg.reply.startswith(self._own_inbox)
-        if not natsid.is_inbox(msg.reply) or ours:
-            self.not_answered += 1
-            log.warning("not answered: reply address is not an inbox", subject=msg.subject)
-            return
-        await msg.respond(_reply_encoder.encode(reply))
-
-    async def _on_query(self, msg: Msg) -> None:
-        what = msg.subject[len(QUERY_PREFIX) + 1 :]
-        try:
-            args = msgspec.json.decode(msg.data or b"{}", type=QueryArgs)
-            reply = Reply(ok=True, result=await self.answer(what, args))
-        except Rejected as exc:
-            reply = Reply(ok=False, code=exc.code, error=exc.message)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            reply = Reply(ok=False, code="invalid", error=f"invalid query: {exc}")
-        except Exception:
-            log.exception("query failed", what=what)
-            reply = Reply(ok=False, code="internal", error="internal error (see the server log)")
-        await self._answer(msg, reply)
-
-    async def answer(self, what: str, args: QueryArgs) -> Any:
-        model = self.model
-        assert model is not None
-        match what:
-            case "networks":
-                return await queries.list_networks(model)
-            case "network":
-                return await queries.show_network(model, args.name or "", now=time.time())
-            case "nodes":
-                return await queries.list_nodes(model, args.network)
-            case "node":
-                node = await queries.find_node(model, args.node or "")
-                rows = await queries.status(model, self.applied_report)
-                node["status"] = next((r for r in rows if r["id"] == node["id"]), None)
-                return node
-            case "keys":
-                return await queries.list_keys(model, now=time.time())
-            case "status":
-                return await queries.status(model, self.applied_report)
-            case "admins":
-                # From the write model: admins are a matter of authorization,
-                # not of the read model.
-                return sorted(
-                    (
-                        {
-                            "name": a.name,
-                            "role": a.role,
-                            "networks": list(a.networks),
-                            "public_key": a.public_key,
-                        }
-                        for a in self.write_model.admins.values()
-                    ),
-                    key=lambda a: str(a["name"]),
-                )
-        raise Rejected("invalid", f"unknown query {what!r}")
-
-    async def applied_report(self, host_id: str) -> dict[str, Any] | None:
-        try:
-            msg = await self._js.get_last_msg(REPORTS_STREAM, report_subject(host_id, APPLIED))
-        except NotFoundError:
-            return None
-        if not msg.data:
-            return None
-        try:
-            report = applied_decoder.decode(msg.data)
-        except msgspec.ValidationError:
-            return None
-        return msgspec.to_builtins(report)  # type: ignore[no-any-return]
-
-
-def agent_protocol_problem(protocol: int, sections: tuple[str, ...]) -> str | None:
-    """Why an agent reading desired-state `protocol` with `sections` cannot
-    follow what this control plane publishes; None when it can."""
-    if protocol < PROTOCOL:
-        return (
-            f"this agent reads desired-state protocol {protocol or '2 or older'}, the control "
-            f"plane writes {PROTOCOL}: upgrade the agent"
-        )
-    missing = sorted(set(SECTION_NAMES) - set(sections))
-    if missing:
-        return f"this agent does not know section(s) {', '.join(missing)}: upgrade the agent"
-    return None
-
 
 def awaiting(task: asyncio.Task[Any]) -> list[str]:
     """Where a suspended task is, innermost last (for diagnostics)."""
@@ -782,27 +218,3 @@ def awaiting(task: asyncio.Task[Any]) -> list[str]:
             where.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
         awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "ag_await", None)
     return where
-
-
-def _delivering_consumer(
-    name: str, filter_subject: str, deliver_subject: str, **start: Any
-) -> ConsumerConfig:
-    """A consumer made for a client: pushes into its inbox, no acks, in memory,
-    gone a minute after nobody listens."""
-    return ConsumerConfig(
-        name=name,
-        filter_subject=filter_subject,
-        deliver_subject=deliver_subject,
-        ack_policy=AckPolicy.NONE,
-        inactive_threshold=CLIENT_CONSUMER_INACTIVE,
-        mem_storage=True,
-        **start,
-    )
-
-
-def _actor(msg: Msg) -> str:
-    # Until commands are signed (see DESIGN "Trust"), the actor is what the
-    # sender says it is: recorded for the audit log, not trusted.
-    if msg.headers and msg.headers.get("Netmesh-Actor"):
-        return str(msg.headers["Netmesh-Actor"])[:128]
-    return "anonymous"

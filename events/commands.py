@@ -8,7 +8,8 @@ Sent as JSON to `netmesh.cmd.<verb>`; the reply is `Reply`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from enum import StrEnum
+from typing import Annotated, Any, get_args
 
 import msgspec
 
@@ -83,7 +84,16 @@ class RotateHostKey(Command, frozen=True, tag="host.rotate_key"):
     public_key: str
 
 
-ROLES = ("admin", "network-admin", "auditor")
+class Role(StrEnum):
+    """Who an admin key is: what its holder may sign."""
+
+    ADMIN = "admin"  # everything
+    NETWORK_ADMIN = "network-admin"  # the commands about their networks
+    AUDITOR = "auditor"  # nothing: queries and the event log only
+
+
+# Plain strings (click shows an Enum's names, not its values).
+ROLES: tuple[str, ...] = tuple(role.value for role in Role)
 
 
 class AddAdmin(Command, frozen=True, tag="admin.add"):
@@ -107,6 +117,8 @@ class LeaveNetworks(Command, frozen=True, tag="host.leave"):
     network: str | None = None
 
 
+# The protocol's commands, each once. What the control plane does with each
+# (who may send it, what it produces) is its spec, in controlplane/rules/.
 AnyCommand = (
     CreateNetwork
     | DeleteNetwork
@@ -122,21 +134,29 @@ AnyCommand = (
     | RequestKeyRotation
 )
 
-COMMAND_TYPES: tuple[type[Command], ...] = (
-    CreateNetwork,
-    DeleteNetwork,
-    CreateEnrollmentKey,
-    RevokeEnrollmentKey,
-    Join,
-    RemoveNode,
-    ReportEndpoint,
-    LeaveNetworks,
-    RotateHostKey,
-    AddAdmin,
-    RemoveAdmin,
-    RequestKeyRotation,
-)
+COMMAND_TYPES: tuple[type[Command], ...] = get_args(AnyCommand)
 VERBS: dict[str, type[Command]] = {str(cls.__struct_config__.tag): cls for cls in COMMAND_TYPES}
+
+
+class ErrorCode(StrEnum):
+    """Why a command or query was refused: stable, for programs (the message is
+    for people). A StrEnum, so on the wire it is the plain string."""
+
+    INVALID = "invalid"  # malformed, or against a rule about its own fields
+    NOT_FOUND = "not_found"  # it names something that does not exist
+    CONFLICT = "conflict"  # against what exists (a name taken, the last admin...)
+    AMBIGUOUS = "ambiguous"  # a name that fits several things: say which
+    EXHAUSTED = "exhausted"  # an enrollment key used up, a network out of addresses
+    EXPIRED = "expired"  # an enrollment key past its time
+    REVOKED = "revoked"  # an enrollment key revoked
+    INVALID_TOKEN = "invalid_token"  # an enrollment token that does not authenticate
+    UNAUTHORIZED = "unauthorized"  # not signed, or not by someone who may
+    DUPLICATE = "duplicate"  # this command id was seen before: send a new one
+    RATE_LIMITED = "rate_limited"  # too many failures: retry later
+    BUSY = "busy"  # too many concurrent changes: retry
+    UNAVAILABLE = "unavailable"  # the event store did not answer: retry
+    INTERNAL = "internal"  # a bug: see the server log
+    UPGRADE_REQUIRED = "upgrade_required"  # an agent too old for this control plane
 
 
 class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -145,9 +165,14 @@ class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
     ok: bool
     result: Any = None
     error: str | None = None
-    # invalid | not_found | conflict | exhausted | expired | revoked | duplicate | busy ...
+    # An ErrorCode, decoded as a plain string: a client reads the codes a newer
+    # server may add instead of failing on the whole reply.
     code: str | None = None
     seq: int | None = None  # stream sequence of the last event the command appended
+
+    @classmethod
+    def refused(cls, code: ErrorCode, error: str) -> Reply:
+        return cls(ok=False, code=code, error=error)
 
 
 def command_verb(command: Command) -> str:

@@ -235,3 +235,20 @@ async def test_admin_roles(server: str, tmp_path: Path) -> None:
     report = json.loads(out)
     # network x2, admin.add x2, olga's key, admin.remove
     assert (rc, report["signed_commands"], report["problems"]) == (0, 6, []), err
+
+
+def test_a_malformed_command_fails_before_it_is_sent() -> None:
+    """The CLI checks a command against its spec: a misspelt field, a wrong
+    type or an agent's verb never reaches the server."""
+    from cli.client import CliError, checked_command
+
+    with pytest.raises(CliError, match="unknown field `nmae`"):
+        checked_command("network.create", {"nmae": "x", "cidr": "10.9.0.0/24"})
+    with pytest.raises(CliError, match=r"invalid network\.create command: Expected `int` >= 576"):
+        checked_command("network.create", {"name": "x", "cidr": "10.9.0.0/24", "mtu": 100})
+    with pytest.raises(CliError, match=r"unknown command 'network\.frobnicate'"):
+        checked_command("network.frobnicate", {})
+    with pytest.raises(CliError, match="join is sent by agents"):
+        checked_command("join", {"token": "t", "public_key": "k", "name": "n"})
+    # What is sent is what was given: no defaults filled in.
+    assert json.loads(checked_command("network.delete", {"name": "x"})) == {"name": "x"}

@@ -19,9 +19,10 @@ from nacl.signing import SigningKey
 from nats.aio.client import Client
 
 from controlplane.audit import verify_log
-from controlplane.decide import ADMIN_VERBS
 from controlplane.embedded import EmbeddedNats
 from controlplane.publisher import read_desired
+from controlplane.rules import verbs_sent_by
+from controlplane.rules.spec import Sender
 from controlplane.service import ControlPlane
 from events.commands import Reply
 from events.envelope import encode_envelope, make_envelope
@@ -39,6 +40,8 @@ from events.subjects import DESIRED_STREAM, EVENTS_STREAM
 from events.tokens import make_token, parse_token
 from tests.factories import public_key
 from tests.netns import wait_until
+
+ADMIN_VERBS = verbs_sent_by(Sender.ADMIN)
 
 
 class Admin:
@@ -265,7 +268,7 @@ async def test_two_replicas_allocate_distinct_addresses(
         key = await admin.ok("key.create", network="office", uses=None)
         # Bypass the queue group: send half the joins to each replica directly.
         joins = [
-            planes[n % 2].handle_command(
+            planes[n % 2].commands.handle(
                 "join",
                 msgspec.json.encode(
                     {"token": key["token"], "public_key": public_key(n), "name": f"h{n}"}

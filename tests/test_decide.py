@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.decide import Rejected, allocate_address, parse_cidr
+from controlplane.rules.base import Rejected
+from controlplane.rules.networks import parse_cidr
+from controlplane.rules.nodes import allocate_address
 from events.commands import (
     CreateEnrollmentKey,
     CreateNetwork,

@@ -104,7 +104,7 @@ class Harness:
         data = payload if isinstance(payload, bytes) else msgspec.json.encode(payload)
         key = load_or_create(Path(self.tmp.name) / "cp" / "admin.key")
         headers = command_headers(key, verb, data)
-        return await self.plane.handle_command(
+        return await self.plane.commands.handle(
             verb,
             data,
             actor="fuzz",

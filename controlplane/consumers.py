@@ -1,0 +1,169 @@
+"""Consumers the control plane makes for its clients: agents (of their own
+desired subject) and readers of the event stream (admins, auditors,
+integrations). Clients make none themselves: a consumer's deliver subject is
+not checked against its creator's permissions, so a client that could create
+one could have JetStream deliver anywhere. Also: an agent's request for a
+fresh snapshot of its desired state."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from controlplane.brokerauth import delivery_problem, reader_problem
+from controlplane.replies import Responder
+from events.commands import ErrorCode, Reply
+from events.desired import PROTOCOL, SECTION_NAMES
+from events.subjects import DESIRED_STREAM, EVENTS_PREFIX, EVENTS_STREAM, desired_subject
+from projections.runner import ProjectionRunner
+from projections.topology import Topology
+
+log = structlog.get_logger("netmesh.controlplane")
+
+CLIENT_CONSUMER_INACTIVE = 60.0
+
+
+class ConsumeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    deliver_subject: str
+    start_seq: int = 1  # event stream readers: where to start
+    # Agents: the desired-state protocol they read and its sections (older
+    # agents send neither, and cannot read what this control plane writes).
+    protocol: int = 0
+    sections: tuple[str, ...] = ()
+
+
+def agent_protocol_problem(protocol: int, sections: tuple[str, ...]) -> str | None:
+    """Why an agent reading desired-state `protocol` with `sections` cannot
+    follow what this control plane publishes; None when it can."""
+    if protocol < PROTOCOL:
+        return (
+            f"this agent reads desired-state protocol {protocol or '2 or older'}, the control "
+            f"plane writes {PROTOCOL}: upgrade the agent"
+        )
+    missing = sorted(set(SECTION_NAMES) - set(sections))
+    if missing:
+        return f"this agent does not know section(s) {', '.join(missing)}: upgrade the agent"
+    return None
+
+
+class Consumers:
+    def __init__(
+        self,
+        nc: Client,
+        responder: Responder,
+        topology: Callable[[], Topology],
+        runner: Callable[[], ProjectionRunner | None],
+        guarded: bool,
+    ) -> None:
+        self._js = nc.jetstream()
+        self._responder = responder
+        self._topology = topology
+        self._runner = runner
+        # On an open broker anyone may make consumers anyway: the rules are
+        # only enforced where they protect something.
+        self._guarded = guarded
+        # host -> the consumer made last for its agent (the one before goes).
+        self._agent_consumers: dict[str, str] = {}
+
+    async def on_resync(self, msg: Msg) -> None:
+        """An agent cannot follow its subject: send it a fresh snapshot."""
+        host_id = msg.subject.rpartition(".")[2]
+        runner = self._runner()
+        assert runner is not None
+        try:
+            sent = await runner.resend_snapshot(host_id)
+        except Exception:  # the service must outlive any one request
+            log.exception("resync failed", host_id=host_id)
+            sent = False
+        log.info("snapshot requested", host_id=host_id, sent=sent)
+        await self._responder.answer(msg, Reply(ok=sent))
+
+    async def on_consume(self, msg: Msg) -> None:
+        """An agent asks for a consumer of its desired subject."""
+        host_id = msg.subject.rpartition(".")[2]
+        await self._responder.answer(msg, await self._consumer_for(msg, self._agent, host_id))
+
+    async def on_read_events(self, msg: Msg) -> None:
+        """A reader asks for a consumer of the event stream, into its inbox."""
+        nkey = msg.subject.rpartition(".")[2]
+        await self._responder.answer(msg, await self._consumer_for(msg, self._reader, nkey))
+
+    async def _consumer_for(
+        self,
+        msg: Msg,
+        make: Callable[[str, ConsumeRequest], Awaitable[Reply]],
+        asker: str,
+    ) -> Reply:
+        try:
+            request = msgspec.json.decode(msg.data, type=ConsumeRequest)
+        except msgspec.DecodeError as exc:
+            return Reply.refused(ErrorCode.INVALID, f"invalid consumer request: {exc}")
+        return await make(asker, request)
+
+    async def _reader(self, nkey: str, request: ConsumeRequest) -> Reply:
+        problem = reader_problem(self._topology(), nkey, request.deliver_subject)
+        config = _delivering_consumer(
+            f"reader-{uuid.uuid4().hex[:12]}",
+            f"{EVENTS_PREFIX}.>",
+            request.deliver_subject,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(request.start_seq, 1),
+        )
+        return await self._make(EVENTS_STREAM, config, problem)
+
+    async def _agent(self, host_id: str, request: ConsumeRequest) -> Reply:
+        outdated = agent_protocol_problem(request.protocol, request.sections)
+        if outdated is not None:
+            log.info("agent too old for this control plane", host_id=host_id, why=outdated)
+            return Reply.refused(ErrorCode.UPGRADE_REQUIRED, outdated)
+        problem = delivery_problem(self._topology(), host_id, request.deliver_subject)
+        config = _delivering_consumer(
+            f"agent-{host_id}-{uuid.uuid4().hex[:8]}",
+            desired_subject(host_id),
+            request.deliver_subject,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        reply = await self._make(DESIRED_STREAM, config, problem)
+        if reply.ok:
+            assert config.name is not None
+            previous = self._agent_consumers.pop(host_id, None)
+            self._agent_consumers[host_id] = config.name
+            if previous is not None:
+                with contextlib.suppress(Exception):
+                    await self._js.delete_consumer(DESIRED_STREAM, previous)
+        return reply
+
+    async def _make(self, stream: str, config: ConsumerConfig, problem: str | None) -> Reply:
+        """Create it, unless a guarded broker's rules say no (`problem`)."""
+        if self._guarded and problem is not None:
+            return Reply.refused(ErrorCode.UNAUTHORIZED, problem)
+        try:
+            await self._js.add_consumer(stream, config)
+        except Exception as exc:  # the service must outlive any one request
+            log.warning("consumer not made", stream=stream, error=repr(exc))
+            return Reply.refused(ErrorCode.INTERNAL, "could not make a consumer; retry")
+        return Reply(ok=True, result={"consumer": config.name})
+
+
+def _delivering_consumer(
+    name: str, filter_subject: str, deliver_subject: str, **start: Any
+) -> ConsumerConfig:
+    """A consumer made for a client: pushes into its inbox, no acks, in memory,
+    gone a minute after nobody listens."""
+    return ConsumerConfig(
+        name=name,
+        filter_subject=filter_subject,
+        deliver_subject=deliver_subject,
+        ack_policy=AckPolicy.NONE,
+        inactive_threshold=CLIENT_CONSUMER_INACTIVE,
+        mem_storage=True,
+        **start,
+    )

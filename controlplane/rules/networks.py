@@ -1,0 +1,125 @@
+"""The network aggregate: creating and deleting networks.
+
+A network owns its address pool, its enrollment keys and its nodes; the names
+of all networks and their address ranges form one namespace (no overlaps).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from controlplane.rules.base import (
+    Context,
+    Decision,
+    Rejected,
+    network_subject,
+    one_event,
+    require_network,
+)
+from controlplane.rules.spec import ByAdmin, CommandSpec, Produces, Scope
+from events.commands import CreateNetwork, DeleteNetwork, ErrorCode
+from events.model import NetworkCreated, NetworkDeleted
+from events.store import Expectation
+from events.subjects import NETWORK_EVENTS_WILDCARD
+from projections.topology import Topology
+
+NETWORK_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+
+
+def _named(_topology: Topology, cmd: CreateNetwork | DeleteNetwork) -> str:
+    return cmd.name
+
+
+def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """Raises Rejected("invalid", ...)."""
+    if "/" not in text:
+        raise Rejected(ErrorCode.INVALID, f"invalid CIDR {text!r}: missing prefix length, e.g. /24")
+    try:
+        interface = ipaddress.ip_interface(text)
+    except ValueError:
+        raise Rejected(
+            ErrorCode.INVALID, f"invalid CIDR {text!r}: expected e.g. 10.10.0.0/24"
+        ) from None
+    network = interface.network
+    if interface.ip != network.network_address:
+        raise Rejected(
+            ErrorCode.INVALID, f"invalid CIDR {text!r}: host bits set (did you mean {network}?)"
+        )
+    if network.num_addresses < 4:
+        raise Rejected(
+            ErrorCode.INVALID, f"CIDR {text!r} is too small: at most /30 (IPv4) or /126 (IPv6)"
+        )
+    return network
+
+
+def create_network(topology: Topology, cmd: CreateNetwork, _ctx: Context) -> Decision:
+    if not NETWORK_NAME.match(cmd.name):
+        raise Rejected(
+            ErrorCode.INVALID,
+            f"invalid network name {cmd.name!r}: use 1-32 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit",
+        )
+    cidr = parse_cidr(cmd.cidr)
+    if cidr.version == 6 and cmd.mtu < 1280:
+        raise Rejected(ErrorCode.INVALID, f"MTU {cmd.mtu} is below 1280, the minimum for IPv6")
+    if cmd.name in topology.networks:
+        raise Rejected(ErrorCode.CONFLICT, f"network {cmd.name!r} already exists")
+    for other in topology.networks.values():
+        if ipaddress.ip_network(other.cidr).overlaps(cidr):
+            raise Rejected(
+                ErrorCode.CONFLICT, f"{cidr} overlaps network {other.name!r} ({other.cidr})"
+            )
+    event = NetworkCreated(
+        network=cmd.name,
+        cidr=str(cidr),
+        listen_port=cmd.listen_port,
+        mtu=cmd.mtu,
+        keepalive=cmd.keepalive,
+    )
+    # Overlap spans every network, so the check guards them all.
+    return Decision(
+        events=((network_subject(cmd.name), event),),
+        expect=(Expectation(NETWORK_EVENTS_WILDCARD, topology.last_network_seq),),
+        result={"network": cmd.name, "cidr": str(cidr)},
+    )
+
+
+CREATE = CommandSpec[CreateNetwork](
+    CreateNetwork,
+    create_network,
+    ByAdmin(Scope(_named)),
+    Produces(
+        (NetworkCreated,),
+        about=("name", "network"),
+        agree=(
+            ("cidr", "cidr"),
+            ("listen_port", "listen_port"),
+            ("mtu", "mtu"),
+            ("keepalive", "keepalive"),
+        ),
+    ),
+)
+
+
+def delete_network(topology: Topology, cmd: DeleteNetwork, _ctx: Context) -> Decision:
+    require_network(topology, cmd.name)
+    members = topology.nodes_of_network(cmd.name)
+    if members and not cmd.force:
+        raise Rejected(
+            ErrorCode.CONFLICT,
+            f"network {cmd.name!r} has {len(members)} node(s); remove them first, "
+            "or pass --force to disconnect them",
+        )
+    subject = network_subject(cmd.name)
+    return one_event(topology, subject, NetworkDeleted(network=cmd.name), {"network": cmd.name})
+
+
+DELETE = CommandSpec[DeleteNetwork](
+    DeleteNetwork,
+    delete_network,
+    ByAdmin(Scope(_named)),
+    Produces((NetworkDeleted,), about=("name", "network")),
+)
+
+SPECS = (CREATE, DELETE)
