@@ -305,6 +305,33 @@ def network_show(server: str, name: str, as_json: bool) -> None:
     _print_keys(net["keys"])
 
 
+@network.command("update")
+@click.argument("name")
+@click.option("--mtu", type=int, default=None, help="Interface MTU of its members.")
+@click.option(
+    "--keepalive", type=int, default=None, help="Persistent keepalive in seconds (0 = off)."
+)
+@json_option
+@click.pass_obj
+def network_update(
+    server: str, name: str, mtu: int | None, keepalive: int | None, as_json: bool
+) -> None:
+    """Change network NAME's MTU or keepalive; its members follow in place."""
+    if mtu is None and keepalive is None:
+        raise click.UsageError("nothing to update: give --mtu or --keepalive")
+    fields = {k: v for k, v in (("mtu", mtu), ("keepalive", keepalive)) if v is not None}
+    result = run(admin_command(server, "network.update", name=name, **fields))
+    if as_json:
+        emit_json(result)
+    elif result["changed"]:
+        click.echo(
+            f"updated network {result['network']}: mtu {result['mtu']}, "
+            f"keepalive {result['keepalive']}s"
+        )
+    else:
+        click.echo(f"network {result['network']} already has these settings")
+
+
 @network.command("delete")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Delete even if nodes are in it (disconnects them).")

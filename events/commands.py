@@ -34,6 +34,15 @@ class CreateNetwork(Command, frozen=True, tag="network.create"):
     keepalive: Keepalive = 25
 
 
+class UpdateNetwork(Command, frozen=True, tag="network.update"):
+    """Change a network's MTU or keepalive (None: leave it); its members follow
+    in place. Ports belong to hosts (one interface serves all its networks)."""
+
+    name: str
+    mtu: Mtu | None = None
+    keepalive: Keepalive | None = None
+
+
 class DeleteNetwork(Command, frozen=True, tag="network.delete"):
     name: str
     force: bool = False  # delete even with nodes in it (they are disconnected)
@@ -121,6 +130,7 @@ class LeaveNetworks(Command, frozen=True, tag="host.leave"):
 # (who may send it, what it produces) is its spec, in controlplane/rules/.
 AnyCommand = (
     CreateNetwork
+    | UpdateNetwork
     | DeleteNetwork
     | CreateEnrollmentKey
     | RevokeEnrollmentKey

@@ -8,7 +8,7 @@ Events are open-world: decoders ignore fields they do not know.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, get_args
 
 import msgspec
 
@@ -26,6 +26,14 @@ class NetworkCreated(Event, frozen=True, tag="network.created"):
     listen_port: Port = 51820
     mtu: int = 1420
     keepalive: Seconds = 25
+
+
+class NetworkUpdated(Event, frozen=True, tag="network.updated"):
+    """Settings of a network changed; None: that one did not."""
+
+    network: str
+    mtu: int | None = None
+    keepalive: Seconds | None = None
 
 
 class NetworkDeleted(Event, frozen=True, tag="network.deleted"):
@@ -114,6 +122,7 @@ AnyEvent = (
     AdminAdded
     | AdminRemoved
     | NetworkCreated
+    | NetworkUpdated
     | NetworkDeleted
     | EnrollmentKeyCreated
     | EnrollmentKeyUsed
@@ -126,21 +135,7 @@ AnyEvent = (
     | NodeRemoved
 )
 
-EVENT_TYPES: tuple[type[Event], ...] = (
-    AdminAdded,
-    AdminRemoved,
-    NetworkCreated,
-    NetworkDeleted,
-    EnrollmentKeyCreated,
-    EnrollmentKeyUsed,
-    EnrollmentKeyRevoked,
-    HostRegistered,
-    HostEndpointObserved,
-    HostKeyRotated,
-    HostKeyRotationRequested,
-    NodeJoined,
-    NodeRemoved,
-)
+EVENT_TYPES: tuple[type[Event], ...] = get_args(AnyEvent)
 
 
 def event_type(event: Event) -> str:
@@ -169,6 +164,7 @@ def aggregate_of(event: AnyEvent) -> tuple[str, str]:
             return ("host", h)
         case (
             NetworkCreated(network=n)
+            | NetworkUpdated(network=n)
             | NetworkDeleted(network=n)
             | EnrollmentKeyCreated(network=n)
             | EnrollmentKeyUsed(network=n)

@@ -29,6 +29,7 @@ from events.model import (
     HostRegistered,
     NetworkCreated,
     NetworkDeleted,
+    NetworkUpdated,
     NodeJoined,
     NodeRemoved,
 )
@@ -276,6 +277,12 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 created_at=at,
                 revision=recorded.seq,
             )
+            return Touched(networks=frozenset({e.network}))
+        case NetworkUpdated() as e:
+            network = topology.networks.get(e.network)
+            if network is not None:
+                network.mtu = network.mtu if e.mtu is None else e.mtu
+                network.keepalive = network.keepalive if e.keepalive is None else e.keepalive
             return Touched(networks=frozenset({e.network}))
         case NetworkDeleted(network=name):
             topology.networks.pop(name, None)

@@ -24,6 +24,7 @@ from events.commands import (
     ReportEndpoint,
     RequestKeyRotation,
     RotateHostKey,
+    UpdateNetwork,
 )
 from events.desired import (
     WIREGUARD,
@@ -172,6 +173,31 @@ def test_endpoint_change_tells_the_peers_and_moves_the_hosts_revision() -> None:
     agents.assert_converged(world.topology)
 
 
+def test_a_network_update_changes_every_member_in_place() -> None:
+    world, ids = mesh(4)
+    agents = Agents()
+    agents.published = {h: world.topology.revision_of(h) for h in ids}
+    agents.states = {h: desired_for(world.topology, h) for h in ids}  # type: ignore[misc]
+    _, touched = world.run(UpdateNetwork(name="office", mtu=1380))
+    sent = agents.publish(world.topology, touched)
+    assert len(sent) == 4 and all(isinstance(m, DesiredDelta) for m in sent)
+    for delta in sent:
+        assert isinstance(delta, DesiredDelta)
+        assert delta.upsert.interface[WIREGUARD].mtu == 1380 and not delta.upsert.peers
+    _, touched = world.run(UpdateNetwork(name="office", keepalive=5))
+    sent = agents.publish(world.topology, touched)
+    for delta in sent:
+        assert isinstance(delta, DesiredDelta) and not delta.upsert.interface
+        # Every other member, as this one sees it, keeps alive every 5 s now.
+        assert len(delta.upsert.peers) == 3
+        assert {p.persistent_keepalive for p in delta.upsert.peers.values()} == {5}
+        assert public_key(ids.index(delta.host_id) + 1) not in delta.upsert.peers
+    agents.assert_converged(world.topology)
+    # The same settings again: nothing to append.
+    decision, _ = world.run(UpdateNetwork(name="office", mtu=1380, keepalive=5))
+    assert decision.events == () and decision.result["changed"] is False
+
+
 def test_network_delete_leaves_hosts_with_empty_state() -> None:
     world, ids = mesh(2)
     world.run(DeleteNetwork(name="office", force=True))
@@ -202,7 +228,9 @@ def test_version_1_states_still_decode() -> None:
 # both), node removals, endpoint moves, re-joins and a network delete.
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["join", "remove", "endpoint", "delete", "recreate", "rotate", "request"]),
+        st.sampled_from(
+            ["join", "remove", "endpoint", "delete", "recreate", "rotate", "request", "update"]
+        ),
         st.integers(0, 5),
         st.sampled_from(["a", "b"]),
         st.booleans(),
@@ -268,6 +296,9 @@ def test_snapshots_plus_deltas_always_equal_the_derived_state(
                 )
             elif op == "request":
                 _, touched = world.run(RequestKeyRotation(node=f"{net}/h{host}"))
+            elif op == "update":
+                settings = {"mtu": 1300 + host} if flush else {"keepalive": host}
+                _, touched = world.run(UpdateNetwork(name=net, **settings))  # type: ignore[arg-type]
             elif op == "delete":
                 _, touched = world.run(DeleteNetwork(name=net, force=True))
             else:

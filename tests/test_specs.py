@@ -32,6 +32,7 @@ from events.commands import (
     RequestKeyRotation,
     RevokeEnrollmentKey,
     RotateHostKey,
+    UpdateNetwork,
     command_verb,
 )
 from events.signing import public_text
@@ -100,6 +101,7 @@ Sample = Callable[[World], AnyCommand]
 ADMIN_SAMPLES: dict[str, tuple[Sample, str | None]] = {
     "create annex": (lambda w: CreateNetwork(name="annex", cidr="10.30.0.0/24"), "annex"),
     "delete office": (lambda w: DeleteNetwork(name="office", force=True), "office"),
+    "update lab": (lambda w: UpdateNetwork(name="lab", mtu=1380), "lab"),
     "key for office": (lambda w: CreateEnrollmentKey(network="office"), "office"),
     "revoke office key": (lambda w: RevokeEnrollmentKey(key_id=key_of(w, "office")), "office"),
     "remove office/h1": (lambda w: RemoveNode(node="office/h1"), "office"),

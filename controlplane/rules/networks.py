@@ -18,8 +18,8 @@ from controlplane.rules.base import (
     require_network,
 )
 from controlplane.rules.spec import ByAdmin, CommandSpec, Produces, Scope
-from events.commands import CreateNetwork, DeleteNetwork, ErrorCode
-from events.model import NetworkCreated, NetworkDeleted
+from events.commands import CreateNetwork, DeleteNetwork, ErrorCode, UpdateNetwork
+from events.model import NetworkCreated, NetworkDeleted, NetworkUpdated
 from events.store import Expectation
 from events.subjects import NETWORK_EVENTS_WILDCARD
 from projections.topology import Topology
@@ -27,7 +27,7 @@ from projections.topology import Topology
 NETWORK_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 
 
-def _named(_topology: Topology, cmd: CreateNetwork | DeleteNetwork) -> str:
+def _named(_topology: Topology, cmd: CreateNetwork | UpdateNetwork | DeleteNetwork) -> str:
     return cmd.name
 
 
@@ -122,4 +122,32 @@ DELETE = CommandSpec[DeleteNetwork](
     Produces((NetworkDeleted,), about=("name", "network")),
 )
 
-SPECS = (CREATE, DELETE)
+
+def update_network(topology: Topology, cmd: UpdateNetwork, _ctx: Context) -> Decision:
+    network = require_network(topology, cmd.name)
+    if cmd.mtu is None and cmd.keepalive is None:
+        raise Rejected(ErrorCode.INVALID, "nothing to update: give --mtu or --keepalive")
+    if cmd.mtu is not None and cmd.mtu < 1280 and ipaddress.ip_network(network.cidr).version == 6:
+        raise Rejected(ErrorCode.INVALID, f"MTU {cmd.mtu} is below 1280, the minimum for IPv6")
+    mtu = network.mtu if cmd.mtu is None else cmd.mtu
+    keepalive = network.keepalive if cmd.keepalive is None else cmd.keepalive
+    result: dict[str, object] = {"network": cmd.name, "mtu": mtu, "keepalive": keepalive}
+    if (mtu, keepalive) == (network.mtu, network.keepalive):
+        return Decision(result={**result, "changed": False})
+    # The event says what the admin signed (events verify compares them).
+    event = NetworkUpdated(network=cmd.name, mtu=cmd.mtu, keepalive=cmd.keepalive)
+    return one_event(topology, network_subject(cmd.name), event, {**result, "changed": True})
+
+
+UPDATE = CommandSpec[UpdateNetwork](
+    UpdateNetwork,
+    update_network,
+    ByAdmin(Scope(_named)),
+    Produces(
+        (NetworkUpdated,),
+        about=("name", "network"),
+        agree=(("mtu", "mtu"), ("keepalive", "keepalive")),
+    ),
+)
+
+SPECS = (CREATE, UPDATE, DELETE)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from events.desired import WIREGUARD, InterfaceEntry
-from events.model import Event, HostEndpointObserved, HostKeyRotationRequested
+from events.model import Event, HostEndpointObserved, HostKeyRotationRequested, NetworkUpdated
 from projections.sections.base import Reread
 from projections.topology import Topology
 
@@ -19,7 +19,11 @@ _ENTRY = frozenset({WIREGUARD})
 
 
 class InterfaceSection:
-    reacts_to: ClassVar[tuple[type[Event], ...]] = (HostEndpointObserved, HostKeyRotationRequested)
+    reacts_to: ClassVar[tuple[type[Event], ...]] = (
+        HostEndpointObserved,
+        HostKeyRotationRequested,
+        NetworkUpdated,
+    )
     name: ClassVar[str] = "interface"
 
     def __init__(self, topology: Topology) -> None:
@@ -49,4 +53,7 @@ class InterfaceSection:
         match event:
             case HostEndpointObserved(host_id=host_id) | HostKeyRotationRequested(host_id=host_id):
                 return (Reread(InterfaceSection.name, _ENTRY, hosts=frozenset((host_id,))),)
+            case NetworkUpdated(network=network, mtu=mtu) if mtu is not None:
+                # Each member's MTU is the smallest of its networks'.
+                return (Reread(InterfaceSection.name, _ENTRY, networks=frozenset((network,))),)
         return ()

@@ -20,6 +20,7 @@ from events.model import (
     HostEndpointObserved,
     HostKeyRotated,
     HostRegistered,
+    NetworkUpdated,
     NodeJoined,
     NodeRemoved,
 )
@@ -54,6 +55,7 @@ class PeerSection:
         HostRegistered,
         HostEndpointObserved,
         HostKeyRotated,
+        NetworkUpdated,
     )
     name: ClassVar[str] = "peers"
 
@@ -138,6 +140,9 @@ class PeerSection:
                     return ()
                 keys = frozenset((key, previous))
                 return (Reread(PeerSection.name, keys, networks=networks, owner=host_id),)
+            case NetworkUpdated(network=network, keepalive=keepalive) if keepalive is not None:
+                # Every member's entry as seen through this network changes.
+                return PeerSection._everyone_in(topology, network)
             case _:
                 return ()
         host = topology.hosts.get(host_id)
@@ -145,6 +150,19 @@ class PeerSection:
             return ()
         keys = frozenset((host.public_key,))
         return (Reread(PeerSection.name, keys, networks=networks, owner=host_id),)
+
+    @staticmethod
+    def _everyone_in(topology: Topology, network: str) -> Sequence[Reread]:
+        networks = frozenset((network,))
+        rereads = []
+        for node in topology.nodes_of_network(network):
+            host = topology.hosts.get(node.host_id)
+            if host is not None:
+                keys = frozenset((host.public_key,))
+                rereads.append(
+                    Reread(PeerSection.name, keys, networks=networks, owner=host.host_id)
+                )
+        return rereads
 
 
 def _entry(topology: Topology, peer: Host, networks: set[str]) -> PeerEntry | None:
