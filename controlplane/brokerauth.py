@@ -344,6 +344,39 @@ authorization {{
 {tls}"""
 
 
+class RefusalLog:
+    """Refused connections, logged at most once per `interval` with counts by
+    reason: a removed host's agent keeps retrying every few seconds, and that
+    must not fill the log (nor cost more than counting)."""
+
+    def __init__(
+        self, interval: float = SWEEP_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._counts: dict[str, int] = {}
+        self._next = 0.0
+
+    def refused(self, why: str, host: object) -> None:
+        self._counts[why] = self._counts.get(why, 0) + 1
+        if self._clock() >= self._next:
+            self.flush(last_host=host)
+
+    def flush(self, last_host: object = None) -> None:
+        """Log what was counted since the last line, if anything."""
+        self._next = self._clock() + self.interval
+        if not self._counts:
+            return
+        counts, self._counts = self._counts, {}
+        log.info(
+            "broker connections refused",
+            refused=sum(counts.values()),
+            by_reason=counts,
+            last_host=last_host,
+            next_report_in=round(self.interval),
+        )
+
+
 class BrokerGate:
     """Serves the auth callout, and disconnects identities that lost access."""
 
@@ -366,6 +399,7 @@ class BrokerGate:
         self._sub: Subscription | None = None
         self.admitted = 0
         self.refused = 0
+        self.refusals = RefusalLog()
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(AUTH_SUBJECT, queue=self._queue, cb=self._on_request)
@@ -396,7 +430,7 @@ class BrokerGate:
             )
         except Refused as exc:
             self.refused += 1
-            log.info("broker connection refused", host=client.get("host"), why=str(exc))
+            self.refusals.refused(str(exc), client.get("host"))
             answer = response_claims(user_nkey, server_id, error=str(exc))
         else:
             self.admitted += 1
@@ -417,6 +451,7 @@ class BrokerGate:
         """Disconnect every connection whose identity is no longer admitted: the
         net under `disconnect` (a control plane that stopped between an event
         and its disconnect, a kick that timed out). Returns how many."""
+        self.refusals.flush()
         topology = self._topology()
 
         def lost(name: str) -> bool:

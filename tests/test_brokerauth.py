@@ -214,3 +214,27 @@ def test_a_signing_key_reused_by_a_new_host_logs_in_as_the_one_in_a_network() ->
     topology.hosts["h0"] = Host("h0", "old", "pub0", 51820, (), 0.0, signing_key=public_text(host))
     topology.hosts = {"h0": topology.hosts["h0"], "h1": topology.hosts["h1"]}  # h0 first
     assert decide(topology, opts(host)).name == "host:h1"
+
+
+def test_refused_connections_are_counted_and_logged_once_a_minute() -> None:
+    from structlog.testing import capture_logs
+
+    from controlplane.brokerauth import RefusalLog
+
+    now = [1000.0]
+    refusals = RefusalLog(interval=60, clock=lambda: now[0])
+    with capture_logs() as logs:
+        for _ in range(20):  # a removed host retrying every few seconds
+            refusals.refused("host h1 is in no network", "192.0.2.1")
+            now[0] += 3
+        refusals.refused("enrollment token not recognised", "192.0.2.9")
+        refusals.flush()
+        refusals.flush()  # nothing new: nothing logged
+    lines = [e for e in logs if e["event"] == "broker connections refused"]
+    # The first at once; the 19 retries of the next minute and the token refusal
+    # that comes when it is over in one line; then nothing more to say.
+    assert [line["refused"] for line in lines] == [1, 20]
+    assert lines[1]["by_reason"] == {
+        "host h1 is in no network": 19,
+        "enrollment token not recognised": 1,
+    }
