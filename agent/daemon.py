@@ -59,7 +59,7 @@ from agent.statedir import (
 )
 from agent.userspace import UserspaceBackend
 from agent.watch import watch_interface
-from events.commands import Reply
+from events.commands import ErrorCode, Reply
 from events.connect import (
     BrokerTlsMissing,
     connect_once,
@@ -90,6 +90,9 @@ RESYNC_INTERVAL = 30.0
 SETTLE_DELAY = 3.0
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
 JOIN_RETRY_MAX = 60.0  # an enrolled host's join with a token from its config
+JOIN_TURNED_AWAY_TRIES = 5
+# Refusals a retry may get past (the control plane was busy or starting).
+RETRY_LATER = frozenset({ErrorCode.BUSY, ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED})
 
 
 async def make_backend(kind: str, interface: str) -> WireGuardBackend:
@@ -102,8 +105,14 @@ async def make_backend(kind: str, interface: str) -> WireGuardBackend:
 
 
 class Unreachable(AgentError):
-    """No control plane answered (down, or the network is not up yet): trying
-    again later may work."""
+    """No control plane answered (down, or the network is not up yet), or it
+    was too busy: trying again later may work."""
+
+
+class TurnedAway(AgentError):
+    """The broker refused the enrolling connection: a token that does not
+    authenticate, too many failures, or no control plane answering its login
+    callout yet."""
 
 
 async def enroll(
@@ -136,7 +145,7 @@ async def enroll(
         raise Unreachable(f"cannot reach the control plane at {url}: nothing answers") from None
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         if refused_by_broker(exc):
-            raise AgentError(
+            raise TurnedAway(
                 f"join refused: the broker at {url} turned this agent away: enrollment token "
                 "not recognised (damaged or tampered), or too many failed attempts"
             ) from None
@@ -172,6 +181,8 @@ async def enroll(
             reply = msgspec.json.decode(msg.data, type=Reply)
         except msgspec.DecodeError:
             raise AgentError(f"the server at {url} sent an answer this agent cannot read") from None
+        if not reply.ok and reply.code in RETRY_LATER:
+            raise Unreachable(f"join refused for now: {reply.error}")
         if not reply.ok or not isinstance(reply.result, dict):
             raise AgentError(f"join refused: {reply.error or 'no result'}")
         return url, dict(reply.result)
@@ -188,27 +199,33 @@ async def join(
     endpoints: Sequence[str],
     listen_port: int | None,
 ) -> Identity:
-    """Join a network with `token` and save the identity it gives (a new one,
-    or `identity` with one more network). Raises AgentError (Unreachable)."""
+    """Join a network with `token`; a new host gets its identity, an enrolled
+    one (`identity`, updated in place: the running agent shares it) one more
+    network. Saved either way. Raises AgentError (Unreachable, TurnedAway)."""
     public_key = public_key_of(state.private_key())
     url, result = await enroll(
-        token, server, name, public_key, endpoints, listen_port, state.signing_key()
+        token,
+        server or (identity.server if identity else None),
+        name,
+        public_key,
+        endpoints,
+        listen_port,
+        state.signing_key(),
     )
     parts = parse_token(token)  # enroll() has parsed it already
-    networks = sorted({*(identity.networks if identity else []), result["network"]})
-    joined = Identity(
-        host_id=result["host_id"],
-        name=name,
-        server=url,
-        networks=networks,
-        endpoints=list(endpoints),
-        # Pinned from the token.
-        server_key=parts.server_key or (identity.server_key if identity else ""),
-        server_ca=parts.ca or (identity.server_ca if identity else ""),
-        key_epoch=identity.key_epoch if identity else 0,
-        joined_keys=sorted({*(identity.joined_keys if identity else []), parts.key_id}),
-    )
-    state.save_identity(joined)
+    if identity is None:
+        identity = Identity(
+            host_id=result["host_id"],
+            name=name,
+            server=url,
+            endpoints=list(endpoints),
+            # Pinned from the token.
+            server_key=parts.server_key,
+            server_ca=parts.ca,
+        )
+    identity.networks = sorted({*identity.networks, result["network"]})
+    identity.joined_keys = sorted({*identity.joined_keys, parts.key_id})
+    state.save_identity(identity)
     log.info(
         "joined",
         network=result["network"],
@@ -216,7 +233,7 @@ async def join(
         host_id=result["host_id"],
         node_id=result["node_id"],
     )
-    return joined
+    return identity
 
 
 async def join_later(
@@ -224,40 +241,54 @@ async def join_later(
     identity: Identity,
     token: str | None,
     server: str | None,
-    name: str,
     listen_port: int | None,
+    key: HostKey,
     wake: Callable[[], None],
 ) -> None:
     """An enrolled host given a token (its config file has one on every start):
     join in the background, never holding up the start. A token it already
-    used, or one that no longer works, is said once at info level: the host
-    runs from what it has."""
+    used is not used again; one that does not work is said once, at info
+    level: the host runs with the networks it has."""
     if token is None:
         return
     try:
-        key_id = parse_token(token).key_id
+        parts = parse_token(token)
     except InvalidToken as exc:
-        log.info("enrollment token not used: this host is enrolled already", why=str(exc))
+        log.info("enrollment token not used", why=str(exc))
         return
-    if key_id in identity.joined_keys:
-        log.debug("enrollment token already used by this host", key_id=key_id)
+    if parts.key_id in identity.joined_keys:
+        log.debug("enrollment token already used by this host", key_id=parts.key_id)
         return
-    delay = CONNECT_BACKOFF_MIN
+    if parts.server_key and identity.server_key and parts.server_key != identity.server_key:
+        log.info(
+            "enrollment token not used: it is from another control plane than the one this "
+            "host is enrolled with (enroll from a fresh state dir to move)",
+            key_id=parts.key_id,
+        )
+        return
+    delay, turned_away = CONNECT_BACKOFF_MIN, 0
     while True:
         try:
-            joined = await join(
-                state, identity, token, server, name, identity.endpoints, listen_port
-            )
-        except Unreachable as exc:
-            log.debug("join with the token postponed", why=str(exc), retry_in=round(delay, 1))
+            # Not while the WireGuard key is being rotated: the join names it.
+            async with key.lock:
+                await join(
+                    state, identity, token, server, identity.name, identity.endpoints, listen_port
+                )
+        except (Unreachable, TurnedAway) as exc:
+            # The broker turns us away while no control plane answers its login
+            # callout, and for a token that does not authenticate: try a few times.
+            turned_away += isinstance(exc, TurnedAway)
+            if turned_away > JOIN_TURNED_AWAY_TRIES:
+                log.info("enrollment token not used", key_id=parts.key_id, why=str(exc))
+                return
+            if delay == CONNECT_BACKOFF_MIN:
+                log.info("joining with the token when the control plane answers", why=str(exc))
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, JOIN_RETRY_MAX)
             continue
         except AgentError as exc:
-            log.info("enrollment token not used: this host is enrolled already", why=str(exc))
+            log.info("enrollment token not used", key_id=parts.key_id, why=str(exc))
             return
-        identity.networks = joined.networks
-        identity.joined_keys = joined.joined_keys
         wake()
         return
 
@@ -269,7 +300,7 @@ class ApplyProgress:
     applied: DesiredState | None = None  # the last desired state applied in full
     # Per reconciler, the desired state it last applied in full.
     applied_by: dict[str, DesiredState] = field(default_factory=dict)
-    section_errors: dict[str, str] = field(default_factory=dict)  # reconciler -> why it failed
+    reconciler_errors: dict[str, str] = field(default_factory=dict)  # reconciler -> why it failed
     last_error: str | None = None
     retry_delay: float = RETRY_MIN
     retry: asyncio.TimerHandle | None = None
@@ -434,11 +465,11 @@ class Agent:
         for outcome in result.outcomes:
             if outcome.ok:
                 progress.applied_by[outcome.name] = desired
-        progress.section_errors = result.errors()
+        progress.reconciler_errors = result.errors()
         if not result.ok:
             return self._failed(
                 desired,
-                "; ".join(f"{name}: {why}" for name, why in progress.section_errors.items()),
+                "; ".join(f"{name}: {why}" for name, why in progress.reconciler_errors.items()),
             )
         newly = progress.applied is None or progress.applied.revision != desired.revision
         progress.applied = desired
@@ -536,7 +567,7 @@ class Agent:
             at=time.time(),
             interface=self.backend.interface,
             error=self.progress.last_error,
-            section_errors=self.progress.section_errors,
+            reconciler_errors=self.progress.reconciler_errors,
             peers=peers,
             rejected=self.rejected,
             last_rejection=self.last_rejection,
@@ -639,7 +670,7 @@ async def run_agent(
     tasks = [
         asyncio.create_task(agent.reconcile_forever(), name="reconcile"),
         asyncio.create_task(
-            join_later(state, identity, token, server, host_name, listen_port, agent.wake),
+            join_later(state, identity, token, server, listen_port, agent.key, agent.wake),
             name="join",
         ),
         asyncio.create_task(agent.connect_forever(), name="connect"),

@@ -7,6 +7,7 @@ peers switch to it in place.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import nats.errors
@@ -31,6 +32,8 @@ class HostKey:
         # Make a new WireGuard key when the current one is this old (seconds).
         self.rotate_every = rotate_every
         self._next_scheduled_rotation = 0.0  # after a refusal: not before this
+        # Held while a new key is made and announced (a join names the key).
+        self.lock = asyncio.Lock()
 
     def reload(self) -> bool:
         """Take the key now in the state dir (after `netmesh agent rotate-key`,
@@ -70,6 +73,12 @@ class HostKey:
         if why is None or not session.connected:
             return False  # not due, or the next pass after reconnecting
         assert desired is not None
+        async with self.lock:
+            return await self._rotate(desired, identity, session, why)
+
+    async def _rotate(
+        self, desired: DesiredState, identity: Identity, session: Session, why: str
+    ) -> bool:
         public_key = public_key_of(self.state.stage_private_key())
         try:
             reply = await session.command("host.rotate_key", {"public_key": public_key})

@@ -128,6 +128,21 @@ class Link:
             routes=tuple(sorted(_route_destination(msg) for msg in routes)),
         )
 
+    async def kind(self) -> str | None:
+        """The link's kind (`tun`, `wireguard`, `veth`...); None when it has none
+        or does not exist."""
+        async with self._lock:
+            index = await self._lookup()
+            if index is None:
+                return None
+            try:
+                (link,) = await self._socket().link("get", index=index)
+            except NetlinkError as exc:
+                raise _netlink_error(f"read {self.interface}", exc) from exc
+        info = link.get("IFLA_LINKINFO")
+        kind = info.get("IFLA_INFO_KIND") if info is not None else None
+        return str(kind) if kind else None
+
     async def set_mtu(self, mtu: int) -> None:
         await self._change(f"set mtu {mtu} on", "link", "set", mtu=mtu)
 

@@ -154,7 +154,10 @@ def plan_interface(desired: DesiredState, actual: Actual, *, public_key: str) ->
 def plan_link(desired: DesiredState, actual: Actual) -> list[Op]:
     """The link: MTU, addresses (add before delete), administratively up."""
     ops: list[Op] = []
-    link = actual.link
+    # No device: the interface reconciler makes one (replacing any link of that
+    # name whose device it could not reach), so the link read is not the one
+    # these ops will meet: plan them all (each is idempotent).
+    link = actual.link if actual.device is not None else None
     if link is None or link.mtu != desired.interface.mtu:
         ops.append(SetMtu(desired.interface.mtu))
     have_addresses = set(link.addresses) if link else set()
@@ -191,7 +194,8 @@ def plan_peers(
 def plan_routes(desired: DesiredState, actual: Actual) -> list[Op]:
     """Routes through the interface: only those the agent made are read back
     (`LinkState.routes`), so only those can be removed."""
-    have = set(actual.link.routes) if actual.link else set()
+    # No device: a new link will be made (see `plan_link`), with no routes yet.
+    have = set(actual.link.routes) if actual.link and actual.device else set()
     want = set(desired.sections.routes)
     ops: list[Op] = [AddRoute(r) for r in sorted(want - have)]
     ops.extend(RemoveRoute(r) for r in sorted(have - want))

@@ -36,13 +36,24 @@ Planner = Callable[[DesiredState, Actual, DesiredState | None, str], list[Op]]
 class Reconciler:
     name: str
     plan: Planner
+    # The sections of the desired state it enforces (agents tell the control
+    # plane these: a section nobody enforces must not pass for understood).
+    sections: tuple[str, ...]
 
 
 RECONCILERS: tuple[Reconciler, ...] = (
-    Reconciler("interface", lambda d, a, _, key: plan_interface(d, a, public_key=key)),
-    Reconciler("link", lambda d, a, _prev, _key: plan_link(d, a)),
-    Reconciler("peers", lambda d, a, prev, _key: plan_peers(d, a, previous=prev)),
-    Reconciler("routes", lambda d, a, _prev, _key: plan_routes(d, a)),
+    Reconciler(
+        "interface",
+        lambda d, a, _, key: plan_interface(d, a, public_key=key),
+        ("interface",),
+    ),
+    Reconciler("link", lambda d, a, _prev, _key: plan_link(d, a), ("interface", "addresses")),
+    Reconciler("peers", lambda d, a, prev, _key: plan_peers(d, a, previous=prev), ("peers",)),
+    Reconciler("routes", lambda d, a, _prev, _key: plan_routes(d, a), ("routes",)),
+)
+# Every section some reconciler enforces.
+ENFORCED_SECTIONS: tuple[str, ...] = tuple(
+    sorted({name for reconciler in RECONCILERS for name in reconciler.sections})
 )
 
 

@@ -23,6 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from agent.reconcile import ENFORCED_SECTIONS
 from agent.statedir import Identity, StateDir
 from events.commands import Reply
 from events.connect import (
@@ -32,7 +33,7 @@ from events.connect import (
     refused_by_broker,
     tls_options,
 )
-from events.desired import PROTOCOL, SECTION_NAMES
+from events.desired import PROTOCOL
 from events.natsid import client_options
 from events.signing import signed_payload
 from events.subjects import REPORTS_STREAM, command_subject, consume_subject, resync_subject
@@ -215,7 +216,8 @@ class Session:
     async def subscribe(self) -> None:
         """Read the subject from its start: the latest snapshot, then the deltas
         since (what we already hold is skipped)."""
-        assert self.nc is not None
+        if self.nc is None:  # closed by the broker meanwhile: the connect loop resumes
+            raise NotConnected("not connected")
         if self.sub is not None:
             with contextlib.suppress(Exception):
                 await self.sub.unsubscribe()
@@ -228,9 +230,9 @@ class Session:
         answer = await self.nc.request(
             consume_subject(self.identity.host_id),
             msgspec.json.encode(
-                # What this agent reads: a control plane that would send it
-                # something else refuses, saying to upgrade the agent.
-                {"deliver_subject": inbox, "protocol": PROTOCOL, "sections": SECTION_NAMES}
+                # What this agent reads and enforces: a control plane that would
+                # send it something else refuses, saying to upgrade the agent.
+                {"deliver_subject": inbox, "protocol": PROTOCOL, "sections": ENFORCED_SECTIONS}
             ),
             timeout=10,
         )
@@ -278,5 +280,7 @@ class Session:
 
     async def close(self) -> None:
         self._closing = True
+        for task in list(self._background):
+            task.cancel()
         if self.nc is not None:
             await close_quickly(self.nc)

@@ -97,16 +97,30 @@ class UserspaceBackend(ExistsByReading):
             delay = min(delay * 2, 0.2)
 
     async def _replace_orphaned_link(self) -> None:
-        """An interface of our name whose control socket does not answer (its
-        wireguard-go was started from another mount namespace, or /run was
-        cleaned) can be neither configured nor created again: delete it, so
-        that a new wireguard-go can make it. It is our interface by name."""
+        """An interface of our name whose control socket is missing or refuses
+        connections here (its wireguard-go was started from another mount
+        namespace) can be neither configured nor created again: delete it, so
+        that a new wireguard-go can make it. Only a `tun` link, and never
+        because a socket that is there was slow or answered badly: that
+        interface may be carrying traffic."""
         link = Link(self.interface)
         try:
             if not await link.exists():
                 return
+            if not await self._socket_absent():
+                raise BackendError(
+                    f"{self.interface}: its wireguard-go socket is there but does not "
+                    "answer properly; not replacing a live interface"
+                )
+            kind = await link.kind()
+            if kind != "tun":
+                raise BackendError(
+                    f"{self.interface} exists and is a {kind or 'plain'} link, not "
+                    "wireguard-go's: not touching it (choose another --interface)",
+                    retryable=False,
+                )
             log.warning(
-                "interface exists but its wireguard-go control socket does not answer; "
+                "interface exists but its wireguard-go control socket is missing here; "
                 "replacing it",
                 interface=self.interface,
                 socket=self.socket_path,
@@ -119,6 +133,21 @@ class UserspaceBackend(ExistsByReading):
                 await asyncio.sleep(0.05)
         finally:
             await link.close()
+
+    async def _socket_absent(self) -> bool:
+        """True only when nothing listens on our socket path: missing, or
+        refusing connections. A connection that opens means a device is there."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                _, writer = await asyncio.open_unix_connection(self.socket_path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return True
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return False
 
     async def _destroy(self) -> None:
         link = Link(self.interface)

@@ -60,9 +60,8 @@ class PeerEntry(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RouteEntry(msgspec.Struct, frozen=True, kw_only=True):
-    """A route through the overlay interface, keyed by its destination CIDR."""
-
-    metric: int = 0
+    """A route through the overlay interface, keyed by its destination CIDR
+    (fields such as a metric come with the feature that needs them)."""
 
 
 class Sections(
@@ -202,8 +201,13 @@ def decode_message(data: bytes) -> DesiredMessage:
     Raises msgspec.DecodeError (ValidationError, UnknownSection included) on
     anything else."""
     version = _version_decoder.decode(data)
+    if version.protocol > PROTOCOL:
+        raise UnknownSection(
+            f"desired-state protocol {version.protocol} is newer than this agent's "
+            f"({PROTOCOL}): upgrade the agent"
+        )
     try:
-        if version.protocol >= PROTOCOL and version.kind:
+        if version.protocol == PROTOCOL:
             return _message_decoder.decode(data)
         message: DesiredMessage = msgspec.convert(
             upcast(msgspec.json.decode(data)),
@@ -212,7 +216,8 @@ def decode_message(data: bytes) -> DesiredMessage:
         return message
     except msgspec.ValidationError as exc:
         text = str(exc)
-        if "unknown field" in text and ("$.sections" in text or "$.upsert" in text):
+        unknown_field = "unknown field" in text and ("$.sections" in text or "$.upsert" in text)
+        if unknown_field or "unknown section" in text:
             raise UnknownSection(
                 f"{text}: a section unknown to this agent (desired-state protocol "
                 f"{PROTOCOL}); upgrade the agent"

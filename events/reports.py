@@ -26,8 +26,8 @@ class AppliedReport(msgspec.Struct, frozen=True, kw_only=True):
     at: float
     interface: str
     error: str | None = None  # set when the last apply failed; revision is then the last good
-    # reconciler (interface, link, peers, routes) -> why its last pass failed
-    section_errors: dict[str, str] = {}
+    # reconciler (interface, link, peers, routes: agent/reconcile.py) -> why its last pass failed
+    reconciler_errors: dict[str, str] = {}
     peers: tuple[PeerReport, ...] = ()
     # Desired-state messages refused since the agent started (unsigned, badly
     # signed), and why the last one was: someone is publishing on our subject.

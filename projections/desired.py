@@ -97,9 +97,25 @@ def desired_for(
 
 @dataclass
 class _NetworkRereads:
-    keys: set[str] = field(default_factory=set)
-    # host -> keys that are its own entry (it does not re-read them)
-    owned: dict[str, set[str]] = field(default_factory=dict)
+    """Keys of one section every member of one network must re-read, and who
+    owns each: a member skips a key only when every reread naming it was
+    that member's own (within a batch a key can move from one host to another)."""
+
+    owners: dict[str, set[str]] = field(default_factory=dict)  # key -> owners ("" = none)
+
+    def add(self, keys: frozenset[str], owner: str) -> None:
+        for key in keys:
+            self.owners.setdefault(key, set()).add(owner)
+
+    def resolve(self) -> tuple[set[str], dict[str, set[str]]]:
+        """(every key, host -> the keys only it owns)."""
+        exclusive: dict[str, set[str]] = {}
+        for key, owners in self.owners.items():
+            if len(owners) == 1:
+                (owner,) = owners
+                if owner:
+                    exclusive.setdefault(owner, set()).add(key)
+        return set(self.owners), exclusive
 
 
 @dataclass
@@ -119,17 +135,13 @@ class DesiredChanges:
 
     def _add(self, reread: Reread) -> None:
         for host_id in reread.hosts:
-            keys = reread.keys
-            if host_id == reread.owner:
-                continue
-            self.by_host.setdefault(host_id, {}).setdefault(reread.section, set()).update(keys)
+            by_section = self.by_host.setdefault(host_id, {})
+            by_section.setdefault(reread.section, set()).update(reread.keys)
         for network in reread.networks:
             found = self.by_network.setdefault(network, {}).setdefault(
                 reread.section, _NetworkRereads()
             )
-            found.keys |= reread.keys
-            if reread.owner:
-                found.owned.setdefault(reread.owner, set()).update(reread.keys)
+            found.add(reread.keys, reread.owner)
 
     def __bool__(self) -> bool:
         return bool(self.reconfigured or self.by_host or self.by_network)
@@ -142,12 +154,13 @@ class DesiredChanges:
             for name, keys in by_section.items():
                 mine.setdefault(name, set()).update(keys)
         for network, rereads in self.by_network.items():
+            resolved = {name: found.resolve() for name, found in rereads.items()}
             for node_id in topology.nodes_by_network.get(network, ()):
                 member = topology.nodes[node_id].host_id
                 mine = out.setdefault(member, {})
-                for name, found in rereads.items():
-                    own = found.owned.get(member)
-                    mine.setdefault(name, set()).update(found.keys - own if own else found.keys)
+                for name, (keys, exclusive) in resolved.items():
+                    own = exclusive.get(member)
+                    mine.setdefault(name, set()).update(keys - own if own else keys)
         return out
 
 

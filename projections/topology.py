@@ -54,8 +54,9 @@ class Network:
     mtu: int
     keepalive: int
     created_at: float
-    # Last event that changed what members see of each other (membership or a
-    # member's peer entry): every member's desired revision is at least this.
+    # Last event that changed something every member's desired state holds
+    # (a membership, a member's peer entry, the network's MTU): every
+    # member's desired revision is at least this.
     revision: int = 0
 
 
@@ -82,7 +83,8 @@ class Host:
     listen_port: int
     endpoints: tuple[str, ...]
     registered_at: float
-    # Last event that changed this host's own interface or memberships.
+    # Last event that changed this host's own desired state in a way not
+    # shared by a whole network (its interface, its memberships).
     revision: int = 0
     signing_key: str = ""  # what the host's own commands must be signed with
     key_epoch: int = 0  # raised when an admin asks for a new WireGuard key

@@ -515,7 +515,7 @@ async def test_hosts_restarted_during_an_outage_come_back_from_their_cache(mesh:
     replaced = [
         e
         for e in mesh.log_entries("agent-a")[since["a"] :]
-        if str(e.get("event")).startswith("interface exists but its wireguard-go control")
+        if str(e.get("event")).startswith("interface exists but its wireguard-go control socket")
     ]
     assert len(replaced) == 1, mesh.log("agent-a")
 

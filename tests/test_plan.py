@@ -157,3 +157,15 @@ def test_foreign_key_on_device_is_replaced() -> None:
     assert actual.device is not None
     other = Actual(device=DeviceState(public_key="x", listen_port=1), link=actual.link)
     assert lines(d, other) == [f"set private key (public {ME})", "set listen port 51820"]
+
+
+def test_a_link_without_a_device_is_planned_as_new() -> None:
+    """An interface whose device cannot be reached is replaced by the interface
+    reconciler: the link ops are planned for the new one, not the old reading."""
+    d = desired(peer(1), routes=("192.168.5.0/24",))
+    orphan = state_of(d)
+    assert orphan.link is not None
+    assert lines(d, Actual(device=None, link=orphan.link)) == lines(
+        d, Actual(device=None, link=None)
+    )
+    assert "add route 192.168.5.0/24" in lines(d, Actual(device=None, link=orphan.link))

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.decide import Rejected
+from controlplane.decide import Rejected, host_id_for
 from controlplane.publisher import MemoryDesiredPublisher
 from events.commands import (
     AnyCommand,
@@ -20,6 +20,7 @@ from events.commands import (
     CreateNetwork,
     DeleteNetwork,
     Join,
+    LeaveNetworks,
     RemoveNode,
     ReportEndpoint,
     RequestKeyRotation,
@@ -198,6 +199,29 @@ def test_a_network_update_changes_every_member_in_place() -> None:
     assert decision.events == () and decision.result["changed"] is False
 
 
+def test_a_key_given_up_and_taken_by_another_host_in_one_batch() -> None:
+    """X rotates away from K1 and Y rotates onto K1 in the same batch: X must
+    drop nothing it should keep (K1 is now Y's entry, not X's own)."""
+    world = World()
+    world.run(CreateNetwork(name="office", cidr="10.10.0.0/24"))
+    key_id = world.run(CreateEnrollmentKey(network="office", uses=None))[0].result["key_id"]
+    token = make_token("x", key_id, f"s{world._keys}")
+    ids = [
+        world.run(Join(token=token, public_key=public_key(n), name=f"h{n}", signing_key=f"k{n}"))[
+            0
+        ].result["host_id"]
+        for n in (1, 2, 3)
+    ]
+    agents = Agents()
+    agents.published = {h: world.topology.revision_of(h) for h in ids}
+    agents.states = {h: desired_for(world.topology, h) for h in ids}  # type: ignore[misc]
+    _, first = world.run(RotateHostKey(host_id=ids[0], public_key=public_key(100)))
+    _, second = world.run(RotateHostKey(host_id=ids[1], public_key=public_key(1)))
+    agents.publish(world.topology, first + second)
+    assert {p.name for p in agents.states[ids[0]].peers.values()} == {"h2", "h3"}
+    agents.assert_converged(world.topology)
+
+
 def test_network_delete_leaves_hosts_with_empty_state() -> None:
     world, ids = mesh(2)
     world.run(DeleteNetwork(name="office", force=True))
@@ -229,7 +253,19 @@ def test_version_1_states_still_decode() -> None:
 OPS = st.lists(
     st.tuples(
         st.sampled_from(
-            ["join", "remove", "endpoint", "delete", "recreate", "rotate", "request", "update"]
+            [
+                "join",
+                "remove",
+                "endpoint",
+                "delete",
+                "recreate",
+                "rotate",
+                "request",
+                "update",
+                "rotate again",
+                "leave",
+                "port",
+            ]
         ),
         st.integers(0, 5),
         st.sampled_from(["a", "b"]),
@@ -240,7 +276,7 @@ OPS = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(OPS)
 def test_snapshots_plus_deltas_always_equal_the_derived_state(
     ops: list[tuple[str, int, str, bool]],
@@ -299,6 +335,28 @@ def test_snapshots_plus_deltas_always_equal_the_derived_state(
             elif op == "update":
                 settings = {"mtu": 1300 + host} if flush else {"keepalive": host}
                 _, touched = world.run(UpdateNetwork(name=net, **settings))  # type: ignore[arg-type]
+            elif op == "rotate again":
+                # By the id its first key gave it: a host rotates any number of
+                # times, and to a key from a small pool, so keys another host
+                # just rotated away get taken (in the same batch, too).
+                _, touched = world.run(
+                    RotateHostKey(
+                        host_id=host_id_for(public_key(host)),
+                        public_key=public_key(2000 + len(world.log) % 5),
+                    )
+                )
+            elif op == "leave":
+                _, touched = world.run(
+                    LeaveNetworks(host_id=host_id_for(public_key(host)), network=net)
+                )
+            elif op == "port":
+                _, touched = world.run(
+                    ReportEndpoint(
+                        host_id=host_id_for(public_key(host)),
+                        endpoints=(f"198.51.100.{len(world.log)}",),
+                        listen_port=51000 + len(world.log),
+                    )
+                )
             elif op == "delete":
                 _, touched = world.run(DeleteNetwork(name=net, force=True))
             else:

@@ -10,9 +10,9 @@ from nacl.public import PrivateKey
 from agent.backend import BackendError
 from agent.fake import FakeBackend, FakeLink, FakeMachine
 from agent.plan import Actual, plan_routes
-from agent.reconcile import RECONCILERS, reconcile
+from agent.reconcile import ENFORCED_SECTIONS, RECONCILERS, reconcile
 from agent.statedir import private_key_b64, public_key_of
-from events.desired import PeerEntry
+from events.desired import SECTION_NAMES, PeerEntry
 from tests.desired_states import desired_state
 
 KEY = PrivateKey(bytes(range(32)))
@@ -45,6 +45,9 @@ async def run(machine: FakeMachine, link: FakeLink, **state: object) -> dict[str
 
 def test_one_reconciler_per_part_of_the_machine() -> None:
     assert [r.name for r in RECONCILERS] == ["interface", "link", "peers", "routes"]
+    # Every section the control plane may send is enforced by some reconciler:
+    # agents advertise these, and a section nobody enforces must not pass.
+    assert set(ENFORCED_SECTIONS) == set(SECTION_NAMES)
 
 
 async def test_a_pass_on_a_bare_machine_plans_each_part_in_turn() -> None:

@@ -11,9 +11,10 @@ from projections.topology import Topology
 
 class Reread(NamedTuple):
     """Viewers that must re-read `keys` of `section`: the `hosts` named and
-    every member of the `networks` named, except `owner` (keys that are its
-    own entry elsewhere, e.g. a host is not its own peer). A tuple: a replay
-    makes one or two per event."""
+    every member of the `networks` named. `owner`, for network rereads: the
+    host whose own entry these keys are (a host is not its own peer), which
+    does not re-read them unless another reread of the batch names them for
+    someone else. A tuple: a replay makes one or two per event."""
 
     section: str
     keys: frozenset[str]
