@@ -25,6 +25,7 @@ def test_tags_are_stable_and_past_tense() -> None:
         "admin.added",
         "admin.removed",
         "network.created",
+        "network.updated",
         "network.deleted",
         "enrollment_key.created",
         "enrollment_key.used",
