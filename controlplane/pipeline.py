@@ -24,6 +24,7 @@ with the same id and learn what happened, and nothing is applied twice:
   except for a signed admin command this replica has seen, which gets the
   answer it got (remembered in memory), so a refused signed command cannot be
   replayed into success later (within the 5 minutes its signature is valid).
+  A refusal that decided nothing (the store unavailable, busy) is not kept.
 - In flight: a retry of a signed admin command waits for the first one.
 
 A replay of a signed admin command by someone else is the same request (the
@@ -42,7 +43,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -110,15 +111,20 @@ class Proof:
     signature: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Seen:
     """A signed admin command this replica has taken."""
 
     request: str  # its request digest
-    # How it ended: the reply when nothing was appended (a refusal, nothing to
-    # change); None when events were (the log has the answer). Pending while
-    # in flight.
-    outcome: asyncio.Future[Reply | None]
+    # How it ended: the reply when nothing was appended (a refusal by the
+    # rules, nothing to change); None when events were (the log has the answer).
+    outcome: Reply | None = None
+    # Set when it has ended, then dropped (COMMAND_MEMORY of these are kept).
+    running: asyncio.Event | None = field(default_factory=asyncio.Event)
+
+
+# Refusals that decided nothing: a retry of the command is taken afresh.
+UNDECIDED = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.BUSY, ErrorCode.INTERNAL})
 
 
 def request_digest(verb: str, payload: bytes, signer: str | None) -> str:
@@ -298,7 +304,7 @@ class CommandPipeline:
                 return await self._answer_again(
                     spec, command.command_id, applied_at, request, signer
                 )
-            seen = Seen(request, asyncio.get_running_loop().create_future())
+            seen = Seen(request)
             self._signed[command.command_id] = seen
             if len(self._signed) > COMMAND_MEMORY:
                 del self._signed[next(iter(self._signed))]
@@ -320,7 +326,19 @@ class CommandPipeline:
             return reply
         finally:
             if seen is not None:
-                seen.outcome.set_result(outcome)
+                self._ended(command.command_id, seen, outcome)
+
+    def _ended(self, command_id: str, seen: Seen, outcome: Reply | None) -> None:
+        seen.outcome = outcome
+        running, seen.running = seen.running, None
+        if (
+            outcome is not None
+            and outcome.code in UNDECIDED
+            and self._signed.get(command_id) is seen
+        ):
+            del self._signed[command_id]  # nothing was decided: a retry is taken afresh
+        if running is not None:
+            running.set()
 
     async def _seen_before(
         self, spec: CommandSpec[Any], command_id: str, seen: Seen, request: str, signer: str | None
@@ -328,9 +346,10 @@ class CommandPipeline:
         """The answer to a signed admin command whose id this replica has seen."""
         if not hmac.compare_digest(seen.request, request):
             return _taken(command_id, None)
-        outcome = await asyncio.shield(seen.outcome)  # the first may be in flight
-        if outcome is not None:
-            return msgspec.structs.replace(outcome, repeated=True)
+        if seen.running is not None:  # the first is in flight
+            await seen.running.wait()
+        if seen.outcome is not None:
+            return msgspec.structs.replace(seen.outcome, repeated=True)
         seq = self._write.topology.commands.get(command_id)
         if seq is None:  # no longer remembered
             return _duplicate(command_id, None)

@@ -8,9 +8,9 @@ import base64
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import nats
@@ -20,10 +20,15 @@ from nats.aio.client import Client
 
 from controlplane.audit import verify_log
 from controlplane.embedded import EmbeddedNats
+from controlplane.enrollment import EnrollmentSecrets
+from controlplane.pipeline import CommandPipeline
 from controlplane.publisher import read_desired
+from controlplane.replies import Responder
 from controlplane.rules import verbs_sent_by
 from controlplane.rules.spec import Sender
 from controlplane.service import ControlPlane
+from controlplane.throttle import FailureWindow
+from controlplane.writemodel import WriteModel
 from events.commands import Reply
 from events.envelope import encode_envelope, make_envelope
 from events.model import AdminAdded, AnyEvent, NodeJoined
@@ -39,6 +44,7 @@ from events.signing import (
     public_text,
     signed_payload,
 )
+from events.store import Expectation, MemoryEventStore, PendingEvent, StoreUnavailable
 from events.subjects import DESIRED_STREAM, EVENTS_STREAM
 from events.tokens import make_token, parse_token
 from tests.factories import public_key
@@ -592,3 +598,65 @@ async def test_a_signed_command_seen_before_gets_the_answer_it_got(
     assert all(r.ok for r in replies) and [r.repeated for r in replies] == [False, True]
     assert await admin.last_seq() == before + 1
     assert len({r.seq for r in replies}) == 1
+
+
+class FailingOnce(MemoryEventStore):
+    """A store whose next append times out (it may or may not have happened)."""
+
+    fail_next = False
+
+    async def append(
+        self,
+        events: Sequence[PendingEvent],
+        *,
+        expect: Sequence[Expectation] = (),
+        msg_id: str | None = None,
+    ) -> int:
+        if self.fail_next:
+            self.fail_next = False
+            raise StoreUnavailable("no answer")
+        return await super().append(events, expect=expect, msg_id=msg_id)
+
+
+async def test_a_signed_command_that_decided_nothing_is_taken_afresh(tmp_path: Path) -> None:
+    """Remembered outcomes are decisions: a retry after the store did not
+    answer is tried again (and applied), not told "unavailable" forever."""
+    store = FailingOnce()
+    write = WriteModel(store)
+    following = asyncio.create_task(write.follow())
+
+    async def read_your_writes(seq: int, timeout: float) -> None:
+        return None
+
+    pipeline = CommandPipeline(
+        store,
+        write,
+        cast(Responder, None),
+        FailureWindow(),
+        EnrollmentSecrets(SigningKey.generate(), "nats://cp:4222"),
+        read_your_writes,
+    )
+    try:
+        await pipeline.bootstrap_admin(tmp_path)
+        key = load_or_create(tmp_path / "admin.key")
+
+        async def send(request: tuple[bytes, dict[str, str]]) -> Reply:
+            data, headers = request
+            return await pipeline.handle(
+                "network.create",
+                data,
+                actor="test",
+                signer=headers[COMMAND_SIGNER_HEADER],
+                signature=headers[SIGNATURE_HEADER],
+            )
+
+        create = signed_request(key, "network.create", name="office", cidr="10.10.0.0/24")
+        store.fail_next = True
+        assert (await send(create)).code == "unavailable"
+        applied = await send(create)
+        assert (applied.ok, applied.repeated, applied.seq) == (True, False, 2), applied
+        again = await send(create)
+        assert (again.ok, again.repeated, again.seq) == (True, True, 2), again
+    finally:
+        await store.close()
+        await following
