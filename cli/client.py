@@ -82,8 +82,9 @@ class Unreachable(CliError):
     """Nothing answers at the server's address, or the broker admits no one yet."""
 
 
-class NoControlPlane(CliError):
-    """The broker is there, but nothing answers on the control plane's subjects."""
+class NotDelivered(CliError):
+    """A request reached no one: nothing answers on the control plane's subjects
+    (the broker is there), or the connection closed before it was sent."""
 
 
 class Unanswered(CliError):
@@ -196,7 +197,7 @@ async def ask(
 ) -> Reply:
     """Send one request; its reply, whatever it says. Raises Unanswered (sent,
     no answer: the connection dropped, no one answers any more, or the time
-    ran out), NoControlPlane (not delivered to anyone), CliError."""
+    ran out), NotDelivered, CliError."""
     watch = _watches.get(nc) or Watch()
     asked = asyncio.ensure_future(
         watch.request(
@@ -226,7 +227,9 @@ async def ask(
     except ConnectionLost:
         raise Unanswered(WENT_AWAY) from None
     except nats.errors.NoRespondersError:
-        raise NoControlPlane(f"no netmesh server is answering at {server}") from None
+        raise NotDelivered(f"no netmesh server is answering at {server}") from None
+    except nats.errors.ConnectionClosedError:
+        raise NotDelivered(f"the connection to {server} closed before the request went") from None
     except nats.errors.TimeoutError:
         raise Unanswered(
             f"the netmesh server at {server} did not answer within {REQUEST_TIMEOUT:.0f} s"
@@ -340,10 +343,10 @@ async def _send_again(
             pause = min(pause * 2, 1.0)
             continue
         try:
-            while loop.time() < deadline:
+            while loop.time() < deadline and not nc.is_closed:
                 try:
                     return await ask(nc, subject, payload, server, headers)
-                except NoControlPlane:  # the broker is back, its control plane not yet
+                except NotDelivered:  # the broker is back, its control plane not yet
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 1.0)
                 except Unanswered as again:
