@@ -136,10 +136,28 @@ def refused_by_broker(exc: BaseException) -> bool:
 
 async def connect_once(url: str, *, timeout: float = 3.0, **options: Any) -> Client:
     """Connect or raise (OSError, nats.errors.Error, TimeoutError), without
-    retrying. `timeout` bounds each step (TCP, TLS, the broker's greeting, its
-    admission). BrokerNotReady (a nats.errors.Error): the broker answered but
-    did not admit the connection in time, its control plane is not answering."""
+    nats-py's retry loop. `timeout` bounds each step (TCP, TLS, the broker's
+    greeting) and the wait for admission: a broker that still holds the login
+    at its first PING (2 s) is asked again, until then. BrokerNotReady (a
+    nats.errors.Error): the broker answered but did not admit the connection
+    in time; no control plane answers its logins."""
     options.setdefault("error_cb", _silent)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return await _attempt(url, timeout, options)
+        except BrokerNotReady:
+            timeout = deadline - loop.time() - ADMISSION_PAUSE
+            if timeout < ADMISSION_PAUSE:
+                raise
+            await asyncio.sleep(ADMISSION_PAUSE)
+
+
+ADMISSION_PAUSE = 0.1
+
+
+async def _attempt(url: str, timeout: float, options: dict[str, Any]) -> Client:
     nc = Client()
     try:
         try:
@@ -166,7 +184,11 @@ async def connect_once(url: str, *, timeout: float = 3.0, **options: Any) -> Cli
         # nats-py leaves the socket of a refused connection open (an
         # "Authorization Violation" on first connect): close it here.
         # (Aborted, not closed: after a failed TLS handshake, waiting for a
-        # clean close never ends.)
+        # clean close never ends.) A client that got as far as reading runs
+        # its callbacks when its socket goes: they are the caller's, for the
+        # connection it will get, not for this one.
+        nc._disconnected_cb = nc._closed_cb = None
+        nc._error_cb = _silent
         _abort(nc)
         raise
     return nc
