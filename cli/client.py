@@ -1,11 +1,25 @@
-"""The CLI's side of the protocol: one request, one reply, clear errors."""
+"""The CLI's side of the protocol: one request, one reply, clear errors.
+
+A command whose answer does not come (the control plane or its broker went
+away: the connection dropped, or nobody answers on the control plane's subjects
+any more) fails at once instead of at the timeout, and is sent again, once,
+with the same id (so the same signed bytes) when the control plane is back:
+the control plane answers a retry with the command's original answer, so the
+user learns whether it had been applied. A broker that takes the connection
+but has not admitted it yet (its control plane is starting) is tried again
+with backoff.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
+import sys
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,23 +33,66 @@ from events import natsid
 from events.commands import Reply
 from events.connect import (
     BrokerDenied,
+    BrokerNotReady,
     BrokerTlsMissing,
-    Denials,
+    ConnectionLost,
+    Watch,
     broker_guarded,
+    close_quickly,
     connect_once,
     refused_by_broker,
     tls_options,
 )
 from events.natsid import client_options
-from events.signing import SigningKeyError, command_headers, load_or_create
+from events.signing import SigningKeyError, command_headers, load_or_create, open_sealed
 from events.subjects import command_subject, query_subject
 
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
 REQUEST_TIMEOUT = 15.0
+# How long an unanswered command waits for the control plane to come back
+# before it is sent again (once, with the same id).
+COMEBACK_WAIT = 30.0
+# How long a connect keeps trying a broker that answers but admits no one yet.
+ADMISSION_WAIT = 10.0
+# Each connect attempt's bound on each of its steps (TCP, TLS, the broker's
+# greeting, admission). Admission takes milliseconds when a control plane
+# answers; when none does, the broker holds the login for its callout timeout
+# (5 s) even if a control plane starts meanwhile: a new attempt is admitted.
+# So attempts stay short while only admission is pending, and grow only while
+# the broker's greeting itself is slow to come.
+FIRST_ATTEMPT = 0.5
+ADMISSION_ATTEMPT = 1.0
+SLOW_ATTEMPT = 3.0
+CONNECT_PAUSE = 0.1
+# While a command waits: is anyone still answering on the control plane's
+# subjects? A control plane that died with the command leaves no one.
+PROBE_AFTER = 0.5
+PROBE_EVERY = 0.5
+PING = query_subject("ping")
+
+WENT_AWAY = "the control plane went away before answering"
+MAY_HAVE_BEEN_APPLIED = "the command may or may not have been applied"
 
 
 class CliError(Exception):
     """Shown to the user as one line; the process exits non-zero."""
+
+
+class Unreachable(CliError):
+    """Nothing answers at the server's address, or the broker admits no one yet."""
+
+
+class NotDelivered(CliError):
+    """A request reached no one: nothing answers on the control plane's subjects
+    (the broker is there), or the connection closed before it was sent."""
+
+
+class Unanswered(CliError):
+    """A request was sent and got no answer (it may have been acted on)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
 
 
 @dataclass(frozen=True)
@@ -47,7 +104,12 @@ class Login:
     ca: bytes | None = None
 
 
-async def connect(server: str, login: Login | None = None) -> Client:
+async def connect(
+    server: str, login: Login | None = None, *, admission_wait: float = ADMISSION_WAIT
+) -> Client:
+    """A connection to the broker, admitted. A broker that answers but admits
+    no one yet is tried again with backoff for `admission_wait` seconds.
+    Raises Unreachable, CliError."""
     login = login or Login()
     key = login.key
     try:
@@ -60,32 +122,128 @@ async def connect(server: str, login: Login | None = None) -> Client:
             f"{server} speaks TLS: pass --ca PATH (or NETMESH_CA), the server's "
             "<data-dir>/tls/ca.pem"
         ) from None
-    denials = Denials()
-    try:
-        nc = await connect_once(server, name="netmesh-cli", error_cb=denials.on_error, **options)
-    except nats.errors.NoServersError:
-        raise CliError(
-            f"cannot connect to {server}: nothing answers there (is `netmesh server` running?)"
-        ) from None
-    except (OSError, nats.errors.Error, TimeoutError) as exc:
-        if refused_by_broker(exc):
-            who = "this admin key is not registered (removed?)" if key else "no admin key given"
-            raise CliError(
-                f"the broker at {server} refused the connection: {who}; "
-                "pass --admin-key PATH (or NETMESH_ADMIN_KEY)"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + admission_wait
+    timeout = FIRST_ATTEMPT
+    while True:
+        watch = Watch()
+        try:
+            nc = await connect_once(
+                server,
+                timeout=timeout,
+                name="netmesh-cli",
+                error_cb=watch.on_error,
+                disconnected_cb=watch.on_disconnect,
+                closed_cb=watch.on_disconnect,
+                **options,
+            )
+        except nats.errors.NoServersError:
+            raise Unreachable(
+                f"cannot connect to {server}: nothing answers there (is `netmesh server` running?)"
             ) from None
-        raise CliError(f"cannot connect to {server}: {_why(exc)}") from None
-    _denials[nc] = denials
-    return nc
+        except (BrokerNotReady, TimeoutError) as exc:
+            # Not admitted yet (a control plane starting, or none), or a slow
+            # path: again, until the deadline.
+            ceiling = ADMISSION_ATTEMPT if isinstance(exc, BrokerNotReady) else SLOW_ATTEMPT
+            timeout = min(timeout * 2, ceiling)
+            if loop.time() + CONNECT_PAUSE + timeout > deadline:
+                if isinstance(exc, BrokerNotReady):
+                    raise Unreachable(
+                        f"the broker at {server} admits no one yet: no control plane answers "
+                        f"its logins (starting, or not running?); tried for {admission_wait:.0f} s"
+                    ) from None
+                raise Unreachable(f"cannot connect to {server}: timed out") from None
+            await asyncio.sleep(CONNECT_PAUSE)
+            continue
+        except (OSError, nats.errors.Error) as exc:
+            if refused_by_broker(exc):
+                who = "this admin key is not registered (removed?)" if key else "no admin key given"
+                raise CliError(
+                    f"the broker at {server} refused the connection: {who}; "
+                    "pass --admin-key PATH (or NETMESH_ADMIN_KEY)"
+                ) from None
+            raise Unreachable(f"cannot connect to {server}: {_why(exc)}") from None
+        _watches[nc] = watch
+        return nc
 
 
-# Each CLI connection's permission violations, for `request`.
-_denials: weakref.WeakKeyDictionary[Client, Denials] = weakref.WeakKeyDictionary()
+# Each CLI connection's watch (permission violations, its end), for requests.
+_watches: weakref.WeakKeyDictionary[Client, Watch] = weakref.WeakKeyDictionary()
 
 
 def _why(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0]
+
+
+async def _no_one_answers(nc: Client) -> None:
+    """Return once nobody answers on the control plane's subjects (or the
+    connection is gone); never, while someone does."""
+    await asyncio.sleep(PROBE_AFTER)
+    while True:
+        if nc.is_closed:
+            return
+        try:
+            await nc.request(PING, b"", timeout=PROBE_EVERY)
+        except nats.errors.NoRespondersError:
+            return
+        except (nats.errors.Error, TimeoutError):
+            continue  # slow is not gone (a closed connection is seen above)
+        await asyncio.sleep(PROBE_EVERY)
+
+
+async def ask(
+    nc: Client, subject: str, data: bytes, server: str, headers: dict[str, str] | None = None
+) -> Reply:
+    """Send one request; its reply, whatever it says. Raises Unanswered (sent,
+    no answer: the connection dropped, no one answers any more, or the time
+    ran out), NotDelivered, CliError."""
+    watch = _watches.get(nc) or Watch()
+    asked = asyncio.ensure_future(
+        watch.request(
+            nc,
+            subject,
+            data,
+            timeout=REQUEST_TIMEOUT,
+            headers={"Netmesh-Actor": "cli", **(headers or {})},
+        )
+    )
+    gone = asyncio.ensure_future(_no_one_answers(nc))
+    try:
+        await asyncio.wait({asked, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not asked.done():
+        asked.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asked
+        raise Unanswered(WENT_AWAY)
+    try:
+        msg = asked.result()
+    except BrokerDenied as exc:
+        raise CliError(
+            f"denied by the broker: {exc} (this admin key's role does not allow it)"
+        ) from None
+    except ConnectionLost:
+        raise Unanswered(WENT_AWAY) from None
+    except nats.errors.NoRespondersError:
+        raise NotDelivered(f"no netmesh server is answering at {server}") from None
+    except nats.errors.ConnectionClosedError:
+        raise NotDelivered(f"the connection to {server} closed before the request went") from None
+    except nats.errors.TimeoutError:
+        raise Unanswered(
+            f"the netmesh server at {server} did not answer within {REQUEST_TIMEOUT:.0f} s"
+        ) from None
+    try:
+        return msgspec.json.decode(msg.data, type=Reply)
+    except msgspec.DecodeError:
+        raise CliError("the server sent an answer this CLI cannot read") from None
+
+
+def _result(reply: Reply) -> Any:
+    if not reply.ok:
+        raise CliError(reply.error or "refused")
+    return reply.result
 
 
 async def request(
@@ -97,30 +255,7 @@ async def request(
 ) -> Any:
     """Send a command or query; return its result. Raises CliError on any refusal."""
     data = payload if isinstance(payload, bytes) else msgspec.json.encode(payload)
-    denials = _denials.get(nc) or Denials()
-    try:
-        msg = await denials.request(
-            nc,
-            subject,
-            data,
-            timeout=REQUEST_TIMEOUT,
-            headers={"Netmesh-Actor": "cli", **(headers or {})},
-        )
-    except BrokerDenied as exc:
-        raise CliError(
-            f"denied by the broker: {exc} (this admin key's role does not allow it)"
-        ) from None
-    except nats.errors.NoRespondersError:
-        raise CliError(f"no netmesh server is answering at {server}") from None
-    except nats.errors.TimeoutError:
-        raise CliError(f"the netmesh server at {server} did not answer in time") from None
-    try:
-        reply = msgspec.json.decode(msg.data, type=Reply)
-    except msgspec.DecodeError:
-        raise CliError("the server sent an answer this CLI cannot read") from None
-    if not reply.ok:
-        raise CliError(reply.error or "refused")
-    return reply.result
+    return _result(await ask(nc, subject, data, server, headers))
 
 
 def checked_command(verb: str, fields: dict[str, Any]) -> bytes:
@@ -145,20 +280,104 @@ def checked_command(verb: str, fields: dict[str, Any]) -> bytes:
     return msgspec.json.encode(fields)
 
 
-async def command(server: str, verb: str, *, login: Login | None = None, **fields: Any) -> Any:
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+async def command(
+    server: str,
+    verb: str,
+    *,
+    login: Login | None = None,
+    notify: Callable[[str], None] = _to_stderr,
+    **fields: Any,
+) -> Any:
     """Send an admin command; with the login's key, signed (with a fresh id and
-    the time). Raises CliError, before connecting when the command is malformed."""
+    the time). Unanswered, it is sent again once the control plane is back
+    (`notify` says what happened). Raises CliError, before connecting when the
+    command is malformed."""
     admin_key = login.key if login is not None else None
     fields.setdefault("command_id", uuid.uuid4().hex)
     if admin_key is not None:
         fields["signed_at"] = time.time()
     payload = checked_command(verb, fields)
     headers = command_headers(admin_key, verb, payload) if admin_key is not None else {}
+    subject = command_subject(verb)
     nc = await connect(server, login)
     try:
-        return await request(nc, command_subject(verb), payload, server, headers)
+        reply = await ask(nc, subject, payload, server, headers)
+    except Unanswered as unanswered:
+        await close_quickly(nc)
+        why = unanswered.why
+        notify(f"{why}; sending the command again with the same id once it is back")
+        reply = await _send_again(server, login, subject, payload, headers, why)
+        if not reply.ok:
+            refused = "it had been refused" if reply.repeated else "refused"
+            raise CliError(f"{why}; retried with the same id: {refused}: {reply.error}") from None
+        notify(f"{why}; retried with the same id: {_what_happened(reply)}")
     finally:
-        await nc.close()
+        await close_quickly(nc)
+    return _unsealed(_result(reply), admin_key)
+
+
+async def _send_again(
+    server: str,
+    login: Login | None,
+    subject: str,
+    payload: bytes,
+    headers: dict[str, str],
+    why: str,
+) -> Reply:
+    """The reply to `payload` sent again, once it reaches a control plane
+    (within COMEBACK_WAIT). Raises CliError."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + COMEBACK_WAIT
+    pause = 0.05
+    command_id = msgspec.json.decode(payload).get("command_id", "")
+    unknown = f"{why}: {MAY_HAVE_BEEN_APPLIED} (command id {command_id})"
+    while loop.time() < deadline:
+        try:
+            nc = await connect(server, login, admission_wait=max(0.0, deadline - loop.time()))
+        except Unreachable:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+            continue
+        try:
+            while loop.time() < deadline and not nc.is_closed:
+                try:
+                    return await ask(nc, subject, payload, server, headers)
+                except NotDelivered:  # the broker is back, its control plane not yet
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+                except Unanswered as again:
+                    # Sent again and not answered again: say so rather than
+                    # send it a third time.
+                    raise CliError(f"{unknown}; sent again, and {again.why}") from None
+        finally:
+            await close_quickly(nc)
+    raise CliError(f"{unknown}; it did not come back within {COMEBACK_WAIT:.0f} s")
+
+
+def _what_happened(reply: Reply) -> str:
+    where = f" (event #{reply.seq})" if reply.seq is not None else ""
+    if reply.repeated:
+        return f"it had been applied{where}"
+    return f"applied now{where}" if reply.seq is not None else "answered now (nothing to change)"
+
+
+def _unsealed(result: Any, key: SigningKey | None) -> Any:
+    """A repeated answer's secret (the token of a key it made) comes sealed to
+    the signer's key: open it."""
+    if not isinstance(result, dict) or "sealed_token" not in result:
+        return result
+    sealed = result.pop("sealed_token")
+    if key is None:
+        raise CliError("the answer's token is sealed to an admin key, and none was given")
+    try:
+        result["token"] = open_sealed(key, sealed)
+    except ValueError:
+        raise CliError("the answer's token is sealed to another admin's key") from None
+    return result
 
 
 def event_reader(nc: Client, login: Login) -> str | None:

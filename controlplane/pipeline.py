@@ -7,19 +7,45 @@ their specs (`controlplane.rules`): decode into the command's type, throttle
 decide against the write model, append with optimistic concurrency (a conflict
 means catch up and decide again, a bounded number of times), answer once the
 read model has the change too (read-your-writes).
+
+A command is answered once per command id, and a retry gets that answer again
+(`Reply.repeated`), so a client whose answer was lost to a crash can ask again
+with the same id and learn what happened, and nothing is applied twice:
+
+- Applied (events appended): the answer, minus secrets, is recorded on the
+  command's last event (`Envelope.answer`) with a digest of the request (verb,
+  signer, exact payload). A retry finds the event by the command id (the write
+  model remembers the most recent COMMAND_MEMORY ids) and reads it back, on
+  any replica, after any restart. Another request under the same id is refused
+  (`duplicate`). An enrollment key's token is not recorded: its id and secret
+  are derived from the command id (`controlplane.enrollment`), so the token is
+  made again, sealed to the signer's key (see below).
+- Not applied (refused, or nothing to change): the decision is made again,
+  except for a signed admin command this replica has seen, which gets the
+  answer it got (remembered in memory), so a refused signed command cannot be
+  replayed into success later (within the 5 minutes its signature is valid).
+  A refusal that decided nothing (the store unavailable, busy) is not kept.
+- In flight: a retry of a signed admin command waits for the first one.
+
+A replay of a signed admin command by someone else is the same request (the
+same signed bytes), so it gets the same answer and changes nothing. The signed
+bytes are in the log for every reader (auditors included), so a repeated
+answer must not hand out a secret: a repeated `key.create` carries the token
+only sealed to the signer's key (`sealed_token`), which only they can open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import random
-import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import structlog
@@ -34,13 +60,14 @@ from controlplane.rules.spec import CommandSpec, Need
 from controlplane.throttle import FailureWindow
 from controlplane.writemodel import WriteModel
 from events.commands import Command, ErrorCode, Reply
-from events.envelope import make_envelope
+from events.envelope import Answer, make_envelope
 from events.model import AdminAdded
 from events.signing import (
     COMMAND_SIGNER_HEADER,
     SIGNATURE_HEADER,
     load_or_create,
     public_text,
+    seal_for,
     signed_command,
     verify,
     verify_key_of,
@@ -61,10 +88,20 @@ log = structlog.get_logger("netmesh.controlplane")
 MAX_ATTEMPTS = 10
 READ_YOUR_WRITES_TIMEOUT = 5.0
 
-# (key id, secret) -> the enrollment token a user hands to an agent.
-TokenMaker = Callable[[str, str], str]
 # Until the read model has applied a sequence (or the timeout passes).
 ReadYourWrites = Callable[[int, float], Awaitable[object]]
+
+
+class Enrollment(Protocol):
+    """Enrollment keys for the commands that make them (`controlplane.enrollment`)."""
+
+    def key_for(self, command_id: str) -> tuple[str, str]:
+        """(key id, secret) of the key command `command_id` makes: the same every time."""
+        ...
+
+    def token(self, key_id: str, secret: str) -> str:
+        """The enrollment token a user hands to an agent."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -72,6 +109,28 @@ class Proof:
     signed: str  # the exact signed text: context, verb, payload
     signer: str
     signature: str
+
+
+@dataclass(slots=True)
+class Seen:
+    """A signed admin command this replica has taken."""
+
+    request: str  # its request digest
+    # How it ended: the reply when nothing was appended (a refusal by the
+    # rules, nothing to change); None when events were (the log has the answer).
+    outcome: Reply | None = None
+    # Set when it has ended, then dropped (COMMAND_MEMORY of these are kept).
+    running: asyncio.Event | None = field(default_factory=asyncio.Event)
+
+
+# Refusals that decided nothing: a retry of the command is taken afresh.
+UNDECIDED = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.BUSY, ErrorCode.INTERNAL})
+
+
+def request_digest(verb: str, payload: bytes, signer: str | None) -> str:
+    """What identifies a request: a retry of a command sends the same."""
+    head = f"{verb}\n{signer or ''}\n".encode()
+    return hashlib.sha256(head + payload).hexdigest()
 
 
 def _signature_problem(
@@ -88,10 +147,23 @@ def _signature_problem(
 
 
 def _duplicate(command_id: str, seq: int | None) -> Reply:
+    """A command id taken, and no answer to give again (applied by a version
+    that did not record answers, or no longer remembered)."""
     where = f" (event #{seq})" if seq is not None else ""
     return Reply.refused(
         ErrorCode.DUPLICATE, f"command id {command_id!r} was already applied{where}; send a new id"
     )
+
+
+def _taken(command_id: str, seq: int | None) -> Reply:
+    where = f" (event #{seq})" if seq is not None else ""
+    return Reply.refused(
+        ErrorCode.DUPLICATE,
+        f"command id {command_id!r} was used by another command{where}; send a new id",
+    )
+
+
+_INTERNAL = Reply.refused(ErrorCode.INTERNAL, "internal error (see the server log)")
 
 
 def _refused(exc: Rejected) -> Reply:
@@ -120,18 +192,18 @@ class CommandPipeline:
         write: WriteModel,
         responder: Responder,
         failures: FailureWindow,
-        token: TokenMaker,
+        enrollment: Enrollment,
         read_your_writes: ReadYourWrites,
     ) -> None:
         self._store = store
         self._write = write
         self._responder = responder
         self._failures = failures
-        self._token = token
+        self._enrollment = enrollment
         self._read_your_writes = read_your_writes
         self._lock = asyncio.Lock()
-        # Ids of signed commands seen (most recent COMMAND_MEMORY), whatever came of them.
-        self._signed_ids: dict[str, None] = {}
+        # Signed admin commands seen (most recent COMMAND_MEMORY), whatever came of them.
+        self._signed: dict[str, Seen] = {}
 
     async def on_command(self, msg: Msg) -> None:
         verb = msg.subject[len(COMMAND_PREFIX) + 1 :]
@@ -185,7 +257,8 @@ class CommandPipeline:
             return Reply.refused(
                 ErrorCode.RATE_LIMITED, f"too many {throttle.what}; try again in {wait:.0f} s"
             )
-        reply = await self._authorized(spec, payload, command, actor, signer, signature)
+        request = request_digest(verb, payload, signer)
+        reply = await self._authorized(spec, payload, command, request, actor, signer, signature)
         if throttle is not None and bucket is not None and reply.code in throttle.counted:
             self._failures.failed(bucket, now)
         return reply
@@ -195,12 +268,14 @@ class CommandPipeline:
         spec: CommandSpec[Any],
         payload: bytes,
         command: Command,
+        request: str,
         actor: str,
         signer: str | None,
         signature: str | None,
     ) -> Reply:
         verb = spec.verb
         proof: Proof | None = None
+        seen: Seen | None = None
         problem = _signature_problem(verb, payload, signer, signature)
 
         def authorized() -> str | None:
@@ -219,46 +294,117 @@ class CommandPipeline:
                 # and what ties its events to its proof.
                 return Reply.refused(ErrorCode.INVALID, f"a signed {verb} needs a command_id")
             # Remembered whatever the outcome: a signed command that changed
-            # nothing (or was refused) must not be replayable later either.
-            if command.command_id in self._signed_ids:
-                return _duplicate(command.command_id, None)
-            self._signed_ids[command.command_id] = None
-            if len(self._signed_ids) > COMMAND_MEMORY:
-                del self._signed_ids[next(iter(self._signed_ids))]
+            # nothing (or was refused) must not be replayable into another
+            # outcome later either; a retry gets the outcome it had.
+            earlier = self._signed.get(command.command_id)
+            if earlier is not None:
+                return await self._seen_before(spec, command.command_id, earlier, request, signer)
+            applied_at = self._write.topology.commands.get(command.command_id)
+            if applied_at is not None:  # applied before this replica started
+                return await self._answer_again(
+                    spec, command.command_id, applied_at, request, signer
+                )
+            seen = Seen(request)
+            self._signed[command.command_id] = seen
+            if len(self._signed) > COMMAND_MEMORY:
+                del self._signed[next(iter(self._signed))]
             actor = admin
             assert signer is not None and signature is not None
             proof = Proof(signed_command(verb, payload).decode(), signer, signature)
-        async with self._lock:
-            reply = await self._execute(spec, command, actor, proof, authorized)
-        # Read-your-writes: answer once the read model has the change too. Not
-        # under the lock: the next command only needs the write model, and the
-        # projection takes the events of commands that queue up in one batch.
-        if reply.seq is not None:
-            await self._read_your_writes(reply.seq, READ_YOUR_WRITES_TIMEOUT)
-        return reply
+        outcome: Reply | None = _INTERNAL
+        try:
+            async with self._lock:
+                reply = await self._execute(
+                    spec, command, request, actor, signer, proof, authorized
+                )
+            # Read-your-writes: answer once the read model has the change too. Not
+            # under the lock: the next command only needs the write model, and the
+            # projection takes the events of commands that queue up in one batch.
+            if reply.seq is not None:
+                await self._read_your_writes(reply.seq, READ_YOUR_WRITES_TIMEOUT)
+            outcome = None if reply.seq is not None else reply
+            return reply
+        finally:
+            if seen is not None:
+                self._ended(command.command_id, seen, outcome)
+
+    def _ended(self, command_id: str, seen: Seen, outcome: Reply | None) -> None:
+        seen.outcome = outcome
+        running, seen.running = seen.running, None
+        if (
+            outcome is not None
+            and outcome.code in UNDECIDED
+            and self._signed.get(command_id) is seen
+        ):
+            del self._signed[command_id]  # nothing was decided: a retry is taken afresh
+        if running is not None:
+            running.set()
+
+    async def _seen_before(
+        self, spec: CommandSpec[Any], command_id: str, seen: Seen, request: str, signer: str | None
+    ) -> Reply:
+        """The answer to a signed admin command whose id this replica has seen."""
+        if not hmac.compare_digest(seen.request, request):
+            return _taken(command_id, None)
+        if seen.running is not None:  # the first is in flight
+            await seen.running.wait()
+        if seen.outcome is not None:
+            return msgspec.structs.replace(seen.outcome, repeated=True)
+        seq = self._write.topology.commands.get(command_id)
+        if seq is None:  # no longer remembered
+            return _duplicate(command_id, None)
+        return await self._answer_again(spec, command_id, seq, request, signer)
+
+    async def _answer_again(
+        self, spec: CommandSpec[Any], command_id: str, seq: int, request: str, signer: str | None
+    ) -> Reply:
+        """The answer command `command_id` got when it was applied (its last
+        event is `seq`), from the log; refused if this is another request."""
+        try:
+            recorded = await self._store.read(seq)
+        except StoreError as exc:
+            return Reply.refused(ErrorCode.UNAVAILABLE, f"event store: {exc}")
+        answer = None
+        if (
+            recorded is not None
+            and recorded.signature in ("valid", "unchecked")
+            and recorded.envelope.command_id == command_id
+        ):
+            answer = recorded.envelope.answer
+        if answer is None:  # applied by a version that recorded no answers
+            return _duplicate(command_id, seq)
+        if not hmac.compare_digest(answer.request, request):
+            return _taken(command_id, seq)
+        result = msgspec.json.decode(answer.result)
+        if Need.ENROLLMENT_TOKEN in spec.needs and isinstance(result, dict) and signer:
+            # Never in the clear: anyone who can read the log holds the signed
+            # request, and so can send it again.
+            token = self._enrollment.token(*self._enrollment.key_for(command_id))
+            result["sealed_token"] = seal_for(signer, token)
+        log.info("command answered again", verb=spec.verb, seq=seq)
+        return Reply(ok=True, result=result, seq=seq, repeated=True)
 
     async def _execute(
         self,
         spec: CommandSpec[Any],
         command: Command,
+        request: str,
         actor: str,
+        signer: str | None,
         proof: Proof | None,
         authorized: Callable[[], str | None],
     ) -> Reply:
         verb = spec.verb
         command_id = command.command_id or uuid.uuid4().hex
-        fresh_key = Need.FRESH_KEY in spec.needs
-        ctx = Context(
-            now=time.time(),
-            actor=actor,
-            new_key_id="k" + secrets.token_hex(5) if fresh_key else "",
-            new_secret=secrets.token_urlsafe(24) if fresh_key else "",
-        )
+        key_id, secret = ("", "")
+        if Need.FRESH_KEY in spec.needs:
+            key_id, secret = self._enrollment.key_for(command_id)
+        ctx = Context(now=time.time(), actor=actor, new_key_id=key_id, new_secret=secret)
         topology = self._write.topology
         for attempt in range(1, MAX_ATTEMPTS + 1):
             applied_at = topology.commands.get(command_id)
             if applied_at is not None:
-                return _duplicate(command_id, applied_at)
+                return await self._answer_again(spec, command_id, applied_at, request, signer)
             try:
                 if attempt > 1:
                     authorized()
@@ -270,7 +416,7 @@ class CommandPipeline:
                 return Reply(ok=True, result=self._result(spec, decision, ctx))
             try:
                 seq = await self._store.append(
-                    pending_events(decision, ctx, command_id, proof),
+                    pending_events(decision, ctx, command_id, proof, request),
                     expect=decision.expect,
                     msg_id=command_id,
                 )
@@ -278,7 +424,10 @@ class CommandPipeline:
                 # JetStream knows the id (its duplicate window) before our write
                 # model does: wait for it, then answer as above.
                 await self._write.catch_up()
-                return _duplicate(command_id, topology.commands.get(command_id))
+                applied_at = topology.commands.get(command_id)
+                if applied_at is None:
+                    return _duplicate(command_id, None)
+                return await self._answer_again(spec, command_id, applied_at, request, signer)
             except ConcurrencyConflict as exc:
                 # Someone wrote first: catch up and decide again against what is
                 # there now.
@@ -299,7 +448,7 @@ class CommandPipeline:
     def _result(self, spec: CommandSpec[Any], decision: Decision, ctx: Context) -> dict[str, Any]:
         result = dict(decision.result)
         if Need.ENROLLMENT_TOKEN in spec.needs:
-            result["token"] = self._token(ctx.new_key_id, ctx.new_secret)
+            result["token"] = self._enrollment.token(ctx.new_key_id, ctx.new_secret)
         return result
 
     async def bootstrap_admin(self, data_dir: Path) -> None:
@@ -325,10 +474,12 @@ class CommandPipeline:
 
 
 def pending_events(
-    decision: Decision, ctx: Context, command_id: str, proof: Proof | None
+    decision: Decision, ctx: Context, command_id: str, proof: Proof | None, request: str = ""
 ) -> list[PendingEvent]:
-    """The decision's events in their envelopes, ready to append."""
+    """The decision's events in their envelopes, ready to append; the last
+    carries the answer (the decision's result: the rules put no secret there)."""
     pending = []
+    last = len(decision.events) - 1
     for i, (subject, event) in enumerate(decision.events):
         envelope = make_envelope(
             event,
@@ -343,5 +494,11 @@ def pending_events(
             envelope = msgspec.structs.replace(
                 envelope, signed=proof.signed, signer=proof.signer, signature=proof.signature
             )
+        if i == last and request:
+            answer = Answer(request=request, result=msgspec.Raw(_encoder.encode(decision.result)))
+            envelope = msgspec.structs.replace(envelope, answer=answer)
         pending.append(PendingEvent(subject, envelope))
     return pending
+
+
+_encoder = msgspec.json.Encoder()

@@ -25,6 +25,7 @@ from nats.aio.subscription import Subscription
 from controlplane.access import Access
 from controlplane.brokerauth import BrokerGate
 from controlplane.consumers import Consumers
+from controlplane.enrollment import EnrollmentSecrets
 from controlplane.pipeline import CommandPipeline
 from controlplane.publisher import JetStreamDesiredPublisher
 from controlplane.queries import QueryService
@@ -34,7 +35,7 @@ from controlplane.throttle import FailureWindow
 from controlplane.writemodel import WriteModel
 from events.connect import server_has_seen_everything
 from events.jetstream import JetStreamEventStore
-from events.signing import event_mac_key, load_or_create, public_text
+from events.signing import event_mac_key, load_or_create
 from events.subjects import (
     COMMAND_PREFIX,
     CONSUME_PREFIX,
@@ -42,7 +43,6 @@ from events.subjects import (
     READ_EVENTS_PREFIX,
     RESYNC_PREFIX,
 )
-from events.tokens import make_token
 from projections.runner import ProjectionRunner
 from projections.sqlite import ReadModel
 from projections.topology import Topology
@@ -87,7 +87,7 @@ class ControlPlane:
             self.write,
             self._responder,
             join_failures,
-            self._enrollment_token,
+            EnrollmentSecrets(self.signing_key, advertise_url, broker_ca),
             self._read_your_writes,
         )
         self.queries = QueryService(nc, self._responder, lambda: self.model, self._topology)
@@ -118,11 +118,6 @@ class ControlPlane:
 
     def _topology(self) -> Topology:
         return self.write.topology
-
-    def _enrollment_token(self, key_id: str, secret: str) -> str:
-        return make_token(
-            self.advertise_url, key_id, secret, public_text(self.signing_key), self.broker_ca
-        )
 
     async def _read_your_writes(self, seq: int, timeout: float) -> None:
         assert self.runner is not None

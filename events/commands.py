@@ -161,7 +161,10 @@ class ErrorCode(StrEnum):
     REVOKED = "revoked"  # an enrollment key revoked
     INVALID_TOKEN = "invalid_token"  # an enrollment token that does not authenticate
     UNAUTHORIZED = "unauthorized"  # not signed, or not by someone who may
-    DUPLICATE = "duplicate"  # this command id was seen before: send a new one
+    # This command id was taken by another command (or by one applied before
+    # answers were recorded): send a new one. (A retry of the same command
+    # gets its original answer instead, with `repeated`.)
+    DUPLICATE = "duplicate"
     RATE_LIMITED = "rate_limited"  # too many failures: retry later
     BUSY = "busy"  # too many concurrent changes: retry
     UNAVAILABLE = "unavailable"  # the event store did not answer: retry
@@ -179,6 +182,9 @@ class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
     # server may add instead of failing on the whole reply.
     code: str | None = None
     seq: int | None = None  # stream sequence of the last event the command appended
+    # The answer the command got the first time its id was seen, given again:
+    # nothing was done now (a retry whose first answer was lost).
+    repeated: bool = False
 
     @classmethod
     def refused(cls, code: ErrorCode, error: str) -> Reply:

@@ -3,6 +3,16 @@
 nats-py retries a failed first connect forever when `max_reconnect_attempts`
 is 0 (only values > 0 bound it) and logs a traceback per attempt; the CLI,
 enrollment and readiness checks want "connected" or a one-line reason, quickly.
+
+Two more things nats-py 2.16 gets wrong for them. A guarded broker holds a new
+connection while it asks the control plane who it is (auth callout); with no
+control plane answering (none running, or one still starting) it sends its
+first PING after 2 s, which nats-py takes for the PONG that means "admitted":
+`connect` returns a client that never sends anything, and the broker closes it
+at its callout timeout (5 s). And a request pending when the connection drops
+is never failed: it waits for its whole timeout. `connect_once` raises
+`BrokerNotReady` for the first; `Watch.request` fails with `ConnectionLost` at
+once for the second.
 """
 
 from __future__ import annotations
@@ -41,6 +51,11 @@ def tls_options(url: str, ca_der: bytes | None) -> dict[str, Any]:
     return {"tls": context, "tls_hostname": BROKER_TLS_NAME, "tls_handshake_first": True}
 
 
+_NOT_ADMITTED = (
+    "the broker has not admitted the connection: no control plane answers its logins yet"
+)
+
+
 async def _silent(exc: Exception) -> None:
     """The caller reports the failure itself, once."""
 
@@ -49,13 +64,27 @@ class BrokerDenied(Exception):
     """The broker refused to let this connection publish or subscribe there."""
 
 
-class Denials:
-    """Permission violations the broker reports on a connection. They arrive
-    asynchronously (as -ERR): without this, a request the broker would not
-    deliver just times out, and a refusal looks like a dead server."""
+class BrokerNotReady(nats.errors.Error):
+    """The broker took the connection but has not admitted it: it is waiting
+    for a control plane to answer its login (auth callout), and none does yet
+    (none is running, or one is starting). Retryable."""
+
+
+class ConnectionLost(Exception):
+    """The connection dropped while a request waited for its answer: it may or
+    may not have been received and acted on."""
+
+
+class Watch:
+    """What the broker tells a connection asynchronously, for its requests:
+    permission violations (as -ERR; without this, a request the broker would
+    not deliver just times out, and a refusal looks like a dead server) and
+    the connection's end (nats-py leaves a pending request waiting for its
+    whole timeout). Pass `on_error` and `on_disconnect` to the connection."""
 
     def __init__(self) -> None:
         self.seen: list[str] = []
+        self.lost = False
         self._changed = asyncio.Event()
 
     async def on_error(self, exc: Exception) -> None:
@@ -63,24 +92,31 @@ class Denials:
             self.seen.append(str(exc).removeprefix("nats: "))
             self._changed.set()
 
+    async def on_disconnect(self) -> None:
+        self.lost = True
+        self._changed.set()
+
     async def request(self, nc: Client, subject: str, data: bytes, **options: Any) -> Msg:
         """`nc.request`, failing with BrokerDenied as soon as the broker refuses
-        it (or the reply subscription) instead of at the timeout."""
+        it (or the reply subscription), and with ConnectionLost as soon as the
+        connection drops, instead of at the timeout."""
         before = len(self.seen)
         asked = asyncio.ensure_future(nc.request(subject, data, **options))
         while True:
             self._changed.clear()
-            denied = asyncio.ensure_future(self._changed.wait())
-            await asyncio.wait({asked, denied}, return_when=asyncio.FIRST_COMPLETED)
-            denied.cancel()
+            changed = asyncio.ensure_future(self._changed.wait())
+            await asyncio.wait({asked, changed}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
             if asked.done():
                 return asked.result()
             fresh = [why for why in self.seen[before:] if subject in why or "_inbox" in why]
-            if fresh:
+            if fresh or self.lost:
                 asked.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asked
-                raise BrokerDenied(fresh[0])
+                if fresh:
+                    raise BrokerDenied(fresh[0])
+                raise ConnectionLost(f"the connection to the broker dropped while {subject} waited")
 
 
 def broker_guarded(nc: Client) -> bool:
@@ -99,26 +135,60 @@ def refused_by_broker(exc: BaseException) -> bool:
 
 
 async def connect_once(url: str, *, timeout: float = 3.0, **options: Any) -> Client:
-    """Connect or raise (OSError, nats.errors.Error, TimeoutError), without retrying."""
+    """Connect or raise (OSError, nats.errors.Error, TimeoutError), without
+    nats-py's retry loop. `timeout` bounds each step (TCP, TLS, the broker's
+    greeting) and the wait for admission: a broker that still holds the login
+    at its first PING (2 s) is asked again, until then. BrokerNotReady (a
+    nats.errors.Error): the broker answered but did not admit the connection
+    in time; no control plane answers its logins."""
     options.setdefault("error_cb", _silent)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return await _attempt(url, timeout, options)
+        except BrokerNotReady:
+            timeout = deadline - loop.time() - ADMISSION_PAUSE
+            if timeout < ADMISSION_PAUSE:
+                raise
+            await asyncio.sleep(ADMISSION_PAUSE)
+
+
+ADMISSION_PAUSE = 0.1
+
+
+async def _attempt(url: str, timeout: float, options: dict[str, Any]) -> Client:
     nc = Client()
     try:
-        # nats-py's annotations say int; its timeouts take seconds as floats.
-        await nc.connect(
-            url,
-            **{
-                "connect_timeout": timeout,
-                "allow_reconnect": False,
-                "max_reconnect_attempts": 1,
-                "reconnect_time_wait": 0.05,
-                **options,
-            },
-        )
+        try:
+            # nats-py's annotations say int; its timeouts take seconds as floats.
+            await nc.connect(
+                url,
+                **{
+                    "connect_timeout": timeout,
+                    "allow_reconnect": False,
+                    "max_reconnect_attempts": 1,
+                    "reconnect_time_wait": 0.05,
+                    **options,
+                },
+            )
+        except TimeoutError:
+            # The greeting (INFO) came: what timed out is the wait for admission.
+            if getattr(nc, "_server_info", None):
+                raise BrokerNotReady(_NOT_ADMITTED) from None
+            raise
+        if not nc.is_connected:
+            # The broker's own PING, taken by nats-py for the PONG of admission.
+            raise BrokerNotReady(_NOT_ADMITTED)
     except BaseException:
         # nats-py leaves the socket of a refused connection open (an
         # "Authorization Violation" on first connect): close it here.
         # (Aborted, not closed: after a failed TLS handshake, waiting for a
-        # clean close never ends.)
+        # clean close never ends.) A client that got as far as reading runs
+        # its callbacks when its socket goes: they are the caller's, for the
+        # connection it will get, not for this one.
+        nc._disconnected_cb = nc._closed_cb = None
+        nc._error_cb = _silent
         _abort(nc)
         raise
     return nc

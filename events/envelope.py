@@ -3,7 +3,11 @@
 Wire shape (any NATS client in any language can read it):
 
     {"event_id": "...", "type": "node.joined", "schema": 1, "time": 1764000000.0,
-     "actor": "admin", "command_id": "...", "data": {"type": "node.joined", ...}}
+     "actor": "admin", "command_id": "...", "data": {"type": "node.joined", ...},
+     "answer": {"request": "<sha256>", "result": {...}}}
+
+(`answer` on the last event of each command; `signed`, `signer`, `signature`
+on the first event of a signed one.)
 
 Old payloads are upcast on the raw dict, one function per schema step, before
 typed decoding (see `UPCASTERS`).
@@ -29,6 +33,18 @@ Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 UPCASTERS: dict[tuple[str, int], Upcaster] = {}
 
 
+class Answer(msgspec.Struct, frozen=True, kw_only=True):
+    """What the command that appended an event was answered, on its last event:
+    a retry of the command (its answer lost to a crash) gets it again, from the
+    log, on any replica and after any restart. Never a secret: an enrollment
+    key's token is derived again from the command id instead."""
+
+    # sha256 of the request (verb, signer, exact payload): a retry is the same
+    # request, anything else sent with the same command id is not answered this.
+    request: str
+    result: msgspec.Raw  # the reply's result (JSON), as the command got it
+
+
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     event_id: str
     type: str
@@ -43,6 +59,7 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     signed: str = ""
     signer: str = ""
     signature: str = ""
+    answer: Answer | None = None
 
 
 # What a store that checks event MACs hands over for a message in the event
@@ -73,6 +90,7 @@ class _RawEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     signed: str = ""
     signer: str = ""
     signature: str = ""
+    answer: Answer | None = None
 
 
 class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -152,4 +170,5 @@ def decode_envelope(raw: bytes) -> Envelope:
         signed=env.signed,
         signer=env.signer,
         signature=env.signature,
+        answer=env.answer,
     )

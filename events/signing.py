@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import msgspec
-from nacl.exceptions import BadSignatureError
+from nacl.exceptions import BadSignatureError, CryptoError
+from nacl.public import SealedBox
 from nacl.signing import SigningKey, VerifyKey
 
 SIGNATURE_HEADER = "Netmesh-Signature"
@@ -94,6 +95,23 @@ def command_headers(key: SigningKey, verb: str, payload: bytes) -> dict[str, str
         COMMAND_SIGNER_HEADER: public_text(key),
         SIGNATURE_HEADER: sign(key, signed_command(verb, payload)),
     }
+
+
+def seal_for(signer: str, secret: str) -> str:
+    """`secret` encrypted to the holder of the Ed25519 key `signer` (base64,
+    as commands name it): a sealed box to its X25519 form. Only they can open
+    it (`open_sealed`). Raises ValueError for a signer that is not a key."""
+    box = SealedBox(verify_key_of(signer).to_curve25519_public_key())
+    return base64.b64encode(box.encrypt(secret.encode())).decode()
+
+
+def open_sealed(key: SigningKey, sealed: str) -> str:
+    """What `seal_for` sealed for `key`'s public half. Raises ValueError."""
+    try:
+        box = SealedBox(key.to_curve25519_private_key())
+        return box.decrypt(base64.b64decode(sealed, validate=True)).decode()
+    except (binascii.Error, CryptoError, UnicodeDecodeError) as exc:
+        raise ValueError("not sealed for this key") from exc
 
 
 def signed_payload(

@@ -82,6 +82,11 @@ class EventStore(Protocol):
         """The stream's last sequence (0 when empty)."""
         ...
 
+    async def read(self, seq: int) -> RecordedEvent | None:
+        """The event at stream sequence `seq`, checked as `follow` checks it
+        (None: no message there)."""
+        ...
+
     def follow(self, from_seq: int = 1) -> AsyncIterator[RecordedEvent]:
         """Every event from `from_seq` on, in order, then live ones, until `close()`."""
         ...
@@ -165,6 +170,9 @@ class MemoryEventStore:
 
     async def last_sequence(self) -> int:
         return len(self._log)
+
+    async def read(self, seq: int) -> RecordedEvent | None:
+        return self._log[seq - 1] if 1 <= seq <= len(self._log) else None
 
     async def follow(self, from_seq: int = 1) -> AsyncIterator[RecordedEvent]:
         async for batch in self.follow_batches(from_seq):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,14 +25,14 @@ from nats.aio.client import Client
 
 from agent.daemon import AgentError, enroll
 from agent.statedir import public_key_of
-from cli.client import CliError, Login, command
+from cli.client import CliError, Login, command, connect, request
 from controlplane.brokerauth import BrokerKeys
 from controlplane.embedded import EmbeddedNats, NatsServerError, free_port
 from controlplane.server import write_broker_config
 from controlplane.service import ControlPlane
 from events import natsid
 from events.commands import Reply
-from events.connect import connect_once, refused_by_broker
+from events.connect import BrokerNotReady, connect_once, refused_by_broker
 from events.desired import PROTOCOL, SECTION_NAMES
 from events.jetstream import JetStreamEventStore
 from events.signing import load_or_create, public_text
@@ -91,29 +92,34 @@ class Watched:
         )
 
 
-@pytest.fixture
-async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
-    data = tmp_path / "cp"
-    data.mkdir()
+async def guarded_broker(tmp_path: Path, data: Path) -> tuple[EmbeddedNats, BrokerKeys]:
+    """A broker configured as `netmesh server` configures its own (the auth
+    callout for everyone but the control plane), and no control plane."""
+    data.mkdir(exist_ok=True)
     keys = BrokerKeys.derive(load_or_create(data / "signing.key"))
-    login = natsid.client_options(keys.controlplane)
-    server = None
     for attempt in range(5):
         server = EmbeddedNats(
             tmp_path / "js",
             port=free_port(),
             config=write_broker_config(data, keys),
-            client_options=login,
+            client_options=natsid.client_options(keys.controlplane),
             log_file=tmp_path / "nats.log",
             server_name=f"guarded-{uuid.uuid4().hex[:8]}",
         )
         try:
             await server.start()
-            break
+            return server, keys
         except NatsServerError:
             if attempt == 4:
                 raise
-    assert server is not None
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture
+async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
+    data = tmp_path / "cp"
+    server, keys = await guarded_broker(tmp_path, data)
+    login = natsid.client_options(keys.controlplane)
     cp_nc = await nats.connect(server.url, **login)
     system_nc = await nats.connect(server.url, **natsid.client_options(keys.system))
     plane = ControlPlane(cp_nc, data, server.url, system_nc=system_nc)
@@ -484,3 +490,55 @@ async def test_sweep_disconnects_whoever_is_no_longer_admitted(broker: Broker) -
     assert await broker.plane.gate.sweep() == 1
     await wait_until(lambda: not bob.nc.is_connected, timeout=10, message="bob disconnected")
     assert broker.admin.nc.is_connected  # the others stay
+
+
+async def test_a_client_the_broker_cannot_admit_yet_is_told_so_and_gets_in_once_it_can(
+    tmp_path: Path,
+) -> None:
+    """A guarded broker up, its control plane not (yet): it holds each login for
+    its callout timeout, and its first PING (2 s in) used to pass for admission
+    in nats-py, which then sent nothing: the CLI hung ~17.5 s for "did not
+    answer in time". Now: a fast, retryable "not admitted yet", and the CLI
+    gets in as soon as a control plane answers."""
+    data = tmp_path / "cp"
+    server, keys = await guarded_broker(tmp_path, data)
+    cp_nc = await nats.connect(server.url, **natsid.client_options(keys.controlplane))
+    plane = ControlPlane(cp_nc, data, server.url)
+    await plane.start()  # once, to register the first admin (admitting no one)
+    await plane.stop()
+    admin = load_or_create(data / "admin.key")
+    try:
+        started = time.monotonic()
+        with pytest.raises(BrokerNotReady):  # not a connection that never sends
+            await connect_once(server.url, timeout=3, **natsid.client_options(admin))
+        assert time.monotonic() - started < 4.5
+        started = time.monotonic()
+        with pytest.raises(CliError, match="admits no one yet"):
+            await connect(server.url, Login(admin), admission_wait=1.0)
+        assert time.monotonic() - started < 3.0
+
+        # Its first login goes to nobody (no callout subscribed while the
+        # control plane starts): the broker holds it for 5 s.
+        connecting = asyncio.ensure_future(connect(server.url, Login(admin)))
+        waiting = asyncio.ensure_future(
+            connect_once(server.url, timeout=15, **natsid.client_options(admin))
+        )
+        system_nc = await nats.connect(server.url, **natsid.client_options(keys.system))
+        plane = ControlPlane(cp_nc, data, server.url, system_nc=system_nc)
+        await plane.start()
+        ready = time.monotonic()
+        nc = await asyncio.wait_for(connecting, 15)
+        other = await asyncio.wait_for(waiting, 15)
+        assert time.monotonic() - ready < 3.0
+        try:
+            assert await request(nc, "netmesh.query.ping", {}, server.url) == {}
+            assert other.is_connected
+            await other.flush(timeout=2)  # it does send
+        finally:
+            await nc.close()
+            await other.close()
+            await plane.stop()
+            await system_nc.close()
+    finally:
+        await cp_nc.close()
+        await server.stop()

@@ -5,16 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 
+from controlplane.brokerauth import BrokerKeys
 from controlplane.embedded import EmbeddedNats, free_port
 from controlplane.service import ControlPlane
-from events.tokens import make_token
+from events import natsid
+from events.commands import Reply
+from events.connect import _abort as abort
+from events.connect import connect_once
+from events.signing import load_or_create
+from events.subjects import EVENTS_STREAM
+from events.tokens import make_token, parse_token
+from tests.netns import wait_until
 
 NETMESH = str(Path(sys.executable).parent / "netmesh")
 
@@ -252,3 +265,163 @@ def test_a_malformed_command_fails_before_it_is_sent() -> None:
         checked_command("join", {"token": "t", "public_key": "k", "name": "n"})
     # What is sent is what was given: no defaults filled in.
     assert json.loads(checked_command("network.delete", {"name": "x"})) == {"name": "x"}
+
+
+async def test_a_command_whose_control_plane_dies_fails_fast_and_is_retried(
+    nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control plane applies a key.create and dies before answering (its
+    connection cut; the broker lives on). The CLI notices nobody answers any
+    more (not at its 15 s timeout), sends the command again with the same id
+    once a control plane is back, and learns it had been applied: with the
+    token, which works, and one key made."""
+    data = tmp_path / "cp"
+    ADMIN_KEY[nats_server.url] = str(data / "admin.key")
+    nc = await connect_once(nats_server.url)  # no reconnecting: cut means dead
+    plane = ControlPlane(nc, data, nats_server.url)
+    await plane.start()
+    url = nats_server.url
+    await netmesh(url, "network", "create", "office", "--cidr", "10.10.0.0/24")
+    lost: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+
+    async def answer_nothing(msg: Msg, reply: Reply) -> None:
+        if not lost.done():
+            lost.set_result(reply)
+
+    monkeypatch.setattr(plane.commands._responder, "answer", answer_nothing)
+    cli = await started(url, "key", "create", "--network", "office")
+    original = await asyncio.wait_for(lost, 30)
+    assert original.ok and original.seq is not None
+    abort(nc)  # as a kill -9 leaves it: the socket closes, nothing more is said
+    died = time.monotonic()
+    assert cli.stderr is not None
+    line = (await asyncio.wait_for(cli.stderr.readline(), 10)).decode()
+    noticed = time.monotonic() - died
+    assert "the control plane went away before answering" in line, line
+    assert noticed < 5, noticed  # it was the 15 s timeout
+    await plane.stop()
+
+    nc = await nats.connect(url)
+    plane = ControlPlane(nc, data, url)
+    await plane.start()
+    try:
+        out, err = await asyncio.wait_for(cli.communicate(), 60)
+        assert cli.returncode == 0, err
+        assert out.decode().strip() == original.result["token"]
+        assert f"retried with the same id: it had been applied (event #{original.seq})" in (
+            err.decode()
+        )
+        _, keys, _ = await netmesh(url, "key", "list", "--json")
+        assert len(json.loads(keys)) == 1
+    finally:
+        await plane.stop()
+        await nc.close()
+
+
+async def started(server: str, *args: str) -> asyncio.subprocess.Process:
+    """The CLI, running (its output read by the test as it comes)."""
+    key = ADMIN_KEY.get(server, "")
+    return await asyncio.create_subprocess_exec(
+        NETMESH,
+        "--server",
+        server,
+        *(["--admin-key", key] if key else []),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+
+
+class ServerProcess:
+    """`netmesh server` as a user runs it (a process, with its embedded broker
+    as its child), started and killed by the ids this test gave them."""
+
+    def __init__(self, data: Path, port: int) -> None:
+        self.data = data
+        self.port = port
+        self.url = f"nats://127.0.0.1:{port}"
+        self.log = data.parent / "server.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.broker_pid = 0
+
+    async def start(self) -> None:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                NETMESH, "server", "--data-dir", str(self.data),
+                "--listen", f"127.0.0.1:{self.port}", "--log-format", "json",
+                stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+
+        def ready() -> bool:
+            assert self.proc is not None and self.proc.returncode is None, self.log.read_text()
+            lines = [json.loads(line) for line in self.log.read_bytes()[offset:].splitlines()]
+            for line in lines:
+                if line.get("event") == "embedded nats-server started":
+                    self.broker_pid = int(line["pid"])
+            return any(line.get("event") == "control plane ready" for line in lines)
+
+        await wait_until(ready, timeout=60, message="netmesh server ready")
+        ADMIN_KEY[self.url] = str(self.data / "admin.key")
+
+    async def kill(self) -> None:
+        """kill -9, the control plane and its broker (which would outlive it)."""
+        assert self.proc is not None
+        for pid in (self.proc.pid, self.broker_pid):
+            os.kill(pid, signal.SIGKILL)
+        await self.proc.wait()
+        await wait_until(lambda: not Path(f"/proc/{self.broker_pid}").exists(), message="gone")
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await asyncio.wait_for(self.proc.wait(), 30)
+
+
+async def test_a_command_in_flight_when_the_server_is_killed_is_retried_after_its_restart(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of `netmesh server` and its broker while a command waits for
+    its answer (applied; the answer waits for the read model, which the test
+    holds locked): the CLI says so at once, sends it again with the same id
+    while the server restarts (its broker up before its control plane admits
+    anyone), and learns it had been applied."""
+    server = ServerProcess(tmp_path / "data", free_port())
+    await server.start()
+    try:
+        made = await netmesh(server.url, "network", "create", "office", "--cidr", "10.1.0.0/24")
+        assert made[0] == 0, made
+        keys = BrokerKeys.derive(load_or_create(server.data / "signing.key"))
+        nc = await nats.connect(server.url, **natsid.client_options(keys.controlplane))
+        js = nc.jetstream()
+        before = (await js.stream_info(EVENTS_STREAM)).state.last_seq
+        readmodel = sqlite3.connect(server.data / "readmodel.sqlite3", isolation_level=None)
+        readmodel.execute("BEGIN IMMEDIATE")  # the answer waits for the read model
+        cli = await started(server.url, "key", "create", "--network", "office")
+
+        async def appended() -> bool:
+            return (await js.stream_info(EVENTS_STREAM)).state.last_seq > before
+
+        await wait_until(appended, timeout=10, message="the key appended")
+        await nc.close()
+        await server.kill()
+        died = time.monotonic()
+        readmodel.execute("ROLLBACK")
+        readmodel.close()
+        assert cli.stderr is not None
+        line = (await asyncio.wait_for(cli.stderr.readline(), 10)).decode()
+        assert "the control plane went away before answering" in line, line
+        assert time.monotonic() - died < 5  # it was the 15 s timeout
+
+        await server.start()
+        out, err = await asyncio.wait_for(cli.communicate(), 60)
+        assert cli.returncode == 0, err
+        assert f"retried with the same id: it had been applied (event #{before + 1})" in (
+            err.decode()
+        )
+        _, listed, _ = await netmesh(server.url, "key", "list", "--json")
+        (key,) = json.loads(listed)
+        assert key["key_id"] == parse_token(out.decode()).key_id
+    finally:
+        await server.stop()

@@ -8,9 +8,9 @@ import base64
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import nats
@@ -20,22 +20,31 @@ from nats.aio.client import Client
 
 from controlplane.audit import verify_log
 from controlplane.embedded import EmbeddedNats
+from controlplane.enrollment import EnrollmentSecrets
+from controlplane.pipeline import CommandPipeline
 from controlplane.publisher import read_desired
+from controlplane.replies import Responder
 from controlplane.rules import verbs_sent_by
 from controlplane.rules.spec import Sender
 from controlplane.service import ControlPlane
+from controlplane.throttle import FailureWindow
+from controlplane.writemodel import WriteModel
 from events.commands import Reply
 from events.envelope import encode_envelope, make_envelope
 from events.model import AdminAdded, AnyEvent, NodeJoined
 from events.signing import (
+    COMMAND_SIGNER_HEADER,
     EVENT_MAC_HEADER,
+    SIGNATURE_HEADER,
     command_headers,
     event_mac,
     event_mac_key,
     load_or_create,
+    open_sealed,
     public_text,
     signed_payload,
 )
+from events.store import Expectation, MemoryEventStore, PendingEvent, StoreUnavailable
 from events.subjects import DESIRED_STREAM, EVENTS_STREAM
 from events.tokens import make_token, parse_token
 from tests.factories import public_key
@@ -474,3 +483,180 @@ async def test_a_host_key_in_another_spelling_cannot_take_the_host_over(
     assert base64.b64decode(respelled) == base64.b64decode(canonical)
     refused = await join(thief, respelled, "b")
     assert (refused.ok, refused.code) == (False, "unauthorized"), refused
+
+
+def signed_request(key: SigningKey, verb: str, **fields: Any) -> tuple[bytes, dict[str, str]]:
+    """A signed admin command as the CLI sends it (and sends it again)."""
+    fields = {"command_id": uuid.uuid4().hex, **fields, "signed_at": time.time()}
+    data = msgspec.json.encode(fields)
+    return data, command_headers(key, verb, data)
+
+
+async def send_raw(nc: Client, verb: str, request: tuple[bytes, dict[str, str]]) -> Reply:
+    data, headers = request
+    msg = await nc.request(f"netmesh.cmd.{verb}", data, headers=headers, timeout=10)
+    return msgspec.json.decode(msg.data, type=Reply)
+
+
+async def test_a_retried_command_gets_its_original_answer_after_a_restart(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """The same request again (its answer lost to a crash) gets the original
+    answer, from the log: after a restart, on a replica that shares only the
+    signing key, and with the key's token (sealed to the signer). Nothing is
+    applied twice; another request under the same id gets nothing of it."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        plane = ControlPlane(nc, tmp_path / "cp", nats_server.url)
+        await plane.start()
+        key = load_or_create(tmp_path / "cp" / "admin.key")
+        admin = Admin(nc, key)
+        network = signed_request(key, "network.create", name="office", cidr="10.10.0.0/24")
+        created = await send_raw(nc, "network.create", network)
+        make_key = signed_request(key, "key.create", network="office", uses=1)
+        first = await send_raw(nc, "key.create", make_key)
+        assert first.ok and not first.repeated, first
+        again = await send_raw(nc, "key.create", make_key)
+        assert (again.ok, again.repeated, again.seq) == (True, True, first.seq), again
+        assert open_sealed(key, again.result.pop("sealed_token")) == first.result["token"]
+        assert {**again.result, "token": first.result["token"]} == first.result
+        head = await admin.last_seq()
+        await plane.stop()
+
+        # Another data dir with the same signing key: a replica, or this one
+        # restarted with its read model gone.
+        (tmp_path / "cp2").mkdir()
+        shutil.copy(tmp_path / "cp" / "signing.key", tmp_path / "cp2" / "signing.key")
+        plane = ControlPlane(nc, tmp_path / "cp2", nats_server.url)
+        await plane.start()
+        try:
+            for verb, request, original in (
+                ("network.create", network, created),
+                ("key.create", make_key, first),
+            ):
+                reply = await send_raw(nc, verb, request)
+                assert (reply.ok, reply.repeated, reply.seq) == (True, True, original.seq), reply
+                if verb == "key.create":
+                    sealed = reply.result.pop("sealed_token")
+                    with pytest.raises(ValueError):  # whoever replays it cannot open it
+                        open_sealed(SigningKey.generate(), sealed)
+                    reply.result["token"] = open_sealed(key, sealed)
+                assert reply.result == original.result
+            assert await admin.last_seq() == head  # nothing applied twice
+            # The token works: the key had been made, once.
+            await admin.ok("join", token=first.result["token"], public_key=public_key(1), name="a")
+
+            # Another command under a used id (another admin's, or this one's)
+            # is refused, and gets nothing of the original answer.
+            other = SigningKey.generate()
+            await admin.ok("admin.add", name="olga", public_key=public_text(other))
+            command_id = msgspec.json.decode(make_key[0])["command_id"]
+            for signer in (key, other):
+                reuse = signed_request(
+                    signer, "key.create", network="office", command_id=command_id
+                )
+                refused = await send_raw(nc, "key.create", reuse)
+                assert (refused.ok, refused.code) == (False, "duplicate"), refused
+                assert "used by another command" in (refused.error or "")
+                assert refused.result is None
+        finally:
+            await plane.stop()
+    finally:
+        await nc.close()
+
+
+async def test_a_signed_command_seen_before_gets_the_answer_it_got(
+    cp: tuple[ControlPlane, Admin],
+) -> None:
+    """A refused signed command replayed once what made it fail has changed is
+    refused again (not applied late); two copies of one request in flight at
+    once are applied once, and both answered."""
+    plane, admin = cp
+    assert admin.key is not None
+    make_key = signed_request(admin.key, "key.create", network="office")
+    refused = await send_raw(admin.nc, "key.create", make_key)
+    assert (refused.ok, refused.code) == (False, "not_found"), refused
+    await admin.ok("network.create", name="office", cidr="10.10.0.0/24")
+    before = await admin.last_seq()
+    again = await send_raw(admin.nc, "key.create", make_key)
+    assert (again.ok, again.code, again.repeated) == (False, "not_found", True), again
+    assert await admin.last_seq() == before
+
+    # Straight into the pipeline: the subscription hands over one at a time.
+    data, headers = signed_request(admin.key, "key.create", network="office")
+    both = [
+        plane.commands.handle(
+            "key.create",
+            data,
+            actor="test",
+            signer=headers[COMMAND_SIGNER_HEADER],
+            signature=headers[SIGNATURE_HEADER],
+        )
+        for _ in range(2)
+    ]
+    replies = await asyncio.gather(*both)
+    assert all(r.ok for r in replies) and [r.repeated for r in replies] == [False, True]
+    assert await admin.last_seq() == before + 1
+    assert len({r.seq for r in replies}) == 1
+
+
+class FailingOnce(MemoryEventStore):
+    """A store whose next append times out (it may or may not have happened)."""
+
+    fail_next = False
+
+    async def append(
+        self,
+        events: Sequence[PendingEvent],
+        *,
+        expect: Sequence[Expectation] = (),
+        msg_id: str | None = None,
+    ) -> int:
+        if self.fail_next:
+            self.fail_next = False
+            raise StoreUnavailable("no answer")
+        return await super().append(events, expect=expect, msg_id=msg_id)
+
+
+async def test_a_signed_command_that_decided_nothing_is_taken_afresh(tmp_path: Path) -> None:
+    """Remembered outcomes are decisions: a retry after the store did not
+    answer is tried again (and applied), not told "unavailable" forever."""
+    store = FailingOnce()
+    write = WriteModel(store)
+    following = asyncio.create_task(write.follow())
+
+    async def read_your_writes(seq: int, timeout: float) -> None:
+        return None
+
+    pipeline = CommandPipeline(
+        store,
+        write,
+        cast(Responder, None),
+        FailureWindow(),
+        EnrollmentSecrets(SigningKey.generate(), "nats://cp:4222"),
+        read_your_writes,
+    )
+    try:
+        await pipeline.bootstrap_admin(tmp_path)
+        key = load_or_create(tmp_path / "admin.key")
+
+        async def send(request: tuple[bytes, dict[str, str]]) -> Reply:
+            data, headers = request
+            return await pipeline.handle(
+                "network.create",
+                data,
+                actor="test",
+                signer=headers[COMMAND_SIGNER_HEADER],
+                signature=headers[SIGNATURE_HEADER],
+            )
+
+        create = signed_request(key, "network.create", name="office", cidr="10.10.0.0/24")
+        store.fail_next = True
+        assert (await send(create)).code == "unavailable"
+        applied = await send(create)
+        assert (applied.ok, applied.repeated, applied.seq) == (True, False, 2), applied
+        again = await send(create)
+        assert (again.ok, again.repeated, again.seq) == (True, True, 2), again
+    finally:
+        await store.close()
+        await following

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from controlplane.decide import Context, decide
 from controlplane.rules.base import Rejected
 from controlplane.rules.networks import parse_cidr
 from controlplane.rules.nodes import allocate_address
@@ -271,3 +272,19 @@ def test_ipv6_networks_need_an_mtu_of_at_least_1280() -> None:
     assert "1280" in info.value.message
     world.run(CreateNetwork(name="v6", cidr="fd00:1::/64", mtu=1280))
     world.run(CreateNetwork(name="v4", cidr="10.1.0.0/24", mtu=1200))
+
+
+def test_a_key_id_is_never_made_twice() -> None:
+    """Key ids are derived from command ids: a command id used again long after
+    (forgotten by the dedupe) must not make its key again, which would reset
+    the old key's uses, with the old token's secret."""
+    world, _ = world_with_network(uses=1)
+    (key_id,) = world.topology.keys
+    again = Context(now=world.now, actor="test", new_key_id=key_id, new_secret="s1")
+    with pytest.raises(Rejected) as info:
+        decide(world.topology, CreateEnrollmentKey(network="office"), again)
+    assert info.value.code == "conflict" and "new id" in info.value.message
+    world.run(DeleteNetwork(name="office"))
+    world.run(CreateNetwork(name="office", cidr="10.10.0.0/24"))
+    with pytest.raises(Rejected):  # retired with its network: still never again
+        decide(world.topology, CreateEnrollmentKey(network="office"), again)

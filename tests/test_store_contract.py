@@ -7,10 +7,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 
-from events.envelope import RecordedEvent, make_envelope
+from events.envelope import Answer, RecordedEvent, make_envelope
 from events.jetstream import JetStreamEventStore
 from events.model import AnyEvent, NetworkCreated, NodeJoined
 from events.store import (
@@ -72,6 +73,23 @@ async def test_append_returns_sequences_and_reads_back(store: EventStore) -> Non
     assert events[1].envelope.actor == "test"
     assert await store.read_subject(aggregate_subject("network", "none")) == []
     assert await store.last_sequence() == 3
+
+
+async def test_one_event_reads_back_by_sequence_with_its_answer(store: EventStore) -> None:
+    await store.append([created("a")])
+    answered = created("b")
+    answer = Answer(request="r1", result=msgspec.Raw(b'{"network":"b"}'))
+    envelope = msgspec.structs.replace(answered.envelope, answer=answer)
+    await store.append([PendingEvent(answered.subject, envelope)])
+    recorded = await store.read(2)
+    assert recorded is not None
+    assert (recorded.seq, recorded.subject) == (2, SUBJ_B)
+    assert recorded.envelope.answer is not None
+    assert recorded.envelope.answer.request == "r1"
+    assert msgspec.json.decode(recorded.envelope.answer.result) == {"network": "b"}
+    first = await store.read(1)
+    assert first is not None and first.envelope.answer is None
+    assert await store.read(3) is None
 
 
 async def test_stale_expectation_is_a_conflict_and_stores_nothing(store: EventStore) -> None:

@@ -27,6 +27,13 @@ GUESSING = frozenset(
 
 def create_key(topology: Topology, cmd: CreateEnrollmentKey, ctx: Context) -> Decision:
     require_network(topology, cmd.network)
+    if ctx.new_key_id in topology.keys or ctx.new_key_id in topology.retired_keys:
+        # Key ids come from command ids: this one's command id has been used
+        # before (long enough ago to be forgotten). Never make a key again.
+        raise Rejected(
+            ErrorCode.CONFLICT,
+            f"enrollment key {ctx.new_key_id} exists already; send the command with a new id",
+        )
     expires_at = ctx.now + cmd.expires_in if cmd.expires_in is not None else None
     subject = network_subject(cmd.network)
     event = EnrollmentKeyCreated(

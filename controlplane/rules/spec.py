@@ -98,8 +98,8 @@ class Produces:
 class Need(StrEnum):
     """What the command pipeline brings to a command that asks for it."""
 
-    # A fresh enrollment key id and secret in the context (drawn only when
-    # needed: that costs 5% of a command).
+    # A new enrollment key id and secret in the context, derived from the
+    # command id (`controlplane.enrollment`): a retry's answer is the same.
     FRESH_KEY = "fresh_key"
     # The answer carries the enrollment token of that key (the rules never
     # see the server's URL or keys).
