@@ -7,11 +7,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import nats
 import pytest
+from nats.aio.msg import Msg
 
+from events.connect import connect
 from events.envelope import RecordedEvent, make_envelope
-from events.jetstream import JetStreamEventStore
+from events.jetstream import JetStreamEventStore, stream_sequence
 from events.model import AnyEvent, NetworkCreated, NodeJoined
 from events.store import (
     ConcurrencyConflict,
@@ -31,7 +32,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield MemoryEventStore()
         return
     server = await start_nats(tmp_path / "js")
-    client = await nats.connect(server.url)
+    client = await connect(server.url)  # the control plane's kind of connection
     try:
         js_store = JetStreamEventStore(client)
         await js_store.ensure_stream()
@@ -204,3 +205,15 @@ async def test_a_slow_follower_gets_everything_in_order(
         if seen[-1] >= 30:
             break
     assert seen == list(range(1, 31))
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.NETMESH_EVENTS.cons.1.42.7.1764000000000000000.0",
+        "$JS.ACK.hub.ACCHASH.NETMESH_EVENTS.cons.1.42.7.1764000000000000000.0.tok",
+    ],
+)
+def test_stream_sequence_reads_both_reply_forms(reply: str) -> None:
+    msg = Msg(_client=None, subject="netmesh.ev.network.a", reply=reply)  # type: ignore[arg-type]
+    assert stream_sequence(msg) == msg.metadata.sequence.stream == 42
