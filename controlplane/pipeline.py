@@ -268,12 +268,9 @@ class CommandPipeline:
                 return _refused(exc)
             if not decision.events:
                 return Reply(ok=True, result=self._result(spec, decision, ctx))
+            pending = pending_events(decision, ctx, command_id, proof)
             try:
-                seq = await self._store.append(
-                    pending_events(decision, ctx, command_id, proof),
-                    expect=decision.expect,
-                    msg_id=command_id,
-                )
+                seq = await self._store.append(pending, expect=decision.expect, msg_id=command_id)
             except DuplicateAppend:
                 # JetStream knows the id (its duplicate window) before our write
                 # model does: wait for it, then answer as above.
@@ -291,7 +288,7 @@ class CommandPipeline:
                 continue
             except StoreError as exc:
                 return Reply.refused(ErrorCode.UNAVAILABLE, f"event store: {exc}")
-            await self._write.wait_for(seq)
+            await self._write.apply_own(seq, pending)
             log.info("command applied", verb=verb, seq=seq, events=len(decision.events))
             return Reply(ok=True, result=self._result(spec, decision, ctx), seq=seq)
         return Reply.refused(ErrorCode.BUSY, "too many concurrent changes; try again")

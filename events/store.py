@@ -82,6 +82,12 @@ class EventStore(Protocol):
         """The stream's last sequence (0 when empty)."""
         ...
 
+    def as_followed(self, seq: int, pending: PendingEvent) -> RecordedEvent:
+        """The event this store appended at `seq`, as `follow()` will deliver
+        it (through the wire format, with its signature checked): for a writer
+        that applies its own events without waiting for them to come back."""
+        ...
+
     def follow(self, from_seq: int = 1) -> AsyncIterator[RecordedEvent]:
         """Every event from `from_seq` on, in order, then live ones, until `close()`."""
         ...
@@ -165,6 +171,11 @@ class MemoryEventStore:
 
     async def last_sequence(self) -> int:
         return len(self._log)
+
+    def as_followed(self, seq: int, pending: PendingEvent) -> RecordedEvent:
+        recorded = self._log[seq - 1]
+        assert recorded.subject == pending.subject
+        return recorded
 
     async def follow(self, from_seq: int = 1) -> AsyncIterator[RecordedEvent]:
         async for batch in self.follow_batches(from_seq):
