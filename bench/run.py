@@ -61,7 +61,7 @@ from controlplane.embedded import REPO_NATS_CONF, EmbeddedNats, free_port
 from controlplane.publisher import MemoryDesiredPublisher
 from events import natsid
 from events.commands import AnyCommand, CreateEnrollmentKey, CreateNetwork, Join, Reply
-from events.connect import connect_once, server_has_seen_everything
+from events.connect import connect, connect_once, server_has_seen_everything
 from events.desired import DesiredMessage, DesiredState, Sections, decode_message
 from events.envelope import RecordedEvent, make_envelope
 from events.feed import DesiredFeed, Outcome
@@ -532,7 +532,7 @@ async def bench_rebuild(events: int, workdir: Path) -> dict[str, Any]:
     network), each of which moves every member's revision."""
     server = EmbeddedNats(workdir / "js-rebuild", port=free_port(), server_name="benchrebuild")
     await server.start()
-    nc = await nats.connect(server.url)
+    nc = await connect(server.url)  # as the control plane connects
     try:
         # As the control plane does: events carry a MAC and every one is checked.
         store = JetStreamEventStore(
