@@ -251,7 +251,8 @@ class ReadModel:
         async def checkpoint() -> None:
             # PASSIVE: never waits for readers; what it cannot copy now, the next one does.
             try:
-                await self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                async with self.db.execute("PRAGMA wal_checkpoint(PASSIVE)"):
+                    pass
             except Exception as exc:  # the WAL only grows until the next one
                 log.warning("read model checkpoint failed", error=repr(exc))
 
