@@ -143,10 +143,11 @@ class ReadModel:
         some 3 us per row of CPU and no disk wait (WAL, synchronous=NORMAL: a
         commit does not fsync). A writer thread cost more than it saved: its
         parameter binding needs the GIL, so it and the loop (nats-py's parsing,
-        the fold) kept waiting for each other, up to the 5 ms switch interval
-        per hand-over (a third of a command's time went to socket writes
-        waiting to get the GIL back). Checkpoints, which do wait for the disk,
-        run on aiosqlite's thread every so many frames (`_checkpoint_soon`).
+        the fold) kept waiting for each other (a replay waited 35-50 us per
+        event on commits, 5 without the thread; handing a command's batch to it
+        was an eighth of the control plane's time). Checkpoints, which do wait
+        for the disk, run on aiosqlite's thread every so many rows
+        (`_checkpoint_soon`).
         """
         # `fold` adds the hosts and networks whose desired revisions moved.
         networks = touched.networks
