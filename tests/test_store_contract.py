@@ -102,6 +102,23 @@ async def test_batch_is_atomic_across_aggregates(store: EventStore) -> None:
     assert await store.read_subject(host_subj) == []
 
 
+async def test_a_batch_ends_at_the_sequence_returned_and_reads_as_followed(
+    store: EventStore,
+) -> None:
+    # The write model applies a command's own batch as seq - n + 1 .. seq
+    # (`WriteModel.apply_own`): the events must be stored consecutively.
+    await store.append([created("a")])
+    batch = [joined("a", "h1", "10.0.0.1"), joined("a", "h2", "10.0.0.2"), created("b")]
+    last = await store.append(batch)
+    followed: list[RecordedEvent] = []
+    async for recorded in store.follow(last - len(batch) + 1):
+        followed.append(recorded)
+        if recorded.seq == last:
+            break
+    assert [r.seq for r in followed] == [2, 3, 4]
+    assert followed == [store.as_followed(r.seq, p) for r, p in zip(followed, batch, strict=True)]
+
+
 async def test_wildcard_expectation_guards_all_networks(store: EventStore) -> None:
     await store.append([created("a")])
     await store.append([created("b", "10.1.0.0/24")])
@@ -217,3 +234,20 @@ async def test_a_slow_follower_gets_everything_in_order(
 def test_stream_sequence_reads_both_reply_forms(reply: str) -> None:
     msg = Msg(_client=None, subject="netmesh.ev.network.a", reply=reply)  # type: ignore[arg-type]
     assert stream_sequence(msg) == msg.metadata.sequence.stream == 42
+
+
+async def test_as_followed_says_valid_for_our_own_macd_events(tmp_path: Path) -> None:
+    server = await start_nats(tmp_path / "js")
+    client = await connect(server.url)
+    try:
+        js_store = JetStreamEventStore(client, mac_key=b"k" * 32)
+        await js_store.ensure_stream()
+        event = created("a")
+        seq = await js_store.append([event])
+        async for recorded in js_store.follow(seq):
+            assert recorded == js_store.as_followed(seq, event)
+            assert recorded.signature == "valid"
+            break
+    finally:
+        await client.close()
+        await server.stop()
