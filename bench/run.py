@@ -61,7 +61,7 @@ from controlplane.embedded import REPO_NATS_CONF, EmbeddedNats, free_port
 from controlplane.publisher import MemoryDesiredPublisher
 from events import natsid
 from events.commands import AnyCommand, CreateEnrollmentKey, CreateNetwork, Join, Reply
-from events.connect import connect_once, server_has_seen_everything
+from events.connect import connect, connect_once, server_has_seen_everything
 from events.desired import DesiredMessage, DesiredState, Sections, decode_message
 from events.envelope import RecordedEvent, make_envelope
 from events.feed import DesiredFeed, Outcome
@@ -71,7 +71,7 @@ from events.signing import SIGNATURE_HEADER, event_mac_key, load_or_create, publ
 from events.store import PendingEvent
 from events.subjects import DESIRED_PREFIX, aggregate_subject
 from events.tokens import make_token
-from projections.desired import fold
+from projections.desired import Builders, fold
 from projections.runner import ProjectionRunner
 from projections.sections.addresses import AddressSection
 from projections.sections.interface import InterfaceSection
@@ -148,6 +148,17 @@ class Bench:
         self.head = 0  # stream sequence of the last event the bench caused
         self.failed = asyncio.Event()  # a connection broke: results would be wrong
         self.failures: list[str] = []
+        self.broker_log: Path | None = None
+        self.setup_seconds: dict[str, float] = {}  # where a stage's time went before measuring
+
+    def broker_says(self) -> list[str]:
+        """The broker's reasons for closing connections (slow consumer, stale
+        connection, ...), from its log: what a client only sees as an EOF."""
+        if self.broker_log is None or not self.broker_log.exists():
+            return []
+        lines = self.broker_log.read_text(errors="replace").splitlines()
+        reasons = ("[ERR]", "[WRN]", "Slow Consumer", "Stale", "Closed", "Maximum")
+        return [line for line in lines if any(r in line for r in reasons)][-20:]
 
     async def request(self, verb: str, **fields: Any) -> Any:
         fields.setdefault("command_id", uuid.uuid4().hex)
@@ -220,7 +231,10 @@ class Bench:
             done.cancel()
             broken.cancel()
             if self.failed.is_set():
-                raise RuntimeError(f"a bench connection failed: {'; '.join(self.failures)}")
+                raise RuntimeError(
+                    f"a bench connection failed: {'; '.join(self.failures)}"
+                    + "".join(f"\n  broker: {line}" for line in self.broker_says())
+                )
             if not self._all_past.is_set():
                 raise TimeoutError(f"{self._remaining} agents did not converge in {timeout} s")
 
@@ -308,9 +322,15 @@ async def seed_network(
     return Seed(topology, (key["key_id"], "sbench"), ids)
 
 
-def seed_state(topology: Topology, host_id: str) -> DesiredState:
+def seed_state(topology: Topology, host_id: str, builders: Builders | None = None) -> DesiredState:
     """What a simulated agent starts from: its host's revision and interface
-    (the seed's peers left out, see the module's docstring)."""
+    (the seed's peers left out, see the module's docstring), or with
+    `builders` its whole state, peers included (the full-state baseline, whose
+    agents hold every peer after their first message anyway)."""
+    if builders is not None:
+        state = builders.state(host_id)
+        assert state is not None
+        return state
     return DesiredState(
         host_id=host_id,
         revision=topology.revision_of(host_id),
@@ -329,12 +349,12 @@ async def control_plane(
     --nats-url` as its own process (so that its CPU time can be read), and
     client connections; yields the Bench, the control plane's pid and the seed
     once it answers."""
-    # The full-state baseline pushes ~170 MB per join at 1,000 hosts through the
-    # bench's 9 shared connections: more than nats-server's default 64 MB of
-    # pending data per connection, after which it cuts the connection as a slow
-    # consumer (seen once as "a bench connection failed: UnexpectedEOF").
+    # The broker runs the repository's configuration, as `netmesh server` does
+    # (its log, at debug level with BENCH_NATS_DEBUG=1, says why it closed a
+    # connection: the bench quotes it when one of its connections breaks).
     config = workdir / "bench-nats.conf"
-    config.write_text(REPO_NATS_CONF.read_text() + "\nmax_pending: 1GB\n")
+    debug = "\ndebug: true\n" if os.environ.get("BENCH_NATS_DEBUG") else ""
+    config.write_text(REPO_NATS_CONF.read_text() + debug)
     server = EmbeddedNats(
         workdir / f"js-{tag}",
         port=free_port(),
@@ -368,11 +388,15 @@ async def control_plane(
                     max_reconnect_attempts=0,
                 )
             )
+        setup: dict[str, float] = {}
+        started = time.perf_counter()
         if hosts:
             from controlplane.streams import ensure_streams
 
             await ensure_streams(conns[0].jetstream())
             seed = await seed_network(JetStreamEventStore(conns[0], timeout=60), hosts)
+        setup["seed"] = time.perf_counter() - started
+        started = time.perf_counter()
         cp = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "cli.main", "server", "--nats-url", server.url,
             "--data-dir", str(workdir / f"cp-{tag}"), "--log-level", "warning",
@@ -390,13 +414,26 @@ async def control_plane(
         bench = Bench(server.url, conns, load_or_create(key_file).verify_key)
         bench.failed = broken
         bench.failures = failures
+        bench.broker_log = workdir / f"nats-{tag}.log"
         await bench.wait_ready(cp)
+        # Replaying the seed and publishing every host its snapshot (N x N peers).
+        setup["control_plane_ready"] = time.perf_counter() - started
+        started = time.perf_counter()
         if seed is not None:
             bench.head = await JetStreamEventStore(conns[0]).last_sequence()
+            # The baseline's agents start with their whole state: otherwise the
+            # first join sends each of them every peer at once, and one process
+            # planning and applying N x N peers stops reading its sockets for
+            # longer than the broker's write deadline (10 s), which then cuts
+            # the connections as slow consumers (seen as "UnexpectedEOF").
+            builders = Builders(seed.topology) if full_states else None
             for n, host_id in enumerate(seed.hosts):
-                await bench.attach(n, host_id, seed_state(seed.topology, host_id))
+                await bench.attach(n, host_id, seed_state(seed.topology, host_id, builders))
+                await asyncio.sleep(0)  # the connections keep answering the broker's pings
             for conn in conns:
                 await server_has_seen_everything(conn)
+        setup["agents_attached"] = time.perf_counter() - started
+        bench.setup_seconds = setup
         yield bench, cp.pid, seed
     finally:
         for c in conns:
@@ -411,6 +448,7 @@ async def bench_joins(
     hosts: int, joins: int, endpoint_moves: int, workdir: Path, *, full_states: bool = False
 ) -> dict[str, Any]:
     tag = f"{'full' if full_states else 'delta'}{hosts}"
+    stage_started = time.perf_counter()
     async with control_plane(workdir, tag, hosts=hosts, full_states=full_states) as (
         bench,
         cp_pid,
@@ -456,6 +494,8 @@ async def bench_joins(
             else None,
             "bytes_per_endpoint_change": statistics.mean(move_sizes) if move_sizes else None,
             "gaps": gaps,
+            "setup_seconds": bench.setup_seconds,
+            "stage_seconds": time.perf_counter() - stage_started,
         }
 
 
@@ -492,7 +532,7 @@ async def bench_rebuild(events: int, workdir: Path) -> dict[str, Any]:
     network), each of which moves every member's revision."""
     server = EmbeddedNats(workdir / "js-rebuild", port=free_port(), server_name="benchrebuild")
     await server.start()
-    nc = await nats.connect(server.url)
+    nc = await connect(server.url)  # as the control plane connects
     try:
         # As the control plane does: events carry a MAC and every one is checked.
         store = JetStreamEventStore(
@@ -654,6 +694,11 @@ def print_joins(result: dict[str, Any]) -> None:
         )
     if result["gaps"]:
         line += f" | {result['gaps']} GAPS"
+    setup = ", ".join(
+        f"{what.replace('_', ' ')} {seconds:.0f} s"
+        for what, seconds in result["setup_seconds"].items()
+    )
+    line += f" | stage {result['stage_seconds']:.0f} s ({setup})"
     print(line, flush=True)
 
 

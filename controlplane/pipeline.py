@@ -42,6 +42,7 @@ import hmac
 import random
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,7 +204,9 @@ class CommandPipeline:
         self._read_your_writes = read_your_writes
         self._lock = asyncio.Lock()
         # Signed admin commands seen (most recent COMMAND_MEMORY), whatever came of them.
-        self._signed: dict[str, Seen] = {}
+        # Oldest first; an OrderedDict drops its oldest in O(1) (a dict's
+        # next(iter()) scans past every key deleted before it).
+        self._signed: OrderedDict[str, Seen] = OrderedDict()
 
     async def on_command(self, msg: Msg) -> None:
         verb = msg.subject[len(COMMAND_PREFIX) + 1 :]
@@ -307,7 +310,7 @@ class CommandPipeline:
             seen = Seen(request)
             self._signed[command.command_id] = seen
             if len(self._signed) > COMMAND_MEMORY:
-                del self._signed[next(iter(self._signed))]
+                self._signed.popitem(last=False)
             actor = admin
             assert signer is not None and signature is not None
             proof = Proof(signed_command(verb, payload).decode(), signer, signature)
@@ -414,12 +417,9 @@ class CommandPipeline:
                 return _refused(exc)
             if not decision.events:
                 return Reply(ok=True, result=self._result(spec, decision, ctx))
+            pending = pending_events(decision, ctx, command_id, proof, request)
             try:
-                seq = await self._store.append(
-                    pending_events(decision, ctx, command_id, proof, request),
-                    expect=decision.expect,
-                    msg_id=command_id,
-                )
+                seq = await self._store.append(pending, expect=decision.expect, msg_id=command_id)
             except DuplicateAppend:
                 # JetStream knows the id (its duplicate window) before our write
                 # model does: wait for it, then answer as above.
@@ -440,7 +440,7 @@ class CommandPipeline:
                 continue
             except StoreError as exc:
                 return Reply.refused(ErrorCode.UNAVAILABLE, f"event store: {exc}")
-            await self._write.wait_for(seq)
+            await self._write.apply_own(seq, pending)
             log.info("command applied", verb=verb, seq=seq, events=len(decision.events))
             return Reply(ok=True, result=self._result(spec, decision, ctx), seq=seq)
         return Reply.refused(ErrorCode.BUSY, "too many concurrent changes; try again")

@@ -21,7 +21,14 @@ from controlplane.brokertls import BrokerTls, ensure_broker_tls
 from controlplane.embedded import REPO_NATS_CONF, EmbeddedNats, NatsServerError
 from controlplane.service import ControlPlane
 from events import natsid
-from events.connect import broker_guarded, connect_once, refused_by_broker, tls_options, uses_tls
+from events.connect import (
+    broker_guarded,
+    connect,
+    connect_once,
+    refused_by_broker,
+    tls_options,
+    uses_tls,
+)
 from events.signing import load_or_create
 
 log = structlog.get_logger("netmesh.server")
@@ -138,11 +145,11 @@ async def run_server(
     system_nc = None
     control_plane = None
     try:
-        nc = await nats.connect(
+        nc = await connect(
             nats_url, name="netmesh-controlplane", max_reconnect_attempts=-1, **login, **secure
         )
         if broker_guarded(nc):
-            system_nc = await nats.connect(
+            system_nc = await connect(
                 nats_url,
                 name="netmesh-controlplane-system",
                 max_reconnect_attempts=-1,

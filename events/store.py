@@ -87,6 +87,12 @@ class EventStore(Protocol):
         (None: no message there)."""
         ...
 
+    def as_followed(self, seq: int, pending: PendingEvent) -> RecordedEvent:
+        """The event this store appended at `seq`, as `follow()` will deliver
+        it (through the wire format, with its signature checked): for a writer
+        that applies its own events without waiting for them to come back."""
+        ...
+
     def follow(self, from_seq: int = 1) -> AsyncIterator[RecordedEvent]:
         """Every event from `from_seq` on, in order, then live ones, until `close()`."""
         ...
@@ -173,6 +179,11 @@ class MemoryEventStore:
 
     async def read(self, seq: int) -> RecordedEvent | None:
         return self._log[seq - 1] if 1 <= seq <= len(self._log) else None
+
+    def as_followed(self, seq: int, pending: PendingEvent) -> RecordedEvent:
+        recorded = self._log[seq - 1]
+        assert recorded.subject == pending.subject
+        return recorded
 
     async def follow(self, from_seq: int = 1) -> AsyncIterator[RecordedEvent]:
         async for batch in self.follow_batches(from_seq):

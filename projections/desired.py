@@ -42,21 +42,30 @@ def fold(topology: Topology, recorded: RecordedEvent) -> Touched:
     if len(rules) == 1:
         rereads = tuple(rules[0].rereads(topology, event))
     else:
-        rereads = tuple(r for rule in rules for r in rule.rereads(topology, event))
+        found: list[Reread] = []
+        for rule in rules:
+            found.extend(rule.rereads(topology, event))
+        rereads = tuple(found)
+    # Unions only where both sides have members: a replay runs this per event.
     hosts = touched.reconfigured
-    networks: frozenset[str] = frozenset()
+    networks: frozenset[str] = _NONE
     for reread in rereads:
-        hosts |= reread.hosts
-        networks |= reread.networks
+        if reread.hosts:
+            hosts = hosts | reread.hosts if hosts else reread.hosts
+        if reread.networks:
+            networks = networks | reread.networks if networks else reread.networks
     topology.mark_changed(hosts, networks, recorded.seq)
     return Touched(
-        networks=touched.networks | networks,
+        networks=touched.networks | networks if touched.networks else networks,
         keys=touched.keys,
-        hosts=touched.hosts | hosts,
+        hosts=touched.hosts | hosts if touched.hosts else hosts,
         nodes=touched.nodes,
         reconfigured=touched.reconfigured,
         rereads=rereads,
     )
+
+
+_NONE: frozenset[str] = frozenset()
 
 
 # Event type -> the section rules that react to it (most events concern few).

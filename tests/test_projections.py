@@ -43,6 +43,7 @@ from events.desired import (
 from events.feed import DesiredFeed, Outcome
 from events.store import MemoryEventStore, PendingEvent
 from events.tokens import make_token
+from projections import sqlite as sqlite_module
 from projections.desired import DesiredChanges, desired_for, messages
 from projections.runner import ProjectionRunner
 from projections.sqlite import ReadModel
@@ -446,6 +447,32 @@ async def test_read_model_rebuilds_identically_from_the_stream(tmp_path: Path) -
     second = await build(tmp_path / "a.sqlite3", publisher)
     assert second == first
     assert publisher.sent == published_once
+
+
+async def test_the_read_model_checkpoints_its_wal_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer never checkpoints inside a commit; every so many rows one is
+    run on aiosqlite's thread, and then the database file alone has the rows."""
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_EVERY_ROWS", 5)
+    world, _ = mesh(4)
+    store = await stored(world)
+    model = await ReadModel.open(tmp_path / "m.sqlite3")
+    try:
+        head = await store.last_sequence()
+        await stop(await run_until(ProjectionRunner(store, model, RecordingPublisher()), head))
+        assert model._checkpointing is not None
+        await model._checkpointing
+        (tmp_path / "copy").mkdir()
+        copy = tmp_path / "copy" / "m.sqlite3"
+        copy.write_bytes((tmp_path / "m.sqlite3").read_bytes())  # without the WAL
+        alone = await ReadModel.open(copy)
+        try:
+            assert len((await alone.load_topology()).hosts) == 4
+        finally:
+            await alone.close()
+    finally:
+        await model.close()
 
 
 async def test_a_read_model_of_another_schema_is_rebuilt(tmp_path: Path) -> None:

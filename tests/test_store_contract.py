@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
-import nats
 import pytest
+from nats.aio.msg import Msg
 
+from events.connect import connect
 from events.envelope import Answer, RecordedEvent, make_envelope
-from events.jetstream import JetStreamEventStore
+from events.jetstream import JetStreamEventStore, stream_sequence
 from events.model import AnyEvent, NetworkCreated, NodeJoined
 from events.store import (
     ConcurrencyConflict,
@@ -32,7 +33,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield MemoryEventStore()
         return
     server = await start_nats(tmp_path / "js")
-    client = await nats.connect(server.url)
+    client = await connect(server.url)  # the control plane's kind of connection
     try:
         js_store = JetStreamEventStore(client)
         await js_store.ensure_stream()
@@ -117,6 +118,23 @@ async def test_batch_is_atomic_across_aggregates(store: EventStore) -> None:
     assert last == 4
     assert [r.seq for r in await store.read_subject(SUBJ_A)] == [1, 2, 3]
     assert await store.read_subject(host_subj) == []
+
+
+async def test_a_batch_ends_at_the_sequence_returned_and_reads_as_followed(
+    store: EventStore,
+) -> None:
+    # The write model applies a command's own batch as seq - n + 1 .. seq
+    # (`WriteModel.apply_own`): the events must be stored consecutively.
+    await store.append([created("a")])
+    batch = [joined("a", "h1", "10.0.0.1"), joined("a", "h2", "10.0.0.2"), created("b")]
+    last = await store.append(batch)
+    followed: list[RecordedEvent] = []
+    async for recorded in store.follow(last - len(batch) + 1):
+        followed.append(recorded)
+        if recorded.seq == last:
+            break
+    assert [r.seq for r in followed] == [2, 3, 4]
+    assert followed == [store.as_followed(r.seq, p) for r, p in zip(followed, batch, strict=True)]
 
 
 async def test_wildcard_expectation_guards_all_networks(store: EventStore) -> None:
@@ -222,3 +240,32 @@ async def test_a_slow_follower_gets_everything_in_order(
         if seen[-1] >= 30:
             break
     assert seen == list(range(1, 31))
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.NETMESH_EVENTS.cons.1.42.7.1764000000000000000.0",
+        "$JS.ACK.hub.ACCHASH.NETMESH_EVENTS.cons.1.42.7.1764000000000000000.0.tok",
+    ],
+)
+def test_stream_sequence_reads_both_reply_forms(reply: str) -> None:
+    msg = Msg(_client=None, subject="netmesh.ev.network.a", reply=reply)  # type: ignore[arg-type]
+    assert stream_sequence(msg) == msg.metadata.sequence.stream == 42
+
+
+async def test_as_followed_says_valid_for_our_own_macd_events(tmp_path: Path) -> None:
+    server = await start_nats(tmp_path / "js")
+    client = await connect(server.url)
+    try:
+        js_store = JetStreamEventStore(client, mac_key=b"k" * 32)
+        await js_store.ensure_stream()
+        event = created("a")
+        seq = await js_store.append([event])
+        async for recorded in js_store.follow(seq):
+            assert recorded == js_store.as_followed(seq, event)
+            assert recorded.signature == "valid"
+            break
+    finally:
+        await client.close()
+        await server.stop()
