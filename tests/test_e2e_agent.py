@@ -680,3 +680,102 @@ async def _switched(mesh: Mesh, nodes: dict[str, dict[str, Any]], old: str, new:
     assert await wait_until(lambda: ping(a, nodes["b"]["address"]), timeout=15, message="a->b")
     assert await wait_until(lambda: ping(b, nodes["a"]["address"]), timeout=15, message="b->a")
 
+
+@pytest.mark.parametrize("mesh", ["mixed"], indirect=True)
+async def test_kernel_hosts_beside_wireguard_go(mesh: Mesh) -> None:
+    """Kernel WireGuard on a and c beside wireguard-go on b, in one mesh: every
+    pair pings; while a pings b without losing a packet, c rotates its key (a's and
+    b's peers for c switch in place) and a's agent restarts (its kernel interface
+    stays, untouched); then c's kernel interface drifts and is repaired (a peer
+    removed, its address deleted, the link deleted).
+
+    The backend-specific points of the tests above in one mesh, cheap enough for
+    the emulated VM of tests/test_kernel_vm.py, which runs it (skipped here
+    without the wireguard kernel module)."""
+    _, nodes = await _mesh_up(mesh, ("a", "b", "c"))
+    a, c = mesh.hosts["a"], mesh.hosts["c"]
+    pinger = Pinger(a, nodes["b"]["address"])
+    await pinger.start()
+
+    pinger.mark("c rotates its key")
+    old_key = nodes["c"]["public_key"]
+    rotated = await c.run(
+        *(NETMESH, "agent", "rotate-key", "--state-dir", str(mesh.tmp / "c")),
+        beside=mesh.agents["c"].pid,
+    )
+    new_key = rotated.stdout.strip().rpartition(" ")[2]
+    assert new_key and new_key != old_key, rotated.stdout
+    for name in ("a", "b"):
+        await wait_until(
+            functools.partial(_has_peer, mesh, name, new_key),
+            timeout=REPAIR_WITHIN + 5,
+            message=f"{name} has c's new key",
+        )
+        assert await _lacks_peer(mesh, name, old_key)
+
+    async def c_uses_new_key() -> bool:
+        return (await mesh.wg("c", "public-key")).strip() == new_key
+
+    await wait_until(c_uses_new_key, timeout=REPAIR_WITHIN + 5, message="c's device switched")
+    for src, dst in (("a", "c"), ("c", "a"), ("b", "c")):
+        assert await wait_until(
+            functools.partial(ping, mesh.hosts[src], nodes[dst]["address"]),
+            timeout=15,
+            message=f"ping {src} -> {dst} after the rotation",
+        )
+
+    pinger.mark("restart agent a")
+    await _restart_agent(mesh, "a")
+    pinger.mark("agent a back")
+    stats = await pinger.stop()
+    assert stats.lost == 0, f"a -> b: {stats.lost} of {stats.transmitted} lost\n{pinger.timeline()}"
+
+    # c's interface drifts: each change is repaired within about one resync.
+    a_key = nodes["a"]["public_key"]
+    desired_addresses = await _addresses(c)
+    assert len(desired_addresses) == 1
+    since = _log_size(mesh, "c")
+    await c.run("wg", "set", IFACE, "peer", a_key, "remove", beside=mesh.agents["c"].pid)
+    await wait_until(
+        functools.partial(_has_peer, mesh, "c", a_key),
+        timeout=REPAIR_WITHIN,
+        interval=0.1,
+        message="c's peer a back",
+    )
+    entry = await _wait_log(
+        mesh,
+        "c",
+        since,
+        lambda e: e.get("event") == "drift repair" and a_key in e.get("op", ""),
+        timeout=2,
+        message="peer drift logged",
+    )
+    assert f"endpoint {a.lan_address}:51820" in entry["op"], entry
+    (address,) = desired_addresses
+    await c.run("ip", "addr", "del", address, "dev", IFACE)
+    await wait_until(
+        functools.partial(_has_addresses, c, desired_addresses),
+        timeout=REPAIR_WITHIN,
+        interval=0.1,
+        message="c's address back",
+    )
+    old_device = await mesh.device_id("c")
+    await c.run("ip", "link", "del", IFACE)
+
+    async def recreated() -> bool:
+        device = await mesh.device_id("c")
+        return (
+            device not in (None, old_device)
+            and await _has_addresses(c, desired_addresses)
+            and a_key in await _peers(mesh, "c")
+        )
+
+    await wait_until(recreated, timeout=REPAIR_WITHIN + 3, interval=0.1, message="c recreated")
+    dump = (await mesh.wg("c", "dump")).splitlines()[0].split("\t")
+    assert dump[1] == new_key and dump[2] == "51820", (dump, mesh.log("agent-c")[-3000:])
+    for src, dst in (("a", "c"), ("c", "b")):
+        assert await wait_until(
+            functools.partial(ping, mesh.hosts[src], nodes[dst]["address"]),
+            timeout=15,
+            message=f"ping {src} -> {dst} after the repair",
+        )
