@@ -4,8 +4,9 @@ server` (embedded nats-server) in host `cp`, and `netmesh agent up` in hosts `a`
 
 The `mesh` fixture runs each test twice: with wireguard-go on every host
 (`userspace`), and with kernel WireGuard on `a` and `c` beside wireguard-go on `b`
-(`mixed`). `mixed` needs the wireguard kernel module: where it is missing it is
-skipped, and tests/test_kernel_vm.py runs it inside a VM with a real kernel.
+(`mixed`; `a` runs `--backend auto`, which must pick the kernel there, `c`
+`--backend kernel`). `mixed` needs the wireguard kernel module: where it is missing
+it is skipped, and tests/test_kernel_vm.py runs it inside a VM with a real kernel.
 
 Use from a test module (both fixtures must be importable there):
 
@@ -35,7 +36,7 @@ IFACE = "nm0"
 # The `--backend` of each agent host, by name; a host not named runs wireguard-go.
 BACKEND_MIXES: dict[str, Mapping[str, str]] = {
     "userspace": {},
-    "mixed": {"a": "kernel", "c": "kernel"},
+    "mixed": {"a": "auto", "c": "kernel"},
 }
 
 
@@ -165,14 +166,18 @@ class Mesh:
 
     async def device_id(self, name: str) -> int | None:
         """What identifies host `name`'s WireGuard device while it lives: its
-        wireguard-go's pid (userspace) or its interface index (kernel). None when
+        wireguard-go's pid (userspace) or its interface index (kernel, which `auto`
+        must have picked: the mixed mesh runs only where the module is). None when
         there is no device; another value means it was recreated."""
         if self.backend(name) == "userspace":
             return await self.wireguard_go_pid(name)
-        result = await self.hosts[name].run("ip", "-j", "link", "show", IFACE, check=False)
+        result = await self.hosts[name].run("ip", "-j", "-d", "link", "show", IFACE, check=False)
         if result.returncode != 0:
             return None
-        index: int = json.loads(result.stdout)[0]["ifindex"]
+        (link,) = json.loads(result.stdout)
+        kind = link.get("linkinfo", {}).get("info_kind")
+        assert kind == "wireguard", f"{IFACE} on {name} is not kernel WireGuard: {kind}"
+        index: int = link["ifindex"]
         return index
 
     async def wireguard_go_pid(self, name: str) -> int | None:

@@ -683,17 +683,20 @@ async def _switched(mesh: Mesh, nodes: dict[str, dict[str, Any]], old: str, new:
 
 @pytest.mark.parametrize("mesh", ["mixed"], indirect=True)
 async def test_kernel_hosts_beside_wireguard_go(mesh: Mesh) -> None:
-    """Kernel WireGuard on a and c beside wireguard-go on b, in one mesh: every
-    pair pings; while a pings b without losing a packet, c rotates its key (a's and
-    b's peers for c switch in place) and a's agent restarts (its kernel interface
-    stays, untouched); then c's kernel interface drifts and is repaired (a peer
-    removed, its address deleted, the link deleted).
+    """Kernel WireGuard on a (picked by `--backend auto`) and c beside wireguard-go
+    on b, in one mesh: every pair pings; while a pings b without losing a packet, c
+    rotates its key (a's and b's peers for c switch in place) and a's agent restarts
+    (its kernel interface stays, untouched); then c's kernel interface drifts and is
+    repaired (a peer removed, its address deleted, the link deleted).
 
     The backend-specific points of the tests above in one mesh, cheap enough for
     the emulated VM of tests/test_kernel_vm.py, which runs it (skipped here
     without the wireguard kernel module)."""
     _, nodes = await _mesh_up(mesh, ("a", "b", "c"))
     a, c = mesh.hosts["a"], mesh.hosts["c"]
+    for name in ("a", "c"):  # kernel devices (a's agent chose it, `--backend auto`)
+        assert await mesh.device_id(name) is not None
+        assert await mesh.wireguard_go_pid(name) is None
     pinger = Pinger(a, nodes["b"]["address"])
     await pinger.start()
 
