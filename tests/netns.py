@@ -161,7 +161,9 @@ async def wait_until(
 
 
 async def ping(host: Host, address: str, count: int = 1, timeout: float = 2.0) -> bool:
-    """Whether `address` answers `count` echo requests from `host` within `timeout` each."""
+    """Whether `address` answers `count` echo requests from `host` within `timeout`
+    each (times TIME_SCALE: a first packet waits for a handshake, slow when emulated)."""
+    timeout *= TIME_SCALE
     result = await host.run(
         "ping",
         "-n",
