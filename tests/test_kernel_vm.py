@@ -2,8 +2,8 @@
 
 This machine's kernel has no WireGuard module, so the test boots Debian's kernel
 (`linux-image-amd64` ships wireguard.ko) under qemu with virtme-ng, with this
-machine's root file system shared read-only, and runs inside it, as root, with
-the module loaded:
+machine's root file system shared read-only, and runs inside it, as root (the
+module loads on first use, as on a host):
 
 - the backend contract (tests/test_backend_contract.py) against KernelBackend, and
   the real-kernel tunnels of tests/test_kernel_backend.py;
@@ -185,7 +185,8 @@ uname -r
 # Not wireguard: the first lookup of its netlink family loads it, as on a host.
 modprobe -a ext4 tun
 mkdir -p /run/netmesh-fast
-mount -o ro "$(blkid -L {IMAGE_LABEL})" /run/netmesh-fast
+for _ in $(seq 50); do disk=$(blkid -L {IMAGE_LABEL}) && break; sleep 0.2; done
+mount -o ro "$disk" /run/netmesh-fast
 {binds}
 cd {q(str(ROOT))}
 export NETMESH_TEST_TIME_SCALE={INNER_TIME_SCALE}
