@@ -50,7 +50,7 @@ INNER_TESTS = (
     "tests/test_kernel_backend.py::test_kernel_tunnel_in_place_changes",
     "tests/test_kernel_backend.py::test_kernel_many_peers_round_trip",
     "tests/test_kernel_backend.py::test_kernel_answers_to_what_goes_wrong",
-    "tests/test_e2e_agent.py::test_kernel_hosts_beside_wireguard_go[mixed]",
+    "tests/test_e2e_kernel.py::test_kernel_hosts_beside_wireguard_go[mixed]",
 )
 # NETMESH_VM_TESTS (node ids, space-separated) runs others instead, by hand.
 SELECTED = tuple(os.environ.get("NETMESH_VM_TESTS", "").split()) or INNER_TESTS
