@@ -61,6 +61,13 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (wheel,) = (work / "dist").glob("netmesh-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "controlplane/nats.conf" in names, names
+    modules = {
+        str(path.relative_to(ROOT))
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert not modules - set(names), f"not in the wheel: {sorted(modules - set(names))}"
     assert {name.partition("/")[0] for name in names} == {
         *PACKAGES,
         wheel.name.partition("-py3")[0] + ".dist-info",
