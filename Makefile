@@ -23,9 +23,10 @@ lint: setup
 	$(BIN)/mypy tests
 
 # Everything: lint, types, unit, integration (real nats-server) and end-to-end
-# (real wireguard-go in network namespaces; skipped with a reason if not root).
+# (real wireguard-go in network namespaces; kernel WireGuard in a VM, about 5
+# minutes of the run; skipped with a reason if not root).
 test: lint
-	$(BIN)/pytest -ra
+	$(BIN)/pytest -ra --durations=5
 
 # Only the fast tests that need no root and no network namespaces.
 unit: setup

@@ -21,6 +21,7 @@ import base64
 import binascii
 import errno
 import ipaddress
+import os
 import socket
 from collections.abc import Iterable
 from typing import Any
@@ -325,8 +326,11 @@ def parse_get(messages: Iterable[Any]) -> DeviceState:
 
 def _netlink_error(action: str, exc: NetlinkError) -> BackendError:
     code = int(exc.code)
-    name = errno.errorcode.get(code, str(code))
-    return BackendError(f"{action}: {name} ({exc})", retryable=code not in _PERMANENT)
+    # Linux's names (errno.errorcode says ENOTSUP for EOPNOTSUPP, the same number).
+    name = "EOPNOTSUPP" if code == errno.EOPNOTSUPP else errno.errorcode.get(code, str(code))
+    # The kernel's own words (its extended ack), else the errno's text.
+    text = exc.args[1] if len(exc.args) > 1 and exc.args[1] else os.strerror(code)
+    return BackendError(f"{action}: {name} ({text})", retryable=code not in _PERMANENT)
 
 
 async def _open_wireguard_socket() -> Any:

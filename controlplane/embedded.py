@@ -19,7 +19,11 @@ import nats.errors
 
 from events.connect import connect_once
 
-REPO_NATS_CONF = Path(__file__).resolve().parent.parent / "nats.conf"
+# The broker settings netmesh ships: package data (pyproject.toml), so that an
+# installed netmesh has them too. The repository's top-level nats.conf is a
+# symlink to this file (tests/test_packaging.py checks both).
+NATS_CONF = Path(__file__).resolve().with_name("nats.conf")
+REPO_NATS_CONF = NATS_CONF  # the former name (bench/run.py)
 
 
 class NatsServerError(Exception):
@@ -66,7 +70,7 @@ class EmbeddedNats:
         self.server_name = server_name or "netmesh"
         self.host = host
         self.port = port
-        self.config = config if config is not None else REPO_NATS_CONF
+        self.config = config if config is not None else NATS_CONF
         self.log_file = log_file
         # How a client logs in (and TLS), when the config asks for it: the
         # readiness check connects like any client.
@@ -86,9 +90,9 @@ class EmbeddedNats:
     async def start(self, ready_timeout: float = 15.0) -> None:
         """Start and wait until a client can connect. Raises NatsServerError."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        args = [nats_server_binary()]
-        if self.config.exists():
-            args += ["-c", str(self.config)]
+        if not self.config.is_file():
+            raise NatsServerError(f"the NATS configuration {self.config} does not exist")
+        args = [nats_server_binary(), "-c", str(self.config)]
         args += ["-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.store_dir)]
         args += ["-n", self.server_name]
         if os.environ.get("NETMESH_NATS_TRACE"):

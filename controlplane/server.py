@@ -18,7 +18,7 @@ import structlog
 
 from controlplane.brokerauth import BrokerKeys, server_config
 from controlplane.brokertls import BrokerTls, ensure_broker_tls
-from controlplane.embedded import REPO_NATS_CONF, EmbeddedNats, NatsServerError
+from controlplane.embedded import NATS_CONF, EmbeddedNats, NatsServerError
 from controlplane.service import ControlPlane
 from events import natsid
 from events.connect import (
@@ -50,7 +50,7 @@ def broker_config(data_dir: Path) -> str:
     """The nats-server configuration for an external broker this control plane
     guards (with TLS: clients beyond loopback are the usual case there)."""
     keys = BrokerKeys.derive(load_or_create(data_dir / "signing.key"))
-    return server_config(REPO_NATS_CONF.read_text(), keys, ensure_broker_tls(data_dir).config())
+    return server_config(NATS_CONF.read_text(), keys, ensure_broker_tls(data_dir).config())
 
 
 def write_broker_config(data_dir: Path, keys: BrokerKeys, tls: BrokerTls | None = None) -> Path:
@@ -59,7 +59,7 @@ def write_broker_config(data_dir: Path, keys: BrokerKeys, tls: BrokerTls | None 
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
-        out.write(server_config(REPO_NATS_CONF.read_text(), keys, tls.config() if tls else ""))
+        out.write(server_config(NATS_CONF.read_text(), keys, tls.config() if tls else ""))
     tmp.replace(path)
     return path
 

@@ -5,6 +5,7 @@ set -euo pipefail
 
 # A command may live in sbin, which a non-login PATH can lack.
 have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+installed() { dpkg-query -W -f '${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 
 need=()
 have wireguard-go || need+=(wireguard-go)
@@ -18,15 +19,29 @@ have make || need+=(make)
 have openssl || need+=(openssl)
 # Debian's python3 needs python3-venv for `python3 -m venv`.
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+# Optional: the kernel-backend test boots a real Debian kernel (it ships
+# wireguard.ko) under qemu with virtme-ng (tests/test_kernel_vm.py, skipped
+# without them), which needs a static busybox.
+vm=()
+have qemu-system-x86_64 || vm+=(qemu-system-x86)
+installed busybox-static || vm+=(busybox-static)
+compgen -G '/lib/modules/*/kernel/drivers/net/wireguard/wireguard.ko*' >/dev/null \
+    && compgen -G '/boot/vmlinuz-*' >/dev/null || vm+=(linux-image-amd64)
 
-if [ ${#need[@]} -eq 0 ]; then
+if [ ${#need[@]} -eq 0 ] && [ ${#vm[@]} -eq 0 ]; then
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
-    echo "netmesh needs these system packages: ${need[*]} (install them as root)" >&2
-    exit 1
+    if [ ${#vm[@]} -ne 0 ]; then
+        echo "the kernel-backend VM test needs: ${vm[*]} (it is skipped without them)" >&2
+    fi
+    if [ ${#need[@]} -ne 0 ]; then
+        echo "netmesh needs these system packages: ${need[*]} (install them as root)" >&2
+        exit 1
+    fi
+    exit 0
 fi
-echo "installing system packages: ${need[*]}" >&2
+echo "installing system packages: ${need[*]} ${vm[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+apt-get install -y -qq --no-install-recommends "${need[@]}" "${vm[@]}" >/dev/null

@@ -1,7 +1,12 @@
 """A netmesh deployment in network namespaces, for end-to-end tests: `netmesh
-server` (embedded nats-server) in host `cp`, and `netmesh agent up` with
-wireguard-go in hosts `a`, `b`, `c` on a private LAN. The CLI drives it as an
-admin would.
+server` (embedded nats-server) in host `cp`, and `netmesh agent up` in hosts `a`,
+`b`, `c` on a private LAN. The CLI drives it as an admin would.
+
+The `mesh` fixture runs each test twice: with wireguard-go on every host
+(`userspace`), and with kernel WireGuard on `a` and `c` beside wireguard-go on `b`
+(`mixed`; `a` runs `--backend auto`, which must pick the kernel there, `c`
+`--backend kernel`). `mixed` needs the wireguard kernel module: where it is missing
+it is skipped, and tests/test_kernel_vm.py runs it inside a VM with a real kernel.
 
 Use from a test module (both fixtures must be importable there):
 
@@ -16,22 +21,38 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.netns import Host, TestNet, wait_until
+from agent.kernel import kernel_wireguard_available
+from tests.netns import TIME_SCALE, Host, TestNet, wait_until
 
 NETMESH = str(Path(sys.executable).parent / "netmesh")
 IFACE = "nm0"
 
+# The `--backend` of each agent host, by name; a host not named runs wireguard-go.
+BACKEND_MIXES: dict[str, Mapping[str, str]] = {
+    "userspace": {},
+    "mixed": {"a": "auto", "c": "kernel"},
+}
+
 
 class Mesh:
-    def __init__(self, net: TestNet, tmp: Path) -> None:
+    def __init__(
+        self,
+        net: TestNet,
+        tmp: Path,
+        *,
+        netmesh: str = NETMESH,
+        backends: Mapping[str, str] | None = None,
+    ) -> None:
         self.net = net
         self.tmp = tmp
+        self.netmesh = netmesh  # the `netmesh` executable every process runs
+        self.backends = dict(backends or {})
         self.cp: Host | None = None
         self.server: asyncio.subprocess.Process | None = None
         self.agents: dict[str, asyncio.subprocess.Process] = {}
@@ -44,7 +65,7 @@ class Mesh:
             "-c",
             f'exec "$@" >>{self.tmp}/server.log 2>&1',
             "sh",
-            NETMESH,
+            self.netmesh,
             "server",
             "--data-dir",
             str(self.tmp / "cp"),
@@ -65,12 +86,13 @@ class Mesh:
     async def stop_server(self) -> None:
         assert self.server is not None
         self.server.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(self.server.wait(), 30) == 0, self.log("server")
+        stopped = await asyncio.wait_for(self.server.wait(), 30 * TIME_SCALE)
+        assert stopped == 0, self.log("server")
 
     async def cli(self, *args: str, check: bool = True) -> tuple[int, str, str]:
         assert self.cp is not None
         result = await self.cp.run(
-            NETMESH,
+            self.netmesh,
             # Listening beyond loopback, the broker speaks only TLS.
             "--server",
             "tls://127.0.0.1:4222",
@@ -107,7 +129,7 @@ class Mesh:
         """
         host = self.hosts[name]
         args = [
-            NETMESH,
+            self.netmesh,
             "agent",
             "up",
             "--name",
@@ -117,7 +139,7 @@ class Mesh:
             "--endpoint",
             endpoint or host.lan_address,
             "--backend",
-            "userspace",
+            self.backend(name),
             "--interface",
             IFACE,
             "--log-format",
@@ -138,7 +160,28 @@ class Mesh:
     async def stop_agent(self, name: str) -> None:
         process = self.agents.pop(name)
         process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 30) == 0, self.log(f"agent-{name}")
+        stopped = await asyncio.wait_for(process.wait(), 30 * TIME_SCALE)
+        assert stopped == 0, self.log(f"agent-{name}")
+
+    def backend(self, name: str) -> str:
+        """The `--backend` host `name`'s agent runs with."""
+        return self.backends.get(name, "userspace")
+
+    async def device_id(self, name: str) -> int | None:
+        """What identifies host `name`'s WireGuard device while it lives: its
+        wireguard-go's pid (userspace) or its interface index (kernel, which `auto`
+        must have picked: the mixed mesh runs only where the module is). None when
+        there is no device; another value means it was recreated."""
+        if self.backend(name) == "userspace":
+            return await self.wireguard_go_pid(name)
+        result = await self.hosts[name].run("ip", "-j", "-d", "link", "show", IFACE, check=False)
+        if result.returncode != 0:
+            return None
+        (link,) = json.loads(result.stdout)
+        kind = link.get("linkinfo", {}).get("info_kind")
+        assert kind == "wireguard", f"{IFACE} on {name} is not kernel WireGuard: {kind}"
+        index: int = link["ifindex"]
+        return index
 
     async def wireguard_go_pid(self, name: str) -> int | None:
         """The wireguard-go serving IFACE in host `name`, if one runs (not a zombie)."""
@@ -180,9 +223,12 @@ class Mesh:
         return entries
 
 
-@pytest.fixture(name="mesh")
-async def mesh_fixture(testnet: TestNet, tmp_path: Path) -> Mesh:
-    m = Mesh(testnet, tmp_path)
+@pytest.fixture(name="mesh", params=sorted(BACKEND_MIXES))
+async def mesh_fixture(request: pytest.FixtureRequest, testnet: TestNet, tmp_path: Path) -> Mesh:
+    backends = BACKEND_MIXES[request.param]
+    if "kernel" in backends.values() and not await kernel_wireguard_available():
+        pytest.skip("no wireguard kernel module here (tests/test_kernel_vm.py runs it in a VM)")
+    m = Mesh(testnet, tmp_path, backends=backends)
     m.cp = await testnet.add_host("cp")
     for name in ("a", "b", "c"):
         m.hosts[name] = await testnet.add_host(name)

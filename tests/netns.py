@@ -53,6 +53,9 @@ import pytest
 T = TypeVar("T")
 
 LAN_PREFIX = "192.0.2"
+# A slow machine (a VM under emulation, tests/test_kernel_vm.py) stretches every
+# wait and command timeout of these helpers by this factor.
+TIME_SCALE = float(os.environ.get("NETMESH_TEST_TIME_SCALE", "1"))
 _TOOLS = ("ip", "nsenter", "unshare", "ping", "wireguard-go", "mount")
 _counter = itertools.count()
 
@@ -93,6 +96,7 @@ class CommandError(Exception):
 
 async def run(*argv: str, check: bool = True, timeout: float = 30.0) -> Result:
     """Run a command to completion (in the caller's namespaces)."""
+    timeout *= TIME_SCALE
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -141,8 +145,9 @@ async def wait_until(
 ) -> Any:
     """Poll `predicate` (sync or async) until it returns a truthy value; return it.
 
-    Raises TimeoutError after `timeout` seconds.
+    Raises TimeoutError after `timeout` seconds (times TIME_SCALE).
     """
+    timeout *= TIME_SCALE
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -156,7 +161,9 @@ async def wait_until(
 
 
 async def ping(host: Host, address: str, count: int = 1, timeout: float = 2.0) -> bool:
-    """Whether `address` answers `count` echo requests from `host` within `timeout` each."""
+    """Whether `address` answers `count` echo requests from `host` within `timeout`
+    each (times TIME_SCALE: a first packet waits for a handshake, slow when emulated)."""
+    timeout *= TIME_SCALE
     result = await host.run(
         "ping",
         "-n",
@@ -214,7 +221,7 @@ class Driver:
         stdin = self._process.stdin
         if stdin is not None and not stdin.is_closing():
             stdin.close()
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout * TIME_SCALE):
             await self._process.wait()
 
     async def _request(self, request: dict[str, Any]) -> Any:
@@ -382,7 +389,7 @@ class TestNet:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
             try:
-                async with asyncio.timeout(10):
+                async with asyncio.timeout(10 * TIME_SCALE):
                     await process.communicate()
             except TimeoutError:
                 errors.append(f"process {process.pid} did not exit")
@@ -429,6 +436,9 @@ class TestNet:
             stdout=stdout,
             env=None if env is None else {**os.environ, **env},
             start_new_session=True,
+            # A driver answers with one JSON line, which can be megabytes (a
+            # device with thousands of allowed IPs); asyncio's default is 64 KiB.
+            limit=16 * 1024 * 1024,
         )
         self._processes.append(process)
         return process

@@ -1,5 +1,7 @@
-"""One contract for WireGuard backends, run against the fake (in process) and
-against wireguard-go (UserspaceBackend, in a network-namespace test host)."""
+"""One contract for WireGuard backends, run against the fake (in process), against
+wireguard-go (UserspaceBackend) and against the kernel module (KernelBackend), each
+real one in a network-namespace test host. Without the wireguard module the kernel
+case is skipped here; tests/test_kernel_vm.py runs it in a VM with a real kernel."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from nacl.public import PrivateKey
 
 from agent.backend import DeviceState, PeerSpec
 from agent.fake import FakeBackend
+from agent.kernel import kernel_wireguard_available
 from tests.netns import Driver, TestNet
 
 KEY = PrivateKey(bytes(range(1, 33)))
@@ -40,7 +43,12 @@ class InHost:
         return await self.driver.call("wg", method, **msgspec.to_builtins(kwargs))
 
 
-@pytest.fixture(params=["fake", pytest.param("wireguard-go", marks=pytest.mark.netns)])
+REAL = {"wireguard-go": "agent.userspace:UserspaceBackend", "kernel": "agent.kernel:KernelBackend"}
+
+
+@pytest.fixture(
+    params=["fake", *(pytest.param(name, marks=pytest.mark.netns) for name in sorted(REAL))]
+)
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
     if request.param == "fake":
         yield InProcess()
@@ -48,10 +56,12 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
     from tests.netns import require_netns
 
     require_netns()
+    if request.param == "kernel" and not await kernel_wireguard_available():
+        pytest.skip("no wireguard kernel module here (tests/test_kernel_vm.py runs it in a VM)")
     async with TestNet() as net:
         host = await net.add_host("a")
         driver = await host.driver()
-        await driver.new("wg", "agent.userspace:UserspaceBackend", "wg0")
+        await driver.new("wg", REAL[request.param], "wg0")
         yield InHost(driver)
 
 

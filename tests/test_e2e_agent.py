@@ -205,15 +205,15 @@ class Pinger:
 async def _restart_agent(mesh: Mesh, name: str, *, connected: bool = True) -> int:
     """SIGTERM the agent of `name` and start it again from its state dir (no token).
 
-    Checks that the interface stays (same wireguard-go), that the new agent's first
+    Checks that the interface stays (same device), that the new agent's first
     pass finds nothing to change, and (when `connected`) that it reconnects.
     Returns the number of log entries before the restart.
     """
-    wireguard_go = await mesh.wireguard_go_pid(name)
-    assert wireguard_go is not None
+    device = await mesh.device_id(name)
+    assert device is not None
     since = _log_size(mesh, name)
     await mesh.stop_agent(name)
-    assert await mesh.wireguard_go_pid(name) == wireguard_go, "SIGTERM took the interface down"
+    assert await mesh.device_id(name) == device, "SIGTERM took the interface down"
     await mesh.start_agent(name, None, AGENT_ARGS)
     synced = await _wait_log(
         mesh, name, since, _event("in sync"), timeout=15, message=f"{name} in sync after restart"
@@ -224,7 +224,7 @@ async def _restart_agent(mesh: Mesh, name: str, *, connected: bool = True) -> in
             mesh, name, since, _event("connected"), timeout=15, message=f"{name} reconnects"
         )
     _assert_untouched(mesh, name, since)
-    assert await mesh.wireguard_go_pid(name) == wireguard_go, "the interface was recreated"
+    assert await mesh.device_id(name) == device, "the interface was recreated"
     return since
 
 
@@ -353,16 +353,16 @@ async def test_drift_is_logged_and_repaired(mesh: Mesh) -> None:
     )
     assert await wait_until(lambda: ping(a, nodes["b"]["address"]), timeout=10, message="a->b")
 
-    # (c) The whole interface deleted: recreated (a new wireguard-go) with its key,
+    # (c) The whole interface deleted: recreated (a new device) with its key,
     # port, address and peers; pings work both ways again.
-    old_device = await mesh.wireguard_go_pid("a")
+    old_device = await mesh.device_id("a")
     assert old_device is not None
     since = _log_size(mesh, "a")
     await a.run("ip", "link", "del", IFACE)
     started = time.monotonic()
 
     async def recreated() -> bool:
-        device = await mesh.wireguard_go_pid("a")
+        device = await mesh.device_id("a")
         return (
             device not in (None, old_device)
             and await _has_addresses(a, desired_addresses)
@@ -626,11 +626,12 @@ async def test_agent_leave_and_down(mesh: Mesh) -> None:
     )
     assert refused.returncode == 1 and "the agent is running" in refused.stderr
 
-    wg_pid = await mesh.wireguard_go_pid("b")
+    device = await mesh.device_id("b")
     await mesh.stop_agent("b")
-    assert wg_pid is not None and await mesh.wireguard_go_pid("b") == wg_pid  # interface kept
+    assert device is not None and await mesh.device_id("b") == device  # interface kept
     left = await host_b.run(
-        NETMESH, "agent", "leave", "--state-dir", state_b, "--interface", IFACE, beside=wg_pid
+        *(NETMESH, "agent", "leave", "--state-dir", state_b, "--interface", IFACE),
+        beside=await mesh.wireguard_go_pid("b"),
     )
     assert "left office" in left.stdout and f"removed {IFACE}" in left.stdout
     assert [n["name"] for n in await mesh.cli_json("node", "list")] == ["a"]

@@ -11,7 +11,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from agent.kernel import (
 from tests.netns import (
     Driver,
     Host,
+    RemoteError,
     TestNet,
     ping,
     testnet_fixture,  # noqa: F401  (the `testnet` fixture)
@@ -905,7 +906,10 @@ async def test_kernel_tunnel_in_place_changes(kernel_module: None, testnet: Test
 
 @pytest.mark.netns
 async def test_kernel_many_peers_round_trip(kernel_module: None, testnet: TestNet) -> None:
-    """More than one netlink message each way: the split set and the merged dump."""
+    """More than one netlink message each way: the split set and the merged dump,
+    with a peer whose allowed IPs span several messages both ways (the set goes on
+    without the replace flag; the kernel's dump repeats the peer's key). A second
+    set replaces that peer's allowed IPs with fewer, which must drop the rest."""
     host = await testnet.add_host("a")
     driver = await host.driver()
     await driver.new("wg", "agent.kernel:KernelBackend", "wg0")
@@ -917,12 +921,74 @@ async def test_kernel_many_peers_round_trip(kernel_module: None, testnet: TestNe
             endpoint=f"192.0.2.{n % 250 + 1}:{1000 + n}",
             persistent_keepalive=n % 60,
         )
-        for n in range(200)
+        for n in range(60)
     ]
+    big = PeerSpec(
+        public_key=_keypair()[1],
+        allowed_ips=tuple(sorted(f"fd00::{i:x}/128" for i in range(1, 601))),
+        endpoint="[2001:db8::1]:51820",
+    )
+    assert len(build_set_messages("wg0", upsert_peers=(big,))) > 1
+    peers.append(big)
+
+    def entries(peers: Iterable[PeerSpec | PeerState]) -> list[tuple[Any, ...]]:
+        return sorted(
+            (p.public_key, p.allowed_ips, p.endpoint, p.persistent_keepalive) for p in peers
+        )
+
     await driver.call("wg", "configure", upsert_peers=peers)
-    state = await _read(driver)
-    assert [
-        (p.public_key, p.allowed_ips, p.endpoint, p.persistent_keepalive) for p in state.peers
-    ] == sorted((p.public_key, p.allowed_ips, p.endpoint, p.persistent_keepalive) for p in peers)
+    assert entries((await _read(driver)).peers) == entries(peers)
+    smaller = msgspec.structs.replace(big, allowed_ips=big.allowed_ips[:3])
+    await driver.call("wg", "configure", upsert_peers=[smaller])
+    assert entries((await _read(driver)).peers) == entries([*peers[:-1], smaller])
     await driver.call("wg", "destroy")
+    await driver.close()
+
+
+@pytest.mark.netns
+async def test_kernel_answers_to_what_goes_wrong(kernel_module: None, testnet: TestNet) -> None:
+    """What the module answers where the tests above can only assume it: no such
+    interface (retryable: the agent creates it), a link of that name that is not
+    WireGuard (permanent), a listen port another interface holds (retryable, and
+    refused only once the link is up)."""
+    host = await testnet.add_host("a")
+    driver = await host.driver()
+    await driver.new("wg", "agent.kernel:KernelBackend", "wg0")
+    await driver.new("other", "agent.kernel:KernelBackend", "wg1")
+    assert await driver.call("wg", "exists") is False
+    for method, kwargs in (("read", {}), ("configure", {"listen_port": 51820})):
+        with pytest.raises(RemoteError, match="no such interface") as missing:
+            await driver.call("wg", method, **kwargs)
+        assert missing.value.type_name == "BackendError" and missing.value.retryable is True
+
+    await host.run("ip", "link", "add", "wg0", "type", "dummy")
+    assert await driver.call("wg", "exists") is False
+    with pytest.raises(RemoteError, match="not usable as WireGuard") as foreign:
+        await driver.call("wg", "create")
+    assert foreign.value.retryable is False
+    await driver.call("wg", "destroy")  # a link of that name is deleted, whatever it is
+    assert (await host.run("ip", "link", "show", "wg0", check=False)).returncode != 0
+
+    # The module binds its port when the link is up: on a link that is up, a port
+    # another interface holds is refused at once (and the old one kept); on a link
+    # that is down, it is taken as given, and bringing the link up fails.
+    for name, interface in (("wg", "wg0"), ("other", "wg1")):
+        await driver.new(f"{name}-link", "agent.link:Link", interface)
+        await driver.call(name, "create")
+    await driver.call("wg", "configure", listen_port=51820)
+    await driver.call("wg-link", "set_up")
+    await driver.call("other", "configure", listen_port=51820)  # down: accepted
+    with pytest.raises(RemoteError, match="EADDRINUSE") as taken:
+        await driver.call("other-link", "set_up")
+    assert taken.value.type_name == "LinkError" and taken.value.retryable is True
+    await driver.call("other", "configure", listen_port=51821)
+    await driver.call("other-link", "set_up")
+    with pytest.raises(RemoteError, match="EADDRINUSE") as taken:
+        await driver.call("other", "configure", listen_port=51820)
+    assert taken.value.type_name == "BackendError" and taken.value.retryable is True
+    assert msgspec.convert(await driver.call("other", "read"), DeviceState).listen_port == 51821
+    for name in ("wg", "other"):
+        await driver.call(name, "destroy")
+        await driver.call(name, "close")
+        await driver.call(f"{name}-link", "close")
     await driver.close()
