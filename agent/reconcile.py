@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.apply import apply, read_actual
-from agent.backend import BackendError, WireGuardBackend
+from agent.backend import WireGuardBackend
 from agent.link import LinkControl
 from agent.plan import Actual, Op, plan_interface, plan_link, plan_peers, plan_routes
 from events.desired import DesiredState
@@ -114,11 +114,8 @@ async def reconcile(
         for op in ops:
             if on_op is not None:
                 on_op(reconciler.name, op)
-        try:
-            result = await apply(ops, backend, link, private_key)
-        except BackendError as exc:  # apply reports its own; this is a safety net
-            outcomes.append(Outcome(reconciler.name, tuple(ops), 0, f"{ops[0]}: {exc}"))
-            continue
+        # apply() reports a BackendError in its result: how far it got, and why.
+        result = await apply(ops, backend, link, private_key)
         error = None if result.ok else f"{ops[result.applied]}: {result.error}"
         outcomes.append(Outcome(reconciler.name, tuple(ops), result.applied, error))
     return PassResult(actual, tuple(outcomes))

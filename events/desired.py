@@ -135,9 +135,6 @@ class DesiredDelta(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", 
         if unknown:
             raise ValueError(f"unknown section(s) {', '.join(sorted(unknown))}")
 
-    def touches(self, name: str) -> bool:
-        return bool(section(self.upsert, name) or self.remove.get(name))
-
 
 DesiredMessage = DesiredState | DesiredDelta
 

@@ -17,7 +17,7 @@ the hosts named by the rereads get a delta with just those keys.
 from __future__ import annotations
 
 from projections.sections.addresses import AddressSection
-from projections.sections.base import Reread, SectionBuilder, SectionRule
+from projections.sections.base import Reread, SectionRule
 from projections.sections.interface import InterfaceSection
 from projections.sections.peers import PeerSection, peer_endpoint
 from projections.sections.routes import RouteSection
@@ -29,4 +29,4 @@ SECTIONS: tuple[type[SectionRule], ...] = (
     RouteSection,
 )
 
-__all__ = ["SECTIONS", "Reread", "SectionBuilder", "SectionRule", "peer_endpoint"]
+__all__ = ["SECTIONS", "Reread", "SectionRule", "peer_endpoint"]

@@ -26,18 +26,6 @@ class Reread(msgspec.Struct, frozen=True):
     owner: str = ""
 
 
-class SectionBuilder(Protocol):
-    """One section's entries for one batch of events (may cache within it)."""
-
-    def entries(self, host_id: str) -> dict[str, Any]:
-        """The whole section as `host_id` sees it, sorted by key."""
-        ...
-
-    def entry(self, host_id: str, key: str) -> Any | None:
-        """Entry `key` as `host_id` sees it; None when it has none."""
-        ...
-
-
 class SectionRule(Protocol):
     name: ClassVar[str]
     # The event types whose rereads this section has a rule for.
@@ -45,9 +33,14 @@ class SectionRule(Protocol):
 
     def __init__(self, topology: Topology) -> None: ...
 
-    def entries(self, host_id: str) -> dict[str, Any]: ...
+    def entries(self, host_id: str) -> dict[str, Any]:
+        """The whole section as `host_id` sees it, sorted by key (a builder
+        may cache within its batch of events)."""
+        ...
 
-    def entry(self, host_id: str, key: str) -> Any | None: ...
+    def entry(self, host_id: str, key: str) -> Any | None:
+        """Entry `key` as `host_id` sees it; None when it has none."""
+        ...
 
     @staticmethod
     def rereads(topology: Topology, event: Event) -> Sequence[Reread]:
