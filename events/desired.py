@@ -5,8 +5,8 @@ one version must read what control planes of the next version write. Fields
 are only ever added, with defaults.
 
 A host's desired state is a set of named sections (`Sections`): the WireGuard
-interface, its addresses, its peers, its routes; later features add their own
-(firewall, dns, ...). Each section is a keyed map of entries. A host's subject
+interface, its addresses, its peers, its routes, its firewall; later features
+add their own (dns, ...). Each section is a keyed map of entries. A host's subject
 `netmesh.desired.<host>` carries a snapshot (every section whole, published
 with a rollup so that it replaces everything before it), then deltas: per
 section, entries upserted by key and keys removed, all under one revision. A
@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL = 3
+PROTOCOL = 4
 
 # The key of the one entry of the `interface` section.
 WIREGUARD = "wireguard"
@@ -64,6 +64,18 @@ class RouteEntry(msgspec.Struct, frozen=True, kw_only=True):
     (fields such as a metric come with the feature that needs them)."""
 
 
+class FirewallEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """What may arrive on the overlay interface from one source, keyed by the
+    source's CIDR (a peer's overlay address as /32 or /128, or a range).
+
+    `allow` holds port specs as the policy writes them: "any", "icmp",
+    "N/tcp", "N-M/udp". The agent accepts replies to what the host opened,
+    accepts what some entry allows and drops everything else arriving on the
+    overlay interface: an empty section lets nothing new in."""
+
+    allow: tuple[str, ...]
+
+
 class Sections(
     msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
 ):
@@ -78,6 +90,7 @@ class Sections(
     addresses: dict[str, AddressEntry] = {}
     peers: dict[str, PeerEntry] = {}
     routes: dict[str, RouteEntry] = {}
+    firewall: dict[str, FirewallEntry] = {}
 
 
 SECTION_NAMES: tuple[str, ...] = Sections.__struct_fields__
@@ -277,7 +290,25 @@ def _v2_to_v3(raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_UPCASTS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
+def _v3_to_v4(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 had no firewall: everything arriving on the overlay was let in.
+    A snapshot says so explicitly (an absent section now means "let nothing
+    in"); a delta changed no firewall."""
+    if raw.get("kind") == "delta":
+        return {**raw, "protocol": 4}
+    sections = dict(raw.get("sections") or {})
+    sections["firewall"] = {cidr: {"allow": ["any"]} for cidr in ALLOW_EVERYTHING}
+    return {**raw, "protocol": 4, "sections": sections}
+
+
+# The firewall of a host that enforces no policy (what version 3 meant).
+ALLOW_EVERYTHING = ("0.0.0.0/0", "::/0")
+
+_UPCASTS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: _v1_to_v2,
+    2: _v2_to_v3,
+    3: _v3_to_v4,
+}
 
 
 def upcast(raw: dict[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,7 @@ class EnrollmentKeyCreated(Event, frozen=True, tag="enrollment_key.created"):
     secret_sha256: str
     uses: int | None = None  # None = unlimited
     expires_at: float | None = None  # unix seconds; None = never
+    tags: tuple[str, ...] = ()  # nodes joining with this key carry these tags
 
 
 class EnrollmentKeyUsed(Event, frozen=True, tag="enrollment_key.used"):
@@ -96,12 +97,45 @@ class NodeJoined(Event, frozen=True, tag="node.joined"):
     host_id: str
     name: str
     address: str  # overlay IP, no prefix
+    tags: tuple[str, ...] = ()  # from the enrollment key it joined with
 
 
 class NodeRemoved(Event, frozen=True, tag="node.removed"):
     network: str
     node_id: str
     host_id: str
+
+
+class NodeTagged(Event, frozen=True, tag="node.tagged"):
+    """Tags added to a node (only those it did not carry)."""
+
+    network: str
+    node_id: str
+    host_id: str
+    tags: tuple[str, ...]
+
+
+class NodeUntagged(Event, frozen=True, tag="node.untagged"):
+    """Tags taken from a node (only those it carried)."""
+
+    network: str
+    node_id: str
+    host_id: str
+    tags: tuple[str, ...]
+
+
+class PolicySet(Event, frozen=True, tag="policy.set"):
+    """A network's access policy, as the admin wrote it (JSON5, comments
+    kept): validated when set, compiled again on every replay."""
+
+    network: str
+    document: str
+
+
+class PolicyCleared(Event, frozen=True, tag="policy.cleared"):
+    """The network allows everything again."""
+
+    network: str
 
 
 class AdminAdded(Event, frozen=True, tag="admin.added"):
@@ -133,6 +167,10 @@ AnyEvent = (
     | HostKeyRotationRequested
     | NodeJoined
     | NodeRemoved
+    | NodeTagged
+    | NodeUntagged
+    | PolicySet
+    | PolicyCleared
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = get_args(AnyEvent)
@@ -171,6 +209,10 @@ def aggregate_of(event: AnyEvent) -> tuple[str, str]:
             | EnrollmentKeyRevoked(network=n)
             | NodeJoined(network=n)
             | NodeRemoved(network=n)
+            | NodeTagged(network=n)
+            | NodeUntagged(network=n)
+            | PolicySet(network=n)
+            | PolicyCleared(network=n)
         ):
             return ("network", n)
     raise TypeError(f"unknown event {event!r}")  # pragma: no cover
