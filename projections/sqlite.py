@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,9 @@ import aiosqlite
 import msgspec
 import structlog
 
-from projections.topology import EnrollmentKey, Host, Network, Node, Topology, Touched
+from projections.topology import EnrollmentKey, Host, Network, Node, Topology, Touched, compiled
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -27,11 +28,11 @@ CREATE TABLE IF NOT EXISTS checkpoint (name TEXT PRIMARY KEY, seq INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS networks (
     name TEXT PRIMARY KEY, cidr TEXT NOT NULL, listen_port INTEGER NOT NULL,
     mtu INTEGER NOT NULL, keepalive INTEGER NOT NULL, created_at REAL NOT NULL,
-    revision INTEGER NOT NULL);
+    revision INTEGER NOT NULL, policy_text TEXT NOT NULL, policy_seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
     key_id TEXT PRIMARY KEY, network TEXT NOT NULL, secret_sha256 TEXT NOT NULL,
     uses INTEGER, used INTEGER NOT NULL, expires_at REAL, revoked INTEGER NOT NULL,
-    created_at REAL NOT NULL);
+    created_at REAL NOT NULL, tags TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS retired_keys (key_id TEXT PRIMARY KEY, network TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS hosts (
     host_id TEXT PRIMARY KEY, name TEXT NOT NULL, public_key TEXT NOT NULL,
@@ -39,7 +40,7 @@ CREATE TABLE IF NOT EXISTS hosts (
     revision INTEGER NOT NULL, signing_key TEXT NOT NULL, key_epoch INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, network TEXT NOT NULL, host_id TEXT NOT NULL,
-    name TEXT NOT NULL, address TEXT NOT NULL, joined_at REAL NOT NULL);
+    name TEXT NOT NULL, address TEXT NOT NULL, joined_at REAL NOT NULL, tags TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS nodes_network ON nodes (network);
 """
 
@@ -110,11 +111,15 @@ class ReadModel:
 
     async def load_topology(self) -> Topology:
         topology = Topology()
+        policies = {}
         for row in await self._all("SELECT * FROM networks"):
-            topology.networks[row["name"]] = Network(**dict(row))
+            values = dict(row)
+            policies[row["name"]] = values.pop("policy_text")
+            topology.networks[row["name"]] = Network(**values)
         for row in await self._all("SELECT * FROM keys"):
             values = dict(row)
             values["revoked"] = bool(values["revoked"])
+            values["tags"] = tuple(msgspec.json.decode(values["tags"]))
             topology.keys[row["key_id"]] = EnrollmentKey(**values)
         for row in await self._all("SELECT * FROM retired_keys"):
             topology.retired_keys[row["key_id"]] = row["network"]
@@ -125,7 +130,16 @@ class ReadModel:
             topology.hosts[host.host_id] = host
             topology.host_by_public_key[host.public_key] = host.host_id
         for row in await self._all("SELECT * FROM nodes"):
-            topology.add_node(Node(**dict(row)))
+            values = dict(row)
+            values["tags"] = frozenset(msgspec.json.decode(values["tags"]))
+            topology.add_node(Node(**values))
+        for name, text in policies.items():
+            if text:  # compiled and indexed once its members are in
+                network = topology.networks[name]
+                policy, network.policy_error = compiled(text)
+                topology.set_policy(network, policy)
+                network.policy_text = text
+                network.previous_policy = None
         topology.last_seq = await self.checkpoint()
         async with self.db.execute("SELECT seq FROM checkpoint WHERE name = 'signed_seen'") as cur:
             topology.signed_seen = await cur.fetchone() is not None
@@ -158,9 +172,19 @@ class ReadModel:
                 [(n,) for n in networks if n not in topology.networks],
             ),
             (
-                "INSERT OR REPLACE INTO networks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO networks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (n.name, n.cidr, n.listen_port, n.mtu, n.keepalive, n.created_at, n.revision)
+                    (
+                        n.name,
+                        n.cidr,
+                        n.listen_port,
+                        n.mtu,
+                        n.keepalive,
+                        n.created_at,
+                        n.revision,
+                        n.policy_text,
+                        n.policy_seq,
+                    )
                     for n in (topology.networks.get(name) for name in networks)
                     if n is not None
                 ],
@@ -178,7 +202,7 @@ class ReadModel:
                 ],
             ),
             (
-                "INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         key.key_id,
@@ -189,6 +213,7 @@ class ReadModel:
                         key.expires_at,
                         int(key.revoked),
                         key.created_at,
+                        _json_list(key.tags),
                     )
                     for key in (topology.keys.get(k) for k in touched.keys)
                     if key is not None
@@ -217,7 +242,7 @@ class ReadModel:
                 [(n,) for n in touched.nodes if n not in topology.nodes],
             ),
             (
-                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         node.node_id,
@@ -226,6 +251,7 @@ class ReadModel:
                         node.name,
                         node.address,
                         node.joined_at,
+                        _json_list(node.tags),
                     )
                     for node in (topology.nodes.get(n) for n in touched.nodes)
                     if node is not None
@@ -268,3 +294,7 @@ class ReadModel:
         except BaseException:
             db.rollback()
             raise
+
+
+def _json_list(items: Iterable[str]) -> str:
+    return msgspec.json.encode(sorted(items)).decode()

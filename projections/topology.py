@@ -35,8 +35,14 @@ from events.model import (
     NetworkUpdated,
     NodeJoined,
     NodeRemoved,
+    NodeTagged,
+    NodeUntagged,
+    PolicyCleared,
+    PolicySet,
 )
+from events.policy import Policy, PolicyDocument, PolicyError, parse_policy
 from events.subjects import EVENTS_PREFIX
+from projections.access import AccessIndex, Member
 
 COMMAND_MEMORY = 100_000
 
@@ -61,6 +67,15 @@ class Network:
     # (a membership, a member's peer entry, the network's MTU): every
     # member's desired revision is at least this.
     revision: int = 0
+    # The access policy in force (None: everyone reaches everyone), the text
+    # it was set from and the event that set it; the policy before it (what
+    # the last policy event changed from); who its rules match.
+    policy: Policy | None = None
+    policy_text: str = ""
+    policy_seq: int = 0
+    policy_error: str = ""  # why the recorded policy does not parse (it then allows nothing)
+    previous_policy: Policy | None = None
+    access: AccessIndex | None = None
 
 
 @dataclass
@@ -73,6 +88,7 @@ class EnrollmentKey:
     created_at: float
     used: int = 0
     revoked: bool = False
+    tags: tuple[str, ...] = ()  # nodes joining with it carry these
 
     def uses_left(self) -> int | None:
         return None if self.uses is None else max(self.uses - self.used, 0)
@@ -101,6 +117,11 @@ class Node:
     name: str
     address: str
     joined_at: float
+    tags: frozenset[str] = frozenset()
+
+    def member(self) -> Member:
+        """The node as a policy sees it."""
+        return Member(self.name, self.address, self.tags)
 
 
 class Touched(msgspec.Struct, frozen=True):
@@ -226,13 +247,36 @@ class Topology:
         self.nodes[node.node_id] = node
         self.nodes_by_network.setdefault(node.network, set()).add(node.node_id)
         self.nodes_by_host.setdefault(node.host_id, set()).add(node.node_id)
+        network = self.networks.get(node.network)
+        if network is not None and network.access is not None:
+            network.access.add(node.node_id, node.member())
 
     def drop_node(self, node_id: str) -> Node | None:
         node = self.nodes.pop(node_id, None)
         if node is not None:
             self.nodes_by_network.get(node.network, set()).discard(node_id)
             self.nodes_by_host.get(node.host_id, set()).discard(node_id)
+            network = self.networks.get(node.network)
+            if network is not None and network.access is not None:
+                network.access.remove(node_id)
         return node
+
+    def set_policy(self, network: Network, policy: Policy | None) -> None:
+        """Put `policy` in force in `network` (None: allow everything) and index it."""
+        network.previous_policy = network.policy
+        network.policy = policy
+        network.access = (
+            None
+            if policy is None
+            else AccessIndex(
+                policy,
+                ((n, self.nodes[n].member()) for n in self.nodes_by_network.get(network.name, ())),
+            )
+        )
+
+    def members_of(self, network: str) -> frozenset[str]:
+        """The hosts with a node in `network`."""
+        return frozenset(self.nodes[n].host_id for n in self.nodes_by_network.get(network, ()))
 
 
 _NETWORK_SUBJECTS = f"{EVENTS_PREFIX}.network."
@@ -330,6 +374,7 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 uses=e.uses,
                 expires_at=e.expires_at,
                 created_at=at,
+                tags=e.tags,
             )
             return Touched(keys=frozenset({e.key_id}))
         case EnrollmentKeyUsed(key_id=key_id):
@@ -377,6 +422,7 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                     name=e.name,
                     address=e.address,
                     joined_at=at,
+                    tags=frozenset(e.tags),
                 )
             )
             return Touched(
@@ -391,4 +437,46 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 hosts=frozenset({e.host_id}),
                 reconfigured=frozenset({e.host_id}),
             )
+        case NodeTagged() | NodeUntagged() as e:
+            node = topology.nodes.get(e.node_id)
+            if node is None:
+                return Touched()
+            tags = frozenset(e.tags)
+            node.tags = node.tags | tags if isinstance(e, NodeTagged) else node.tags - tags
+            network = topology.networks.get(node.network)
+            if network is not None and network.access is not None:
+                network.access.retag(node.node_id, node.tags)
+            return Touched(nodes=frozenset({e.node_id}))
+        case PolicySet() | PolicyCleared() as e:
+            network = topology.networks.get(e.network)
+            if network is None:
+                return Touched()
+            was_open = network.policy is None
+            if isinstance(e, PolicySet):
+                policy, network.policy_error = compiled(e.document)
+                topology.set_policy(network, policy)
+                network.policy_text = e.document
+            else:
+                topology.set_policy(network, None)
+                network.policy_text = network.policy_error = ""
+            network.policy_seq = recorded.seq
+            # From or to allowing everything, every member's peers and firewall
+            # change as a whole: each gets a snapshot. Between two policies,
+            # the sections' rules say whose entries the changed rules moved.
+            members = topology.members_of(e.network)
+            opened_or_closed = was_open != (network.policy is None)
+            return Touched(
+                networks=frozenset({e.network}),
+                reconfigured=members if opened_or_closed else frozenset(),
+            )
     return Touched()  # pragma: no cover - every event type is matched above
+
+
+def compiled(document: str) -> tuple[Policy, str]:
+    """A recorded policy's parsed form, and why it does not parse ("" when it
+    does). It was validated when it was set; if this version cannot parse it,
+    it fails closed (nothing allowed) rather than opening the network."""
+    try:
+        return parse_policy(document), ""
+    except PolicyError as exc:
+        return Policy(rules=(), document=PolicyDocument()), str(exc)

@@ -8,6 +8,7 @@ from events.desired import (
     WIREGUARD,
     AddressEntry,
     DesiredState,
+    FirewallEntry,
     InterfaceEntry,
     PeerEntry,
     RouteEntry,
@@ -25,6 +26,7 @@ def desired_state(
     key_epoch: int = 0,
     peers: Iterable[tuple[str, PeerEntry]] = (),
     routes: Iterable[str] = (),
+    firewall: Iterable[tuple[str, tuple[str, ...]]] = (),
 ) -> DesiredState:
     return DesiredState(
         host_id=host_id,
@@ -36,5 +38,6 @@ def desired_state(
             addresses={a: AddressEntry() for a in addresses},
             peers=dict(sorted(peers)),
             routes={r: RouteEntry() for r in routes},
+            firewall={cidr: FirewallEntry(allow=allow) for cidr, allow in sorted(firewall)},
         ),
     )

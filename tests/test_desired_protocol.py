@@ -1,4 +1,4 @@
-"""The desired-state wire format (protocol 3, events/PROTOCOL.md): sections,
+"""The desired-state wire format (protocol 4, events/PROTOCOL.md): sections,
 deltas per section, and what older and newer peers of the protocol get."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from events.desired import (
     WIREGUARD,
     DesiredDelta,
     DesiredState,
+    FirewallEntry,
     InterfaceEntry,
     PeerEntry,
     Sections,
@@ -53,6 +54,8 @@ def test_a_version_2_snapshot_and_delta_read_as_today() -> None:
                 ),
             )
         ],
+        # Before version 4 everything arriving on the overlay was let in.
+        firewall=[("0.0.0.0/0", ("any",)), ("::/0", ("any",))],
     )
     delta = decode_message(V2_DELTA)
     assert isinstance(snapshot, DesiredState) and isinstance(delta, DesiredDelta)
@@ -61,6 +64,25 @@ def test_a_version_2_snapshot_and_delta_read_as_today() -> None:
     assert after.interface == InterfaceEntry(listen_port=51999, mtu=1380, key_epoch=2)
     assert after.addresses == ("10.0.0.1/24",)
     assert after.peers == {"K3": PeerEntry(allowed_ips=("10.0.0.3/32",))}
+
+
+def test_a_version_3_snapshot_lets_everything_in_and_its_deltas_leave_the_firewall() -> None:
+    v3 = (
+        b'{"kind":"snapshot","host_id":"h1","revision":7,"protocol":3,"sections":{'
+        b'"addresses":{"10.0.0.1/24":{"network":"n"}}}}'
+    )
+    snapshot = decode_message(v3)
+    assert isinstance(snapshot, DesiredState)
+    assert snapshot.sections.firewall == {
+        "0.0.0.0/0": FirewallEntry(allow=("any",)),
+        "::/0": FirewallEntry(allow=("any",)),
+    }
+    delta = decode_message(
+        b'{"kind":"delta","host_id":"h1","revision":8,"base":7,"protocol":3,'
+        b'"upsert":{"peers":{"K":{"allowed_ips":["10.0.0.2/32"]}}}}'
+    )
+    assert isinstance(delta, DesiredDelta)
+    assert apply_delta(snapshot, delta).sections.firewall == snapshot.sections.firewall
 
 
 def test_a_snapshot_round_trips_and_a_delta_touches_only_its_sections() -> None:
@@ -84,12 +106,14 @@ def test_a_snapshot_round_trips_and_a_delta_touches_only_its_sections() -> None:
 def test_a_section_this_agent_does_not_know_is_refused_with_upgrade_advice() -> None:
     newer = (
         b'{"kind":"snapshot","host_id":"h","revision":3,"protocol":%d,'
-        b'"sections":{"firewall":{"r1":{}}}}' % PROTOCOL
+        b'"sections":{"dns":{"r1":{}}}}' % PROTOCOL
     )
     with pytest.raises(UnknownSection, match="upgrade the agent"):
         decode_message(newer)
-    removal = b'{"kind":"delta","host_id":"h","revision":4,"base":3,"remove":{"firewall":["r1"]}}'
+    removal = b'{"kind":"delta","host_id":"h","revision":4,"base":3,"remove":{"dns":["r1"]}}'
     with pytest.raises(UnknownSection, match="unknown section"):
-        decode_message(removal.replace(b'"kind"', b'"protocol":3,"kind"'))
+        decode_message(removal.replace(b'"kind"', b'"protocol":%d,"kind"' % PROTOCOL))
     with pytest.raises(UnknownSection, match="upgrade the agent"):
-        decode_message(b'{"kind":"snapshot","host_id":"h","revision":3,"protocol":4}')
+        decode_message(
+            b'{"kind":"snapshot","host_id":"h","revision":3,"protocol":%d}' % (PROTOCOL + 1)
+        )

@@ -36,6 +36,10 @@ def test_tags_are_stable_and_past_tense() -> None:
         "host.key_rotation_requested",
         "node.joined",
         "node.removed",
+        "node.tagged",
+        "node.untagged",
+        "policy.set",
+        "policy.cleared",
     ]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from projections.sections.addresses import AddressSection
 from projections.sections.base import Reread, SectionRule
+from projections.sections.firewall import FirewallSection
 from projections.sections.interface import InterfaceSection
 from projections.sections.peers import PeerSection, peer_endpoint
 from projections.sections.routes import RouteSection
@@ -27,6 +28,7 @@ SECTIONS: tuple[type[SectionRule], ...] = (
     AddressSection,
     PeerSection,
     RouteSection,
+    FirewallSection,
 )
 
 __all__ = ["SECTIONS", "Reread", "SectionRule", "peer_endpoint"]

@@ -23,9 +23,13 @@ from events.model import (
     NetworkUpdated,
     NodeJoined,
     NodeRemoved,
+    NodeTagged,
+    NodeUntagged,
+    PolicySet,
 )
 from projections.sections.addresses import prefixes
 from projections.sections.base import Reread
+from projections.sections.policy import moved, policy_of, viewers
 from projections.topology import Host, Topology
 
 
@@ -56,6 +60,9 @@ class PeerSection:
         HostEndpointObserved,
         HostKeyRotated,
         NetworkUpdated,
+        NodeTagged,
+        NodeUntagged,
+        PolicySet,
     )
     name: ClassVar[str] = "peers"
 
@@ -67,7 +74,12 @@ class PeerSection:
     def entries(self, host_id: str) -> dict[str, PeerEntry]:
         only = self._only_network(host_id)
         if only is not None:
-            return {key: entry for h, key, entry in self._roster(only) if h != host_id}
+            index = policy_of(self.topology, only)
+            if index is None:
+                return {key: entry for h, key, entry in self._roster(only) if h != host_id}
+            node_id = next(iter(self.topology.nodes_by_host[host_id]))
+            seen = {self.topology.nodes[n].host_id for n in index.visible(node_id)}
+            return {key: entry for h, key, entry in self._roster(only) if h in seen}
         others = {
             n.host_id
             for network in self.topology.networks_of_host(host_id)
@@ -88,15 +100,24 @@ class PeerSection:
         if peer is None or peer.host_id == host_id:
             return None
         only = self._only_network(host_id)
-        if only is not None:
+        if only is not None and policy_of(self.topology, only) is None:
             return self._through_network(peer, only)
         return self._seen_by(host_id, peer)
 
     def _seen_by(self, host_id: str, peer: Host) -> PeerEntry | None:
-        shared = self.topology.networks_of_host(host_id) & self.topology.networks_of_host(
-            peer.host_id
-        )
-        return _entry(self.topology, peer, shared)
+        """`peer` through the networks it shares with `host_id` whose policy
+        (if any) lets one of the two reach the other."""
+        topology = self.topology
+        mine = {topology.nodes[n].network: n for n in topology.nodes_by_host.get(host_id, ())}
+        shared = set()
+        for node_id in topology.nodes_by_host.get(peer.host_id, ()):
+            network = topology.nodes[node_id].network
+            if network not in mine:
+                continue
+            index = policy_of(topology, network)
+            if index is None or index.sees(mine[network], node_id):
+                shared.add(network)
+        return _entry(topology, peer, shared)
 
     def _only_network(self, host_id: str) -> str | None:
         node_ids = self.topology.nodes_by_host.get(host_id, ())
@@ -135,21 +156,64 @@ class PeerSection:
                 networks = frozenset(topology.networks_of_host(host_id))
             case HostKeyRotated(host_id=host_id, public_key=key, previous_key=previous):
                 # Peers drop the old key and take the new one, in place.
-                networks = frozenset(topology.networks_of_host(host_id))
-                if not networks:
-                    return ()
                 keys = frozenset((key, previous))
-                return (Reread(PeerSection.name, keys, networks=networks, owner=host_id),)
+                return PeerSection._to_viewers(topology, host_id, keys, set())
             case NetworkUpdated(network=network, keepalive=keepalive) if keepalive is not None:
                 # Every member's entry as seen through this network changes.
                 return PeerSection._everyone_in(topology, network)
+            case NodeTagged() | NodeUntagged() | PolicySet():
+                # Between two policies, or a member's tags: who sees whom moved.
+                return PeerSection._policy_moves(topology, event)
             case _:
                 return ()
         host = topology.hosts.get(host_id)
         if host is None or not networks:
             return ()
         keys = frozenset((host.public_key,))
-        return (Reread(PeerSection.name, keys, networks=networks, owner=host_id),)
+        if isinstance(event, (NodeJoined, NodeRemoved)):
+            if policy_of(topology, event.network) is not None:
+                # Under a policy, only the members that see the node learn of
+                # it (or of its departure); it learns of them by a snapshot.
+                return PeerSection._policy_moves(topology, event)
+            return (Reread(PeerSection.name, keys, networks=networks, owner=host_id),)
+        return PeerSection._to_viewers(topology, host_id, keys, networks)
+
+    @staticmethod
+    def _to_viewers(
+        topology: Topology, host_id: str, keys: frozenset[str], networks: set[str] | frozenset[str]
+    ) -> Sequence[Reread]:
+        """Everyone who sees `host_id` re-reads `keys`: every member of its
+        networks without a policy (`networks` only, when given), the members
+        its policies let see it in the others."""
+        open_networks = set()
+        hosts: set[str] = set()
+        for node in topology.nodes_of_host(host_id):
+            if networks and node.network not in networks:
+                continue
+            seen = viewers(topology, node.network, node.node_id)
+            if seen is None:
+                open_networks.add(node.network)
+            else:
+                hosts |= seen
+        rereads = []
+        if open_networks:
+            rereads.append(
+                Reread(PeerSection.name, keys, networks=frozenset(open_networks), owner=host_id)
+            )
+        hosts.discard(host_id)
+        if hosts:
+            rereads.append(Reread(PeerSection.name, keys, hosts=frozenset(hosts)))
+        return rereads
+
+    @staticmethod
+    def _policy_moves(topology: Topology, event: Event) -> Sequence[Reread]:
+        """Both ends of every relation the event moved re-read each other."""
+        rereads = []
+        for m in moved(topology, event):
+            if m.sources and m.destinations:
+                rereads.append(Reread(PeerSection.name, m.sources.keys, hosts=m.destinations.hosts))
+                rereads.append(Reread(PeerSection.name, m.destinations.keys, hosts=m.sources.hosts))
+        return rereads
 
     @staticmethod
     def _everyone_in(topology: Topology, network: str) -> Sequence[Reread]:
