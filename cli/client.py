@@ -290,12 +290,14 @@ async def command(
     *,
     login: Login | None = None,
     notify: Callable[[str], None] = _to_stderr,
+    seq_as: str | None = None,
     **fields: Any,
 ) -> Any:
     """Send an admin command; with the login's key, signed (with a fresh id and
     the time). Unanswered, it is sent again once the control plane is back
-    (`notify` says what happened). Raises CliError, before connecting when the
-    command is malformed."""
+    (`notify` says what happened). With `seq_as`, the sequence of the last
+    event it appended (when it appended any) goes into the result under that
+    name. Raises CliError, before connecting when the command is malformed."""
     admin_key = login.key if login is not None else None
     fields.setdefault("command_id", uuid.uuid4().hex)
     if admin_key is not None:
@@ -317,7 +319,10 @@ async def command(
         notify(f"{why}; retried with the same id: {_what_happened(reply)}")
     finally:
         await close_quickly(nc)
-    return _unsealed(_result(reply), admin_key)
+    result = _unsealed(_result(reply), admin_key)
+    if seq_as is not None and isinstance(result, dict) and reply.seq is not None:
+        result[seq_as] = reply.seq
+    return result
 
 
 async def _send_again(

@@ -79,9 +79,16 @@ DEFAULT_CA = Path("netmesh-data/tls/ca.pem")
 
 async def admin_command(server: str, verb: str, **fields: Any) -> Any:
     """A command signed with the admin key given to `netmesh` (or the default)."""
+    return await admin_command_seq(server, verb, None, fields)
+
+
+async def admin_command_seq(
+    server: str, verb: str, seq_as: str | None, fields: dict[str, Any]
+) -> Any:
+    """`admin_command`, with the sequence of its last event in the result as `seq_as`."""
     params = click.get_current_context().find_root().params
     key = load_admin_key(params.get("admin_key"))
-    return await command(server, verb, login=Login(key, login().ca), **fields)
+    return await command(server, verb, login=Login(key, login().ca), seq_as=seq_as, **fields)
 
 
 async def admin_query(server: str, what: str, **args: Any) -> Any:
@@ -366,10 +373,19 @@ def key() -> None:
 @click.option(
     "--expires", default="24h", show_default=True, help="Lifetime: 30m, 1h, 7d, 2w or never."
 )
+@click.option(
+    "--tag", "tags", multiple=True, help="Nodes joining with it carry this tag (repeatable)."
+)
 @json_option
 @click.pass_obj
 def key_create(
-    server: str, network_name: str, uses: int | None, unlimited: bool, expires: str, as_json: bool
+    server: str,
+    network_name: str,
+    uses: int | None,
+    unlimited: bool,
+    expires: str,
+    tags: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Create an enrollment key; print its token (only the token) on stdout."""
     if unlimited and uses is not None:
@@ -382,6 +398,7 @@ def key_create(
             network=network_name,
             uses=None if unlimited else (uses or 1),
             expires_in=expires_in,
+            **({"tags": list(tags)} if tags else {}),
         )
     )
     if as_json:
@@ -400,10 +417,11 @@ def _print_keys(rows: list[dict[str, Any]]) -> None:
                 r["used"],
                 "unlimited" if r["uses"] is None else r["uses"],
                 when(r["expires_at"]),
+                ",".join(r["tags"]) or "-",
             )
             for r in rows
         ],
-        ["KEY", "NETWORK", "STATE", "USED", "USES", "EXPIRES"],
+        ["KEY", "NETWORK", "STATE", "USED", "USES", "EXPIRES", "TAGS"],
     )
 
 
@@ -438,10 +456,18 @@ def key_revoke(server: str, key_id: str, as_json: bool) -> None:
 def _print_nodes(rows: list[dict[str, Any]]) -> None:
     table(
         [
-            (r["id"], r["name"], r["network"], r["address"], r["endpoint"], r["public_key"])
+            (
+                r["id"],
+                r["name"],
+                r["network"],
+                r["address"],
+                ",".join(r["tags"]) or "-",
+                r["endpoint"],
+                r["public_key"],
+            )
             for r in rows
         ],
-        ["ID", "NAME", "NETWORK", "ADDRESS", "ENDPOINT", "PUBLIC KEY"],
+        ["ID", "NAME", "NETWORK", "ADDRESS", "TAGS", "ENDPOINT", "PUBLIC KEY"],
     )
 
 
@@ -479,6 +505,7 @@ def node_show(server: str, node_ref: str, as_json: bool) -> None:
         ("name", n["name"]),
         ("network", n["network"]),
         ("address", n["interface_address"]),
+        ("tags", ", ".join(n["tags"]) or None),
         ("host", n["host_id"]),
         ("public key", n["public_key"]),
         ("endpoint", n["endpoint"]),
@@ -517,6 +544,41 @@ def node_rotate_key(server: str, node_ref: str) -> None:
     click.echo(f"asked host {result['host_id']} for a new key (epoch {result['epoch']})")
 
 
+def _tagging(server: str, verb: str, node_ref: str, tags: tuple[str, ...], as_json: bool) -> None:
+    result = run(admin_command(server, verb, node=node_ref, tags=list(tags)))
+    if as_json:
+        emit_json(result)
+        return
+    where = f"{result['network']}/{result['name']}"
+    now = ", ".join(result["tags"]) or "none"
+    if not result["changed"]:
+        already = "carries" if verb == "node.tag" else "does not carry"
+        click.echo(f"node {where} already {already} {', '.join(tags)}: nothing changed")
+    else:
+        done = "tagged" if verb == "node.tag" else "untagged"
+        click.echo(f"{done} node {where}: {', '.join(result['changed'])} (tags now: {now})")
+
+
+@node.command("tag")
+@click.argument("node_ref", metavar="NODE")
+@click.argument("tags", metavar="TAG...", nargs=-1, required=True)
+@json_option
+@click.pass_obj
+def node_tag(server: str, node_ref: str, tags: tuple[str, ...], as_json: bool) -> None:
+    """Add TAGs to NODE (tags are 1-32 of a-z, 0-9 and '-'); policies name them."""
+    _tagging(server, "node.tag", node_ref, tags, as_json)
+
+
+@node.command("untag")
+@click.argument("node_ref", metavar="NODE")
+@click.argument("tags", metavar="TAG...", nargs=-1, required=True)
+@json_option
+@click.pass_obj
+def node_untag(server: str, node_ref: str, tags: tuple[str, ...], as_json: bool) -> None:
+    """Take TAGs from NODE."""
+    _tagging(server, "node.untag", node_ref, tags, as_json)
+
+
 @node.command("remove")
 @click.argument("node_ref", metavar="NODE")
 @json_option
@@ -528,6 +590,144 @@ def node_remove(server: str, node_ref: str, as_json: bool) -> None:
         emit_json(result)
     else:
         click.echo(f"removed node {result['network']}/{result['name']} ({result['node_id']})")
+
+
+# -- access policy -----------------------------------------------------------------
+
+
+@cli.group()
+def policy() -> None:
+    """A network's access policy: who may reach whom, on which ports."""
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+@policy.command("set")
+@click.argument("network_name", metavar="NETWORK")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--plan", is_flag=True, help="Print what would change on each host; write nothing.")
+@json_option
+@click.pass_obj
+def policy_set(server: str, network_name: str, file: Any, plan: bool, as_json: bool) -> None:
+    """Put the policy in FILE (JSON5; - for stdin) in force in NETWORK.
+
+    Refused (nothing written) when it is malformed or its tests fail; tags and
+    node names no member has yet are warnings."""
+    from events.policy import PolicyError, parse_policy
+
+    document = file.read()
+    try:
+        parse_policy(document)  # a fast answer; the control plane checks it again
+    except PolicyError as exc:
+        raise click.ClickException(f"invalid policy: {exc}") from None
+    if plan:
+        result = run(admin_query(server, "policy_plan", network=network_name, document=document))
+        if as_json:
+            emit_json(result)
+            return
+        _warn(result["warnings"])
+        if not result["changed"]:
+            click.echo(f"network {network_name} has this policy already: nothing would change")
+        elif not result["text"]:
+            click.echo("no host's peers or firewall would change")
+        else:
+            click.echo("\n".join(result["text"]))
+        return
+    result = run(
+        admin_command_seq(
+            server, "policy.set", "revision", {"network": network_name, "document": document}
+        )
+    )
+    if as_json:
+        emit_json(result)
+        return
+    _warn(result["warnings"])
+    if result["changed"]:
+        click.echo(f"set the policy of network {network_name} (revision {result['revision']})")
+    else:
+        click.echo(
+            f"network {network_name} has this policy already (revision {result['revision']}): "
+            "nothing changed"
+        )
+
+
+@policy.command("show")
+@click.argument("network_name", metavar="NETWORK")
+@json_option
+@click.pass_obj
+def policy_show(server: str, network_name: str, as_json: bool) -> None:
+    """Print NETWORK's policy as it was written, and its revision."""
+    shown = run(admin_query(server, "policy", network=network_name))
+    if as_json:
+        emit_json(shown)
+        return
+    if not shown["policy"]:
+        click.echo("no policy: everyone reaches everyone")
+        return
+    click.echo(f"// policy of network {shown['network']}, revision {shown['revision']}")
+    if shown["error"]:
+        click.echo(f"// not in force as written, everything is denied: {shown['error']}")
+    click.echo(shown["document"].rstrip("\n"))
+
+
+@policy.command("clear")
+@click.argument("network_name", metavar="NETWORK")
+@json_option
+@click.pass_obj
+def policy_clear(server: str, network_name: str, as_json: bool) -> None:
+    """Drop NETWORK's policy: everyone reaches everyone again."""
+    result = run(admin_command(server, "policy.clear", network=network_name))
+    if as_json:
+        emit_json(result)
+    elif result["changed"]:
+        click.echo(f"cleared the policy of network {network_name}: everyone reaches everyone")
+    else:
+        click.echo(f"network {network_name} has no policy: nothing changed")
+
+
+@policy.command("explain")
+@click.argument("network_name", metavar="NETWORK")
+@click.argument("source", metavar="FROM")
+@click.argument("destination", metavar="TO")
+@click.option("--port", default=None, help="e.g. 443/tcp, 53/udp, icmp.")
+@json_option
+@click.pass_obj
+def policy_explain(
+    server: str, network_name: str, source: str, destination: str, port: str | None, as_json: bool
+) -> None:
+    """May node FROM open PORT towards node TO, and by which rule? Without
+    --port: what FROM may open towards TO, and by which rules."""
+    answer = run(
+        admin_query(
+            server,
+            "policy_explain",
+            network=network_name,
+            source=source,
+            destination=destination,
+            port=port,
+        )
+    )
+    if as_json:
+        emit_json(answer)
+        return
+    what = f"{source} -> {destination}" + (f" {port}" if port else "")
+    if not answer["policy"]:
+        click.echo(f"{what}: allowed ({answer['reason']})")
+    elif port is not None:
+        verdict = "allowed" if answer["allowed"] else "denied"
+        rule = f" by {answer['rules'][0]['rule']}" if answer["rules"] else " (no rule allows it)"
+        click.echo(f"{what}: {verdict}{rule}")
+    elif not answer["allowed"]:
+        click.echo(f"{what}: denied (no rule allows anything)")
+    else:
+        click.echo(f"{what}: allowed {', '.join(answer['allowed'])}")
+        for rule in answer["rules"]:
+            click.echo(f"  {rule['rule']}")
+    if answer.get("error"):
+        click.echo(f"warning: the recorded policy does not parse: {answer['error']}", err=True)
 
 
 # -- status and events -------------------------------------------------------------

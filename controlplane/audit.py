@@ -198,6 +198,13 @@ def _fields_problem(spec: CommandSpec[Any], command: Command, event: Event) -> s
     for command_field, event_field in spec.produces.agree:
         if _normal(getattr(command, command_field)) != _normal(getattr(event, event_field)):
             return f"the event's {event_field} is not the signed one"
+    for command_field, event_field in spec.produces.same_set:
+        if set(getattr(command, command_field)) != set(getattr(event, event_field)):
+            return f"the event's {event_field} are not the signed ones"
+    for command_field, event_field in spec.produces.within:
+        signed, recorded = getattr(command, command_field), getattr(event, event_field)
+        if not recorded or not set(recorded) <= set(signed):
+            return f"the event's {event_field} are not among the signed ones"
     return None
 
 

@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
+from controlplane.policyviews import explain_access, plan_policy_change, show_policy
 from controlplane.replies import Responder
 from controlplane.rules.base import Rejected
 from controlplane.rules.nodes import match_node
@@ -70,7 +71,7 @@ def _endpoint(row: dict[str, Any]) -> str | None:
 
 
 NODE_SQL = (
-    "SELECT nd.node_id AS id, nd.name, nd.network, nd.address, nd.host_id, nd.joined_at,"
+    "SELECT nd.node_id AS id, nd.name, nd.network, nd.address, nd.host_id, nd.joined_at, nd.tags,"
     " h.name AS host_name, h.public_key, h.listen_port, h.endpoints, n.cidr"
     " FROM nodes nd JOIN hosts h ON h.host_id = nd.host_id"
     " JOIN networks n ON n.name = nd.network"
@@ -89,6 +90,7 @@ def _node(row: dict[str, Any]) -> dict[str, Any]:
         "endpoint": _endpoint(row),
         "listen_port": row["listen_port"],
         "joined_at": row["joined_at"],
+        "tags": sorted(msgspec.json.decode(row["tags"])),
     }
 
 
@@ -123,11 +125,12 @@ def key_state(key: dict[str, Any], now: float) -> str:
 async def list_keys(model: ReadModel, now: float) -> list[dict[str, Any]]:
     rows = await _rows(
         model,
-        "SELECT key_id, network, uses, used, expires_at, revoked, created_at FROM keys"
+        "SELECT key_id, network, uses, used, expires_at, revoked, created_at, tags FROM keys"
         " ORDER BY created_at, key_id",
     )
     for row in rows:
         row["revoked"] = bool(row["revoked"])
+        row["tags"] = sorted(msgspec.json.decode(row["tags"]))
         row["state"] = key_state(row, now)
     return rows
 
@@ -212,6 +215,11 @@ class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str | None = None
     network: str | None = None
     node: str | None = None
+    # Access policy queries: a document to plan, the two ends and port to explain.
+    document: str | None = None
+    source: str | None = None
+    destination: str | None = None
+    port: str | None = None
 
 
 class QueryService:
@@ -263,6 +271,19 @@ class QueryService:
                 return await list_keys(model, now=time.time())
             case "status":
                 return await status(model, self.applied_report)
+            # The policy's compiled form and access index are the write model's.
+            case "policy":
+                return show_policy(self._topology(), args.network or "")
+            case "policy_explain":
+                return explain_access(
+                    self._topology(),
+                    args.network or "",
+                    args.source or "",
+                    args.destination or "",
+                    args.port,
+                )
+            case "policy_plan":
+                return plan_policy_change(self._topology(), args.network or "", args.document or "")
             case "admins":
                 # From the write model: admins are a matter of authorization,
                 # not of the read model.

@@ -52,6 +52,7 @@ class CreateEnrollmentKey(Command, frozen=True, tag="key.create"):
     network: str
     uses: Annotated[int, msgspec.Meta(ge=1)] | None = 1  # None = unlimited
     expires_in: Annotated[float, msgspec.Meta(gt=0)] | None = None  # seconds; None = never
+    tags: tuple[str, ...] = ()  # nodes joining with it carry these
 
 
 class RevokeEnrollmentKey(Command, frozen=True, tag="key.revoke"):
@@ -71,6 +72,34 @@ class Join(Command, frozen=True, tag="join"):
 
 class RemoveNode(Command, frozen=True, tag="node.remove"):
     node: str  # node id, or NETWORK/NAME, or a name unique across networks
+
+
+class TagNode(Command, frozen=True, tag="node.tag"):
+    """Add tags to a node (those it carries already are left as they are)."""
+
+    node: str  # node id, or NETWORK/NAME, or a name unique across networks
+    tags: tuple[str, ...]
+
+
+class UntagNode(Command, frozen=True, tag="node.untag"):
+    """Take tags from a node (those it does not carry are ignored)."""
+
+    node: str
+    tags: tuple[str, ...]
+
+
+class SetPolicy(Command, frozen=True, tag="policy.set"):
+    """Put an access policy in force in a network: its JSON5 text, as written
+    (validated by the rules against the network's members)."""
+
+    network: str
+    document: str
+
+
+class ClearPolicy(Command, frozen=True, tag="policy.clear"):
+    """The network allows everything again."""
+
+    network: str
 
 
 class ReportEndpoint(Command, frozen=True, tag="endpoint.report"):
@@ -142,6 +171,10 @@ AnyCommand = (
     | AddAdmin
     | RemoveAdmin
     | RequestKeyRotation
+    | TagNode
+    | UntagNode
+    | SetPolicy
+    | ClearPolicy
 )
 
 COMMAND_TYPES: tuple[type[Command], ...] = get_args(AnyCommand)

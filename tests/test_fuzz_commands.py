@@ -209,6 +209,20 @@ def pools(token: str, host_ids: list[str]) -> dict[str, st.SearchStrategy[Any]]:
         "role": st.sampled_from(["admin", "network-admin", "auditor", "root"]),
         "networks": st.lists(st.sampled_from(["office", "lab", "nope"]), max_size=2),
         "signed_at": st.floats(allow_nan=False) | st.text(max_size=4),
+        "tags": st.lists(
+            st.sampled_from(["web", "db", "ops-1", "Web", "", "a" * 33, "tag:x"]), max_size=3
+        ),
+        "document": st.sampled_from(
+            [
+                '{rules: [{from: ["*"], to: ["*"]}]}',
+                '{rules: [{from: ["tag:web"], to: ["h1"], ports: ["443/tcp"]}]}',
+                '{rules: [], tests: [{from: "h1", to: "h2", accept: ["22/tcp"]}]}',
+                '{rules: [{from: ["group:x"], to: ["*"]}]}',
+                "{rules: [",
+                "",
+            ]
+        )
+        | st.text(max_size=20),
     }
 
 

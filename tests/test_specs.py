@@ -20,6 +20,7 @@ from events.commands import (
     COMMAND_TYPES,
     AddAdmin,
     AnyCommand,
+    ClearPolicy,
     Command,
     CreateEnrollmentKey,
     CreateNetwork,
@@ -32,6 +33,9 @@ from events.commands import (
     RequestKeyRotation,
     RevokeEnrollmentKey,
     RotateHostKey,
+    SetPolicy,
+    TagNode,
+    UntagNode,
     UpdateNetwork,
     command_verb,
 )
@@ -66,8 +70,9 @@ def join(world: World, network: str, n: int, key: SigningKey) -> Join:
 
 
 def scenario() -> World:
-    """Networks office and lab, host 1 in both, host 2 in office, admins of
-    every role; every change signed as the control plane records it."""
+    """Networks office and lab, host 1 in both, host 2 in office (tagged
+    web), a policy on lab, admins of every role; every change signed as the
+    control plane records it."""
     world = World()
     world.add_root_admin(ROOT)
     for name, cidr in [("office", "10.10.0.0/24"), ("lab", "10.20.0.0/24")]:
@@ -77,6 +82,8 @@ def scenario() -> World:
     world.run(join(world, "office", 1, HOST1), HOST1)
     world.run(join(world, "lab", 1, HOST1), HOST1)
     world.run(join(world, "office", 2, HOST2), HOST2)
+    world.run(TagNode(node="office/h2", tags=("web",)), ROOT)
+    world.run(SetPolicy(network="lab", document='{rules: [{from: ["*"], to: ["*"]}]}'), ROOT)
     for name, key, role, networks in [
         ("olga", OLGA, "network-admin", NETWORKS_OF["olga"]),
         ("larry", LARRY, "network-admin", NETWORKS_OF["larry"]),
@@ -103,6 +110,7 @@ ADMIN_SAMPLES: dict[str, tuple[Sample, str | None]] = {
     "delete office": (lambda w: DeleteNetwork(name="office", force=True), "office"),
     "update lab": (lambda w: UpdateNetwork(name="lab", mtu=1380), "lab"),
     "key for office": (lambda w: CreateEnrollmentKey(network="office"), "office"),
+    "tagged key for lab": (lambda w: CreateEnrollmentKey(network="lab", tags=("db",)), "lab"),
     "revoke office key": (lambda w: RevokeEnrollmentKey(key_id=key_of(w, "office")), "office"),
     "remove office/h1": (lambda w: RemoveNode(node="office/h1"), "office"),
     "remove lab/h1": (lambda w: RemoveNode(node="lab/h1"), "lab"),
@@ -110,6 +118,14 @@ ADMIN_SAMPLES: dict[str, tuple[Sample, str | None]] = {
     "rotate office/h1": (lambda w: RequestKeyRotation(node="office/h1"), "office"),
     "rotate lab/h1": (lambda w: RequestKeyRotation(node="lab/h1"), "lab"),
     "rotate h2": (lambda w: RequestKeyRotation(node="h2"), "office"),
+    "tag office/h1": (lambda w: TagNode(node="office/h1", tags=("web", "db")), "office"),
+    "tag lab/h1": (lambda w: TagNode(node="lab/h1", tags=("web",)), "lab"),
+    "untag h2": (lambda w: UntagNode(node="h2", tags=("web", "ops")), "office"),
+    "policy for office": (
+        lambda w: SetPolicy(network="office", document='{rules: [{from: ["*"], to: ["*"]}]}'),
+        "office",
+    ),
+    "clear lab's policy": (lambda w: ClearPolicy(network="lab"), "lab"),
     "add admin": (
         lambda w: AddAdmin(name="newbie", public_key=public_text(SigningKey.generate())),
         None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane.rules import admins, hosts, keys, networks, nodes
+from controlplane.rules import admins, hosts, keys, networks, nodes, policies
 from controlplane.rules.spec import CommandSpec, Sender
 from events.commands import Command
 
@@ -18,6 +18,7 @@ SPECS: tuple[CommandSpec[Any], ...] = (
     *networks.SPECS,
     *keys.SPECS,
     *nodes.SPECS,
+    *policies.SPECS,
     *hosts.SPECS,
     *admins.SPECS,
 )

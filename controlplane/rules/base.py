@@ -15,6 +15,7 @@ from typing import Any
 
 from events.commands import ErrorCode
 from events.model import AnyEvent
+from events.policy import TAG_NAME
 from events.store import Expectation
 from events.subjects import aggregate_subject
 from projections.topology import Network, Topology
@@ -110,3 +111,15 @@ def parse_endpoint(text: str) -> str:
     if not sep or not 1 <= port_number <= 65535:
         raise Rejected(ErrorCode.INVALID, f"invalid endpoint {text!r}: port must be 1-65535")
     return f"[{ip}]:{port_number}" if ip.version == 6 else f"{ip}:{port_number}"
+
+
+def parse_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
+    """Tag names, each once, sorted. Raises Rejected on a malformed one."""
+    for tag in tags:
+        if not TAG_NAME.match(tag):
+            raise Rejected(
+                ErrorCode.INVALID,
+                f"invalid tag {tag!r}: tags are 1-32 of a-z, 0-9 and '-', "
+                "starting and ending with a letter or digit",
+            )
+    return tuple(sorted(set(tags)))

@@ -11,6 +11,7 @@ from controlplane.rules.base import (
     Rejected,
     network_subject,
     one_event,
+    parse_tags,
     require_network,
 )
 from controlplane.rules.spec import ByAdmin, CommandSpec, Need, Produces, Scope
@@ -27,6 +28,7 @@ GUESSING = frozenset(
 
 def create_key(topology: Topology, cmd: CreateEnrollmentKey, ctx: Context) -> Decision:
     require_network(topology, cmd.network)
+    tags = parse_tags(cmd.tags)
     if ctx.new_key_id in topology.keys or ctx.new_key_id in topology.retired_keys:
         # Key ids come from command ids: this one's command id has been used
         # before (long enough ago to be forgotten). Never make a key again.
@@ -42,6 +44,7 @@ def create_key(topology: Topology, cmd: CreateEnrollmentKey, ctx: Context) -> De
         secret_sha256=secret_digest(ctx.new_secret),
         uses=cmd.uses,
         expires_at=expires_at,
+        tags=tags,
     )
     return one_event(
         topology,
@@ -52,6 +55,7 @@ def create_key(topology: Topology, cmd: CreateEnrollmentKey, ctx: Context) -> De
             "network": cmd.network,
             "uses": cmd.uses,
             "expires_at": expires_at,
+            "tags": list(tags),
         },
     )
 
@@ -60,7 +64,7 @@ CREATE = CommandSpec[CreateEnrollmentKey](
     CreateEnrollmentKey,
     create_key,
     ByAdmin(Scope(lambda _topology, cmd: cmd.network)),
-    Produces((EnrollmentKeyCreated,), about=("network", "network")),
+    Produces((EnrollmentKeyCreated,), about=("network", "network"), same_set=(("tags", "tags"),)),
     needs=frozenset({Need.FRESH_KEY, Need.ENROLLMENT_TOKEN}),
 )
 

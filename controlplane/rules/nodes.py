@@ -19,6 +19,7 @@ from controlplane.rules.base import (
     one_event,
     parse_endpoint,
     parse_public_key,
+    parse_tags,
     require_network,
 )
 from controlplane.rules.keys import (
@@ -28,7 +29,7 @@ from controlplane.rules.keys import (
     throttle_bucket,
 )
 from controlplane.rules.spec import ByAdmin, ByEnrolling, CommandSpec, Produces, Scope, Throttle
-from events.commands import ErrorCode, Join, RemoveNode
+from events.commands import ErrorCode, Join, RemoveNode, TagNode, UntagNode
 from events.model import (
     AnyEvent,
     EnrollmentKeyUsed,
@@ -36,6 +37,8 @@ from events.model import (
     HostRegistered,
     NodeJoined,
     NodeRemoved,
+    NodeTagged,
+    NodeUntagged,
 )
 from events.tokens import InvalidToken, parse_token
 from projections.topology import Network, Node, Topology
@@ -99,6 +102,7 @@ def join(topology: Topology, cmd: Join, ctx: Context) -> Decision:
                 host_id=host_id,
                 name=cmd.name,
                 address=address,
+                tags=key.tags,
             ),
         ),
     ]
@@ -126,7 +130,7 @@ def join(topology: Topology, cmd: Join, ctx: Context) -> Decision:
     expect = [guard(topology, net_subject)]
     if len(events) > 2:
         expect.append(guard(topology, h_subject))
-    node = Node(node_id, network.name, host_id, cmd.name, address, ctx.now)
+    node = Node(node_id, network.name, host_id, cmd.name, address, ctx.now, frozenset(key.tags))
     return Decision(
         events=tuple(events), expect=tuple(expect), result=_join_result(network, node, host_id)
     )
@@ -278,4 +282,43 @@ REMOVE = CommandSpec[RemoveNode](
     Produces((NodeRemoved,)),
 )
 
-SPECS = (JOIN, REMOVE)
+
+def tag_node(topology: Topology, cmd: TagNode | UntagNode, _ctx: Context) -> Decision:
+    """Adds (TagNode) or takes away (UntagNode) the tags that change anything;
+    none: a no-op that writes nothing."""
+    if not cmd.tags:
+        raise Rejected(ErrorCode.INVALID, "give at least one tag")
+    tags = parse_tags(cmd.tags)
+    node = resolve_node(topology, cmd.node)
+    adding = isinstance(cmd, TagNode)
+    changed = tuple(t for t in tags if (t in node.tags) != adding)
+    after = node.tags | set(changed) if adding else node.tags - set(changed)
+    result: dict[str, Any] = {
+        "node_id": node.node_id,
+        "network": node.network,
+        "name": node.name,
+        "changed": list(changed),
+        "tags": sorted(after),
+    }
+    if not changed:
+        return Decision(result=result)
+    fields = {"network": node.network, "node_id": node.node_id, "host_id": node.host_id}
+    event = NodeTagged(**fields, tags=changed) if adding else NodeUntagged(**fields, tags=changed)
+    return one_event(topology, network_subject(node.network), event, result)
+
+
+TAG = CommandSpec[TagNode](
+    TagNode,
+    tag_node,
+    ByAdmin(Scope(lambda topology, cmd: network_of_node(topology, cmd.node))),
+    Produces((NodeTagged,), within=(("tags", "tags"),)),
+)
+
+UNTAG = CommandSpec[UntagNode](
+    UntagNode,
+    tag_node,
+    ByAdmin(Scope(lambda topology, cmd: network_of_node(topology, cmd.node))),
+    Produces((NodeUntagged,), within=(("tags", "tags"),)),
+)
+
+SPECS = (JOIN, REMOVE, TAG, UNTAG)

@@ -89,6 +89,13 @@ class Produces:
     about: tuple[str, str] | None = None
     # Other (command field, event field) pairs that must be equal.
     agree: tuple[tuple[str, str], ...] = ()
+    # (command field, event field) pairs of collections equal as sets (the
+    # event holds them once each, sorted).
+    same_set: tuple[tuple[str, str], ...] = ()
+    # (command field, event field) pairs of collections where the event holds
+    # some of what was signed, at least one (a tag command records only the
+    # tags it changed).
+    within: tuple[tuple[str, str], ...] = ()
 
     @property
     def first(self) -> type[Event]:
