@@ -353,3 +353,19 @@ def test_the_plan_between_two_policies_and_of_the_same_one() -> None:
         "  - allow from 10.10.0.2/32 (db1): icmp, 80/tcp, 443/tcp\n"
         "  - allow from 10.10.0.3/32 (ops1): any",
     ]
+
+
+def test_the_plan_s_after_view_is_what_the_firewall_section_derives() -> None:
+    from projections.policy_plan import view_of
+    from projections.sections.firewall import FirewallSection
+
+    world = standard()
+    for document in (None, POLICY, '{rules: [{from: ["10.10.0.0/31"], to: ["tag:db"]}]}'):
+        if document is not None:
+            world.run(SetPolicy(network="office", document=document), ROOT)
+        network = world.topology.networks["office"]
+        members = {n.node_id: n.member() for n in world.topology.nodes_of_network("office")}
+        section = FirewallSection(world.topology)
+        for node in world.topology.nodes_of_network("office"):
+            derived = {k: e.allow for k, e in section.entries(node.host_id).items()}
+            assert derived == view_of(node.node_id, members, network.cidr, network.access).firewall
