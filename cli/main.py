@@ -552,8 +552,8 @@ def _tagging(server: str, verb: str, node_ref: str, tags: tuple[str, ...], as_js
     where = f"{result['network']}/{result['name']}"
     now = ", ".join(result["tags"]) or "none"
     if not result["changed"]:
-        already = "carries" if verb == "node.tag" else "does not carry"
-        click.echo(f"node {where} already {already} {', '.join(tags)}: nothing changed")
+        state = "already carries" if verb == "node.tag" else "does not carry"
+        click.echo(f"node {where} {state} {', '.join(tags)}: nothing changed")
     else:
         done = "tagged" if verb == "node.tag" else "untagged"
         click.echo(f"{done} node {where}: {', '.join(result['changed'])} (tags now: {now})")

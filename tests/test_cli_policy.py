@@ -70,7 +70,7 @@ async def test_tags_on_keys_and_nodes(server: str) -> None:
     out = await ok(server, "node", "tag", "office/web1", "db")
     assert out.strip() == "node office/web1 already carries db: nothing changed"
     out = await ok(server, "node", "untag", "web1", "nope")
-    assert out.strip() == "node office/web1 already does not carry nope: nothing changed"
+    assert out.strip() == "node office/web1 does not carry nope: nothing changed"
     assert await last_seq(server) == before  # the no-ops wrote nothing
     result = json.loads(await ok(server, "node", "untag", "web1", "edge", "--json"))
     assert (result["changed"], result["tags"]) == (["edge"], ["db", "web"])

@@ -120,6 +120,7 @@ def test_a_tag_change_that_changes_nothing_writes_nothing(command: object) -> No
         (TagNode(node="web1", tags=("-x",)), "invalid", "invalid tag '-x'"),
         (TagNode(node="web1", tags=("ok", "tag:x")), "invalid", "invalid tag 'tag:x'"),
         (TagNode(node="web1", tags=()), "invalid", "at least one tag"),
+        (TagNode(node="web1", tags=tuple(f"t{n}" for n in range(65))), "invalid", "at most 64"),
         (UntagNode(node="web1", tags=("b@d",)), "invalid", "invalid tag"),
         (TagNode(node="ghost", tags=("web",)), "not_found", "no node 'ghost'"),
         (CreateEnrollmentKey(network="office", tags=("UPPER",)), "invalid", "invalid tag"),

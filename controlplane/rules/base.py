@@ -113,8 +113,13 @@ def parse_endpoint(text: str) -> str:
     return f"[{ip}]:{port_number}" if ip.version == 6 else f"{ip}:{port_number}"
 
 
+MAX_TAGS = 64
+
+
 def parse_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
     """Tag names, each once, sorted. Raises Rejected on a malformed one."""
+    if len(tags) > MAX_TAGS:
+        raise Rejected(ErrorCode.INVALID, f"{len(tags)} tags: at most {MAX_TAGS} at once")
     for tag in tags:
         if not TAG_NAME.match(tag):
             raise Rejected(
