@@ -210,8 +210,9 @@ class PeerSection:
         """Both ends of every relation the event moved re-read each other."""
         rereads = []
         for m in moved(topology, event):
-            if m.sources and m.destinations:
+            if m.sources.keys and m.destinations.hosts:
                 rereads.append(Reread(PeerSection.name, m.sources.keys, hosts=m.destinations.hosts))
+            if m.destinations.keys and m.sources.hosts:
                 rereads.append(Reread(PeerSection.name, m.destinations.keys, hosts=m.sources.hosts))
         return rereads
 
