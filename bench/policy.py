@@ -38,6 +38,7 @@ from events.tokens import make_token
 from projections.desired import Builders, DesiredChanges, fold, messages
 from projections.topology import Topology
 
+
 def public_key(label: str) -> str:
     return base64.b64encode(hashlib.sha256(label.encode()).digest()).decode()
 
