@@ -30,7 +30,7 @@ from typing import Any
 
 from controlplane.decide import Context, decide
 from events.commands import AnyCommand, CreateEnrollmentKey, CreateNetwork, Join
-from events.desired import DesiredMessage, desired_encoder
+from events.desired import DesiredMessage, Sections, desired_encoder
 from events.envelope import RecordedEvent, make_envelope
 from events.model import AnyEvent, NodeTagged, PolicySet
 from events.subjects import aggregate_subject
@@ -123,11 +123,14 @@ def naive(world: World, change: Callable[[], list[Any]]) -> dict[str, Any]:
     """The baseline: every host's whole view before and after, compared."""
     started = time.perf_counter()
     before = Builders(world.topology)
-    views = {h: before.state(h) for h in world.topology.hosts}
-    views = {h: s.sections if s is not None else None for h, s in views.items()}
+    views: dict[str, Sections] = {}
+    for host_id in world.topology.hosts:
+        state = before.state(host_id)
+        if state is not None:
+            views[host_id] = state.sections
     change()
     after = Builders(world.topology)
-    moved = []
+    moved: list[DesiredMessage] = []
     for host_id in world.topology.hosts:
         state = after.state(host_id)
         if state is not None and state.sections != views.get(host_id):
@@ -195,7 +198,7 @@ def main() -> None:
     parser.add_argument("--hosts", default="1000,5000")
     parser.add_argument("--repeat", type=int, default=6)
     args = parser.parse_args()
-    results = {
+    results: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
