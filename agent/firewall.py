@@ -249,6 +249,23 @@ def ruleset_for(entries: Mapping[str, FirewallEntry], interface: str) -> Ruleset
     )
 
 
+# The last ruleset made, with the section it was made from: a pass every 30 s
+# on an unchanged section (shared, not copied, by deltas that do not touch it)
+# need not spend ~0.1 s making the same 5,000-source ruleset again.
+_last: tuple[Mapping[str, FirewallEntry], str, Ruleset] | None = None
+
+
+def cached_ruleset_for(entries: Mapping[str, FirewallEntry], interface: str) -> Ruleset:
+    """`ruleset_for`, remembering the last answer for the very same section
+    object (desired states are immutable values: same object, same answer)."""
+    global _last
+    if _last is not None and _last[0] is entries and _last[1] == interface:
+        return _last[2]
+    ruleset = ruleset_for(entries, interface)
+    _last = (entries, interface, ruleset)
+    return ruleset
+
+
 def state_of(listing: Mapping[str, Any]) -> FirewallState:
     """The state of our table from `nft -j list table inet netmesh` output."""
     rules: dict[str, int] = {}

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.backend import DeviceState, PeerSpec, PeerState
-from agent.firewall import FirewallState, Ruleset, in_force, ruleset_for
+from agent.firewall import FirewallState, Ruleset, cached_ruleset_for, in_force
 from agent.link import LinkState
 from events.desired import DesiredState, PeerEntry
 
@@ -164,7 +164,7 @@ def plan_firewall(desired: DesiredState, actual: Actual) -> list[Op]:
     section still lets replies in and nothing new), replaced when what is in
     force is not exactly the desired ruleset (digest and shape, see
     agent/firewall.py). Removed only with the interface (`agent down`)."""
-    ruleset = ruleset_for(desired.sections.firewall, actual.interface)
+    ruleset = cached_ruleset_for(desired.sections.firewall, actual.interface)
     if actual.firewall_error is None and in_force(actual.firewall, ruleset):
         return []
     return [ReplaceFirewall(ruleset)]

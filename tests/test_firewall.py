@@ -17,6 +17,7 @@ from agent.fake import FakeBackend, FakeFirewall, FakeLink, FakeMachine
 from agent.firewall import (
     FirewallControl,
     NftFirewall,
+    cached_ruleset_for,
     in_force,
     normalize_allow,
     ruleset_for,
@@ -188,6 +189,10 @@ def test_thousands_of_sources_stay_a_few_rules() -> None:
     # established + drop, and per allow list and family: icmp and tcp.
     assert dict(ruleset.shape.rules)["overlay"] == 2 + 50 * 2 * 2
     assert took < 2.0, took
+    # The same section object again (an unchanged section): not made again.
+    assert cached_ruleset_for(entries, "nm0") is cached_ruleset_for(entries, "nm0")
+    assert cached_ruleset_for(entries, "nm0") == ruleset
+    assert cached_ruleset_for(entries, "nm1").digest != ruleset.digest
 
 
 # -- what the table lets in (the fake's verdict, which the netns test checks
