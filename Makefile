@@ -34,6 +34,7 @@ unit: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/policy.py
 
 demo: setup
 	bash scripts/demo.sh

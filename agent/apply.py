@@ -1,5 +1,6 @@
 """Carry out a plan on the machine: WireGuard through the backend, the link
-through rtnetlink. Device ops that follow each other go in one backend call.
+through rtnetlink, the firewall through nft. Device ops that follow each other
+go in one backend call.
 
 On failure it stops and says how far it got; the next pass re-reads the machine
 and plans again from what is really there.
@@ -7,9 +8,10 @@ and plans again from what is really there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agent.backend import BackendError, DeviceState, PeerSpec, WireGuardBackend
+from agent.firewall import FirewallControl, FirewallError
 from agent.link import LinkControl, LinkState
 from agent.plan import (
     Actual,
@@ -20,6 +22,7 @@ from agent.plan import (
     RemoveAddress,
     RemovePeer,
     RemoveRoute,
+    ReplaceFirewall,
     SetListenPort,
     SetMtu,
     SetPrivateKey,
@@ -40,9 +43,13 @@ class ApplyResult:
         return self.error is None
 
 
-async def read_actual(backend: WireGuardBackend, link: LinkControl) -> Actual:
+async def read_actual(
+    backend: WireGuardBackend, link: LinkControl, firewall: FirewallControl | None = None
+) -> Actual:
     """What is on the machine now. The device is read once: `exists()` is itself
-    a read, and reading a 1,000-peer device twice doubled an agent's pass."""
+    a read, and reading a 1,000-peer device twice doubled an agent's pass.
+    A firewall that cannot be read (no nft) is said in `firewall_error`, not
+    raised: it is the firewall reconciler's failure, not the whole pass's."""
     device: DeviceState | None
     try:
         device = await backend.read()
@@ -51,11 +58,21 @@ async def read_actual(backend: WireGuardBackend, link: LinkControl) -> Actual:
             raise  # there, but unreadable: not the same as absent
         device = None
     link_state: LinkState | None = await link.state() if await link.exists() else None
-    return Actual(device=device, link=link_state)
+    actual = Actual(device=device, link=link_state, interface=backend.interface)
+    if firewall is None:
+        return actual
+    try:
+        return replace(actual, firewall=await firewall.read())
+    except FirewallError as exc:
+        return replace(actual, firewall_error=str(exc))
 
 
 async def apply(
-    ops: list[Op], backend: WireGuardBackend, link: LinkControl, private_key: str
+    ops: list[Op],
+    backend: WireGuardBackend,
+    link: LinkControl,
+    private_key: str,
+    firewall: FirewallControl | None = None,
 ) -> ApplyResult:
     done = 0
     i = 0
@@ -87,6 +104,10 @@ async def apply(
                     await link.add_route(cidr)
                 case RemoveRoute(cidr=cidr):
                     await link.remove_route(cidr)
+                case ReplaceFirewall(ruleset=ruleset):
+                    if firewall is None:
+                        raise FirewallError("no firewall to apply to", retryable=False)
+                    await firewall.replace(ruleset)
             done += 1
             i += 1
     except BackendError as exc:

@@ -9,7 +9,8 @@ Level-triggered: a desired-state message, a periodic resync (with jitter) or a
 failed apply's retry wakes the loop; each pass reads the machine, plans, applies
 what differs, and reports the applied revision. The last desired state is kept
 on disk, so with NATS or the control plane down the agent keeps enforcing what it
-last knew. SIGTERM stops the agent and leaves the interface up.
+last knew. SIGTERM stops the agent and leaves the interface up, and its firewall
+(nftables table `inet netmesh`) with it; `netmesh agent down` removes both.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from nats.aio.msg import Msg
 
 from agent.backend import BackendError, DeviceState, WireGuardBackend
 from agent.endpoints import detect_endpoints
+from agent.firewall import FirewallControl, NftFirewall
 from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.keys import HostKey
 from agent.link import Link, LinkControl
@@ -318,6 +320,7 @@ class Agent:
         state: StateDir,
         backend: WireGuardBackend,
         link: LinkControl,
+        firewall: FirewallControl,
         private_key: str,
         public_key: str,
         resync_interval: float = RESYNC_INTERVAL,
@@ -327,6 +330,7 @@ class Agent:
         self.state = state
         self.backend = backend
         self.link = link
+        self.firewall = firewall
         self.key = HostKey(state, private_key, public_key, rotate_every)
         self.resync_interval = resync_interval
         self.detect_endpoints = False  # True when endpoints were found, not given
@@ -455,6 +459,7 @@ class Agent:
                 desired,
                 self.backend,
                 self.link,
+                firewall=self.firewall,
                 public_key=self.key.public_key,
                 private_key=self.key.private_key,
                 previous=progress.applied_by,
@@ -656,6 +661,7 @@ async def run_agent(
         state=state,
         backend=await make_backend(backend, interface),
         link=Link(interface),
+        firewall=NftFirewall(),
         private_key=private_key_b64(key),
         public_key=public_key,
         resync_interval=resync_interval,

@@ -11,6 +11,7 @@ from typing import Any
 import nats.errors
 
 from agent.backend import BackendError, DeviceState, WireGuardBackend
+from agent.firewall import FirewallControl, NftFirewall
 from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.link import Link
 from agent.session import AgentError, broker_login, send_host_command
@@ -97,8 +98,13 @@ async def local_status(state_dir: Path, interface: str | None) -> dict[str, Any]
     }
 
 
-async def interface_down(state_dir: Path, interface: str) -> bool:
-    """Remove the interface. Returns whether there was one. Raises AgentError."""
+async def interface_down(
+    state_dir: Path, interface: str, firewall: FirewallControl | None = None
+) -> bool:
+    """Remove the interface, then the agent's firewall table (`inet netmesh`,
+    nothing else: the table goes after the interface, so nothing arrives
+    unfiltered meanwhile). Returns whether there was an interface. Raises
+    AgentError."""
     pid = running_agent_pid(state_dir)
     if pid is not None:
         raise AgentError(
@@ -118,6 +124,15 @@ async def interface_down(state_dir: Path, interface: str) -> bool:
         await link.close()
         if backend is not None:
             await backend.close()
+    if firewall is None:
+        nft = NftFirewall()
+        # Without nft this machine cannot hold a table the agent made.
+        firewall = nft if nft.available() else None
+    if firewall is not None:
+        try:
+            await firewall.remove()
+        except BackendError as exc:
+            raise AgentError(f"cannot remove the firewall of {interface}: {exc}") from None
     return present
 
 

@@ -1,10 +1,12 @@
 """plan(desired, actual) -> ops: what to change so the machine is as desired.
 
-One pure planner per part of the machine the agent owns (the WireGuard device,
-the link and its addresses, the peers, the routes): each is one reconciler's
-plan (agent/reconcile.py), and `plan` is all of them in order. Pure and
-typed; every op prints itself, so the plan that is applied is also what is
-logged and shown (`--dry-run` for free). Rules that keep tunnels up:
+One pure planner per part of the machine the agent owns (the firewall, the
+WireGuard device, the link and its addresses, the peers, the routes): each is one
+reconciler's plan (agent/reconcile.py), and `plan` is the WireGuard device's and
+link's in order (the firewall, like Tailscale's router config beside wgcfg, is
+planned apart: `plan_firewall`). Pure and typed; every op prints itself, so
+the plan that is applied is also what is logged and shown (`--dry-run` for
+free). Rules that keep tunnels up:
 
 - touch only what differs: an unchanged peer is never written;
 - a peer is changed in place (its allowed IPs replaced), never removed and
@@ -19,16 +21,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.backend import DeviceState, PeerSpec, PeerState
+from agent.firewall import FirewallState, Ruleset, cached_ruleset_for, in_force
 from agent.link import LinkState
 from events.desired import DesiredState, PeerEntry
 
 
 @dataclass(frozen=True)
 class Actual:
-    """What is on the machine now. `device`/`link` are None when the interface is absent."""
+    """What is on the machine now. `device`/`link` are None when the interface is absent.
+
+    `interface` is the overlay interface's name; `firewall` the agent's nftables
+    table (None: no table), and `firewall_error` why it could not be read (then
+    the firewall is planned as if it had to be installed: the apply says why
+    it cannot be, and the other parts go on)."""
 
     device: DeviceState | None
     link: LinkState | None
+    interface: str = ""
+    firewall: FirewallState | None = None
+    firewall_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,8 +134,17 @@ class RemoveRoute:
         return f"remove route {self.cidr}"
 
 
+@dataclass(frozen=True)
+class ReplaceFirewall:
+    ruleset: Ruleset
+
+    def __str__(self) -> str:
+        return f"replace firewall on {self.ruleset.interface}: {self.ruleset}"
+
+
 Op = (
-    CreateInterface
+    ReplaceFirewall
+    | CreateInterface
     | SetPrivateKey
     | SetListenPort
     | SetMtu
@@ -136,6 +156,18 @@ Op = (
     | AddRoute
     | RemoveRoute
 )
+
+
+def plan_firewall(desired: DesiredState, actual: Actual) -> list[Op]:
+    """The agent's nftables table, whole: installed whenever the agent holds a
+    desired state (the interface exists or is made in this pass; an empty
+    section still lets replies in and nothing new), replaced when what is in
+    force is not exactly the desired ruleset (digest and shape, see
+    agent/firewall.py). Removed only with the interface (`agent down`)."""
+    ruleset = cached_ruleset_for(desired.sections.firewall, actual.interface)
+    if actual.firewall_error is None and in_force(actual.firewall, ruleset):
+        return []
+    return [ReplaceFirewall(ruleset)]
 
 
 def plan_interface(desired: DesiredState, actual: Actual, *, public_key: str) -> list[Op]:
@@ -209,8 +241,8 @@ def plan(
     public_key: str,
     previous: DesiredState | None = None,
 ) -> list[Op]:
-    """Every section's ops, in the order the agent applies them; empty when
-    nothing differs (what a dry run prints).
+    """The WireGuard device's and link's ops (every section but the firewall),
+    in the order the agent applies them; empty when nothing differs.
 
     `public_key` is this host's own key (the device must hold its private half);
     `previous` is the desired state last applied, used to tell a control-plane

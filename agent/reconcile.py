@@ -9,12 +9,15 @@ desired state has its owner here:
 
 | reconciler | sections it reads | what it owns |
 | --- | --- | --- |
+| firewall | firewall | the nftables table `inet netmesh` (agent/firewall.py) |
 | interface | interface | the WireGuard device: present, our key, the listen port |
 | link | interface (mtu), addresses | MTU, addresses, link up |
 | peers | peers | the device's peers, changed in place |
 | routes | routes | routes through the interface that the agent added |
 
-Later features (firewall, dns) add a reconciler here with their section.
+The firewall goes first: whatever the pass brings up (the interface, new
+peers) meets the filter already in force. Later features (dns) add a
+reconciler here with their section.
 """
 
 from __future__ import annotations
@@ -24,8 +27,17 @@ from dataclasses import dataclass
 
 from agent.apply import apply, read_actual
 from agent.backend import WireGuardBackend
+from agent.firewall import FirewallControl
 from agent.link import LinkControl
-from agent.plan import Actual, Op, plan_interface, plan_link, plan_peers, plan_routes
+from agent.plan import (
+    Actual,
+    Op,
+    plan_firewall,
+    plan_interface,
+    plan_link,
+    plan_peers,
+    plan_routes,
+)
 from events.desired import DesiredState
 
 # (desired, actual, desired last applied by this reconciler, own public key) -> ops
@@ -42,6 +54,7 @@ class Reconciler:
 
 
 RECONCILERS: tuple[Reconciler, ...] = (
+    Reconciler("firewall", lambda d, a, _prev, _key: plan_firewall(d, a), ("firewall",)),
     Reconciler(
         "interface",
         lambda d, a, _, key: plan_interface(d, a, public_key=key),
@@ -93,6 +106,7 @@ async def reconcile(
     backend: WireGuardBackend,
     link: LinkControl,
     *,
+    firewall: FirewallControl,
     public_key: str,
     private_key: str,
     previous: dict[str, DesiredState],
@@ -104,7 +118,7 @@ async def reconcile(
     `previous` holds, per reconciler, the desired state it last applied in
     full (to tell a control-plane endpoint change from roaming). Raises
     BackendError only when the machine cannot be read at all."""
-    actual = await read_actual(backend, link)
+    actual = await read_actual(backend, link, firewall)
     outcomes = []
     for reconciler in reconcilers:
         ops = reconciler.plan(desired, actual, previous.get(reconciler.name), public_key)
@@ -115,7 +129,7 @@ async def reconcile(
             if on_op is not None:
                 on_op(reconciler.name, op)
         # apply() reports a BackendError in its result: how far it got, and why.
-        result = await apply(ops, backend, link, private_key)
+        result = await apply(ops, backend, link, private_key, firewall)
         error = None if result.ok else f"{ops[result.applied]}: {result.error}"
         outcomes.append(Outcome(reconciler.name, tuple(ops), result.applied, error))
     return PassResult(actual, tuple(outcomes))

@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,18 +56,35 @@ from nats.aio.client import Client
 from agent.apply import apply, read_actual
 from agent.fake import FakeBackend, FakeLink, FakeMachine
 from agent.plan import plan
+from cli.client import checked_command
 from controlplane.decide import Context, decide, host_id_for
 from controlplane.embedded import REPO_NATS_CONF, EmbeddedNats, free_port
 from controlplane.publisher import MemoryDesiredPublisher
 from events import natsid
-from events.commands import AnyCommand, CreateEnrollmentKey, CreateNetwork, Join, Reply
+from events.commands import (
+    AnyCommand,
+    CreateEnrollmentKey,
+    CreateNetwork,
+    Join,
+    Reply,
+    SetPolicy,
+    TagNode,
+    UntagNode,
+)
 from events.connect import connect, connect_once, server_has_seen_everything
 from events.desired import DesiredMessage, DesiredState, Sections, decode_message
 from events.envelope import RecordedEvent, make_envelope
 from events.feed import DesiredFeed, Outcome
 from events.jetstream import JetStreamEventStore
 from events.model import HostEndpointObserved
-from events.signing import SIGNATURE_HEADER, event_mac_key, load_or_create, public_text, verify
+from events.signing import (
+    SIGNATURE_HEADER,
+    command_headers,
+    event_mac_key,
+    load_or_create,
+    public_text,
+    verify,
+)
 from events.store import PendingEvent
 from events.subjects import DESIRED_PREFIX, aggregate_subject
 from events.tokens import make_token
@@ -150,6 +167,11 @@ class Bench:
         self.failures: list[str] = []
         self.broker_log: Path | None = None
         self.setup_seconds: dict[str, float] = {}  # where a stage's time went before measuring
+        self.admin_key: nacl.signing.SigningKey | None = None  # the first admin's, to sign with
+        # When each agent first held a revision past `_mark` (for changes that
+        # reach some hosts only: the bench learns which once it has folded them).
+        self._mark = 0
+        self.passed_at: dict[str, float] = {}
 
     def broker_says(self) -> list[str]:
         """The broker's reasons for closing connections (slow consumer, stale
@@ -170,6 +192,34 @@ class Bench:
             raise RuntimeError(f"{verb}: {reply.error}")
         self.head = max(self.head, reply.seq or 0)
         return reply.result
+
+    async def admin_request(self, verb: str, **fields: Any) -> Reply:
+        """An admin command, signed with the first admin's key, as the CLI sends it."""
+        assert self.admin_key is not None
+        fields.setdefault("command_id", uuid.uuid4().hex)
+        fields["signed_at"] = time.time()
+        payload = checked_command(verb, fields)
+        msg = await self.admin.request(
+            f"netmesh.cmd.{verb}",
+            payload,
+            timeout=120,
+            headers=command_headers(self.admin_key, verb, payload),
+        )
+        reply = msgspec.json.decode(msg.data, type=Reply)
+        if not reply.ok:
+            raise RuntimeError(f"{verb}: {reply.error}")
+        self.head = max(self.head, reply.seq or 0)
+        return reply
+
+    async def until_applied(self, hosts: Collection[str], timeout: float = 120) -> float:
+        """Wait until each of `hosts` holds a revision past the mark; when the last did."""
+        deadline = time.monotonic() + timeout
+        while not all(h in self.passed_at for h in hosts):
+            if self.failed.is_set() or time.monotonic() > deadline:
+                missing = sum(1 for h in hosts if h not in self.passed_at)
+                raise RuntimeError(f"{missing} of {len(hosts)} agents did not apply the change")
+            await asyncio.sleep(0.002)  # messages arrive on this loop: a short poll
+        return max((self.passed_at[h] for h in hosts), default=time.perf_counter())
 
     async def wait_ready(self, cp: asyncio.subprocess.Process, timeout: float = 600) -> None:
         """Until the control plane answers a query (it answers once caught up)."""
@@ -197,6 +247,8 @@ class Bench:
                 self._remaining -= 1
                 if self._remaining == 0:
                     self._all_past.set()
+            if had <= self._mark < agent.feed.revision:
+                self.passed_at.setdefault(host_id, time.perf_counter())
 
         await conn.subscribe(f"{DESIRED_PREFIX}.{host_id}", cb=deliver)
 
@@ -263,10 +315,13 @@ async def seed_network(
     hosts: int,
     extra_events: int = 0,
     signing_keys: list[nacl.signing.SigningKey] | None = None,
+    policy: str | None = None,
+    tags: Callable[[int], tuple[str, ...]] | None = None,
 ) -> Seed:
     """Decide a network and `hosts` joins here and append the events (and
     `extra_events` endpoint observations), folding them as the control plane
-    will, so that the bench knows every host's revision."""
+    will, so that the bench knows every host's revision. With `policy`, the
+    network has it from the start and host n carries `tags(n)`."""
     topology = Topology()
     pending: list[PendingEvent] = []
     seq = await store.last_sequence()
@@ -292,6 +347,8 @@ async def seed_network(
             await store.append(chunk)
 
     run(CreateNetwork(name=NETWORK, cidr="10.128.0.0/9"))
+    if policy is not None:
+        run(SetPolicy(network=NETWORK, document=policy))
     key = run(CreateEnrollmentKey(network=NETWORK, uses=None), "kbench", "sbench")
     token = make_token("nats://bench", key["key_id"], "sbench")
     ids = []
@@ -307,6 +364,8 @@ async def seed_network(
             )
         )
         ids.append(result["host_id"])
+        if tags is not None and tags(n):
+            run(TagNode(node=result["node_id"], tags=tags(n)))
         await flush()
     for i in range(extra_events):
         host_id = ids[i % len(ids)]
@@ -343,7 +402,13 @@ def seed_state(topology: Topology, host_id: str, builders: Builders | None = Non
 
 @contextlib.asynccontextmanager
 async def control_plane(
-    workdir: Path, tag: str, *, hosts: int = 0, full_states: bool = False
+    workdir: Path,
+    tag: str,
+    *,
+    hosts: int = 0,
+    full_states: bool = False,
+    policy: str | None = None,
+    tags: Callable[[int], tuple[str, ...]] | None = None,
 ) -> AsyncIterator[tuple[Bench, int, Seed | None]]:
     """A nats-server seeded with `hosts` joined hosts, `netmesh server
     --nats-url` as its own process (so that its CPU time can be read), and
@@ -394,7 +459,9 @@ async def control_plane(
             from controlplane.streams import ensure_streams
 
             await ensure_streams(conns[0].jetstream())
-            seed = await seed_network(JetStreamEventStore(conns[0], timeout=60), hosts)
+            seed = await seed_network(
+                JetStreamEventStore(conns[0], timeout=60), hosts, policy=policy, tags=tags
+            )
         setup["seed"] = time.perf_counter() - started
         started = time.perf_counter()
         cp = await asyncio.create_subprocess_exec(
@@ -412,6 +479,7 @@ async def control_plane(
                 raise RuntimeError("the control plane made no signing key")
             await asyncio.sleep(0.05)
         bench = Bench(server.url, conns, load_or_create(key_file).verify_key)
+        bench.admin_key = load_or_create(workdir / f"cp-{tag}" / "admin.key")
         bench.failed = broken
         bench.failures = failures
         bench.broker_log = workdir / f"nats-{tag}.log"
@@ -497,6 +565,108 @@ async def bench_joins(
             "setup_seconds": bench.setup_seconds,
             "stage_seconds": time.perf_counter() - stage_started,
         }
+
+
+POLICY_TAGS = 50
+
+
+def policy_document(extra: str = "") -> str:
+    """Tag k may open 443/tcp on tag k+1; ops reach everything (bench/policy.py's)."""
+    rules = [
+        f'{{"from": ["tag:t{k}"], "to": ["tag:t{(k + 1) % POLICY_TAGS}"], "ports": ["443/tcp"]}}'
+        for k in range(POLICY_TAGS)
+    ]
+    rules.append('{"from": ["tag:ops"], "to": ["*"]}')
+    if extra:
+        rules.append(extra)
+    return '{"rules": [' + ",\n".join(rules) + "]}"
+
+
+def policy_tags(n: int) -> tuple[str, ...]:
+    return (f"t{n % POLICY_TAGS}",) + (("ops",) if n % 500 == 0 else ())
+
+
+async def bench_policy(hosts: int, changes: int, workdir: Path) -> dict[str, Any]:
+    """A policy change and a tag change under a policy of 51 rules over 50
+    tags: time until every agent whose state it changed has applied it, the
+    hosts that got a message and the bytes they read. Which hosts a change
+    concerns the bench learns by folding the same command into its own copy
+    of the topology (the seed), as the control plane does."""
+    stage_started = time.perf_counter()
+    async with control_plane(
+        workdir, f"policy{hosts}", hosts=hosts, policy=policy_document(), tags=policy_tags
+    ) as (bench, cp_pid, seed):
+        assert seed is not None
+        mirror = seed.topology
+
+        async def measured(verb: str, command: AnyCommand) -> tuple[float, int, int, float]:
+            bench._mark = bench.head
+            bench.passed_at = {}
+            before_bytes, before_cpu = bench.received(), cpu_seconds(cp_pid)
+            start = time.perf_counter()
+            fields = msgspec.to_builtins(command)
+            del fields["type"]
+            reply = await bench.admin_request(verb, **fields)
+            ctx = Context(now=time.time(), actor="bench", new_key_id="", new_secret="")
+            decision = decide(mirror, command, ctx)
+            assert len(decision.events) == 1, decision.events
+            subject, event = decision.events[0]
+            env = make_envelope(event, event_id="m", time=0.0, actor="bench", command_id="m")
+            assert reply.seq is not None
+            fold(mirror, RecordedEvent(seq=reply.seq, subject=subject, envelope=env))
+            affected = [h for h in mirror.hosts if mirror.revision_of(h) == reply.seq]
+            done = await bench.until_applied(affected)
+            return (
+                done - start,
+                len(affected),
+                bench.received() - before_bytes,
+                cpu_seconds(cp_pid) - before_cpu,
+            )
+
+        results: dict[str, Any] = {"hosts": hosts, "tags": POLICY_TAGS}
+        for name in ("policy change", "tag change"):
+            latencies, affected, sizes, cpu = [], [], [], []
+            for i in range(changes):
+                if name == "policy change":
+                    extra = '{"from": ["tag:t3"], "to": ["tag:t7"], "ports": ["22/tcp"]}'
+                    command: AnyCommand = SetPolicy(
+                        network=NETWORK, document=policy_document(extra if i % 2 == 0 else "")
+                    )
+                    verb = "policy.set"
+                else:
+                    host_id = seed.hosts[(i * 37) % len(seed.hosts)]
+                    node = next(iter(mirror.nodes_by_host[host_id]))
+                    tag = f"t{(i * 11 + 5) % POLICY_TAGS}"
+                    verb = "node.untag" if tag in mirror.nodes[node].tags else "node.tag"
+                    cls = UntagNode if verb == "node.untag" else TagNode
+                    command = cls(node=node, tags=(tag,))
+                took, hosts_changed, size, spent = await measured(verb, command)
+                latencies.append(took)
+                affected.append(hosts_changed)
+                sizes.append(size)
+                cpu.append(spent)
+            results[name] = {
+                "converged_ms": {k: v * 1000 for k, v in summary(latencies).items()},
+                "hosts_changed": statistics.median(affected),
+                "bytes": statistics.median(sizes),
+                "cp_cpu_ms": statistics.median(cpu) * 1000,
+            }
+        results["gaps"] = sum(a.gaps for a in bench.agents.values())
+        results["setup_seconds"] = bench.setup_seconds
+        results["stage_seconds"] = time.perf_counter() - stage_started
+        return results
+
+
+def print_policy(result: dict[str, Any]) -> None:
+    for name in ("policy change", "tag change"):
+        r = result[name]
+        print(
+            f"policy, {result['hosts']:>5} hosts, {name}: converged p50 "
+            f"{r['converged_ms']['p50']:.0f} ms (max {r['converged_ms']['max']:.0f}), "
+            f"{r['hosts_changed']:.0f} hosts changed, {r['bytes'] / 1e3:,.1f} kB, "
+            f"control plane {r['cp_cpu_ms']:.0f} ms CPU",
+            flush=True,
+        )
 
 
 async def bench_commands(count: int, concurrency: int, workdir: Path) -> dict[str, Any]:
@@ -713,6 +883,8 @@ async def main() -> None:
     parser.add_argument("--rebuild-events", type=int, default=100_000)
     parser.add_argument("--agent-peers", type=int, default=1000)
     parser.add_argument("--storm-hosts", type=int, default=1000)
+    parser.add_argument("--policy-hosts", default="1000,5000")
+    parser.add_argument("--policy-changes", type=int, default=10)
     args = parser.parse_args()
     out: dict[str, Any] = {"machine": machine(), "joins": [], "baseline": [], "at": time.time()}
     started = time.perf_counter()
@@ -741,6 +913,11 @@ async def main() -> None:
                 f"{base['join_converged_ms']['p50'] / ours['join_converged_ms']['p50']:,.1f}",
                 flush=True,
             )
+        out["policy"] = []
+        for hosts in (int(h) for h in args.policy_hosts.split(",") if h):
+            result = await bench_policy(hosts, args.policy_changes, workdir)
+            out["policy"].append(result)
+            print_policy(result)
         out["commands"] = await bench_commands(args.commands, 32, workdir)
         cmd = out["commands"]
         print(

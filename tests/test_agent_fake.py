@@ -11,7 +11,7 @@ from nacl.public import PrivateKey
 
 from agent.backend import BackendError, PeerSpec
 from agent.daemon import Agent
-from agent.fake import FakeBackend, FakeLink, FakeMachine
+from agent.fake import FakeBackend, FakeFirewall, FakeLink, FakeMachine
 from agent.statedir import Identity, StateDir, private_key_b64, public_key_of
 from events.desired import DesiredDelta, DesiredState, PeerEntry, Sections
 from events.feed import Outcome
@@ -48,6 +48,7 @@ def agent(tmp_path: Path) -> Agent:
         state=StateDir(tmp_path),
         backend=FakeBackend("nm0", machine),
         link=FakeLink("nm0", machine),
+        firewall=FakeFirewall(),
         private_key=private_key_b64(KEY),
         public_key=public_key_of(KEY),
     )
@@ -158,6 +159,7 @@ async def test_desired_state_survives_a_restart(agent: Agent, tmp_path: Path) ->
         state=StateDir(tmp_path),
         backend=agent.backend,
         link=agent.link,
+        firewall=agent.firewall,
         private_key=private_key_b64(KEY),
         public_key=public_key_of(KEY),
     )

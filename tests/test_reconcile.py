@@ -8,7 +8,7 @@ import base64
 from nacl.public import PrivateKey
 
 from agent.backend import BackendError
-from agent.fake import FakeBackend, FakeLink, FakeMachine
+from agent.fake import FakeBackend, FakeFirewall, FakeLink, FakeMachine
 from agent.plan import Actual, plan_routes
 from agent.reconcile import ENFORCED_SECTIONS, RECONCILERS, reconcile
 from agent.statedir import private_key_b64, public_key_of
@@ -27,24 +27,29 @@ class RefusingAddresses(FakeLink):
         raise BackendError(f"add address {cidr}: EINVAL", retryable=False)
 
 
-async def run(machine: FakeMachine, link: FakeLink, **state: object) -> dict[str, list[str]]:
-    """One pass; the ops each reconciler planned, as printed."""
+async def run(
+    machine: FakeMachine, link: FakeLink, firewall: FakeFirewall | None = None, **state: object
+) -> dict[str, list[str]]:
+    """One pass; the ops each reconciler planned, as printed (the firewall's
+    only when the test gives it one to watch)."""
     desired = desired_state(**state)  # type: ignore[arg-type]
     result = await reconcile(
         desired,
         FakeBackend("nm0", machine),
         link,
+        firewall=firewall or FakeFirewall(),
         public_key=public_key_of(KEY),
         private_key=private_key_b64(KEY),
         previous={},
     )
-    return {o.name: [str(op) for op in o.ops] for o in result.outcomes if o.ops} | {
-        f"{o.name} error": [o.error] for o in result.outcomes if o.error
+    shown = [o for o in result.outcomes if firewall is not None or o.name != "firewall"]
+    return {o.name: [str(op) for op in o.ops] for o in shown if o.ops} | {
+        f"{o.name} error": [o.error] for o in shown if o.error
     }
 
 
 def test_one_reconciler_per_part_of_the_machine() -> None:
-    assert [r.name for r in RECONCILERS] == ["interface", "link", "peers", "routes"]
+    assert [r.name for r in RECONCILERS] == ["firewall", "interface", "link", "peers", "routes"]
     # Every section the control plane may send is enforced by some reconciler:
     # agents advertise these, and a section nobody enforces must not pass.
     assert set(ENFORCED_SECTIONS) == set(SECTION_NAMES)

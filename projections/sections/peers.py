@@ -77,9 +77,16 @@ class PeerSection:
             index = policy_of(self.topology, only)
             if index is None:
                 return {key: entry for h, key, entry in self._roster(only) if h != host_id}
+            # Only the members it sees: in time proportional to them, not
+            # to the network (a join under a policy costs what it changes).
             node_id = next(iter(self.topology.nodes_by_host[host_id]))
-            seen = {self.topology.nodes[n].host_id for n in index.visible(node_id)}
-            return {key: entry for h, key, entry in self._roster(only) if h in seen}
+            found = {}
+            for seen in index.visible(node_id):
+                peer = self.topology.hosts.get(self.topology.nodes[seen].host_id)
+                entry = self._through_network(peer, only) if peer is not None else None
+                if peer is not None and entry is not None:
+                    found[peer.public_key] = entry
+            return dict(sorted(found.items()))
         others = {
             n.host_id
             for network in self.topology.networks_of_host(host_id)
@@ -210,8 +217,9 @@ class PeerSection:
         """Both ends of every relation the event moved re-read each other."""
         rereads = []
         for m in moved(topology, event):
-            if m.sources and m.destinations:
+            if m.sources.keys and m.destinations.hosts:
                 rereads.append(Reread(PeerSection.name, m.sources.keys, hosts=m.destinations.hosts))
+            if m.destinations.keys and m.sources.hosts:
                 rereads.append(Reread(PeerSection.name, m.destinations.keys, hosts=m.sources.hosts))
         return rereads
 

@@ -52,12 +52,15 @@ def ends(topology: Topology, node_ids: Iterable[str]) -> Ends:
     hosts, keys, cidrs = set(), set(), set()
     for node_id in node_ids:
         node = topology.nodes.get(node_id)
-        host = topology.hosts.get(node.host_id) if node is not None else None
-        if node is None or host is None:
+        if node is None:
             continue
-        hosts.add(host.host_id)
-        keys.add(host.public_key)
+        hosts.add(node.host_id)
         cidrs.add(host_cidr(node.address))
+        # A joining host's node comes before its registration (its key):
+        # peers learn the key from the registration's rereads.
+        host = topology.hosts.get(node.host_id)
+        if host is not None:
+            keys.add(host.public_key)
     return Ends(frozenset(hosts), frozenset(keys), frozenset(cidrs))
 
 
