@@ -59,7 +59,7 @@ async def _stays_refused(host: Host, address: str, port: int, *, held: float = H
 
 async def _stays_unpingable(host: Host, address: str, *, held: float = HELD) -> None:
     result = await host.run(
-        "ping", "-n", "-q", "-i", "0.2", "-W", "1", "-w", str(held), address, check=False
+        "ping", "-n", "-q", "-i", "0.2", "-W", "1", "-w", str(round(held)), address, check=False
     )
     assert " 0 received" in result.stdout, result.stdout
 
