@@ -604,8 +604,11 @@ async def bench_policy(hosts: int, changes: int, workdir: Path) -> dict[str, Any
             bench.passed_at = {}
             before_bytes, before_cpu = bench.received(), cpu_seconds(cp_pid)
             start = time.perf_counter()
-            fields = msgspec.to_builtins(command)
-            del fields["type"]
+            fields = {
+                k: v
+                for k, v in msgspec.to_builtins(command).items()
+                if k not in ("type", "command_id", "signed_at")
+            }
             reply = await bench.admin_request(verb, **fields)
             ctx = Context(now=time.time(), actor="bench", new_key_id="", new_secret="")
             decision = decide(mirror, command, ctx)
