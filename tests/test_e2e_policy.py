@@ -10,6 +10,7 @@ denied host (it is not even a peer), a connection the other way round.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import time
 from pathlib import Path
@@ -58,8 +59,10 @@ async def _stays_refused(host: Host, address: str, port: int, *, held: float = H
 
 
 async def _stays_unpingable(host: Host, address: str, *, held: float = HELD) -> None:
+    # ping's deadline (-w) is whole seconds: "3.0" is refused as an invalid argument.
+    deadline = str(math.ceil(held))
     result = await host.run(
-        "ping", "-n", "-q", "-i", "0.2", "-W", "1", "-w", str(held), address, check=False
+        "ping", "-n", "-q", "-i", "0.2", "-W", "1", "-w", deadline, address, check=False
     )
     assert " 0 received" in result.stdout, result.stdout
 
