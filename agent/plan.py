@@ -18,12 +18,13 @@ free). Rules that keep tunnels up:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agent.backend import DeviceState, PeerSpec, PeerState
 from agent.firewall import FirewallState, Ruleset, cached_ruleset_for, in_force
 from agent.link import LinkState
-from events.desired import DesiredState, PeerEntry
+from events.desired import DesiredState, FirewallEntry, PeerEntry
 
 
 @dataclass(frozen=True)
@@ -164,10 +165,22 @@ def plan_firewall(desired: DesiredState, actual: Actual) -> list[Op]:
     section still lets replies in and nothing new), replaced when what is in
     force is not exactly the desired ruleset (digest and shape, see
     agent/firewall.py). Removed only with the interface (`agent down`)."""
-    ruleset = cached_ruleset_for(desired.sections.firewall, actual.interface)
+    entries = desired.sections.firewall
+    if actual.firewall_error is not None and entries and lets_everything_in(entries):
+        # nftables cannot be read (not installed, no permission), and nothing
+        # needs filtering: every source the section names may send anything,
+        # and WireGuard admits no other source. Not a failure, so a host
+        # without nft keeps working in networks without a policy.
+        return []
+    ruleset = cached_ruleset_for(entries, actual.interface)
     if actual.firewall_error is None and in_force(actual.firewall, ruleset):
         return []
     return [ReplaceFirewall(ruleset)]
+
+
+def lets_everything_in(entries: Mapping[str, FirewallEntry]) -> bool:
+    """Whether a firewall section filters nothing (every entry allows any)."""
+    return all("any" in entry.allow for entry in entries.values())
 
 
 def plan_interface(desired: DesiredState, actual: Actual, *, public_key: str) -> list[Op]:

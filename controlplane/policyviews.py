@@ -18,9 +18,9 @@ from projections.access import (
     Member,
     allowed,
     canonical_ports,
-    explain,
     may_see,
     rules_between,
+    verdict,
 )
 from projections.policy_plan import plan_policy
 from projections.topology import Topology
@@ -78,10 +78,22 @@ def explain_access(
     if network.policy_error:
         answer["error"] = network.policy_error
     if ports is not None:
-        ok, rule = explain(policy, src, dst, ports)
-        reason = f"allowed by {rule}" if rule is not None else "denied: no rule allows it"
-        rules = [] if rule is None else [{"index": rule.index, "rule": str(rule)}]
-        return {**answer, "allowed": ok, "reason": reason, "rules": rules}
+        found = verdict(policy, src, dst, ports)
+        named = "; ".join(map(str, found.rules))
+        if found.allowed:
+            reason = f"allowed by {named}"
+        elif found.partly:
+            reason = f"partly allowed (the rest is denied) by {named}"
+        else:
+            reason = "denied: no rule allows it"
+        rules = [{"index": rule.index, "rule": str(rule)} for rule in found.rules]
+        return {
+            **answer,
+            "allowed": found.allowed,
+            "partly": found.partly,
+            "reason": reason,
+            "rules": rules,
+        }
     between = rules_between(policy, src, dst)
     return {
         **answer,

@@ -293,7 +293,11 @@ def _v2_to_v3(raw: dict[str, Any]) -> dict[str, Any]:
 def _v3_to_v4(raw: dict[str, Any]) -> dict[str, Any]:
     """Version 3 had no firewall: everything arriving on the overlay was let in.
     A snapshot says so explicitly (an absent section now means "let nothing
-    in"); a delta changed no firewall."""
+    in"); a delta changed no firewall.
+
+    No delta ever removes these two entries (no control plane writes them):
+    a snapshot replaces them, and every way a host comes under a policy sends
+    it one (a network's first policy, a join, a policy cleared)."""
     if raw.get("kind") == "delta":
         return {**raw, "protocol": 4}
     sections = dict(raw.get("sections") or {})

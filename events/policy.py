@@ -104,6 +104,14 @@ class Ports:
             return False
         return self.protocol == "icmp" or (self.low <= other.low and other.high <= self.high)
 
+    def overlaps(self, other: Ports) -> bool:
+        """Whether some traffic is in both (`any` overlaps everything)."""
+        if "any" in (self.protocol, other.protocol):
+            return True
+        if self.protocol != other.protocol:
+            return False
+        return self.protocol == "icmp" or (self.low <= other.high and other.low <= self.high)
+
     def __str__(self) -> str:
         if self.protocol in ("icmp", "any"):
             return self.protocol
@@ -112,6 +120,23 @@ class Ports:
 
 
 ALL_TRAFFIC = (Ports("any"),)
+
+
+def covered(wanted: Ports, allowed: tuple[Ports, ...] | list[Ports]) -> bool:
+    """Whether the union of `allowed` holds all of `wanted` (a range may be
+    allowed in pieces by several rules)."""
+    if any(p.protocol == "any" for p in allowed):
+        return True
+    if wanted.protocol in ("any", "icmp"):
+        return any(p.covers(wanted) for p in allowed)
+    reached = wanted.low - 1  # every port up to here is allowed
+    for p in sorted(p for p in allowed if p.protocol == wanted.protocol):
+        if p.low > reached + 1:
+            break
+        reached = max(reached, p.high)
+        if reached >= wanted.high:
+            return True
+    return reached >= wanted.high
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from events.policy import (
     Rule,
     Selector,
     Tagged,
+    covered,
     parse_ports,
 )
 
@@ -68,15 +69,37 @@ def may_see(policy: Policy, a: Member, b: Member) -> bool:
     return bool(rules_between(policy, a, b) or rules_between(policy, b, a))
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What a policy says of one kind of traffic from one member to another:
+    `allowed` when the rules' ports hold all of it, `partly` when they hold
+    some of it (a range of which some ports are allowed); `rules` the rules
+    whose ports overlap it, in document order."""
+
+    allowed: bool
+    partly: bool
+    rules: tuple[Rule, ...]
+
+    @property
+    def denied(self) -> bool:
+        """Nothing of it is allowed."""
+        return not self.allowed and not self.partly
+
+
+def verdict(policy: Policy, source: Member, destination: Member, port: Ports) -> Verdict:
+    between = rules_between(policy, source, destination)
+    overlapping = tuple(r for r in between if any(p.overlaps(port) for p in r.ports))
+    whole = covered(port, [p for r in overlapping for p in r.ports])
+    return Verdict(whole, bool(overlapping) and not whole, overlapping)
+
+
 def explain(
     policy: Policy, source: Member, destination: Member, port: Ports
 ) -> tuple[bool, Rule | None]:
-    """Whether `source` may open `port` towards `destination`, and the first
-    rule that allows it (None when denied: no rule does)."""
-    for rule in rules_between(policy, source, destination):
-        if any(p.covers(port) for p in rule.ports):
-            return True, rule
-    return False, None
+    """Whether `source` may open all of `port` towards `destination`, and the
+    first rule that allows some of it (None when it is denied)."""
+    found = verdict(policy, source, destination, port)
+    return found.allowed, found.rules[0] if found.allowed else None
 
 
 def failing_tests(policy: Policy, members: Mapping[str, Member]) -> list[str]:
@@ -90,14 +113,16 @@ def failing_tests(policy: Policy, members: Mapping[str, Member]) -> list[str]:
             continue
         assert source is not None and destination is not None
         for text in test.accept:
-            ok, _ = explain(policy, source, destination, parse_ports(text))
-            if not ok:
-                failures.append(f"test {index}: {test.from_} -> {test.to} {text} is denied")
+            found = verdict(policy, source, destination, parse_ports(text))
+            if not found.allowed:
+                what = "only partly allowed" if found.partly else "denied"
+                failures.append(f"test {index}: {test.from_} -> {test.to} {text} is {what}")
         for text in test.deny:
-            ok, rule = explain(policy, source, destination, parse_ports(text))
-            if ok:
+            found = verdict(policy, source, destination, parse_ports(text))
+            if not found.denied:
+                what = "allowed" if found.allowed else "partly allowed"
                 failures.append(
-                    f"test {index}: {test.from_} -> {test.to} {text} is allowed by {rule}"
+                    f"test {index}: {test.from_} -> {test.to} {text} is {what} by {found.rules[0]}"
                 )
     return failures
 

@@ -443,3 +443,22 @@ async def test_contract_agent_down_removes_only_our_table(machine: Machine, tmp_
     assert await interface_down(tmp_path, "nmt-absent0", firewall=machine.firewall) is False
     assert await machine.firewall.read() is None
     assert await machine.foreign_rules() == 2
+
+
+async def test_without_nft_a_network_without_a_policy_still_applies() -> None:
+    """Nothing to filter (every entry allows any): a host without nftables is
+    not failing; one that must filter is."""
+    machine = FakeMachine()
+    open_network = {"10.10.0.0/24": FirewallEntry(allow=("any",))}
+    for section, failing in ((open_network, False), (POLICY, True)):
+        desired = msgspec.structs.replace(desired_state(), sections=Sections(firewall=section))
+        result = await reconcile(
+            desired,
+            FakeBackend("nm0", machine),
+            FakeLink("nm0", machine),
+            firewall=NftFirewall(["/nonexistent/nft"]),
+            public_key=public_key_of(KEY),
+            private_key=private_key_b64(KEY),
+            previous={},
+        )
+        assert ("firewall" in result.errors()) is failing

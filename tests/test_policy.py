@@ -8,11 +8,13 @@ import pytest
 from events.policy import ALL_TRAFFIC, PolicyError, Ports, parse_policy, parse_ports
 from projections.access import (
     Member,
+    Verdict,
     allowed,
     explain,
     failing_tests,
     may_see,
     unknown_references,
+    verdict,
 )
 
 DOCUMENT = """
@@ -130,3 +132,30 @@ def test_ports_parse_and_print() -> None:
     assert str(parse_ports("1000-2000/udp")) == "1000-2000/udp"
     assert parse_ports("any").covers(parse_ports("53/udp"))
     assert not parse_ports("53/tcp").covers(parse_ports("53/udp"))
+
+
+def test_a_test_denying_a_range_fails_when_any_port_in_it_is_allowed() -> None:
+    members = {
+        "web1": Member("web1", "10.10.0.1", frozenset({"web"})),
+        "db1": Member("db1", "10.10.0.3", frozenset({"db"})),
+    }
+    for deny in ("any", "1-1024/tcp", "22/tcp"):
+        policy = parse_policy(
+            '{"rules": [{"from": ["tag:web"], "to": ["tag:db"], "ports": ["22/tcp"]}],'
+            ' "tests": [{"from": "web1", "to": "db1", "deny": ["' + deny + '"]}]}'
+        )
+        assert failing_tests(policy, members), f"deny {deny} passes though 22/tcp is allowed"
+    # A range allowed in pieces by two rules is allowed whole; with a gap, partly.
+    split = parse_policy(
+        '{"rules": [{"from": ["*"], "to": ["*"], "ports": ["1-100/tcp"]},'
+        ' {"from": ["tag:web"], "to": ["*"], "ports": ["101-200/tcp", "300/tcp"]}],'
+        ' "tests": [{"from": "web1", "to": "db1",'
+        ' "accept": ["1-200/tcp"], "deny": ["201-299/tcp"]}]}'
+    )
+    assert failing_tests(split, members) == []
+    web, db = members["web1"], members["db1"]
+    assert verdict(split, web, db, Ports("tcp", 50, 150)) == Verdict(True, False, split.rules)
+    gap = verdict(split, web, db, Ports("tcp", 150, 300))
+    assert (gap.allowed, gap.partly, gap.rules) == (False, True, split.rules[1:])
+    assert verdict(split, db, web, Ports("tcp", 150, 300)).denied
+    assert not verdict(split, web, db, Ports("any")).allowed

@@ -17,6 +17,7 @@ from events.commands import (
     RemoveNode,
     ReportEndpoint,
     RotateHostKey,
+    UpdateNetwork,
 )
 from events.desired import DesiredDelta, DesiredState, FirewallEntry
 from events.envelope import make_envelope
@@ -358,3 +359,42 @@ def test_deltas_under_any_policy_changes_equal_the_derived_state(
             office.flush(pending)
             pending = []
     office.flush(pending)
+
+
+def test_a_keepalive_change_under_a_policy_names_no_key_a_host_may_not_see(
+    office: PolicyWorld,
+) -> None:
+    office.flush(office.set_policy(POLICY))
+    # lonely sees web1, web2 and ops1; not db1, not backup.
+    hidden = {office.topology.hosts[office.host[n]].public_key for n in ("db1", "backup")}
+    _, touched = office.world.run(UpdateNetwork(name="office", keepalive=15))
+    sent = office.flush(touched)
+    to_lonely = sent[office.host["lonely"]]
+    assert isinstance(to_lonely, DesiredDelta)
+    named = set(to_lonely.upsert.peers) | set(to_lonely.remove.get("peers", ()))
+    assert named and not named & hidden
+    assert all(p.persistent_keepalive == 15 for p in to_lonely.upsert.peers.values())
+
+
+def test_no_message_ever_names_a_key_its_host_may_not_see(office: PolicyWorld) -> None:
+    """Visibility holds for removals too: a host is told to drop only a peer it had."""
+    office.flush(office.set_policy(POLICY))
+    held = {h: set(s.peers) for h, s in office.agents.states.items()}
+    steps = [
+        lambda: office.tag("lonely", "db"),
+        lambda: office.untag("web2", "web"),
+        lambda: office.world.run(UpdateNetwork(name="office", keepalive=9))[1],
+        lambda: office.join("plain"),
+        lambda: office.world.run(RemoveNode(node="office/plain"))[1],
+        lambda: office.set_policy(POLICY.replace('"80/tcp", ', "")),
+    ]
+    for step in steps:
+        sent = office.flush(step())
+        for host_id, message in sent.items():
+            if isinstance(message, DesiredDelta):
+                # (A host may be told to drop its own key, which it never
+                # holds: a changed rule between overlapping sets names it.)
+                own = office.topology.hosts[host_id].public_key
+                removed = set(message.remove.get("peers", ())) - {own}
+                assert removed <= held.get(host_id, set()), (step, host_id)
+        held = {h: set(s.peers) for h, s in office.agents.states.items()}

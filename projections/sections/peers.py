@@ -225,15 +225,25 @@ class PeerSection:
 
     @staticmethod
     def _everyone_in(topology: Topology, network: str) -> Sequence[Reread]:
+        """Every member's entry re-read by whoever sees it: in a network
+        without a policy every member, under one only its viewers (a host
+        must not learn, even as a removal, the key of one it may not see)."""
         networks = frozenset((network,))
+        policed = policy_of(topology, network) is not None
         rereads = []
         for node in topology.nodes_of_network(network):
             host = topology.hosts.get(node.host_id)
-            if host is not None:
-                keys = frozenset((host.public_key,))
+            if host is None:
+                continue
+            keys = frozenset((host.public_key,))
+            if not policed:
                 rereads.append(
                     Reread(PeerSection.name, keys, networks=networks, owner=host.host_id)
                 )
+                continue
+            seen = viewers(topology, network, node.node_id) or frozenset()
+            if seen - {host.host_id}:
+                rereads.append(Reread(PeerSection.name, keys, hosts=seen - {host.host_id}))
         return rereads
 
 
