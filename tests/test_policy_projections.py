@@ -5,6 +5,8 @@ sequence of joins, departures, tag and policy changes (property)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -380,7 +382,7 @@ def test_no_message_ever_names_a_key_its_host_may_not_see(office: PolicyWorld) -
     """Visibility holds for removals too: a host is told to drop only a peer it had."""
     office.flush(office.set_policy(POLICY))
     held = {h: set(s.peers) for h, s in office.agents.states.items()}
-    steps = [
+    steps: list[Callable[[], list[Touched]]] = [
         lambda: office.tag("lonely", "db"),
         lambda: office.untag("web2", "web"),
         lambda: office.world.run(UpdateNetwork(name="office", keepalive=9))[1],
