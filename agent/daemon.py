@@ -73,9 +73,11 @@ from events.feed import DesiredFeed, Outcome
 from events.natsid import client_options
 from events.reports import APPLIED, AppliedReport, PeerReport, applied_encoder
 from events.signing import (
+    ENROLLMENT_TOKEN_HEADER,
     SIGNATURE_HEADER,
     public_text,
     signed_payload,
+    token_digest,
 )
 from events.subjects import (
     command_subject,
@@ -160,7 +162,9 @@ async def enroll(
             "join",
             {
                 "command_id": uuid.uuid4().hex,
-                "token": token,
+                # The token goes beside the signed join, its digest in it:
+                # the signed text is kept in the log as the join's proof.
+                "token_sha256": token_digest(token),
                 "public_key": public_key,
                 "name": name,
                 "endpoints": list(endpoints),
@@ -173,7 +177,11 @@ async def enroll(
                 command_subject("join"),
                 payload,
                 timeout=15,
-                headers={"Netmesh-Actor": f"agent:{name}", **signature},
+                headers={
+                    "Netmesh-Actor": f"agent:{name}",
+                    ENROLLMENT_TOKEN_HEADER: token,
+                    **signature,
+                },
             )
         except nats.errors.NoRespondersError:
             raise Unreachable(f"no netmesh control plane is answering at {url}") from None

@@ -60,16 +60,18 @@ from controlplane.rules.base import Context, Decision, Rejected
 from controlplane.rules.spec import CommandSpec, Need
 from controlplane.throttle import FailureWindow
 from controlplane.writemodel import WriteModel
-from events.commands import Command, ErrorCode, Reply
+from events.commands import Command, ErrorCode, Join, Reply
 from events.envelope import Answer, make_envelope
 from events.model import AdminAdded
 from events.signing import (
     COMMAND_SIGNER_HEADER,
+    ENROLLMENT_TOKEN_HEADER,
     SIGNATURE_HEADER,
     load_or_create,
     public_text,
     seal_for,
     signed_command,
+    token_digest,
     verify,
     verify_key_of,
 )
@@ -218,6 +220,7 @@ class CommandPipeline:
                 actor=_actor(msg),
                 signer=headers.get(COMMAND_SIGNER_HEADER),
                 signature=headers.get(SIGNATURE_HEADER),
+                enrollment_token=headers.get(ENROLLMENT_TOKEN_HEADER),
             )
         except Exception:  # the service must outlive any one command
             log.exception("command failed", verb=verb)
@@ -232,8 +235,16 @@ class CommandPipeline:
         actor: str,
         signer: str | None = None,
         signature: str | None = None,
+        enrollment_token: str | None = None,
     ) -> Reply:
-        reply = await self._handle(verb, payload, actor=actor, signer=signer, signature=signature)
+        reply = await self._handle(
+            verb,
+            payload,
+            actor=actor,
+            signer=signer,
+            signature=signature,
+            enrollment_token=enrollment_token,
+        )
         if reply.error is not None:
             # Refusals quote what was sent (field names, values): keep them on
             # one line whatever it contained.
@@ -241,7 +252,14 @@ class CommandPipeline:
         return reply
 
     async def _handle(
-        self, verb: str, payload: bytes, *, actor: str, signer: str | None, signature: str | None
+        self,
+        verb: str,
+        payload: bytes,
+        *,
+        actor: str,
+        signer: str | None,
+        signature: str | None,
+        enrollment_token: str | None = None,
     ) -> Reply:
         spec = spec_for_verb(verb)
         if spec is None:
@@ -252,6 +270,11 @@ class CommandPipeline:
             return Reply.refused(ErrorCode.INVALID, f"invalid {verb} command: {exc}")
         except msgspec.DecodeError:
             return Reply.refused(ErrorCode.INVALID, f"invalid {verb} command: not JSON")
+        if isinstance(command, Join):
+            joining = with_token(command, enrollment_token)
+            if isinstance(joining, Reply):
+                return joining
+            command = joining
         throttle = spec.throttle
         bucket = throttle.bucket(self._write.topology, command) if throttle is not None else None
         now = time.time()
@@ -471,6 +494,27 @@ class CommandPipeline:
             return
         await self._write.wait_for(seq)
         log.info("first admin created", key_file=str(data_dir / "admin.key"))
+
+
+def with_token(command: Join, token: str | None) -> Join | Reply:
+    """A join with its enrollment token: in the payload (an agent that signs
+    it whole, which puts it in the log), or beside it in a header, the signed
+    payload holding its digest. Refused when they do not agree."""
+    if not command.token_sha256:
+        if token and token != command.token:
+            return Reply.refused(ErrorCode.INVALID_TOKEN, "join: two different enrollment tokens")
+        return command
+    if command.token and token_digest(command.token) != command.token_sha256:
+        return Reply.refused(ErrorCode.INVALID_TOKEN, "join: the token is not the signed one")
+    given = token or command.token
+    if not given:
+        return Reply.refused(
+            ErrorCode.INVALID_TOKEN,
+            f"join: the enrollment token goes in the {ENROLLMENT_TOKEN_HEADER} header",
+        )
+    if not hmac.compare_digest(token_digest(given), command.token_sha256):
+        return Reply.refused(ErrorCode.INVALID_TOKEN, "join: the token is not the signed one")
+    return msgspec.structs.replace(command, token=given)
 
 
 def pending_events(

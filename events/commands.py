@@ -60,14 +60,18 @@ class RevokeEnrollmentKey(Command, frozen=True, tag="key.revoke"):
 
 
 class Join(Command, frozen=True, tag="join"):
-    token: str
     public_key: str
     name: Name
+    # The enrollment token. An agent sends it beside the payload it signs (a
+    # header), and signs `token_sha256` instead: the signed join is kept as
+    # its proof, and a token in the log could be copied by anyone reading it.
+    token: str = ""
     endpoints: tuple[str, ...] = ()
     listen_port: Port | None = None  # None: the network's listen port
     # The host's own Ed25519 key (base64): the join is signed with it, and so
     # must be everything the host sends later (endpoint reports, leaving).
     signing_key: str = ""
+    token_sha256: str = ""  # of the token (events.signing.token_digest)
 
 
 class RemoveNode(Command, frozen=True, tag="node.remove"):

@@ -83,6 +83,17 @@ COMMAND_SIGNER_HEADER = "Netmesh-Signer"
 COMMAND_CONTEXT = b"netmesh-command\n"
 
 
+# A join carries its enrollment token here, beside the signed payload, which
+# holds only the token's digest (`token_digest`): the signed text is kept in
+# the log as the join's proof, and the log must not hold the token.
+ENROLLMENT_TOKEN_HEADER = "Netmesh-Enrollment-Token"
+
+
+def token_digest(token: str) -> str:
+    """What a signed join says of its enrollment token: sha256, hex."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def signed_command(verb: str, payload: bytes) -> bytes:
     """What an admin signs for a command: a context tag (a signature made for
     anything else cannot pass as a command), the verb, the exact payload (which

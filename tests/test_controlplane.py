@@ -18,6 +18,7 @@ import pytest
 from nacl.signing import SigningKey
 from nats.aio.client import Client
 
+from agent.daemon import enroll
 from controlplane.audit import verify_log
 from controlplane.embedded import EmbeddedNats
 from controlplane.enrollment import EnrollmentSecrets
@@ -30,10 +31,11 @@ from controlplane.service import ControlPlane
 from controlplane.throttle import FailureWindow
 from controlplane.writemodel import WriteModel
 from events.commands import Reply
-from events.envelope import encode_envelope, make_envelope
+from events.envelope import RecordedEvent, encode_envelope, make_envelope
 from events.model import AdminAdded, AnyEvent, NodeJoined
 from events.signing import (
     COMMAND_SIGNER_HEADER,
+    ENROLLMENT_TOKEN_HEADER,
     EVENT_MAC_HEADER,
     SIGNATURE_HEADER,
     command_headers,
@@ -43,6 +45,7 @@ from events.signing import (
     open_sealed,
     public_text,
     signed_payload,
+    token_digest,
 )
 from events.store import Expectation, MemoryEventStore, PendingEvent, StoreUnavailable
 from events.subjects import DESIRED_STREAM, EVENTS_STREAM
@@ -660,3 +663,51 @@ async def test_a_signed_command_that_decided_nothing_is_taken_afresh(tmp_path: P
     finally:
         await store.close()
         await following
+
+
+async def _recorded(plane: ControlPlane, admin: Admin) -> list[RecordedEvent]:
+    recorded: list[RecordedEvent] = []
+    async for batch in plane.store.follow_batches(1):
+        recorded.extend(batch)
+        if batch[-1].seq >= await admin.last_seq():
+            break
+    return recorded
+
+
+async def test_a_join_keeps_its_token_out_of_the_log(
+    cp: tuple[ControlPlane, Admin], nats_server: EmbeddedNats
+) -> None:
+    """The agent signs the token's digest and sends the token beside it: the
+    join's proof in the log names the digest; the token (and its secret) is in
+    no event. A token that is not the signed one is refused, nothing written."""
+    plane, admin = cp
+    token = await network_with_token(admin)
+    key = SigningKey.generate()
+    _, joined = await enroll(token, nats_server.url, "h1", public_key(1), ["192.0.2.1"], None, key)
+    assert joined["name"] == "h1"
+    recorded = await _recorded(plane, admin)
+    stored = b"\n".join(encode_envelope(r.envelope) for r in recorded)
+    secret = parse_token(token).secret
+    assert token.encode() not in stored and secret.encode() not in stored
+    assert token_digest(token).encode() in stored  # what the proof signed
+    audit = verify_log(recorded)
+    assert audit.problems == [] and audit.signed_commands == 3  # network, key, join
+
+    before = await admin.last_seq()
+    parts = parse_token(token)
+    other = make_token(parts.server, parts.key_id, "another-secret", parts.server_key)
+    fields: dict[str, object] = {
+        "token_sha256": token_digest(token),
+        "public_key": public_key(2),
+        "name": "h2",
+        "signing_key": public_text(key2 := SigningKey.generate()),
+        "command_id": "j2",
+    }
+    data, headers = signed_payload(key2, "join", fields)
+    msg = await admin.nc.request(
+        "netmesh.cmd.join", data, headers={**headers, ENROLLMENT_TOKEN_HEADER: other}, timeout=10
+    )
+    refused = msgspec.json.decode(msg.data, type=Reply)
+    assert (refused.ok, refused.code) == (False, "invalid_token"), refused
+    assert "not the signed one" in (refused.error or "")
+    assert await admin.last_seq() == before

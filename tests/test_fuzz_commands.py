@@ -209,6 +209,7 @@ def pools(token: str, host_ids: list[str]) -> dict[str, st.SearchStrategy[Any]]:
         "role": st.sampled_from(["admin", "network-admin", "auditor", "root"]),
         "networks": st.lists(st.sampled_from(["office", "lab", "nope"]), max_size=2),
         "signed_at": st.floats(allow_nan=False) | st.text(max_size=4),
+        "token_sha256": st.sampled_from(["", "0" * 64]) | st.text(max_size=8),
         "tags": st.lists(
             st.sampled_from(["web", "db", "ops-1", "Web", "", "a" * 33, "tag:x"]), max_size=3
         ),
