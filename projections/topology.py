@@ -12,6 +12,7 @@ events always give the same model.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -165,6 +166,10 @@ class Topology:
     nodes: dict[str, Node] = field(default_factory=dict)
     # Index: network -> node ids, host -> node ids, public key -> host id.
     nodes_by_network: dict[str, set[str]] = field(default_factory=dict)
+    # Network -> its nodes' addresses (as integers), and a floor below which
+    # every host address is taken: allocating is then O(1), not O(nodes).
+    addresses: dict[str, set[int]] = field(default_factory=dict)
+    address_floor: dict[str, int] = field(default_factory=dict)
     nodes_by_host: dict[str, set[str]] = field(default_factory=dict)
     host_by_public_key: dict[str, str] = field(default_factory=dict)
     # Keys of deleted networks -> their network, so that a join can say why it fails.
@@ -247,6 +252,15 @@ class Topology:
         self.nodes[node.node_id] = node
         self.nodes_by_network.setdefault(node.network, set()).add(node.node_id)
         self.nodes_by_host.setdefault(node.host_id, set()).add(node.node_id)
+        used = self.addresses.setdefault(node.network, set())
+        used.add(int(ipaddress.ip_address(node.address)))
+        floor = self.address_floor.get(node.network)
+        if floor is None:
+            known = self.networks.get(node.network)
+            floor = host_range(ipaddress.ip_network(known.cidr))[0] if known else 0
+        while floor in used:  # amortized O(1): the floor only rises here
+            floor += 1
+        self.address_floor[node.network] = floor
         network = self.networks.get(node.network)
         if network is not None and network.access is not None:
             network.access.add(node.node_id, node.member())
@@ -256,6 +270,10 @@ class Topology:
         if node is not None:
             self.nodes_by_network.get(node.network, set()).discard(node_id)
             self.nodes_by_host.get(node.host_id, set()).discard(node_id)
+            freed = int(ipaddress.ip_address(node.address))
+            self.addresses.get(node.network, set()).discard(freed)
+            if freed < self.address_floor.get(node.network, 0):
+                self.address_floor[node.network] = freed
             network = self.networks.get(node.network)
             if network is not None and network.access is not None:
                 network.access.remove(node_id)
@@ -277,6 +295,16 @@ class Topology:
     def members_of(self, network: str) -> frozenset[str]:
         """The hosts with a node in `network`."""
         return frozenset(self.nodes[n].host_id for n in self.nodes_by_network.get(network, ()))
+
+
+def host_range(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int]:
+    """The first and last host address, as `hosts()` has them: IPv4 skips the
+    network and broadcast addresses (not in a /31 or /32), IPv6 the
+    subnet-router anycast address (not in a /127 or /128)."""
+    low, high = int(network.network_address), int(network.broadcast_address)
+    if network.max_prefixlen - network.prefixlen <= 1:
+        return low, high
+    return low + 1, high - 1 if network.version == 4 else high
 
 
 _NETWORK_SUBJECTS = f"{EVENTS_PREFIX}.network."
@@ -358,6 +386,8 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 topology.retired_keys[key_id] = name
             removed = [topology.drop_node(n) for n in list(topology.nodes_by_network.get(name, ()))]
             topology.nodes_by_network.pop(name, None)
+            topology.addresses.pop(name, None)
+            topology.address_floor.pop(name, None)
             members = frozenset(n.host_id for n in removed if n)
             return Touched(
                 networks=frozenset({name}),

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controlplane.decide import Context, decide
 from controlplane.rules.base import Rejected
@@ -27,6 +31,7 @@ from events.model import (
     NodeRemoved,
 )
 from events.tokens import make_token
+from projections.topology import host_range
 from tests.factories import World, public_key
 
 
@@ -220,13 +225,62 @@ def test_endpoint_report_appends_only_on_change() -> None:
 
 
 def test_allocation_skips_network_and_broadcast_and_fills_up() -> None:
-    used: set[str] = set()
+    used: set[int] = set()
     for _ in range(2):
-        used.add(allocate_address("10.0.0.0/30", used))
-    assert used == {"10.0.0.1", "10.0.0.2"}
+        used.add(int(ipaddress.ip_address(allocate_address("10.0.0.0/30", used))))
+    assert used == {int(ipaddress.ip_address(a)) for a in ("10.0.0.1", "10.0.0.2")}
     with pytest.raises(Rejected) as info:
         allocate_address("10.0.0.0/30", used)
     assert info.value.code == "exhausted"
+
+
+@pytest.mark.parametrize(
+    "cidr",
+    [
+        "10.0.0.0/24",
+        "10.0.0.0/30",
+        "10.0.0.0/31",
+        "10.0.0.0/32",
+        "fd00::/120",
+        "fd00::/127",
+        "fd00::/128",
+    ],
+)
+def test_the_host_range_is_what_hosts_gives(cidr: str) -> None:
+    network = ipaddress.ip_network(cidr)
+    hosts = [int(ip) for ip in network.hosts()]
+    assert host_range(network) == (hosts[0], hosts[-1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["10.0.0.0/29", "10.0.0.0/30", "fd00::/125", "fd00::/126"]),
+    st.lists(st.tuples(st.booleans(), st.integers(0, 7)), max_size=30),
+)
+def test_the_topologys_allocation_is_the_lowest_free_host_address(
+    cidr: str, ops: list[tuple[bool, int]]
+) -> None:
+    """Joins and removals in any order: the address a join gets is always the
+    lowest of `hosts()` that no node has (what a scan of every address gave)."""
+    world = World()
+    world.run(CreateNetwork(name="n", cidr=cidr))
+    key_id = world.run(CreateEnrollmentKey(network="n", uses=None))[0].result["key_id"]
+    token = make_token("x", key_id, f"s{world._keys}")
+    hosts = [str(ip) for ip in ipaddress.ip_network(cidr).hosts()]
+    for join, n in ops:
+        taken = {node.address for node in world.topology.nodes.values()}
+        if join:
+            free = [a for a in hosts if a not in taken]
+            try:
+                decision, _ = world.run(Join(token=token, public_key=public_key(n), name=f"h{n}"))
+            except Rejected as refused:
+                assert refused.code in ("exhausted", "conflict"), refused
+                assert refused.code != "exhausted" or not free
+                continue
+            if decision.events:  # a new node (not a host joining again)
+                assert decision.result["address"] == free[0]
+        elif any(node.name == f"h{n}" for node in world.topology.nodes.values()):
+            world.run(RemoveNode(node=f"n/h{n}"))
 
 
 def test_host_gets_the_networks_listen_port_unless_it_asks_for_one() -> None:
