@@ -151,6 +151,17 @@ def cli(ctx: click.Context, server: str, admin_key: Path, ca: Path) -> None:
 # -- server ------------------------------------------------------------------
 
 
+def check_metrics_listen(listen: str | None) -> None:
+    """--metrics-listen, checked before anything starts."""
+    from events.metrics import split_metrics_listen
+
+    if listen is not None:
+        try:
+            split_metrics_listen(listen)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics-listen") from None
+
+
 @cli.command()
 @click.option(
     "--data-dir",
@@ -187,6 +198,12 @@ def cli(ctx: click.Context, server: str, admin_key: Path, ca: Path) -> None:
     help="full: a whole desired state to every affected host on every change "
     "(the baseline `make bench` compares against).",
 )
+@click.option(
+    "--metrics-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics [default: off].",
+)
 def server(
     data_dir: Path,
     listen: str,
@@ -196,6 +213,7 @@ def server(
     log_level: str,
     print_nats_config: bool,
     desired_states: str,
+    metrics_listen: str | None,
 ) -> None:
     """Run the control plane (foreground; stops on SIGINT/SIGTERM)."""
     from controlplane.brokertls import BrokerTlsError
@@ -215,6 +233,7 @@ def server(
             split_listen(listen)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--listen") from None
+    check_metrics_listen(metrics_listen)
     try:
         asyncio.run(
             run_server(
@@ -223,6 +242,7 @@ def server(
                 nats_url,
                 advertise,
                 snapshots_only=desired_states == "full",
+                metrics_listen=metrics_listen,
             )
         )
     except (NatsServerError, ControlPlaneFailed, SigningKeyError, BrokerTlsError) as exc:

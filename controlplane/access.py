@@ -14,6 +14,7 @@ from nats.aio.client import Client
 
 from controlplane.brokerauth import (
     SWEEP_INTERVAL,
+    BrokerCounter,
     BrokerGate,
     BrokerKeys,
     names_at_stake,
@@ -36,10 +37,11 @@ class Access:
         topology: Callable[[], Topology],
         queue: str,
         failures: FailureWindow,
+        metrics: BrokerCounter | None = None,
     ) -> None:
         self._topology = topology
         self.gate = BrokerGate(
-            nc, system_nc, BrokerKeys.derive(signing_key), topology, queue, failures
+            nc, system_nc, BrokerKeys.derive(signing_key), topology, queue, failures, metrics
         )
         self._runner: ProjectionRunner | None = None
         self._background: set[asyncio.Task[None]] = set()

@@ -37,7 +37,7 @@ import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import structlog
@@ -90,8 +90,32 @@ _EVENT_READER = (
 )
 
 
+# Why a connection is refused, as a bounded code (metrics label by it).
+REFUSAL_REASONS = (
+    "anonymous",  # no key
+    "bad_signature",  # the nonce is not signed by the key presented
+    "unknown_key",  # not an admin or a host in a network, and no token
+    "invalid_token",  # an enrollment token that does not parse
+    "rate_limited",  # too many failed attempts with this enrollment key
+    "unknown_token",  # an enrollment token this control plane does not know
+)
+
+
 class Refused(Exception):
-    """Why a connection is not admitted (logged by the server, not shown to the client)."""
+    """Why a connection is not admitted (logged by the server, not shown to the
+    client); `reason` is one of REFUSAL_REASONS."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class BrokerCounter(Protocol):
+    """What the gate tells about its decisions (`controlplane.metrics`)."""
+
+    def broker_admitted(self, identity: str) -> None: ...
+
+    def broker_refused(self, reason: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -193,12 +217,12 @@ def grant_for(
     nkey = connect_opts.get("nkey")
     signature = connect_opts.get("sig")
     if not isinstance(nkey, str) or not isinstance(signature, str) or not nonce:
-        raise Refused("no key: netmesh admits no anonymous connections")
+        raise Refused("no key: netmesh admits no anonymous connections", "anonymous")
     try:
         verify_key = natsid.verify_key_of_nkey(nkey)
         verify_key.verify(nonce.encode(), _signature_bytes(signature))
     except (natsid.JwtError, BadSignatureError, binascii.Error, ValueError):
-        raise Refused("the nonce is not signed by the key presented") from None
+        raise Refused("the nonce is not signed by the key presented", "bad_signature") from None
     key_text = base64.b64encode(bytes(verify_key)).decode()
     admin = topology.admins.get(key_text)
     if admin is not None:
@@ -208,15 +232,18 @@ def grant_for(
         return host_grant(host_id, nkey)
     token = connect_opts.get("auth_token")
     if not isinstance(token, str) or not token:
-        raise Refused("unknown key (removed host or admin?) and no enrollment token")
+        raise Refused("unknown key (removed host or admin?) and no enrollment token", "unknown_key")
     try:
         parts = parse_token(token)
     except InvalidToken as exc:
-        raise Refused(str(exc)) from None
+        raise Refused(str(exc), "invalid_token") from None
     key = topology.keys.get(parts.key_id)
     bucket = throttle_bucket(topology, parts.key_id)
     if not failures.allowed(bucket, now):
-        raise Refused(f"enrollment key {parts.key_id}: too many failed attempts, rate limited")
+        raise Refused(
+            f"enrollment key {parts.key_id}: too many failed attempts, rate limited",
+            "rate_limited",
+        )
     if key is not None:
         if hmac.compare_digest(key.secret_sha256, secret_digest(parts.secret)):
             # Usable or not (expired, used up, revoked): the join says which.
@@ -227,7 +254,7 @@ def grant_for(
         failures.failed(bucket, now)
         return enroll_grant(parts.key_id, nkey)
     failures.failed(bucket, now)
-    raise Refused("enrollment token not recognised")
+    raise Refused("enrollment token not recognised", "unknown_token")
 
 
 def reader_problem(topology: Topology, nkey: str, deliver_subject: str) -> str | None:
@@ -388,9 +415,11 @@ class BrokerGate:
         topology: Callable[[], Topology],
         queue: str,
         failures: FailureWindow,
+        metrics: BrokerCounter | None = None,
     ) -> None:
         self._nc = nc
         self._system_nc = system_nc
+        self._metrics = metrics
         self._keys = keys
         self._topology = topology
         self._queue = queue
@@ -431,9 +460,14 @@ class BrokerGate:
         except Refused as exc:
             self.refused += 1
             self.refusals.refused(str(exc), client.get("host"))
+            if self._metrics is not None:
+                self._metrics.broker_refused(exc.reason)
             answer = response_claims(user_nkey, server_id, error=str(exc))
         else:
             self.admitted += 1
+            if self._metrics is not None:
+                # The kind of identity: host, admin or enroll (a bounded set).
+                self._metrics.broker_admitted(grant.name.partition(":")[0])
             user_jwt = natsid.encode(user_claims(grant, user_nkey, now), self._keys.issuer)
             answer = response_claims(user_nkey, server_id, user_jwt=user_jwt)
         if msg.reply:

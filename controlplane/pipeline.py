@@ -54,6 +54,7 @@ from nats.aio.msg import Msg
 
 from controlplane.authorization import authorize
 from controlplane.decide import decide
+from controlplane.metrics import NO_METRICS, ControlPlaneMetrics
 from controlplane.replies import Responder
 from controlplane.rules import spec_for_verb
 from controlplane.rules.base import Context, Decision, Rejected
@@ -197,8 +198,10 @@ class CommandPipeline:
         failures: FailureWindow,
         enrollment: Enrollment,
         read_your_writes: ReadYourWrites,
+        metrics: ControlPlaneMetrics = NO_METRICS,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._write = write
         self._responder = responder
         self._failures = failures
@@ -237,6 +240,7 @@ class CommandPipeline:
         signature: str | None = None,
         enrollment_token: str | None = None,
     ) -> Reply:
+        started = time.monotonic()
         reply = await self._handle(
             verb,
             payload,
@@ -245,6 +249,8 @@ class CommandPipeline:
             signature=signature,
             enrollment_token=enrollment_token,
         )
+        outcome = "ok" if reply.ok else str(reply.code or ErrorCode.INTERNAL)
+        self._metrics.command(verb, outcome, time.monotonic() - started)
         if reply.error is not None:
             # Refusals quote what was sent (field names, values): keep them on
             # one line whatever it contained.
@@ -463,6 +469,7 @@ class CommandPipeline:
                 continue
             except StoreError as exc:
                 return Reply.refused(ErrorCode.UNAVAILABLE, f"event store: {exc}")
+            self._metrics.appended(len(pending))
             await self._write.apply_own(seq, pending)
             log.info("command applied", verb=verb, seq=seq, events=len(decision.events))
             return Reply(ok=True, result=self._result(spec, decision, ctx), seq=seq)
@@ -492,6 +499,7 @@ class CommandPipeline:
         except ConcurrencyConflict:  # another replica did it first
             await self._write.catch_up()
             return
+        self._metrics.appended(1)
         await self._write.wait_for(seq)
         log.info("first admin created", key_file=str(data_dir / "admin.key"))
 

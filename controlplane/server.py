@@ -19,6 +19,7 @@ import structlog
 from controlplane.brokerauth import BrokerKeys, server_config
 from controlplane.brokertls import BrokerTls, ensure_broker_tls
 from controlplane.embedded import NATS_CONF, EmbeddedNats, NatsServerError
+from controlplane.metrics import NO_METRICS, ControlPlaneMetrics, PrometheusMetrics
 from controlplane.service import ControlPlane
 from events import natsid
 from events.connect import (
@@ -29,6 +30,7 @@ from events.connect import (
     tls_options,
     uses_tls,
 )
+from events.metrics import MetricsServer, serve_metrics
 from events.signing import load_or_create
 
 log = structlog.get_logger("netmesh.server")
@@ -85,9 +87,13 @@ async def run_server(
     ready: asyncio.Event | None = None,
     *,
     snapshots_only: bool = False,
+    metrics_listen: str | None = None,
 ) -> None:
-    """Run until SIGINT/SIGTERM (or cancellation); stop everything cleanly."""
+    """Run until SIGINT/SIGTERM (or cancellation); stop everything cleanly.
+    With `metrics_listen` (HOST:PORT), serve Prometheus metrics there."""
     embedded: EmbeddedNats | None = None
+    metrics: ControlPlaneMetrics = NO_METRICS
+    metrics_server: MetricsServer | None = None
     data_dir.mkdir(parents=True, exist_ok=True)
     keys = BrokerKeys.derive(load_or_create(data_dir / "signing.key"))
     login = natsid.client_options(keys.controlplane)
@@ -145,6 +151,11 @@ async def run_server(
     system_nc = None
     control_plane = None
     try:
+        if metrics_listen is not None:
+            prometheus = PrometheusMetrics()
+            metrics = prometheus
+            metrics_server = serve_metrics(prometheus.registry, metrics_listen)
+            log.info("metrics served", url=metrics_server.url)
         nc = await connect(
             nats_url, name="netmesh-controlplane", max_reconnect_attempts=-1, **login, **secure
         )
@@ -168,6 +179,7 @@ async def run_server(
             snapshots_only=snapshots_only,
             system_nc=system_nc,
             broker_ca=broker_ca,
+            metrics=metrics,
         )
         await control_plane.start()
         if ready is not None:
@@ -190,6 +202,8 @@ async def run_server(
             if conn is not None:
                 with contextlib.suppress(Exception):
                     await conn.drain()
+        if metrics_server is not None:
+            metrics_server.close()
         if embedded is not None:
             await embedded.stop()
             log.info("embedded nats-server stopped")

@@ -26,6 +26,7 @@ from controlplane.access import Access
 from controlplane.brokerauth import BrokerGate
 from controlplane.consumers import Consumers
 from controlplane.enrollment import EnrollmentSecrets
+from controlplane.metrics import NO_METRICS, ControlPlaneMetrics
 from controlplane.pipeline import CommandPipeline
 from controlplane.publisher import JetStreamDesiredPublisher
 from controlplane.queries import QueryService
@@ -62,8 +63,10 @@ class ControlPlane:
         snapshots_only: bool = False,
         system_nc: Client | None = None,
         broker_ca: bytes | None = None,
+        metrics: ControlPlaneMetrics = NO_METRICS,
     ) -> None:
         self._nc = nc
+        self._metrics = metrics
         self._snapshots_only = snapshots_only
         self.data_dir = data_dir
         # The key desired states are signed with; its public half goes into
@@ -89,6 +92,7 @@ class ControlPlane:
             join_failures,
             EnrollmentSecrets(self.signing_key, advertise_url, broker_ca),
             self._read_your_writes,
+            metrics,
         )
         self.queries = QueryService(nc, self._responder, lambda: self.model, self._topology)
         # With a connection to the broker's system account, this control plane
@@ -96,7 +100,13 @@ class ControlPlane:
         self.access: Access | None = None
         if system_nc is not None:
             self.access = Access(
-                nc, system_nc, self.signing_key, self._topology, QUEUE_GROUP, join_failures
+                nc,
+                system_nc,
+                self.signing_key,
+                self._topology,
+                QUEUE_GROUP,
+                join_failures,
+                metrics,
             )
             self.write.observer = self.access.observe
         self.consumers = Consumers(
@@ -119,6 +129,19 @@ class ControlPlane:
     def _topology(self) -> Topology:
         return self.write.topology
 
+    def projection_lag(self) -> tuple[int, float]:
+        """(events, seconds of event time) the read model is behind the stream's
+        head as this process knows it (its write model, which has its own
+        appends at once and others' as they arrive)."""
+        runner = self.runner
+        if runner is None:
+            return 0, 0.0
+        behind = max(0, self.write.topology.last_seq - runner.checkpoint)
+        if not behind or not runner.checkpoint_time:
+            # Not behind, or nothing applied since start (no time to compare with).
+            return behind, 0.0
+        return behind, max(0.0, self.write.last_time - runner.checkpoint_time)
+
     async def _read_your_writes(self, seq: int, timeout: float) -> None:
         assert self.runner is not None
         await self.runner.wait_for(seq, timeout)
@@ -133,7 +156,9 @@ class ControlPlane:
             self.model,
             JetStreamDesiredPublisher(self._nc, self.signing_key),
             snapshots_only=self._snapshots_only,
+            metrics=self._metrics,
         )
+        self._metrics.watch_projection(self.projection_lag)
         self._tasks.append(
             asyncio.create_task(self._supervised("write model", self.write.follow()))
         )

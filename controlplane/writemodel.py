@@ -25,6 +25,7 @@ class WriteModel:
         self.topology = Topology()
         self._progress = asyncio.Condition()
         self.observer: Observer | None = None
+        self.last_time = 0.0  # the time of the event at topology.last_seq
 
     async def follow(self) -> None:
         """Apply every event, from the first, until the store is closed."""
@@ -39,6 +40,8 @@ class WriteModel:
         refused = self.topology.refused
         after = self.observer(self.topology, recorded) if self.observer else None
         evolve(self.topology, recorded)
+        if recorded.seq >= self.topology.last_seq:
+            self.last_time = recorded.envelope.time
         if after is not None:
             after()
         if self.topology.refused > refused:

@@ -58,6 +58,17 @@ class DesiredPublisher(Protocol):
         ...
 
 
+class DesiredCounter(Protocol):
+    def desired_published(self, kind: str, size: int) -> None:
+        """A desired-state message (`snapshot` or `delta`) of `size` bytes landed."""
+        ...
+
+
+class _CountNothing:
+    def desired_published(self, kind: str, size: int) -> None:
+        pass
+
+
 class ProjectionRunner:
     def __init__(
         self,
@@ -67,8 +78,10 @@ class ProjectionRunner:
         *,
         snapshots_only: bool = False,
         max_batch: int = MAX_BATCH,
+        metrics: DesiredCounter | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics if metrics is not None else _CountNothing()
         self._max_batch = max_batch
         self._model = model
         self._publisher = publisher
@@ -76,6 +89,7 @@ class ProjectionRunner:
         self._snapshots_only = snapshots_only
         self.topology = Topology()
         self.checkpoint = 0
+        self.checkpoint_time = 0.0  # the time of the event at the checkpoint (lag, in seconds)
         # host -> revision its subject is at, and the stream sequence of that
         # message (appends expect it: one chain per subject, whatever replicas do).
         self.published: dict[str, int] = {}
@@ -114,6 +128,7 @@ class ProjectionRunner:
         await self._model.commit(self.topology, Touched.union(touched), seq)
         async with self._progress:
             self.checkpoint = seq
+            self.checkpoint_time = batch[-1].envelope.time
             self._progress.notify_all()
         if live:
             if changes:
@@ -200,6 +215,9 @@ class ProjectionRunner:
             self._since_snapshot[host_id] = self._since_snapshot.get(host_id, 0) + len(data)
         self.bytes_published += len(data)
         self.messages_published += 1
+        self._metrics.desired_published(
+            "delta" if isinstance(message, DesiredDelta) else "snapshot", len(data)
+        )
 
     async def _resolve(self, message: DesiredMessage) -> None:
         """The host's subject moved on without us (another replica, or our own
