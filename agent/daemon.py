@@ -42,6 +42,7 @@ from agent.firewall import FirewallControl, NftFirewall
 from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.keys import HostKey
 from agent.link import Link, LinkControl
+from agent.metrics import NO_METRICS, AgentMetrics, PrometheusAgentMetrics
 from agent.plan import Op
 from agent.receiver import DesiredReceiver
 from agent.reconcile import reconcile
@@ -70,6 +71,7 @@ from events.connect import (
 )
 from events.desired import DesiredMessage, DesiredState, UnknownSection, decode_message
 from events.feed import DesiredFeed, Outcome
+from events.metrics import MetricsServer, serve_metrics
 from events.natsid import client_options
 from events.reports import APPLIED, AppliedReport, PeerReport, applied_encoder
 from events.signing import (
@@ -333,8 +335,10 @@ class Agent:
         public_key: str,
         resync_interval: float = RESYNC_INTERVAL,
         rotate_every: float | None = None,
+        metrics: AgentMetrics = NO_METRICS,
     ) -> None:
         self.identity = identity
+        self.metrics = metrics
         self.state = state
         self.backend = backend
         self.link = link
@@ -462,6 +466,7 @@ class Agent:
                 revision=desired.revision,
             )
 
+        started = time.monotonic()
         try:
             result = await reconcile(
                 desired,
@@ -474,7 +479,10 @@ class Agent:
                 on_op=log_op,
             )
         except BackendError as exc:
+            self.metrics.passed(None, time.monotonic() - started)
             return self._failed(desired, f"read: {exc}")
+        self.metrics.passed(result, time.monotonic() - started)
+        self.metrics.observed(result.actual.device, desired)
         for outcome in result.outcomes:
             if outcome.ok:
                 progress.applied_by[outcome.name] = desired
@@ -486,6 +494,7 @@ class Agent:
             )
         newly = progress.applied is None or progress.applied.revision != desired.revision
         progress.applied = desired
+        self.metrics.applied(desired.revision)
         progress.last_error = None
         progress.retry_delay = RETRY_MIN
         if newly or result.ops:
@@ -564,6 +573,7 @@ class Agent:
         with contextlib.suppress(BackendError):
             if device is None:
                 device = await self.backend.read()
+                self.metrics.observed(device, self.desired)
             peers = tuple(
                 PeerReport(
                     public_key=p.public_key,
@@ -640,8 +650,10 @@ async def run_agent(
     listen_port: int | None = None,
     resync_interval: float = RESYNC_INTERVAL,
     rotate_every: float | None = None,
+    metrics_listen: str | None = None,
 ) -> None:
-    """Enroll if needed and run until SIGINT/SIGTERM. Raises AgentError."""
+    """Enroll if needed and run until SIGINT/SIGTERM; with `metrics_listen`
+    (HOST:PORT), serve Prometheus metrics there. Raises AgentError."""
     state = StateDir(state_dir)
     try:
         state.ensure()
@@ -663,6 +675,7 @@ async def run_agent(
         identity.endpoints = offered
         state.save_identity(identity)
     broker_login(state, identity, identity.server)  # a tls:// server without a CA: say so now
+    prometheus = PrometheusAgentMetrics() if metrics_listen is not None else None
 
     agent = Agent(
         identity=identity,
@@ -674,7 +687,16 @@ async def run_agent(
         public_key=public_key,
         resync_interval=resync_interval,
         rotate_every=rotate_every,
+        metrics=prometheus or NO_METRICS,
     )
+    metrics_server: MetricsServer | None = None
+    if metrics_listen is not None and prometheus is not None:
+        try:
+            metrics_server = serve_metrics(prometheus.registry, metrics_listen)
+        except (OSError, ValueError) as exc:
+            await agent.close()
+            raise AgentError(f"cannot serve metrics on {metrics_listen}: {exc}") from None
+        log.info("metrics served", url=metrics_server.url)
     agent.detect_endpoints = not endpoints
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -708,3 +730,5 @@ async def run_agent(
                 await task
         await agent.close()
         state.clear_status()
+        if metrics_server is not None:
+            metrics_server.close()

@@ -1073,6 +1073,12 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None
     help="Make a new WireGuard key when the current one is this old (e.g. 30d); peers "
     "switch to it in place.",
 )
+@click.option(
+    "--metrics-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics [default: off].",
+)
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto")
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
@@ -1090,6 +1096,7 @@ def agent_up(
     listen_port: int | None,
     resync_interval: float,
     rotate_key_every: str,
+    metrics_listen: str | None,
     log_format: str,
     log_level: str,
 ) -> None:
@@ -1101,6 +1108,7 @@ def agent_up(
     except click.BadParameter as exc:
         exc.param_hint = "--rotate-key-every"
         raise
+    check_metrics_listen(metrics_listen)
     configure_logging(log_format, log_level)
     if server is None:
         # `netmesh --server URL agent up` (or NETMESH_SERVER) works too; the
@@ -1119,6 +1127,7 @@ def agent_up(
                 listen_port=listen_port,
                 resync_interval=resync_interval,
                 rotate_every=rotate_every,
+                metrics_listen=metrics_listen,
             )
         )
     except AgentError as exc:
