@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -30,7 +32,8 @@ from events.metrics import MetricsServer, serve_metrics, split_metrics_listen
 from events.signing import load_or_create
 from events.tokens import parse_token
 from tests.factories import public_key
-from tests.netns import wait_until
+from tests.meshnet import Mesh, mesh_fixture  # noqa: F401
+from tests.netns import ping, testnet_fixture, wait_until  # noqa: F401
 from tests.test_broker_access import guarded_broker
 from tests.test_controlplane import Admin, network_with_token
 
@@ -261,3 +264,69 @@ def test_metrics_listen_binds_what_it_is_told() -> None:
         assert endpoint.url == f"http://127.0.0.1:{endpoint.port}/metrics"
     finally:
         endpoint.close()
+
+
+# -- real tunnels: wireguard-go in network namespaces --------------------------
+
+_SCRAPE = (
+    "import urllib.request, sys; "
+    "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+)
+
+
+@pytest.mark.netns
+async def test_agent_peer_bytes_move_with_pings(mesh: Mesh) -> None:
+    await mesh.start_server()
+    await mesh.cli("network", "create", "office", "--cidr", "10.66.0.0/24")
+    token = (await mesh.cli("key", "create", "--network", "office", "--unlimited"))[1].strip()
+    for name in ("a", "b"):
+        await mesh.start_agent(
+            name, token, ("--resync-interval", "1", "--metrics-listen", "127.0.0.1:9470")
+        )
+    nodes = await wait_until(
+        lambda: _joined(mesh, ("a", "b")), timeout=60, interval=0.3, message="both joined"
+    )
+    b_address = nodes["b"]["address"]
+    assert await wait_until(
+        lambda: ping(mesh.hosts["a"], b_address), timeout=20, message="ping a -> b"
+    )
+
+    async def scrape_a() -> Samples:
+        # The agent listens on a's loopback: scrape from inside a.
+        result = await mesh.hosts["a"].run(
+            sys.executable, "-c", _SCRAPE, "http://127.0.0.1:9470/metrics"
+        )
+        samples: Samples = {}
+        for family in text_string_to_metric_families(result.stdout):
+            for sample in family.samples:
+                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        return samples
+
+    async def peer_b() -> Samples | None:
+        samples = await scrape_a()
+        age = ("netmesh_agent_peer_last_handshake_age_seconds", frozenset({("peer", "b")}))
+        return samples if age in samples else None
+
+    before = await wait_until(peer_b, timeout=20, message="a's metrics show peer b")
+    assert before is not None
+    rx = value(before, "netmesh_agent_peer_rx_bytes_total", peer="b")
+    tx = value(before, "netmesh_agent_peer_tx_bytes_total", peer="b")
+    assert value(before, "netmesh_agent_peer_last_handshake_age_seconds", peer="b") < 180
+    assert await ping(mesh.hosts["a"], b_address, count=5)
+    # 5 echo requests and replies of 84 bytes each, inside WireGuard's framing.
+
+    async def moved() -> bool:
+        samples = await scrape_a()
+        return (
+            value(samples, "netmesh_agent_peer_rx_bytes_total", peer="b") >= rx + 5 * 84
+            and value(samples, "netmesh_agent_peer_tx_bytes_total", peer="b") >= tx + 5 * 84
+        )
+
+    await wait_until(moved, timeout=10, message="rx/tx bytes to b moved with the pings")
+
+
+async def _joined(mesh: Mesh, names: tuple[str, ...]) -> dict[str, Any] | None:
+    rows = {r["name"]: r for r in await mesh.cli_json("status")}
+    if not all(name in rows and rows[name]["state"] == "in sync" for name in names):
+        return None
+    return {n["name"]: n for n in await mesh.cli_json("node", "list")}
