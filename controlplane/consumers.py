@@ -29,6 +29,7 @@ from projections.topology import Topology
 log = structlog.get_logger("netmesh.controlplane")
 
 CLIENT_CONSUMER_INACTIVE = 60.0
+CONSUMER_LIST_PAGE = 256  # JetStream lists consumers this many at a time
 
 
 class ConsumeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -72,6 +73,22 @@ class Consumers:
         self._guarded = guarded
         # host -> the consumer made last for its agent (the one before goes).
         self._agent_consumers: dict[str, str] = {}
+
+    async def connected_agents(self) -> int:
+        """Hosts whose agent listens now on a consumer made for it (by any
+        replica): JetStream says a push consumer is bound while someone is
+        subscribed to its deliver subject."""
+        hosts: set[str] = set()
+        offset = 0
+        while True:
+            page = await self._js.consumers_info(DESIRED_STREAM, offset=offset)
+            for info in page:
+                name = info.name or ""
+                if name.startswith("agent-") and info.push_bound:
+                    hosts.add(name.removeprefix("agent-").rpartition("-")[0])
+            offset += len(page)
+            if len(page) < CONSUMER_LIST_PAGE:
+                return len(hosts)
 
     async def on_resync(self, msg: Msg) -> None:
         """An agent cannot follow its subject: send it a fresh snapshot."""

@@ -14,13 +14,16 @@ of its own.
 | `netmesh_projection_lag_events`, `netmesh_projection_lag_seconds` | |
 | `netmesh_desired_messages_total` | kind (`snapshot`, `delta`) |
 | `netmesh_desired_bytes_total` | |
+| `netmesh_agents_connected` | |
 | `netmesh_broker_admissions_total` | identity (`admin`, `host`, `enroll`) |
 | `netmesh_broker_refusals_total` | reason (`brokerauth.REFUSAL_REASONS`) |
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -30,6 +33,10 @@ from controlplane.rules import spec_for_verb
 
 # (events behind, event time behind in seconds) of the projection, now.
 LagReading = Callable[[], tuple[int, float]]
+# How many agents listen now (asked of JetStream at each scrape).
+AgentCount = Callable[[], Awaitable[int]]
+# A scrape waits at most this long for the event loop's answer.
+SCRAPE_WAIT = 2.0
 
 
 class ControlPlaneMetrics:
@@ -52,6 +59,9 @@ class ControlPlaneMetrics:
 
     def watch_projection(self, lag: LagReading) -> None:
         """Read the projection's lag at each scrape."""
+
+    def watch_agents(self, count: AgentCount, loop: asyncio.AbstractEventLoop) -> None:
+        """Count the connected agents at each scrape (run on `loop`)."""
 
 
 NO_METRICS = ControlPlaneMetrics()
@@ -79,6 +89,33 @@ class _ProjectionLag(Collector):
             "Event time between the newest event and the last one in the read model.",
             value=seconds,
         )
+
+
+class _AgentsConnected(Collector):
+    """Asks at each scrape (from the HTTP server's thread) on the control
+    plane's event loop; nothing when it does not answer in time."""
+
+    def __init__(self, count: AgentCount, loop: asyncio.AbstractEventLoop) -> None:
+        self._count = count
+        self._loop = loop
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is self._loop:
+                return  # scraped from the loop itself: it cannot answer while we wait
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._ask(), self._loop)
+            count = future.result(SCRAPE_WAIT)
+        except Exception:  # the loop gone, JetStream not answering: no value
+            return
+        yield GaugeMetricFamily(
+            "netmesh_agents_connected",
+            "Hosts whose agent is subscribed to its desired state now.",
+            value=count,
+        )
+
+    async def _ask(self) -> int:
+        return await self._count()
 
 
 class PrometheusMetrics(ControlPlaneMetrics):
@@ -139,3 +176,6 @@ class PrometheusMetrics(ControlPlaneMetrics):
 
     def watch_projection(self, lag: LagReading) -> None:
         self.registry.register(_ProjectionLag(lag))
+
+    def watch_agents(self, count: AgentCount, loop: asyncio.AbstractEventLoop) -> None:
+        self.registry.register(_AgentsConnected(count, loop))

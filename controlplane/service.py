@@ -159,6 +159,7 @@ class ControlPlane:
             metrics=self._metrics,
         )
         self._metrics.watch_projection(self.projection_lag)
+        self._metrics.watch_agents(self.consumers.connected_agents, asyncio.get_running_loop())
         self._tasks.append(
             asyncio.create_task(self._supervised("write model", self.write.follow()))
         )

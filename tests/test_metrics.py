@@ -146,6 +146,9 @@ async def test_control_plane_metrics_move_with_commands_joins_and_connections(
     assert messages == 3
     assert value(joined, "netmesh_desired_messages_total", kind="snapshot") >= 2
     assert value(joined, "netmesh_projection_lag_seconds") == 0
+    # Enrolled, but no agent runs: none listens to its desired state.
+    assert ("netmesh_agents_connected", frozenset()) in joined
+    assert value(joined, "netmesh_agents_connected") == 0
 
     # The broker's gate: admissions by kind of identity, refusals by reason.
     assert value(joined, "netmesh_broker_admissions_total", identity="admin") >= 1
@@ -160,12 +163,14 @@ async def test_control_plane_metrics_move_with_commands_joins_and_connections(
 @pytest.fixture
 async def agent_setup(
     nats_server: EmbeddedNats, tmp_path: Path
-) -> AsyncIterator[tuple[Admin, Agent, str, MetricsServer]]:
+) -> AsyncIterator[tuple[Admin, Agent, str, MetricsServer, MetricsServer]]:
     """A control plane, and an agent on the fake machine serving its metrics."""
     cp_nc = await nats.connect(nats_server.url)
     admin_nc = await nats.connect(nats_server.url)
-    control_plane = ControlPlane(cp_nc, tmp_path / "cp", nats_server.url)
+    plane_metrics = PrometheusMetrics()
+    control_plane = ControlPlane(cp_nc, tmp_path / "cp", nats_server.url, metrics=plane_metrics)
     await control_plane.start()
+    plane_endpoint = serve_metrics(plane_metrics.registry, "127.0.0.1:0")
     admin = Admin(admin_nc, load_or_create(tmp_path / "cp" / "admin.key"))
     token = await network_with_token(admin)
     key = PrivateKey.generate()
@@ -195,9 +200,10 @@ async def agent_setup(
     loop = asyncio.create_task(agent.reconcile_forever())
     try:
         await agent.connect_forever()
-        yield admin, agent, token, endpoint
+        yield admin, agent, token, endpoint, plane_endpoint
     finally:
         endpoint.close()
+        plane_endpoint.close()
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loop
@@ -208,9 +214,13 @@ async def agent_setup(
 
 
 async def test_agent_metrics_follow_what_it_applied(
-    agent_setup: tuple[Admin, Agent, str, MetricsServer],
+    agent_setup: tuple[Admin, Agent, str, MetricsServer, MetricsServer],
 ) -> None:
-    admin, agent, token, endpoint = agent_setup
+    admin, agent, token, endpoint, plane_endpoint = agent_setup
+    # The control plane sees the agent listening on its desired state.
+    await wait_until(
+        lambda: _agents_connected(plane_endpoint, 1), message="the control plane counts the agent"
+    )
     await admin.ok("join", token=token, public_key=public_key(2), name="two")
 
     async def applied_with_peer() -> Samples | None:
@@ -248,6 +258,10 @@ async def test_agent_metrics_follow_what_it_applied(
     later = await wait_until(moved, message="the second peer applied and scraped")
     assert later is not None
     assert value(later, "netmesh_agent_reconcile_passes_total", outcome="ok") > passes
+
+
+async def _agents_connected(endpoint: MetricsServer, count: int) -> bool:
+    return value(await scrape(endpoint), "netmesh_agents_connected") == count
 
 
 @pytest.mark.parametrize("listen", ["9470", ":9470", "127.0.0.1:", "127.0.0.1:99999", "x:y"])
