@@ -344,3 +344,19 @@ async def _joined(mesh: Mesh, names: tuple[str, ...]) -> dict[str, Any] | None:
     if not all(name in rows and rows[name]["state"] == "in sync" for name in names):
         return None
     return {n["name"]: n for n in await mesh.cli_json("node", "list")}
+
+
+@pytest.mark.parametrize("command", [["server"], ["agent", "up"]])
+def test_a_bad_metrics_listen_is_refused_before_anything_starts(
+    command: list[str], tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    args = [*command, "--metrics-listen", "9470"]
+    args += ["--data-dir", str(tmp_path)] if command == ["server"] else []
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "--metrics-listen" in result.output
+    assert not list(tmp_path.iterdir())  # nothing was started
