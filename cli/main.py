@@ -227,13 +227,13 @@ def server(
         except (SigningKeyError, BrokerTlsError, OSError) as exc:
             raise click.ClickException(str(exc)) from None
         return
+    check_metrics_listen(metrics_listen)
     configure_logging(log_format, log_level)
     if nats_url is None:
         try:
             split_listen(listen)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--listen") from None
-    check_metrics_listen(metrics_listen)
     try:
         asyncio.run(
             run_server(
