@@ -98,6 +98,12 @@ async def test_a_plans_signature_does_not_apply_the_command(server: str, tmp_pat
         sent = await nc.request("netmesh.cmd.network.update", payload, headers=headers, timeout=10)
         reply = msgspec.json.decode(sent.data, type=Reply)
         assert (reply.ok, reply.code) == (False, "unauthorized"), reply
+        assert await last_seq(server) == before
+        # Its id is not remembered: the command under the same id is applied.
+        headers = command_headers(admin, "network.update", payload)
+        sent = await nc.request("netmesh.cmd.network.update", payload, headers=headers, timeout=10)
+        reply = msgspec.json.decode(sent.data, type=Reply)
+        assert reply.ok and not reply.repeated, reply
     finally:
         await nc.close()
-    assert await last_seq(server) == before
+    assert await last_seq(server) == before + 1
