@@ -33,6 +33,7 @@ from controlplane.replies import Responder
 from controlplane.streams import ensure_streams
 from controlplane.throttle import FailureWindow
 from controlplane.writemodel import WriteModel
+from events.commands import Reply
 from events.connect import server_has_seen_everything
 from events.jetstream import JetStreamEventStore
 from events.signing import event_mac_key, load_or_create
@@ -90,7 +91,9 @@ class ControlPlane:
             EnrollmentSecrets(self.signing_key, advertise_url, broker_ca),
             self._read_your_writes,
         )
-        self.queries = QueryService(nc, self._responder, lambda: self.model, self._topology)
+        self.queries = QueryService(
+            nc, self._responder, lambda: self.model, self._topology, self._plan
+        )
         # With a connection to the broker's system account, this control plane
         # decides who may connect (auth callout) and disconnects who lost access.
         self.access: Access | None = None
@@ -118,6 +121,9 @@ class ControlPlane:
 
     def _topology(self) -> Topology:
         return self.write.topology
+
+    def _plan(self, verb: str, payload: bytes, signer: str | None, signature: str | None) -> Reply:
+        return self.commands.plan(verb, payload, signer=signer, signature=signature)
 
     async def _read_your_writes(self, seq: int, timeout: float) -> None:
         assert self.runner is not None
