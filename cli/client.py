@@ -325,6 +325,24 @@ async def command(
     return result
 
 
+async def plan(server: str, verb: str, *, login: Login | None = None, **fields: Any) -> Any:
+    """What admin command `verb` would do now, applying nothing: its events
+    and, per host, what would change (`netmesh.query.plan.<verb>`). Signed
+    like the command (under the plan context), so refused as it would be.
+    Raises CliError."""
+    admin_key = login.key if login is not None else None
+    fields.setdefault("command_id", uuid.uuid4().hex)
+    if admin_key is not None:
+        fields["signed_at"] = time.time()
+    payload = checked_command(verb, fields)
+    headers = command_headers(admin_key, verb, payload, plan=True) if admin_key else {}
+    nc = await connect(server, login)
+    try:
+        return _result(await ask(nc, query_subject(f"plan.{verb}"), payload, server, headers))
+    finally:
+        await close_quickly(nc)
+
+
 async def _send_again(
     server: str,
     login: Login | None,

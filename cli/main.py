@@ -23,6 +23,7 @@ from cli.client import (
     event_reader,
     load_admin_key,
     login_from,
+    plan,
     query,
 )
 from cli.logs import configure_logging, quiet_tls_noise
@@ -85,10 +86,54 @@ async def admin_command(server: str, verb: str, **fields: Any) -> Any:
 async def admin_command_seq(
     server: str, verb: str, seq_as: str | None, fields: dict[str, Any]
 ) -> Any:
-    """`admin_command`, with the sequence of its last event in the result as `seq_as`."""
-    params = click.get_current_context().find_root().params
-    key = load_admin_key(params.get("admin_key"))
+    """`admin_command`, with the sequence of its last event in the result as
+    `seq_as`. Under `--plan` (`plannable`), the command is planned instead:
+    what it would do is printed and the CLI exits (0), nothing written."""
+    ctx = click.get_current_context()
+    key = load_admin_key(ctx.find_root().params.get("admin_key"))
+    if ctx.meta.get(PLAN_ONLY):
+        show_plan(await plan(server, verb, login=Login(key, login().ca), **fields))
+        raise click.exceptions.Exit(0)
     return await command(server, verb, login=Login(key, login().ca), seq_as=seq_as, **fields)
+
+
+PLAN_ONLY = "netmesh.plan"
+
+
+def _plan_only(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[PLAN_ONLY] = True
+
+
+# A changing admin command takes --plan: it is decided as it would be, and
+# what it would change is printed (`--json`: as JSON); nothing is written.
+plannable = click.option(
+    "--plan",
+    is_flag=True,
+    expose_value=False,
+    callback=_plan_only,
+    help="Print the events it would append and what would change on each host; write nothing.",
+)
+
+
+def show_plan(result: dict[str, Any]) -> None:
+    """A command's plan (`CommandPipeline.plan`), as JSON under `--json`."""
+    if click.get_current_context().params.get("as_json"):
+        emit_json(result)
+        return
+    events = result["events"]
+    if not events:
+        click.echo(f"{result['verb']} would change nothing: no event")
+        return
+    click.echo(f"{result['verb']} would append {len(events)} event(s):")
+    for event in events:
+        data = {k: v for k, v in event["data"].items() if k != "type"}
+        click.echo(f"  {event['type']} on {event['subject']} {json.dumps(data, sort_keys=True)}")
+    if not result["text"]:
+        click.echo("no host's desired state would change")
+        return
+    click.echo(f"{len(result['text'])} host(s) would change:")
+    click.echo("\n".join(result["text"]))
 
 
 async def admin_query(server: str, what: str, **args: Any) -> Any:
@@ -272,6 +317,7 @@ def network() -> None:
     help="Persistent keepalive in seconds (0 = off).",
 )
 @json_option
+@plannable
 @click.pass_obj
 def network_create(
     server: str, name: str, cidr: str, listen_port: int, mtu: int, keepalive: int, as_json: bool
@@ -339,6 +385,7 @@ def network_show(server: str, name: str, as_json: bool) -> None:
     "--keepalive", type=int, default=None, help="Persistent keepalive in seconds (0 = off)."
 )
 @json_option
+@plannable
 @click.pass_obj
 def network_update(
     server: str, name: str, mtu: int | None, keepalive: int | None, as_json: bool
@@ -363,6 +410,7 @@ def network_update(
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Delete even if nodes are in it (disconnects them).")
 @json_option
+@plannable
 @click.pass_obj
 def network_delete(server: str, name: str, force: bool, as_json: bool) -> None:
     """Delete network NAME; its keys stop working (refused while it has nodes)."""
@@ -397,6 +445,7 @@ def key() -> None:
     "--tag", "tags", multiple=True, help="Nodes joining with it carry this tag (repeatable)."
 )
 @json_option
+@plannable
 @click.pass_obj
 def key_create(
     server: str,
@@ -460,6 +509,7 @@ def key_list(server: str, as_json: bool) -> None:
 @key.command("revoke")
 @click.argument("key_id")
 @json_option
+@plannable
 @click.pass_obj
 def key_revoke(server: str, key_id: str, as_json: bool) -> None:
     """Revoke enrollment key KEY_ID: it can no longer be used to join."""
@@ -557,6 +607,7 @@ def node_show(server: str, node_ref: str, as_json: bool) -> None:
 
 @node.command("rotate-key")
 @click.argument("node_ref", metavar="NODE")
+@plannable
 @click.pass_obj
 def node_rotate_key(server: str, node_ref: str) -> None:
     """Ask NODE's host for a new WireGuard key (made there; peers switch in place)."""
@@ -583,6 +634,7 @@ def _tagging(server: str, verb: str, node_ref: str, tags: tuple[str, ...], as_js
 @click.argument("node_ref", metavar="NODE")
 @click.argument("tags", metavar="TAG...", nargs=-1, required=True)
 @json_option
+@plannable
 @click.pass_obj
 def node_tag(server: str, node_ref: str, tags: tuple[str, ...], as_json: bool) -> None:
     """Add TAGs to NODE (tags are 1-32 of a-z, 0-9 and '-'); policies name them."""
@@ -593,6 +645,7 @@ def node_tag(server: str, node_ref: str, tags: tuple[str, ...], as_json: bool) -
 @click.argument("node_ref", metavar="NODE")
 @click.argument("tags", metavar="TAG...", nargs=-1, required=True)
 @json_option
+@plannable
 @click.pass_obj
 def node_untag(server: str, node_ref: str, tags: tuple[str, ...], as_json: bool) -> None:
     """Take TAGs from NODE."""
@@ -602,6 +655,7 @@ def node_untag(server: str, node_ref: str, tags: tuple[str, ...], as_json: bool)
 @node.command("remove")
 @click.argument("node_ref", metavar="NODE")
 @json_option
+@plannable
 @click.pass_obj
 def node_remove(server: str, node_ref: str, as_json: bool) -> None:
     """Remove NODE from its network: every peer drops it."""
@@ -696,6 +750,7 @@ def policy_show(server: str, network_name: str, as_json: bool) -> None:
 @policy.command("clear")
 @click.argument("network_name", metavar="NETWORK")
 @json_option
+@plannable
 @click.pass_obj
 def policy_clear(server: str, network_name: str, as_json: bool) -> None:
     """Drop NETWORK's policy: everyone reaches everyone again."""
@@ -808,6 +863,7 @@ def admin_keygen(path: Path) -> None:
     "--network", "networks", multiple=True, help="A network-admin's network (repeatable)."
 )
 @json_option
+@plannable
 @click.pass_obj
 def admin_add(
     server: str, name: str, public_key: str, role: str, networks: tuple[str, ...], as_json: bool
@@ -847,6 +903,7 @@ def admin_list(server: str, as_json: bool) -> None:
 
 @admin.command("remove")
 @click.argument("name")
+@plannable
 @click.pass_obj
 def admin_remove(server: str, name: str) -> None:
     """NAME may no longer sign commands (the last admin cannot be removed)."""

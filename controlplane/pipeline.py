@@ -58,12 +58,12 @@ from controlplane.metrics import NO_METRICS, ControlPlaneMetrics
 from controlplane.replies import Responder
 from controlplane.rules import spec_for_verb
 from controlplane.rules.base import Context, Decision, Rejected
-from controlplane.rules.spec import CommandSpec, Need
+from controlplane.rules.spec import ByAdmin, CommandSpec, Need
 from controlplane.throttle import FailureWindow
 from controlplane.writemodel import WriteModel
 from events.commands import Command, ErrorCode, Join, Reply
 from events.envelope import Answer, make_envelope
-from events.model import AdminAdded
+from events.model import AdminAdded, event_type
 from events.signing import (
     COMMAND_SIGNER_HEADER,
     ENROLLMENT_TOKEN_HEADER,
@@ -72,6 +72,7 @@ from events.signing import (
     public_text,
     seal_for,
     signed_command,
+    signed_plan,
     token_digest,
     verify,
     verify_key_of,
@@ -85,6 +86,7 @@ from events.store import (
     StoreError,
 )
 from events.subjects import COMMAND_PREFIX, aggregate_subject
+from projections.plan import plan_events
 from projections.topology import COMMAND_MEMORY
 
 log = structlog.get_logger("netmesh.controlplane")
@@ -137,17 +139,15 @@ def request_digest(verb: str, payload: bytes, signer: str | None) -> str:
     return hashlib.sha256(head + payload).hexdigest()
 
 
-def _signature_problem(
-    verb: str, payload: bytes, signer: str | None, signature: str | None
-) -> str | None:
-    """None when `signature` is `signer`'s over the command, else why not."""
+def _signature_problem(signed: bytes, signer: str | None, signature: str | None) -> str | None:
+    """None when `signature` is `signer`'s over `signed`, else why not."""
     if not signer or not signature:
         return "unsigned"
     try:
         key = verify_key_of(signer)
     except ValueError:
         return "the signer is not an Ed25519 public key"
-    return verify(key, signed_command(verb, payload), signature)
+    return verify(key, signed, signature)
 
 
 def _duplicate(command_id: str, seq: int | None) -> Reply:
@@ -257,6 +257,66 @@ class CommandPipeline:
             reply.error = one_line(reply.error)
         return reply
 
+    def plan(
+        self, verb: str, payload: bytes, *, signer: str | None, signature: str | None
+    ) -> Reply:
+        """What the admin command `verb` would do now, written nowhere: the
+        same decoding, authorization (signed under the plan context,
+        `signed_plan`) and decision as the command, then its events and, per
+        host, what would change in its desired state (`plan_events`). Not
+        remembered as a command: the command itself, sent after, is taken
+        afresh. Synchronous: it decides and derives against one view of the
+        write model, with no await in between."""
+        reply = self._plan(verb, payload, signer, signature)
+        if reply.error is not None:
+            reply.error = one_line(reply.error)
+        return reply
+
+    def _plan(self, verb: str, payload: bytes, signer: str | None, signature: str | None) -> Reply:
+        spec = spec_for_verb(verb)
+        if spec is None:
+            return Reply.refused(ErrorCode.INVALID, f"unknown command {verb!r}")
+        if not isinstance(spec.sender, ByAdmin):
+            return Reply.refused(ErrorCode.INVALID, f"{verb} is not an admin command: no plan")
+        try:
+            command: Command = msgspec.json.decode(payload, type=spec.command)
+        except msgspec.ValidationError as exc:
+            return Reply.refused(ErrorCode.INVALID, f"invalid {verb} command: {exc}")
+        except msgspec.DecodeError:
+            return Reply.refused(ErrorCode.INVALID, f"invalid {verb} command: not JSON")
+        topology = self._write.topology
+        now = time.time()
+        problem = _signature_problem(signed_plan(verb, payload), signer, signature)
+        try:
+            actor = authorize(topology, command, signer, problem, now) or "anonymous"
+            # A fresh key's id and secret are not the command's (those derive
+            # from its id): a plan hands out nothing the command would make.
+            key_id, secret = ("", "")
+            if Need.FRESH_KEY in spec.needs:
+                key_id, secret = self._enrollment.key_for(f"plan-{uuid.uuid4().hex}")
+            ctx = Context(now=now, actor=actor, new_key_id=key_id, new_secret=secret)
+            decision = decide(topology, command, ctx)
+        except Rejected as exc:
+            return _refused(exc)
+        hosts = plan_events(topology, decision.events, now=now, actor=actor)
+        return Reply(
+            ok=True,
+            result={
+                "verb": verb,
+                "seq": topology.last_seq,
+                "events": [
+                    {
+                        "subject": subject,
+                        "type": event_type(event),
+                        "data": msgspec.to_builtins(event),
+                    }
+                    for subject, event in decision.events
+                ],
+                "hosts": [msgspec.to_builtins(host) for host in hosts],
+                "text": [str(host) for host in hosts],
+            },
+        )
+
     async def _handle(
         self,
         verb: str,
@@ -308,7 +368,7 @@ class CommandPipeline:
         verb = spec.verb
         proof: Proof | None = None
         seen: Seen | None = None
-        problem = _signature_problem(verb, payload, signer, signature)
+        problem = _signature_problem(signed_command(verb, payload), signer, signature)
 
         def authorized() -> str | None:
             # Checked again before each attempt: a retry decides against a

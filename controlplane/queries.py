@@ -23,6 +23,7 @@ from controlplane.rules.base import Rejected
 from controlplane.rules.nodes import match_node
 from events.commands import ErrorCode, Reply
 from events.reports import APPLIED, applied_decoder
+from events.signing import COMMAND_SIGNER_HEADER, SIGNATURE_HEADER
 from events.subjects import QUERY_PREFIX, REPORTS_STREAM, report_subject
 from projections.desired import peer_endpoint
 from projections.sqlite import ReadModel
@@ -222,6 +223,13 @@ class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     port: str | None = None
 
 
+# (verb, payload, signer, signature) -> what the command would do (`CommandPipeline.plan`).
+Planner = Callable[[str, bytes, str | None, str | None], Reply]
+
+# `netmesh.query.plan.<verb>`: a command's plan, the payload the command's own.
+PLAN_QUERY = "plan."
+
+
 class QueryService:
     def __init__(
         self,
@@ -229,14 +237,19 @@ class QueryService:
         responder: Responder,
         model: Callable[[], ReadModel | None],
         topology: Callable[[], Topology],
+        planner: Planner | None = None,
     ) -> None:
         self._js = nc.jetstream()
         self._responder = responder
         self._model = model
         self._topology = topology
+        self._planner = planner
 
     async def on_query(self, msg: Msg) -> None:
         what = msg.subject[len(QUERY_PREFIX) + 1 :]
+        if what.startswith(PLAN_QUERY) and self._planner is not None:
+            await self._responder.answer(msg, self._plan(what[len(PLAN_QUERY) :], msg))
+            return
         try:
             args = msgspec.json.decode(msg.data or b"{}", type=QueryArgs)
             reply = Reply(ok=True, result=await self.answer(what, args))
@@ -248,6 +261,17 @@ class QueryService:
             log.exception("query failed", what=what)
             reply = Reply.refused(ErrorCode.INTERNAL, "internal error (see the server log)")
         await self._responder.answer(msg, reply)
+
+    def _plan(self, verb: str, msg: Msg) -> Reply:
+        assert self._planner is not None
+        headers = msg.headers or {}
+        try:
+            return self._planner(
+                verb, msg.data, headers.get(COMMAND_SIGNER_HEADER), headers.get(SIGNATURE_HEADER)
+            )
+        except Exception:  # the service must outlive any one plan
+            log.exception("plan failed", verb=verb)
+            return Reply.refused(ErrorCode.INTERNAL, "internal error (see the server log)")
 
     async def answer(self, what: str, args: QueryArgs) -> Any:
         """Raises Rejected."""

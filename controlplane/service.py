@@ -34,6 +34,7 @@ from controlplane.replies import Responder
 from controlplane.streams import ensure_streams
 from controlplane.throttle import FailureWindow
 from controlplane.writemodel import WriteModel
+from events.commands import Reply
 from events.connect import server_has_seen_everything
 from events.jetstream import JetStreamEventStore
 from events.signing import event_mac_key, load_or_create
@@ -94,7 +95,9 @@ class ControlPlane:
             self._read_your_writes,
             metrics,
         )
-        self.queries = QueryService(nc, self._responder, lambda: self.model, self._topology)
+        self.queries = QueryService(
+            nc, self._responder, lambda: self.model, self._topology, self._plan
+        )
         # With a connection to the broker's system account, this control plane
         # decides who may connect (auth callout) and disconnects who lost access.
         self.access: Access | None = None
@@ -141,6 +144,9 @@ class ControlPlane:
             # Not behind, or nothing applied since start (no time to compare with).
             return behind, 0.0
         return behind, max(0.0, self.write.last_time - runner.checkpoint_time)
+
+    def _plan(self, verb: str, payload: bytes, signer: str | None, signature: str | None) -> Reply:
+        return self.commands.plan(verb, payload, signer=signer, signature=signature)
 
     async def _read_your_writes(self, seq: int, timeout: float) -> None:
         assert self.runner is not None

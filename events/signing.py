@@ -81,6 +81,9 @@ def event_mac_ok(key: bytes, data: bytes, mac: str | None) -> bool:
 
 COMMAND_SIGNER_HEADER = "Netmesh-Signer"
 COMMAND_CONTEXT = b"netmesh-command\n"
+# A plan (`--plan`) is signed under its own context: its signature cannot be
+# sent again as the command's.
+PLAN_CONTEXT = b"netmesh-plan\n"
 
 
 # A join carries its enrollment token here, beside the signed payload, which
@@ -101,11 +104,17 @@ def signed_command(verb: str, payload: bytes) -> bytes:
     return COMMAND_CONTEXT + verb.encode() + b"\n" + payload
 
 
-def command_headers(key: SigningKey, verb: str, payload: bytes) -> dict[str, str]:
-    return {
-        COMMAND_SIGNER_HEADER: public_text(key),
-        SIGNATURE_HEADER: sign(key, signed_command(verb, payload)),
-    }
+def signed_plan(verb: str, payload: bytes) -> bytes:
+    """What an admin signs to ask what a command would do (`--plan`): the
+    command's text under another context tag, so that it applies nothing."""
+    return PLAN_CONTEXT + verb.encode() + b"\n" + payload
+
+
+def command_headers(
+    key: SigningKey, verb: str, payload: bytes, *, plan: bool = False
+) -> dict[str, str]:
+    signed = signed_plan(verb, payload) if plan else signed_command(verb, payload)
+    return {COMMAND_SIGNER_HEADER: public_text(key), SIGNATURE_HEADER: sign(key, signed)}
 
 
 def seal_for(signer: str, secret: str) -> str:
