@@ -215,6 +215,7 @@ class CommandPipeline:
 
     async def on_command(self, msg: Msg) -> None:
         verb = msg.subject[len(COMMAND_PREFIX) + 1 :]
+        started = time.monotonic()
         try:
             headers = msg.headers or {}
             reply = await self.handle(
@@ -228,6 +229,7 @@ class CommandPipeline:
         except Exception:  # the service must outlive any one command
             log.exception("command failed", verb=verb)
             reply = Reply.refused(ErrorCode.INTERNAL, "internal error (see the server log)")
+            self._metrics.command(verb, ErrorCode.INTERNAL, time.monotonic() - started)
         await self._responder.answer(msg, reply)
 
     async def handle(
