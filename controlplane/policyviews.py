@@ -7,6 +7,7 @@ Pure: each takes the topology and returns JSON-able data, or raises Rejected.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from controlplane.rules.base import Rejected, require_network
@@ -42,10 +43,18 @@ def show_policy(topology: Topology, network_name: str) -> dict[str, Any]:
 
 
 def _member(members: dict[str, Member], network: str, name: str) -> Member:
+    """A node by name, or an address (an external client or a host behind a
+    gateway, which CIDR selectors name)."""
     member = members.get(name)
-    if member is None:
-        raise Rejected(ErrorCode.NOT_FOUND, f"no node named {name!r} in network {network!r}")
-    return member
+    if member is not None:
+        return member
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        raise Rejected(
+            ErrorCode.NOT_FOUND, f"no node named {name!r} in network {network!r} (nor an address)"
+        ) from None
+    return Member("", str(address))
 
 
 def explain_access(

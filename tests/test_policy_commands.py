@@ -313,6 +313,13 @@ def test_explain_names_the_rule_or_says_denied() -> None:
     assert (answer["allowed"], answer["rules"], answer["peers"]) == ([], [], True)
     with pytest.raises(Rejected, match="no node named 'ghost' in network 'office'"):
         explain_access(world.topology, "office", "ghost", "db1", None)
+    # An address stands for what is not a node (a client, a LAN host): only
+    # `*` and CIDR selectors match it.
+    outside = explain_access(world.topology, "office", "192.0.2.9", "web1", "icmp")
+    assert outside["allowed"] is True and [r["index"] for r in outside["rules"]] == [3]
+    assert (
+        explain_access(world.topology, "office", "192.0.2.9", "db1", "5432/tcp")["allowed"] is False
+    )
     with pytest.raises(Rejected, match="bad port '99999/tcp'"):
         explain_access(world.topology, "office", "web1", "db1", "99999/tcp")
 
