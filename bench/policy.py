@@ -48,15 +48,25 @@ NETWORK = "bench"
 TAGS = 50
 
 
-def policy_text(extra: str = "") -> str:
+def policy_document(extra: str = "") -> str:
+    """Tag k may open 443/tcp on tag k+1; ops reach everything (plain JSON)."""
     rules = [
-        f'{{from: ["tag:t{k}"], to: ["tag:t{(k + 1) % TAGS}"], ports: ["443/tcp"]}}'
+        f'{{"from": ["tag:t{k}"], "to": ["tag:t{(k + 1) % TAGS}"], "ports": ["443/tcp"]}}'
         for k in range(TAGS)
     ]
-    rules.append('{from: ["tag:ops"], to: ["*"]}')
+    rules.append('{"from": ["tag:ops"], "to": ["*"]}')
     if extra:
         rules.append(extra)
-    return "{rules: [" + ",\n".join(rules) + "]}"
+    return '{"rules": [' + ",\n".join(rules) + "]}"
+
+
+# The rule a policy change adds, and the next one takes away.
+EXTRA_RULE = '{"from": ["tag:t3"], "to": ["tag:t7"], "ports": ["22/tcp"]}'
+
+
+def policy_tags(n: int) -> tuple[str, ...]:
+    """Host n's tags: one of the 50, and `ops` on one host in 500."""
+    return (f"t{n % TAGS}",) + (("ops",) if n % 500 == 0 else ())
 
 
 class World:
@@ -91,13 +101,13 @@ def seeded(hosts: int) -> tuple[World, list[str], str]:
     key, _ = world.run(CreateEnrollmentKey(network=NETWORK, uses=None), "kbench", "sbench")
     token = make_token("nats://bench", key["key_id"], "sbench")
     subject = aggregate_subject("network", NETWORK)
-    world.record(subject, PolicySet(network=NETWORK, document=policy_text()))
+    world.record(subject, PolicySet(network=NETWORK, document=policy_document()))
     ids = []
     for n in range(hosts):
         result, _ = world.run(Join(token=token, public_key=public_key(f"key{n}"), name=f"h{n}"))
         ids.append(result["host_id"])
         node = next(iter(world.topology.nodes_by_host[result["host_id"]]))
-        tags = (f"t{n % TAGS}",) + (("ops",) if n % 500 == 0 else ())
+        tags = policy_tags(n)
         world.record(
             subject,
             NodeTagged(network=NETWORK, node_id=node, host_id=result["host_id"], tags=tags),
@@ -149,9 +159,10 @@ def scenarios(world: World, ids: list[str], token: str) -> dict[str, Callable[[]
     counter = iter(range(10**6))
 
     def policy_change() -> list[Any]:
-        # One more rule, between two tags, then (next time) without it again.
-        extra = '{from: ["tag:t3"], to: ["tag:t7"], ports: ["22/tcp"]}' if next(counter) % 2 else ""
-        return [world.record(subject, PolicySet(network=NETWORK, document=policy_text(extra)))]
+        # One more rule between two tags, then (next time) without it again:
+        # the first change adds it (the seed has the policy without it).
+        extra = EXTRA_RULE if next(counter) % 2 == 0 else ""
+        return [world.record(subject, PolicySet(network=NETWORK, document=policy_document(extra)))]
 
     def tag_change() -> list[Any]:
         host_id = ids[next(counter) % len(ids)]

@@ -53,6 +53,10 @@ from nacl.public import PrivateKey
 from nacl.signing import VerifyKey
 from nats.aio.client import Client
 
+# Beside this script (its folder is on sys.path when it runs): the policy
+# both policy benches measure.
+from policy import EXTRA_RULE, TAGS, policy_document, policy_tags
+
 from agent.apply import apply, read_actual
 from agent.fake import FakeBackend, FakeLink, FakeMachine
 from agent.plan import plan
@@ -567,25 +571,6 @@ async def bench_joins(
         }
 
 
-POLICY_TAGS = 50
-
-
-def policy_document(extra: str = "") -> str:
-    """Tag k may open 443/tcp on tag k+1; ops reach everything (bench/policy.py's)."""
-    rules = [
-        f'{{"from": ["tag:t{k}"], "to": ["tag:t{(k + 1) % POLICY_TAGS}"], "ports": ["443/tcp"]}}'
-        for k in range(POLICY_TAGS)
-    ]
-    rules.append('{"from": ["tag:ops"], "to": ["*"]}')
-    if extra:
-        rules.append(extra)
-    return '{"rules": [' + ",\n".join(rules) + "]}"
-
-
-def policy_tags(n: int) -> tuple[str, ...]:
-    return (f"t{n % POLICY_TAGS}",) + (("ops",) if n % 500 == 0 else ())
-
-
 async def bench_policy(hosts: int, changes: int, workdir: Path) -> dict[str, Any]:
     """A policy change and a tag change under a policy of 51 rules over 50
     tags: time until every agent whose state it changed has applied it, the
@@ -626,20 +611,19 @@ async def bench_policy(hosts: int, changes: int, workdir: Path) -> dict[str, Any
                 cpu_seconds(cp_pid) - before_cpu,
             )
 
-        results: dict[str, Any] = {"hosts": hosts, "tags": POLICY_TAGS}
+        results: dict[str, Any] = {"hosts": hosts, "tags": TAGS}
         for name in ("policy change", "tag change"):
             latencies, affected, sizes, cpu = [], [], [], []
             for i in range(changes):
                 if name == "policy change":
-                    extra = '{"from": ["tag:t3"], "to": ["tag:t7"], "ports": ["22/tcp"]}'
                     command: AnyCommand = SetPolicy(
-                        network=NETWORK, document=policy_document(extra if i % 2 == 0 else "")
+                        network=NETWORK, document=policy_document(EXTRA_RULE if i % 2 == 0 else "")
                     )
                     verb = "policy.set"
                 else:
                     host_id = seed.hosts[(i * 37) % len(seed.hosts)]
                     node = next(iter(mirror.nodes_by_host[host_id]))
-                    tag = f"t{(i * 11 + 5) % POLICY_TAGS}"
+                    tag = f"t{(i * 11 + 5) % TAGS}"
                     verb = "node.untag" if tag in mirror.nodes[node].tags else "node.tag"
                     cls = UntagNode if verb == "node.untag" else TagNode
                     command = cls(node=node, tags=(tag,))

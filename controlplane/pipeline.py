@@ -280,12 +280,9 @@ class CommandPipeline:
             return Reply.refused(ErrorCode.INVALID, f"unknown command {verb!r}")
         if not isinstance(spec.sender, ByAdmin):
             return Reply.refused(ErrorCode.INVALID, f"{verb} is not an admin command: no plan")
-        try:
-            command: Command = msgspec.json.decode(payload, type=spec.command)
-        except msgspec.ValidationError as exc:
-            return Reply.refused(ErrorCode.INVALID, f"invalid {verb} command: {exc}")
-        except msgspec.DecodeError:
-            return Reply.refused(ErrorCode.INVALID, f"invalid {verb} command: not JSON")
+        command = _decoded(spec, payload)
+        if isinstance(command, Reply):
+            return command
         topology = self._write.topology
         now = time.time()
         problem = _signature_problem(signed_plan(verb, payload), signer, signature)
@@ -332,12 +329,9 @@ class CommandPipeline:
         spec = spec_for_verb(verb)
         if spec is None:
             return Reply.refused(ErrorCode.INVALID, f"unknown command {verb!r}")
-        try:
-            command: Command = msgspec.json.decode(payload, type=spec.command)
-        except msgspec.ValidationError as exc:
-            return Reply.refused(ErrorCode.INVALID, f"invalid {verb} command: {exc}")
-        except msgspec.DecodeError:
-            return Reply.refused(ErrorCode.INVALID, f"invalid {verb} command: not JSON")
+        command = _decoded(spec, payload)
+        if isinstance(command, Reply):
+            return command
         if isinstance(command, Join):
             joining = with_token(command, enrollment_token)
             if isinstance(joining, Reply):
@@ -564,6 +558,17 @@ class CommandPipeline:
         self._metrics.appended(1)
         await self._write.wait_for(seq)
         log.info("first admin created", key_file=str(data_dir / "admin.key"))
+
+
+def _decoded(spec: CommandSpec[Any], payload: bytes) -> Command | Reply:
+    """The command in `payload`, or the one-line refusal of what it is not."""
+    try:
+        command: Command = msgspec.json.decode(payload, type=spec.command)
+    except msgspec.ValidationError as exc:
+        return Reply.refused(ErrorCode.INVALID, f"invalid {spec.verb} command: {exc}")
+    except msgspec.DecodeError:
+        return Reply.refused(ErrorCode.INVALID, f"invalid {spec.verb} command: not JSON")
+    return command
 
 
 def with_token(command: Join, token: str | None) -> Join | Reply:

@@ -253,7 +253,7 @@ async def test_a_v3_snapshot_lets_everything_in() -> None:
 
 
 async def one_pass(
-    machine: FakeMachine, firewall: FakeFirewall, entries: dict[str, FirewallEntry]
+    machine: FakeMachine, firewall: FirewallControl, entries: dict[str, FirewallEntry]
 ) -> dict[str, Any]:
     desired = desired_state(addresses=("10.10.0.1/24",))
     desired = msgspec.structs.replace(
@@ -451,14 +451,5 @@ async def test_without_nft_a_network_without_a_policy_still_applies() -> None:
     machine = FakeMachine()
     open_network = {"10.10.0.0/24": FirewallEntry(allow=("any",))}
     for section, failing in ((open_network, False), (POLICY, True)):
-        desired = msgspec.structs.replace(desired_state(), sections=Sections(firewall=section))
-        result = await reconcile(
-            desired,
-            FakeBackend("nm0", machine),
-            FakeLink("nm0", machine),
-            firewall=NftFirewall(["/nonexistent/nft"]),
-            public_key=public_key_of(KEY),
-            private_key=private_key_b64(KEY),
-            previous={},
-        )
-        assert ("firewall" in result.errors()) is failing
+        result = await one_pass(machine, NftFirewall(["/nonexistent/nft"]), section)
+        assert ("firewall" in result["errors"]) is failing
