@@ -12,17 +12,20 @@ from dataclasses import dataclass, replace
 
 from agent.backend import BackendError, DeviceState, PeerSpec, WireGuardBackend
 from agent.firewall import FirewallControl, FirewallError
+from agent.forwarding import ForwardingControl, ForwardingError
 from agent.link import LinkControl, LinkState
 from agent.plan import (
     Actual,
     AddAddress,
     AddRoute,
     CreateInterface,
+    EnableForwarding,
     Op,
     RemoveAddress,
     RemovePeer,
     RemoveRoute,
     ReplaceFirewall,
+    RestoreForwarding,
     SetListenPort,
     SetMtu,
     SetPrivateKey,
@@ -44,7 +47,11 @@ class ApplyResult:
 
 
 async def read_actual(
-    backend: WireGuardBackend, link: LinkControl, firewall: FirewallControl | None = None
+    backend: WireGuardBackend,
+    link: LinkControl,
+    firewall: FirewallControl | None = None,
+    forwarding: ForwardingControl | None = None,
+    forwarded: tuple[str, ...] = (),
 ) -> Actual:
     """What is on the machine now. The device is read once: `exists()` is itself
     a read, and reading a 1,000-peer device twice doubled an agent's pass.
@@ -59,6 +66,12 @@ async def read_actual(
         device = None
     link_state: LinkState | None = await link.state() if await link.exists() else None
     actual = Actual(device=device, link=link_state, interface=backend.interface)
+    if forwarding is not None:
+        # `forwarded`: the ranges the host forwards to (whose routes matter).
+        try:
+            actual = replace(actual, forwarding=await forwarding.read(forwarded, backend.interface))
+        except ForwardingError as exc:
+            actual = replace(actual, forwarding_error=str(exc))
     if firewall is None:
         return actual
     try:
@@ -73,6 +86,7 @@ async def apply(
     link: LinkControl,
     private_key: str,
     firewall: FirewallControl | None = None,
+    forwarding: ForwardingControl | None = None,
 ) -> ApplyResult:
     done = 0
     i = 0
@@ -108,6 +122,13 @@ async def apply(
                     if firewall is None:
                         raise FirewallError("no firewall to apply to", retryable=False)
                     await firewall.replace(ruleset)
+                case EnableForwarding(interface=name) | RestoreForwarding(interface=name):
+                    if forwarding is None:
+                        raise ForwardingError("no forwarding control", retryable=False)
+                    if isinstance(op, EnableForwarding):
+                        await forwarding.enable(name)
+                    else:
+                        await forwarding.restore(name)
             done += 1
             i += 1
     except BackendError as exc:

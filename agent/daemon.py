@@ -39,6 +39,7 @@ from nats.aio.msg import Msg
 from agent.backend import BackendError, DeviceState, WireGuardBackend
 from agent.endpoints import detect_endpoints
 from agent.firewall import FirewallControl, NftFirewall
+from agent.forwarding import ForwardingControl, SysctlForwarding
 from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.keys import HostKey
 from agent.link import Link, LinkControl
@@ -333,6 +334,7 @@ class Agent:
         firewall: FirewallControl,
         private_key: str,
         public_key: str,
+        forwarding: ForwardingControl | None = None,
         resync_interval: float = RESYNC_INTERVAL,
         rotate_every: float | None = None,
         metrics: AgentMetrics = NO_METRICS,
@@ -343,6 +345,7 @@ class Agent:
         self.backend = backend
         self.link = link
         self.firewall = firewall
+        self.forwarding = forwarding
         self.key = HostKey(state, private_key, public_key, rotate_every)
         self.resync_interval = resync_interval
         self.detect_endpoints = False  # True when endpoints were found, not given
@@ -473,6 +476,7 @@ class Agent:
                 self.backend,
                 self.link,
                 firewall=self.firewall,
+                forwarding=self.forwarding,
                 public_key=self.key.public_key,
                 private_key=self.key.private_key,
                 previous=progress.applied_by,
@@ -683,6 +687,7 @@ async def run_agent(
         backend=await make_backend(backend, interface),
         link=Link(interface),
         firewall=NftFirewall(),
+        forwarding=SysctlForwarding(state_dir),
         private_key=private_key_b64(key),
         public_key=public_key,
         resync_interval=resync_interval,

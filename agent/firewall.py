@@ -54,13 +54,16 @@ from typing import Any, Protocol
 import msgspec
 
 from agent.backend import BackendError
-from events.desired import FirewallEntry
+from events.desired import FirewallEntry, ForwardEntry
 from events.policy import PolicyError, Ports, parse_ports
 
 FAMILY = "inet"
 TABLE = "netmesh"
 BASE_CHAIN = "input"
 OVERLAY_CHAIN = "overlay"
+FORWARD_CHAIN = "forward"
+EGRESS_CHAIN = "egress"
+NAT_CHAIN = "masquerade"
 _DIGEST_PREFIX = "netmesh "
 _NFT_TIMEOUT = 30.0
 
@@ -156,8 +159,18 @@ def normalize_allow(specs: Iterable[str]) -> Allow:
     )
 
 
-def ruleset_for(entries: Mapping[str, FirewallEntry], interface: str) -> Ruleset:
-    """The table enforcing `entries` (the firewall section) on `interface`.
+def ruleset_for(
+    entries: Mapping[str, FirewallEntry],
+    interface: str,
+    forward: Mapping[str, ForwardEntry] | None = None,
+    overlay: Sequence[str] = (),
+    guarded: Sequence[str] = (),
+) -> Ruleset:
+    """The table enforcing `entries` (the firewall section) on `interface`,
+    and, on an egress gateway, `forward` (the forward section): what members
+    (sources in `overlay`, the host's networks) may send to the ranges, which
+    of them are masqueraded, and the `guarded` interfaces, switched on to
+    forward for the gateway only (see agent/forwarding.py).
 
     Pure and deterministic: the same section gives the same batch, byte for
     byte (groups ordered by allow list, networks sorted and collapsed). An
@@ -199,7 +212,7 @@ def ruleset_for(entries: Mapping[str, FirewallEntry], interface: str) -> Ruleset
             )
             elements.append((name, len(collapsed)))
             source = _match({"payload": {"protocol": protocol, "field": "saddr"}}, f"@{name}")
-            rules.extend(_allow_rules(source, allow, version))
+            rules.extend(_allow_rules([source], allow, version))
     rules.append([{"drop": None}])
 
     body: list[dict[str, Any]] = [{"add": {"set": s}} for s in sets]
@@ -220,6 +233,14 @@ def ruleset_for(entries: Mapping[str, FirewallEntry], interface: str) -> Ruleset
     body.append({"add": {"chain": {**_in_table(), "name": OVERLAY_CHAIN}}})
     jump = [_match({"meta": {"key": "iifname"}}, interface), {"jump": {"target": OVERLAY_CHAIN}}]
     body.extend(_rule(OVERLAY_CHAIN, expr) for expr in rules)
+    chains = [(BASE_CHAIN, 1), (OVERLAY_CHAIN, len(rules))]
+    if forward:
+        gateway_body, gateway_chains, gateway_skipped = _gateway(
+            forward, interface, overlay, guarded
+        )
+        body.extend(gateway_body)
+        chains.extend(gateway_chains)
+        skipped.extend(gateway_skipped)
     digest = hashlib.sha256(
         msgspec.json.encode({"interface": interface, "body": body, "jump": jump})
     ).hexdigest()[:32]
@@ -234,10 +255,7 @@ def ruleset_for(entries: Mapping[str, FirewallEntry], interface: str) -> Ruleset
         *body,
         jump_rule,
     )
-    shape = FirewallShape(
-        rules=((BASE_CHAIN, 1), (OVERLAY_CHAIN, len(rules))),
-        elements=tuple(sorted(elements)),
-    )
+    shape = FirewallShape(rules=tuple(sorted(chains)), elements=tuple(sorted(elements)))
     return Ruleset(
         interface=interface,
         digest=digest,
@@ -249,20 +267,160 @@ def ruleset_for(entries: Mapping[str, FirewallEntry], interface: str) -> Ruleset
     )
 
 
-# The last ruleset made, with the section it was made from: a pass every 30 s
-# on an unchanged section (shared, not copied, by deltas that do not touch it)
-# need not spend ~0.1 s making the same 5,000-source ruleset again.
-_last: tuple[Mapping[str, FirewallEntry], str, Ruleset] | None = None
+def _gateway(
+    forward: Mapping[str, ForwardEntry],
+    interface: str,
+    overlay: Sequence[str],
+    guarded: Sequence[str],
+) -> tuple[list[dict[str, Any]], list[tuple[str, int]], list[str]]:
+    """The chains of an egress gateway: commands, (chain, rule count), skipped.
+
+        chain forward {
+            type filter hook forward priority filter; policy accept;
+            iifname "nm0" jump egress
+            oifname "nm0" ct state established,related accept
+            oifname "nm0" drop                  # nothing new into the overlay
+            iifname { "eth1" } drop             # guarded: forwarding only for us
+        }
+        chain egress {
+            ct state established,related accept
+            ip saddr { 10.10.0.0/24 } ip daddr 192.168.1.0/24 accept
+            drop                                # nowhere but the ranges
+        }
+        chain masquerade {
+            type nat hook postrouting priority srcnat; policy accept;
+            ip saddr { 10.10.0.0/24 } ip daddr { 192.168.1.0/24 } masquerade
+        }
+
+    Traffic between other interfaces than these never meets a rule of ours.
+    """
+    iifname, oifname = {"meta": {"key": "iifname"}}, {"meta": {"key": "oifname"}}
+    forward_rules: list[list[dict[str, Any]]] = [
+        [_match(iifname, interface), {"jump": {"target": EGRESS_CHAIN}}],
+        [_match(oifname, interface), *_ESTABLISHED],
+        [_match(oifname, interface), {"drop": None}],
+    ]
+    if guarded:
+        forward_rules.append([_match(iifname, _anonymous(sorted(guarded))), {"drop": None}])
+    egress_rules: list[list[dict[str, Any]]] = [_ESTABLISHED]
+    skipped: list[str] = []
+    masqueraded: list[Network] = []
+    for key in sorted(forward):
+        entry = forward[key]
+        try:
+            target = ipaddress.ip_network(key)
+        except ValueError as exc:
+            skipped.append(f"forward {key}: {exc}")
+            continue
+        protocol = "ip" if target.version == 4 else "ip6"
+        if entry.nat:
+            masqueraded.append(target)
+        for rule in entry.rules:
+            try:
+                sources = [ipaddress.ip_network(s) for s in rule.sources]
+                destination = ipaddress.ip_network(rule.destination)
+                allow = normalize_allow(rule.allow)
+            except (ValueError, PolicyError) as exc:
+                skipped.append(f"forward {key} {rule.destination}: {exc}")
+                continue
+            sources = [n for n in sources if n.version == target.version]
+            if not sources or allow.empty or destination.version != target.version:
+                continue
+            matches = [
+                _match({"payload": {"protocol": protocol, "field": "saddr"}}, _networks(sources)),
+                _match(
+                    {"payload": {"protocol": protocol, "field": "daddr"}}, _element(destination)
+                ),
+            ]
+            egress_rules.extend(_allow_rules(matches, allow, target.version))
+    egress_rules.append([{"drop": None}])
+    body: list[dict[str, Any]] = [
+        {
+            "add": {
+                "chain": {
+                    **_in_table(),
+                    "name": FORWARD_CHAIN,
+                    "type": "filter",
+                    "hook": "forward",
+                    "prio": 0,
+                    "policy": "accept",
+                }
+            }
+        },
+        {"add": {"chain": {**_in_table(), "name": EGRESS_CHAIN}}},
+    ]
+    body.extend(_rule(FORWARD_CHAIN, expr) for expr in forward_rules)
+    body.extend(_rule(EGRESS_CHAIN, expr) for expr in egress_rules)
+    chains = [(FORWARD_CHAIN, len(forward_rules)), (EGRESS_CHAIN, len(egress_rules))]
+    nat_rules = []
+    own = [ipaddress.ip_network(cidr, strict=False) for cidr in overlay]
+    for version, protocol in ((4, "ip"), (6, "ip6")):
+        targets = [n for n in masqueraded if n.version == version]
+        sources = [n for n in own if n.version == version]
+        if targets and sources:
+            nat_rules.append(
+                [
+                    _match(
+                        {"payload": {"protocol": protocol, "field": "saddr"}}, _networks(sources)
+                    ),
+                    _match(
+                        {"payload": {"protocol": protocol, "field": "daddr"}}, _networks(targets)
+                    ),
+                    {"masquerade": None},
+                ]
+            )
+    if nat_rules:
+        body.append(
+            {
+                "add": {
+                    "chain": {
+                        **_in_table(),
+                        "name": NAT_CHAIN,
+                        "type": "nat",
+                        "hook": "postrouting",
+                        "prio": 100,
+                        "policy": "accept",
+                    }
+                }
+            }
+        )
+        body.extend(_rule(NAT_CHAIN, expr) for expr in nat_rules)
+        chains.append((NAT_CHAIN, len(nat_rules)))
+    return body, chains, skipped
 
 
-def cached_ruleset_for(entries: Mapping[str, FirewallEntry], interface: str) -> Ruleset:
+def _networks(networks: Sequence[Network]) -> Any:
+    collapsed = sorted(ipaddress.collapse_addresses(networks))  # type: ignore[type-var]
+    return _anonymous([_element(n) for n in collapsed])
+
+
+def _anonymous(items: list[Any]) -> Any:
+    return items[0] if len(items) == 1 else {"set": items}
+
+
+# The last ruleset made, with what it was made from: a pass every 30 s on an
+# unchanged section (shared, not copied, by deltas that do not touch it) need
+# not spend ~0.1 s making the same 5,000-source ruleset again.
+_last: tuple[tuple[object, ...], tuple[object, ...], Ruleset] | None = None
+
+
+def cached_ruleset_for(
+    entries: Mapping[str, FirewallEntry],
+    interface: str,
+    forward: Mapping[str, ForwardEntry] | None = None,
+    overlay: Sequence[str] = (),
+    guarded: Sequence[str] = (),
+) -> Ruleset:
     """`ruleset_for`, remembering the last answer for the very same section
-    object (desired states are immutable values: same object, same answer)."""
+    objects (desired states are immutable values: same object, same answer)."""
     global _last
-    if _last is not None and _last[0] is entries and _last[1] == interface:
+    forward = forward or {}
+    made_of = (id(entries), interface, id(forward), tuple(overlay), tuple(guarded))
+    if _last is not None and _last[0] == made_of:
         return _last[2]
-    ruleset = ruleset_for(entries, interface)
-    _last = (entries, interface, ruleset)
+    ruleset = ruleset_for(entries, interface, forward, overlay, guarded)
+    # The sections are held by the cache too, so that their ids stay theirs.
+    _last = (made_of, (entries, forward), ruleset)
     return ruleset
 
 
@@ -330,17 +488,20 @@ def _ports(ranges: tuple[PortRange, ...]) -> Any:
     return items[0] if len(items) == 1 else {"set": items}
 
 
-def _allow_rules(source: dict[str, Any], allow: Allow, version: int) -> list[list[dict[str, Any]]]:
+def _allow_rules(
+    matches: list[dict[str, Any]], allow: Allow, version: int
+) -> list[list[dict[str, Any]]]:
+    """Rules accepting what `allow` lists of the traffic `matches` selects."""
     if allow.any:
-        return [[source, _ACCEPT]]
+        return [[*matches, _ACCEPT]]
     rules = []
     if allow.icmp:
         icmp = "icmp" if version == 4 else "ipv6-icmp"
-        rules.append([source, _match({"meta": {"key": "l4proto"}}, icmp), _ACCEPT])
+        rules.append([*matches, _match({"meta": {"key": "l4proto"}}, icmp), _ACCEPT])
     for protocol, ranges in (("tcp", allow.tcp), ("udp", allow.udp)):
         if ranges:
             port = _match({"payload": {"protocol": protocol, "field": "dport"}}, _ports(ranges))
-            rules.append([source, port, _ACCEPT])
+            rules.append([*matches, port, _ACCEPT])
     return rules
 
 

@@ -12,6 +12,7 @@ import nats.errors
 
 from agent.backend import BackendError, DeviceState, WireGuardBackend
 from agent.firewall import FirewallControl, NftFirewall
+from agent.forwarding import SysctlForwarding
 from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.link import Link
 from agent.session import AgentError, broker_login, send_host_command
@@ -101,10 +102,10 @@ async def local_status(state_dir: Path, interface: str | None) -> dict[str, Any]
 async def interface_down(
     state_dir: Path, interface: str, firewall: FirewallControl | None = None
 ) -> bool:
-    """Remove the interface, then the agent's firewall table (`inet netmesh`,
-    nothing else: the table goes after the interface, so nothing arrives
-    unfiltered meanwhile). Returns whether there was an interface. Raises
-    AgentError."""
+    """Remove the interface, put IPv4 forwarding back where a gateway changed
+    it, then remove the agent's firewall table (`inet netmesh`, nothing else:
+    the table goes last, so nothing arrives or is forwarded unfiltered
+    meanwhile). Returns whether there was an interface. Raises AgentError."""
     pid = running_agent_pid(state_dir)
     if pid is not None:
         raise AgentError(
@@ -128,6 +129,12 @@ async def interface_down(
         nft = NftFirewall()
         # Without nft this machine cannot hold a table the agent made.
         firewall = nft if nft.available() else None
+    try:
+        # Before the table goes: its forward chain guards the interfaces
+        # switched on for a gateway until they are back as they were.
+        await SysctlForwarding(state_dir).restore_all()
+    except BackendError as exc:
+        raise AgentError(f"cannot restore forwarding: {exc}") from None
     if firewall is not None:
         try:
             await firewall.remove()

@@ -18,11 +18,13 @@ free). Rules that keep tunnels up:
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agent.backend import DeviceState, PeerSpec, PeerState
 from agent.firewall import FirewallState, Ruleset, cached_ruleset_for, in_force
+from agent.forwarding import ForwardingState
 from agent.link import LinkState
 from events.desired import DesiredState, FirewallEntry, PeerEntry
 
@@ -41,6 +43,10 @@ class Actual:
     interface: str = ""
     firewall: FirewallState | None = None
     firewall_error: str | None = None
+    # IPv4 forwarding where a gateway needs it (None: not read, or unreadable:
+    # `forwarding_error` says why).
+    forwarding: ForwardingState | None = None
+    forwarding_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,22 @@ class ReplaceFirewall:
         return f"replace firewall on {self.ruleset.interface}: {self.ruleset}"
 
 
+@dataclass(frozen=True)
+class EnableForwarding:
+    interface: str
+
+    def __str__(self) -> str:
+        return f"enable ipv4 forwarding on {self.interface}"
+
+
+@dataclass(frozen=True)
+class RestoreForwarding:
+    interface: str
+
+    def __str__(self) -> str:
+        return f"restore ipv4 forwarding on {self.interface} to what it was"
+
+
 Op = (
     ReplaceFirewall
     | CreateInterface
@@ -156,6 +178,8 @@ Op = (
     | RemovePeer
     | AddRoute
     | RemoveRoute
+    | EnableForwarding
+    | RestoreForwarding
 )
 
 
@@ -166,16 +190,70 @@ def plan_firewall(desired: DesiredState, actual: Actual) -> list[Op]:
     force is not exactly the desired ruleset (digest and shape, see
     agent/firewall.py). Removed only with the interface (`agent down`)."""
     entries = desired.sections.firewall
-    if actual.firewall_error is not None and entries and lets_everything_in(entries):
+    forward = desired.sections.forward
+    if (
+        actual.firewall_error is not None
+        and entries
+        and lets_everything_in(entries)
+        and not forward
+    ):
         # nftables cannot be read (not installed, no permission), and nothing
         # needs filtering: every source the section names may send anything,
         # and WireGuard admits no other source. Not a failure, so a host
         # without nft keeps working in networks without a policy.
         return []
-    ruleset = cached_ruleset_for(entries, actual.interface)
+    ruleset = cached_ruleset_for(
+        entries, actual.interface, forward, _overlay(desired), guarded(desired, actual)
+    )
     if actual.firewall_error is None and in_force(actual.firewall, ruleset):
         return []
     return [ReplaceFirewall(ruleset)]
+
+
+def _overlay(desired: DesiredState) -> tuple[str, ...]:
+    """The host's networks (what a gateway masquerades from)."""
+    if not desired.sections.forward:
+        return ()
+    return tuple(
+        sorted({str(ipaddress.ip_network(a, strict=False)) for a in desired.sections.addresses})
+    )
+
+
+def guarded(desired: DesiredState, actual: Actual) -> tuple[str, ...]:
+    """The interfaces a gateway's ranges go out of that did not forward
+    before the agent switched them on: the forward chain keeps them from
+    forwarding anything else (agent/forwarding.py)."""
+    state = actual.forwarding
+    if state is None or not desired.sections.forward:
+        return ()
+    found = set()
+    for cidr in desired.sections.forward:
+        name = state.route_interfaces.get(cidr)
+        if name is None or name == actual.interface:
+            continue
+        if not state.originals.get(name, state.forwarding.get(name, False)):
+            found.add(name)
+    return tuple(sorted(found))
+
+
+def plan_forwarding(desired: DesiredState, actual: Actual) -> list[Op]:
+    """IPv4 forwarding on the overlay interface and on each interface a
+    forwarded range goes out of, while the host is a gateway; put back as
+    it was on every interface that no range needs any more."""
+    forward = desired.sections.forward
+    state = actual.forwarding
+    if state is None:
+        # Unreadable: try, and let the apply say why it cannot be done.
+        return [EnableForwarding(actual.interface)] if forward else []
+    needed = set()
+    if forward:
+        needed.add(actual.interface)
+        needed.update(state.route_interfaces[c] for c in forward if c in state.route_interfaces)
+    ops: list[Op] = [
+        EnableForwarding(name) for name in sorted(needed) if not state.forwarding.get(name, False)
+    ]
+    ops.extend(RestoreForwarding(name) for name in sorted(state.originals) if name not in needed)
+    return ops
 
 
 def lets_everything_in(entries: Mapping[str, FirewallEntry]) -> bool:

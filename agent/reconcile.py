@@ -9,11 +9,12 @@ desired state has its owner here:
 
 | reconciler | sections it reads | what it owns |
 | --- | --- | --- |
-| firewall | firewall | the nftables table `inet netmesh` (agent/firewall.py) |
+| firewall | firewall, forward | the nftables table `inet netmesh` (agent/firewall.py) |
 | interface | interface | the WireGuard device: present, our key, the listen port |
 | link | interface (mtu), addresses | MTU, addresses, link up |
-| peers | peers | the device's peers, changed in place |
+| peers | peers, egress | the device's peers, changed in place (egress ranges on their gateway) |
 | routes | routes | routes through the interface that the agent added |
+| forwarding | forward | IPv4 forwarding where a gateway needs it, put back after |
 
 The firewall goes first: whatever the pass brings up (the interface, new
 peers) meets the filter already in force. Later features (dns) add a
@@ -27,12 +28,15 @@ from dataclasses import dataclass
 
 from agent.apply import apply, read_actual
 from agent.backend import WireGuardBackend
+from agent.egress import choose, with_egress
 from agent.firewall import FirewallControl
+from agent.forwarding import ForwardingControl
 from agent.link import LinkControl
 from agent.plan import (
     Actual,
     Op,
     plan_firewall,
+    plan_forwarding,
     plan_interface,
     plan_link,
     plan_peers,
@@ -53,16 +57,23 @@ class Reconciler:
     sections: tuple[str, ...]
 
 
+def _plan_peers(desired: DesiredState, actual: Actual, previous: DesiredState | None) -> list[Op]:
+    """The peers, with each egress range on the gateway chosen for it."""
+    chosen = choose(desired.sections.egress)
+    return plan_peers(with_egress(desired, chosen), actual, previous=previous)
+
+
 RECONCILERS: tuple[Reconciler, ...] = (
-    Reconciler("firewall", lambda d, a, _prev, _key: plan_firewall(d, a), ("firewall",)),
+    Reconciler("firewall", lambda d, a, _prev, _key: plan_firewall(d, a), ("firewall", "forward")),
     Reconciler(
         "interface",
         lambda d, a, _, key: plan_interface(d, a, public_key=key),
         ("interface",),
     ),
     Reconciler("link", lambda d, a, _prev, _key: plan_link(d, a), ("interface", "addresses")),
-    Reconciler("peers", lambda d, a, prev, _key: plan_peers(d, a, previous=prev), ("peers",)),
+    Reconciler("peers", lambda d, a, prev, _key: _plan_peers(d, a, prev), ("peers", "egress")),
     Reconciler("routes", lambda d, a, _prev, _key: plan_routes(d, a), ("routes",)),
+    Reconciler("forwarding", lambda d, a, _prev, _key: plan_forwarding(d, a), ("forward",)),
 )
 # Every section some reconciler enforces.
 ENFORCED_SECTIONS: tuple[str, ...] = tuple(
@@ -107,6 +118,7 @@ async def reconcile(
     link: LinkControl,
     *,
     firewall: FirewallControl,
+    forwarding: ForwardingControl | None = None,
     public_key: str,
     private_key: str,
     previous: dict[str, DesiredState],
@@ -118,7 +130,8 @@ async def reconcile(
     `previous` holds, per reconciler, the desired state it last applied in
     full (to tell a control-plane endpoint change from roaming). Raises
     BackendError only when the machine cannot be read at all."""
-    actual = await read_actual(backend, link, firewall)
+    forwarded = tuple(desired.sections.forward)
+    actual = await read_actual(backend, link, firewall, forwarding, forwarded)
     outcomes = []
     for reconciler in reconcilers:
         ops = reconciler.plan(desired, actual, previous.get(reconciler.name), public_key)
@@ -129,7 +142,7 @@ async def reconcile(
             if on_op is not None:
                 on_op(reconciler.name, op)
         # apply() reports a BackendError in its result: how far it got, and why.
-        result = await apply(ops, backend, link, private_key, firewall)
+        result = await apply(ops, backend, link, private_key, firewall, forwarding)
         error = None if result.ok else f"{ops[result.applied]}: {result.error}"
         outcomes.append(Outcome(reconciler.name, tuple(ops), result.applied, error))
     return PassResult(actual, tuple(outcomes))

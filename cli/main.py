@@ -666,6 +666,110 @@ def node_remove(server: str, node_ref: str, as_json: bool) -> None:
         click.echo(f"removed node {result['network']}/{result['name']} ({result['node_id']})")
 
 
+# -- gateways -----------------------------------------------------------------------
+
+
+@cli.group()
+def gateway() -> None:
+    """Gateways: nodes that forward between the network and ranges beyond it."""
+
+
+@gateway.group("egress")
+def egress() -> None:
+    """Egress: members reach a LAN, a VPC... through a node that is on it."""
+
+
+@egress.command("add")
+@click.argument("node_ref", metavar="NODE")
+@click.option(
+    "--range",
+    "ranges",
+    metavar="CIDR",
+    multiple=True,
+    required=True,
+    help="An IPv4 range NODE reaches (repeat for several).",
+)
+@click.option(
+    "--no-nat",
+    is_flag=True,
+    help="Do not masquerade: the range sees members' overlay addresses (it needs a route back).",
+)
+@click.option(
+    "--metric",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Among gateways of one range, members use the lowest metric that is up.",
+)
+@json_option
+@plannable
+@click.pass_obj
+def egress_add(
+    server: str, node_ref: str, ranges: tuple[str, ...], no_nat: bool, metric: int, as_json: bool
+) -> None:
+    """Make NODE an egress gateway to the --range CIDRs (or give it more)."""
+    result = run(
+        admin_command(
+            server, "egress.add", node=node_ref, ranges=list(ranges), nat=not no_nat, metric=metric
+        )
+    )
+    if as_json:
+        emit_json(result)
+        return
+    where = f"{result['network']}/{result['name']}"
+    state = "is already an egress gateway to" if not result["changed"] else "forwards to"
+    nat = "masqueraded" if result["nat"] else "not masqueraded"
+    click.echo(
+        f"node {where} {state} {', '.join(result['ranges'])} ({nat}, metric {result['metric']})"
+    )
+
+
+@egress.command("remove")
+@click.argument("node_ref", metavar="NODE")
+@click.option(
+    "--range", "ranges", metavar="CIDR", multiple=True, help="Only this range (default: all)."
+)
+@json_option
+@plannable
+@click.pass_obj
+def egress_remove(server: str, node_ref: str, ranges: tuple[str, ...], as_json: bool) -> None:
+    """Take ranges from egress gateway NODE (all of them by default)."""
+    result = run(admin_command(server, "egress.remove", node=node_ref, ranges=list(ranges)))
+    if as_json:
+        emit_json(result)
+        return
+    where = f"{result['network']}/{result['name']}"
+    left = f" (still forwards to {', '.join(result['ranges'])})" if result["ranges"] else ""
+    click.echo(f"node {where} no longer forwards to {', '.join(result['removed'])}{left}")
+
+
+@gateway.command("list")
+@click.option("--network", "network_name", default=None, help="Only this network.")
+@json_option
+@click.pass_obj
+def gateway_list(server: str, network_name: str | None, as_json: bool) -> None:
+    """Every gateway, with its ranges."""
+    rows = run(admin_query(server, "gateways", network=network_name))
+    if as_json:
+        emit_json(rows)
+        return
+    table(
+        [
+            (
+                g["network"],
+                g["name"],
+                g["address"],
+                g["kind"],
+                ",".join(g["ranges"]),
+                "yes" if g["nat"] else "no",
+                g["metric"],
+            )
+            for g in rows
+        ],
+        ["NETWORK", "NODE", "ADDRESS", "KIND", "RANGES", "NAT", "METRIC"],
+    )
+
+
 # -- access policy -----------------------------------------------------------------
 
 

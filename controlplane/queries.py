@@ -223,6 +223,33 @@ class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     port: str | None = None
 
 
+def list_gateways(topology: Topology, network: str | None) -> list[dict[str, Any]]:
+    """Every egress gateway (of one network), from the write model's topology."""
+    if network is not None and network not in topology.networks:
+        raise Rejected(ErrorCode.NOT_FOUND, f"no network {network!r}")
+    found = []
+    for name, net in sorted(topology.networks.items()):
+        if network is not None and name != network:
+            continue
+        for gateway in net.gateways.values():
+            node = topology.nodes.get(gateway.node_id)
+            if node is None:
+                continue
+            found.append(
+                {
+                    "network": name,
+                    "node_id": node.node_id,
+                    "name": node.name,
+                    "address": node.address,
+                    "kind": "egress",
+                    "ranges": list(gateway.ranges),
+                    "nat": gateway.nat,
+                    "metric": gateway.metric,
+                }
+            )
+    return sorted(found, key=lambda g: (g["network"], g["name"]))
+
+
 # (verb, payload, signer, signature) -> what the command would do (`CommandPipeline.plan`).
 Planner = Callable[[str, bytes, str | None, str | None], Reply]
 
@@ -308,6 +335,8 @@ class QueryService:
                 )
             case "policy_plan":
                 return plan_policy_change(self._topology(), args.network or "", args.document or "")
+            case "gateways":
+                return list_gateways(self._topology(), args.network)
             case "admins":
                 # From the write model: admins are a matter of authorization,
                 # not of the read model.

@@ -159,6 +159,22 @@ class LeaveNetworks(Command, frozen=True, tag="host.leave"):
     network: str | None = None
 
 
+class AddEgress(Command, frozen=True, tag="egress.add"):
+    """Make a node an egress gateway to `ranges` (or give it more ranges)."""
+
+    node: str  # node id, or NETWORK/NAME, or a name unique across networks
+    ranges: tuple[str, ...]
+    nat: bool = True
+    metric: int = 100
+
+
+class RemoveEgress(Command, frozen=True, tag="egress.remove"):
+    """Take `ranges` from an egress gateway (none: all of them)."""
+
+    node: str
+    ranges: tuple[str, ...] = ()
+
+
 # The protocol's commands, each once. What the control plane does with each
 # (who may send it, what it produces) is its spec, in controlplane/rules/.
 AnyCommand = (
@@ -179,6 +195,8 @@ AnyCommand = (
     | UntagNode
     | SetPolicy
     | ClearPolicy
+    | AddEgress
+    | RemoveEgress
 )
 
 COMMAND_TYPES: tuple[type[Command], ...] = get_args(AnyCommand)

@@ -5,8 +5,9 @@ one version must read what control planes of the next version write. Fields
 are only ever added, with defaults.
 
 A host's desired state is a set of named sections (`Sections`): the WireGuard
-interface, its addresses, its peers, its routes, its firewall; later features
-add their own (dns, ...). Each section is a keyed map of entries. A host's subject
+interface, its addresses, its peers, its routes, its firewall, the ranges it
+reaches through gateways (egress) and those it forwards to (forward); later
+features add their own (dns, ...). Each section is a keyed map of entries. A host's subject
 `netmesh.desired.<host>` carries a snapshot (every section whole, published
 with a rollup so that it replaces everything before it), then deltas: per
 section, entries upserted by key and keys removed, all under one revision. A
@@ -24,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL = 4
+PROTOCOL = 5
 
 # The key of the one entry of the `interface` section.
 WIREGUARD = "wireguard"
@@ -76,6 +77,41 @@ class FirewallEntry(msgspec.Struct, frozen=True, kw_only=True):
     allow: tuple[str, ...]
 
 
+class EgressVia(msgspec.Struct, frozen=True, kw_only=True, order=True):
+    """A gateway a range can be reached through: the peer's public key and its
+    metric (lower is preferred)."""
+
+    metric: int
+    peer: str
+
+
+class EgressEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A range beyond the overlay, keyed by its CIDR, and the gateways that
+    forward to it, best first (by metric, then key). The agent routes the range
+    through the first one it finds alive: that peer's allowed IPs carry it."""
+
+    via: tuple[EgressVia, ...]
+
+
+class ForwardRule(msgspec.Struct, frozen=True, kw_only=True):
+    """Overlay traffic a gateway forwards: from these source CIDRs, to
+    `destination` (the range or a part of it), on these ports (as in the
+    firewall section: "any", "icmp", "N/tcp", "N-M/udp")."""
+
+    sources: tuple[str, ...]
+    destination: str
+    allow: tuple[str, ...]
+
+
+class ForwardEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A range this host forwards to from the overlay (an egress gateway),
+    keyed by its CIDR: masqueraded unless `nat` is off; `rules` say who may
+    send what there (in a network without a policy: its CIDR, anything)."""
+
+    nat: bool = True
+    rules: tuple[ForwardRule, ...] = ()
+
+
 class Sections(
     msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
 ):
@@ -91,6 +127,8 @@ class Sections(
     peers: dict[str, PeerEntry] = {}
     routes: dict[str, RouteEntry] = {}
     firewall: dict[str, FirewallEntry] = {}
+    egress: dict[str, EgressEntry] = {}
+    forward: dict[str, ForwardEntry] = {}
 
 
 SECTION_NAMES: tuple[str, ...] = Sections.__struct_fields__
@@ -305,6 +343,12 @@ def _v3_to_v4(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "protocol": 4, "sections": sections}
 
 
+def _v4_to_v5(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 5 added the `egress` and `forward` sections (gateways): a
+    version-4 message has neither, which is what it meant."""
+    return {**raw, "protocol": 5}
+
+
 # The firewall of a host that enforces no policy (what version 3 meant).
 ALLOW_EVERYTHING = ("0.0.0.0/0", "::/0")
 
@@ -312,6 +356,7 @@ _UPCASTS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: _v1_to_v2,
     2: _v2_to_v3,
     3: _v3_to_v4,
+    4: _v4_to_v5,
 }
 
 

@@ -138,6 +138,29 @@ class PolicyCleared(Event, frozen=True, tag="policy.cleared"):
     network: str
 
 
+class EgressAdded(Event, frozen=True, tag="egress.added"):
+    """A node forwards to `ranges` (CIDRs outside every network) for the other
+    members of its network: an egress gateway. Repeated for a node that is
+    one already: `ranges` are added to its own, `nat` and `metric` replace its
+    own (they hold for all of its ranges)."""
+
+    network: str
+    node_id: str
+    host_id: str
+    ranges: tuple[str, ...]
+    nat: bool = True  # masquerade what leaves towards the ranges
+    metric: int = 100  # among gateways of one range, members use the lowest
+
+
+class EgressRemoved(Event, frozen=True, tag="egress.removed"):
+    """Ranges a node no longer forwards to (all of them: it is no longer a gateway)."""
+
+    network: str
+    node_id: str
+    host_id: str
+    ranges: tuple[str, ...]
+
+
 class AdminAdded(Event, frozen=True, tag="admin.added"):
     """Someone may sign admin commands. The first one is written by the control
     plane on its first start (the root of trust `events verify` starts from)."""
@@ -171,6 +194,8 @@ AnyEvent = (
     | NodeUntagged
     | PolicySet
     | PolicyCleared
+    | EgressAdded
+    | EgressRemoved
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = get_args(AnyEvent)
@@ -213,6 +238,8 @@ def aggregate_of(event: AnyEvent) -> tuple[str, str]:
             | NodeUntagged(network=n)
             | PolicySet(network=n)
             | PolicyCleared(network=n)
+            | EgressAdded(network=n)
+            | EgressRemoved(network=n)
         ):
             return ("network", n)
     raise TypeError(f"unknown event {event!r}")  # pragma: no cover

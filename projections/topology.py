@@ -24,6 +24,8 @@ from events.envelope import RecordedEvent
 from events.model import (
     AdminAdded,
     AdminRemoved,
+    EgressAdded,
+    EgressRemoved,
     EnrollmentKeyCreated,
     EnrollmentKeyRevoked,
     EnrollmentKeyUsed,
@@ -77,6 +79,25 @@ class Network:
     policy_error: str = ""  # why the recorded policy does not parse (it then allows nothing)
     previous_policy: Policy | None = None
     access: AccessIndex | None = None
+    # Egress gateways by node id; the last one a departure took away (what
+    # it changed, read once by the sections' rules).
+    gateways: dict[str, Gateway] = field(default_factory=dict)
+    departed_gateway: Gateway | None = None
+
+    def gateways_of(self, cidr: str) -> list[Gateway]:
+        """The gateways forwarding to `cidr`, by node id."""
+        return [g for _, g in sorted(self.gateways.items()) if cidr in g.ranges]
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """A node's egress: the ranges it forwards to, whether it masquerades,
+    and its metric (among gateways of one range, members use the lowest)."""
+
+    node_id: str
+    ranges: tuple[str, ...]  # sorted
+    nat: bool = True
+    metric: int = 100
 
 
 @dataclass
@@ -277,6 +298,8 @@ class Topology:
             network = self.networks.get(node.network)
             if network is not None and network.access is not None:
                 network.access.remove(node_id)
+            if network is not None:
+                network.departed_gateway = network.gateways.pop(node_id, None)
         return node
 
     def set_policy(self, network: Network, policy: Policy | None) -> None:
@@ -499,6 +522,21 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 networks=frozenset({e.network}),
                 reconfigured=members if opened_or_closed else frozenset(),
             )
+        case EgressAdded() | EgressRemoved() as e:
+            network = topology.networks.get(e.network)
+            if network is None or e.node_id not in topology.nodes:
+                return Touched()
+            was = network.gateways.get(e.node_id)
+            if isinstance(e, EgressAdded):
+                ranges = tuple(sorted({*(was.ranges if was else ()), *e.ranges}))
+                network.gateways[e.node_id] = Gateway(e.node_id, ranges, e.nat, e.metric)
+            elif was is not None:
+                ranges = tuple(r for r in was.ranges if e.ranges and r not in e.ranges)
+                if ranges:
+                    network.gateways[e.node_id] = Gateway(e.node_id, ranges, was.nat, was.metric)
+                else:
+                    del network.gateways[e.node_id]
+            return Touched(networks=frozenset({e.network}), nodes=frozenset({e.node_id}))
     return Touched()  # pragma: no cover - every event type is matched above
 
 

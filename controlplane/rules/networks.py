@@ -70,6 +70,13 @@ def create_network(topology: Topology, cmd: CreateNetwork, _ctx: Context) -> Dec
             raise Rejected(
                 ErrorCode.CONFLICT, f"{cidr} overlaps network {other.name!r} ({other.cidr})"
             )
+        for gateway in other.gateways.values():
+            for egress in gateway.ranges:
+                if ipaddress.ip_network(egress).overlaps(cidr):
+                    raise Rejected(
+                        ErrorCode.CONFLICT,
+                        f"{cidr} overlaps egress range {egress} of network {other.name!r}",
+                    )
     event = NetworkCreated(
         network=cmd.name,
         cidr=str(cidr),

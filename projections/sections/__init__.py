@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from projections.sections.addresses import AddressSection
 from projections.sections.base import Reread, SectionRule
+from projections.sections.egress import EgressSection, ForwardSection, RouteSection
 from projections.sections.firewall import FirewallSection
 from projections.sections.interface import InterfaceSection
 from projections.sections.peers import PeerSection, peer_endpoint
-from projections.sections.routes import RouteSection
 
 SECTIONS: tuple[type[SectionRule], ...] = (
     InterfaceSection,
@@ -29,6 +29,8 @@ SECTIONS: tuple[type[SectionRule], ...] = (
     PeerSection,
     RouteSection,
     FirewallSection,
+    EgressSection,
+    ForwardSection,
 )
 
 __all__ = ["SECTIONS", "Reread", "SectionRule", "peer_endpoint"]
