@@ -382,6 +382,25 @@ class TestNet:
         self.hosts[name] = host
         return host
 
+    async def add_behind(self, host: Host, name: str, subnet: str) -> Host:
+        """A host on its own LAN `subnet` (a /24 prefix such as "192.168.77"),
+        reachable only through `host`: `host` gets eth1 at .1, the new one
+        eth0 at .2 with its default route through .1."""
+        netns = f"{self.prefix}-{name}"
+        await self._add_netns(netns)
+        await run(
+            "ip", "-n", host.netns, "link", "add", "eth1", "type", "veth",
+            "peer", "name", "eth0", "netns", netns,
+        )  # fmt: skip
+        await run("ip", "-n", host.netns, "addr", "add", f"{subnet}.1/24", "dev", "eth1")
+        await run("ip", "-n", host.netns, "link", "set", "eth1", "up")
+        await run("ip", "-n", netns, "addr", "add", f"{subnet}.2/24", "dev", "eth0")
+        await run("ip", "-n", netns, "link", "set", "eth0", "up")
+        await run("ip", "-n", netns, "route", "add", "default", "via", f"{subnet}.1")
+        behind = Host(self, name, netns, f"{subnet}.2")
+        self.hosts[name] = behind
+        return behind
+
     async def cleanup(self) -> None:
         errors: list[str] = []
         for process in self._processes:

@@ -1,0 +1,105 @@
+"""Egress gateways on real tunnels: wireguard-go hosts in network namespaces,
+a LAN behind one of them that no other host can reach by itself.
+
+What must pass passes (a member opens a TCP connection to a LAN host through
+the gateway; the LAN host sees the gateway's LAN address with NAT and the
+member's overlay address without), and what must be blocked is shown to fail,
+held for seconds: the LAN before the gateway exists and after it is removed.
+The gateway's host is left as it was: forwarding back off on its LAN
+interface, its forward chain gone.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.meshnet import IFACE, Mesh, mesh_fixture  # noqa: F401
+from tests.netns import Host, testnet_fixture, wait_until  # noqa: F401
+from tests.tcpprobe import SCRIPT
+from tests.test_e2e_agent import _mesh_up
+
+pytestmark = pytest.mark.netns
+
+LAN = "192.168.77"
+PORT = 8080
+HELD = 3.0
+
+
+async def _hello(host: Host, address: str) -> str | None:
+    """The LAN host's greeting (it names the source it saw), None if unreachable."""
+    result = await host.run(sys.executable, SCRIPT, "hello", address, str(PORT), check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+async def _stays_unreachable(host: Host, address: str) -> None:
+    deadline = time.monotonic() + HELD
+    attempts = 0
+    while time.monotonic() < deadline:
+        assert await _hello(host, address) is None, f"{host.name} reached {address}"
+        attempts += 1
+    assert attempts >= 2
+
+
+async def _forwarding(host: Host, interface: str) -> str:
+    result = await host.run("cat", f"/proc/sys/net/ipv4/conf/{interface}/forwarding")
+    return result.stdout.strip()
+
+
+async def _table(host: Host) -> str:
+    return (await host.run("nft", "list", "table", "inet", "netmesh", check=False)).stdout
+
+
+async def test_a_member_reaches_a_lan_through_an_egress_gateway_with_and_without_nat(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    _, nodes = await _mesh_up(mesh, ("a", "b"))
+    a, g = mesh.hosts["a"], mesh.hosts["b"]
+    lan = await mesh.net.add_behind(g, "site", LAN)
+    # For --no-nat, the LAN routes the overlay back through the gateway (what
+    # an admin sets up on the LAN's router).
+    await lan.run("ip", "route", "add", "10.66.0.0/24", "via", f"{LAN}.1")
+    listener = await lan.spawn(sys.executable, SCRIPT, "serve", str(PORT))
+    assert listener.pid
+    await wait_until(
+        lambda: _hello(g, f"{LAN}.2"), timeout=10, message="the LAN host answers its gateway"
+    )
+    before = {name: await _forwarding(g, name) for name in ("eth0", "eth1", IFACE)}
+    assert before["eth1"] == "0"
+    await _stays_unreachable(a, f"{LAN}.2")
+
+    await mesh.cli("gateway", "egress", "add", "office/b", "--range", f"{LAN}.0/24")
+    seen = await wait_until(
+        lambda: _hello(a, f"{LAN}.2"), timeout=20, interval=0.2, message="a reaches the LAN"
+    )
+    assert seen == f"ok {PORT} from {LAN}.1", "masqueraded: the LAN sees the gateway"
+    assert await _forwarding(g, "eth1") == "1" and await _forwarding(g, IFACE) == "1"
+    assert await _forwarding(g, "eth0") == before["eth0"], "an interface no range needs"
+    listing = await mesh.cli_json("gateway", "list")
+    assert [(r["name"], r["ranges"], r["nat"]) for r in listing] == [("b", [f"{LAN}.0/24"], True)]
+
+    # Without NAT the LAN host sees the member itself.
+    await mesh.cli("gateway", "egress", "add", "office/b", "--range", f"{LAN}.0/24", "--no-nat")
+    expected = f"ok {PORT} from {nodes['a']['address']}"
+
+    async def unmasqueraded() -> bool:
+        return await _hello(a, f"{LAN}.2") == expected
+
+    await wait_until(unmasqueraded, timeout=20, interval=0.2, message="no NAT")
+    assert "masquerade" not in await _table(g)
+
+    await mesh.cli("gateway", "egress", "remove", "office/b")
+
+    async def withdrawn() -> bool:
+        return await _hello(a, f"{LAN}.2") is None and await _forwarding(g, "eth1") == "0"
+
+    await wait_until(withdrawn, timeout=20, interval=0.2, message="egress withdrawn")
+    await _stays_unreachable(a, f"{LAN}.2")
+    assert {name: await _forwarding(g, name) for name in ("eth0", "eth1", IFACE)} == before
+    assert "chain forward" not in await _table(g)
+    assert await mesh.cli_json("gateway", "list") == []
+    # The gateway itself still reaches its LAN (nothing of the host's broke).
+    assert await _hello(g, f"{LAN}.2") == f"ok {PORT} from {LAN}.1"
