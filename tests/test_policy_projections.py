@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 
 from controlplane.decide import Rejected, host_id_for
 from events.commands import (
+    AddEgress,
     CreateEnrollmentKey,
     CreateNetwork,
     Join,
+    RemoveEgress,
     RemoveNode,
     ReportEndpoint,
     RotateHostKey,
@@ -291,12 +293,21 @@ POLICIES = [
     '{rules: [{from: ["h1", "tag:c"], to: ["10.10.0.0/29"], ports: ["1-100/udp"]}]}',
     '{rules: [{from: ["*"], to: ["*"]}]}',
     "{rules: []}",
+    # Egress ranges (EGRESS_RANGES): the LAN whole, a part of it, and a gateway
+    # seen by the users of its range.
+    '{rules: [{from: ["tag:a"], to: ["192.168.50.0/24", "tag:b"]},'
+    ' {from: ["*"], to: ["192.168.50.128/25"], ports: ["443/tcp"]},'
+    ' {from: ["tag:c"], to: ["*"], ports: ["icmp"]}]}',
 ]
+EGRESS_RANGES = ("192.168.50.0/24", "172.16.0.0/16")
 
 POLICY_OPS = st.lists(
     st.tuples(
         st.sampled_from(
-            ["join", "remove", "tag", "untag", "policy", "endpoint", "rotate", "join lab"]
+            [
+                *("join", "remove", "tag", "untag", "policy", "endpoint", "rotate"),
+                *("join lab", "egress", "egress", "unegress"),
+            ]
         ),
         st.integers(0, 6),
         st.sampled_from(["a", "b", "c", "db", "web", "ops"]),
@@ -340,6 +351,19 @@ def test_deltas_under_any_policy_changes_equal_the_derived_state(
                 touched = (office.tag if op == "tag" else office.untag)(name, tag)
             elif op == "policy":
                 touched = office.set_policy(POLICIES[policy])
+            elif op == "egress":
+                # Two gateways of one range (different metrics) happen often.
+                network = "lab" if policy == 0 else "office"
+                _, touched = office.world.run(
+                    AddEgress(
+                        node=f"{network}/{name}",
+                        ranges=(EGRESS_RANGES[policy % 2],),
+                        nat=flush,
+                        metric=policy,
+                    )
+                )
+            elif op == "unegress":
+                _, touched = office.world.run(RemoveEgress(node=f"office/{name}"))
             elif op == "endpoint":
                 _, touched = office.world.run(
                     ReportEndpoint(
