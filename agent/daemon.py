@@ -37,6 +37,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from agent.backend import BackendError, DeviceState, WireGuardBackend
+from agent.egress import PROBE_INTERVAL, PROBE_PORT, Liveness, candidates
 from agent.endpoints import detect_endpoints
 from agent.firewall import FirewallControl, NftFirewall
 from agent.forwarding import ForwardingControl, SysctlForwarding
@@ -100,6 +101,14 @@ JOIN_RETRY_MAX = 60.0  # an enrolled host's join with a token from its config
 JOIN_TURNED_AWAY_TRIES = 5
 # Refusals a retry may get past (the control plane was busy or starting).
 RETRY_LATER = frozenset({ErrorCode.BUSY, ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED})
+
+
+def _overlay_address(allowed_ips: tuple[str, ...]) -> str | None:
+    """A peer's own IPv4 overlay address (its /32 among its allowed IPs)."""
+    for cidr in allowed_ips:
+        if cidr.endswith("/32"):
+            return cidr.removesuffix("/32")
+    return None
 
 
 async def make_backend(kind: str, interface: str) -> WireGuardBackend:
@@ -346,6 +355,8 @@ class Agent:
         self.link = link
         self.firewall = firewall
         self.forwarding = forwarding
+        self.liveness = Liveness()
+        self.dead_gateways: frozenset[str] = frozenset()
         self.key = HostKey(state, private_key, public_key, rotate_every)
         self.resync_interval = resync_interval
         self.detect_endpoints = False  # True when endpoints were found, not given
@@ -477,6 +488,7 @@ class Agent:
                 self.link,
                 firewall=self.firewall,
                 forwarding=self.forwarding,
+                dead_gateways=self.dead_gateways,
                 public_key=self.key.public_key,
                 private_key=self.key.private_key,
                 previous=progress.applied_by,
@@ -526,6 +538,48 @@ class Agent:
         progress.retry = loop.call_later(progress.retry_delay, self._wake.set)
         progress.retry_delay = min(progress.retry_delay * 2, RETRY_MAX)
         return False
+
+    async def watch_gateways(self, interval: float = PROBE_INTERVAL) -> None:
+        """Probe the gateways of every range that has a second one, and run a
+        pass when one is taken for gone or comes back (agent/egress.py)."""
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.setblocking(False)
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                await self._check_gateways(probe)
+        finally:
+            probe.close()
+
+    async def _check_gateways(self, probe: socket.socket) -> None:
+        desired = self.desired
+        watched = candidates(desired.sections.egress) if desired is not None else set()
+        self.liveness.forget_others(watched)
+        dead: frozenset[str] = frozenset()
+        if watched and desired is not None:
+            try:
+                device = await self.backend.read()
+            except BackendError:
+                return  # the pass says why
+            now = time.monotonic()
+            for peer in device.peers:
+                if peer.public_key not in watched:
+                    continue
+                self.liveness.observe(peer.public_key, peer.rx_bytes, now)
+                entry = desired.sections.peers.get(peer.public_key)
+                address = _overlay_address(entry.allowed_ips) if entry is not None else None
+                if address is not None:
+                    with contextlib.suppress(OSError):  # unreachable now: that is the point
+                        probe.sendto(b"netmesh gateway probe", (address, PROBE_PORT))
+            dead = self.liveness.dead(now)
+        if dead != self.dead_gateways:
+            log.warning(
+                "gateways taken for gone" if dead else "every gateway answers",
+                gone=sorted(dead),
+                back=sorted(self.dead_gateways - dead),
+            )
+            self.dead_gateways = dead
+            self._wake.set()
 
     async def reconcile_forever(self) -> None:
         while True:
@@ -716,6 +770,7 @@ async def run_agent(
         ),
         asyncio.create_task(agent.connect_forever(), name="connect"),
         asyncio.create_task(watch_interface(interface, agent.wake), name="watch"),
+        asyncio.create_task(agent.watch_gateways(), name="gateways"),
     ]
     log.info(
         "agent running",

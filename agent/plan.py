@@ -47,6 +47,8 @@ class Actual:
     # `forwarding_error` says why).
     forwarding: ForwardingState | None = None
     forwarding_error: str | None = None
+    # Gateways taken for gone (agent/egress.py: their ranges go to the next one).
+    dead_gateways: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

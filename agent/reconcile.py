@@ -24,7 +24,7 @@ reconciler here with their section.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agent.apply import apply, read_actual
 from agent.backend import WireGuardBackend
@@ -59,7 +59,7 @@ class Reconciler:
 
 def _plan_peers(desired: DesiredState, actual: Actual, previous: DesiredState | None) -> list[Op]:
     """The peers, with each egress range on the gateway chosen for it."""
-    chosen = choose(desired.sections.egress)
+    chosen = choose(desired.sections.egress, lambda key: key not in actual.dead_gateways)
     return plan_peers(with_egress(desired, chosen), actual, previous=previous)
 
 
@@ -119,6 +119,7 @@ async def reconcile(
     *,
     firewall: FirewallControl,
     forwarding: ForwardingControl | None = None,
+    dead_gateways: frozenset[str] = frozenset(),
     public_key: str,
     private_key: str,
     previous: dict[str, DesiredState],
@@ -132,6 +133,8 @@ async def reconcile(
     BackendError only when the machine cannot be read at all."""
     forwarded = tuple(desired.sections.forward)
     actual = await read_actual(backend, link, firewall, forwarding, forwarded)
+    if dead_gateways:
+        actual = replace(actual, dead_gateways=dead_gateways)
     outcomes = []
     for reconciler in reconcilers:
         ops = reconciler.plan(desired, actual, previous.get(reconciler.name), public_key)

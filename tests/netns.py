@@ -388,18 +388,23 @@ class TestNet:
         eth0 at .2 with its default route through .1."""
         netns = f"{self.prefix}-{name}"
         await self._add_netns(netns)
-        await run(
-            "ip", "-n", host.netns, "link", "add", "eth1", "type", "veth",
-            "peer", "name", "eth0", "netns", netns,
-        )  # fmt: skip
-        await run("ip", "-n", host.netns, "addr", "add", f"{subnet}.1/24", "dev", "eth1")
-        await run("ip", "-n", host.netns, "link", "set", "eth1", "up")
-        await run("ip", "-n", netns, "addr", "add", f"{subnet}.2/24", "dev", "eth0")
-        await run("ip", "-n", netns, "link", "set", "eth0", "up")
-        await run("ip", "-n", netns, "route", "add", "default", "via", f"{subnet}.1")
         behind = Host(self, name, netns, f"{subnet}.2")
+        await self.wire(host, "eth1", f"{subnet}.1/24", behind, "eth0", f"{subnet}.2/24")
+        await run("ip", "-n", netns, "route", "add", "default", "via", f"{subnet}.1")
         self.hosts[name] = behind
         return behind
+
+    async def wire(
+        self, a: Host, a_name: str, a_cidr: str, b: Host, b_name: str, b_cidr: str
+    ) -> None:
+        """A veth pair between hosts `a` and `b` (it goes with their namespaces)."""
+        await run(
+            "ip", "-n", a.netns, "link", "add", a_name, "type", "veth",
+            "peer", "name", b_name, "netns", b.netns,
+        )  # fmt: skip
+        for host, name, cidr in ((a, a_name, a_cidr), (b, b_name, b_cidr)):
+            await run("ip", "-n", host.netns, "addr", "add", cidr, "dev", name)
+            await run("ip", "-n", host.netns, "link", "set", name, "up")
 
     async def cleanup(self) -> None:
         errors: list[str] = []

@@ -11,22 +11,29 @@ interface, its forward chain gone.
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from agent.egress import DEAD_AFTER, PROBE_INTERVAL
 from tests.meshnet import IFACE, Mesh, mesh_fixture  # noqa: F401
 from tests.netns import Host, testnet_fixture, wait_until  # noqa: F401
 from tests.tcpprobe import SCRIPT
-from tests.test_e2e_agent import _mesh_up
+from tests.test_e2e_agent import AGENT_ARGS, _mesh_up
 
 pytestmark = pytest.mark.netns
 
 LAN = "192.168.77"
 PORT = 8080
 HELD = 3.0
+# What README promises for a gateway's failover: DEAD_AFTER and a probe, a
+# pass and a handshake with the other gateway, on a loaded test machine.
+BOUND = DEAD_AFTER + PROBE_INTERVAL + 10
 
 
 async def _hello(host: Host, address: str) -> str | None:
@@ -103,3 +110,56 @@ async def test_a_member_reaches_a_lan_through_an_egress_gateway_with_and_without
     assert await mesh.cli_json("gateway", "list") == []
     # The gateway itself still reaches its LAN (nothing of the host's broke).
     assert await _hello(g, f"{LAN}.2") == f"ok {PORT} from {LAN}.1"
+
+
+SERVICE = "192.168.99.1"  # on the site's loopback, reached via either LAN
+SERVICE_RANGE = "192.168.99.0/24"
+
+
+async def test_members_fail_over_to_the_second_gateway_and_come_back(mesh: Mesh) -> None:
+    """Two gateways of one range: a member uses the lower metric; with the
+    primary's host gone (agent and wireguard-go killed), traffic resumes
+    through the secondary within the documented bound (measured and
+    printed); with it back, traffic returns to it."""
+    await _mesh_up(mesh, ("a", "b", "c"))
+    a, b, c = (mesh.hosts[n] for n in ("a", "b", "c"))
+    site = await mesh.net.add_behind(b, "site", LAN)
+    await mesh.net.wire(c, "eth1", "192.168.78.1/24", site, "eth1", "192.168.78.2/24")
+    await site.run("ip", "addr", "add", f"{SERVICE}/32", "dev", "lo")
+    await b.run("ip", "route", "add", SERVICE_RANGE, "via", f"{LAN}.2")
+    await c.run("ip", "route", "add", SERVICE_RANGE, "via", "192.168.78.2")
+    listener = await site.spawn(sys.executable, SCRIPT, "serve", str(PORT))
+    assert listener.pid
+    for name, metric in (("b", "10"), ("c", "20")):
+        await mesh.cli(
+            "gateway", "egress", "add", f"office/{name}", "--range", SERVICE_RANGE,
+            "--metric", metric,
+        )  # fmt: skip
+    via_b, via_c = f"ok {PORT} from {LAN}.1", f"ok {PORT} from 192.168.78.1"
+
+    async def through(expected: str) -> bool:
+        return await _hello(a, SERVICE) == expected
+
+    await wait_until(functools.partial(through, via_b), timeout=20, interval=0.2, message="via b")
+
+    # The primary's host goes away: its agent and its wireguard-go, killed.
+    device = await mesh.wireguard_go_pid("b")
+    assert device is not None
+    agent = mesh.agents.pop("b")
+    agent.kill()
+    await agent.wait()
+    os.kill(device, signal.SIGKILL)
+    killed = time.monotonic()
+    await wait_until(
+        functools.partial(through, via_c), timeout=40, interval=0.2, message="failed over to c"
+    )
+    failover = time.monotonic() - killed
+    print(f"\nfailover to the second gateway took {failover:.1f} s (bound {BOUND:.0f} s)")
+    assert failover < BOUND, f"failover took {failover:.1f} s"
+
+    # Back: b's agent restarts with its identity; members return to it.
+    await mesh.start_agent("b", None, AGENT_ARGS)
+    await wait_until(
+        functools.partial(through, via_b), timeout=40, interval=0.2, message="back to b"
+    )
+    print(f"back to the first gateway {time.monotonic() - killed - failover:.1f} s after")
