@@ -49,6 +49,7 @@ import hashlib
 import ipaddress
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import msgspec
@@ -402,6 +403,7 @@ def _anonymous(items: list[Any]) -> Any:
 # unchanged section (shared, not copied, by deltas that do not touch it) need
 # not spend ~0.1 s making the same 5,000-source ruleset again.
 _last: tuple[tuple[object, ...], tuple[object, ...], Ruleset] | None = None
+_NO_FORWARD: Mapping[str, ForwardEntry] = MappingProxyType({})
 
 
 def cached_ruleset_for(
@@ -414,7 +416,7 @@ def cached_ruleset_for(
     """`ruleset_for`, remembering the last answer for the very same section
     objects (desired states are immutable values: same object, same answer)."""
     global _last
-    forward = forward or {}
+    forward = _NO_FORWARD if forward is None else forward
     made_of = (id(entries), interface, id(forward), tuple(overlay), tuple(guarded))
     if _last is not None and _last[0] == made_of:
         return _last[2]

@@ -4,6 +4,7 @@ against the fake and against real nftables in a network namespace."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +26,14 @@ from agent.firewall import (
 from agent.local import interface_down
 from agent.reconcile import reconcile
 from agent.statedir import private_key_b64, public_key_of
-from events.desired import DesiredState, FirewallEntry, Sections, decode_message
+from events.desired import (
+    DesiredState,
+    FirewallEntry,
+    ForwardEntry,
+    ForwardRule,
+    Sections,
+    decode_message,
+)
 from tests.desired_states import desired_state
 from tests.netns import TestNet, require_netns, run
 
@@ -48,8 +56,12 @@ def _cidr(name: str) -> str:
 
 def render(entries: dict[str, FirewallEntry], interface: str = "nm0") -> list[str]:
     """The ruleset as short lines (sets with their elements, then the rules)."""
+    return _lines(ruleset_for(entries, interface).commands)
+
+
+def _lines(commands: tuple[dict[str, Any], ...]) -> list[str]:
     lines = []
-    for command in ruleset_for(entries, interface).commands:
+    for command in commands:
         ((verb, body),) = command.items()
         ((kind, spec),) = body.items()
         if kind == "set":
@@ -415,6 +427,62 @@ async def test_contract_replace_read_remove(machine: Machine) -> None:
     assert await firewall.read() is None
     await firewall.remove()
     assert await machine.foreign_rules() == 2
+
+
+GATEWAY = {
+    "192.168.1.0/24": ForwardEntry(
+        nat=True,
+        rules=(
+            ForwardRule(sources=("10.10.0.0/24",), destination="192.168.1.0/24", allow=("any",)),
+        ),
+    ),
+    "172.16.0.0/16": ForwardEntry(
+        nat=False,
+        rules=(
+            ForwardRule(
+                sources=("10.10.0.5/32", "10.10.0.6/32"),
+                destination="172.16.4.0/24",
+                allow=("22/tcp", "icmp", "53/udp"),
+            ),
+            ForwardRule(sources=("10.10.0.0/28",), destination="172.16.0.0/16", allow=("443/tcp",)),
+        ),
+    ),
+}
+
+
+async def test_contract_a_gateway_table_reads_back_as_installed(machine: Machine) -> None:
+    for forward, guarded in ((GATEWAY, ("t1",)), (GATEWAY, ()), ({}, ())):
+        ruleset = ruleset_for(POLICY, "t0", forward, ("10.10.0.0/24",), guarded)
+        await machine.firewall.replace(ruleset)
+        assert in_force(await machine.firewall.read(), ruleset), (forward, guarded)
+    await machine.firewall.remove()
+
+
+def test_golden_gateway_chains() -> None:
+    two = '{"set":["10.10.0.5","10.10.0.6"]}'
+    lines = render_gateway(GATEWAY, guarded=("eth1",))
+    assert [line for line in lines if line.startswith(("forward", "egress", "masquerade"))] == [
+        'forward: iifname "nm0" jump egress',
+        'forward: oifname "nm0" state ["established","related"] accept',
+        'forward: oifname "nm0" drop',
+        'forward: iifname "eth1" drop',
+        'egress: state ["established","related"] accept',
+        f'egress: ip saddr {two} ip daddr 172.16.4.0/24 l4proto "icmp" accept',
+        f"egress: ip saddr {two} ip daddr 172.16.4.0/24 tcp dport 22 accept",
+        f"egress: ip saddr {two} ip daddr 172.16.4.0/24 udp dport 53 accept",
+        "egress: ip saddr 10.10.0.0/28 ip daddr 172.16.0.0/16 tcp dport 443 accept",
+        "egress: ip saddr 10.10.0.0/24 ip daddr 192.168.1.0/24 accept",
+        "egress: drop",
+        "masquerade: ip saddr 10.10.0.0/24 ip daddr 192.168.1.0/24 masquerade",
+    ]
+    # A host that forwards nothing has no forward chain: the table as before.
+    assert render(POLICY) == render_gateway({}, guarded=())
+
+
+def render_gateway(forward: dict[str, ForwardEntry], guarded: tuple[str, ...]) -> list[str]:
+    ruleset = ruleset_for(POLICY, "nm0", forward, ("10.10.0.0/24",), guarded)
+    prefix = re.compile(r'\{"prefix":\{"addr":"([^"]+)","len":(\d+)\}\}')
+    return [prefix.sub(r"\1/\2", line) for line in _lines(ruleset.commands)]
 
 
 async def test_contract_a_refused_batch_changes_nothing(machine: Machine) -> None:

@@ -1,0 +1,294 @@
+"""Egress gateways, the pure parts: the commands (what they append, their
+refusals, what the log proves), the sections every host gets, what one
+change sends, and the agent's choice of gateway (a table and a fake clock)."""
+
+from __future__ import annotations
+
+import pytest
+from nacl.signing import SigningKey
+
+from agent.egress import Liveness, candidates, choose, with_egress
+from controlplane.audit import verify_log
+from controlplane.rules.base import Rejected
+from events.commands import (
+    AddEgress,
+    CreateEnrollmentKey,
+    CreateNetwork,
+    Join,
+    RemoveEgress,
+    RemoveNode,
+    SetPolicy,
+)
+from events.desired import (
+    DesiredDelta,
+    EgressEntry,
+    EgressVia,
+    ForwardEntry,
+    ForwardRule,
+    PeerEntry,
+)
+from events.model import EgressAdded, EgressRemoved
+from events.signing import public_text
+from events.tokens import make_token
+from projections.desired import DesiredChanges, desired_for, messages
+from tests.desired_states import desired_state
+from tests.factories import World, public_key
+
+ROOT = SigningKey.generate()
+LAN = "192.168.1.0/24"
+
+
+def office(*names: str) -> World:
+    """Network office (10.10.0.0/24), the hosts `names` joined in order."""
+    world = World()
+    world.add_root_admin(ROOT)
+    world.run(CreateNetwork(name="office", cidr="10.10.0.0/24"), ROOT)
+    decision, _ = world.run(CreateEnrollmentKey(network="office", uses=None), ROOT)
+    key_id = decision.result["key_id"]
+    token = make_token("nats://cp:4222", key_id, f"s{key_id.removeprefix('k')}")
+    for n, name in enumerate(names, 1):
+        world.run(Join(token=token, public_key=public_key(n), name=name))
+    return world
+
+
+def appended(world: World, command: object) -> list[object]:
+    before = len(world.log)
+    world.run(command, ROOT)  # type: ignore[arg-type]
+    return [r.event for r in world.log[before:]]
+
+
+def refused(world: World, command: object) -> Rejected:
+    before = len(world.log)
+    with pytest.raises(Rejected) as info:
+        world.run(command, ROOT)  # type: ignore[arg-type]
+    assert len(world.log) == before, "a refusal writes nothing"
+    assert "\n" not in info.value.message
+    return info.value
+
+
+def host(world: World, name: str) -> str:
+    return next(n.host_id for n in world.topology.nodes.values() if n.name == name)
+
+
+def sections(world: World, name: str) -> tuple[set[str], dict[str, EgressEntry], set[str]]:
+    state = desired_for(world.topology, host(world, name))
+    assert state is not None
+    s = state.sections
+    return set(s.routes), dict(s.egress), set(s.forward)
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def test_egress_add_records_the_ranges_and_a_repeat_is_a_no_op() -> None:
+    world = office("a", "g")
+    (event,) = appended(world, AddEgress(node="office/g", ranges=(LAN, "172.16.0.0/16")))
+    assert isinstance(event, EgressAdded)
+    assert (event.ranges, event.nat, event.metric) == (("172.16.0.0/16", LAN), True, 100)
+    assert appended(world, AddEgress(node="g", ranges=(LAN,))) == []
+    # Another metric or NAT is a change (it holds for all of the gateway's ranges).
+    (event,) = appended(world, AddEgress(node="g", ranges=(LAN,), nat=False, metric=5))
+    assert isinstance(event, EgressAdded)
+    gateway = world.topology.networks["office"].gateways[event.node_id]
+    assert (gateway.ranges, gateway.nat, gateway.metric) == (("172.16.0.0/16", LAN), False, 5)
+
+
+def test_egress_remove_takes_one_range_or_all() -> None:
+    world = office("a", "g")
+    world.run(AddEgress(node="g", ranges=(LAN, "172.16.0.0/16")), ROOT)
+    (event,) = appended(world, RemoveEgress(node="g", ranges=(LAN,)))
+    assert isinstance(event, EgressRemoved) and event.ranges == (LAN,)
+    (event,) = appended(world, RemoveEgress(node="g"))
+    assert isinstance(event, EgressRemoved) and event.ranges == ("172.16.0.0/16",)
+    assert world.topology.networks["office"].gateways == {}
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "needle"),
+    [
+        (AddEgress(node="office/nobody", ranges=(LAN,)), "not_found", "nobody"),
+        (AddEgress(node="lab/g", ranges=(LAN,)), "not_found", "lab/g"),
+        (AddEgress(node="g", ranges=()), "invalid", "--range"),
+        (AddEgress(node="g", ranges=("192.168.1/24",)), "invalid", "192.168.1/24"),
+        (AddEgress(node="g", ranges=("192.168.1.7/24",)), "invalid", "192.168.1.0/24"),
+        (AddEgress(node="g", ranges=("10.10.0.128/25",)), "conflict", "office"),
+        (AddEgress(node="g", ranges=("10.0.0.0/8",)), "conflict", "office"),
+        (AddEgress(node="g", ranges=("10.20.0.0/16",)), "conflict", "lab"),
+        (AddEgress(node="g", ranges=("0.0.0.0/0",)), "invalid", "internet"),
+        (AddEgress(node="g", ranges=("fd00:1::/64",)), "invalid", "IPv6"),
+        (AddEgress(node="g", ranges=(LAN,), metric=-1), "invalid", "metric"),
+        (RemoveEgress(node="a"), "not_found", "not an egress gateway"),
+    ],
+)
+def test_egress_refusals(command: object, code: str, needle: str) -> None:
+    world = office("a", "g")
+    world.run(CreateNetwork(name="lab", cidr="10.20.0.0/24"), ROOT)
+    error = refused(world, command)
+    assert (error.code, needle in error.message) == (code, True), error.message
+
+
+def test_removing_a_range_a_gateway_lacks_is_refused() -> None:
+    world = office("a", "g")
+    world.run(AddEgress(node="g", ranges=(LAN,)), ROOT)
+    error = refused(world, RemoveEgress(node="g", ranges=("172.16.0.0/16",)))
+    assert error.code == "not_found" and LAN in error.message
+
+
+def test_a_network_may_not_be_created_over_an_egress_range() -> None:
+    world = office("a", "g")
+    world.run(AddEgress(node="g", ranges=(LAN,)), ROOT)
+    error = refused(world, CreateNetwork(name="home", cidr="192.168.1.128/25"))
+    assert error.code == "conflict" and LAN in error.message
+
+
+def test_egress_events_verify_and_cannot_carry_other_ranges() -> None:
+    import msgspec
+
+    world = office("a", "g")
+    world.run(AddEgress(node="g", ranges=(LAN,)), ROOT)
+    world.run(RemoveEgress(node="g"), ROOT)
+    assert verify_log(world.log, root=public_text(ROOT)).problems == []
+    added = next(i for i, r in enumerate(world.log) if isinstance(r.event, EgressAdded))
+    record = world.log[added]
+    forged = msgspec.structs.replace(record.event, ranges=("172.16.0.0/16",))
+    world.log[added] = msgspec.structs.replace(
+        record, envelope=msgspec.structs.replace(record.envelope, data=forged)
+    )
+    problems = [why for _, why in verify_log(world.log, root=public_text(ROOT)).problems]
+    assert problems[0] == "the event's ranges are not the signed ones", problems
+
+
+# -- sections ---------------------------------------------------------------------
+
+
+def test_members_route_the_range_and_the_gateway_forwards_it() -> None:
+    world = office("a", "b", "g")
+    world.run(AddEgress(node="g", ranges=(LAN,), nat=False), ROOT)
+    g_key = public_key(3)
+    for member in ("a", "b"):
+        routes, egress, forward = sections(world, member)
+        assert routes == {LAN} and forward == set()
+        assert egress == {LAN: EgressEntry(via=(EgressVia(metric=100, peer=g_key),))}
+    routes, egress, forward = sections(world, "g")
+    assert (routes, egress, forward) == (set(), {}, {LAN})
+    state = desired_for(world.topology, host(world, "g"))
+    assert state is not None
+    assert state.sections.forward[LAN] == ForwardEntry(
+        nat=False,
+        rules=(ForwardRule(sources=("10.10.0.0/24",), destination=LAN, allow=("any",)),),
+    )
+
+
+def test_two_gateways_of_a_range_are_listed_best_first_and_neither_routes_via_the_other() -> None:
+    world = office("a", "g1", "g2")
+    world.run(AddEgress(node="g1", ranges=(LAN,), metric=20), ROOT)
+    world.run(AddEgress(node="g2", ranges=(LAN,), metric=10), ROOT)
+    _, egress, _ = sections(world, "a")
+    assert [v.peer for v in egress[LAN].via] == [public_key(3), public_key(2)]
+    for gateway in ("g1", "g2"):
+        routes, egress, forward = sections(world, gateway)
+        assert (routes, egress, forward) == (set(), {}, {LAN})
+
+
+def test_adding_a_range_sends_each_member_one_small_delta() -> None:
+    world = office(*(f"h{n}" for n in range(20)))
+    published = {h: world.topology.revision_of(h) for h in world.topology.hosts}
+    _, touched = world.run(AddEgress(node="h0", ranges=(LAN,)), ROOT)
+    changes = DesiredChanges()
+    for t in touched:
+        changes.add(t)
+    sent = messages(world.topology, changes, published)
+    assert len(sent) == 20
+    for message in sent:
+        assert isinstance(message, DesiredDelta)
+        upsert = message.upsert
+        counts = {name: len(getattr(upsert, name)) for name in ("routes", "egress", "forward")}
+        gateway = message.host_id == host(world, "h0")
+        assert counts == (
+            {"routes": 0, "egress": 0, "forward": 1}
+            if gateway
+            else {"routes": 1, "egress": 1, "forward": 0}
+        )
+        assert not upsert.peers and not upsert.firewall
+
+
+def test_removing_the_gateway_node_withdraws_its_ranges() -> None:
+    world = office("a", "g")
+    world.run(AddEgress(node="g", ranges=(LAN,)), ROOT)
+    world.run(RemoveNode(node="office/g"), ROOT)
+    assert sections(world, "a") == (set(), {}, set())
+    assert world.topology.networks["office"].gateways == {}
+
+
+POLICY = """{rules: [
+  {from: ["tag:dev"], to: ["192.168.1.0/25", "g"], ports: ["22/tcp"]},
+  {from: ["b"], to: ["g"]},
+]}"""
+
+
+def test_under_a_policy_only_members_whose_rules_reach_the_range_use_it() -> None:
+    from events.commands import TagNode
+
+    world = office("a", "b", "g")
+    world.run(TagNode(node="a", tags=("dev",)), ROOT)
+    world.run(AddEgress(node="g", ranges=(LAN,)), ROOT)
+    world.run(SetPolicy(network="office", document=POLICY), ROOT)
+    assert sections(world, "a")[0] == {LAN}
+    # b sees the gateway, but no rule of b's reaches the range.
+    assert sections(world, "b")[0] == set()
+    state = desired_for(world.topology, host(world, "g"))
+    assert state is not None
+    a_address = next(n.address for n in world.topology.nodes.values() if n.name == "a")
+    assert state.sections.forward[LAN].rules == (
+        ForwardRule(sources=(f"{a_address}/32",), destination="192.168.1.0/25", allow=("22/tcp",)),
+    )
+
+
+# -- the agent's choice -------------------------------------------------------------
+
+
+def test_the_range_rides_on_the_first_live_gateway() -> None:
+    egress = {
+        LAN: EgressEntry(via=(EgressVia(metric=10, peer="G1"), EgressVia(metric=20, peer="G2"))),
+        "172.16.0.0/16": EgressEntry(via=(EgressVia(metric=5, peer="G2"),)),
+    }
+    assert choose(egress) == {LAN: "G1", "172.16.0.0/16": "G2"}
+    assert choose(egress, lambda key: key != "G1") == {LAN: "G2", "172.16.0.0/16": "G2"}
+    # None alive: the best of all (it may come back) rather than no route.
+    assert choose(egress, lambda _key: False) == {LAN: "G1", "172.16.0.0/16": "G2"}
+    assert candidates(egress) == {"G1", "G2"}
+    assert candidates({LAN: egress["172.16.0.0/16"]}) == set()
+
+
+def test_with_egress_puts_the_range_in_the_gateway_s_allowed_ips_only() -> None:
+    peers = [
+        ("G1", PeerEntry(allowed_ips=("10.10.0.2/32",))),
+        ("G2", PeerEntry(allowed_ips=("10.10.0.3/32",))),
+    ]
+    desired = desired_state(peers=peers)
+    after = with_egress(desired, {LAN: "G2", "172.16.0.0/16": "gone"})
+    assert after.peers["G1"].allowed_ips == ("10.10.0.2/32",)
+    assert after.peers["G2"].allowed_ips == ("10.10.0.3/32", LAN)
+    assert with_egress(desired, {}) is desired
+
+
+@pytest.mark.parametrize(
+    ("readings", "now", "dead"),
+    [
+        ([("G", 100, 0.0)], 14.9, set()),  # a first reading is a sign of life
+        ([("G", 100, 0.0)], 15.0, {"G"}),
+        ([("G", 100, 0.0), ("G", 100, 10.0)], 15.0, {"G"}),  # no bytes since 0
+        ([("G", 100, 0.0), ("G", 180, 10.0)], 15.0, set()),  # bytes at 10
+        ([("G", 100, 0.0), ("G", 180, 10.0)], 25.0, {"G"}),
+        ([("G", 100, 0.0), ("H", 5, 20.0)], 25.0, {"G"}),
+    ],
+)
+def test_a_gateway_is_gone_when_its_bytes_stop_for_the_bound(
+    readings: list[tuple[str, int, float]], now: float, dead: set[str]
+) -> None:
+    liveness = Liveness(dead_after=15.0)
+    for key, rx, at in readings:
+        liveness.observe(key, rx, at)
+    assert liveness.dead(now) == dead
+    liveness.forget_others(set())
+    assert liveness.dead(now) == frozenset()
