@@ -66,10 +66,12 @@ from controlplane.embedded import REPO_NATS_CONF, EmbeddedNats, free_port
 from controlplane.publisher import MemoryDesiredPublisher
 from events import natsid
 from events.commands import (
+    AddEgress,
     AnyCommand,
     CreateEnrollmentKey,
     CreateNetwork,
     Join,
+    RemoveEgress,
     Reply,
     SetPolicy,
     TagNode,
@@ -571,6 +573,92 @@ async def bench_joins(
         }
 
 
+async def measured_change(
+    bench: Bench, mirror: Topology, cp_pid: int, verb: str, command: AnyCommand
+) -> tuple[float, int, int, float]:
+    """Send `command`; wait until every agent whose state it changed applied
+    it. (seconds, hosts changed, bytes they read, control-plane CPU seconds).
+    Which hosts it concerns the bench learns by folding the same command into
+    `mirror`, its own copy of the topology, as the control plane does."""
+    bench._mark = bench.head
+    bench.passed_at = {}
+    before_bytes, before_cpu = bench.received(), cpu_seconds(cp_pid)
+    start = time.perf_counter()
+    fields = {
+        k: v
+        for k, v in msgspec.to_builtins(command).items()
+        if k not in ("type", "command_id", "signed_at")
+    }
+    reply = await bench.admin_request(verb, **fields)
+    ctx = Context(now=time.time(), actor="bench", new_key_id="", new_secret="")
+    decision = decide(mirror, command, ctx)
+    assert len(decision.events) == 1, decision.events
+    subject, event = decision.events[0]
+    env = make_envelope(event, event_id="m", time=0.0, actor="bench", command_id="m")
+    assert reply.seq is not None
+    fold(mirror, RecordedEvent(seq=reply.seq, subject=subject, envelope=env))
+    affected = [h for h in mirror.hosts if mirror.revision_of(h) == reply.seq]
+    done = await bench.until_applied(affected)
+    return (
+        done - start,
+        len(affected),
+        bench.received() - before_bytes,
+        cpu_seconds(cp_pid) - before_cpu,
+    )
+
+
+async def bench_egress(hosts: int, changes: int, workdir: Path) -> dict[str, Any]:
+    """An egress range added to (and taken from) a gateway in a network of
+    `hosts`: time until every member applied it, and the bytes: each member
+    should read one small delta (a route and its gateway), not a snapshot."""
+    stage_started = time.perf_counter()
+    async with control_plane(workdir, f"egress{hosts}", hosts=hosts) as (bench, cp_pid, seed):
+        assert seed is not None
+        mirror = seed.topology
+        gateway = next(iter(mirror.nodes_by_host[seed.hosts[0]]))
+        results: dict[str, Any] = {"hosts": hosts}
+        for name in ("range added", "range removed"):
+            latencies, affected, sizes, cpu = [], [], [], []
+            for i in range(changes):
+                cidr = f"172.{16 + i // 256}.{i % 256}.0/24"
+                if name == "range added":
+                    command: AnyCommand = AddEgress(node=gateway, ranges=(cidr,))
+                    verb = "egress.add"
+                else:
+                    command, verb = RemoveEgress(node=gateway, ranges=(cidr,)), "egress.remove"
+                took, changed, size, spent = await measured_change(
+                    bench, mirror, cp_pid, verb, command
+                )
+                latencies.append(took)
+                affected.append(changed)
+                sizes.append(size)
+                cpu.append(spent)
+            results[name] = {
+                "converged_ms": {k: v * 1000 for k, v in summary(latencies).items()},
+                "hosts_changed": statistics.median(affected),
+                "bytes_per_host": statistics.median(
+                    s / max(a, 1) for s, a in zip(sizes, affected, strict=True)
+                ),
+                "cp_cpu_ms": statistics.median(cpu) * 1000,
+            }
+        results["gaps"] = sum(a.gaps for a in bench.agents.values())
+        results["stage_seconds"] = time.perf_counter() - stage_started
+        return results
+
+
+def print_egress(result: dict[str, Any]) -> None:
+    for name in ("range added", "range removed"):
+        r = result[name]
+        print(
+            f"egress, {result['hosts']:>5} hosts, {name}: converged p50 "
+            f"{r['converged_ms']['p50']:.0f} ms (max {r['converged_ms']['max']:.0f}), "
+            f"{r['hosts_changed']:.0f} hosts changed, {r['bytes_per_host']:,.0f} B per host, "
+            f"control plane {r['cp_cpu_ms']:.0f} ms CPU"
+            + (f" | {result['gaps']} GAPS" if result["gaps"] else ""),
+            flush=True,
+        )
+
+
 async def bench_policy(hosts: int, changes: int, workdir: Path) -> dict[str, Any]:
     """A policy change and a tag change under a policy of 51 rules over 50
     tags: time until every agent whose state it changed has applied it, the
@@ -583,33 +671,6 @@ async def bench_policy(hosts: int, changes: int, workdir: Path) -> dict[str, Any
     ) as (bench, cp_pid, seed):
         assert seed is not None
         mirror = seed.topology
-
-        async def measured(verb: str, command: AnyCommand) -> tuple[float, int, int, float]:
-            bench._mark = bench.head
-            bench.passed_at = {}
-            before_bytes, before_cpu = bench.received(), cpu_seconds(cp_pid)
-            start = time.perf_counter()
-            fields = {
-                k: v
-                for k, v in msgspec.to_builtins(command).items()
-                if k not in ("type", "command_id", "signed_at")
-            }
-            reply = await bench.admin_request(verb, **fields)
-            ctx = Context(now=time.time(), actor="bench", new_key_id="", new_secret="")
-            decision = decide(mirror, command, ctx)
-            assert len(decision.events) == 1, decision.events
-            subject, event = decision.events[0]
-            env = make_envelope(event, event_id="m", time=0.0, actor="bench", command_id="m")
-            assert reply.seq is not None
-            fold(mirror, RecordedEvent(seq=reply.seq, subject=subject, envelope=env))
-            affected = [h for h in mirror.hosts if mirror.revision_of(h) == reply.seq]
-            done = await bench.until_applied(affected)
-            return (
-                done - start,
-                len(affected),
-                bench.received() - before_bytes,
-                cpu_seconds(cp_pid) - before_cpu,
-            )
 
         results: dict[str, Any] = {"hosts": hosts, "tags": TAGS}
         for name in ("policy change", "tag change"):
@@ -627,7 +688,9 @@ async def bench_policy(hosts: int, changes: int, workdir: Path) -> dict[str, Any
                     verb = "node.untag" if tag in mirror.nodes[node].tags else "node.tag"
                     cls = UntagNode if verb == "node.untag" else TagNode
                     command = cls(node=node, tags=(tag,))
-                took, hosts_changed, size, spent = await measured(verb, command)
+                took, hosts_changed, size, spent = await measured_change(
+                    bench, mirror, cp_pid, verb, command
+                )
                 latencies.append(took)
                 affected.append(hosts_changed)
                 sizes.append(size)
@@ -872,6 +935,8 @@ async def main() -> None:
     parser.add_argument("--storm-hosts", type=int, default=1000)
     parser.add_argument("--policy-hosts", default="1000,5000")
     parser.add_argument("--policy-changes", type=int, default=10)
+    parser.add_argument("--egress-hosts", default="1000")
+    parser.add_argument("--egress-changes", type=int, default=10)
     args = parser.parse_args()
     out: dict[str, Any] = {"machine": machine(), "joins": [], "baseline": [], "at": time.time()}
     started = time.perf_counter()
@@ -905,6 +970,11 @@ async def main() -> None:
             result = await bench_policy(hosts, args.policy_changes, workdir)
             out["policy"].append(result)
             print_policy(result)
+        out["egress"] = []
+        for hosts in (int(h) for h in args.egress_hosts.split(",") if h):
+            result = await bench_egress(hosts, args.egress_changes, workdir)
+            out["egress"].append(result)
+            print_egress(result)
         out["commands"] = await bench_commands(args.commands, 32, workdir)
         cmd = out["commands"]
         print(
