@@ -11,21 +11,27 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from agent.backend import BackendError, DeviceState, PeerSpec, WireGuardBackend
+from agent.exit import ExitControl, ExitError
 from agent.firewall import FirewallControl, FirewallError
 from agent.forwarding import ForwardingControl, ForwardingError
 from agent.link import LinkControl, LinkState
 from agent.plan import (
     Actual,
     AddAddress,
+    AddExitRoute,
+    AddExitRule,
     AddRoute,
     CreateInterface,
     EnableForwarding,
     Op,
     RemoveAddress,
+    RemoveExitRoute,
+    RemoveExitRule,
     RemovePeer,
     RemoveRoute,
     ReplaceFirewall,
     RestoreForwarding,
+    SetFwmark,
     SetListenPort,
     SetMtu,
     SetPrivateKey,
@@ -33,7 +39,7 @@ from agent.plan import (
     UpsertPeer,
 )
 
-DeviceOp = SetPrivateKey | SetListenPort | UpsertPeer | RemovePeer
+DeviceOp = SetPrivateKey | SetListenPort | SetFwmark | UpsertPeer | RemovePeer
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ async def read_actual(
     firewall: FirewallControl | None = None,
     forwarding: ForwardingControl | None = None,
     forwarded: tuple[str, ...] = (),
+    exit_routing: ExitControl | None = None,
 ) -> Actual:
     """What is on the machine now. The device is read once: `exists()` is itself
     a read, and reading a 1,000-peer device twice doubled an agent's pass.
@@ -72,6 +79,11 @@ async def read_actual(
             actual = replace(actual, forwarding=await forwarding.read(forwarded, backend.interface))
         except ForwardingError as exc:
             actual = replace(actual, forwarding_error=str(exc))
+    if exit_routing is not None:
+        try:
+            actual = replace(actual, exit=await exit_routing.read())
+        except ExitError as exc:
+            actual = replace(actual, exit_error=str(exc))
     if firewall is None:
         return actual
     try:
@@ -87,17 +99,16 @@ async def apply(
     private_key: str,
     firewall: FirewallControl | None = None,
     forwarding: ForwardingControl | None = None,
+    exit_routing: ExitControl | None = None,
 ) -> ApplyResult:
     done = 0
     i = 0
     try:
         while i < len(ops):
             op = ops[i]
-            if isinstance(op, SetPrivateKey | SetListenPort | UpsertPeer | RemovePeer):
+            if isinstance(op, DeviceOp):
                 group: list[DeviceOp] = []
-                while i < len(ops) and isinstance(
-                    ops[i], SetPrivateKey | SetListenPort | UpsertPeer | RemovePeer
-                ):
+                while i < len(ops) and isinstance(ops[i], DeviceOp):
                     group.append(ops[i])  # type: ignore[arg-type]
                     i += 1
                 await _configure(backend, group, private_key)
@@ -122,6 +133,10 @@ async def apply(
                     if firewall is None:
                         raise FirewallError("no firewall to apply to", retryable=False)
                     await firewall.replace(ruleset)
+                case AddExitRoute() | RemoveExitRoute() | AddExitRule() | RemoveExitRule():
+                    if exit_routing is None:
+                        raise ExitError("no exit routing control", retryable=False)
+                    await _route_exit(exit_routing, op)
                 case EnableForwarding(interface=name) | RestoreForwarding(interface=name):
                     if forwarding is None:
                         raise ForwardingError("no forwarding control", retryable=False)
@@ -136,17 +151,34 @@ async def apply(
     return ApplyResult(done)
 
 
+async def _route_exit(
+    control: ExitControl, op: AddExitRoute | RemoveExitRoute | AddExitRule | RemoveExitRule
+) -> None:
+    match op:
+        case AddExitRoute():
+            await control.add_route()
+        case RemoveExitRoute():
+            await control.remove_route()
+        case AddExitRule(rule=rule):
+            await control.add_rule(rule)
+        case RemoveExitRule(rule=rule):
+            await control.remove_rule(rule)
+
+
 async def _configure(backend: WireGuardBackend, group: list[DeviceOp], private_key: str) -> None:
     upserts: list[PeerSpec] = []
     removals: list[str] = []
     key: str | None = None
     port: int | None = None
+    mark: int | None = None
     for op in group:
         match op:
             case SetPrivateKey():
                 key = private_key
             case SetListenPort(port=p):
                 port = p
+            case SetFwmark(mark=m):
+                mark = m
             case UpsertPeer(peer=peer):
                 upserts.append(peer)
             case RemovePeer(public_key=public_key):
@@ -154,6 +186,7 @@ async def _configure(backend: WireGuardBackend, group: list[DeviceOp], private_k
     await backend.configure(
         private_key=key,
         listen_port=port,
+        fwmark=mark,
         upsert_peers=tuple(upserts),
         remove_peers=tuple(removals),
     )

@@ -29,6 +29,7 @@ class DeviceState(msgspec.Struct, frozen=True, kw_only=True):
 
     public_key: str | None  # base64; None when no private key is set
     listen_port: int
+    fwmark: int = 0  # the mark on its own UDP packets (0: none)
     peers: tuple[PeerState, ...] = ()
 
 
@@ -75,6 +76,7 @@ class WireGuardBackend(Protocol):
         *,
         private_key: str | None = None,
         listen_port: int | None = None,
+        fwmark: int | None = None,
         upsert_peers: tuple[PeerSpec, ...] = (),
         remove_peers: tuple[str, ...] = (),
     ) -> None:

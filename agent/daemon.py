@@ -39,6 +39,7 @@ from nats.aio.msg import Msg
 from agent.backend import BackendError, DeviceState, WireGuardBackend
 from agent.egress import PROBE_INTERVAL, PROBE_PORT, Liveness, candidates
 from agent.endpoints import detect_endpoints
+from agent.exit import ExitControl, ExitRouting, exempt_addresses
 from agent.firewall import FirewallControl, NftFirewall
 from agent.forwarding import ForwardingControl, SysctlForwarding
 from agent.kernel import KernelBackend, kernel_wireguard_available
@@ -344,6 +345,7 @@ class Agent:
         private_key: str,
         public_key: str,
         forwarding: ForwardingControl | None = None,
+        exit_routing: ExitControl | None = None,
         resync_interval: float = RESYNC_INTERVAL,
         rotate_every: float | None = None,
         metrics: AgentMetrics = NO_METRICS,
@@ -355,6 +357,9 @@ class Agent:
         self.link = link
         self.firewall = firewall
         self.forwarding = forwarding
+        self.exit_routing = exit_routing
+        # The brokers' addresses, kept off the tunnel when the host exits through a gateway.
+        self.exempt: tuple[str, ...] = ()
         self.liveness = Liveness()
         self.dead_gateways: frozenset[str] = frozenset()
         self.key = HostKey(state, private_key, public_key, rotate_every)
@@ -489,6 +494,8 @@ class Agent:
                 firewall=self.firewall,
                 forwarding=self.forwarding,
                 dead_gateways=self.dead_gateways,
+                exit_routing=self.exit_routing,
+                exempt=self.exempt,
                 public_key=self.key.public_key,
                 private_key=self.key.private_key,
                 previous=progress.applied_by,
@@ -742,6 +749,7 @@ async def run_agent(
         link=Link(interface),
         firewall=NftFirewall(),
         forwarding=SysctlForwarding(state_dir),
+        exit_routing=ExitRouting(interface),
         private_key=private_key_b64(key),
         public_key=public_key,
         resync_interval=resync_interval,
@@ -757,6 +765,7 @@ async def run_agent(
             raise AgentError(f"cannot serve metrics on {metrics_listen}: {exc}") from None
         log.info("metrics served", url=metrics_server.url)
     agent.detect_endpoints = not endpoints
+    agent.exempt = await exempt_addresses((identity.server,))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

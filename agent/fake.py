@@ -31,6 +31,7 @@ class FakeDevice:
         self.index = index
         self.public_key: str | None = None
         self.listen_port = 0
+        self.fwmark = 0
         self.peers: dict[str, PeerState] = {}
         self.mtu = 1420
         self.up = False
@@ -66,6 +67,7 @@ class FakeBackend:
         return DeviceState(
             public_key=device.public_key,
             listen_port=device.listen_port,
+            fwmark=device.fwmark,
             peers=tuple(device.peers[k] for k in sorted(device.peers)),
         )
 
@@ -74,6 +76,7 @@ class FakeBackend:
         *,
         private_key: str | None = None,
         listen_port: int | None = None,
+        fwmark: int | None = None,
         upsert_peers: tuple[PeerSpec, ...] = (),
         remove_peers: tuple[str, ...] = (),
     ) -> None:
@@ -85,6 +88,9 @@ class FakeBackend:
         if listen_port is not None:
             device.listen_port = listen_port
             self.machine.ops.append(f"set listen_port {listen_port}")
+        if fwmark is not None:
+            device.fwmark = fwmark
+            self.machine.ops.append(f"set fwmark {fwmark}")
         for key in remove_peers:
             if device.peers.pop(key, None) is not None:
                 self.machine.ops.append(f"remove peer {key[:8]}")

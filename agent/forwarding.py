@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -137,9 +138,18 @@ async def _route_interfaces(ranges: tuple[str, ...]) -> dict[str, str]:
     try:
         names: dict[int, str] = {}
         for cidr in ranges:
-            address = ipaddress.ip_network(cidr).network_address
+            network = ipaddress.ip_network(cidr)
             try:
-                answer = await ipr.route("get", dst=str(address))
+                if network.prefixlen == 0:
+                    # The internet: whatever the main table's default route says
+                    # (asking for 0.0.0.0 itself would name the loopback).
+                    answer = [
+                        m
+                        async for m in await ipr.route("dump", table=254, family=socket.AF_INET)
+                        if m["dst_len"] == 0
+                    ]
+                else:
+                    answer = await ipr.route("get", dst=str(network.network_address))
             except NetlinkError:
                 continue  # unreachable: nothing to forward to
             async for message in _messages(answer):

@@ -41,6 +41,7 @@ from pyroute2.netlink.generic.wireguard import (
 
 from agent.backend import BackendError, DeviceState, ExistsByReading, PeerSpec, PeerState
 from agent.link import Link
+from agent.uapi import check_fwmark
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -147,6 +148,7 @@ def build_set_messages(
     *,
     private_key: str | None = None,
     listen_port: int | None = None,
+    fwmark: int | None = None,
     upsert_peers: tuple[PeerSpec, ...] = (),
     remove_peers: tuple[str, ...] = (),
 ) -> list[Any]:
@@ -182,6 +184,9 @@ def build_set_messages(
     if listen_port is not None:
         device.append(["WGDEVICE_A_LISTEN_PORT", _check_port("listen_port", listen_port)])
         used += _nla(2)
+    if fwmark is not None:
+        device.append(["WGDEVICE_A_FWMARK", check_fwmark(fwmark)])
+        used += _nla(4)
 
     batches: list[list[Any]] = [[]]  # the peer entries of each message
 
@@ -285,6 +290,7 @@ def parse_get(messages: Iterable[Any]) -> DeviceState:
     """
     public_key: str | None = None
     listen_port = 0
+    fwmark = 0
     peers: dict[str, dict[str, Any]] = {}
     try:
         for msg in messages:
@@ -294,6 +300,8 @@ def parse_get(messages: Iterable[Any]) -> DeviceState:
                 public_key = _text_key(value)
             if (value := msg.get_attr("WGDEVICE_A_LISTEN_PORT")) is not None:
                 listen_port = int(value)
+            if (value := msg.get_attr("WGDEVICE_A_FWMARK")) is not None:
+                fwmark = int(value)
             for item in msg.get_attr("WGDEVICE_A_PEERS") or ():
                 key = item.get_attr("WGPEER_A_PUBLIC_KEY")
                 if key is None:
@@ -318,7 +326,9 @@ def parse_get(messages: Iterable[Any]) -> DeviceState:
         PeerState(public_key=key, **{**fields, "allowed_ips": tuple(sorted(fields["allowed_ips"]))})
         for key, fields in sorted(peers.items())
     ]
-    return DeviceState(public_key=public_key, listen_port=listen_port, peers=tuple(states))
+    return DeviceState(
+        public_key=public_key, listen_port=listen_port, fwmark=fwmark, peers=tuple(states)
+    )
 
 
 # --- I/O ---------------------------------------------------------------------
@@ -417,6 +427,7 @@ class KernelBackend(ExistsByReading):
         *,
         private_key: str | None = None,
         listen_port: int | None = None,
+        fwmark: int | None = None,
         upsert_peers: tuple[PeerSpec, ...] = (),
         remove_peers: tuple[str, ...] = (),
     ) -> None:
@@ -424,6 +435,7 @@ class KernelBackend(ExistsByReading):
             self.interface,
             private_key=private_key,
             listen_port=listen_port,
+            fwmark=fwmark,
             upsert_peers=upsert_peers,
             remove_peers=remove_peers,
         )

@@ -11,6 +11,8 @@ from typing import Any
 import nats.errors
 
 from agent.backend import BackendError, DeviceState, WireGuardBackend
+from agent.exit import ExitRouting
+from agent.exit import remove_all as remove_exit
 from agent.firewall import FirewallControl, NftFirewall
 from agent.forwarding import SysctlForwarding
 from agent.kernel import KernelBackend, kernel_wireguard_available
@@ -133,6 +135,7 @@ async def interface_down(
         # Before the table goes: its forward chain guards the interfaces
         # switched on for a gateway until they are back as they were.
         await SysctlForwarding(state_dir).restore_all()
+        await remove_exit(ExitRouting(interface))
     except BackendError as exc:
         raise AgentError(f"cannot restore forwarding: {exc}") from None
     if firewall is not None:

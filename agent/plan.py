@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agent.backend import DeviceState, PeerSpec, PeerState
+from agent.exit import EXIT_MARK, ExitRule, ExitState, wanted_rules
 from agent.firewall import FirewallState, Ruleset, cached_ruleset_for, in_force
 from agent.forwarding import ForwardingState
 from agent.link import LinkState
@@ -49,6 +50,11 @@ class Actual:
     forwarding_error: str | None = None
     # Gateways taken for gone (agent/egress.py: their ranges go to the next one).
     dead_gateways: frozenset[str] = frozenset()
+    # The exit-node routing rules the agent made (None: not read, or unreadable:
+    # `exit_error` says why), and the brokers' addresses that stay off the tunnel.
+    exit: ExitState | None = None
+    exit_error: str | None = None
+    exempt: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,42 @@ class SetMtu:
 
     def __str__(self) -> str:
         return f"set mtu {self.mtu}"
+
+
+@dataclass(frozen=True)
+class SetFwmark:
+    mark: int
+
+    def __str__(self) -> str:
+        return f"set fwmark {self.mark:#x}" if self.mark else "clear fwmark"
+
+
+@dataclass(frozen=True)
+class AddExitRule:
+    rule: ExitRule
+
+    def __str__(self) -> str:
+        return f"add rule {self.rule}"
+
+
+@dataclass(frozen=True)
+class RemoveExitRule:
+    rule: ExitRule
+
+    def __str__(self) -> str:
+        return f"remove rule {self.rule}"
+
+
+@dataclass(frozen=True)
+class AddExitRoute:
+    def __str__(self) -> str:
+        return "add default route through the interface (exit table)"
+
+
+@dataclass(frozen=True)
+class RemoveExitRoute:
+    def __str__(self) -> str:
+        return "remove the exit table's default route"
 
 
 @dataclass(frozen=True)
@@ -182,6 +224,11 @@ Op = (
     | RemoveRoute
     | EnableForwarding
     | RestoreForwarding
+    | SetFwmark
+    | AddExitRule
+    | RemoveExitRule
+    | AddExitRoute
+    | RemoveExitRoute
 )
 
 
@@ -258,6 +305,39 @@ def plan_forwarding(desired: DesiredState, actual: Actual) -> list[Op]:
     return ops
 
 
+def plan_exit(desired: DesiredState, actual: Actual) -> list[Op]:
+    """The exit-node rules and route (agent/exit.py): the route and the rules
+    that keep the tunnel and the brokers on the underlay go first, the rule
+    that sends everything into the tunnel last; going back, that rule first."""
+    state = actual.exit
+    if state is None:
+        # Unreadable: try, and let the apply say why it cannot be done.
+        return [AddExitRoute()] if desired.sections.exit else []
+    want = wanted_rules(actual.exempt) if desired.sections.exit else frozenset()
+    exit_rule = ExitRule("exit")
+    ops: list[Op] = []
+    if want:
+        if not state.route:
+            ops.append(AddExitRoute())
+        ops.extend(AddExitRule(r) for r in sorted(want - state.rules) if r != exit_rule)
+        if exit_rule not in state.rules:
+            ops.append(AddExitRule(exit_rule))
+    elif exit_rule in state.rules:
+        ops.append(RemoveExitRule(exit_rule))
+    ops.extend(RemoveExitRule(r) for r in sorted(state.rules - want) if r != exit_rule)
+    if not want and state.route:
+        ops.append(RemoveExitRoute())
+    return ops
+
+
+def wanted_fwmark(desired: DesiredState, actual: Actual) -> int:
+    """The device's mark: set while the host exits through a gateway, and
+    kept until the rule sending everything into the tunnel is gone (unmarked,
+    the tunnel's own packets would follow it)."""
+    exiting = actual.exit is not None and ExitRule("exit") in actual.exit.rules
+    return EXIT_MARK if desired.sections.exit or exiting else 0
+
+
 def lets_everything_in(entries: Mapping[str, FirewallEntry]) -> bool:
     """Whether a firewall section filters nothing (every entry allows any)."""
     return all("any" in entry.allow for entry in entries.values())
@@ -273,6 +353,9 @@ def plan_interface(desired: DesiredState, actual: Actual, *, public_key: str) ->
         ops.append(SetPrivateKey(public_key))
     if device is None or device.listen_port != desired.interface.listen_port:
         ops.append(SetListenPort(desired.interface.listen_port))
+    mark = wanted_fwmark(desired, actual)
+    if (device.fwmark if device is not None else 0) != mark:
+        ops.append(SetFwmark(mark))
     return ops
 
 

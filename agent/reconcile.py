@@ -10,10 +10,11 @@ desired state has its owner here:
 | reconciler | sections it reads | what it owns |
 | --- | --- | --- |
 | firewall | firewall, forward | the nftables table `inet netmesh` (agent/firewall.py) |
-| interface | interface | the WireGuard device: present, our key, the listen port |
+| interface | interface, exit | the WireGuard device: there, our key, listen port, fwmark |
 | link | interface (mtu), addresses | MTU, addresses, link up |
 | peers | peers, egress | the device's peers, changed in place (egress ranges on their gateway) |
 | routes | routes | routes through the interface that the agent added |
+| exit | exit | rules and a table sending the default route into the tunnel (agent/exit.py) |
 | forwarding | forward | IPv4 forwarding where a gateway needs it, put back after |
 
 The firewall goes first: whatever the pass brings up (the interface, new
@@ -29,12 +30,14 @@ from dataclasses import dataclass, replace
 from agent.apply import apply, read_actual
 from agent.backend import WireGuardBackend
 from agent.egress import choose, with_egress
+from agent.exit import ExitControl
 from agent.firewall import FirewallControl
 from agent.forwarding import ForwardingControl
 from agent.link import LinkControl
 from agent.plan import (
     Actual,
     Op,
+    plan_exit,
     plan_firewall,
     plan_forwarding,
     plan_interface,
@@ -60,6 +63,8 @@ class Reconciler:
 def _plan_peers(desired: DesiredState, actual: Actual, previous: DesiredState | None) -> list[Op]:
     """The peers, with each egress range on the gateway chosen for it."""
     chosen = choose(desired.sections.egress, lambda key: key not in actual.dead_gateways)
+    for cidr, entry in desired.sections.exit.items():
+        chosen[cidr] = entry.peer
     return plan_peers(with_egress(desired, chosen), actual, previous=previous)
 
 
@@ -73,6 +78,7 @@ RECONCILERS: tuple[Reconciler, ...] = (
     Reconciler("link", lambda d, a, _prev, _key: plan_link(d, a), ("interface", "addresses")),
     Reconciler("peers", lambda d, a, prev, _key: _plan_peers(d, a, prev), ("peers", "egress")),
     Reconciler("routes", lambda d, a, _prev, _key: plan_routes(d, a), ("routes",)),
+    Reconciler("exit", lambda d, a, _prev, _key: plan_exit(d, a), ("exit",)),
     Reconciler("forwarding", lambda d, a, _prev, _key: plan_forwarding(d, a), ("forward",)),
 )
 # Every section some reconciler enforces.
@@ -120,6 +126,8 @@ async def reconcile(
     firewall: FirewallControl,
     forwarding: ForwardingControl | None = None,
     dead_gateways: frozenset[str] = frozenset(),
+    exit_routing: ExitControl | None = None,
+    exempt: tuple[str, ...] = (),
     public_key: str,
     private_key: str,
     previous: dict[str, DesiredState],
@@ -132,9 +140,9 @@ async def reconcile(
     full (to tell a control-plane endpoint change from roaming). Raises
     BackendError only when the machine cannot be read at all."""
     forwarded = tuple(desired.sections.forward)
-    actual = await read_actual(backend, link, firewall, forwarding, forwarded)
-    if dead_gateways:
-        actual = replace(actual, dead_gateways=dead_gateways)
+    actual = await read_actual(backend, link, firewall, forwarding, forwarded, exit_routing)
+    if dead_gateways or exempt:
+        actual = replace(actual, dead_gateways=dead_gateways, exempt=exempt)
     outcomes = []
     for reconciler in reconcilers:
         ops = reconciler.plan(desired, actual, previous.get(reconciler.name), public_key)
@@ -145,7 +153,7 @@ async def reconcile(
             if on_op is not None:
                 on_op(reconciler.name, op)
         # apply() reports a BackendError in its result: how far it got, and why.
-        result = await apply(ops, backend, link, private_key, firewall, forwarding)
+        result = await apply(ops, backend, link, private_key, firewall, forwarding, exit_routing)
         error = None if result.ok else f"{ops[result.applied]}: {result.error}"
         outcomes.append(Outcome(reconciler.name, tuple(ops), result.applied, error))
     return PassResult(actual, tuple(outcomes))

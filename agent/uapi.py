@@ -84,10 +84,18 @@ def _check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
+def check_fwmark(mark: int) -> int:
+    """A device fwmark (0 clears it). Raises BackendError(retryable=False)."""
+    if not 0 <= mark <= 0xFFFFFFFF:
+        raise BackendError(f"invalid fwmark {mark}", retryable=False)
+    return mark
+
+
 def encode_set(
     *,
     private_key: str | None = None,
     listen_port: int | None = None,
+    fwmark: int | None = None,
     upsert_peers: tuple[PeerSpec, ...] = (),
     remove_peers: tuple[str, ...] = (),
 ) -> str:
@@ -107,6 +115,8 @@ def encode_set(
     if listen_port is not None:
         _check_port("listen_port", listen_port)
         lines.append(f"listen_port={listen_port}")
+    if fwmark is not None:
+        lines.append(f"fwmark={check_fwmark(fwmark)}")
     for public_key in remove_peers:
         lines.append(f"public_key={key_to_hex(public_key)}")
         lines.append("remove=true")
@@ -187,11 +197,12 @@ def parse_get(answer: str) -> DeviceState:
 
     Peers are sorted by public key (wireguard-go lists them in Go map order, which
     changes between reads); each peer's allowed IPs are sorted as strings.
-    Keys the model does not carry (fwmark, preshared_key, protocol_version) and keys
+    Keys the model does not carry (preshared_key, protocol_version) and keys
     unknown to this version are ignored. A nonzero errno raises BackendError.
     """
     public_key: str | None = None
     listen_port = 0
+    fwmark = 0
     peers: list[PeerState] = []
     current: _PeerBuilder | None = None
     saw_errno = False
@@ -210,6 +221,8 @@ def parse_get(answer: str) -> DeviceState:
                     public_key = public_key_of(hex_to_key(value))
                 elif key == "listen_port":
                     listen_port = int(value)
+                elif key == "fwmark":
+                    fwmark = int(value)
             elif key == "allowed_ip":
                 current.allowed_ips.append(value)
             elif key == "endpoint":
@@ -231,4 +244,6 @@ def parse_get(answer: str) -> DeviceState:
     if current is not None:
         peers.append(current.build())
     peers.sort(key=lambda peer: peer.public_key)
-    return DeviceState(public_key=public_key, listen_port=listen_port, peers=tuple(peers))
+    return DeviceState(
+        public_key=public_key, listen_port=listen_port, fwmark=fwmark, peers=tuple(peers)
+    )

@@ -176,12 +176,14 @@ class UserspaceBackend(ExistsByReading):
         *,
         private_key: str | None = None,
         listen_port: int | None = None,
+        fwmark: int | None = None,
         upsert_peers: tuple[PeerSpec, ...] = (),
         remove_peers: tuple[str, ...] = (),
     ) -> None:
         request = uapi.encode_set(
             private_key=private_key,
             listen_port=listen_port,
+            fwmark=fwmark,
             upsert_peers=upsert_peers,
             remove_peers=remove_peers,
         )

@@ -652,6 +652,34 @@ def node_untag(server: str, node_ref: str, tags: tuple[str, ...], as_json: bool)
     _tagging(server, "node.untag", node_ref, tags, as_json)
 
 
+@node.command("exit")
+@click.argument("node_ref", metavar="NODE")
+@click.option("--via", "via", metavar="GATEWAY", help="An internet gateway of NODE's network.")
+@click.option("--off", is_flag=True, help="Route as the host does again.")
+@json_option
+@plannable
+@click.pass_obj
+def node_exit(server: str, node_ref: str, via: str | None, off: bool, as_json: bool) -> None:
+    """Send NODE's default route through GATEWAY (an egress gateway to 0.0.0.0/0)."""
+    if off == (via is not None):
+        raise click.UsageError("give either --via GATEWAY or --off")
+    if off:
+        result = run(admin_command(server, "node.exit_off", node=node_ref))
+    else:
+        result = run(admin_command(server, "node.exit", node=node_ref, via=via))
+    if as_json:
+        emit_json(result)
+        return
+    where = f"{result['network']}/{result['name']}"
+    if off:
+        click.echo(
+            f"node {where} routes as its host does" + ("" if result["changed"] else " (it did)")
+        )
+    else:
+        state = "exits" if result["changed"] else "already exits"
+        click.echo(f"node {where} {state} through {result['via']}")
+
+
 @node.command("remove")
 @click.argument("node_ref", metavar="NODE")
 @json_option

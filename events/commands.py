@@ -175,6 +175,20 @@ class RemoveEgress(Command, frozen=True, tag="egress.remove"):
     ranges: tuple[str, ...] = ()
 
 
+class SetExit(Command, frozen=True, tag="node.exit"):
+    """Send `node`'s default route through `via`, an internet gateway of its
+    network (a node name there, or any way of naming a node)."""
+
+    node: str
+    via: str
+
+
+class ClearExit(Command, frozen=True, tag="node.exit_off"):
+    """`node` routes as its host does again."""
+
+    node: str
+
+
 # The protocol's commands, each once. What the control plane does with each
 # (who may send it, what it produces) is its spec, in controlplane/rules/.
 AnyCommand = (
@@ -197,6 +211,8 @@ AnyCommand = (
     | ClearPolicy
     | AddEgress
     | RemoveEgress
+    | SetExit
+    | ClearExit
 )
 
 COMMAND_TYPES: tuple[type[Command], ...] = get_args(AnyCommand)

@@ -112,6 +112,15 @@ class ForwardEntry(msgspec.Struct, frozen=True, kw_only=True):
     rules: tuple[ForwardRule, ...] = ()
 
 
+class ExitEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """The host's default route goes through a gateway (an exit node), keyed
+    by the range it covers ("0.0.0.0/0"): the peer whose allowed IPs carry it.
+    The agent routes it the way wg-quick does (a routing table of its own,
+    the tunnel's packets marked so that they still go out the underlay)."""
+
+    peer: str
+
+
 class Sections(
     msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
 ):
@@ -129,6 +138,7 @@ class Sections(
     firewall: dict[str, FirewallEntry] = {}
     egress: dict[str, EgressEntry] = {}
     forward: dict[str, ForwardEntry] = {}
+    exit: dict[str, ExitEntry] = {}
 
 
 SECTION_NAMES: tuple[str, ...] = Sections.__struct_fields__
@@ -344,8 +354,8 @@ def _v3_to_v4(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _v4_to_v5(raw: dict[str, Any]) -> dict[str, Any]:
-    """Version 5 added the `egress` and `forward` sections (gateways): a
-    version-4 message has neither, which is what it meant."""
+    """Version 5 added the `egress`, `forward` and `exit` sections (gateways):
+    a version-4 message has none, which is what it meant."""
     return {**raw, "protocol": 5}
 
 

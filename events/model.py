@@ -161,6 +161,24 @@ class EgressRemoved(Event, frozen=True, tag="egress.removed"):
     ranges: tuple[str, ...]
 
 
+class ExitSet(Event, frozen=True, tag="exit.set"):
+    """A node sends everything not for its networks (its default route)
+    through `via`, a node of the same network that is an internet gateway."""
+
+    network: str
+    node_id: str
+    host_id: str
+    via: str  # node id
+
+
+class ExitCleared(Event, frozen=True, tag="exit.cleared"):
+    """A node routes as its host does again."""
+
+    network: str
+    node_id: str
+    host_id: str
+
+
 class AdminAdded(Event, frozen=True, tag="admin.added"):
     """Someone may sign admin commands. The first one is written by the control
     plane on its first start (the root of trust `events verify` starts from)."""
@@ -196,6 +214,8 @@ AnyEvent = (
     | PolicyCleared
     | EgressAdded
     | EgressRemoved
+    | ExitSet
+    | ExitCleared
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = get_args(AnyEvent)
@@ -240,6 +260,8 @@ def aggregate_of(event: AnyEvent) -> tuple[str, str]:
             | PolicyCleared(network=n)
             | EgressAdded(network=n)
             | EgressRemoved(network=n)
+            | ExitSet(network=n)
+            | ExitCleared(network=n)
         ):
             return ("network", n)
     raise TypeError(f"unknown event {event!r}")  # pragma: no cover

@@ -29,6 +29,8 @@ from events.model import (
     EnrollmentKeyCreated,
     EnrollmentKeyRevoked,
     EnrollmentKeyUsed,
+    ExitCleared,
+    ExitSet,
     HostEndpointObserved,
     HostKeyRotated,
     HostKeyRotationRequested,
@@ -140,6 +142,7 @@ class Node:
     address: str
     joined_at: float
     tags: frozenset[str] = frozenset()
+    exit_via: str = ""  # the internet gateway (node id) its default route goes through
 
     def member(self) -> Member:
         """The node as a policy sees it."""
@@ -537,6 +540,12 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 else:
                     del network.gateways[e.node_id]
             return Touched(networks=frozenset({e.network}), nodes=frozenset({e.node_id}))
+        case ExitSet() | ExitCleared() as e:
+            node = topology.nodes.get(e.node_id)
+            if node is None:
+                return Touched()
+            node.exit_via = e.via if isinstance(e, ExitSet) else ""
+            return Touched(nodes=frozenset({e.node_id}))
     return Touched()  # pragma: no cover - every event type is matched above
 
 

@@ -107,6 +107,14 @@ async def test_backend_contract(backend: Subject) -> None:
     assert by_key[PEER[1]].endpoint == "192.0.2.1:51820"
     assert by_key[PEER[2]].allowed_ips == ("10.0.0.3/32",)
 
+    # The fwmark (an exit node's tunnel packets): set, kept by other changes, cleared.
+    assert (await read(backend)).fwmark == 0
+    await backend.call("configure", fwmark=0xCA6C)
+    await backend.call("configure", upsert_peers=[spec(1, "10.0.5.0/24")])
+    assert (await read(backend)).fwmark == 0xCA6C
+    await backend.call("configure", fwmark=0)
+    assert (await read(backend)).fwmark == 0
+
     await backend.call("configure", remove_peers=[PEER[2]])
     await backend.call("configure", remove_peers=[PEER[2]])  # absent: fine
     assert [p.public_key for p in (await read(backend)).peers] == [PEER[1]]

@@ -163,3 +163,55 @@ async def test_members_fail_over_to_the_second_gateway_and_come_back(mesh: Mesh)
         functools.partial(through, via_b), timeout=40, interval=0.2, message="back to b"
     )
     print(f"back to the first gateway {time.monotonic() - killed - failover:.1f} s after")
+
+
+INTERNET = "198.51.100"  # beyond the gateway, where nothing else leads
+
+
+async def _routing(host: Host) -> tuple[str, str]:
+    rules = (await host.run("ip", "-4", "rule", "show")).stdout
+    routes = (await host.run("ip", "-4", "route", "show", "table", "all")).stdout
+    return rules, routes
+
+
+async def test_an_exit_node_reaches_the_internet_through_its_gateway_and_off_restores_routing(
+    mesh: Mesh,
+) -> None:
+    await _mesh_up(mesh, ("a", "b"))
+    a, b = mesh.hosts["a"], mesh.hosts["b"]
+    internet = await mesh.net.add_behind(b, "internet", INTERNET)
+    await b.run("ip", "route", "add", "default", "via", f"{INTERNET}.2")
+    listener = await internet.spawn(sys.executable, SCRIPT, "serve", str(PORT))
+    assert listener.pid
+    await wait_until(lambda: _hello(b, f"{INTERNET}.2"), timeout=10, message="listener")
+    before = await _routing(a)
+    await _stays_unreachable(a, f"{INTERNET}.2")
+
+    await mesh.cli("gateway", "egress", "add", "office/b", "--range", "0.0.0.0/0")
+    # An internet gateway is not pushed on anyone: a still has no way out.
+    await _stays_unreachable(a, f"{INTERNET}.2")
+    await mesh.cli("node", "exit", "office/a", "--via", "b")
+    seen = await wait_until(
+        lambda: _hello(a, f"{INTERNET}.2"), timeout=20, interval=0.2, message="a exits via b"
+    )
+    assert seen == f"ok {PORT} from {INTERNET}.1", "masqueraded by the gateway"
+
+    # The control-plane connection survived the switch: a still gets its
+    # desired state (a new range shows up as a route on its interface).
+    await mesh.cli("gateway", "egress", "add", "office/b", "--range", "10.99.0.0/24")
+
+    async def routed() -> bool:
+        out = (await a.run("ip", "-4", "route", "show", "dev", IFACE)).stdout
+        return "10.99.0.0/24" in out
+
+    await wait_until(routed, timeout=20, interval=0.2, message="a still hears the control plane")
+
+    await mesh.cli("node", "exit", "office/a", "--off")
+    await mesh.cli("gateway", "egress", "remove", "office/b", "--range", "10.99.0.0/24")
+
+    async def restored() -> bool:
+        return await _routing(a) == before
+
+    await wait_until(restored, timeout=20, interval=0.2, message="a's routing as before")
+    await _stays_unreachable(a, f"{INTERNET}.2")
+    assert (await a.run("wg", "show", IFACE, "fwmark", check=False)).stdout.strip() in ("", "off")

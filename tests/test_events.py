@@ -40,6 +40,10 @@ def test_tags_are_stable_and_past_tense() -> None:
         "node.untagged",
         "policy.set",
         "policy.cleared",
+        "egress.added",
+        "egress.removed",
+        "exit.set",
+        "exit.cleared",
     ]
 
 

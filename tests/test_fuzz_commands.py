@@ -213,6 +213,15 @@ def pools(token: str, host_ids: list[str]) -> dict[str, st.SearchStrategy[Any]]:
         "tags": st.lists(
             st.sampled_from(["web", "db", "ops-1", "Web", "", "a" * 33, "tag:x"]), max_size=3
         ),
+        "ranges": st.lists(
+            st.sampled_from(
+                ["192.168.1.0/24", "192.168.1.5/24", "0.0.0.0/0", "10.10.0.0/25", "fd00::/64", "x"]
+            ),
+            max_size=3,
+        ),
+        "nat": st.booleans(),
+        "metric": st.integers(-2, 70000),
+        "via": st.sampled_from(["office/h1", "h2", "lab/h1", "nope", ""]),
         "document": st.sampled_from(
             [
                 '{rules: [{from: ["*"], to: ["*"]}]}',

@@ -12,22 +12,25 @@ from controlplane.audit import verify_log
 from controlplane.rules.base import Rejected
 from events.commands import (
     AddEgress,
+    ClearExit,
     CreateEnrollmentKey,
     CreateNetwork,
     Join,
     RemoveEgress,
     RemoveNode,
+    SetExit,
     SetPolicy,
 )
 from events.desired import (
     DesiredDelta,
     EgressEntry,
     EgressVia,
+    ExitEntry,
     ForwardEntry,
     ForwardRule,
     PeerEntry,
 )
-from events.model import EgressAdded, EgressRemoved
+from events.model import EgressAdded, EgressRemoved, ExitCleared, ExitSet
 from events.signing import public_text
 from events.tokens import make_token
 from projections.desired import DesiredChanges, desired_for, messages
@@ -114,7 +117,6 @@ def test_egress_remove_takes_one_range_or_all() -> None:
         (AddEgress(node="g", ranges=("10.10.0.128/25",)), "conflict", "office"),
         (AddEgress(node="g", ranges=("10.0.0.0/8",)), "conflict", "office"),
         (AddEgress(node="g", ranges=("10.20.0.0/16",)), "conflict", "lab"),
-        (AddEgress(node="g", ranges=("0.0.0.0/0",)), "invalid", "internet"),
         (AddEgress(node="g", ranges=("fd00:1::/64",)), "invalid", "IPv6"),
         (AddEgress(node="g", ranges=(LAN,), metric=-1), "invalid", "metric"),
         (RemoveEgress(node="a"), "not_found", "not an egress gateway"),
@@ -242,6 +244,66 @@ def test_under_a_policy_only_members_whose_rules_reach_the_range_use_it() -> Non
     assert state.sections.forward[LAN].rules == (
         ForwardRule(sources=(f"{a_address}/32",), destination="192.168.1.0/25", allow=("22/tcp",)),
     )
+
+
+# -- exit nodes ---------------------------------------------------------------------
+
+
+def internet(*names: str) -> World:
+    world = office(*names)
+    world.run(AddEgress(node="g", ranges=("0.0.0.0/0",)), ROOT)
+    return world
+
+
+def test_an_internet_gateway_is_pushed_on_nobody_and_an_exit_is_opt_in() -> None:
+    world = internet("a", "b", "g")
+    for name in ("a", "b"):
+        assert sections(world, name) == (set(), {}, set())
+    (event,) = appended(world, SetExit(node="a", via="g"))
+    assert isinstance(event, ExitSet)
+    state = desired_for(world.topology, host(world, "a"))
+    assert state is not None
+    assert state.sections.exit == {"0.0.0.0/0": ExitEntry(peer=public_key(3))}
+    other = desired_for(world.topology, host(world, "b"))
+    assert other is not None and other.sections.exit == {}
+    assert appended(world, SetExit(node="a", via="office/g")) == [], "already"
+    (event,) = appended(world, ClearExit(node="a"))
+    assert isinstance(event, ExitCleared)
+    assert appended(world, ClearExit(node="a")) == []
+
+
+def test_an_exit_follows_its_gateway_s_internet_range() -> None:
+    world = internet("a", "g")
+    world.run(SetExit(node="a", via="g"), ROOT)
+    world.run(RemoveEgress(node="g"), ROOT)
+    state = desired_for(world.topology, host(world, "a"))
+    assert state is not None and state.sections.exit == {}
+    world.run(AddEgress(node="g", ranges=("0.0.0.0/0",)), ROOT)
+    state = desired_for(world.topology, host(world, "a"))
+    assert state is not None and set(state.sections.exit) == {"0.0.0.0/0"}
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "needle"),
+    [
+        (SetExit(node="a", via="b"), "invalid", "not an internet gateway"),
+        (SetExit(node="a", via="a"), "invalid", "its own exit"),
+        (SetExit(node="g", via="a"), "invalid", "not an internet gateway"),
+        (SetExit(node="a", via="nobody"), "not_found", "nobody"),
+        (SetExit(node="nobody", via="g"), "not_found", "nobody"),
+    ],
+)
+def test_exit_refusals(command: object, code: str, needle: str) -> None:
+    world = internet("a", "b", "g")
+    error = refused(world, command)
+    assert (error.code, needle in error.message) == (code, True), error.message
+
+
+def test_a_gateway_of_the_internet_cannot_exit_itself() -> None:
+    world = internet("a", "g")
+    world.run(AddEgress(node="a", ranges=("0.0.0.0/0",)), ROOT)
+    error = refused(world, SetExit(node="a", via="g"))
+    assert "internet gateway itself" in error.message
 
 
 # -- the agent's choice -------------------------------------------------------------

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from controlplane.decide import Rejected, host_id_for
 from events.commands import (
     AddEgress,
+    ClearExit,
     CreateEnrollmentKey,
     CreateNetwork,
     Join,
@@ -21,6 +22,7 @@ from events.commands import (
     RemoveNode,
     ReportEndpoint,
     RotateHostKey,
+    SetExit,
     UpdateNetwork,
 )
 from events.desired import DesiredDelta, DesiredState, FirewallEntry
@@ -299,14 +301,14 @@ POLICIES = [
     ' {from: ["*"], to: ["192.168.50.128/25"], ports: ["443/tcp"]},'
     ' {from: ["tag:c"], to: ["*"], ports: ["icmp"]}]}',
 ]
-EGRESS_RANGES = ("192.168.50.0/24", "172.16.0.0/16")
+EGRESS_RANGES = ("192.168.50.0/24", "172.16.0.0/16", "0.0.0.0/0")
 
 POLICY_OPS = st.lists(
     st.tuples(
         st.sampled_from(
             [
                 *("join", "remove", "tag", "untag", "policy", "endpoint", "rotate"),
-                *("join lab", "egress", "egress", "unegress"),
+                *("join lab", "egress", "egress", "unegress", "exit", "exit off"),
             ]
         ),
         st.integers(0, 6),
@@ -357,11 +359,17 @@ def test_deltas_under_any_policy_changes_equal_the_derived_state(
                 _, touched = office.world.run(
                     AddEgress(
                         node=f"{network}/{name}",
-                        ranges=(EGRESS_RANGES[policy % 2],),
+                        ranges=(EGRESS_RANGES[policy % 3],),
                         nat=flush,
                         metric=policy,
                     )
                 )
+            elif op == "exit":
+                _, touched = office.world.run(
+                    SetExit(node=f"office/{name}", via=f"h{(host + policy) % 7}")
+                )
+            elif op == "exit off":
+                _, touched = office.world.run(ClearExit(node=f"office/{name}"))
             elif op == "unegress":
                 _, touched = office.world.run(RemoveEgress(node=f"office/{name}"))
             elif op == "endpoint":

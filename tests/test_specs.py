@@ -19,7 +19,9 @@ from controlplane.rules.spec import Sender
 from events.commands import (
     COMMAND_TYPES,
     AddAdmin,
+    AddEgress,
     AnyCommand,
+    ClearExit,
     ClearPolicy,
     Command,
     CreateEnrollmentKey,
@@ -28,11 +30,13 @@ from events.commands import (
     Join,
     LeaveNetworks,
     RemoveAdmin,
+    RemoveEgress,
     RemoveNode,
     ReportEndpoint,
     RequestKeyRotation,
     RevokeEnrollmentKey,
     RotateHostKey,
+    SetExit,
     SetPolicy,
     TagNode,
     UntagNode,
@@ -84,6 +88,8 @@ def scenario() -> World:
     world.run(join(world, "office", 2, HOST2), HOST2)
     world.run(TagNode(node="office/h2", tags=("web",)), ROOT)
     world.run(SetPolicy(network="lab", document='{rules: [{from: ["*"], to: ["*"]}]}'), ROOT)
+    world.run(AddEgress(node="lab/h1", ranges=("172.16.0.0/16",)), ROOT)
+    world.run(AddEgress(node="office/h2", ranges=("0.0.0.0/0",)), ROOT)
     for name, key, role, networks in [
         ("olga", OLGA, "network-admin", NETWORKS_OF["olga"]),
         ("larry", LARRY, "network-admin", NETWORKS_OF["larry"]),
@@ -102,6 +108,13 @@ def host(world: World, n: int) -> str:
 
 
 Sample = Callable[[World], AnyCommand]
+
+
+def exiting(world: World, node: str, via: str) -> ClearExit:
+    """Turning an exit off needs one on: set by the root admin first."""
+    world.run(SetExit(node=node, via=via), ROOT)
+    return ClearExit(node=node)
+
 
 # Samples of every admin command (in the scenario), each with the network it is
 # about (None: only a full admin may send it). A new command needs one here.
@@ -126,6 +139,13 @@ ADMIN_SAMPLES: dict[str, tuple[Sample, str | None]] = {
         "office",
     ),
     "clear lab's policy": (lambda w: ClearPolicy(network="lab"), "lab"),
+    "egress office/h1": (
+        lambda w: AddEgress(node="office/h1", ranges=("192.168.50.0/24",)),
+        "office",
+    ),
+    "egress off lab/h1": (lambda w: RemoveEgress(node="lab/h1"), "lab"),
+    "exit office/h1": (lambda w: SetExit(node="office/h1", via="h2"), "office"),
+    "exit off office/h1": (lambda w: exiting(w, "office/h1", "h2"), "office"),
     "add admin": (
         lambda w: AddAdmin(name="newbie", public_key=public_text(SigningKey.generate())),
         None,

@@ -183,6 +183,7 @@ PARSE_CASES = [
         DeviceState(
             public_key=PUB1,
             listen_port=51820,
+            fwmark=51,
             peers=(
                 PeerState(public_key=PUB3, allowed_ips=("10.0.0.3/32",)),
                 PeerState(

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 
-from controlplane.rules.base import Context, Decision, Rejected, network_subject
+from controlplane.rules.base import Context, Decision, Rejected, network_subject, one_event
 from controlplane.rules.nodes import network_of_node, resolve_node
 from controlplane.rules.spec import ByAdmin, CommandSpec, Produces, Scope
-from events.commands import AddEgress, ErrorCode, RemoveEgress
-from events.model import AnyEvent, EgressAdded, EgressRemoved
+from events.commands import AddEgress, ClearExit, ErrorCode, RemoveEgress, SetExit
+from events.model import AnyEvent, EgressAdded, EgressRemoved, ExitCleared, ExitSet
 from events.store import Expectation
 from events.subjects import NETWORK_EVENTS_WILDCARD
-from projections.topology import Topology
+from projections.topology import Node, Topology
 
 MAX_RANGES = 64  # per command: a gateway's ranges are a few LANs, not a routing table
 MAX_METRIC = 65535
@@ -43,12 +43,6 @@ def parse_range(text: str) -> ipaddress.IPv4Network:
         # Linux forwards IPv6 only for all interfaces at once (and then stops
         # taking router advertisements): not something to switch on quietly.
         raise Rejected(ErrorCode.INVALID, f"range {text}: IPv6 egress is not supported yet")
-    if network.prefixlen == 0:
-        raise Rejected(
-            ErrorCode.INVALID,
-            f"range {text}: internet gateways (a node's default route through a gateway) "
-            "are not supported yet",
-        )
     assert isinstance(network, ipaddress.IPv4Network)
     return network
 
@@ -60,6 +54,8 @@ def _check_ranges(topology: Topology, ranges: tuple[str, ...]) -> tuple[str, ...
         raise Rejected(ErrorCode.INVALID, f"{len(ranges)} ranges: at most {MAX_RANGES} at once")
     parsed = sorted({parse_range(r) for r in ranges})
     for cidr in parsed:
+        if cidr.prefixlen == 0:
+            continue  # the internet: never routed on members but by `node exit`
         for network in topology.networks.values():
             if ipaddress.ip_network(network.cidr).overlaps(cidr):
                 raise Rejected(
@@ -160,4 +156,82 @@ REMOVE = CommandSpec[RemoveEgress](
     Produces((EgressRemoved,)),
 )
 
-SPECS = (ADD, REMOVE)
+INTERNET = "0.0.0.0/0"
+
+
+def _internet_gateway(topology: Topology, node: Node, ref: str) -> Node:
+    """The node `ref` names, as an internet gateway of `node`'s network: a
+    bare name is looked up in that network first. Raises Rejected."""
+    try:
+        via = resolve_node(topology, f"{node.network}/{ref}" if "/" not in ref else ref)
+    except Rejected:
+        via = resolve_node(topology, ref)
+    if via.network != node.network:
+        raise Rejected(
+            ErrorCode.INVALID,
+            f"node {via.name!r} is in network {via.network!r}, not {node.network!r}",
+        )
+    if via.node_id == node.node_id:
+        raise Rejected(ErrorCode.INVALID, f"node {node.name!r} cannot be its own exit")
+    gateway = topology.networks[node.network].gateways.get(via.node_id)
+    if gateway is None or INTERNET not in gateway.ranges:
+        raise Rejected(
+            ErrorCode.INVALID,
+            f"node {via.name!r} is not an internet gateway "
+            f"(netmesh gateway egress add {node.network}/{via.name} --range {INTERNET})",
+        )
+    return via
+
+
+def set_exit(topology: Topology, cmd: SetExit, _ctx: Context) -> Decision:
+    node = resolve_node(topology, cmd.node)
+    via = _internet_gateway(topology, node, cmd.via)
+    own = topology.networks[node.network].gateways.get(node.node_id)
+    if own is not None and INTERNET in own.ranges:
+        raise Rejected(ErrorCode.INVALID, f"node {node.name!r} is an internet gateway itself")
+    result: dict[str, object] = {
+        "node_id": node.node_id,
+        "network": node.network,
+        "name": node.name,
+        "via": via.name,
+        "via_node_id": via.node_id,
+        "changed": node.exit_via != via.node_id,
+    }
+    if node.exit_via == via.node_id:
+        return Decision(result=result)
+    event = ExitSet(
+        network=node.network, node_id=node.node_id, host_id=node.host_id, via=via.node_id
+    )
+    return one_event(topology, network_subject(node.network), event, result)
+
+
+EXIT = CommandSpec[SetExit](
+    SetExit,
+    set_exit,
+    ByAdmin(Scope(lambda topology, cmd: network_of_node(topology, cmd.node))),
+    Produces((ExitSet,)),
+)
+
+
+def clear_exit(topology: Topology, cmd: ClearExit, _ctx: Context) -> Decision:
+    node = resolve_node(topology, cmd.node)
+    result: dict[str, object] = {
+        "node_id": node.node_id,
+        "network": node.network,
+        "name": node.name,
+        "changed": bool(node.exit_via),
+    }
+    if not node.exit_via:
+        return Decision(result=result)
+    event = ExitCleared(network=node.network, node_id=node.node_id, host_id=node.host_id)
+    return one_event(topology, network_subject(node.network), event, result)
+
+
+EXIT_OFF = CommandSpec[ClearExit](
+    ClearExit,
+    clear_exit,
+    ByAdmin(Scope(lambda topology, cmd: network_of_node(topology, cmd.node))),
+    Produces((ExitCleared,)),
+)
+
+SPECS = (ADD, REMOVE, EXIT, EXIT_OFF)

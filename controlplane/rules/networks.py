@@ -72,7 +72,10 @@ def create_network(topology: Topology, cmd: CreateNetwork, _ctx: Context) -> Dec
             )
         for gateway in other.gateways.values():
             for egress in gateway.ranges:
-                if ipaddress.ip_network(egress).overlaps(cidr):
+                range_ = ipaddress.ip_network(egress)
+                # The internet (0.0.0.0/0) overlaps everything and is routed
+                # only by `node exit`, below every network's own routes.
+                if range_.prefixlen and range_.overlaps(cidr):
                     raise Rejected(
                         ErrorCode.CONFLICT,
                         f"{cidr} overlaps egress range {egress} of network {other.name!r}",

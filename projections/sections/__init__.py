@@ -18,7 +18,12 @@ from __future__ import annotations
 
 from projections.sections.addresses import AddressSection
 from projections.sections.base import Reread, SectionRule
-from projections.sections.egress import EgressSection, ForwardSection, RouteSection
+from projections.sections.egress import (
+    EgressSection,
+    ExitSection,
+    ForwardSection,
+    RouteSection,
+)
 from projections.sections.firewall import FirewallSection
 from projections.sections.interface import InterfaceSection
 from projections.sections.peers import PeerSection, peer_endpoint
@@ -31,6 +36,7 @@ SECTIONS: tuple[type[SectionRule], ...] = (
     FirewallSection,
     EgressSection,
     ForwardSection,
+    ExitSection,
 )
 
 __all__ = ["SECTIONS", "Reread", "SectionRule", "peer_endpoint"]

@@ -26,11 +26,20 @@ import ipaddress
 from collections.abc import Sequence
 from typing import ClassVar
 
-from events.desired import EgressEntry, EgressVia, ForwardEntry, ForwardRule, RouteEntry
+from events.desired import (
+    EgressEntry,
+    EgressVia,
+    ExitEntry,
+    ForwardEntry,
+    ForwardRule,
+    RouteEntry,
+)
 from events.model import (
     EgressAdded,
     EgressRemoved,
     Event,
+    ExitCleared,
+    ExitSet,
     HostKeyRotated,
     NodeJoined,
     NodeRemoved,
@@ -43,7 +52,8 @@ from projections.access import canonical_ports, host_cidr
 from projections.sections.base import Reread
 from projections.topology import Gateway, Network, Topology
 
-EVERYTHING = frozenset({"0.0.0.0/0", "::/0"})
+INTERNET = "0.0.0.0/0"
+EVERYTHING = frozenset({INTERNET, "::/0"})
 
 
 def offered(topology: Topology, host_id: str) -> dict[str, list[EgressVia]]:
@@ -302,6 +312,81 @@ class ForwardSection:
                     if (host := _gateway_host(topology, g)) is not None
                 ]
         return ()
+
+
+class ExitSection:
+    """`exit`: the internet gateway this host's default route goes through
+    (`netmesh node exit`), while it is one and this host may use it."""
+
+    reacts_to: ClassVar[tuple[type[Event], ...]] = (
+        ExitSet,
+        ExitCleared,
+        EgressAdded,
+        EgressRemoved,
+        NodeRemoved,
+        HostKeyRotated,
+        NodeTagged,
+        NodeUntagged,
+        PolicySet,
+    )
+    name: ClassVar[str] = "exit"
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+
+    def entries(self, host_id: str) -> dict[str, ExitEntry]:
+        entry = self.entry(host_id, INTERNET)
+        return {INTERNET: entry} if entry is not None else {}
+
+    def entry(self, host_id: str, key: str) -> ExitEntry | None:
+        if key != INTERNET:
+            return None
+        for node in self.topology.nodes_of_host(host_id):  # by network name: one wins
+            network = self.topology.networks.get(node.network)
+            gateway = network.gateways.get(node.exit_via) if network and node.exit_via else None
+            if network is None or gateway is None or INTERNET not in gateway.ranges:
+                continue
+            peer = _gateway_host(self.topology, gateway)
+            if peer is None or peer[0] == host_id or not _sees(network, node.node_id, gateway):
+                continue
+            if may_use(network, node.node_id, INTERNET):
+                return ExitEntry(peer=peer[1])
+        return None
+
+    @staticmethod
+    def rereads(topology: Topology, event: Event) -> Sequence[Reread]:
+        keys = frozenset((INTERNET,))
+        match event:
+            case ExitSet(host_id=host_id) | ExitCleared(host_id=host_id):
+                return (Reread(ExitSection.name, keys, hosts=frozenset((host_id,))),)
+            case (
+                EgressAdded(network=network, node_id=gateway)
+                | EgressRemoved(network=network, node_id=gateway)
+                | NodeRemoved(network=network, node_id=gateway)
+            ):
+                users = _exit_users(topology, network, {gateway})
+            case HostKeyRotated(host_id=host_id):
+                users = set()
+                for node in topology.nodes_of_host(host_id):
+                    users |= _exit_users(topology, node.network, {node.node_id})
+            case (
+                NodeTagged(network=network)
+                | NodeUntagged(network=network)
+                | PolicySet(network=network)
+            ):
+                users = _exit_users(topology, network, None)
+            case _:
+                return ()
+        return (Reread(ExitSection.name, keys, hosts=frozenset(users)),) if users else ()
+
+
+def _exit_users(topology: Topology, network: str, via: set[str] | None) -> set[str]:
+    """Hosts whose nodes in `network` exit through one of `via` (None: any)."""
+    return {
+        node.host_id
+        for node in topology.nodes_of_network(network)
+        if node.exit_via and (via is None or node.exit_via in via)
+    }
 
 
 _NO_NETWORK = Network(name="", cidr="0.0.0.0/32", listen_port=0, mtu=0, keepalive=0, created_at=0)
