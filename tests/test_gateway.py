@@ -5,6 +5,8 @@ change sends, and the agent's choice of gateway (a table and a fake clock)."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from agent.egress import Liveness, candidates, choose, with_egress
@@ -18,6 +20,7 @@ from events.commands import (
     Join,
     RemoveEgress,
     RemoveNode,
+    RotateHostKey,
     SetExit,
     SetPolicy,
 )
@@ -34,8 +37,10 @@ from events.model import EgressAdded, EgressRemoved, ExitCleared, ExitSet
 from events.signing import public_text
 from events.tokens import make_token
 from projections.desired import DesiredChanges, desired_for, messages
+from projections.topology import Touched
 from tests.desired_states import desired_state
 from tests.factories import World, public_key
+from tests.test_policy_projections import PolicyWorld
 
 ROOT = SigningKey.generate()
 LAN = "192.168.1.0/24"
@@ -354,3 +359,93 @@ def test_a_gateway_is_gone_when_its_bytes_stop_for_the_bound(
     assert liveness.dead(now) == dead
     liveness.forget_others(set())
     assert liveness.dead(now) == frozenset()
+
+
+# -- the property: whatever gateways do, deltas add up to the derived state ---------
+
+GATEWAY_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "egress",
+                "egress",
+                "unegress",
+                "exit",
+                "exit off",
+                "remove",
+                "rejoin",
+                "policy",
+                "tag",
+                "rotate",
+            ]
+        ),
+        st.integers(0, 5),
+        st.integers(0, 5),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=30,
+)
+RANGES = ("192.168.1.0/24", "192.168.1.0/25", "172.16.0.0/16", "0.0.0.0/0")
+POLICIES = (
+    None,
+    '{rules: [{from: ["tag:dev"], to: ["192.168.1.0/24", "*"]}, {from: ["*"], to: ["tag:dev"]}]}',
+    '{rules: [{from: ["*"], to: ["0.0.0.0/0"], ports: ["443/tcp"]}]}',
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(GATEWAY_OPS)
+def test_deltas_under_any_gateway_changes_equal_the_derived_state(
+    ops: list[tuple[str, int, int, bool]],
+) -> None:
+    world = PolicyWorld({f"h{n}": () for n in range(6)})
+    pending: list[Touched] = []
+    applied = 0
+    for op, n, m, flush in ops:
+        name = f"h{n}"
+        try:
+            if op == "egress":
+                command: object = AddEgress(
+                    node=f"office/{name}", ranges=(RANGES[m % 4],), nat=flush, metric=m
+                )
+            elif op == "unegress":
+                command = RemoveEgress(node=f"office/{name}")
+            elif op == "exit":
+                gateways = _internet_gateways(world)
+                if not gateways:  # one first, often enough for exits to happen
+                    make = AddEgress(node=f"office/h{m}", ranges=("0.0.0.0/0",))
+                    pending.extend(world.world.run(make)[1])
+                    gateways = _internet_gateways(world)
+                command = SetExit(node=f"office/{name}", via=gateways[m % len(gateways)])
+            elif op == "exit off":
+                command = ClearExit(node=f"office/{name}")
+            elif op == "remove":
+                command = RemoveNode(node=f"office/{name}")
+            elif op == "rejoin":
+                pending.extend(world.join(name))
+                continue
+            elif op == "policy":
+                pending.extend(world.set_policy(POLICIES[m % 3]))
+                continue
+            elif op == "tag":
+                pending.extend(world.tag(name, "dev"))
+                continue
+            else:
+                command = RotateHostKey(
+                    host_id=world.host[name], public_key=public_key(500 + len(world.world.log))
+                )
+            decision, touched = world.world.run(command)  # type: ignore[arg-type]
+            applied += bool(decision.events)
+        except (Rejected, KeyError, StopIteration):
+            continue
+        pending.extend(touched)
+        if flush:
+            world.flush(pending)
+            pending = []
+    world.flush(pending)
+
+
+def _internet_gateways(world: PolicyWorld) -> list[str]:
+    found = world.topology.networks["office"].gateways.items()
+    return sorted(node_id for node_id, g in found if "0.0.0.0/0" in g.ranges)
