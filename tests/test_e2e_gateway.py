@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from agent.egress import DEAD_AFTER, PROBE_INTERVAL
-from tests.meshnet import IFACE, Mesh, mesh_fixture  # noqa: F401
+from tests.meshnet import IFACE, NETMESH, Mesh, mesh_fixture  # noqa: F401
 from tests.netns import Host, testnet_fixture, wait_until  # noqa: F401
 from tests.tcpprobe import SCRIPT
 from tests.test_e2e_agent import AGENT_ARGS, _mesh_up
@@ -215,3 +215,41 @@ async def test_an_exit_node_reaches_the_internet_through_its_gateway_and_off_res
     await wait_until(restored, timeout=20, interval=0.2, message="a's routing as before")
     await _stays_unreachable(a, f"{INTERNET}.2")
     assert (await a.run("wg", "show", IFACE, "fwmark", check=False)).stdout.strip() in ("", "off")
+
+
+async def test_agent_down_puts_a_gateway_and_an_exit_node_back_as_they_were(mesh: Mesh) -> None:
+    """`agent down` after a crash-free stop: the exit node's rules and table
+    route go, the gateway's forwarding is back off, both tables are gone."""
+    await _mesh_up(mesh, ("a", "b"))
+    a, b = mesh.hosts["a"], mesh.hosts["b"]
+    await mesh.net.add_behind(b, "internet", INTERNET)
+    await b.run("ip", "route", "add", "default", "via", f"{INTERNET}.2")
+    a_before, b_before = await _routing(a), await _routing(b)
+    forwarding_before = {name: await _forwarding(b, name) for name in ("eth0", "eth1")}
+    await mesh.cli("gateway", "egress", "add", "office/b", "--range", "0.0.0.0/0")
+    await mesh.cli("node", "exit", "office/a", "--via", "b")
+
+    async def in_force() -> bool:
+        rules = (await a.run("ip", "-4", "rule", "show")).stdout
+        return "lookup 51820" in rules and await _forwarding(b, "eth1") == "1"
+
+    await wait_until(in_force, timeout=20, interval=0.2, message="exit and gateway in force")
+    for name in ("a", "b"):
+        device = await mesh.wireguard_go_pid(name)
+        await mesh.stop_agent(name)
+        state = str(mesh.tmp / name)
+        down = await mesh.hosts[name].run(
+            NETMESH, "agent", "down", "--state-dir", state, "--interface", IFACE, beside=device
+        )
+        assert down.returncode == 0, down.stderr
+    # As before, but for the overlay interface's own routes (it is gone).
+    for host, before in ((a, a_before), (b, b_before)):
+        assert _without_overlay(await _routing(host)) == _without_overlay(before)
+    assert {name: await _forwarding(b, name) for name in ("eth0", "eth1")} == forwarding_before
+    for host in (a, b):
+        assert await _table(host) == ""
+
+
+def _without_overlay(routing: tuple[str, str]) -> tuple[str, list[str]]:
+    rules, routes = routing
+    return rules, [line for line in routes.splitlines() if f"dev {IFACE}" not in line]
