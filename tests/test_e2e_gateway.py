@@ -253,3 +253,58 @@ async def test_agent_down_puts_a_gateway_and_an_exit_node_back_as_they_were(mesh
 def _without_overlay(routing: tuple[str, str]) -> tuple[str, list[str]]:
     rules, routes = routing
     return rules, [line for line in routes.splitlines() if f"dev {IFACE}" not in line]
+
+
+async def test_under_a_policy_the_gateway_forwards_only_what_the_rules_allow(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """a may open 8080 on the LAN (and see the gateway b); c has no rule to the
+    LAN. Shown: a reaches 8080, not 8081; c reaches neither, even with a
+    route of its own to the LAN through b (the gateway's forward chain drops
+    it, not only the missing route)."""
+    _, nodes = await _mesh_up(mesh, ("a", "b", "c"))
+    a, b, c = (mesh.hosts[n] for n in ("a", "b", "c"))
+    lan = await mesh.net.add_behind(b, "site", LAN)
+    listener = await lan.spawn(sys.executable, SCRIPT, "serve", str(PORT), str(PORT + 1))
+    assert listener.pid
+    await wait_until(lambda: _hello(b, f"{LAN}.2"), timeout=10, message="listener")
+    policy = tmp_path / "policy.json5"
+    policy.write_text(
+        f"""{{rules: [
+          {{from: ["a"], to: ["{LAN}.0/24"], ports: ["{PORT}/tcp"]}},
+          {{from: ["a", "c"], to: ["b"], ports: ["icmp"]}},
+        ]}}"""
+    )
+    await mesh.cli("policy", "set", "office", str(policy))
+    await mesh.cli("gateway", "egress", "add", "office/b", "--range", f"{LAN}.0/24")
+    await wait_until(
+        lambda: _hello(a, f"{LAN}.2"), timeout=20, interval=0.2, message="a reaches 8080"
+    )
+
+    async def answers(host: Host, port: int) -> bool:
+        probe = await host.run(
+            sys.executable, SCRIPT, "connect", f"{LAN}.2", str(port), check=False
+        )
+        return probe.returncode == 0
+
+    # c is given no route to the LAN; give it one by hand through b: the
+    # gateway must still drop what c sends (c is b's peer: it may ping b).
+    assert not await answers(c, PORT)
+    # (Its agent stopped first, or it would put its peers back as desired.)
+    device = await mesh.wireguard_go_pid("c")
+    await mesh.stop_agent("c")
+    await c.run("ip", "route", "add", f"{LAN}.0/24", "dev", IFACE)
+    allowed = f"{nodes['b']['address']}/32,{LAN}.0/24"
+    key = await _key_of(mesh, "b")
+    await c.run("wg", "set", IFACE, "peer", key, "allowed-ips", allowed, beside=device)
+    deadline = time.monotonic() + HELD
+    while time.monotonic() < deadline:
+        assert not await answers(a, PORT + 1), "a reached a port no rule allows"
+        assert not await answers(c, PORT), "c reached the LAN without a rule"
+    assert await answers(a, PORT)
+
+
+async def _key_of(mesh: Mesh, name: str) -> str:
+    nodes = {n["name"]: n for n in await mesh.cli_json("node", "list")}
+    key: str = nodes[name]["public_key"]
+    return key
