@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL = 4
+PROTOCOL = 5
 
 # The key of the one entry of the `interface` section.
 WIREGUARD = "wireguard"
@@ -76,6 +76,25 @@ class FirewallEntry(msgspec.Struct, frozen=True, kw_only=True):
     allow: tuple[str, ...]
 
 
+class DnsEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A name the host's DNS server answers, keyed by the fully qualified name
+    (lowercase, no trailing dot), inside one of the `dns_zones`: its IPv4 (A)
+    and IPv6 (AAAA) addresses, or the name it is an alias of (CNAME)."""
+
+    a: tuple[str, ...] = ()
+    aaaa: tuple[str, ...] = ()
+    cname: str = ""
+
+
+class DnsZoneEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A domain the host's DNS server is the authority for, keyed by the
+    domain (lowercase, no trailing dot): names in it that no `dns` entry holds
+    do not exist (NXDOMAIN). The host's resolver is pointed at the server for
+    these domains only."""
+
+    network: str = ""  # the network whose domain it is
+
+
 class Sections(
     msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
 ):
@@ -91,6 +110,8 @@ class Sections(
     peers: dict[str, PeerEntry] = {}
     routes: dict[str, RouteEntry] = {}
     firewall: dict[str, FirewallEntry] = {}
+    dns: dict[str, DnsEntry] = {}
+    dns_zones: dict[str, DnsZoneEntry] = {}
 
 
 SECTION_NAMES: tuple[str, ...] = Sections.__struct_fields__
@@ -305,6 +326,13 @@ def _v3_to_v4(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "protocol": 4, "sections": sections}
 
 
+def _v4_to_v5(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 4 had no DNS: its messages hold no names and no zones, which
+    is what an absent `dns` and `dns_zones` mean (the agent serves nothing
+    and leaves the host's resolver as it is)."""
+    return {**raw, "protocol": 5}
+
+
 # The firewall of a host that enforces no policy (what version 3 meant).
 ALLOW_EVERYTHING = ("0.0.0.0/0", "::/0")
 
@@ -312,6 +340,7 @@ _UPCASTS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: _v1_to_v2,
     2: _v2_to_v3,
     3: _v3_to_v4,
+    4: _v4_to_v5,
 }
 
 
