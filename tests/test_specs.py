@@ -19,6 +19,7 @@ from controlplane.rules.spec import Sender
 from events.commands import (
     COMMAND_TYPES,
     AddAdmin,
+    AddDnsRecord,
     AnyCommand,
     ClearPolicy,
     Command,
@@ -28,6 +29,7 @@ from events.commands import (
     Join,
     LeaveNetworks,
     RemoveAdmin,
+    RemoveDnsRecord,
     RemoveNode,
     ReportEndpoint,
     RequestKeyRotation,
@@ -84,6 +86,7 @@ def scenario() -> World:
     world.run(join(world, "office", 2, HOST2), HOST2)
     world.run(TagNode(node="office/h2", tags=("web",)), ROOT)
     world.run(SetPolicy(network="lab", document='{rules: [{from: ["*"], to: ["*"]}]}'), ROOT)
+    world.run(AddDnsRecord(network="lab", name="files", a=("10.20.0.9",)), ROOT)
     for name, key, role, networks in [
         ("olga", OLGA, "network-admin", NETWORKS_OF["olga"]),
         ("larry", LARRY, "network-admin", NETWORKS_OF["larry"]),
@@ -126,6 +129,15 @@ ADMIN_SAMPLES: dict[str, tuple[Sample, str | None]] = {
         "office",
     ),
     "clear lab's policy": (lambda w: ClearPolicy(network="lab"), "lab"),
+    "name in office": (
+        lambda w: AddDnsRecord(network="office", name="db", a=("10.10.0.50",)),
+        "office",
+    ),
+    "remove a name in lab": (
+        lambda w: RemoveDnsRecord(network="lab", name="files.lab.internal"),
+        "lab",
+    ),
+    "domain of lab": (lambda w: UpdateNetwork(name="lab", dns_domain="lab.corp.example"), "lab"),
     "add admin": (
         lambda w: AddAdmin(name="newbie", public_key=public_text(SigningKey.generate())),
         None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane.rules import admins, hosts, keys, networks, nodes, policies
+from controlplane.rules import admins, dns, hosts, keys, networks, nodes, policies
 from controlplane.rules.spec import CommandSpec, Sender
 from events.commands import Command
 
@@ -19,6 +19,7 @@ SPECS: tuple[CommandSpec[Any], ...] = (
     *keys.SPECS,
     *nodes.SPECS,
     *policies.SPECS,
+    *dns.SPECS,
     *hosts.SPECS,
     *admins.SPECS,
 )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from projections.sections.addresses import AddressSection
 from projections.sections.base import Reread, SectionRule
+from projections.sections.dns import DnsSection, DnsZoneSection
 from projections.sections.firewall import FirewallSection
 from projections.sections.interface import InterfaceSection
 from projections.sections.peers import PeerSection, peer_endpoint
@@ -29,6 +30,8 @@ SECTIONS: tuple[type[SectionRule], ...] = (
     PeerSection,
     RouteSection,
     FirewallSection,
+    DnsSection,
+    DnsZoneSection,
 )
 
 __all__ = ["SECTIONS", "Reread", "SectionRule", "peer_endpoint"]
