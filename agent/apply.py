@@ -1,5 +1,6 @@
 """Carry out a plan on the machine: WireGuard through the backend, the link
-through rtnetlink, the firewall through nft. Device ops that follow each other
+through rtnetlink, the firewall through nft, DNS through the agent's server
+and the host's resolver. Device ops that follow each other
 go in one backend call.
 
 On failure it stops and says how far it got; the next pass re-reads the machine
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from agent.backend import BackendError, DeviceState, PeerSpec, WireGuardBackend
+from agent.dns import DnsControl, PointResolver, RestoreResolver, ServeDns
 from agent.firewall import FirewallControl, FirewallError
 from agent.link import LinkControl, LinkState
 from agent.plan import (
@@ -44,7 +46,10 @@ class ApplyResult:
 
 
 async def read_actual(
-    backend: WireGuardBackend, link: LinkControl, firewall: FirewallControl | None = None
+    backend: WireGuardBackend,
+    link: LinkControl,
+    firewall: FirewallControl | None = None,
+    dns: DnsControl | None = None,
 ) -> Actual:
     """What is on the machine now. The device is read once: `exists()` is itself
     a read, and reading a 1,000-peer device twice doubled an agent's pass.
@@ -58,7 +63,12 @@ async def read_actual(
             raise  # there, but unreadable: not the same as absent
         device = None
     link_state: LinkState | None = await link.state() if await link.exists() else None
-    actual = Actual(device=device, link=link_state, interface=backend.interface)
+    actual = Actual(
+        device=device,
+        link=link_state,
+        interface=backend.interface,
+        dns=await dns.read() if dns is not None else None,
+    )
     if firewall is None:
         return actual
     try:
@@ -73,6 +83,7 @@ async def apply(
     link: LinkControl,
     private_key: str,
     firewall: FirewallControl | None = None,
+    dns: DnsControl | None = None,
 ) -> ApplyResult:
     done = 0
     i = 0
@@ -108,11 +119,25 @@ async def apply(
                     if firewall is None:
                         raise FirewallError("no firewall to apply to", retryable=False)
                     await firewall.replace(ruleset)
+                case ServeDns() | PointResolver() | RestoreResolver():
+                    if dns is None:
+                        raise BackendError("no DNS control to apply to", retryable=False)
+                    await _dns(dns, op)
             done += 1
             i += 1
     except BackendError as exc:
         return ApplyResult(done, exc)
     return ApplyResult(done)
+
+
+async def _dns(dns: DnsControl, op: ServeDns | PointResolver | RestoreResolver) -> None:
+    match op:
+        case ServeDns(addresses=addresses, zone=zone):
+            await dns.serve(addresses, zone)
+        case PointResolver(routing=routing):
+            await dns.point(routing)
+        case RestoreResolver():
+            await dns.restore()
 
 
 async def _configure(backend: WireGuardBackend, group: list[DeviceOp], private_key: str) -> None:

@@ -11,6 +11,8 @@ what differs, and reports the applied revision. The last desired state is kept
 on disk, so with NATS or the control plane down the agent keeps enforcing what it
 last knew. SIGTERM stops the agent and leaves the interface up, and its firewall
 (nftables table `inet netmesh`) with it; `netmesh agent down` removes both.
+Its DNS server stops with it, and the host's resolver is given back then
+(nothing would answer there).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from agent.backend import BackendError, DeviceState, WireGuardBackend
+from agent.dns import AgentDns, DnsControl
 from agent.endpoints import detect_endpoints
 from agent.firewall import FirewallControl, NftFirewall
 from agent.kernel import KernelBackend, kernel_wireguard_available
@@ -46,6 +49,7 @@ from agent.metrics import NO_METRICS, AgentMetrics, PrometheusAgentMetrics
 from agent.plan import Op
 from agent.receiver import DesiredReceiver
 from agent.reconcile import reconcile
+from agent.resolver import host_resolver
 from agent.session import (
     CONNECT_BACKOFF_MIN,
     AgentError,
@@ -331,6 +335,7 @@ class Agent:
         backend: WireGuardBackend,
         link: LinkControl,
         firewall: FirewallControl,
+        dns: DnsControl,
         private_key: str,
         public_key: str,
         resync_interval: float = RESYNC_INTERVAL,
@@ -343,6 +348,7 @@ class Agent:
         self.backend = backend
         self.link = link
         self.firewall = firewall
+        self.dns = dns
         self.key = HostKey(state, private_key, public_key, rotate_every)
         self.resync_interval = resync_interval
         self.detect_endpoints = False  # True when endpoints were found, not given
@@ -473,6 +479,7 @@ class Agent:
                 self.backend,
                 self.link,
                 firewall=self.firewall,
+                dns=self.dns,
                 public_key=self.key.public_key,
                 private_key=self.key.private_key,
                 previous=progress.applied_by,
@@ -634,6 +641,10 @@ class Agent:
         if self.progress.retry is not None:
             self.progress.retry.cancel()
         await self.session.close()
+        try:
+            await self.dns.close()
+        except BackendError as exc:
+            log.warning("the host's resolver not given back", error=str(exc))
         await self.backend.close()
         await self.link.close()
 
@@ -683,6 +694,7 @@ async def run_agent(
         backend=await make_backend(backend, interface),
         link=Link(interface),
         firewall=NftFirewall(),
+        dns=AgentDns(host_resolver(interface)),
         private_key=private_key_b64(key),
         public_key=public_key,
         resync_interval=resync_interval,

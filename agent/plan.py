@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agent.backend import DeviceState, PeerSpec, PeerState
+from agent.dns import DnsOp, DnsState
 from agent.firewall import FirewallState, Ruleset, cached_ruleset_for, in_force
 from agent.link import LinkState
 from events.desired import DesiredState, FirewallEntry, PeerEntry
@@ -41,6 +42,7 @@ class Actual:
     interface: str = ""
     firewall: FirewallState | None = None
     firewall_error: str | None = None
+    dns: DnsState | None = None  # None: no DNS control (see agent/dns.py)
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ Op = (
     | RemovePeer
     | AddRoute
     | RemoveRoute
+    | DnsOp
 )
 
 

@@ -14,10 +14,11 @@ desired state has its owner here:
 | link | interface (mtu), addresses | MTU, addresses, link up |
 | peers | peers | the device's peers, changed in place |
 | routes | routes | routes through the interface that the agent added |
+| dns | dns, dns_zones | its DNS server on the overlay addresses; its line in the host's resolver |
 
 The firewall goes first: whatever the pass brings up (the interface, new
-peers) meets the filter already in force. Later features (dns) add a
-reconciler here with their section.
+peers) meets the filter already in force. DNS goes last: it serves on the
+addresses the link reconciler has just put on the interface.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 from agent.apply import apply, read_actual
 from agent.backend import WireGuardBackend
+from agent.dns import DnsControl, plan_dns
 from agent.firewall import FirewallControl
 from agent.link import LinkControl
 from agent.plan import (
@@ -63,6 +65,7 @@ RECONCILERS: tuple[Reconciler, ...] = (
     Reconciler("link", lambda d, a, _prev, _key: plan_link(d, a), ("interface", "addresses")),
     Reconciler("peers", lambda d, a, prev, _key: plan_peers(d, a, previous=prev), ("peers",)),
     Reconciler("routes", lambda d, a, _prev, _key: plan_routes(d, a), ("routes",)),
+    Reconciler("dns", lambda d, a, _prev, _key: [*plan_dns(d, a.dns)], ("dns", "dns_zones")),
 )
 # Every section some reconciler enforces.
 ENFORCED_SECTIONS: tuple[str, ...] = tuple(
@@ -107,6 +110,7 @@ async def reconcile(
     link: LinkControl,
     *,
     firewall: FirewallControl,
+    dns: DnsControl | None = None,
     public_key: str,
     private_key: str,
     previous: dict[str, DesiredState],
@@ -118,7 +122,7 @@ async def reconcile(
     `previous` holds, per reconciler, the desired state it last applied in
     full (to tell a control-plane endpoint change from roaming). Raises
     BackendError only when the machine cannot be read at all."""
-    actual = await read_actual(backend, link, firewall)
+    actual = await read_actual(backend, link, firewall, dns)
     outcomes = []
     for reconciler in reconcilers:
         ops = reconciler.plan(desired, actual, previous.get(reconciler.name), public_key)
@@ -129,7 +133,7 @@ async def reconcile(
             if on_op is not None:
                 on_op(reconciler.name, op)
         # apply() reports a BackendError in its result: how far it got, and why.
-        result = await apply(ops, backend, link, private_key, firewall)
+        result = await apply(ops, backend, link, private_key, firewall, dns)
         error = None if result.ok else f"{ops[result.applied]}: {result.error}"
         outcomes.append(Outcome(reconciler.name, tuple(ops), result.applied, error))
     return PassResult(actual, tuple(outcomes))
