@@ -18,7 +18,7 @@ import contextlib
 import socket
 import struct
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from dnslib import QTYPE, RCODE, DNSRecord
@@ -48,10 +48,12 @@ class DnsServer:
         upstreams: Callable[[], Sequence[str]],
         *,
         port: int = DNS_PORT,
+        upstream_port: int = DNS_PORT,
         forward_timeout: float = FORWARD_TIMEOUT,
     ) -> None:
         self.zone = Zone()
         self.port = port
+        self.upstream_port = upstream_port
         self._upstreams = upstreams
         self._forward_timeout = forward_timeout
         self._udp: dict[str, asyncio.DatagramTransport] = {}
@@ -138,7 +140,8 @@ class DnsServer:
                 continue  # ourselves (our own line in the host's resolver configuration)
             try:
                 async with asyncio.timeout(self._forward_timeout):
-                    found = await (_ask_tcp if tcp else _ask_udp)(upstream, data)
+                    ask = _ask_tcp if tcp else _ask_udp
+                    found = await ask(upstream, self.upstream_port, data)
             except (OSError, TimeoutError, asyncio.IncompleteReadError):
                 continue
             if len(found) >= 2 and found[:2] == data[:2]:
@@ -175,8 +178,8 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # A datagram transport, though not a DatagramTransport subclass (3.11's selector loop).
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self.server.spawn(self._answer(data, addr))
@@ -224,7 +227,7 @@ def _failure(query: DNSRecord, rcode: int) -> bytes:
     return bytes(reply.pack())
 
 
-async def _ask_udp(upstream: str, data: bytes) -> bytes:
+async def _ask_udp(upstream: str, port: int, data: bytes) -> bytes:
     loop = asyncio.get_running_loop()
     answered: asyncio.Future[bytes] = loop.create_future()
 
@@ -237,7 +240,7 @@ async def _ask_udp(upstream: str, data: bytes) -> bytes:
             if not answered.done():
                 answered.set_exception(exc)
 
-    transport, _ = await loop.create_datagram_endpoint(Ask, remote_addr=(upstream, DNS_PORT))
+    transport, _ = await loop.create_datagram_endpoint(Ask, remote_addr=(upstream, port))
     try:
         transport.sendto(data)
         return await answered
@@ -245,8 +248,8 @@ async def _ask_udp(upstream: str, data: bytes) -> bytes:
         transport.close()
 
 
-async def _ask_tcp(upstream: str, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection(upstream, DNS_PORT)
+async def _ask_tcp(upstream: str, port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(upstream, port)
     try:
         writer.write(struct.pack("!H", len(data)) + data)
         await writer.drain()
