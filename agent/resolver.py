@@ -162,7 +162,9 @@ class ResolvConf:
         except OSError:
             mode = 0o644
         temporary = ""
-        if not self.path.is_symlink():  # a link stays a link: its target is written
+        # A link stays a link (its target is written), a file mounted over
+        # the path stays mounted (written in place).
+        if not self.path.is_symlink() and not os.path.ismount(self.path):
             try:
                 fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".netmesh-resolv.")
             except OSError:
