@@ -11,8 +11,9 @@ what differs, and reports the applied revision. The last desired state is kept
 on disk, so with NATS or the control plane down the agent keeps enforcing what it
 last knew. SIGTERM stops the agent and leaves the interface up, and its firewall
 (nftables table `inet netmesh`) with it; `netmesh agent down` removes both.
-Its DNS server stops with it, and the host's resolver is given back then
-(nothing would answer there).
+Its DNS server stops with it; the host's resolver stays pointed at the
+overlay address (which refuses queries meanwhile, so resolvers move on at
+once) until `agent down` gives it back.
 """
 
 from __future__ import annotations
@@ -641,10 +642,7 @@ class Agent:
         if self.progress.retry is not None:
             self.progress.retry.cancel()
         await self.session.close()
-        try:
-            await self.dns.close()
-        except BackendError as exc:
-            log.warning("the host's resolver not given back", error=str(exc))
+        await self.dns.close()
         await self.backend.close()
         await self.link.close()
 

@@ -76,7 +76,7 @@ class DnsControl(Protocol):
         ...
 
     async def close(self) -> None:
-        """The agent stops: nothing served any more, the resolver given back."""
+        """The agent stops: nothing served any more (the resolver stays as it is)."""
         ...
 
 
@@ -128,7 +128,9 @@ class AgentDns:
         await self.resolver.restore()
 
     async def close(self) -> None:
-        """The agent stops: its server with it, and the resolver is given back
-        (nothing would answer there)."""
+        """The agent stops: its server with it. The resolver stays pointed at
+        the overlay address, as the interface stays up (a restart then
+        changes nothing on the machine): meanwhile that address refuses
+        queries, so the C library and resolved move on at once. `agent down`
+        gives the resolver back."""
         await self.server.close()
-        await self.resolver.restore()

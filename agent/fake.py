@@ -202,7 +202,6 @@ class FakeDns:
 
     async def close(self) -> None:
         await self.serve((), Zone())
-        await self.restore()
 
 
 class FakeFirewall:

@@ -14,9 +14,9 @@ Two ways, chosen by what the host runs (`host_resolver`):
   first, so every name goes to the agent's server, which answers its domains
   and forwards every other name to the nameservers that follow the block (the
   host's own, untouched): other names are still answered by the host's
-  resolvers. Removing the block gives back the file byte for byte. While the
-  agent is stopped its address refuses queries, and the C library moves on to
-  the host's nameservers at once.
+  resolvers. Removing the block (`agent down`) gives back the file byte for
+  byte. While the agent is stopped its address refuses queries, and the C
+  library moves on to the host's nameservers at once.
 
 Both are behind `ResolverControl`; resolvectl is driven through a `Command`
 runner, so the sequence of commands is tested on a fake (this machine has no
