@@ -48,12 +48,15 @@ def check_domain(topology: Topology, text: str, network: str) -> str:
     return domain
 
 
-def _record_name(network: Network, text: str) -> str:
-    """Raises Rejected."""
+def _named(topology: Topology, cmd: AddDnsRecord | RemoveDnsRecord) -> tuple[Network, str, str]:
+    """The network, the record's name relative to its domain, and whole.
+    Raises Rejected."""
+    network = require_network(topology, cmd.network)
     try:
-        return relative_name(text, network.dns_domain)
+        name = relative_name(cmd.name, network.dns_domain)
     except DnsNameError as exc:
         raise Rejected(ErrorCode.INVALID, f"{exc} of network {network.name!r}") from None
+    return network, name, fqdn(name, network.dns_domain)
 
 
 def _addresses(texts: tuple[str, ...], version: int, flag: str) -> None:
@@ -73,9 +76,7 @@ def _addresses(texts: tuple[str, ...], version: int, flag: str) -> None:
 
 
 def add_record(topology: Topology, cmd: AddDnsRecord, _ctx: Context) -> Decision:
-    network = require_network(topology, cmd.network)
-    name = _record_name(network, cmd.name)
-    whole = fqdn(name, network.dns_domain)
+    network, name, whole = _named(topology, cmd)
     if not (cmd.a or cmd.aaaa or cmd.cname):
         raise Rejected(ErrorCode.INVALID, f"{whole}: give --a, --aaaa or --cname")
     if cmd.cname and (cmd.a or cmd.aaaa):
@@ -124,9 +125,7 @@ ADD = CommandSpec[AddDnsRecord](
 
 
 def remove_record(topology: Topology, cmd: RemoveDnsRecord, _ctx: Context) -> Decision:
-    network = require_network(topology, cmd.network)
-    name = _record_name(network, cmd.name)
-    whole = fqdn(name, network.dns_domain)
+    network, name, whole = _named(topology, cmd)
     if name not in network.records:
         raise Rejected(ErrorCode.NOT_FOUND, f"network {network.name!r} has no record {whole}")
     event = DnsRecordRemoved(network=network.name, name=cmd.name)
