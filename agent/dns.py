@@ -15,7 +15,7 @@ from typing import Protocol
 
 from agent.dnsserver import DnsServer
 from agent.dnszone import Zone
-from agent.resolver import ResolverControl, Routing, servers_of
+from agent.resolver import ResolverControl, ResolverError, Routing, servers_of
 from events.desired import DesiredState
 
 
@@ -116,7 +116,13 @@ class AgentDns:
         self.server = server or DnsServer(resolver.upstreams)
 
     async def read(self) -> DnsState:
-        return DnsState(self.server.listening, self.server.zone, await self.resolver.read())
+        try:
+            routing = await self.resolver.read()
+        except ResolverError:
+            # Unreadable: planned as not pointed, so the apply says why, as
+            # this reconciler's failure, not the whole pass's.
+            routing = None
+        return DnsState(self.server.listening, self.server.zone, routing)
 
     async def serve(self, addresses: tuple[str, ...], zone: Zone) -> None:
         await self.server.serve(addresses, zone)

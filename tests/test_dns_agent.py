@@ -437,3 +437,18 @@ def test_resolved_upstreams_are_its_own_not_its_stub(tmp_path: Path) -> None:
         "192.0.2.53",
         "192.0.2.54",
     ]
+
+
+async def test_an_unreadable_resolv_conf_fails_the_dns_reconciler_only(tmp_path: Path) -> None:
+    from agent.dns import AgentDns
+
+    unreadable = tmp_path / "resolv.conf"
+    unreadable.mkdir()  # reading it fails (a directory): EISDIR
+    dns = AgentDns(ResolvConf(unreadable), DnsServer(lambda: [], port=free_port()))
+    try:
+        state = await dns.read()  # no exception: the pass goes on
+        assert state.routing is None
+        with pytest.raises(ResolverError, match="cannot"):
+            await dns.point(ROUTING)
+    finally:
+        await dns.close()
