@@ -59,7 +59,7 @@ class DnsServer:
         self._udp: dict[str, asyncio.DatagramTransport] = {}
         self._tcp: dict[str, asyncio.Server] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._tcp_clients = 0
+        self._tcp_clients: set[asyncio.StreamWriter] = set()
         self.dropped = 0  # queries dropped because too many were in flight
 
     @property
@@ -85,6 +85,8 @@ class DnsServer:
     async def close(self) -> None:
         for address in list(self._udp):
             self._unbind(address)
+        for client in list(self._tcp_clients):
+            client.close()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -149,10 +151,10 @@ class DnsServer:
         return _failure(query, RCODE.SERVFAIL)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._tcp_clients >= MAX_TCP_CLIENTS:
+        if len(self._tcp_clients) >= MAX_TCP_CLIENTS:
             writer.close()
             return
-        self._tcp_clients += 1
+        self._tcp_clients.add(writer)
         try:
             while True:
                 async with asyncio.timeout(TCP_IDLE):
@@ -166,7 +168,7 @@ class DnsServer:
         except (asyncio.IncompleteReadError, TimeoutError, OSError):
             pass
         finally:
-            self._tcp_clients -= 1
+            self._tcp_clients.discard(writer)
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()

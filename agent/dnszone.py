@@ -35,7 +35,7 @@ class Zone:
     names: Mapping[str, DnsEntry] = field(default_factory=dict)
     domains: tuple[str, ...] = ()  # longest first: the most specific zone wins
     # Names that exist only because names below them do (`sub` of `a.sub.d`).
-    _branches: frozenset[str] = frozenset()
+    branches: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, names: Mapping[str, DnsEntry], zones: Mapping[str, DnsZoneEntry]) -> Zone:
@@ -123,7 +123,7 @@ def answer(zone: Zone, query: DNSRecord) -> DNSRecord | None:
         else:
             reply.add_auth(_soa(domain))
         return reply
-    if name in zone._branches:
+    if name in zone.branches:
         reply.add_auth(_soa(domain))
         return reply
     reply.header.rcode = RCODE.NXDOMAIN

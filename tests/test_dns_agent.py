@@ -257,6 +257,19 @@ async def test_a_flood_of_fuzz_leaves_the_server_answering(
             sock.sendto(os.urandom(i % 300), ("127.0.0.1", server.port))
     finally:
         sock.close()
+    # And over TCP: garbage behind a length, a length with nothing behind it,
+    # a query cut short, bytes with no framing at all.
+    for data in (
+        b"\x00\x20" + os.urandom(32),
+        b"\xff\xff",
+        b"\x00\x30" + bytes(DNSRecord.question("web.office.internal").pack())[:20],
+        os.urandom(700),
+    ):
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(data)
+        await writer.drain()
+        writer.close()
+    assert await tcp(server.port, bytes(DNSRecord.question("web.office.internal").pack()))
     # UDP is lossy (the flood may fill the socket's buffer): a client asks
     # again, as every resolver does, and is answered once the flood is through.
     for _ in range(10):
