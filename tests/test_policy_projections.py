@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 
 from controlplane.decide import Rejected, host_id_for
 from events.commands import (
+    AddDnsRecord,
     CreateEnrollmentKey,
     CreateNetwork,
     Join,
+    RemoveDnsRecord,
     RemoveNode,
     ReportEndpoint,
     RotateHostKey,
@@ -296,7 +298,19 @@ POLICIES = [
 POLICY_OPS = st.lists(
     st.tuples(
         st.sampled_from(
-            ["join", "remove", "tag", "untag", "policy", "endpoint", "rotate", "join lab"]
+            [
+                "join",
+                "remove",
+                "tag",
+                "untag",
+                "policy",
+                "endpoint",
+                "rotate",
+                "join lab",
+                "record",
+                "unrecord",
+                "domain",
+            ]
         ),
         st.integers(0, 6),
         st.sampled_from(["a", "b", "c", "db", "web", "ops"]),
@@ -340,6 +354,18 @@ def test_deltas_under_any_policy_changes_equal_the_derived_state(
                 touched = (office.tag if op == "tag" else office.untag)(name, tag)
             elif op == "policy":
                 touched = office.set_policy(POLICIES[policy])
+            elif op in ("record", "unrecord"):
+                # Now and then a node's name: the node, joining later, takes it.
+                network, record = ("lab" if flush else "office"), tag if policy % 2 else name
+                command = (
+                    AddDnsRecord(network=network, name=record, a=(f"10.99.0.{host + 1}",))
+                    if op == "record"
+                    else RemoveDnsRecord(network=network, name=record)
+                )
+                _, touched = office.world.run(command)
+            elif op == "domain":
+                domain = ("office.internal", "corp.example", "x.corp.example")[policy % 3]
+                _, touched = office.world.run(UpdateNetwork(name="office", dns_domain=domain))
             elif op == "endpoint":
                 _, touched = office.world.run(
                     ReportEndpoint(
@@ -379,9 +405,11 @@ def test_a_keepalive_change_under_a_policy_names_no_key_a_host_may_not_see(
 
 
 def test_no_message_ever_names_a_key_its_host_may_not_see(office: PolicyWorld) -> None:
-    """Visibility holds for removals too: a host is told to drop only a peer it had."""
+    """Visibility holds for removals too: a host is told to drop only a peer
+    (or a name) it had."""
     office.flush(office.set_policy(POLICY))
     held = {h: set(s.peers) for h, s in office.agents.states.items()}
+    names = {h: set(s.sections.dns) for h, s in office.agents.states.items()}
     steps: list[Callable[[], list[Touched]]] = [
         lambda: office.tag("lonely", "db"),
         lambda: office.untag("web2", "web"),
@@ -399,4 +427,7 @@ def test_no_message_ever_names_a_key_its_host_may_not_see(office: PolicyWorld) -
                 own = office.topology.hosts[host_id].public_key
                 removed = set(message.remove.get("peers", ())) - {own}
                 assert removed <= held.get(host_id, set()), (step, host_id)
+                gone = set(message.remove.get("dns", ()))
+                assert gone <= names.get(host_id, set()), (step, host_id, gone)
         held = {h: set(s.peers) for h, s in office.agents.states.items()}
+        names = {h: set(s.sections.dns) for h, s in office.agents.states.items()}

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from events.desired import DnsEntry, DnsZoneEntry
-from events.dns import fqdn, node_label, relative_name, within
+from events.dns import fqdn, relative_name, within
 from events.model import (
     DnsRecordAdded,
     DnsRecordRemoved,
@@ -113,9 +113,8 @@ class DnsSection:
     def rereads(topology: Topology, event: Event) -> Sequence[Reread]:
         match event:
             case DnsRecordAdded(network=network) | DnsRecordRemoved(network=network):
-                found = topology.networks.get(network)
                 record = _record_key(topology, event)
-                if found is None or record is None:
+                if record is None:
                     return ()
                 return (Reread(DnsSection.name, record, networks=frozenset((network,))),)
             case (
@@ -125,19 +124,13 @@ class DnsSection:
                 if policy_of(topology, network) is not None:
                     return DnsSection._policy_moves(topology, event)
                 node = topology.nodes.get(node_id) or topology.last_dropped
-                if node is None or node.node_id != node_id:
-                    return ()
-                label = node_label(node.name)
-                found = topology.networks.get(network)
-                if label is None or found is None:
+                name = topology.dns_name(node) if node and node.node_id == node_id else None
+                if node is None or name is None:
                     return ()
                 # Its own host gets a snapshot (its memberships moved).
-                key = frozenset((fqdn(label, found.dns_domain),))
-                return (
-                    Reread(
-                        DnsSection.name, key, networks=frozenset((network,)), owner=node.host_id
-                    ),
-                )
+                key = frozenset((name,))
+                networks = frozenset((network,))
+                return (Reread(DnsSection.name, key, networks=networks, owner=node.host_id),)
             case NodeTagged() | NodeUntagged() | PolicySet():
                 return DnsSection._policy_moves(topology, event)
         return ()
