@@ -1,5 +1,6 @@
 """Carry out a plan on the machine: WireGuard through the backend, the link
-through rtnetlink, the firewall through nft. Device ops that follow each other
+through rtnetlink, the firewall through nft, DNS through the agent's server
+and the host's resolver. Device ops that follow each other
 go in one backend call.
 
 On failure it stops and says how far it got; the next pass re-reads the machine
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from agent.backend import BackendError, DeviceState, PeerSpec, WireGuardBackend
+from agent.dns import DnsControl, PointResolver, RestoreResolver, ServeDns
 from agent.exit import ExitControl, ExitError
 from agent.firewall import FirewallControl, FirewallError
 from agent.forwarding import ForwardingControl, ForwardingError
@@ -56,9 +58,11 @@ async def read_actual(
     backend: WireGuardBackend,
     link: LinkControl,
     firewall: FirewallControl | None = None,
+    *,
     forwarding: ForwardingControl | None = None,
     forwarded: tuple[str, ...] = (),
     exit_routing: ExitControl | None = None,
+    dns: DnsControl | None = None,
 ) -> Actual:
     """What is on the machine now. The device is read once: `exists()` is itself
     a read, and reading a 1,000-peer device twice doubled an agent's pass.
@@ -72,7 +76,12 @@ async def read_actual(
             raise  # there, but unreadable: not the same as absent
         device = None
     link_state: LinkState | None = await link.state() if await link.exists() else None
-    actual = Actual(device=device, link=link_state, interface=backend.interface)
+    actual = Actual(
+        device=device,
+        link=link_state,
+        interface=backend.interface,
+        dns=await dns.read() if dns is not None else None,
+    )
     if forwarding is not None:
         # `forwarded`: the ranges the host forwards to (whose routes matter).
         try:
@@ -98,8 +107,10 @@ async def apply(
     link: LinkControl,
     private_key: str,
     firewall: FirewallControl | None = None,
+    *,
     forwarding: ForwardingControl | None = None,
     exit_routing: ExitControl | None = None,
+    dns: DnsControl | None = None,
 ) -> ApplyResult:
     done = 0
     i = 0
@@ -144,6 +155,10 @@ async def apply(
                         await forwarding.enable(name)
                     else:
                         await forwarding.restore(name)
+                case ServeDns() | PointResolver() | RestoreResolver():
+                    if dns is None:
+                        raise BackendError("no DNS control to apply to", retryable=False)
+                    await _dns(dns, op)
             done += 1
             i += 1
     except BackendError as exc:
@@ -163,6 +178,16 @@ async def _route_exit(
             await control.add_rule(rule)
         case RemoveExitRule(rule=rule):
             await control.remove_rule(rule)
+
+
+async def _dns(dns: DnsControl, op: ServeDns | PointResolver | RestoreResolver) -> None:
+    match op:
+        case ServeDns(addresses=addresses, zone=zone):
+            await dns.serve(addresses, zone)
+        case PointResolver(routing=routing):
+            await dns.point(routing)
+        case RestoreResolver():
+            await dns.restore()
 
 
 async def _configure(backend: WireGuardBackend, group: list[DeviceOp], private_key: str) -> None:

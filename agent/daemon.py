@@ -11,6 +11,9 @@ what differs, and reports the applied revision. The last desired state is kept
 on disk, so with NATS or the control plane down the agent keeps enforcing what it
 last knew. SIGTERM stops the agent and leaves the interface up, and its firewall
 (nftables table `inet netmesh`) with it; `netmesh agent down` removes both.
+Its DNS server stops with it; the host's resolver stays pointed at the
+overlay address (which refuses queries meanwhile, so resolvers move on at
+once) until `agent down` gives it back.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from agent.backend import BackendError, DeviceState, WireGuardBackend
+from agent.dns import AgentDns, DnsControl
 from agent.egress import PROBE_INTERVAL, PROBE_PORT, Liveness, candidates
 from agent.endpoints import detect_endpoints
 from agent.exit import ExitControl, ExitRouting, exempt_addresses
@@ -49,6 +53,7 @@ from agent.metrics import NO_METRICS, AgentMetrics, PrometheusAgentMetrics
 from agent.plan import Op
 from agent.receiver import DesiredReceiver
 from agent.reconcile import reconcile
+from agent.resolver import host_resolver
 from agent.session import (
     CONNECT_BACKOFF_MIN,
     AgentError,
@@ -342,6 +347,7 @@ class Agent:
         backend: WireGuardBackend,
         link: LinkControl,
         firewall: FirewallControl,
+        dns: DnsControl,
         private_key: str,
         public_key: str,
         forwarding: ForwardingControl | None = None,
@@ -362,6 +368,7 @@ class Agent:
         self.exempt: tuple[str, ...] = ()
         self.liveness = Liveness()
         self.dead_gateways: frozenset[str] = frozenset()
+        self.dns = dns
         self.key = HostKey(state, private_key, public_key, rotate_every)
         self.resync_interval = resync_interval
         self.detect_endpoints = False  # True when endpoints were found, not given
@@ -496,6 +503,7 @@ class Agent:
                 dead_gateways=self.dead_gateways,
                 exit_routing=self.exit_routing,
                 exempt=self.exempt,
+                dns=self.dns,
                 public_key=self.key.public_key,
                 private_key=self.key.private_key,
                 previous=progress.applied_by,
@@ -699,6 +707,7 @@ class Agent:
         if self.progress.retry is not None:
             self.progress.retry.cancel()
         await self.session.close()
+        await self.dns.close()
         await self.backend.close()
         await self.link.close()
 
@@ -750,6 +759,7 @@ async def run_agent(
         firewall=NftFirewall(),
         forwarding=SysctlForwarding(state_dir),
         exit_routing=ExitRouting(interface),
+        dns=AgentDns(host_resolver(interface)),
         private_key=private_key_b64(key),
         public_key=public_key,
         resync_interval=resync_interval,

@@ -1,4 +1,4 @@
-"""A WireGuard device, link and firewall in memory, recording every change.
+"""A WireGuard device, link, firewall and DNS in memory, recording every change.
 
 For unit tests of the agent's logic and for simulating thousands of agents in
 one process (the scale benchmark). It honours the same contract as the real
@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+from dataclasses import replace
 from typing import Any
 
 from nacl.public import PrivateKey
 
 from agent.backend import BackendError, DeviceState, PeerSpec, PeerState
+from agent.dns import DnsState
+from agent.dnszone import Zone
 from agent.firewall import FAMILY, TABLE, FirewallError, FirewallState, Ruleset, state_of
 from agent.link import LinkState
+from agent.resolver import Routing
 
 
 class FakeMachine:
@@ -174,6 +178,36 @@ class FakeLink:
 
     async def close(self) -> None:
         return None
+
+
+class FakeDns:
+    """`agent.dns.AgentDns` in memory: what the server would serve and the
+    resolver would hold, recording each change (the zone's answers are
+    tested on `agent.dnszone`, the server and resolvers on real sockets and
+    files)."""
+
+    def __init__(self) -> None:
+        self.state = DnsState()
+        self.ops: list[str] = []
+
+    async def read(self) -> DnsState:
+        return self.state
+
+    async def serve(self, addresses: tuple[str, ...], zone: Zone) -> None:
+        self.state = replace(self.state, listening=addresses, zone=zone)
+        self.ops.append(f"serve dns on {','.join(addresses) or 'nothing'}: {len(zone.names)} names")
+
+    async def point(self, routing: Routing) -> None:
+        self.state = replace(self.state, routing=routing)
+        self.ops.append(f"point resolver at {routing.server} for {','.join(routing.domains)}")
+
+    async def restore(self) -> None:
+        if self.state.routing is not None:
+            self.ops.append("restore resolver")
+        self.state = replace(self.state, routing=None)
+
+    async def close(self) -> None:
+        await self.serve((), Zone())
 
 
 class FakeFirewall:

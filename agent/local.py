@@ -17,6 +17,7 @@ from agent.firewall import FirewallControl, NftFirewall
 from agent.forwarding import SysctlForwarding
 from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.link import Link
+from agent.resolver import ResolverControl, host_resolver
 from agent.session import AgentError, broker_login, send_host_command
 from agent.statedir import Identity, StateDir, load_status, pid_alive, public_key_of
 from agent.userspace import UserspaceBackend
@@ -102,17 +103,27 @@ async def local_status(state_dir: Path, interface: str | None) -> dict[str, Any]
 
 
 async def interface_down(
-    state_dir: Path, interface: str, firewall: FirewallControl | None = None
+    state_dir: Path,
+    interface: str,
+    firewall: FirewallControl | None = None,
+    resolver: ResolverControl | None = None,
 ) -> bool:
-    """Remove the interface, put IPv4 forwarding back where a gateway changed
-    it, then remove the agent's firewall table (`inet netmesh`, nothing else:
-    the table goes last, so nothing arrives or is forwarded unfiltered
-    meanwhile). Returns whether there was an interface. Raises AgentError."""
+    """Give the host's resolver back (the agent's block in resolv.conf, or its
+    settings in systemd-resolved: a stopped agent gave them back already,
+    unless it died), remove the interface, put IPv4 forwarding and the exit
+    node's routing rules back where a gateway or an exit changed them, then
+    remove the agent's firewall table (`inet netmesh`, nothing else: the table
+    goes last, so nothing arrives or is forwarded unfiltered meanwhile).
+    Returns whether there was an interface. Raises AgentError."""
     pid = running_agent_pid(state_dir)
     if pid is not None:
         raise AgentError(
             f"the agent is running (pid {pid}) and would bring {interface} back: stop it first"
         )
+    try:
+        await (resolver or host_resolver(interface)).restore()
+    except BackendError as exc:
+        raise AgentError(f"cannot give the host's resolver back: {exc}") from None
     backend, device = await find_device(interface)
     link = Link(interface)
     try:

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agent.backend import DeviceState, PeerSpec, PeerState
+from agent.dns import DnsOp, DnsState
 from agent.exit import EXIT_MARK, ExitRule, ExitState, wanted_rules
 from agent.firewall import FirewallState, Ruleset, cached_ruleset_for, in_force
 from agent.forwarding import ForwardingState
@@ -55,6 +56,7 @@ class Actual:
     exit: ExitState | None = None
     exit_error: str | None = None
     exempt: tuple[str, ...] = ()
+    dns: DnsState | None = None  # None: no DNS control (see agent/dns.py)
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,7 @@ Op = (
     | RemoveExitRule
     | AddExitRoute
     | RemoveExitRoute
+    | DnsOp
 )
 
 

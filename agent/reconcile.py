@@ -16,10 +16,11 @@ desired state has its owner here:
 | routes | routes | routes through the interface that the agent added |
 | exit | exit | rules and a table sending the default route into the tunnel (agent/exit.py) |
 | forwarding | forward | IPv4 forwarding where a gateway needs it, put back after |
+| dns | dns, dns_zones | its DNS server on the overlay addresses; its line in the host's resolver |
 
 The firewall goes first: whatever the pass brings up (the interface, new
-peers) meets the filter already in force. Later features (dns) add a
-reconciler here with their section.
+peers) meets the filter already in force. DNS goes last: it serves on the
+addresses the link reconciler has just put on the interface.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass, replace
 
 from agent.apply import apply, read_actual
 from agent.backend import WireGuardBackend
+from agent.dns import DnsControl, plan_dns
 from agent.egress import choose, with_egress
 from agent.exit import ExitControl
 from agent.firewall import FirewallControl
@@ -80,6 +82,7 @@ RECONCILERS: tuple[Reconciler, ...] = (
     Reconciler("routes", lambda d, a, _prev, _key: plan_routes(d, a), ("routes",)),
     Reconciler("exit", lambda d, a, _prev, _key: plan_exit(d, a), ("exit",)),
     Reconciler("forwarding", lambda d, a, _prev, _key: plan_forwarding(d, a), ("forward",)),
+    Reconciler("dns", lambda d, a, _prev, _key: [*plan_dns(d, a.dns)], ("dns", "dns_zones")),
 )
 # Every section some reconciler enforces.
 ENFORCED_SECTIONS: tuple[str, ...] = tuple(
@@ -128,6 +131,7 @@ async def reconcile(
     dead_gateways: frozenset[str] = frozenset(),
     exit_routing: ExitControl | None = None,
     exempt: tuple[str, ...] = (),
+    dns: DnsControl | None = None,
     public_key: str,
     private_key: str,
     previous: dict[str, DesiredState],
@@ -139,8 +143,15 @@ async def reconcile(
     `previous` holds, per reconciler, the desired state it last applied in
     full (to tell a control-plane endpoint change from roaming). Raises
     BackendError only when the machine cannot be read at all."""
-    forwarded = tuple(desired.sections.forward)
-    actual = await read_actual(backend, link, firewall, forwarding, forwarded, exit_routing)
+    actual = await read_actual(
+        backend,
+        link,
+        firewall,
+        forwarding=forwarding,
+        forwarded=tuple(desired.sections.forward),
+        exit_routing=exit_routing,
+        dns=dns,
+    )
     if dead_gateways or exempt:
         actual = replace(actual, dead_gateways=dead_gateways, exempt=exempt)
     outcomes = []
@@ -153,7 +164,16 @@ async def reconcile(
             if on_op is not None:
                 on_op(reconciler.name, op)
         # apply() reports a BackendError in its result: how far it got, and why.
-        result = await apply(ops, backend, link, private_key, firewall, forwarding, exit_routing)
+        result = await apply(
+            ops,
+            backend,
+            link,
+            private_key,
+            firewall,
+            forwarding=forwarding,
+            exit_routing=exit_routing,
+            dns=dns,
+        )
         error = None if result.ok else f"{ops[result.applied]}: {result.error}"
         outcomes.append(Outcome(reconciler.name, tuple(ops), result.applied, error))
     return PassResult(actual, tuple(outcomes))

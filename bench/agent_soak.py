@@ -19,7 +19,7 @@ from pathlib import Path
 from nacl.public import PrivateKey
 
 from agent.daemon import Agent
-from agent.fake import FakeBackend, FakeFirewall, FakeLink, FakeMachine
+from agent.fake import FakeBackend, FakeDns, FakeFirewall, FakeLink, FakeMachine
 from agent.statedir import Identity, StateDir, private_key_b64, public_key_of
 from events.desired import (
     WIREGUARD,
@@ -58,6 +58,7 @@ async def main(updates: int, peers: int) -> None:
             backend=FakeBackend("nm0", machine),
             link=FakeLink("nm0", machine),
             firewall=FakeFirewall(),
+            dns=FakeDns(),
             private_key=private_key_b64(key),
             public_key=public_key_of(key),
         )

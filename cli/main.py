@@ -316,11 +316,19 @@ def network() -> None:
     show_default=True,
     help="Persistent keepalive in seconds (0 = off).",
 )
+@click.option("--dns-domain", default="", help="Suffix of its nodes' names [NAME.internal].")
 @json_option
 @plannable
 @click.pass_obj
 def network_create(
-    server: str, name: str, cidr: str, listen_port: int, mtu: int, keepalive: int, as_json: bool
+    server: str,
+    name: str,
+    cidr: str,
+    listen_port: int,
+    mtu: int,
+    keepalive: int,
+    dns_domain: str,
+    as_json: bool,
 ) -> None:
     """Create network NAME."""
     result = run(
@@ -332,12 +340,14 @@ def network_create(
             listen_port=listen_port,
             mtu=mtu,
             keepalive=keepalive,
+            dns_domain=dns_domain,
         )
     )
     if as_json:
         emit_json(result)
     else:
-        click.echo(f"created network {result['network']} ({result['cidr']})")
+        names = f"names *.{result['dns_domain']}"
+        click.echo(f"created network {result['network']} ({result['cidr']}, {names})")
 
 
 @network.command("list")
@@ -351,10 +361,18 @@ def network_list(server: str, as_json: bool) -> None:
         return
     table(
         [
-            (r["name"], r["cidr"], r["nodes"], r["listen_port"], r["mtu"], r["keepalive"])
+            (
+                r["name"],
+                r["cidr"],
+                r["nodes"],
+                r["listen_port"],
+                r["mtu"],
+                r["keepalive"],
+                r["dns_domain"],
+            )
             for r in rows
         ],
-        ["NAME", "CIDR", "NODES", "PORT", "MTU", "KEEPALIVE"],
+        ["NAME", "CIDR", "NODES", "PORT", "MTU", "KEEPALIVE", "DNS DOMAIN"],
     )
 
 
@@ -371,6 +389,7 @@ def network_show(server: str, name: str, as_json: bool) -> None:
     click.echo(
         f"network    {net['name']}\ncidr       {net['cidr']}\nlisten     {net['listen_port']}"
         f"\nmtu        {net['mtu']}\nkeepalive  {net['keepalive']}s"
+        f"\ndns domain {net['dns_domain']}"
         f"\ncreated    {when(net['created_at'])}\n"
     )
     _print_nodes(net["members"])
@@ -384,23 +403,30 @@ def network_show(server: str, name: str, as_json: bool) -> None:
 @click.option(
     "--keepalive", type=int, default=None, help="Persistent keepalive in seconds (0 = off)."
 )
+@click.option("--dns-domain", default=None, help="Suffix of its nodes' names.")
 @json_option
 @plannable
 @click.pass_obj
 def network_update(
-    server: str, name: str, mtu: int | None, keepalive: int | None, as_json: bool
+    server: str,
+    name: str,
+    mtu: int | None,
+    keepalive: int | None,
+    dns_domain: str | None,
+    as_json: bool,
 ) -> None:
-    """Change network NAME's MTU or keepalive; its members follow in place."""
-    if mtu is None and keepalive is None:
-        raise click.UsageError("nothing to update: give --mtu or --keepalive")
-    fields = {k: v for k, v in (("mtu", mtu), ("keepalive", keepalive)) if v is not None}
+    """Change network NAME's MTU, keepalive or DNS domain; its members follow in place."""
+    if mtu is None and keepalive is None and dns_domain is None:
+        raise click.UsageError("nothing to update: give --mtu, --keepalive or --dns-domain")
+    given = (("mtu", mtu), ("keepalive", keepalive), ("dns_domain", dns_domain))
+    fields = {k: v for k, v in given if v is not None}
     result = run(admin_command(server, "network.update", name=name, **fields))
     if as_json:
         emit_json(result)
     elif result["changed"]:
         click.echo(
             f"updated network {result['network']}: mtu {result['mtu']}, "
-            f"keepalive {result['keepalive']}s"
+            f"keepalive {result['keepalive']}s, names *.{result['dns_domain']}"
         )
     else:
         click.echo(f"network {result['network']} already has these settings")
@@ -935,6 +961,80 @@ def policy_explain(
             click.echo(f"  {rule['rule']}")
     if answer.get("error"):
         click.echo(f"warning: the recorded policy does not parse: {answer['error']}", err=True)
+
+
+# -- names (DNS) -------------------------------------------------------------------
+
+
+@cli.group()
+def dns() -> None:
+    """Names in a network's domain: every node is NODE.DOMAIN; add your own."""
+
+
+@dns.command("add")
+@click.argument("network_name", metavar="NETWORK")
+@click.argument("name")
+@click.option("--a", "a", multiple=True, metavar="IP", help="An IPv4 address (repeatable).")
+@click.option("--aaaa", multiple=True, metavar="IP", help="An IPv6 address (repeatable).")
+@click.option("--cname", default="", metavar="NAME", help="The name it is an alias of.")
+@json_option
+@plannable
+@click.pass_obj
+def dns_add(
+    server: str,
+    network_name: str,
+    name: str,
+    a: tuple[str, ...],
+    aaaa: tuple[str, ...],
+    cname: str,
+    as_json: bool,
+) -> None:
+    """Add NAME (relative, `db`, or whole, `db.office.internal`) to NETWORK's domain."""
+    fields = {"network": network_name, "name": name, "a": list(a), "aaaa": list(aaaa)}
+    result = run(admin_command(server, "dns.add", cname=cname, **fields))
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"added {result['name']} -> {', '.join([*a, *aaaa]) or cname}")
+
+
+@dns.command("remove")
+@click.argument("network_name", metavar="NETWORK")
+@click.argument("name")
+@json_option
+@plannable
+@click.pass_obj
+def dns_remove(server: str, network_name: str, name: str, as_json: bool) -> None:
+    """Remove the custom record NAME from NETWORK's domain."""
+    result = run(admin_command(server, "dns.remove", network=network_name, name=name))
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"removed {result['name']}")
+
+
+@dns.command("list")
+@click.argument("network_name", metavar="[NETWORK]", required=False)
+@json_option
+@click.pass_obj
+def dns_list(server: str, network_name: str | None, as_json: bool) -> None:
+    """Every name the hosts' DNS servers answer: nodes' names and custom records."""
+    rows = run(admin_query(server, "dns", network=network_name))
+    if as_json:
+        emit_json(rows)
+        return
+    table(
+        [
+            (
+                r["name"],
+                r["type"],
+                r["value"],
+                r["source"] + (" (shadowed by a node)" if r["shadowed"] else ""),
+            )
+            for r in rows
+        ],
+        ["NAME", "TYPE", "VALUE", "FROM"],
+    )
 
 
 # -- status and events -------------------------------------------------------------

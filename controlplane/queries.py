@@ -22,6 +22,7 @@ from controlplane.replies import Responder
 from controlplane.rules.base import Rejected
 from controlplane.rules.nodes import match_node
 from events.commands import ErrorCode, Reply
+from events.dns import fqdn, node_label
 from events.reports import APPLIED, applied_decoder
 from events.signing import COMMAND_SIGNER_HEADER, SIGNATURE_HEADER
 from events.subjects import QUERY_PREFIX, REPORTS_STREAM, report_subject
@@ -43,7 +44,7 @@ async def _rows(model: ReadModel, sql: str, params: tuple[Any, ...] = ()) -> lis
 async def list_networks(model: ReadModel) -> list[dict[str, Any]]:
     return await _rows(
         model,
-        "SELECT n.name, n.cidr, n.listen_port, n.mtu, n.keepalive, n.created_at,"
+        "SELECT n.name, n.cidr, n.listen_port, n.mtu, n.keepalive, n.dns_domain, n.created_at,"
         " (SELECT COUNT(*) FROM nodes WHERE network = n.name) AS nodes"
         " FROM networks n ORDER BY n.name",
     )
@@ -57,6 +58,50 @@ async def show_network(model: ReadModel, name: str, now: float) -> dict[str, Any
     network["members"] = await list_nodes(model, name)
     network["keys"] = [k for k in await list_keys(model, now) if k["network"] == name]
     return network
+
+
+async def list_dns(model: ReadModel, network: str | None = None) -> list[dict[str, Any]]:
+    """Every name the networks' DNS servers answer (as a host that sees every
+    member has them), one row per value: nodes' names and custom records; a
+    record whose name a node took later is `shadowed` (the node answers)."""
+    where, params = ("WHERE n.name = ?", (network,)) if network is not None else ("", ())
+    networks = await _rows(model, f"SELECT n.name, n.dns_domain FROM networks n {where}", params)
+    if network is not None and not networks:
+        raise Rejected(ErrorCode.NOT_FOUND, f"no network named {network!r}")
+    domains = {row["name"]: row["dns_domain"] for row in networks}
+    rows: list[dict[str, Any]] = []
+    taken: set[str] = set()
+    for node in await _rows(model, "SELECT network, name, address FROM nodes ORDER BY node_id"):
+        label = node_label(node["name"])
+        domain = domains.get(node["network"])
+        if label is None or domain is None or fqdn(label, domain) in taken:
+            continue
+        taken.add(fqdn(label, domain))
+        kind = "AAAA" if ":" in node["address"] else "A"
+        rows.append(_dns_row(fqdn(label, domain), node["network"], kind, node["address"], "node"))
+    for record in await _rows(model, "SELECT * FROM dns_records"):
+        domain = domains.get(record["network"])
+        if domain is None:
+            continue
+        name = fqdn(record["name"], domain)
+        values = [("A", a) for a in msgspec.json.decode(record["a"])]
+        values += [("AAAA", a) for a in msgspec.json.decode(record["aaaa"])]
+        values += [("CNAME", record["cname"])] if record["cname"] else []
+        for kind, value in values:
+            row = _dns_row(name, record["network"], kind, value, "record")
+            rows.append({**row, "shadowed": name in taken})
+    return sorted(rows, key=lambda r: (r["network"], r["name"], r["type"], r["value"]))
+
+
+def _dns_row(name: str, network: str, kind: str, value: str, source: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "network": network,
+        "type": kind,
+        "value": value,
+        "source": source,
+        "shadowed": False,
+    }
 
 
 def _endpoint(row: dict[str, Any]) -> str | None:
@@ -320,6 +365,8 @@ class QueryService:
                 return node
             case "keys":
                 return await list_keys(model, now=time.time())
+            case "dns":
+                return await list_dns(model, args.network)
             case "status":
                 return await status(model, self.applied_report)
             # The policy's compiled form and access index are the write model's.

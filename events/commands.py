@@ -32,15 +32,18 @@ class CreateNetwork(Command, frozen=True, tag="network.create"):
     listen_port: Port = 51820
     mtu: Mtu = 1420
     keepalive: Keepalive = 25
+    dns_domain: str = ""  # "": NAME.internal
 
 
 class UpdateNetwork(Command, frozen=True, tag="network.update"):
-    """Change a network's MTU or keepalive (None: leave it); its members follow
-    in place. Ports belong to hosts (one interface serves all its networks)."""
+    """Change a network's MTU, keepalive or DNS domain (None: leave it); its
+    members follow in place. Ports belong to hosts (one interface serves all
+    its networks)."""
 
     name: str
     mtu: Mtu | None = None
     keepalive: Keepalive | None = None
+    dns_domain: str | None = None
 
 
 class DeleteNetwork(Command, frozen=True, tag="network.delete"):
@@ -104,6 +107,22 @@ class ClearPolicy(Command, frozen=True, tag="policy.clear"):
     """The network allows everything again."""
 
     network: str
+
+
+class AddDnsRecord(Command, frozen=True, tag="dns.add"):
+    """A name in a network's domain: NAME relative to it (`db`) or whole
+    (`db.office.internal`), with addresses (A, AAAA) or an alias (CNAME)."""
+
+    network: str
+    name: str
+    a: tuple[str, ...] = ()
+    aaaa: tuple[str, ...] = ()
+    cname: str = ""
+
+
+class RemoveDnsRecord(Command, frozen=True, tag="dns.remove"):
+    network: str
+    name: str  # relative or whole, as for AddDnsRecord
 
 
 class ReportEndpoint(Command, frozen=True, tag="endpoint.report"):
@@ -213,6 +232,8 @@ AnyCommand = (
     | RemoveEgress
     | SetExit
     | ClearExit
+    | AddDnsRecord
+    | RemoveDnsRecord
 )
 
 COMMAND_TYPES: tuple[type[Command], ...] = get_args(AnyCommand)

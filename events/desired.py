@@ -121,6 +121,25 @@ class ExitEntry(msgspec.Struct, frozen=True, kw_only=True):
     peer: str
 
 
+class DnsEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A name the host's DNS server answers, keyed by the fully qualified name
+    (lowercase, no trailing dot), inside one of the `dns_zones`: its IPv4 (A)
+    and IPv6 (AAAA) addresses, or the name it is an alias of (CNAME)."""
+
+    a: tuple[str, ...] = ()
+    aaaa: tuple[str, ...] = ()
+    cname: str = ""
+
+
+class DnsZoneEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A domain the host's DNS server is the authority for, keyed by the
+    domain (lowercase, no trailing dot): names in it that no `dns` entry holds
+    do not exist (NXDOMAIN). The host's resolver is pointed at the server for
+    these domains only."""
+
+    network: str = ""  # the network whose domain it is
+
+
 class Sections(
     msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
 ):
@@ -139,6 +158,8 @@ class Sections(
     egress: dict[str, EgressEntry] = {}
     forward: dict[str, ForwardEntry] = {}
     exit: dict[str, ExitEntry] = {}
+    dns: dict[str, DnsEntry] = {}
+    dns_zones: dict[str, DnsZoneEntry] = {}
 
 
 SECTION_NAMES: tuple[str, ...] = Sections.__struct_fields__
@@ -354,8 +375,10 @@ def _v3_to_v4(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _v4_to_v5(raw: dict[str, Any]) -> dict[str, Any]:
-    """Version 5 added the `egress`, `forward` and `exit` sections (gateways):
-    a version-4 message has none, which is what it meant."""
+    """Version 5 added gateways (the `egress`, `forward` and `exit` sections)
+    and DNS (`dns`, `dns_zones`): a version-4 message has none of them, which
+    is what it meant (no ranges through gateways, nothing forwarded, no names:
+    the agent serves nothing and leaves the host's resolver as it is)."""
     return {**raw, "protocol": 5}
 
 

@@ -26,6 +26,8 @@ class NetworkCreated(Event, frozen=True, tag="network.created"):
     listen_port: Port = 51820
     mtu: int = 1420
     keepalive: Seconds = 25
+    # The suffix of its members' names ("" before DNS: NETWORK.internal).
+    dns_domain: str = ""
 
 
 class NetworkUpdated(Event, frozen=True, tag="network.updated"):
@@ -34,6 +36,7 @@ class NetworkUpdated(Event, frozen=True, tag="network.updated"):
     network: str
     mtu: int | None = None
     keepalive: Seconds | None = None
+    dns_domain: str | None = None
 
 
 class NetworkDeleted(Event, frozen=True, tag="network.deleted"):
@@ -179,6 +182,23 @@ class ExitCleared(Event, frozen=True, tag="exit.cleared"):
     host_id: str
 
 
+class DnsRecordAdded(Event, frozen=True, tag="dns.record_added"):
+    """A name in a network's domain, beside its nodes' names: `name` relative
+    to the domain (so it follows a change of domain), with its IPv4 and IPv6
+    addresses or the name it is an alias of."""
+
+    network: str
+    name: str
+    a: tuple[str, ...] = ()
+    aaaa: tuple[str, ...] = ()
+    cname: str = ""
+
+
+class DnsRecordRemoved(Event, frozen=True, tag="dns.record_removed"):
+    network: str
+    name: str  # relative to the network's domain
+
+
 class AdminAdded(Event, frozen=True, tag="admin.added"):
     """Someone may sign admin commands. The first one is written by the control
     plane on its first start (the root of trust `events verify` starts from)."""
@@ -216,6 +236,8 @@ AnyEvent = (
     | EgressRemoved
     | ExitSet
     | ExitCleared
+    | DnsRecordAdded
+    | DnsRecordRemoved
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = get_args(AnyEvent)
@@ -262,6 +284,8 @@ def aggregate_of(event: AnyEvent) -> tuple[str, str]:
             | EgressRemoved(network=n)
             | ExitSet(network=n)
             | ExitCleared(network=n)
+            | DnsRecordAdded(network=n)
+            | DnsRecordRemoved(network=n)
         ):
             return ("network", n)
     raise TypeError(f"unknown event {event!r}")  # pragma: no cover

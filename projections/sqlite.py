@@ -18,9 +18,18 @@ import aiosqlite
 import msgspec
 import structlog
 
-from projections.topology import EnrollmentKey, Host, Network, Node, Topology, Touched, compiled
+from projections.topology import (
+    DnsRecord,
+    EnrollmentKey,
+    Host,
+    Network,
+    Node,
+    Topology,
+    Touched,
+    compiled,
+)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -28,7 +37,11 @@ CREATE TABLE IF NOT EXISTS checkpoint (name TEXT PRIMARY KEY, seq INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS networks (
     name TEXT PRIMARY KEY, cidr TEXT NOT NULL, listen_port INTEGER NOT NULL,
     mtu INTEGER NOT NULL, keepalive INTEGER NOT NULL, created_at REAL NOT NULL,
-    revision INTEGER NOT NULL, policy_text TEXT NOT NULL, policy_seq INTEGER NOT NULL);
+    revision INTEGER NOT NULL, policy_text TEXT NOT NULL, policy_seq INTEGER NOT NULL,
+    dns_domain TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dns_records (
+    network TEXT NOT NULL, name TEXT NOT NULL, a TEXT NOT NULL, aaaa TEXT NOT NULL,
+    cname TEXT NOT NULL, PRIMARY KEY (network, name));
 CREATE TABLE IF NOT EXISTS keys (
     key_id TEXT PRIMARY KEY, network TEXT NOT NULL, secret_sha256 TEXT NOT NULL,
     uses INTEGER, used INTEGER NOT NULL, expires_at REAL, revoked INTEGER NOT NULL,
@@ -116,6 +129,15 @@ class ReadModel:
             values = dict(row)
             policies[row["name"]] = values.pop("policy_text")
             topology.networks[row["name"]] = Network(**values)
+        for row in await self._all("SELECT * FROM dns_records"):
+            network = topology.networks.get(row["network"])
+            if network is not None:
+                network.records[row["name"]] = DnsRecord(
+                    name=row["name"],
+                    a=tuple(msgspec.json.decode(row["a"])),
+                    aaaa=tuple(msgspec.json.decode(row["aaaa"])),
+                    cname=row["cname"],
+                )
         for row in await self._all("SELECT * FROM keys"):
             values = dict(row)
             values["revoked"] = bool(values["revoked"])
@@ -171,8 +193,19 @@ class ReadModel:
                 "DELETE FROM networks WHERE name = ?",
                 [(n,) for n in networks if n not in topology.networks],
             ),
+            # A network's records are few: rewritten whole with the network.
+            ("DELETE FROM dns_records WHERE network = ?", [(n,) for n in networks]),
             (
-                "INSERT OR REPLACE INTO networks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO dns_records VALUES (?, ?, ?, ?, ?)",
+                [
+                    (n.name, r.name, _json_list(r.a), _json_list(r.aaaa), r.cname)
+                    for n in (topology.networks.get(name) for name in networks)
+                    if n is not None
+                    for r in n.records.values()
+                ],
+            ),
+            (
+                "INSERT OR REPLACE INTO networks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         n.name,
@@ -184,6 +217,7 @@ class ReadModel:
                         n.revision,
                         n.policy_text,
                         n.policy_seq,
+                        n.dns_domain,
                     )
                     for n in (topology.networks.get(name) for name in networks)
                     if n is not None

@@ -20,10 +20,13 @@ from typing import Any
 
 import msgspec
 
+from events.dns import default_domain, fqdn, node_label, normal, relative_name
 from events.envelope import RecordedEvent
 from events.model import (
     AdminAdded,
     AdminRemoved,
+    DnsRecordAdded,
+    DnsRecordRemoved,
     EgressAdded,
     EgressRemoved,
     EnrollmentKeyCreated,
@@ -60,6 +63,16 @@ class Admin:
     networks: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class DnsRecord:
+    """A custom name in a network's domain (relative to it), canonical."""
+
+    name: str
+    a: tuple[str, ...] = ()
+    aaaa: tuple[str, ...] = ()
+    cname: str = ""
+
+
 @dataclass
 class Network:
     name: str
@@ -81,6 +94,9 @@ class Network:
     policy_error: str = ""  # why the recorded policy does not parse (it then allows nothing)
     previous_policy: Policy | None = None
     access: AccessIndex | None = None
+    dns_domain: str = ""  # the suffix of its members' names (NETWORK.internal by default)
+    # Custom names by their name relative to the domain.
+    records: dict[str, DnsRecord] = field(default_factory=dict)
     # Egress gateways by node id; the last one a departure took away (what
     # it changed, read once by the sections' rules).
     gateways: dict[str, Gateway] = field(default_factory=dict)
@@ -210,6 +226,8 @@ class Topology:
     signed_seen: bool = False
     # Events seen but not believed (forged onto the stream), for the log.
     refused: int = 0
+    # The node the last removal dropped (its name: sections re-read it).
+    last_dropped: Node | None = None
     # Command id -> stream sequence of its last event, for the most recent
     # COMMAND_MEMORY commands: a command sent twice is refused, not applied twice
     # (JetStream's own duplicate window is minutes; this outlives it). Ordered:
@@ -272,6 +290,14 @@ class Topology:
             if network is not None:
                 network.revision = seq
 
+    def dns_name(self, node: Node) -> str | None:
+        """The node's name in DNS (NODE.DOMAIN); None when its name cannot be one."""
+        network = self.networks.get(node.network)
+        label = node_label(node.name)
+        if network is None or label is None:
+            return None
+        return fqdn(label, network.dns_domain)
+
     def add_node(self, node: Node) -> None:
         self.nodes[node.node_id] = node
         self.nodes_by_network.setdefault(node.network, set()).add(node.node_id)
@@ -291,6 +317,7 @@ class Topology:
 
     def drop_node(self, node_id: str) -> Node | None:
         node = self.nodes.pop(node_id, None)
+        self.last_dropped = node
         if node is not None:
             self.nodes_by_network.get(node.network, set()).discard(node_id)
             self.nodes_by_host.get(node.host_id, set()).discard(node_id)
@@ -396,13 +423,36 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 keepalive=e.keepalive,
                 created_at=at,
                 revision=recorded.seq,
+                dns_domain=normal(e.dns_domain) or default_domain(e.network),
             )
             return Touched(networks=frozenset({e.network}))
         case NetworkUpdated() as e:
             network = topology.networks.get(e.network)
-            if network is not None:
-                network.mtu = network.mtu if e.mtu is None else e.mtu
-                network.keepalive = network.keepalive if e.keepalive is None else e.keepalive
+            if network is None:
+                return Touched(networks=frozenset({e.network}))
+            network.mtu = network.mtu if e.mtu is None else e.mtu
+            network.keepalive = network.keepalive if e.keepalive is None else e.keepalive
+            domain = normal(e.dns_domain) if e.dns_domain is not None else network.dns_domain
+            if domain == network.dns_domain:
+                return Touched(networks=frozenset({e.network}))
+            # Every name of its members moves: each gets a snapshot.
+            network.dns_domain = domain
+            members = topology.members_of(e.network)
+            return Touched(networks=frozenset({e.network}), reconfigured=members)
+        case DnsRecordAdded() | DnsRecordRemoved() as e:
+            network = topology.networks.get(e.network)
+            if network is None:
+                return Touched()
+            # The event holds the name as the admin signed it (relative or
+            # whole): the rules checked it is inside the domain of the time.
+            try:
+                name = relative_name(e.name, network.dns_domain)
+                if isinstance(e, DnsRecordAdded):
+                    network.records[name] = dns_record(name, e.a, e.aaaa, e.cname)
+                else:
+                    network.records.pop(name, None)
+            except ValueError:  # not what the rules let through: changes nothing
+                return Touched()
             return Touched(networks=frozenset({e.network}))
         case NetworkDeleted(network=name):
             topology.networks.pop(name, None)
@@ -547,6 +597,17 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
             node.exit_via = e.via if isinstance(e, ExitSet) else ""
             return Touched(nodes=frozenset({e.node_id}))
     return Touched()  # pragma: no cover - every event type is matched above
+
+
+def dns_record(name: str, a: Iterable[str], aaaa: Iterable[str], cname: str) -> DnsRecord:
+    """A record in canonical form (addresses as `ipaddress` prints them,
+    each once, sorted)."""
+    return DnsRecord(
+        name=name,
+        a=tuple(sorted({str(ipaddress.ip_address(x)) for x in a})),
+        aaaa=tuple(sorted({str(ipaddress.ip_address(x)) for x in aaaa})),
+        cname=normal(cname),
+    )
 
 
 def compiled(document: str) -> tuple[Policy, str]:

@@ -49,11 +49,16 @@ trap cleanup EXIT INT TERM
 add_ns() { ip netns add "$1"; NAMESPACES+=("$1"); ip -n "$1" link set lo up; }
 
 # in_host NS CMD...: run CMD in the namespace with a private /var/run/wireguard
-# (wireguard-go's socket directory is not per network namespace).
+# (wireguard-go's socket directory is not per network namespace) and a
+# resolv.conf of its own bound over /etc/resolv.conf (the agent points the
+# host's resolver at its DNS server: the demo's hosts must not share the
+# machine's file).
 in_host() {
     local ns=$1; shift
+    [ -e "$WORK/$ns.resolv.conf" ] || cp /etc/resolv.conf "$WORK/$ns.resolv.conf"
     ip netns exec "$ns" unshare -m --propagation private sh -c \
-        'mkdir -p /var/run/wireguard && mount -t tmpfs tmpfs /var/run/wireguard && exec "$@"' sh "$@"
+        'mkdir -p /var/run/wireguard && mount -t tmpfs tmpfs /var/run/wireguard &&
+         mount --bind "$0" /etc/resolv.conf && exec "$@"' "$WORK/$ns.resolv.conf" "$@"
 }
 
 # Admin commands are signed with the key the server made on its first start.
@@ -137,6 +142,16 @@ for src in "${HOSTS[@]}"; do
             exit 1
         fi
     done
+done
+
+say "names: every node is NODE.demo.internal, answered by each host's agent"
+for h in "${HOSTS[@]}"; do
+    if wait_for 10 "$h.demo.internal from ${HOSTS[0]}" \
+        in_host "$P-${HOSTS[0]}" getent hosts "$h.demo.internal"; then
+        echo "  $(in_host "$P-${HOSTS[0]}" getent hosts "$h.demo.internal")"
+    else
+        exit 1
+    fi
 done
 
 peers_up() {

@@ -15,6 +15,8 @@ have nft || need+=(nftables)
 have ping || need+=(iputils-ping)
 have nsenter || need+=(util-linux)
 have make || need+=(make)
+# The DNS tests ask the agents' servers with dig; getent (libc-bin) is always there.
+have dig || need+=(dnsutils)
 # The broker's private CA and certificate (TLS beyond loopback) are made with openssl.
 have openssl || need+=(openssl)
 # Debian's python3 needs python3-venv for `python3 -m venv`.

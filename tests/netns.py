@@ -41,10 +41,12 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -59,9 +61,13 @@ TIME_SCALE = float(os.environ.get("NETMESH_TEST_TIME_SCALE", "1"))
 _TOOLS = ("ip", "nsenter", "unshare", "ping", "wireguard-go", "mount")
 _counter = itertools.count()
 
-# Runs inside `ip netns exec`: a private mount namespace with its own socket dir.
+# Runs inside `ip netns exec`: a private mount namespace with its own socket
+# dir, and the host's own resolv.conf ($0, a file of the test's) bound over
+# /etc/resolv.conf: an agent pointing "the host's resolver" at its DNS server
+# changes that file, never the machine's.
 _PRIVATE_MOUNT = (
-    'mkdir -p /var/run/wireguard && mount -t tmpfs tmpfs /var/run/wireguard && exec "$@"'
+    "mkdir -p /var/run/wireguard && mount -t tmpfs tmpfs /var/run/wireguard"
+    ' && mount --bind "$0" /etc/resolv.conf && exec "$@"'
 )
 
 
@@ -243,11 +249,15 @@ class Driver:
 class Host:
     """One test host: a network namespace with `eth0` on the test LAN."""
 
-    def __init__(self, net: TestNet, name: str, netns: str, lan_address: str) -> None:
+    def __init__(
+        self, net: TestNet, name: str, netns: str, lan_address: str, resolv_conf: Path
+    ) -> None:
         self.net = net
         self.name = name
         self.netns = netns
         self.lan_address = lan_address
+        # What its processes see as /etc/resolv.conf (see _PRIVATE_MOUNT).
+        self.resolv_conf = resolv_conf
 
     def _wrap(self, argv: tuple[str, ...], beside: int | None, private_mount: bool) -> list[str]:
         if beside is not None:
@@ -265,7 +275,7 @@ class Host:
                 "sh",
                 "-c",
                 _PRIVATE_MOUNT,
-                "sh",
+                str(self.resolv_conf),
                 *argv,
             ]
         return ["ip", "netns", "exec", self.netns, *argv]
@@ -338,6 +348,7 @@ class TestNet:
         self.hosts: dict[str, Host] = {}
         self._namespaces: list[str] = []
         self._processes: list[asyncio.subprocess.Process] = []
+        self._files = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))  # hosts' resolv.conf
 
     async def __aenter__(self) -> TestNet:
         try:
@@ -378,7 +389,9 @@ class TestNet:
         await run("ip", "-n", self.lan_netns, "link", "set", port, "master", "br0", "up")
         await run("ip", "-n", netns, "addr", "add", f"{address}/24", "dev", "eth0")
         await run("ip", "-n", netns, "link", "set", "eth0", "up")
-        host = Host(self, name, netns, address)
+        resolv_conf = self._files / f"{name}.resolv.conf"
+        resolv_conf.write_text(f"# resolv.conf of test host {name}\nnameserver {LAN_PREFIX}.1\n")
+        host = Host(self, name, netns, address, resolv_conf)
         self.hosts[name] = host
         return host
 
@@ -438,6 +451,7 @@ class TestNet:
                 errors.append(f"ip netns del {netns}: {result.stderr.strip()}")
         self._namespaces.clear()
         self.hosts.clear()
+        shutil.rmtree(self._files, ignore_errors=True)
         if errors:
             raise RuntimeError("test net cleanup: " + "; ".join(errors))
 

@@ -11,7 +11,7 @@ from nacl.public import PrivateKey
 
 from agent.backend import BackendError, PeerSpec
 from agent.daemon import Agent
-from agent.fake import FakeBackend, FakeFirewall, FakeLink, FakeMachine
+from agent.fake import FakeBackend, FakeDns, FakeFirewall, FakeLink, FakeMachine
 from agent.statedir import Identity, StateDir, private_key_b64, public_key_of
 from events.desired import DesiredDelta, DesiredState, PeerEntry, Sections
 from events.feed import Outcome
@@ -49,6 +49,7 @@ def agent(tmp_path: Path) -> Agent:
         backend=FakeBackend("nm0", machine),
         link=FakeLink("nm0", machine),
         firewall=FakeFirewall(),
+        dns=FakeDns(),
         private_key=private_key_b64(KEY),
         public_key=public_key_of(KEY),
     )
@@ -160,6 +161,7 @@ async def test_desired_state_survives_a_restart(agent: Agent, tmp_path: Path) ->
         backend=agent.backend,
         link=agent.link,
         firewall=agent.firewall,
+        dns=agent.dns,
         private_key=private_key_b64(KEY),
         public_key=public_key_of(KEY),
     )

@@ -19,7 +19,7 @@ from nacl.signing import SigningKey
 from nats.js.errors import NotFoundError
 
 from agent.daemon import Agent, enroll
-from agent.fake import FakeBackend, FakeFirewall, FakeLink, FakeMachine
+from agent.fake import FakeBackend, FakeDns, FakeFirewall, FakeLink, FakeMachine
 from agent.statedir import Identity, StateDir, private_key_b64, public_key_of
 from controlplane.embedded import EmbeddedNats
 from controlplane.publisher import JetStreamDesiredPublisher, read_desired
@@ -62,6 +62,7 @@ async def setup(
         backend=FakeBackend("nm0", machine),
         link=FakeLink("nm0", machine),
         firewall=FakeFirewall(),
+        dns=FakeDns(),
         private_key=private_key_b64(key),
         public_key=public_key_of(key),
     )

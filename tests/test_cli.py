@@ -75,7 +75,10 @@ def one_line_error(rc: int, err: str, needle: str) -> None:
 
 async def test_admin_session(server: str) -> None:
     rc, out, _ = await netmesh(server, "network", "create", "office", "--cidr", "10.10.0.0/24")
-    assert (rc, out.strip()) == (0, "created network office (10.10.0.0/24)")
+    assert (rc, out.strip()) == (
+        0,
+        "created network office (10.10.0.0/24, names *.office.internal)",
+    )
     rc, out, _ = await netmesh(server, "key", "create", "--network", "office", "--uses", "2")
     assert rc == 0 and out.startswith("nmt1.") and len(out.strip().splitlines()) == 1
     rc, out, _ = await netmesh(server, "network", "list", "--json")

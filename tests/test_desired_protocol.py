@@ -1,4 +1,4 @@
-"""The desired-state wire format (protocol 4, events/PROTOCOL.md): sections,
+"""The desired-state wire format (protocol 5, events/PROTOCOL.md): sections,
 deltas per section, and what older and newer peers of the protocol get."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from events.desired import (
     WIREGUARD,
     DesiredDelta,
     DesiredState,
+    DnsEntry,
+    DnsZoneEntry,
     FirewallEntry,
     InterfaceEntry,
     PeerEntry,
@@ -85,6 +87,36 @@ def test_a_version_3_snapshot_lets_everything_in_and_its_deltas_leave_the_firewa
     assert apply_delta(snapshot, delta).sections.firewall == snapshot.sections.firewall
 
 
+def test_a_version_4_message_has_no_names_and_no_zones() -> None:
+    v4 = (
+        b'{"kind":"snapshot","host_id":"h1","revision":7,"protocol":4,"sections":{'
+        b'"firewall":{"10.0.0.0/24":{"allow":["any"]}}}}'
+    )
+    snapshot = decode_message(v4)
+    assert isinstance(snapshot, DesiredState) and snapshot.protocol == PROTOCOL
+    assert snapshot.sections.dns == {} and snapshot.sections.dns_zones == {}
+    assert snapshot.sections.firewall == {"10.0.0.0/24": FirewallEntry(allow=("any",))}
+    delta = decode_message(
+        b'{"kind":"delta","host_id":"h1","revision":8,"base":7,"protocol":4,'
+        b'"upsert":{"peers":{"K":{"allowed_ips":["10.0.0.2/32"]}}}}'
+    )
+    assert isinstance(delta, DesiredDelta) and delta.upsert.dns == {}
+
+
+def test_dns_entries_round_trip_with_only_what_they_hold() -> None:
+    state = DesiredState(
+        host_id="h",
+        revision=3,
+        sections=Sections(
+            dns={"web.office.internal": DnsEntry(a=("10.0.0.2",))},
+            dns_zones={"office.internal": DnsZoneEntry(network="office")},
+        ),
+    )
+    wire = desired_encoder.encode(state)
+    assert b'"aaaa"' not in wire and b'"cname"' not in wire
+    assert decode_message(wire) == state
+
+
 def test_a_snapshot_round_trips_and_a_delta_touches_only_its_sections() -> None:
     state = desired_state(addresses=("10.0.0.1/24",), peers=[("K1", PeerEntry(allowed_ips=()))])
     assert decode_message(desired_encoder.encode(state)) == state
@@ -106,11 +138,11 @@ def test_a_snapshot_round_trips_and_a_delta_touches_only_its_sections() -> None:
 def test_a_section_this_agent_does_not_know_is_refused_with_upgrade_advice() -> None:
     newer = (
         b'{"kind":"snapshot","host_id":"h","revision":3,"protocol":%d,'
-        b'"sections":{"dns":{"r1":{}}}}' % PROTOCOL
+        b'"sections":{"mail":{"r1":{}}}}' % PROTOCOL
     )
     with pytest.raises(UnknownSection, match="upgrade the agent"):
         decode_message(newer)
-    removal = b'{"kind":"delta","host_id":"h","revision":4,"base":3,"remove":{"dns":["r1"]}}'
+    removal = b'{"kind":"delta","host_id":"h","revision":4,"base":3,"remove":{"mail":["r1"]}}'
     with pytest.raises(UnknownSection, match="unknown section"):
         decode_message(removal.replace(b'"kind"', b'"protocol":%d,"kind"' % PROTOCOL))
     with pytest.raises(UnknownSection, match="upgrade the agent"):

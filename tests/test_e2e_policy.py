@@ -20,6 +20,7 @@ from tests.meshnet import IFACE, NETMESH, Mesh, mesh_fixture  # noqa: F401
 from tests.netns import Host, ping, testnet_fixture, wait_until  # noqa: F401
 from tests.tcpprobe import SCRIPT
 from tests.test_e2e_agent import Pinger, _mesh_up, _peers
+from tests.test_e2e_dns import dig
 
 pytestmark = pytest.mark.netns
 
@@ -108,6 +109,10 @@ async def test_policy_is_enforced_by_peers_and_firewall_and_changes_without_a_dr
     assert key["a"] in await _peers(mesh, "c") and key["c"] not in await _peers(mesh, "b")
     await _stays_unpingable(c, address["b"])
     assert await ping(c, address["a"]), "everyone may ping web"
+    # Names follow what a host sees: c (asking its own server) gets web's
+    # name, and b's does not exist for it.
+    assert (await dig(c, address["c"], "a.office.internal", "+short")).strip() == address["a"]
+    assert "status: NXDOMAIN" in await dig(c, address["c"], "b.office.internal")
 
     # A change of rules: ssh from web to db, applied without dropping the pair.
     pinger.mark("ssh allowed")
@@ -125,6 +130,12 @@ async def test_policy_is_enforced_by_peers_and_firewall_and_changes_without_a_dr
         functools.partial(ping, c, address["b"]), timeout=20, message="c reaches b again"
     )
     assert await _answers(b, address["a"], 8080)
+
+    async def c_resolves_b() -> bool:
+        answer = (await dig(c, address["c"], "b.office.internal", "+short")).strip()
+        return bool(answer == address["b"])
+
+    await wait_until(c_resolves_b, timeout=10, message="c resolves b again")
     stats = await pinger.stop()
     assert stats.lost == 0, pinger.timeline()
 

@@ -44,6 +44,8 @@ def test_tags_are_stable_and_past_tense() -> None:
         "egress.removed",
         "exit.set",
         "exit.cleared",
+        "dns.record_added",
+        "dns.record_removed",
     ]
 
 

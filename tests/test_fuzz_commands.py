@@ -162,7 +162,9 @@ def pools(token: str, host_ids: list[str]) -> dict[str, st.SearchStrategy[Any]]:
     (existing names, the real token), sometimes just wrong."""
     ports = st.integers(-5, 70_000) | st.none()
     return {
-        "name": st.sampled_from(["office", "lab", "h1", "h9", "h10", "h11", "a" * 64, "x y"]),
+        "name": st.sampled_from(
+            ["office", "lab", "h1", "h9", "h10", "h11", "a" * 64, "x y", "db", "db.office.internal"]
+        ),
         "cidr": st.sampled_from(
             [
                 "10.20.0.0/24",
@@ -233,6 +235,14 @@ def pools(token: str, host_ids: list[str]) -> dict[str, st.SearchStrategy[Any]]:
             ]
         )
         | st.text(max_size=20),
+        # Names (dns add/remove, --dns-domain).
+        "a": st.lists(
+            st.sampled_from(["10.10.0.9", "10.0.0.300", "fd00::1", "", "1.2.3"]), max_size=2
+        ),
+        "aaaa": st.lists(st.sampled_from(["fd00::9", "10.0.0.1", "::zz", ""]), max_size=2),
+        "cname": st.sampled_from(["", "h1.office.internal", "db.office.internal", "-x.", "a" * 70]),
+        "dns_domain": st.none()
+        | st.sampled_from(["", "corp.example", "lab.internal", "internal", "x..y", "10.0.0.1"]),
     }
 
 

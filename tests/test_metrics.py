@@ -19,7 +19,7 @@ from nacl.signing import SigningKey
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.daemon import Agent, enroll
-from agent.fake import FakeBackend, FakeFirewall, FakeLink, FakeMachine
+from agent.fake import FakeBackend, FakeDns, FakeFirewall, FakeLink, FakeMachine
 from agent.metrics import PrometheusAgentMetrics
 from agent.statedir import Identity, StateDir, private_key_b64, public_key_of
 from controlplane.embedded import EmbeddedNats
@@ -192,6 +192,7 @@ async def agent_setup(
         backend=FakeBackend("nm0", machine),
         link=FakeLink("nm0", machine),
         firewall=FakeFirewall(),
+        dns=FakeDns(),
         private_key=private_key_b64(key),
         public_key=public_key_of(key),
         metrics=metrics,

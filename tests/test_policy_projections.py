@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 
 from controlplane.decide import Rejected, host_id_for
 from events.commands import (
+    AddDnsRecord,
     AddEgress,
     ClearExit,
     CreateEnrollmentKey,
     CreateNetwork,
     Join,
+    RemoveDnsRecord,
     RemoveEgress,
     RemoveNode,
     ReportEndpoint,
@@ -309,6 +311,7 @@ POLICY_OPS = st.lists(
             [
                 *("join", "remove", "tag", "untag", "policy", "endpoint", "rotate"),
                 *("join lab", "egress", "egress", "unegress", "exit", "exit", "exit off"),
+                *("record", "unrecord", "domain"),
             ]
         ),
         st.integers(0, 6),
@@ -376,6 +379,18 @@ def test_deltas_under_any_policy_changes_equal_the_derived_state(
                 _, touched = office.world.run(ClearExit(node=f"office/{name}"))
             elif op == "unegress":
                 _, touched = office.world.run(RemoveEgress(node=f"office/{name}"))
+            elif op in ("record", "unrecord"):
+                # Now and then a node's name: the node, joining later, takes it.
+                network, record = ("lab" if flush else "office"), tag if policy % 2 else name
+                command = (
+                    AddDnsRecord(network=network, name=record, a=(f"10.99.0.{host + 1}",))
+                    if op == "record"
+                    else RemoveDnsRecord(network=network, name=record)
+                )
+                _, touched = office.world.run(command)
+            elif op == "domain":
+                domain = ("office.internal", "corp.example", "x.corp.example")[policy % 3]
+                _, touched = office.world.run(UpdateNetwork(name="office", dns_domain=domain))
             elif op == "endpoint":
                 _, touched = office.world.run(
                     ReportEndpoint(
@@ -415,9 +430,11 @@ def test_a_keepalive_change_under_a_policy_names_no_key_a_host_may_not_see(
 
 
 def test_no_message_ever_names_a_key_its_host_may_not_see(office: PolicyWorld) -> None:
-    """Visibility holds for removals too: a host is told to drop only a peer it had."""
+    """Visibility holds for removals too: a host is told to drop only a peer
+    (or a name) it had."""
     office.flush(office.set_policy(POLICY))
     held = {h: set(s.peers) for h, s in office.agents.states.items()}
+    names = {h: set(s.sections.dns) for h, s in office.agents.states.items()}
     steps: list[Callable[[], list[Touched]]] = [
         lambda: office.tag("lonely", "db"),
         lambda: office.untag("web2", "web"),
@@ -435,4 +452,7 @@ def test_no_message_ever_names_a_key_its_host_may_not_see(office: PolicyWorld) -
                 own = office.topology.hosts[host_id].public_key
                 removed = set(message.remove.get("peers", ())) - {own}
                 assert removed <= held.get(host_id, set()), (step, host_id)
+                gone = set(message.remove.get("dns", ()))
+                assert gone <= names.get(host_id, set()), (step, host_id, gone)
         held = {h: set(s.peers) for h, s in office.agents.states.items()}
+        names = {h: set(s.sections.dns) for h, s in office.agents.states.items()}

@@ -130,7 +130,9 @@ def test_removed_node_disappears_from_peers_and_its_host_is_emptied() -> None:
     for host_id in ids[:2]:
         delta = by_host[host_id]
         assert isinstance(delta, DesiredDelta)
-        assert delta.remove == {"peers": (public_key(3),)} and delta.upsert == Sections()
+        # Its peer goes, and its name: one key each.
+        assert delta.remove == {"peers": (public_key(3),), "dns": ("h3.office.internal",)}
+        assert delta.upsert == Sections()
     agents.assert_converged(world.topology)
 
 

@@ -19,6 +19,7 @@ from controlplane.rules.spec import Sender
 from events.commands import (
     COMMAND_TYPES,
     AddAdmin,
+    AddDnsRecord,
     AddEgress,
     AnyCommand,
     ClearExit,
@@ -30,6 +31,7 @@ from events.commands import (
     Join,
     LeaveNetworks,
     RemoveAdmin,
+    RemoveDnsRecord,
     RemoveEgress,
     RemoveNode,
     ReportEndpoint,
@@ -90,6 +92,7 @@ def scenario() -> World:
     world.run(SetPolicy(network="lab", document='{rules: [{from: ["*"], to: ["*"]}]}'), ROOT)
     world.run(AddEgress(node="lab/h1", ranges=("172.16.0.0/16",)), ROOT)
     world.run(AddEgress(node="office/h2", ranges=("0.0.0.0/0",)), ROOT)
+    world.run(AddDnsRecord(network="lab", name="files", a=("10.20.0.9",)), ROOT)
     for name, key, role, networks in [
         ("olga", OLGA, "network-admin", NETWORKS_OF["olga"]),
         ("larry", LARRY, "network-admin", NETWORKS_OF["larry"]),
@@ -146,6 +149,15 @@ ADMIN_SAMPLES: dict[str, tuple[Sample, str | None]] = {
     "egress off lab/h1": (lambda w: RemoveEgress(node="lab/h1"), "lab"),
     "exit office/h1": (lambda w: SetExit(node="office/h1", via="h2"), "office"),
     "exit off office/h1": (lambda w: exiting(w, "office/h1", "h2"), "office"),
+    "name in office": (
+        lambda w: AddDnsRecord(network="office", name="db", a=("10.10.0.50",)),
+        "office",
+    ),
+    "remove a name in lab": (
+        lambda w: RemoveDnsRecord(network="lab", name="files.lab.internal"),
+        "lab",
+    ),
+    "domain of lab": (lambda w: UpdateNetwork(name="lab", dns_domain="lab.corp.example"), "lab"),
     "add admin": (
         lambda w: AddAdmin(name="newbie", public_key=public_text(SigningKey.generate())),
         None,

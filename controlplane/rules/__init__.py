@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane.rules import admins, gateways, hosts, keys, networks, nodes, policies
+from controlplane.rules import admins, dns, gateways, hosts, keys, networks, nodes, policies
 from controlplane.rules.spec import CommandSpec, Sender
 from events.commands import Command
 
@@ -20,6 +20,7 @@ SPECS: tuple[CommandSpec[Any], ...] = (
     *nodes.SPECS,
     *policies.SPECS,
     *gateways.SPECS,
+    *dns.SPECS,
     *hosts.SPECS,
     *admins.SPECS,
 )

@@ -17,8 +17,10 @@ from controlplane.rules.base import (
     one_event,
     require_network,
 )
+from controlplane.rules.dns import check_domain
 from controlplane.rules.spec import ByAdmin, CommandSpec, Produces, Scope
 from events.commands import CreateNetwork, DeleteNetwork, ErrorCode, UpdateNetwork
+from events.dns import default_domain
 from events.model import NetworkCreated, NetworkDeleted, NetworkUpdated
 from events.store import Expectation
 from events.subjects import NETWORK_EVENTS_WILDCARD
@@ -80,18 +82,20 @@ def create_network(topology: Topology, cmd: CreateNetwork, _ctx: Context) -> Dec
                         ErrorCode.CONFLICT,
                         f"{cidr} overlaps egress range {egress} of network {other.name!r}",
                     )
+    domain = check_domain(topology, cmd.dns_domain or default_domain(cmd.name), cmd.name)
     event = NetworkCreated(
         network=cmd.name,
         cidr=str(cidr),
         listen_port=cmd.listen_port,
         mtu=cmd.mtu,
         keepalive=cmd.keepalive,
+        dns_domain=cmd.dns_domain,
     )
     # Overlap spans every network, so the check guards them all.
     return Decision(
         events=((network_subject(cmd.name), event),),
         expect=(Expectation(NETWORK_EVENTS_WILDCARD, topology.last_network_seq),),
-        result={"network": cmd.name, "cidr": str(cidr)},
+        result={"network": cmd.name, "cidr": str(cidr), "dns_domain": domain},
     )
 
 
@@ -107,6 +111,7 @@ CREATE = CommandSpec[CreateNetwork](
             ("listen_port", "listen_port"),
             ("mtu", "mtu"),
             ("keepalive", "keepalive"),
+            ("dns_domain", "dns_domain"),
         ),
     ),
 )
@@ -135,17 +140,31 @@ DELETE = CommandSpec[DeleteNetwork](
 
 def update_network(topology: Topology, cmd: UpdateNetwork, _ctx: Context) -> Decision:
     network = require_network(topology, cmd.name)
-    if cmd.mtu is None and cmd.keepalive is None:
-        raise Rejected(ErrorCode.INVALID, "nothing to update: give --mtu or --keepalive")
+    if cmd.mtu is None and cmd.keepalive is None and cmd.dns_domain is None:
+        raise Rejected(
+            ErrorCode.INVALID, "nothing to update: give --mtu, --keepalive or --dns-domain"
+        )
     if cmd.mtu is not None and cmd.mtu < 1280 and ipaddress.ip_network(network.cidr).version == 6:
         raise Rejected(ErrorCode.INVALID, f"MTU {cmd.mtu} is below 1280, the minimum for IPv6")
     mtu = network.mtu if cmd.mtu is None else cmd.mtu
     keepalive = network.keepalive if cmd.keepalive is None else cmd.keepalive
-    result: dict[str, object] = {"network": cmd.name, "mtu": mtu, "keepalive": keepalive}
-    if (mtu, keepalive) == (network.mtu, network.keepalive):
+    domain = (
+        network.dns_domain
+        if cmd.dns_domain is None
+        else check_domain(topology, cmd.dns_domain, cmd.name)
+    )
+    result: dict[str, object] = {
+        "network": cmd.name,
+        "mtu": mtu,
+        "keepalive": keepalive,
+        "dns_domain": domain,
+    }
+    if (mtu, keepalive, domain) == (network.mtu, network.keepalive, network.dns_domain):
         return Decision(result={**result, "changed": False})
     # The event says what the admin signed (events verify compares them).
-    event = NetworkUpdated(network=cmd.name, mtu=cmd.mtu, keepalive=cmd.keepalive)
+    event = NetworkUpdated(
+        network=cmd.name, mtu=cmd.mtu, keepalive=cmd.keepalive, dns_domain=cmd.dns_domain
+    )
     return one_event(topology, network_subject(cmd.name), event, {**result, "changed": True})
 
 
@@ -156,7 +175,7 @@ UPDATE = CommandSpec[UpdateNetwork](
     Produces(
         (NetworkUpdated,),
         about=("name", "network"),
-        agree=(("mtu", "mtu"), ("keepalive", "keepalive")),
+        agree=(("mtu", "mtu"), ("keepalive", "keepalive"), ("dns_domain", "dns_domain")),
     ),
 )
 

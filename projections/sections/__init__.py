@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from projections.sections.addresses import AddressSection
 from projections.sections.base import Reread, SectionRule
+from projections.sections.dns import DnsSection, DnsZoneSection
 from projections.sections.egress import (
     EgressSection,
     ExitSection,
@@ -37,6 +38,8 @@ SECTIONS: tuple[type[SectionRule], ...] = (
     EgressSection,
     ForwardSection,
     ExitSection,
+    DnsSection,
+    DnsZoneSection,
 )
 
 __all__ = ["SECTIONS", "Reread", "SectionRule", "peer_endpoint"]

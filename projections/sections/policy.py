@@ -1,5 +1,5 @@
 """What an event did to who may reach whom, for the sections a policy shapes
-(`peers` and `firewall`).
+(`peers`, `firewall` and `dns`).
 
 In a network with a policy, an event changes the relation between two sets
 of members, sources and destinations (`Moved`): a join or a departure between
@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import msgspec
 
+from events.dns import fqdn, node_label
 from events.model import Event, NodeJoined, NodeRemoved, NodeTagged, NodeUntagged, PolicySet
 from events.policy import InRange
 from projections.access import AccessIndex, host_cidr, rule_shape
@@ -23,11 +24,13 @@ from projections.topology import Network, Topology
 
 
 class Ends(msgspec.Struct, frozen=True):
-    """Members as the sections key them: their hosts, public keys, firewall keys."""
+    """Members as the sections key them: their hosts, public keys, firewall
+    keys, names in DNS."""
 
     hosts: frozenset[str] = frozenset()
     keys: frozenset[str] = frozenset()
     cidrs: frozenset[str] = frozenset()
+    names: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
         return bool(self.hosts)
@@ -49,19 +52,22 @@ def policy_of(topology: Topology, network: str) -> AccessIndex | None:
 
 
 def ends(topology: Topology, node_ids: Iterable[str]) -> Ends:
-    hosts, keys, cidrs = set(), set(), set()
+    hosts, keys, cidrs, names = set(), set(), set(), set()
     for node_id in node_ids:
         node = topology.nodes.get(node_id)
         if node is None:
             continue
         hosts.add(node.host_id)
         cidrs.add(host_cidr(node.address))
+        name = topology.dns_name(node)
+        if name is not None:
+            names.add(name)
         # A joining host's node comes before its registration (its key):
         # peers learn the key from the registration's rereads.
         host = topology.hosts.get(node.host_id)
         if host is not None:
             keys.add(host.public_key)
-    return Ends(frozenset(hosts), frozenset(keys), frozenset(cidrs))
+    return Ends(frozenset(hosts), frozenset(keys), frozenset(cidrs), frozenset(names))
 
 
 def viewers(topology: Topology, network: str, node_id: str) -> frozenset[str] | None:
@@ -94,10 +100,13 @@ def moved(topology: Topology, event: Event) -> list[Moved]:
             host = topology.hosts.get(host_id)
             if host is None:
                 return []
+            label = node_label(departed.name)
+            network_domain = topology.networks[network].dns_domain
             member = Ends(
                 frozenset((host_id,)),
                 frozenset((host.public_key,)),
                 frozenset((host_cidr(departed.address),)),
+                frozenset((fqdn(label, network_domain),) if label is not None else ()),
             )
             return _around(topology, index, member, as_source, as_destination)
         case (
@@ -149,7 +158,12 @@ def _without(found: Ends, member: Ends) -> Ends:
     """`found` less the (one) member itself: a host is not its own peer."""
     if not found.hosts & member.hosts:
         return found
-    return Ends(found.hosts - member.hosts, found.keys - member.keys, found.cidrs - member.cidrs)
+    return Ends(
+        found.hosts - member.hosts,
+        found.keys - member.keys,
+        found.cidrs - member.cidrs,
+        found.names - member.names,
+    )
 
 
 def _between_policies(topology: Topology, network: Network) -> list[Moved]:
