@@ -389,9 +389,7 @@ class TestNet:
         await run("ip", "-n", self.lan_netns, "link", "set", port, "master", "br0", "up")
         await run("ip", "-n", netns, "addr", "add", f"{address}/24", "dev", "eth0")
         await run("ip", "-n", netns, "link", "set", "eth0", "up")
-        resolv_conf = self._files / f"{name}.resolv.conf"
-        resolv_conf.write_text(f"# resolv.conf of test host {name}\nnameserver {LAN_PREFIX}.1\n")
-        host = Host(self, name, netns, address, resolv_conf)
+        host = Host(self, name, netns, address, self._resolv_conf(name, f"{LAN_PREFIX}.1"))
         self.hosts[name] = host
         return host
 
@@ -401,11 +399,17 @@ class TestNet:
         eth0 at .2 with its default route through .1."""
         netns = f"{self.prefix}-{name}"
         await self._add_netns(netns)
-        behind = Host(self, name, netns, f"{subnet}.2")
+        behind = Host(self, name, netns, f"{subnet}.2", self._resolv_conf(name, f"{subnet}.1"))
         await self.wire(host, "eth1", f"{subnet}.1/24", behind, "eth0", f"{subnet}.2/24")
         await run("ip", "-n", netns, "route", "add", "default", "via", f"{subnet}.1")
         self.hosts[name] = behind
         return behind
+
+    def _resolv_conf(self, name: str, nameserver: str) -> Path:
+        """The file bound over /etc/resolv.conf in host `name` (see Host)."""
+        path = self._files / f"{name}.resolv.conf"
+        path.write_text(f"# resolv.conf of test host {name}\nnameserver {nameserver}\n")
+        return path
 
     async def wire(
         self, a: Host, a_name: str, a_cidr: str, b: Host, b_name: str, b_cidr: str
