@@ -916,59 +916,6 @@ def events() -> None:
     """The event stream: the audit log."""
 
 
-@events.command("log")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
-@json_option
-@click.pass_obj
-def events_log(server: str, follow: bool, as_json: bool) -> None:
-    """Print every event, oldest first."""
-    run(_events_log(server, follow, as_json))
-
-
-async def _events_log(server: str, follow: bool, as_json: bool) -> None:
-    import msgspec
-    import nats.errors
-
-    from events.envelope import encode_envelope
-    from events.jetstream import JetStreamEventStore
-    from events.store import StoreError
-
-    who = login()
-    nc = await connect(server, who)
-    try:
-        store = JetStreamEventStore(nc, reader=event_reader(nc, who))
-        try:
-            head = await store.last_sequence()
-        except Exception as exc:
-            raise CliError(f"cannot read the event stream at {server}: {exc!r}") from None
-        if head == 0 and not follow:
-            return
-        async for recorded in store.follow(1):
-            env = recorded.envelope
-            if as_json:
-                body = msgspec.json.decode(encode_envelope(env))
-                body["seq"] = recorded.seq
-                body["subject"] = recorded.subject
-                click.echo(json.dumps(body, sort_keys=True))
-            else:
-                data = msgspec.to_builtins(env.data)
-                data.pop("type", None)
-                fields = " ".join(
-                    f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in data.items()
-                )
-                click.echo(
-                    f"{recorded.seq:>6} {when(env.time)} {env.type:<24} {fields}  [{env.actor}]"
-                )
-            sys.stdout.flush()
-            if not follow and recorded.seq >= head:
-                return
-    except (StoreError, nats.errors.Error, TimeoutError) as exc:
-        # The control plane made no consumer, or events were dropped on the way.
-        raise CliError(f"cannot read the event stream at {server}: {exc}") from None
-    finally:
-        await nc.close()
-
-
 @events.command("verify")
 @click.option(
     "--root-key",
@@ -1309,6 +1256,10 @@ def agent_rotate_key(ctx: click.Context, state_dir: Path) -> None:
     except AgentError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"new public key {public_key}")
+
+
+# Commands kept in their own modules attach themselves to the groups above.
+from cli import eventlog as _eventlog  # noqa: E402, F401
 
 
 def main(argv: Sequence[str] | None = None) -> None:

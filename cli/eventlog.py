@@ -1,0 +1,132 @@
+"""`netmesh events log` (with filters), `events schema`, `events diff`: the
+event log as a tool. Attached to the `events` group of `cli.main`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from cli.client import CliError, connect, event_reader
+from cli.main import emit_json, events, json_option, login, run, when
+from events.logfilter import BadFilter, LogFilter, Point, check_type_pattern, parse_point
+
+since_option = click.option(
+    "--since", default=None, metavar="SEQ|TIME", help="From this event (or time) on."
+)
+until_option = click.option(
+    "--until", default=None, metavar="SEQ|TIME", help="Up to this event (or time)."
+)
+
+
+def _parsed(text: str | None) -> Point | None:
+    if text is None:
+        return None
+    try:
+        return parse_point(text)
+    except BadFilter as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@events.command("log")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
+@since_option
+@until_option
+@click.option("--type", "type_pattern", default=None, help="Only these types, e.g. 'node.*'.")
+@click.option(
+    "--network", "network_name", default=None, help="Only this network's (and its members')."
+)
+@json_option
+@click.pass_obj
+def events_log(
+    server: str,
+    follow: bool,
+    since: str | None,
+    until: str | None,
+    type_pattern: str | None,
+    network_name: str | None,
+    as_json: bool,
+) -> None:
+    """Print the events, oldest first (all of them, or those asked for)."""
+    try:
+        wanted = LogFilter(
+            since=_parsed(since),
+            until=_parsed(until),
+            type_pattern=None if type_pattern is None else check_type_pattern(type_pattern),
+            network=network_name,
+        )
+    except BadFilter as exc:
+        raise click.ClickException(str(exc)) from None
+    run(_events_log(server, follow, wanted, as_json))
+
+
+def _beyond(point: Point | None, head: int) -> None:
+    if point is not None and point.seq is not None and point.seq > head:
+        raise CliError(f"event #{point.seq} is beyond the log (its last event is #{head})")
+
+
+async def _events_log(server: str, follow: bool, wanted: LogFilter, as_json: bool) -> None:
+    import msgspec
+    import nats.errors
+
+    from events.envelope import encode_envelope
+    from events.jetstream import JetStreamEventStore
+    from events.store import StoreError
+
+    who = login()
+    nc = await connect(server, who)
+    try:
+        store = JetStreamEventStore(nc, reader=event_reader(nc, who))
+        try:
+            head = await store.last_sequence()
+        except Exception as exc:
+            raise CliError(f"cannot read the event stream at {server}: {exc!r}") from None
+        _beyond(wanted.since, head)
+        _beyond(wanted.until, head)
+        if head == 0 and not follow:
+            return
+        # Membership of --network is followed from the first event; otherwise
+        # reading starts where it is asked to.
+        start = 1
+        if wanted.network is None and wanted.since is not None and wanted.since.seq is not None:
+            start = max(wanted.since.seq, 1)
+        async for recorded in store.follow(start):
+            if wanted.past_until(recorded):
+                return
+            if wanted.wanted(recorded):
+                env = recorded.envelope
+                if as_json:
+                    body = msgspec.json.decode(encode_envelope(env))
+                    body["seq"] = recorded.seq
+                    body["subject"] = recorded.subject
+                    click.echo(json.dumps(body, sort_keys=True))
+                else:
+                    data = msgspec.to_builtins(env.data)
+                    data.pop("type", None)
+                    fields = " ".join(
+                        f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in data.items()
+                    )
+                    click.echo(
+                        f"{recorded.seq:>6} {when(env.time)} {env.type:<24} {fields}  [{env.actor}]"
+                    )
+                sys.stdout.flush()
+            if not follow and recorded.seq >= head:
+                return
+    except (StoreError, nats.errors.Error, TimeoutError) as exc:
+        # The control plane made no consumer, or events were dropped on the way.
+        raise CliError(f"cannot read the event stream at {server}: {exc}") from None
+    finally:
+        await nc.close()
+
+
+@events.command("schema")
+@click.argument("event_type", metavar="[TYPE]", required=False)
+def events_schema(event_type: str | None) -> None:
+    """Print the JSON Schema of the log's envelope (every event), or of TYPE's payload."""
+    from events.schema import UnknownType, event_schema, log_schema
+
+    try:
+        emit_json(log_schema() if event_type is None else event_schema(event_type))
+    except UnknownType as exc:
+        raise click.ClickException(str(exc)) from None

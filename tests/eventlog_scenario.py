@@ -1,0 +1,125 @@
+"""A recorded log with most kinds of events in it, made by real commands
+against a real control plane (admin commands signed by the admin, hosts'
+commands by their own keys), and what the read model answered after each."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+from nacl.signing import SigningKey
+
+from controlplane.service import ControlPlane
+from events.commands import Reply
+from events.envelope import RecordedEvent
+from events.signing import public_text, signed_payload
+from tests.factories import public_key
+from tests.test_controlplane import Admin
+from tests.test_policy_commands import POLICY
+
+# What is asked of the read model at each point: (query, args).
+QUESTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("networks", {}),
+    ("network", {"name": "office"}),
+    ("network", {"name": "lab"}),
+    ("nodes", {}),
+    ("nodes", {"network": "office"}),
+    ("node", {"node": "office/db1"}),
+    ("node", {"node": "office/web1"}),
+    ("keys", {}),
+    ("policy", {"network": "office"}),
+]
+
+
+class Point(msgspec.Struct):
+    seq: int
+    answers: list[dict[str, Any]]  # one per QUESTIONS: the reply, as the read model gave it
+
+
+def comparable(what: str, reply: Reply) -> dict[str, Any]:
+    """A reply as compared across time: `node`'s live status (agents' reports)
+    is no part of the topology."""
+    result = reply.result
+    if what == "node" and isinstance(result, dict):
+        result = {k: v for k, v in result.items() if k != "status"}
+    return {"ok": reply.ok, "result": result, "error": reply.error}
+
+
+async def ask_all(admin: Admin, **extra: Any) -> list[dict[str, Any]]:
+    answers = []
+    for what, args in QUESTIONS:
+        reply = await admin.send(f"netmesh.query.{what}", {**args, **extra})
+        answers.append(comparable(what, reply))
+    return answers
+
+
+async def record(plane: ControlPlane, admin: Admin) -> list[Point]:
+    """Run the scenario; the read model's answers after each command."""
+    points = [Point(await admin.last_seq(), await ask_all(admin))]
+    hosts: dict[str, tuple[SigningKey, str]] = {}
+
+    async def host_command(name: str, verb: str, fields: dict[str, Any]) -> Any:
+        key = hosts[name][0]
+        fields = {"command_id": uuid.uuid4().hex, **fields}
+        data, headers = signed_payload(key, verb, fields)
+        msg = await admin.nc.request(f"netmesh.cmd.{verb}", data, headers=headers, timeout=10)
+        reply = msgspec.json.decode(msg.data, type=Reply)
+        assert reply.ok, reply.error
+        return reply.result
+
+    async def step(verb: str, **fields: Any) -> Any:
+        result = await admin.ok(verb, **fields)
+        points.append(Point(await admin.last_seq(), await ask_all(admin)))
+        return result
+
+    async def join(name: str, n: int, token: str) -> None:
+        key = SigningKey.generate()
+        hosts[name] = (key, "")
+        fields = {
+            "token": token,
+            "public_key": public_key(n),
+            "name": name,
+            "endpoints": [f"192.0.2.{n}"],
+            "signing_key": public_text(key),
+        }
+        result = await host_command(name, "join", fields)
+        hosts[name] = (key, result["host_id"])
+        points.append(Point(await admin.last_seq(), await ask_all(admin)))
+
+    async def host_step(name: str, verb: str, **fields: Any) -> None:
+        await host_command(name, verb, {"host_id": hosts[name][1], **fields})
+        points.append(Point(await admin.last_seq(), await ask_all(admin)))
+
+    await step("network.create", name="office", cidr="10.10.0.0/24")
+    token = (await step("key.create", network="office", uses=3, tags=["web"]))["token"]
+    await join("db1", 1, token)
+    await join("web1", 2, token)
+    await host_step("db1", "endpoint.report", endpoints=["198.51.100.7"], listen_port=51821)
+    await step("node.tag", node="office/db1", tags=["db", "ops"])
+    await step("node.untag", node="office/db1", tags=["web"])
+    await step("policy.set", network="office", document=POLICY)
+    await step("network.update", name="office", mtu=1380, keepalive=15)
+    await step("node.rotate_key", node="office/web1")
+    await host_step("web1", "host.rotate_key", public_key=public_key(12))
+    await step("policy.clear", network="office")
+    await step("network.create", name="lab", cidr="10.20.0.0/24", listen_port=51830)
+    lab_token = (await step("key.create", network="lab", uses=None))["token"]
+    await join("lab1", 3, lab_token)
+    key_id = next(k["key_id"] for k in await admin.query("keys") if k["network"] == "lab")
+    await step("key.revoke", key_id=key_id)
+    await step("admin.add", name="aud", public_key=public_text(SigningKey.generate()))
+    await step("admin.remove", name="aud")
+    await step("node.remove", node="office/web1")
+    await host_step("db1", "host.leave", network="office")
+    await step("network.delete", name="lab", force=True)
+    return points
+
+
+async def read_log(plane: ControlPlane, head: int) -> list[RecordedEvent]:
+    recorded: list[RecordedEvent] = []
+    async for batch in plane.store.follow_batches(1):
+        recorded.extend(batch)
+        if batch[-1].seq >= head:
+            break
+    return recorded
