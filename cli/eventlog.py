@@ -9,8 +9,15 @@ import sys
 import click
 
 from cli.client import CliError, connect, event_reader
-from cli.main import emit_json, events, json_option, login, run, when
-from events.logfilter import BadFilter, LogFilter, Point, check_type_pattern, parse_point
+from cli.main import admin_query, emit_json, events, json_option, login, run, when
+from events.logfilter import (
+    BadFilter,
+    LogFilter,
+    Point,
+    beyond_the_log,
+    check_type_pattern,
+    parse_point,
+)
 
 since_option = click.option(
     "--since", default=None, metavar="SEQ|TIME", help="From this event (or time) on."
@@ -63,7 +70,7 @@ def events_log(
 
 def _beyond(point: Point | None, head: int) -> None:
     if point is not None and point.seq is not None and point.seq > head:
-        raise CliError(f"event #{point.seq} is beyond the log (its last event is #{head})")
+        raise CliError(beyond_the_log(point.seq, head))
 
 
 async def _events_log(server: str, follow: bool, wanted: LogFilter, as_json: bool) -> None:
@@ -130,3 +137,31 @@ def events_schema(event_type: str | None) -> None:
         emit_json(log_schema() if event_type is None else event_schema(event_type))
     except UnknownType as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@events.command("diff")
+@click.argument("from_point", metavar="FROM")
+@click.argument("to_point", metavar="TO")
+@json_option
+@click.pass_obj
+def events_diff(server: str, from_point: str, to_point: str, as_json: bool) -> None:
+    """What changed in the topology from FROM to TO (each an event's sequence or a time)."""
+    import msgspec
+
+    from projections.timetravel import Change
+
+    since, until = _parsed(from_point), _parsed(to_point)
+    answer = run(
+        admin_query(server, "diff", at=msgspec.to_builtins(since), to=msgspec.to_builtins(until))
+    )
+    if as_json:
+        emit_json(answer)
+        return
+    changes = [msgspec.convert(c, Change) for c in answer["changes"]]
+    span = f"from #{answer['from']} to #{answer['to']}"
+    if not changes:
+        click.echo(f"{span}: nothing changed")
+        return
+    click.echo(f"{span}: {len(changes)} change(s)")
+    for change in changes:
+        click.echo(str(change))

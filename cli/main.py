@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+import msgspec
 
 from cli.client import (
     DEFAULT_SERVER,
@@ -27,6 +28,7 @@ from cli.client import (
     query,
 )
 from cli.logs import configure_logging, quiet_tls_noise
+from cli.past import asked_point, at_option
 from events.commands import ROLES
 
 if TYPE_CHECKING:
@@ -137,7 +139,11 @@ def show_plan(result: dict[str, Any]) -> None:
 
 
 async def admin_query(server: str, what: str, **args: Any) -> Any:
-    """A query, logged in as the admin given to `netmesh` (where there is one)."""
+    """A query, logged in as the admin given to `netmesh` (where there is one);
+    under `--at`, as of that point of the log."""
+    point = asked_point()
+    if point is not None:
+        args["at"] = msgspec.to_builtins(point)
     return await query(server, what, login=login(), **args)
 
 
@@ -342,6 +348,7 @@ def network_create(
 
 @network.command("list")
 @json_option
+@at_option
 @click.pass_obj
 def network_list(server: str, as_json: bool) -> None:
     """List networks."""
@@ -361,6 +368,7 @@ def network_list(server: str, as_json: bool) -> None:
 @network.command("show")
 @click.argument("name")
 @json_option
+@at_option
 @click.pass_obj
 def network_show(server: str, name: str, as_json: bool) -> None:
     """Show network NAME, its nodes and keys."""
@@ -496,6 +504,7 @@ def _print_keys(rows: list[dict[str, Any]]) -> None:
 
 @key.command("list")
 @json_option
+@at_option
 @click.pass_obj
 def key_list(server: str, as_json: bool) -> None:
     """List enrollment keys (never their secrets)."""
@@ -549,6 +558,7 @@ def node() -> None:
 @node.command("list")
 @click.option("--network", "network_name", default=None)
 @json_option
+@at_option
 @click.pass_obj
 def node_list(server: str, network_name: str | None, as_json: bool) -> None:
     """List nodes."""
@@ -562,6 +572,7 @@ def node_list(server: str, network_name: str | None, as_json: bool) -> None:
 @node.command("show")
 @click.argument("node_ref", metavar="NODE")
 @json_option
+@at_option
 @click.pass_obj
 def node_show(server: str, node_ref: str, as_json: bool) -> None:
     """Show NODE (id, NETWORK/NAME, or a unique name)."""
@@ -580,10 +591,17 @@ def node_show(server: str, node_ref: str, as_json: bool) -> None:
         ("public key", n["public_key"]),
         ("endpoint", n["endpoint"]),
         ("joined", when(n["joined_at"])),
-        ("state", status.get("state")),
-        (
-            "revision",
-            f"{status.get('applied_revision')} applied / {status.get('desired_revision')} desired",
+        *(
+            [
+                ("state", status.get("state")),
+                (
+                    "revision",
+                    f"{status.get('applied_revision')} applied / "
+                    f"{status.get('desired_revision')} desired",
+                ),
+            ]
+            if "status" in n  # not as of a past point: reports are not in the log
+            else []
         ),
     ]:
         click.echo(f"{label:<11}{'-' if value is None else value}")
@@ -731,6 +749,7 @@ def policy_set(server: str, network_name: str, file: Any, plan: bool, as_json: b
 @policy.command("show")
 @click.argument("network_name", metavar="NETWORK")
 @json_option
+@at_option
 @click.pass_obj
 def policy_show(server: str, network_name: str, as_json: bool) -> None:
     """Print NETWORK's policy as it was written, and its revision."""

@@ -21,12 +21,15 @@ from controlplane.policyviews import explain_access, plan_policy_change, show_po
 from controlplane.replies import Responder
 from controlplane.rules.base import Rejected
 from controlplane.rules.nodes import match_node
+from controlplane.timetravel import TimeTravel
 from events.commands import ErrorCode, Reply
+from events.logfilter import Point
 from events.reports import APPLIED, applied_decoder
 from events.signing import COMMAND_SIGNER_HEADER, SIGNATURE_HEADER
 from events.subjects import QUERY_PREFIX, REPORTS_STREAM, report_subject
 from projections.desired import peer_endpoint
 from projections.sqlite import ReadModel
+from projections.timetravel import diff, view_of
 from projections.topology import Host, Topology
 
 log = structlog.get_logger("netmesh.controlplane")
@@ -221,6 +224,15 @@ class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     source: str | None = None
     destination: str | None = None
     port: str | None = None
+    # As of this point of the log (`--at`), for the queries in PAST_QUERIES;
+    # `diff`: what changed from `at` to `to`.
+    at: Point | None = None
+    to: Point | None = None
+
+
+# What can be asked as of a past point: the topology's queries (not agents'
+# reports, which are not in the log).
+PAST_QUERIES = frozenset({"networks", "network", "nodes", "node", "keys", "policy", "admins"})
 
 
 # (verb, payload, signer, signature) -> what the command would do (`CommandPipeline.plan`).
@@ -238,12 +250,14 @@ class QueryService:
         model: Callable[[], ReadModel | None],
         topology: Callable[[], Topology],
         planner: Planner | None = None,
+        timetravel: TimeTravel | None = None,
     ) -> None:
         self._js = nc.jetstream()
         self._responder = responder
         self._model = model
         self._topology = topology
         self._planner = planner
+        self._timetravel = timetravel
 
     async def on_query(self, msg: Msg) -> None:
         what = msg.subject[len(QUERY_PREFIX) + 1 :]
@@ -275,39 +289,80 @@ class QueryService:
 
     async def answer(self, what: str, args: QueryArgs) -> Any:
         """Raises Rejected."""
+        if what == "diff" or args.at is not None:
+            return await self._answer_from_the_past(what, args)
         model = self._model()
         assert model is not None
+        return await self._read(what, args, model, self._topology(), time.time())
+
+    async def _answer_from_the_past(self, what: str, args: QueryArgs) -> Any:
+        """Raises Rejected."""
+        travel = self._timetravel
+        if travel is None:
+            raise Rejected(ErrorCode.INVALID, "this control plane does not keep the past")
+        if what == "diff":
+            if args.at is None or args.to is None:
+                raise Rejected(ErrorCode.INVALID, "diff needs two points: at and to")
+            before, after = await travel.replay(args.at), await travel.replay(args.to)
+            return {
+                "from": before.seq,
+                "to": after.seq,
+                "changes": msgspec.to_builtins(
+                    diff(view_of(before.topology), view_of(after.topology))
+                ),
+            }
+        if what not in PAST_QUERIES:
+            raise Rejected(ErrorCode.INVALID, f"{what} cannot be asked as of a past point")
+        assert args.at is not None
+        past = await travel.past(args.at)
+        try:
+            return await self._read(what, args, past.model, past.topology, past.time, live=False)
+        finally:
+            await travel.release(past)
+
+    async def _read(
+        self,
+        what: str,
+        args: QueryArgs,
+        model: ReadModel,
+        topology: Topology,
+        now: float,
+        *,
+        live: bool = True,
+    ) -> Any:
+        """Raises Rejected."""
         match what:
             case "ping":  # a client whose command waits asks whether anyone is here
                 return {}
             case "networks":
                 return await list_networks(model)
             case "network":
-                return await show_network(model, args.name or "", now=time.time())
+                return await show_network(model, args.name or "", now=now)
             case "nodes":
                 return await list_nodes(model, args.network)
             case "node":
                 node = await find_node(model, args.node or "")
-                rows = await status(model, self.applied_report)
-                node["status"] = next((r for r in rows if r["id"] == node["id"]), None)
+                if live:  # agents' reports are now, not then
+                    rows = await status(model, self.applied_report)
+                    node["status"] = next((r for r in rows if r["id"] == node["id"]), None)
                 return node
             case "keys":
-                return await list_keys(model, now=time.time())
+                return await list_keys(model, now=now)
             case "status":
                 return await status(model, self.applied_report)
             # The policy's compiled form and access index are the write model's.
             case "policy":
-                return show_policy(self._topology(), args.network or "")
+                return show_policy(topology, args.network or "")
             case "policy_explain":
                 return explain_access(
-                    self._topology(),
+                    topology,
                     args.network or "",
                     args.source or "",
                     args.destination or "",
                     args.port,
                 )
             case "policy_plan":
-                return plan_policy_change(self._topology(), args.network or "", args.document or "")
+                return plan_policy_change(topology, args.network or "", args.document or "")
             case "admins":
                 # From the write model: admins are a matter of authorization,
                 # not of the read model.
@@ -319,7 +374,7 @@ class QueryService:
                             "networks": list(a.networks),
                             "public_key": a.public_key,
                         }
-                        for a in self._topology().admins.values()
+                        for a in topology.admins.values()
                     ),
                     key=lambda a: str(a["name"]),
                 )

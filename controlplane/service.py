@@ -33,6 +33,7 @@ from controlplane.queries import QueryService
 from controlplane.replies import Responder
 from controlplane.streams import ensure_streams
 from controlplane.throttle import FailureWindow
+from controlplane.timetravel import TimeTravel
 from controlplane.writemodel import WriteModel
 from events.commands import Reply
 from events.connect import server_has_seen_everything
@@ -95,8 +96,9 @@ class ControlPlane:
             self._read_your_writes,
             metrics,
         )
+        self.timetravel = TimeTravel(self.store)
         self.queries = QueryService(
-            nc, self._responder, lambda: self.model, self._topology, self._plan
+            nc, self._responder, lambda: self.model, self._topology, self._plan, self.timetravel
         )
         # With a connection to the broker's system account, this control plane
         # decides who may connect (auth callout) and disconnects who lost access.
@@ -214,6 +216,7 @@ class ControlPlane:
             # Should not happen; say where it is stuck rather than hang.
             log.error("task did not stop", task=task.get_name(), awaiting=awaiting(task))
         self._tasks.clear()
+        await self.timetravel.close()
         if self.model is not None:
             await self.model.close()
             self.model = None

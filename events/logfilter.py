@@ -57,6 +57,10 @@ def parse_point(text: str) -> Point:
     return Point(time=when.timestamp())
 
 
+def beyond_the_log(seq: int, head: int) -> str:
+    return f"event #{seq} is beyond the log (its last event is #{head})"
+
+
 def check_type_pattern(pattern: str) -> str:
     """A shell-style pattern over event types ("node.*", "policy.set"), which
     must match at least one type this version knows. Raises BadFilter."""

@@ -81,7 +81,7 @@ class ReadModel:
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
         )
         await db.commit()
-        writer = sqlite3.connect(str(path))
+        writer = sqlite3.connect(str(path), uri=_is_uri(path))
         writer.execute("PRAGMA synchronous=NORMAL")
         # Checkpoints (the only writes that wait for the disk) are not run
         # inside a commit on the event loop, but by `_checkpoint_soon`.
@@ -90,7 +90,7 @@ class ReadModel:
 
     @staticmethod
     async def _connect(path: Path | str) -> aiosqlite.Connection:
-        db = await aiosqlite.connect(str(path))
+        db = await aiosqlite.connect(str(path), uri=_is_uri(path))
         db.row_factory = aiosqlite.Row
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
@@ -294,6 +294,12 @@ class ReadModel:
         except BaseException:
             db.rollback()
             raise
+
+
+def _is_uri(path: Path | str) -> bool:
+    """A `file:` URI: a read model in memory (`file:NAME?mode=memory&cache=shared`,
+    its two connections sharing it), as time travel builds them."""
+    return isinstance(path, str) and path.startswith("file:")
 
 
 def _json_list(items: Iterable[str]) -> str:

@@ -29,10 +29,11 @@ QUESTIONS: list[tuple[str, dict[str, Any]]] = [
     ("node", {"node": "office/web1"}),
     ("keys", {}),
     ("policy", {"network": "office"}),
+    ("admins", {}),
 ]
 
 
-class Point(msgspec.Struct):
+class Recorded(msgspec.Struct):
     seq: int
     answers: list[dict[str, Any]]  # one per QUESTIONS: the reply, as the read model gave it
 
@@ -54,9 +55,9 @@ async def ask_all(admin: Admin, **extra: Any) -> list[dict[str, Any]]:
     return answers
 
 
-async def record(plane: ControlPlane, admin: Admin) -> list[Point]:
+async def record(plane: ControlPlane, admin: Admin) -> list[Recorded]:
     """Run the scenario; the read model's answers after each command."""
-    points = [Point(await admin.last_seq(), await ask_all(admin))]
+    points = [Recorded(await admin.last_seq(), await ask_all(admin))]
     hosts: dict[str, tuple[SigningKey, str]] = {}
 
     async def host_command(name: str, verb: str, fields: dict[str, Any]) -> Any:
@@ -70,7 +71,7 @@ async def record(plane: ControlPlane, admin: Admin) -> list[Point]:
 
     async def step(verb: str, **fields: Any) -> Any:
         result = await admin.ok(verb, **fields)
-        points.append(Point(await admin.last_seq(), await ask_all(admin)))
+        points.append(Recorded(await admin.last_seq(), await ask_all(admin)))
         return result
 
     async def join(name: str, n: int, token: str) -> None:
@@ -85,11 +86,11 @@ async def record(plane: ControlPlane, admin: Admin) -> list[Point]:
         }
         result = await host_command(name, "join", fields)
         hosts[name] = (key, result["host_id"])
-        points.append(Point(await admin.last_seq(), await ask_all(admin)))
+        points.append(Recorded(await admin.last_seq(), await ask_all(admin)))
 
     async def host_step(name: str, verb: str, **fields: Any) -> None:
         await host_command(name, verb, {"host_id": hosts[name][1], **fields})
-        points.append(Point(await admin.last_seq(), await ask_all(admin)))
+        points.append(Recorded(await admin.last_seq(), await ask_all(admin)))
 
     await step("network.create", name="office", cidr="10.10.0.0/24")
     token = (await step("key.create", network="office", uses=3, tags=["web"]))["token"]

@@ -25,8 +25,7 @@ from events.model import (
     NodeRemoved,
 )
 from events.signing import load_or_create
-from tests.eventlog_scenario import Point as Recorded
-from tests.eventlog_scenario import record
+from tests.eventlog_scenario import Recorded, record
 from tests.test_cli import ADMIN_KEY, netmesh, one_line_error
 from tests.test_controlplane import Admin
 
@@ -40,10 +39,14 @@ LOG = [
     recorded(1, NetworkCreated(network="office", cidr="10.10.0.0/24"), 100.0),
     recorded(2, NetworkCreated(network="lab", cidr="10.20.0.0/24"), 110.0),
     recorded(
-        3, NodeJoined(network="office", node_id="n1", host_id="h1", name="a", address="x"), 120
+        3,
+        NodeJoined(network="office", node_id="n1", host_id="h1", name="a", address="10.10.0.2"),
+        120,
     ),
     recorded(4, HostRegistered(host_id="h1", name="a", public_key="k1"), 120.0),
-    recorded(5, NodeJoined(network="lab", node_id="n2", host_id="h2", name="b", address="y"), 130),
+    recorded(
+        5, NodeJoined(network="lab", node_id="n2", host_id="h2", name="b", address="10.20.0.2"), 130
+    ),
     recorded(6, HostRegistered(host_id="h2", name="b", public_key="k2"), 130.0),
     recorded(7, HostEndpointObserved(host_id="h1", endpoints=("1.2.3.4",)), 140.0),
     recorded(8, HostEndpointObserved(host_id="h2", endpoints=("5.6.7.8",)), 150.0),
