@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import re
 import sys
+import uuid
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,6 +30,14 @@ from cli.client import (
 )
 from cli.logs import configure_logging, quiet_tls_noise
 from cli.past import asked_point, at_option
+from cli.wait import (
+    asked_wait,
+    converge,
+    outcome,
+    wait_after_command,
+    waitable,
+    waitable_network,
+)
 from events.commands import ROLES
 
 if TYPE_CHECKING:
@@ -93,10 +102,24 @@ async def admin_command_seq(
     what it would do is printed and the CLI exits (0), nothing written."""
     ctx = click.get_current_context()
     key = load_admin_key(ctx.find_root().params.get("admin_key"))
+    who = Login(key, login().ca)
     if ctx.meta.get(PLAN_ONLY):
-        show_plan(await plan(server, verb, login=Login(key, login().ca), **fields))
+        show_plan(await plan(server, verb, login=who, **fields))
         raise click.exceptions.Exit(0)
-    return await command(server, verb, login=Login(key, login().ca), seq_as=seq_as, **fields)
+    wait = asked_wait()
+    if wait is None:
+        return await command(server, verb, login=who, seq_as=seq_as, **fields)
+    # --wait: which command it was (its id) and where its events end.
+    fields.setdefault("command_id", uuid.uuid4().hex)
+    result = await command(server, verb, login=who, seq_as=seq_as or LAST_SEQ, **fields)
+    seq = result.get(seq_as or LAST_SEQ) if isinstance(result, dict) else None
+    if seq_as is None and isinstance(result, dict):
+        result.pop(LAST_SEQ, None)
+    wait_after_command(server, who, seq, fields["command_id"], wait)
+    return result
+
+
+LAST_SEQ = "netmesh.last_seq"  # where a waited command's last sequence is passed up
 
 
 PLAN_ONLY = "netmesh.plan"
@@ -324,6 +347,7 @@ def network() -> None:
 )
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def network_create(
     server: str, name: str, cidr: str, listen_port: int, mtu: int, keepalive: int, as_json: bool
@@ -394,6 +418,7 @@ def network_show(server: str, name: str, as_json: bool) -> None:
 )
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def network_update(
     server: str, name: str, mtu: int | None, keepalive: int | None, as_json: bool
@@ -419,6 +444,7 @@ def network_update(
 @click.option("--force", is_flag=True, help="Delete even if nodes are in it (disconnects them).")
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def network_delete(server: str, name: str, force: bool, as_json: bool) -> None:
     """Delete network NAME; its keys stop working (refused while it has nodes)."""
@@ -454,6 +480,7 @@ def key() -> None:
 )
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def key_create(
     server: str,
@@ -519,6 +546,7 @@ def key_list(server: str, as_json: bool) -> None:
 @click.argument("key_id")
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def key_revoke(server: str, key_id: str, as_json: bool) -> None:
     """Revoke enrollment key KEY_ID: it can no longer be used to join."""
@@ -626,6 +654,7 @@ def node_show(server: str, node_ref: str, as_json: bool) -> None:
 @node.command("rotate-key")
 @click.argument("node_ref", metavar="NODE")
 @plannable
+@waitable
 @click.pass_obj
 def node_rotate_key(server: str, node_ref: str) -> None:
     """Ask NODE's host for a new WireGuard key (made there; peers switch in place)."""
@@ -653,6 +682,7 @@ def _tagging(server: str, verb: str, node_ref: str, tags: tuple[str, ...], as_js
 @click.argument("tags", metavar="TAG...", nargs=-1, required=True)
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def node_tag(server: str, node_ref: str, tags: tuple[str, ...], as_json: bool) -> None:
     """Add TAGs to NODE (tags are 1-32 of a-z, 0-9 and '-'); policies name them."""
@@ -664,6 +694,7 @@ def node_tag(server: str, node_ref: str, tags: tuple[str, ...], as_json: bool) -
 @click.argument("tags", metavar="TAG...", nargs=-1, required=True)
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def node_untag(server: str, node_ref: str, tags: tuple[str, ...], as_json: bool) -> None:
     """Take TAGs from NODE."""
@@ -674,6 +705,7 @@ def node_untag(server: str, node_ref: str, tags: tuple[str, ...], as_json: bool)
 @click.argument("node_ref", metavar="NODE")
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def node_remove(server: str, node_ref: str, as_json: bool) -> None:
     """Remove NODE from its network: every peer drops it."""
@@ -701,6 +733,7 @@ def _warn(warnings: list[str]) -> None:
 @click.argument("network_name", metavar="NETWORK")
 @click.argument("file", type=click.File("r", encoding="utf-8"))
 @click.option("--plan", is_flag=True, help="Print what would change on each host; write nothing.")
+@waitable
 @json_option
 @click.pass_obj
 def policy_set(server: str, network_name: str, file: Any, plan: bool, as_json: bool) -> None:
@@ -770,6 +803,7 @@ def policy_show(server: str, network_name: str, as_json: bool) -> None:
 @click.argument("network_name", metavar="NETWORK")
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def policy_clear(server: str, network_name: str, as_json: bool) -> None:
     """Drop NETWORK's policy: everyone reaches everyone again."""
@@ -829,10 +863,18 @@ def policy_explain(
 
 @cli.command()
 @json_option
+@waitable_network
 @click.pass_obj
 def status(server: str, as_json: bool) -> None:
-    """Each node: is its interface at the revision the control plane wants?"""
+    """Each node: is its interface at the revision the control plane wants?
+    With --wait: once every host in a network has applied its desired state."""
+    wait = asked_wait()
+    waited = None if wait is None else run(converge(server, login(), None, None, wait))
     rows = run(admin_query(server, "status"))
+    if waited is not None:
+        assert wait is not None
+        ctx = click.get_current_context()
+        ctx.call_on_close(lambda: click.echo(outcome(*waited, wait), err=True))
     if as_json:
         emit_json(rows)
         return
@@ -883,6 +925,7 @@ def admin_keygen(path: Path) -> None:
 )
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def admin_add(
     server: str, name: str, public_key: str, role: str, networks: tuple[str, ...], as_json: bool
@@ -907,6 +950,7 @@ def admin_add(
 
 @admin.command("list")
 @json_option
+@at_option
 @click.pass_obj
 def admin_list(server: str, as_json: bool) -> None:
     """Admins, their roles and keys."""
@@ -923,6 +967,7 @@ def admin_list(server: str, as_json: bool) -> None:
 @admin.command("remove")
 @click.argument("name")
 @plannable
+@waitable
 @click.pass_obj
 def admin_remove(server: str, name: str) -> None:
     """NAME may no longer sign commands (the last admin cannot be removed)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
+from controlplane.convergence import AppliedLookup, Convergence
 from controlplane.policyviews import explain_access, plan_policy_change, show_policy
 from controlplane.replies import Responder
 from controlplane.rules.base import Rejected
@@ -33,9 +34,6 @@ from projections.timetravel import diff, view_of
 from projections.topology import Host, Topology
 
 log = structlog.get_logger("netmesh.controlplane")
-
-# host_id -> latest "applied" report, or None if the agent never reported.
-AppliedLookup = Callable[[str], Awaitable[dict[str, Any] | None]]
 
 
 async def _rows(model: ReadModel, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
@@ -228,6 +226,9 @@ class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # `diff`: what changed from `at` to `to`.
     at: Point | None = None
     to: Point | None = None
+    # `convergence`: the command whose last event is `seq` (None: every host).
+    seq: int | None = None
+    command: str | None = None
 
 
 # What can be asked as of a past point: the topology's queries (not agents'
@@ -258,6 +259,7 @@ class QueryService:
         self._topology = topology
         self._planner = planner
         self._timetravel = timetravel
+        self.convergence: Convergence | None = None  # set by the service once it has its parts
 
     async def on_query(self, msg: Msg) -> None:
         what = msg.subject[len(QUERY_PREFIX) + 1 :]
@@ -350,6 +352,8 @@ class QueryService:
                 return await list_keys(model, now=now)
             case "status":
                 return await status(model, self.applied_report)
+            case "convergence" if self.convergence is not None:
+                return await self.convergence.answer(args.seq, args.command)
             # The policy's compiled form and access index are the write model's.
             case "policy":
                 return show_policy(topology, args.network or "")

@@ -25,6 +25,7 @@ from nats.aio.subscription import Subscription
 from controlplane.access import Access
 from controlplane.brokerauth import BrokerGate
 from controlplane.consumers import Consumers
+from controlplane.convergence import Convergence
 from controlplane.enrollment import EnrollmentSecrets
 from controlplane.metrics import NO_METRICS, ControlPlaneMetrics
 from controlplane.pipeline import CommandPipeline
@@ -116,6 +117,13 @@ class ControlPlane:
             self.write.observer = self.access.observe
         self.consumers = Consumers(
             nc, self._responder, self._topology, lambda: self.runner, self.access is not None
+        )
+        self.queries.convergence = Convergence(
+            self.store,
+            lambda: self.model,
+            self._read_your_writes,
+            self.consumers.connected_hosts,
+            self.queries.applied_report,
         )
 
     @property
