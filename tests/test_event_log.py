@@ -158,3 +158,32 @@ async def test_the_cli_filters_a_recorded_log(
         rc, out, err = await netmesh(url, "events", "log", *args)
         one_line_error(rc, err, needle)
         assert (rc, out) == (1, "")
+
+
+def readme_consumer() -> str:
+    """The plain nats-py consumer the README shows."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    after = readme.split("Tapping the stream from any NATS client", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_readme_consumer_reads_the_log(
+    recorded_log: tuple[str, Admin, list[Recorded]],
+) -> None:
+    import asyncio
+    import sys
+
+    url, admin, _ = recorded_log
+    head = await admin.last_seq()
+    code = readme_consumer().replace("nats://127.0.0.1:4222", url)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [(await asyncio.wait_for(proc.stdout.readline(), 30)).decode() for _ in range(head)]
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert [int(line.split()[0]) for line in lines] == list(range(1, head + 1))
+    assert lines[0].split()[1] == "admin.added" and "network.created" in lines[1]
