@@ -1,10 +1,14 @@
-"""`netmesh events log` (with filters), `events schema`, `events diff`: the
-event log as a tool. Attached to the `events` group of `cli.main`."""
+"""`netmesh events log` (with filters), `events verify`, `events schema`,
+`events diff`: the event log as a tool. Attached to the `events` group of
+`cli.main`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,6 +22,10 @@ from events.logfilter import (
     check_type_pattern,
     parse_point,
 )
+
+if TYPE_CHECKING:
+    from controlplane.audit import AuditReport
+    from events.jetstream import JetStreamEventStore
 
 since_option = click.option(
     "--since", default=None, metavar="SEQ|TIME", help="From this event (or time) on."
@@ -73,11 +81,12 @@ def _beyond(point: Point | None, head: int) -> None:
         raise CliError(beyond_the_log(point.seq, head))
 
 
-async def _events_log(server: str, follow: bool, wanted: LogFilter, as_json: bool) -> None:
-    import msgspec
+@contextlib.asynccontextmanager
+async def reading_events(server: str) -> AsyncIterator[tuple[JetStreamEventStore, int]]:
+    """The event stream as this admin may read it, and its last sequence.
+    Raises CliError (one line) for anything that stops the reading."""
     import nats.errors
 
-    from events.envelope import encode_envelope
     from events.jetstream import JetStreamEventStore
     from events.store import StoreError
 
@@ -89,6 +98,20 @@ async def _events_log(server: str, follow: bool, wanted: LogFilter, as_json: boo
             head = await store.last_sequence()
         except Exception as exc:
             raise CliError(f"cannot read the event stream at {server}: {exc!r}") from None
+        yield store, head
+    except (StoreError, nats.errors.Error, TimeoutError) as exc:
+        # The control plane made no consumer, or events were dropped on the way.
+        raise CliError(f"cannot read the event stream at {server}: {exc}") from None
+    finally:
+        await nc.close()
+
+
+async def _events_log(server: str, follow: bool, wanted: LogFilter, as_json: bool) -> None:
+    import msgspec
+
+    from events.envelope import encode_envelope
+
+    async with reading_events(server) as (store, head):
         _beyond(wanted.since, head)
         _beyond(wanted.until, head)
         if head == 0 and not follow:
@@ -120,11 +143,53 @@ async def _events_log(server: str, follow: bool, wanted: LogFilter, as_json: boo
                 sys.stdout.flush()
             if not follow and recorded.seq >= head:
                 return
-    except (StoreError, nats.errors.Error, TimeoutError) as exc:
-        # The control plane made no consumer, or events were dropped on the way.
-        raise CliError(f"cannot read the event stream at {server}: {exc}") from None
-    finally:
-        await nc.close()
+
+
+@events.command("verify")
+@click.option(
+    "--root-key",
+    default=None,
+    help="The first admin's public key (base64), if you know it: otherwise the log's "
+    "first admin is trusted, and printed.",
+)
+@json_option
+@click.pass_obj
+def events_verify(server: str, root_key: str | None, as_json: bool) -> None:
+    """Check every event's signatures against the admins before it (exit 1 on a problem)."""
+    report = run(_events_verify(server, root_key))
+    if as_json:
+        emit_json(
+            {
+                "events": report.events,
+                "signed_commands": report.signed_commands,
+                "unsigned_agent_events": report.unsigned_events,
+                "root_key": report.root,
+                "problems": [{"seq": seq, "problem": why} for seq, why in report.problems],
+            }
+        )
+    else:
+        click.echo(
+            f"{report.events} events: {report.signed_commands} signed commands verified, "
+            f"{report.unsigned_events} events without a proof (agents without a key), "
+            f"{len(report.problems)} problems; root admin key {report.root or '-'}"
+        )
+        for seq, why in report.problems:
+            click.echo(f"  event {seq}: {why}")
+    if report.problems:
+        sys.exit(1)
+
+
+async def _events_verify(server: str, root_key: str | None) -> AuditReport:
+    from controlplane.audit import verify_log
+
+    async with reading_events(server) as (store, head):
+        recorded = []
+        if head:
+            async for batch in store.follow_batches(1):
+                recorded.extend(batch)
+                if batch[-1].seq >= head:
+                    break
+        return verify_log(recorded, root_key)
 
 
 @events.command("schema")

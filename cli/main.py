@@ -11,7 +11,7 @@ import sys
 import uuid
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import click
 import msgspec
@@ -21,8 +21,6 @@ from cli.client import (
     CliError,
     Login,
     command,
-    connect,
-    event_reader,
     load_admin_key,
     login_from,
     plan,
@@ -39,9 +37,6 @@ from cli.wait import (
     waitable_network,
 )
 from events.commands import ROLES
-
-if TYPE_CHECKING:
-    from controlplane.audit import AuditReport
 
 T = TypeVar("T")
 
@@ -978,69 +973,6 @@ def admin_remove(server: str, name: str) -> None:
 @cli.group()
 def events() -> None:
     """The event stream: the audit log."""
-
-
-@events.command("verify")
-@click.option(
-    "--root-key",
-    default=None,
-    help="The first admin's public key (base64), if you know it: otherwise the log's "
-    "first admin is trusted, and printed.",
-)
-@json_option
-@click.pass_obj
-def events_verify(server: str, root_key: str | None, as_json: bool) -> None:
-    """Check every event's signatures against the admins before it (exit 1 on a problem)."""
-    report = run(_events_verify(server, root_key))
-    if as_json:
-        emit_json(
-            {
-                "events": report.events,
-                "signed_commands": report.signed_commands,
-                "unsigned_agent_events": report.unsigned_events,
-                "root_key": report.root,
-                "problems": [{"seq": seq, "problem": why} for seq, why in report.problems],
-            }
-        )
-    else:
-        click.echo(
-            f"{report.events} events: {report.signed_commands} signed commands verified, "
-            f"{report.unsigned_events} events without a proof (agents without a key), "
-            f"{len(report.problems)} problems; root admin key {report.root or '-'}"
-        )
-        for seq, why in report.problems:
-            click.echo(f"  event {seq}: {why}")
-    if report.problems:
-        sys.exit(1)
-
-
-async def _events_verify(server: str, root_key: str | None) -> AuditReport:
-    import nats.errors
-
-    from controlplane.audit import verify_log
-    from events.jetstream import JetStreamEventStore
-    from events.store import StoreError
-
-    who = login()
-    nc = await connect(server, who)
-    try:
-        store = JetStreamEventStore(nc, reader=event_reader(nc, who))
-        try:
-            head = await store.last_sequence()
-        except Exception as exc:
-            raise CliError(f"cannot read the event stream at {server}: {exc!r}") from None
-        recorded = []
-        if head:
-            async for batch in store.follow_batches(1):
-                recorded.extend(batch)
-                if batch[-1].seq >= head:
-                    break
-        return verify_log(recorded, root_key)
-    except (StoreError, nats.errors.Error, TimeoutError) as exc:
-        # The control plane made no consumer, or events were dropped on the way.
-        raise CliError(f"cannot read the event stream at {server}: {exc}") from None
-    finally:
-        await nc.close()
 
 
 # -- agent -------------------------------------------------------------------------

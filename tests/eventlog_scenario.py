@@ -4,17 +4,22 @@ commands by their own keys), and what the read model answered after each."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats
 from nacl.signing import SigningKey
 
 from controlplane.service import ControlPlane
 from events.commands import Reply
 from events.envelope import RecordedEvent
-from events.signing import public_text, signed_payload
+from events.signing import load_or_create, public_text, signed_payload
 from tests.factories import public_key
+from tests.test_cli import ADMIN_KEY
 from tests.test_controlplane import Admin
 from tests.test_policy_commands import POLICY
 
@@ -115,6 +120,23 @@ async def record(plane: ControlPlane, admin: Admin) -> list[Recorded]:
     await host_step("db1", "host.leave", network="office")
     await step("network.delete", name="lab", force=True)
     return points
+
+
+@contextlib.asynccontextmanager
+async def control_plane(url: str, data_dir: Path) -> AsyncIterator[tuple[ControlPlane, Admin]]:
+    """A control plane on the nats-server at `url`, and its first admin (whom
+    the CLI logs in as too)."""
+    cp_nc = await nats.connect(url)
+    admin_nc = await nats.connect(url)
+    plane = ControlPlane(cp_nc, data_dir, url)
+    await plane.start()
+    ADMIN_KEY[url] = str(data_dir / "admin.key")
+    try:
+        yield plane, Admin(admin_nc, load_or_create(data_dir / "admin.key"))
+    finally:
+        assert await plane.stop() == []
+        await cp_nc.close()
+        await admin_nc.close()
 
 
 async def read_log(plane: ControlPlane, head: int) -> list[RecordedEvent]:

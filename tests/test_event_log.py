@@ -9,11 +9,9 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import nats
 import pytest
 
 from controlplane.embedded import EmbeddedNats
-from controlplane.service import ControlPlane
 from events.envelope import RecordedEvent, make_envelope
 from events.logfilter import BadFilter, LogFilter, Point, check_type_pattern, parse_point
 from events.model import (
@@ -24,9 +22,8 @@ from events.model import (
     NodeJoined,
     NodeRemoved,
 )
-from events.signing import load_or_create
-from tests.eventlog_scenario import Recorded, record
-from tests.test_cli import ADMIN_KEY, netmesh, one_line_error
+from tests.eventlog_scenario import Recorded, control_plane, record
+from tests.test_cli import netmesh, one_line_error
 from tests.test_controlplane import Admin
 
 
@@ -101,18 +98,8 @@ async def recorded_log(
 ) -> AsyncIterator[tuple[str, Admin, list[Recorded]]]:
     """A control plane with the scenario's log, and the read model's answers
     after each of its commands; the CLI logs in as its admin."""
-    cp_nc = await nats.connect(nats_server.url)
-    admin_nc = await nats.connect(nats_server.url)
-    plane = ControlPlane(cp_nc, tmp_path / "cp", nats_server.url)
-    await plane.start()
-    ADMIN_KEY[nats_server.url] = str(tmp_path / "cp" / "admin.key")
-    admin = Admin(admin_nc, load_or_create(tmp_path / "cp" / "admin.key"))
-    try:
+    async with control_plane(nats_server.url, tmp_path / "cp") as (plane, admin):
         yield nats_server.url, admin, await record(plane, admin)
-    finally:
-        assert await plane.stop() == []
-        await cp_nc.close()
-        await admin_nc.close()
 
 
 async def log_json(url: str, *args: str) -> list[dict[str, object]]:

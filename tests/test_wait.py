@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import nats
 import pytest
 from nacl.public import PrivateKey
 
@@ -21,11 +20,10 @@ from agent.fake import FakeBackend, FakeFirewall, FakeLink, FakeMachine
 from agent.statedir import Identity, StateDir, private_key_b64, public_key_of
 from controlplane.convergence import progress_of
 from controlplane.embedded import EmbeddedNats
-from controlplane.service import ControlPlane
-from events.signing import load_or_create
 from events.tokens import parse_token
+from tests.eventlog_scenario import control_plane
 from tests.netns import wait_until
-from tests.test_cli import ADMIN_KEY, netmesh
+from tests.test_cli import netmesh
 from tests.test_controlplane import Admin
 from tests.test_policy_commands import POLICY
 
@@ -82,28 +80,20 @@ async def start_host(url: str, token: str, name: str, tmp_path: Path) -> Host:
 async def mesh(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> AsyncIterator[tuple[str, Admin, dict[str, Host]]]:
-    cp_nc = await nats.connect(nats_server.url)
-    admin_nc = await nats.connect(nats_server.url)
-    plane = ControlPlane(cp_nc, tmp_path / "cp", nats_server.url)
-    await plane.start()
-    ADMIN_KEY[nats_server.url] = str(tmp_path / "cp" / "admin.key")
-    admin = Admin(admin_nc, load_or_create(tmp_path / "cp" / "admin.key"))
-    await admin.ok("network.create", name="office", cidr="10.10.0.0/24")
-    token = (await admin.ok("key.create", network="office", uses=3))["token"]
-    hosts: dict[str, Host] = {}
-    try:
-        for name in ("web1", "db1", "ops1"):
-            hosts[name] = await start_host(nats_server.url, token, name, tmp_path)
-        await wait_until(
-            lambda: all(h.mtu() == 1420 for h in hosts.values()), message="all up", timeout=20
-        )
-        yield nats_server.url, admin, hosts
-    finally:
-        for host in hosts.values():
-            await host.stop()
-        assert await plane.stop() == []
-        await cp_nc.close()
-        await admin_nc.close()
+    async with control_plane(nats_server.url, tmp_path / "cp") as (_, admin):
+        await admin.ok("network.create", name="office", cidr="10.10.0.0/24")
+        token = (await admin.ok("key.create", network="office", uses=3))["token"]
+        hosts: dict[str, Host] = {}
+        try:
+            for name in ("web1", "db1", "ops1"):
+                hosts[name] = await start_host(nats_server.url, token, name, tmp_path)
+            await wait_until(
+                lambda: all(h.mtu() == 1420 for h in hosts.values()), message="all up", timeout=20
+            )
+            yield nats_server.url, admin, hosts
+        finally:
+            for host in hosts.values():
+                await host.stop()
 
 
 def applied(host: Host) -> int:
