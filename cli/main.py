@@ -1256,6 +1256,7 @@ def agent_rotate_key(ctx: click.Context, state_dir: Path) -> None:
 
 # Commands kept in their own modules attach themselves to the groups above.
 from cli import eventlog as _eventlog  # noqa: E402, F401
+from cli import hooks as _hooks  # noqa: E402, F401
 
 
 def main(argv: Sequence[str] | None = None) -> None:

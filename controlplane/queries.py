@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from controlplane.convergence import AppliedLookup, Convergence
+from controlplane.hooks import HookDelivery
 from controlplane.policyviews import explain_access, plan_policy_change, show_policy
 from controlplane.replies import Responder
 from controlplane.rules.base import Rejected
@@ -213,6 +214,25 @@ def _peers(report: dict[str, Any] | None, names: dict[str, str]) -> list[dict[st
     return peers
 
 
+async def hook_rows(hooks: HookDelivery, topology: Topology) -> list[dict[str, Any]]:
+    """Each webhook and how its deliveries go (failing: since when, why)."""
+    rows = []
+    for hook in sorted(topology.hooks.values(), key=lambda h: h.added_seq):
+        status = await hooks.status(hook.hook_id)
+        rows.append(
+            {
+                "hook_id": hook.hook_id,
+                "url": hook.url,
+                "events": hook.events,
+                "added_at": hook.added_at,
+                "pending": await hooks.pending(hook.hook_id),
+                "state": "failing" if status.failures else "ok",
+                **msgspec.to_builtins(status),
+            }
+        )
+    return rows
+
+
 class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str | None = None
     network: str | None = None
@@ -260,6 +280,7 @@ class QueryService:
         self._planner = planner
         self._timetravel = timetravel
         self.convergence: Convergence | None = None  # set by the service once it has its parts
+        self.hooks: HookDelivery | None = None
 
     async def on_query(self, msg: Msg) -> None:
         what = msg.subject[len(QUERY_PREFIX) + 1 :]
@@ -354,6 +375,13 @@ class QueryService:
                 return await status(model, self.applied_report)
             case "convergence" if self.convergence is not None:
                 return await self.convergence.answer(args.seq, args.command)
+            case "hooks" if self.hooks is not None:
+                return await hook_rows(self.hooks, topology)
+            case "hook_test" if self.hooks is not None:
+                hook = topology.hooks.get(args.name or "")
+                if hook is None:
+                    raise Rejected(ErrorCode.NOT_FOUND, f"no hook {args.name!r}")
+                return await self.hooks.test(hook)
             # The policy's compiled form and access index are the write model's.
             case "policy":
                 return show_policy(topology, args.network or "")

@@ -27,6 +27,7 @@ from controlplane.brokerauth import BrokerGate
 from controlplane.consumers import Consumers
 from controlplane.convergence import Convergence
 from controlplane.enrollment import EnrollmentSecrets
+from controlplane.hooks import HookDelivery
 from controlplane.metrics import NO_METRICS, ControlPlaneMetrics
 from controlplane.pipeline import CommandPipeline
 from controlplane.publisher import JetStreamDesiredPublisher
@@ -88,12 +89,13 @@ class ControlPlane:
         self._stopping = False
         self._responder = Responder(nc)
         join_failures = FailureWindow()
+        secrets = EnrollmentSecrets(self.signing_key, advertise_url, broker_ca)
         self.commands = CommandPipeline(
             self.store,
             self.write,
             self._responder,
             join_failures,
-            EnrollmentSecrets(self.signing_key, advertise_url, broker_ca),
+            secrets,
             self._read_your_writes,
             metrics,
         )
@@ -118,6 +120,8 @@ class ControlPlane:
         self.consumers = Consumers(
             nc, self._responder, self._topology, lambda: self.runner, self.access is not None
         )
+        self.hooks = HookDelivery(nc, event_mac_key(self.signing_key), secrets, self._topology)
+        self.queries.hooks = self.hooks
         self.queries.convergence = Convergence(
             self.store,
             lambda: self.model,
@@ -185,6 +189,7 @@ class ControlPlane:
         if self.access is not None:
             await self.access.start(self.runner)
         await asyncio.wait_for(self.runner.caught_up.wait(), 120)
+        self._tasks.append(asyncio.create_task(self._supervised("webhooks", self.hooks.run())))
         for prefix, callback in (
             (f"{COMMAND_PREFIX}.>", self.commands.on_command),
             (f"{QUERY_PREFIX}.>", self.queries.on_query),
@@ -213,6 +218,7 @@ class ControlPlane:
         # only the fallback (cancelling a task inside nats-py's subscription
         # iterator has been seen to leave it stuck).
         await self.store.close()
+        self.hooks.close()
         stuck: set[asyncio.Task[None]] = set()
         if self._tasks:
             _, stuck = await asyncio.wait(self._tasks, timeout=timeout / 2)

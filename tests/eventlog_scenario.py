@@ -41,6 +41,7 @@ QUESTIONS: list[tuple[str, dict[str, Any]]] = [
 class Recorded(msgspec.Struct):
     seq: int
     answers: list[dict[str, Any]]  # one per QUESTIONS: the reply, as the read model gave it
+    verb: str = ""  # of the command that led here
 
 
 def comparable(what: str, reply: Reply) -> dict[str, Any]:
@@ -76,7 +77,7 @@ async def record(plane: ControlPlane, admin: Admin) -> list[Recorded]:
 
     async def step(verb: str, **fields: Any) -> Any:
         result = await admin.ok(verb, **fields)
-        points.append(Recorded(await admin.last_seq(), await ask_all(admin)))
+        points.append(Recorded(await admin.last_seq(), await ask_all(admin), verb))
         return result
 
     async def join(name: str, n: int, token: str) -> None:
@@ -91,11 +92,11 @@ async def record(plane: ControlPlane, admin: Admin) -> list[Recorded]:
         }
         result = await host_command(name, "join", fields)
         hosts[name] = (key, result["host_id"])
-        points.append(Recorded(await admin.last_seq(), await ask_all(admin)))
+        points.append(Recorded(await admin.last_seq(), await ask_all(admin), "join"))
 
     async def host_step(name: str, verb: str, **fields: Any) -> None:
         await host_command(name, verb, {"host_id": hosts[name][1], **fields})
-        points.append(Recorded(await admin.last_seq(), await ask_all(admin)))
+        points.append(Recorded(await admin.last_seq(), await ask_all(admin), verb))
 
     await step("network.create", name="office", cidr="10.10.0.0/24")
     token = (await step("key.create", network="office", uses=3, tags=["web"]))["token"]
@@ -116,6 +117,9 @@ async def record(plane: ControlPlane, admin: Admin) -> list[Recorded]:
     await step("key.revoke", key_id=key_id)
     await step("admin.add", name="aud", public_key=public_text(SigningKey.generate()))
     await step("admin.remove", name="aud")
+    # Nothing listens there (loopback): added and removed again.
+    hook = await step("hook.add", url="http://127.0.0.1:9/hook", events="node.*")
+    await step("hook.remove", hook_id=hook["hook_id"])
     await step("node.remove", node="office/web1")
     await host_step("db1", "host.leave", network="office")
     await step("network.delete", name="lab", force=True)

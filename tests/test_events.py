@@ -40,6 +40,8 @@ def test_tags_are_stable_and_past_tense() -> None:
         "node.untagged",
         "policy.set",
         "policy.cleared",
+        "hook.added",
+        "hook.removed",
     ]
 
 

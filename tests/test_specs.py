@@ -19,6 +19,7 @@ from controlplane.rules.spec import Sender
 from events.commands import (
     COMMAND_TYPES,
     AddAdmin,
+    AddHook,
     AnyCommand,
     ClearPolicy,
     Command,
@@ -28,6 +29,7 @@ from events.commands import (
     Join,
     LeaveNetworks,
     RemoveAdmin,
+    RemoveHook,
     RemoveNode,
     ReportEndpoint,
     RequestKeyRotation,
@@ -94,6 +96,7 @@ def scenario() -> World:
             AddAdmin(name=name, public_key=public_text(key), role=role, networks=networks), ROOT
         )
     world.run(DeleteNetwork(name="annex"), ROOT)
+    world.run(AddHook(url="https://hooks.example.net/netmesh", events="*"), ROOT)
     return world
 
 
@@ -131,6 +134,8 @@ ADMIN_SAMPLES: dict[str, tuple[Sample, str | None]] = {
         None,
     ),
     "remove admin": (lambda w: RemoveAdmin(name="spare"), None),
+    "add hook": (lambda w: AddHook(url="http://127.0.0.1:8080/in", events="node.*"), None),
+    "remove hook": (lambda w: RemoveHook(hook_id=next(iter(w.topology.hooks))), None),
 }
 
 # Samples of every command a host sends, the key that may sign it, and another
