@@ -44,7 +44,6 @@ from nats.js.errors import NotFoundError
 
 from controlplane.enrollment import EnrollmentSecrets
 from controlplane.streams import HOOKS_PREFIX, HOOKS_STREAM
-from events.envelope import decode_envelope
 from events.signing import EVENT_MAC_HEADER, event_mac_ok
 from events.subjects import EVENTS_PREFIX, EVENTS_STREAM
 from projections.topology import Hook, Topology
@@ -129,12 +128,24 @@ class HookDelivery:
                     await self._stop(hook_id)
                     with contextlib.suppress(NotFoundError, nats.errors.Error):
                         await self._js.delete_consumer(EVENTS_STREAM, f"hook-{hook_id}")
+                    with contextlib.suppress(NotFoundError, nats.errors.Error):
+                        await self._js.purge_stream(
+                            HOOKS_STREAM, subject=f"{HOOKS_PREFIX}.{hook_id}.>"
+                        )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), SYNC_EVERY)
         finally:
             for hook_id in list(self._tasks):
                 await self._stop(hook_id)
             await self._http.close()
+
+    async def _forget(self, hook_id: str) -> None:
+        """A removed hook's consumer, position and status go (every replica
+        tries; one succeeds)."""
+        with contextlib.suppress(NotFoundError, nats.errors.Error):
+            await self._js.delete_consumer(EVENTS_STREAM, f"hook-{hook_id}")
+        with contextlib.suppress(NotFoundError, nats.errors.Error):
+            await self._js.purge_stream(HOOKS_STREAM, subject=f"{HOOKS_PREFIX}.{hook_id}.>")
 
     async def _stop(self, hook_id: str) -> None:
         task = self._tasks.pop(hook_id)
@@ -215,18 +226,20 @@ class HookDelivery:
             log.warning("not an event of ours: not delivered", hook=hook.hook_id, seq=seq)
             await self._done(hook, msg, seq)
             return
-        envelope = decode_envelope(msg.data)
-        if not wants(hook, envelope.type):
+        # Read as JSON, not decoded into our types: an event of a newer version
+        # is passed on as it is, not stuck on.
+        body = json.loads(msg.data)
+        event_type, event_id = str(body.get("type", "")), str(body.get("event_id", ""))
+        if not wants(hook, event_type):
             await self._done(hook, msg, seq)
             return
-        body = json.loads(msg.data)
         body["seq"], body["subject"] = seq, msg.subject
         data = json.dumps(body, sort_keys=True).encode()
         attempt = msg.metadata.num_delivered or 1
         headers = {
             "Content-Type": "application/json",
-            "Netmesh-Event-Id": envelope.event_id,
-            "Netmesh-Event-Type": envelope.type,
+            "Netmesh-Event-Id": event_id,
+            "Netmesh-Event-Type": event_type,
             "Netmesh-Delivery": str(attempt),
             SIGNATURE_HEADER: signature(self.secret_of(hook), data),
         }

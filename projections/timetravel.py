@@ -75,7 +75,7 @@ def everything(topology: Topology) -> Touched:
 class Change(msgspec.Struct, frozen=True, kw_only=True):
     """One thing that differs between two topologies; prints itself."""
 
-    kind: str  # network | policy | key | node | host | admin
+    kind: str  # network | policy | key | node | host | admin | hook
     name: str  # how the user names it: office, office/web1, a key id, a host name
     change: str  # added | removed | changed
     # added: its fields; removed: its last fields; changed: field -> [before, after].
@@ -160,10 +160,14 @@ def view_of(topology: Topology) -> View:
             a.name: (a.name, {"role": a.role, "networks": list(a.networks), "key": a.public_key})
             for a in topology.admins.values()
         },
+        "hook": {
+            h.hook_id: (h.hook_id, {"url": h.url, "events": h.events})
+            for h in topology.hooks.values()
+        },
     }
 
 
-KINDS = ("network", "policy", "key", "host", "node", "admin")
+KINDS = ("network", "policy", "key", "host", "node", "admin", "hook")
 
 
 def diff(before: View, after: View) -> list[Change]:

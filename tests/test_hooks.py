@@ -23,6 +23,7 @@ from aiohttp import web
 from controlplane import hooks as hooks_module
 from controlplane.embedded import EmbeddedNats, free_port
 from controlplane.hooks import backoff
+from controlplane.streams import HOOKS_STREAM
 from events.subjects import EVENTS_STREAM
 from tests.eventlog_scenario import control_plane
 from tests.netns import wait_until
@@ -167,6 +168,19 @@ async def test_failures_are_retried_reported_and_nothing_is_lost(
         one_line_error(rc, err, "unknown event type 'nodes.*'")
         rc, out, err = await netmesh(url, "hook", "remove", added["hook_id"])
         assert rc == 0 and await hooks_of(url) == []
+        js = admin.nc.jetstream()
+
+        async def forgotten() -> bool:
+            info = await js.stream_info(HOOKS_STREAM)
+            consumers = await js.consumers_info(EVENTS_STREAM)
+            hook_consumers = [c for c in consumers if (c.name or "").startswith("hook-")]
+            return info.state.messages == 0 and not hook_consumers
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not await forgotten():  # its consumer, position and status are gone
+            assert loop.time() < deadline, "the removed hook's traces stay"
+            await asyncio.sleep(0.1)
 
 
 async def settled(url: str, timeout: float = 20.0) -> None:
