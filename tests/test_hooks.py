@@ -11,11 +11,13 @@ import asyncio
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats
 import pytest
 from aiohttp import web
@@ -24,6 +26,8 @@ from controlplane import hooks as hooks_module
 from controlplane.embedded import EmbeddedNats, free_port
 from controlplane.hooks import backoff
 from controlplane.streams import HOOKS_STREAM
+from events.commands import Reply
+from events.model import HookAdded
 from events.subjects import EVENTS_STREAM
 from tests.eventlog_scenario import control_plane
 from tests.netns import wait_until
@@ -267,3 +271,29 @@ async def test_two_replicas_deliver_each_event_once_in_order(
 def test_backoff_grows_to_a_ceiling() -> None:
     assert [backoff(a) for a in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
     assert backoff(50) == 60.0
+
+
+async def test_the_secret_is_never_in_the_log_and_a_retry_gets_it_sealed(
+    nats_server: EmbeddedNats, tmp_path: Path, receiver: Receiver
+) -> None:
+    from events.signing import command_headers, open_sealed
+    from tests.eventlog_scenario import read_log
+
+    async with control_plane(nats_server.url, tmp_path / "cp") as (plane, admin):
+        fields = {"command_id": "hook-1", "url": receiver.url, "signed_at": time.time()}
+        data = msgspec.json.encode(fields)
+        assert admin.key is not None
+        headers = command_headers(admin.key, "hook.add", data)
+        replies = []
+        for _ in range(2):  # the same signed request twice: a retry
+            msg = await admin.nc.request("netmesh.cmd.hook.add", data, headers=headers, timeout=10)
+            replies.append(msgspec.json.decode(msg.data, type=Reply))
+        first, again = replies
+        assert first.ok and not first.repeated and again.repeated, (first, again)
+        secret = first.result["secret"]
+        assert "secret" not in again.result
+        assert open_sealed(admin.key, again.result["sealed_secret"]) == secret
+        log = await read_log(plane, await admin.last_seq())
+        assert secret not in b"".join(msgspec.json.encode(r.envelope) for r in log).decode()
+        (added,) = [r.event for r in log if isinstance(r.event, HookAdded)]
+        assert added.secret_sha256 == hashlib.sha256(secret.encode()).hexdigest()
