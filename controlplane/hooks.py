@@ -43,6 +43,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from controlplane.enrollment import EnrollmentSecrets
+from controlplane.metrics import NO_METRICS, ControlPlaneMetrics
 from controlplane.streams import HOOKS_PREFIX, HOOKS_STREAM
 from events.signing import EVENT_MAC_HEADER, event_mac_ok
 from events.subjects import EVENTS_PREFIX, EVENTS_STREAM
@@ -96,8 +97,11 @@ class HookDelivery:
         mac_key: bytes,
         secrets: EnrollmentSecrets,
         topology: Callable[[], Topology],
+        metrics: ControlPlaneMetrics = NO_METRICS,
     ) -> None:
         self._nc = nc
+        self._metrics = metrics
+        self.failing: set[str] = set()  # hooks whose last attempt here failed
         self._js = nc.jetstream()
         self._mac_key = mac_key
         self._secrets = secrets
@@ -148,6 +152,7 @@ class HookDelivery:
             await self._js.purge_stream(HOOKS_STREAM, subject=f"{HOOKS_PREFIX}.{hook_id}.>")
 
     async def _stop(self, hook_id: str) -> None:
+        self.failing.discard(hook_id)
         task = self._tasks.pop(hook_id)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -249,9 +254,12 @@ class HookDelivery:
                 ok, why = 200 <= response.status < 300, f"HTTP {response.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
             ok, why = False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self._metrics.hook_delivery("ok" if ok else "failed")
         if ok:
+            self.failing.discard(hook.hook_id)
             await self._done(hook, msg, seq, delivered=True)
             return
+        self.failing.add(hook.hook_id)
         status = await self.status(hook.hook_id)
         status.failing_since = status.failing_since or time.time()
         status.failures += 1

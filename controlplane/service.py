@@ -120,7 +120,10 @@ class ControlPlane:
         self.consumers = Consumers(
             nc, self._responder, self._topology, lambda: self.runner, self.access is not None
         )
-        self.hooks = HookDelivery(nc, event_mac_key(self.signing_key), secrets, self._topology)
+        self.hooks = HookDelivery(
+            nc, event_mac_key(self.signing_key), secrets, self._topology, metrics
+        )
+        metrics.watch_hooks(lambda: len(self.hooks.failing))
         self.queries.hooks = self.hooks
         self.queries.convergence = Convergence(
             self.store,

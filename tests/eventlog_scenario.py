@@ -14,6 +14,7 @@ import msgspec
 import nats
 from nacl.signing import SigningKey
 
+from controlplane.metrics import NO_METRICS, ControlPlaneMetrics
 from controlplane.service import ControlPlane
 from events.commands import Reply
 from events.envelope import RecordedEvent
@@ -127,12 +128,14 @@ async def record(plane: ControlPlane, admin: Admin) -> list[Recorded]:
 
 
 @contextlib.asynccontextmanager
-async def control_plane(url: str, data_dir: Path) -> AsyncIterator[tuple[ControlPlane, Admin]]:
+async def control_plane(
+    url: str, data_dir: Path, metrics: ControlPlaneMetrics = NO_METRICS
+) -> AsyncIterator[tuple[ControlPlane, Admin]]:
     """A control plane on the nats-server at `url`, and its first admin (whom
     the CLI logs in as too)."""
     cp_nc = await nats.connect(url)
     admin_nc = await nats.connect(url)
-    plane = ControlPlane(cp_nc, data_dir, url)
+    plane = ControlPlane(cp_nc, data_dir, url, metrics=metrics)
     await plane.start()
     ADMIN_KEY[url] = str(data_dir / "admin.key")
     try:

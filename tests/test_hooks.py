@@ -25,6 +25,7 @@ from aiohttp import web
 from controlplane import hooks as hooks_module
 from controlplane.embedded import EmbeddedNats, free_port
 from controlplane.hooks import backoff
+from controlplane.metrics import PrometheusMetrics
 from controlplane.streams import HOOKS_STREAM
 from events.commands import Reply
 from events.model import HookAdded
@@ -115,7 +116,9 @@ def seqs(events: list[dict[str, Any]]) -> list[int]:
 async def test_failures_are_retried_reported_and_nothing_is_lost(
     nats_server: EmbeddedNats, tmp_path: Path, receiver: Receiver
 ) -> None:
-    async with control_plane(nats_server.url, tmp_path / "cp") as (_, admin):
+    metrics = PrometheusMetrics()
+    sample = metrics.registry.get_sample_value
+    async with control_plane(nats_server.url, tmp_path / "cp", metrics) as (_, admin):
         url = nats_server.url
         secret_file = tmp_path / "hook.secret"
         receiver.mode = "fail"
@@ -137,6 +140,8 @@ async def test_failures_are_retried_reported_and_nothing_is_lost(
         assert row["failures"] >= 3 and row["pending"] >= 3 and row["delivered"] == 0
         rc, out, _ = await netmesh(url, "hook", "list")
         assert "failing since" in out and "HTTP 500" in out
+        assert sample("netmesh_hooks_failing") == 1
+        assert (sample("netmesh_hook_deliveries_total", {"outcome": "failed"}) or 0) >= 3
         first = [json.loads(b)["seq"] for _, b in receiver.got]
         assert len(set(first)) == 1  # in order: nothing after the first until it is taken
         attempts = [int(h["Netmesh-Delivery"]) for h, _ in receiver.got]
@@ -153,6 +158,8 @@ async def test_failures_are_retried_reported_and_nothing_is_lost(
             assert headers["Netmesh-Event-Type"].startswith("node.")
 
         await settled(url)
+        assert sample("netmesh_hooks_failing") == 0
+        assert sample("netmesh_hook_deliveries_total", {"outcome": "ok"}) == 3
 
         # A test message, signed too; a hook that is not there: one line, exit 1.
         rc, out, err = await netmesh(url, "hook", "test", added["hook_id"])
