@@ -132,6 +132,10 @@ async def test_the_cli_filters_a_recorded_log(
     by_time = await log_json(url, "--since", str(since))
     assert by_time and by_time[-1]["seq"] == head
     assert all(float(e["time"]) >= int(last_time) for e in by_time)  # type: ignore[arg-type]
+    # The whole recorded log (hosts' commands and hooks too) verifies.
+    rc, out, err = await netmesh(url, "events", "verify", "--json")
+    report = json.loads(out)
+    assert (rc, report["problems"], report["events"]) == (0, [], head), err
     rc, out, _ = await netmesh(url, "events", "log", "--until", "2")
     assert rc == 0 and [line.split()[0] for line in out.splitlines()] == ["1", "2"]
 
