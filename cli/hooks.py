@@ -43,10 +43,22 @@ def hook() -> None:
 def hook_add(server: str, url: str, pattern: str, secret_file: Path | None, as_json: bool) -> None:
     """POST each event matching --events to URL, in order, at least once,
     signed (header Netmesh-Signature: sha256=HMAC of the body)."""
-    result = run(admin_command(server, "hook.add", url=url, events=pattern))
+    fd = None
+    if secret_file is not None:  # opened first: a path it cannot write sends nothing
+        try:
+            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write the secret to {secret_file}: {exc}") from None
+    try:
+        result = run(admin_command(server, "hook.add", url=url, events=pattern))
+    except BaseException:
+        if fd is not None:
+            assert secret_file is not None
+            os.close(fd)
+            os.unlink(secret_file)
+        raise
     secret = result.pop("secret")
-    if secret_file is not None:
-        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if fd is not None:
         with os.fdopen(fd, "w") as f:
             f.write(secret + "\n")
     else:

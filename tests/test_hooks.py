@@ -173,10 +173,15 @@ async def test_failures_are_retried_reported_and_nothing_is_lost(
         one_line_error(rc, err, "did not take the test message: HTTP 500")
         rc, _, err = await netmesh(url, "hook", "remove", "wnope")
         one_line_error(rc, err, "no hook 'wnope'")
+        nowhere = str(tmp_path / "no" / "such" / "dir" / "secret")
+        before = await admin.last_seq()
+        rc, _, err = await netmesh(url, "hook", "add", receiver.url, "--secret-file", nowhere)
+        one_line_error(rc, err, f"cannot write the secret to {nowhere}")
         rc, _, err = await netmesh(url, "hook", "add", "ftp://x/y")
         one_line_error(rc, err, "is not an http:// or https:// URL")
         rc, _, err = await netmesh(url, "hook", "add", receiver.url, "--events", "nodes.*")
         one_line_error(rc, err, "unknown event type 'nodes.*'")
+        assert await admin.last_seq() == before  # the refused ones wrote nothing
         rc, out, err = await netmesh(url, "hook", "remove", added["hook_id"])
         assert rc == 0 and await hooks_of(url) == []
         js = admin.nc.jetstream()
