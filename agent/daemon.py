@@ -543,6 +543,9 @@ class Agent:
         progress = self.progress
         progress.last_error = why
         self.write_status()
+        # Said at once, not only once it works again: `status` and `--wait`
+        # then tell a host that fails from one that is slow or gone.
+        self.session.spawn(self.report())
         log.warning(
             "apply failed, will retry",
             revision=desired.revision,

@@ -389,17 +389,20 @@ def _what_happened(reply: Reply) -> str:
 
 
 def _unsealed(result: Any, key: SigningKey | None) -> Any:
-    """A repeated answer's secret (the token of a key it made) comes sealed to
-    the signer's key: open it."""
-    if not isinstance(result, dict) or "sealed_token" not in result:
+    """A repeated answer's secret (the token of a key it made, a hook's
+    secret) comes sealed to the signer's key: open it."""
+    if not isinstance(result, dict):
         return result
-    sealed = result.pop("sealed_token")
-    if key is None:
-        raise CliError("the answer's token is sealed to an admin key, and none was given")
-    try:
-        result["token"] = open_sealed(key, sealed)
-    except ValueError:
-        raise CliError("the answer's token is sealed to another admin's key") from None
+    for sealed_as, clear_as in (("sealed_token", "token"), ("sealed_secret", "secret")):
+        if sealed_as not in result:
+            continue
+        sealed = result.pop(sealed_as)
+        if key is None:
+            raise CliError(f"the answer's {clear_as} is sealed to an admin key, and none was given")
+        try:
+            result[clear_as] = open_sealed(key, sealed)
+        except ValueError:
+            raise CliError(f"the answer's {clear_as} is sealed to another admin's key") from None
     return result
 
 

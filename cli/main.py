@@ -8,29 +8,35 @@ import datetime as dt
 import json
 import re
 import sys
+import uuid
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import click
+import msgspec
 
 from cli.client import (
     DEFAULT_SERVER,
     CliError,
     Login,
     command,
-    connect,
-    event_reader,
     load_admin_key,
     login_from,
     plan,
     query,
 )
 from cli.logs import configure_logging, quiet_tls_noise
+from cli.past import asked_point, at_option
+from cli.wait import (
+    asked_wait,
+    converge,
+    outcome,
+    wait_after_command,
+    waitable,
+    waitable_network,
+)
 from events.commands import ROLES
-
-if TYPE_CHECKING:
-    from controlplane.audit import AuditReport
 
 T = TypeVar("T")
 
@@ -91,10 +97,24 @@ async def admin_command_seq(
     what it would do is printed and the CLI exits (0), nothing written."""
     ctx = click.get_current_context()
     key = load_admin_key(ctx.find_root().params.get("admin_key"))
+    who = Login(key, login().ca)
     if ctx.meta.get(PLAN_ONLY):
-        show_plan(await plan(server, verb, login=Login(key, login().ca), **fields))
+        show_plan(await plan(server, verb, login=who, **fields))
         raise click.exceptions.Exit(0)
-    return await command(server, verb, login=Login(key, login().ca), seq_as=seq_as, **fields)
+    wait = asked_wait()
+    if wait is None:
+        return await command(server, verb, login=who, seq_as=seq_as, **fields)
+    # --wait: which command it was (its id) and where its events end.
+    fields.setdefault("command_id", uuid.uuid4().hex)
+    result = await command(server, verb, login=who, seq_as=seq_as or LAST_SEQ, **fields)
+    seq = result.get(seq_as or LAST_SEQ) if isinstance(result, dict) else None
+    if seq_as is None and isinstance(result, dict):
+        result.pop(LAST_SEQ, None)
+    wait_after_command(server, who, seq, fields["command_id"], wait)
+    return result
+
+
+LAST_SEQ = "netmesh.last_seq"  # where a waited command's last sequence is passed up
 
 
 PLAN_ONLY = "netmesh.plan"
@@ -137,7 +157,11 @@ def show_plan(result: dict[str, Any]) -> None:
 
 
 async def admin_query(server: str, what: str, **args: Any) -> Any:
-    """A query, logged in as the admin given to `netmesh` (where there is one)."""
+    """A query, logged in as the admin given to `netmesh` (where there is one);
+    under `--at`, as of that point of the log."""
+    point = asked_point()
+    if point is not None:
+        args["at"] = msgspec.to_builtins(point)
     return await query(server, what, login=login(), **args)
 
 
@@ -319,6 +343,7 @@ def network() -> None:
 @click.option("--dns-domain", default="", help="Suffix of its nodes' names [NAME.internal].")
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def network_create(
     server: str,
@@ -352,6 +377,7 @@ def network_create(
 
 @network.command("list")
 @json_option
+@at_option
 @click.pass_obj
 def network_list(server: str, as_json: bool) -> None:
     """List networks."""
@@ -379,6 +405,7 @@ def network_list(server: str, as_json: bool) -> None:
 @network.command("show")
 @click.argument("name")
 @json_option
+@at_option
 @click.pass_obj
 def network_show(server: str, name: str, as_json: bool) -> None:
     """Show network NAME, its nodes and keys."""
@@ -406,6 +433,7 @@ def network_show(server: str, name: str, as_json: bool) -> None:
 @click.option("--dns-domain", default=None, help="Suffix of its nodes' names.")
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def network_update(
     server: str,
@@ -437,6 +465,7 @@ def network_update(
 @click.option("--force", is_flag=True, help="Delete even if nodes are in it (disconnects them).")
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def network_delete(server: str, name: str, force: bool, as_json: bool) -> None:
     """Delete network NAME; its keys stop working (refused while it has nodes)."""
@@ -472,6 +501,7 @@ def key() -> None:
 )
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def key_create(
     server: str,
@@ -522,6 +552,7 @@ def _print_keys(rows: list[dict[str, Any]]) -> None:
 
 @key.command("list")
 @json_option
+@at_option
 @click.pass_obj
 def key_list(server: str, as_json: bool) -> None:
     """List enrollment keys (never their secrets)."""
@@ -536,6 +567,7 @@ def key_list(server: str, as_json: bool) -> None:
 @click.argument("key_id")
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def key_revoke(server: str, key_id: str, as_json: bool) -> None:
     """Revoke enrollment key KEY_ID: it can no longer be used to join."""
@@ -575,6 +607,7 @@ def node() -> None:
 @node.command("list")
 @click.option("--network", "network_name", default=None)
 @json_option
+@at_option
 @click.pass_obj
 def node_list(server: str, network_name: str | None, as_json: bool) -> None:
     """List nodes."""
@@ -588,6 +621,7 @@ def node_list(server: str, network_name: str | None, as_json: bool) -> None:
 @node.command("show")
 @click.argument("node_ref", metavar="NODE")
 @json_option
+@at_option
 @click.pass_obj
 def node_show(server: str, node_ref: str, as_json: bool) -> None:
     """Show NODE (id, NETWORK/NAME, or a unique name)."""
@@ -606,10 +640,17 @@ def node_show(server: str, node_ref: str, as_json: bool) -> None:
         ("public key", n["public_key"]),
         ("endpoint", n["endpoint"]),
         ("joined", when(n["joined_at"])),
-        ("state", status.get("state")),
-        (
-            "revision",
-            f"{status.get('applied_revision')} applied / {status.get('desired_revision')} desired",
+        *(
+            [
+                ("state", status.get("state")),
+                (
+                    "revision",
+                    f"{status.get('applied_revision')} applied / "
+                    f"{status.get('desired_revision')} desired",
+                ),
+            ]
+            if "status" in n  # not as of a past point: reports are not in the log
+            else []
         ),
     ]:
         click.echo(f"{label:<11}{'-' if value is None else value}")
@@ -634,6 +675,7 @@ def node_show(server: str, node_ref: str, as_json: bool) -> None:
 @node.command("rotate-key")
 @click.argument("node_ref", metavar="NODE")
 @plannable
+@waitable
 @click.pass_obj
 def node_rotate_key(server: str, node_ref: str) -> None:
     """Ask NODE's host for a new WireGuard key (made there; peers switch in place)."""
@@ -661,6 +703,7 @@ def _tagging(server: str, verb: str, node_ref: str, tags: tuple[str, ...], as_js
 @click.argument("tags", metavar="TAG...", nargs=-1, required=True)
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def node_tag(server: str, node_ref: str, tags: tuple[str, ...], as_json: bool) -> None:
     """Add TAGs to NODE (tags are 1-32 of a-z, 0-9 and '-'); policies name them."""
@@ -672,6 +715,7 @@ def node_tag(server: str, node_ref: str, tags: tuple[str, ...], as_json: bool) -
 @click.argument("tags", metavar="TAG...", nargs=-1, required=True)
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def node_untag(server: str, node_ref: str, tags: tuple[str, ...], as_json: bool) -> None:
     """Take TAGs from NODE."""
@@ -710,6 +754,7 @@ def node_exit(server: str, node_ref: str, via: str | None, off: bool, as_json: b
 @click.argument("node_ref", metavar="NODE")
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def node_remove(server: str, node_ref: str, as_json: bool) -> None:
     """Remove NODE from its network: every peer drops it."""
@@ -800,6 +845,7 @@ def egress_remove(server: str, node_ref: str, ranges: tuple[str, ...], as_json: 
 @gateway.command("list")
 @click.option("--network", "network_name", default=None, help="Only this network.")
 @json_option
+@at_option
 @click.pass_obj
 def gateway_list(server: str, network_name: str | None, as_json: bool) -> None:
     """Every gateway, with its ranges."""
@@ -841,6 +887,7 @@ def _warn(warnings: list[str]) -> None:
 @click.argument("network_name", metavar="NETWORK")
 @click.argument("file", type=click.File("r", encoding="utf-8"))
 @click.option("--plan", is_flag=True, help="Print what would change on each host; write nothing.")
+@waitable
 @json_option
 @click.pass_obj
 def policy_set(server: str, network_name: str, file: Any, plan: bool, as_json: bool) -> None:
@@ -889,6 +936,7 @@ def policy_set(server: str, network_name: str, file: Any, plan: bool, as_json: b
 @policy.command("show")
 @click.argument("network_name", metavar="NETWORK")
 @json_option
+@at_option
 @click.pass_obj
 def policy_show(server: str, network_name: str, as_json: bool) -> None:
     """Print NETWORK's policy as it was written, and its revision."""
@@ -909,6 +957,7 @@ def policy_show(server: str, network_name: str, as_json: bool) -> None:
 @click.argument("network_name", metavar="NETWORK")
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def policy_clear(server: str, network_name: str, as_json: bool) -> None:
     """Drop NETWORK's policy: everyone reaches everyone again."""
@@ -1016,6 +1065,7 @@ def dns_remove(server: str, network_name: str, name: str, as_json: bool) -> None
 @dns.command("list")
 @click.argument("network_name", metavar="[NETWORK]", required=False)
 @json_option
+@at_option
 @click.pass_obj
 def dns_list(server: str, network_name: str | None, as_json: bool) -> None:
     """Every name the hosts' DNS servers answer: nodes' names and custom records."""
@@ -1042,10 +1092,18 @@ def dns_list(server: str, network_name: str | None, as_json: bool) -> None:
 
 @cli.command()
 @json_option
+@waitable_network
 @click.pass_obj
 def status(server: str, as_json: bool) -> None:
-    """Each node: is its interface at the revision the control plane wants?"""
+    """Each node: is its interface at the revision the control plane wants?
+    With --wait: once every host in a network has applied its desired state."""
+    wait = asked_wait()
+    waited = None if wait is None else run(converge(server, login(), None, None, wait))
     rows = run(admin_query(server, "status"))
+    if waited is not None:
+        assert wait is not None
+        ctx = click.get_current_context()
+        ctx.call_on_close(lambda: click.echo(outcome(*waited, wait), err=True))
     if as_json:
         emit_json(rows)
         return
@@ -1096,6 +1154,7 @@ def admin_keygen(path: Path) -> None:
 )
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def admin_add(
     server: str, name: str, public_key: str, role: str, networks: tuple[str, ...], as_json: bool
@@ -1120,6 +1179,7 @@ def admin_add(
 
 @admin.command("list")
 @json_option
+@at_option
 @click.pass_obj
 def admin_list(server: str, as_json: bool) -> None:
     """Admins, their roles and keys."""
@@ -1136,6 +1196,7 @@ def admin_list(server: str, as_json: bool) -> None:
 @admin.command("remove")
 @click.argument("name")
 @plannable
+@waitable
 @click.pass_obj
 def admin_remove(server: str, name: str) -> None:
     """NAME may no longer sign commands (the last admin cannot be removed)."""
@@ -1146,122 +1207,6 @@ def admin_remove(server: str, name: str) -> None:
 @cli.group()
 def events() -> None:
     """The event stream: the audit log."""
-
-
-@events.command("log")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
-@json_option
-@click.pass_obj
-def events_log(server: str, follow: bool, as_json: bool) -> None:
-    """Print every event, oldest first."""
-    run(_events_log(server, follow, as_json))
-
-
-async def _events_log(server: str, follow: bool, as_json: bool) -> None:
-    import msgspec
-    import nats.errors
-
-    from events.envelope import encode_envelope
-    from events.jetstream import JetStreamEventStore
-    from events.store import StoreError
-
-    who = login()
-    nc = await connect(server, who)
-    try:
-        store = JetStreamEventStore(nc, reader=event_reader(nc, who))
-        try:
-            head = await store.last_sequence()
-        except Exception as exc:
-            raise CliError(f"cannot read the event stream at {server}: {exc!r}") from None
-        if head == 0 and not follow:
-            return
-        async for recorded in store.follow(1):
-            env = recorded.envelope
-            if as_json:
-                body = msgspec.json.decode(encode_envelope(env))
-                body["seq"] = recorded.seq
-                body["subject"] = recorded.subject
-                click.echo(json.dumps(body, sort_keys=True))
-            else:
-                data = msgspec.to_builtins(env.data)
-                data.pop("type", None)
-                fields = " ".join(
-                    f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in data.items()
-                )
-                click.echo(
-                    f"{recorded.seq:>6} {when(env.time)} {env.type:<24} {fields}  [{env.actor}]"
-                )
-            sys.stdout.flush()
-            if not follow and recorded.seq >= head:
-                return
-    except (StoreError, nats.errors.Error, TimeoutError) as exc:
-        # The control plane made no consumer, or events were dropped on the way.
-        raise CliError(f"cannot read the event stream at {server}: {exc}") from None
-    finally:
-        await nc.close()
-
-
-@events.command("verify")
-@click.option(
-    "--root-key",
-    default=None,
-    help="The first admin's public key (base64), if you know it: otherwise the log's "
-    "first admin is trusted, and printed.",
-)
-@json_option
-@click.pass_obj
-def events_verify(server: str, root_key: str | None, as_json: bool) -> None:
-    """Check every event's signatures against the admins before it (exit 1 on a problem)."""
-    report = run(_events_verify(server, root_key))
-    if as_json:
-        emit_json(
-            {
-                "events": report.events,
-                "signed_commands": report.signed_commands,
-                "unsigned_agent_events": report.unsigned_events,
-                "root_key": report.root,
-                "problems": [{"seq": seq, "problem": why} for seq, why in report.problems],
-            }
-        )
-    else:
-        click.echo(
-            f"{report.events} events: {report.signed_commands} signed commands verified, "
-            f"{report.unsigned_events} events without a proof (agents without a key), "
-            f"{len(report.problems)} problems; root admin key {report.root or '-'}"
-        )
-        for seq, why in report.problems:
-            click.echo(f"  event {seq}: {why}")
-    if report.problems:
-        sys.exit(1)
-
-
-async def _events_verify(server: str, root_key: str | None) -> AuditReport:
-    import nats.errors
-
-    from controlplane.audit import verify_log
-    from events.jetstream import JetStreamEventStore
-    from events.store import StoreError
-
-    who = login()
-    nc = await connect(server, who)
-    try:
-        store = JetStreamEventStore(nc, reader=event_reader(nc, who))
-        try:
-            head = await store.last_sequence()
-        except Exception as exc:
-            raise CliError(f"cannot read the event stream at {server}: {exc!r}") from None
-        recorded = []
-        if head:
-            async for batch in store.follow_batches(1):
-                recorded.extend(batch)
-                if batch[-1].seq >= head:
-                    break
-        return verify_log(recorded, root_key)
-    except (StoreError, nats.errors.Error, TimeoutError) as exc:
-        # The control plane made no consumer, or events were dropped on the way.
-        raise CliError(f"cannot read the event stream at {server}: {exc}") from None
-    finally:
-        await nc.close()
 
 
 # -- agent -------------------------------------------------------------------------
@@ -1541,6 +1486,11 @@ def agent_rotate_key(ctx: click.Context, state_dir: Path) -> None:
     except AgentError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"new public key {public_key}")
+
+
+# Commands kept in their own modules attach themselves to the groups above.
+from cli import eventlog as _eventlog  # noqa: E402, F401
+from cli import hooks as _hooks  # noqa: E402, F401
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -63,6 +63,12 @@ class ControlPlaneMetrics:
     def watch_agents(self, count: AgentCount, loop: asyncio.AbstractEventLoop) -> None:
         """Count the connected agents at each scrape (run on `loop`)."""
 
+    def hook_delivery(self, outcome: str) -> None:
+        """A webhook POST by this control plane: `ok` or `failed`."""
+
+    def watch_hooks(self, failing: Callable[[], int]) -> None:
+        """Read how many hooks fail now (their last POST here failed) at each scrape."""
+
 
 NO_METRICS = ControlPlaneMetrics()
 
@@ -118,6 +124,18 @@ class _AgentsConnected(Collector):
         return await self._count()
 
 
+class _HooksFailing(Collector):
+    def __init__(self, failing: Callable[[], int]) -> None:
+        self._failing = failing
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "netmesh_hooks_failing",
+            "Webhooks whose last delivery attempt by this control plane failed.",
+            value=self._failing(),
+        )
+
+
 class PrometheusMetrics(ControlPlaneMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -155,6 +173,9 @@ class PrometheusMetrics(ControlPlaneMetrics):
             ["reason"],
             registry=r,
         )
+        self._hook_deliveries = Counter(
+            "netmesh_hook_deliveries", "Webhook POSTs, by outcome.", ["outcome"], registry=r
+        )
 
     def command(self, verb: str, outcome: str, seconds: float) -> None:
         label = verb_label(verb)
@@ -179,3 +200,9 @@ class PrometheusMetrics(ControlPlaneMetrics):
 
     def watch_agents(self, count: AgentCount, loop: asyncio.AbstractEventLoop) -> None:
         self.registry.register(_AgentsConnected(count, loop))
+
+    def hook_delivery(self, outcome: str) -> None:
+        self._hook_deliveries.labels(outcome).inc()
+
+    def watch_hooks(self, failing: Callable[[], int]) -> None:
+        self.registry.register(_HooksFailing(failing))

@@ -469,6 +469,8 @@ class CommandPipeline:
             # request, and so can send it again.
             token = self._enrollment.token(*self._enrollment.key_for(command_id))
             result["sealed_token"] = seal_for(signer, token)
+        if Need.HOOK_SECRET in spec.needs and isinstance(result, dict) and signer:
+            result["sealed_secret"] = seal_for(signer, self._enrollment.key_for(command_id)[1])
         log.info("command answered again", verb=spec.verb, seq=seq)
         return Reply(ok=True, result=result, seq=seq, repeated=True)
 
@@ -535,6 +537,8 @@ class CommandPipeline:
         result = dict(decision.result)
         if Need.ENROLLMENT_TOKEN in spec.needs:
             result["token"] = self._enrollment.token(ctx.new_key_id, ctx.new_secret)
+        if Need.HOOK_SECRET in spec.needs:
+            result["secret"] = ctx.new_secret
         return result
 
     async def bootstrap_admin(self, data_dir: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -17,23 +17,25 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
+from controlplane.convergence import AppliedLookup, Convergence
+from controlplane.hooks import HookDelivery
 from controlplane.policyviews import explain_access, plan_policy_change, show_policy
 from controlplane.replies import Responder
 from controlplane.rules.base import Rejected
 from controlplane.rules.nodes import match_node
+from controlplane.timetravel import TimeTravel
 from events.commands import ErrorCode, Reply
 from events.dns import fqdn, node_label
+from events.logfilter import Point
 from events.reports import APPLIED, applied_decoder
 from events.signing import COMMAND_SIGNER_HEADER, SIGNATURE_HEADER
 from events.subjects import QUERY_PREFIX, REPORTS_STREAM, report_subject
 from projections.desired import peer_endpoint
 from projections.sqlite import ReadModel
+from projections.timetravel import diff, view_of
 from projections.topology import Host, Topology
 
 log = structlog.get_logger("netmesh.controlplane")
-
-# host_id -> latest "applied" report, or None if the agent never reported.
-AppliedLookup = Callable[[str], Awaitable[dict[str, Any] | None]]
 
 
 async def _rows(model: ReadModel, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
@@ -118,9 +120,10 @@ def _endpoint(row: dict[str, Any]) -> str | None:
 
 NODE_SQL = (
     "SELECT nd.node_id AS id, nd.name, nd.network, nd.address, nd.host_id, nd.joined_at, nd.tags,"
-    " h.name AS host_name, h.public_key, h.listen_port, h.endpoints, n.cidr"
+    " h.name AS host_name, h.public_key, h.listen_port, h.endpoints, n.cidr, ex.name AS exit_via"
     " FROM nodes nd JOIN hosts h ON h.host_id = nd.host_id"
     " JOIN networks n ON n.name = nd.network"
+    " LEFT JOIN nodes ex ON ex.node_id = nd.exit_via AND nd.exit_via != ''"
 )
 
 
@@ -137,6 +140,7 @@ def _node(row: dict[str, Any]) -> dict[str, Any]:
         "listen_port": row["listen_port"],
         "joined_at": row["joined_at"],
         "tags": sorted(msgspec.json.decode(row["tags"])),
+        "exit_via": row["exit_via"],  # the internet gateway its default route goes through
     }
 
 
@@ -257,6 +261,25 @@ def _peers(report: dict[str, Any] | None, names: dict[str, str]) -> list[dict[st
     return peers
 
 
+async def hook_rows(hooks: HookDelivery, topology: Topology) -> list[dict[str, Any]]:
+    """Each webhook and how its deliveries go (failing: since when, why)."""
+    rows = []
+    for hook in sorted(topology.hooks.values(), key=lambda h: h.added_seq):
+        status = await hooks.status(hook.hook_id)
+        rows.append(
+            {
+                "hook_id": hook.hook_id,
+                "url": hook.url,
+                "events": hook.events,
+                "added_at": hook.added_at,
+                "pending": await hooks.pending(hook.hook_id),
+                "state": "failing" if status.failures else "ok",
+                **msgspec.to_builtins(status),
+            }
+        )
+    return rows
+
+
 class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str | None = None
     network: str | None = None
@@ -266,6 +289,20 @@ class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     source: str | None = None
     destination: str | None = None
     port: str | None = None
+    # As of this point of the log (`--at`), for the queries in PAST_QUERIES;
+    # `diff`: what changed from `at` to `to`.
+    at: Point | None = None
+    to: Point | None = None
+    # `convergence`: the command whose last event is `seq` (None: every host).
+    seq: int | None = None
+    command: str | None = None
+
+
+# What can be asked as of a past point: the topology's queries (not agents'
+# reports, which are not in the log).
+PAST_QUERIES = frozenset(
+    {"networks", "network", "nodes", "node", "keys", "policy", "admins", "gateways", "dns"}
+)
 
 
 def list_gateways(topology: Topology, network: str | None) -> list[dict[str, Any]]:
@@ -310,12 +347,16 @@ class QueryService:
         model: Callable[[], ReadModel | None],
         topology: Callable[[], Topology],
         planner: Planner | None = None,
+        timetravel: TimeTravel | None = None,
     ) -> None:
         self._js = nc.jetstream()
         self._responder = responder
         self._model = model
         self._topology = topology
         self._planner = planner
+        self._timetravel = timetravel
+        self.convergence: Convergence | None = None  # set by the service once it has its parts
+        self.hooks: HookDelivery | None = None
 
     async def on_query(self, msg: Msg) -> None:
         what = msg.subject[len(QUERY_PREFIX) + 1 :]
@@ -347,43 +388,93 @@ class QueryService:
 
     async def answer(self, what: str, args: QueryArgs) -> Any:
         """Raises Rejected."""
+        if what == "diff" or args.at is not None:
+            return await self._answer_from_the_past(what, args)
         model = self._model()
         assert model is not None
+        return await self._read(what, args, model, self._topology(), time.time())
+
+    async def _answer_from_the_past(self, what: str, args: QueryArgs) -> Any:
+        """Raises Rejected."""
+        travel = self._timetravel
+        if travel is None:
+            raise Rejected(ErrorCode.INVALID, "this control plane does not keep the past")
+        if what == "diff":
+            if args.at is None or args.to is None:
+                raise Rejected(ErrorCode.INVALID, "diff needs two points: at and to")
+            before, after = await travel.replay(args.at), await travel.replay(args.to)
+            return {
+                "from": before.seq,
+                "to": after.seq,
+                "changes": msgspec.to_builtins(
+                    diff(view_of(before.topology), view_of(after.topology))
+                ),
+            }
+        if what not in PAST_QUERIES:
+            raise Rejected(ErrorCode.INVALID, f"{what} cannot be asked as of a past point")
+        assert args.at is not None
+        past = await travel.past(args.at)
+        try:
+            return await self._read(what, args, past.model, past.topology, past.time, live=False)
+        finally:
+            await travel.release(past)
+
+    async def _read(
+        self,
+        what: str,
+        args: QueryArgs,
+        model: ReadModel,
+        topology: Topology,
+        now: float,
+        *,
+        live: bool = True,
+    ) -> Any:
+        """Raises Rejected."""
         match what:
             case "ping":  # a client whose command waits asks whether anyone is here
                 return {}
             case "networks":
                 return await list_networks(model)
             case "network":
-                return await show_network(model, args.name or "", now=time.time())
+                return await show_network(model, args.name or "", now=now)
             case "nodes":
                 return await list_nodes(model, args.network)
             case "node":
                 node = await find_node(model, args.node or "")
-                rows = await status(model, self.applied_report)
-                node["status"] = next((r for r in rows if r["id"] == node["id"]), None)
+                if live:  # agents' reports are now, not then
+                    rows = await status(model, self.applied_report)
+                    node["status"] = next((r for r in rows if r["id"] == node["id"]), None)
                 return node
             case "keys":
-                return await list_keys(model, now=time.time())
+                return await list_keys(model, now=now)
             case "dns":
                 return await list_dns(model, args.network)
             case "status":
                 return await status(model, self.applied_report)
+            case "convergence" if self.convergence is not None:
+                return await self.convergence.answer(args.seq, args.command)
+            case "hooks" if self.hooks is not None:
+                return await hook_rows(self.hooks, topology)
+            case "hook_test" if self.hooks is not None:
+                hook = topology.hooks.get(args.name or "")
+                if hook is None:
+                    raise Rejected(ErrorCode.NOT_FOUND, f"no hook {args.name!r}")
+                return await self.hooks.test(hook)
             # The policy's compiled form and access index are the write model's.
             case "policy":
-                return show_policy(self._topology(), args.network or "")
+                return show_policy(topology, args.network or "")
             case "policy_explain":
                 return explain_access(
-                    self._topology(),
+                    topology,
                     args.network or "",
                     args.source or "",
                     args.destination or "",
                     args.port,
                 )
             case "policy_plan":
-                return plan_policy_change(self._topology(), args.network or "", args.document or "")
+                return plan_policy_change(topology, args.network or "", args.document or "")
             case "gateways":
-                return list_gateways(self._topology(), args.network)
+                return list_gateways(topology, args.network)
             case "admins":
                 # From the write model: admins are a matter of authorization,
                 # not of the read model.
@@ -395,7 +486,7 @@ class QueryService:
                             "networks": list(a.networks),
                             "public_key": a.public_key,
                         }
-                        for a in self._topology().admins.values()
+                        for a in topology.admins.values()
                     ),
                     key=lambda a: str(a["name"]),
                 )

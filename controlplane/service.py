@@ -25,7 +25,9 @@ from nats.aio.subscription import Subscription
 from controlplane.access import Access
 from controlplane.brokerauth import BrokerGate
 from controlplane.consumers import Consumers
+from controlplane.convergence import Convergence
 from controlplane.enrollment import EnrollmentSecrets
+from controlplane.hooks import HookDelivery
 from controlplane.metrics import NO_METRICS, ControlPlaneMetrics
 from controlplane.pipeline import CommandPipeline
 from controlplane.publisher import JetStreamDesiredPublisher
@@ -33,6 +35,7 @@ from controlplane.queries import QueryService
 from controlplane.replies import Responder
 from controlplane.streams import ensure_streams
 from controlplane.throttle import FailureWindow
+from controlplane.timetravel import TimeTravel
 from controlplane.writemodel import WriteModel
 from events.commands import Reply
 from events.connect import server_has_seen_everything
@@ -86,17 +89,19 @@ class ControlPlane:
         self._stopping = False
         self._responder = Responder(nc)
         join_failures = FailureWindow()
+        secrets = EnrollmentSecrets(self.signing_key, advertise_url, broker_ca)
         self.commands = CommandPipeline(
             self.store,
             self.write,
             self._responder,
             join_failures,
-            EnrollmentSecrets(self.signing_key, advertise_url, broker_ca),
+            secrets,
             self._read_your_writes,
             metrics,
         )
+        self.timetravel = TimeTravel(self.store)
         self.queries = QueryService(
-            nc, self._responder, lambda: self.model, self._topology, self._plan
+            nc, self._responder, lambda: self.model, self._topology, self._plan, self.timetravel
         )
         # With a connection to the broker's system account, this control plane
         # decides who may connect (auth callout) and disconnects who lost access.
@@ -114,6 +119,18 @@ class ControlPlane:
             self.write.observer = self.access.observe
         self.consumers = Consumers(
             nc, self._responder, self._topology, lambda: self.runner, self.access is not None
+        )
+        self.hooks = HookDelivery(
+            nc, event_mac_key(self.signing_key), secrets, self._topology, metrics
+        )
+        metrics.watch_hooks(lambda: len(self.hooks.failing))
+        self.queries.hooks = self.hooks
+        self.queries.convergence = Convergence(
+            self.store,
+            lambda: self.model,
+            self._read_your_writes,
+            self.consumers.connected_hosts,
+            self.queries.applied_report,
         )
 
     @property
@@ -175,6 +192,7 @@ class ControlPlane:
         if self.access is not None:
             await self.access.start(self.runner)
         await asyncio.wait_for(self.runner.caught_up.wait(), 120)
+        self._tasks.append(asyncio.create_task(self._supervised("webhooks", self.hooks.run())))
         for prefix, callback in (
             (f"{COMMAND_PREFIX}.>", self.commands.on_command),
             (f"{QUERY_PREFIX}.>", self.queries.on_query),
@@ -203,6 +221,7 @@ class ControlPlane:
         # only the fallback (cancelling a task inside nats-py's subscription
         # iterator has been seen to leave it stuck).
         await self.store.close()
+        self.hooks.close()
         stuck: set[asyncio.Task[None]] = set()
         if self._tasks:
             _, stuck = await asyncio.wait(self._tasks, timeout=timeout / 2)
@@ -214,6 +233,7 @@ class ControlPlane:
             # Should not happen; say where it is stuck rather than hang.
             log.error("task did not stop", task=task.get_name(), awaiting=awaiting(task))
         self._tasks.clear()
+        await self.timetravel.close()
         if self.model is not None:
             await self.model.close()
             self.model = None

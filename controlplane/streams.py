@@ -45,11 +45,29 @@ def reports_stream_config(replicas: int = 1) -> StreamConfig:
     )
 
 
+HOOKS_STREAM = "NETMESH_HOOKS"
+HOOKS_PREFIX = "netmesh.hook"
+
+
+def hooks_stream_config(replicas: int = 1) -> StreamConfig:
+    # Each webhook's position and delivery status (controlplane/hooks.py).
+    return StreamConfig(
+        name=HOOKS_STREAM,
+        subjects=[f"{HOOKS_PREFIX}.>"],
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        allow_direct=True,
+        description="netmesh webhooks: each hook's position and delivery status",
+    )
+
+
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     for config in (
         events_stream_config(replicas),
         desired_stream_config(replicas),
         reports_stream_config(replicas),
+        hooks_stream_config(replicas),
     ):
         assert config.name is not None
         try:

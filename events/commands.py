@@ -171,6 +171,18 @@ class RemoveAdmin(Command, frozen=True, tag="admin.remove"):
     name: str
 
 
+class AddHook(Command, frozen=True, tag="hook.add"):
+    """POST the events whose type matches `events` to `url`, in order, each
+    signed with HMAC-SHA256 under a secret the control plane makes."""
+
+    url: str
+    events: str = "*"
+
+
+class RemoveHook(Command, frozen=True, tag="hook.remove"):
+    hook_id: str
+
+
 class LeaveNetworks(Command, frozen=True, tag="host.leave"):
     """A host takes itself out of one network, or all (`netmesh agent leave`)."""
 
@@ -234,6 +246,8 @@ AnyCommand = (
     | ClearExit
     | AddDnsRecord
     | RemoveDnsRecord
+    | AddHook
+    | RemoveHook
 )
 
 COMMAND_TYPES: tuple[type[Command], ...] = get_args(AnyCommand)

@@ -213,6 +213,21 @@ class AdminRemoved(Event, frozen=True, tag="admin.removed"):
     name: str
 
 
+class HookAdded(Event, frozen=True, tag="hook.added"):
+    """Events of these types are POSTed to `url` from here on (`netmesh hook add`)."""
+
+    hook_id: str
+    url: str
+    events: str = "*"  # a shell pattern over event types
+    # sha256 of its HMAC secret, hex: the secret itself (derived again from the
+    # command id by whoever holds signing.key) never enters the log.
+    secret_sha256: str = ""
+
+
+class HookRemoved(Event, frozen=True, tag="hook.removed"):
+    hook_id: str
+
+
 AnyEvent = (
     AdminAdded
     | AdminRemoved
@@ -238,6 +253,8 @@ AnyEvent = (
     | ExitCleared
     | DnsRecordAdded
     | DnsRecordRemoved
+    | HookAdded
+    | HookRemoved
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = get_args(AnyEvent)
@@ -260,6 +277,8 @@ def aggregate_of(event: AnyEvent) -> tuple[str, str]:
     match event:
         case AdminAdded(name=name) | AdminRemoved(name=name):
             return ("admin", name)
+        case HookAdded(hook_id=hook) | HookRemoved(hook_id=hook):
+            return ("hook", hook)
         case (
             HostRegistered(host_id=h)
             | HostEndpointObserved(host_id=h)

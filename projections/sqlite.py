@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS hosts (
     revision INTEGER NOT NULL, signing_key TEXT NOT NULL, key_epoch INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, network TEXT NOT NULL, host_id TEXT NOT NULL,
-    name TEXT NOT NULL, address TEXT NOT NULL, joined_at REAL NOT NULL, tags TEXT NOT NULL);
+    name TEXT NOT NULL, address TEXT NOT NULL, joined_at REAL NOT NULL, tags TEXT NOT NULL,
+    exit_via TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS nodes_network ON nodes (network);
 """
 
@@ -94,7 +95,7 @@ class ReadModel:
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
         )
         await db.commit()
-        writer = sqlite3.connect(str(path))
+        writer = sqlite3.connect(str(path), uri=_is_uri(path))
         writer.execute("PRAGMA synchronous=NORMAL")
         # Checkpoints (the only writes that wait for the disk) are not run
         # inside a commit on the event loop, but by `_checkpoint_soon`.
@@ -103,7 +104,7 @@ class ReadModel:
 
     @staticmethod
     async def _connect(path: Path | str) -> aiosqlite.Connection:
-        db = await aiosqlite.connect(str(path))
+        db = await aiosqlite.connect(str(path), uri=_is_uri(path))
         db.row_factory = aiosqlite.Row
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
@@ -276,7 +277,7 @@ class ReadModel:
                 [(n,) for n in touched.nodes if n not in topology.nodes],
             ),
             (
-                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         node.node_id,
@@ -286,6 +287,7 @@ class ReadModel:
                         node.address,
                         node.joined_at,
                         _json_list(node.tags),
+                        node.exit_via,
                     )
                     for node in (topology.nodes.get(n) for n in touched.nodes)
                     if node is not None
@@ -328,6 +330,12 @@ class ReadModel:
         except BaseException:
             db.rollback()
             raise
+
+
+def _is_uri(path: Path | str) -> bool:
+    """A `file:` URI: a read model in memory (`file:NAME?mode=memory&cache=shared`,
+    its two connections sharing it), as time travel builds them."""
+    return isinstance(path, str) and path.startswith("file:")
 
 
 def _json_list(items: Iterable[str]) -> str:

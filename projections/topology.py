@@ -34,6 +34,8 @@ from events.model import (
     EnrollmentKeyUsed,
     ExitCleared,
     ExitSet,
+    HookAdded,
+    HookRemoved,
     HostEndpointObserved,
     HostKeyRotated,
     HostKeyRotationRequested,
@@ -116,6 +118,19 @@ class Gateway:
     ranges: tuple[str, ...]  # sorted
     nat: bool = True
     metric: int = 100
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A webhook: events of types matching `events` are POSTed to `url`."""
+
+    hook_id: str
+    url: str
+    events: str
+    secret_sha256: str
+    command_id: str  # of the command that added it: its secret derives from it
+    added_seq: int  # delivery starts after this event
+    added_at: float
 
 
 @dataclass
@@ -221,6 +236,7 @@ class Topology:
     last_seq: int = 0
     # Admins who may sign commands, by public key.
     admins: dict[str, Admin] = field(default_factory=dict)
+    hooks: dict[str, Hook] = field(default_factory=dict)
     # Once a signed event has been seen, unsigned ones are not believed (before
     # that, they are events written before the control plane signed them).
     signed_seen: bool = False
@@ -413,6 +429,14 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
             for admin_key, admin in list(topology.admins.items()):
                 if admin.name == name:
                     del topology.admins[admin_key]
+            return Touched()
+        case HookAdded() as e:
+            topology.hooks[e.hook_id] = Hook(
+                e.hook_id, e.url, e.events, e.secret_sha256, command_id, recorded.seq, at
+            )
+            return Touched()
+        case HookRemoved(hook_id=hook_id):
+            topology.hooks.pop(hook_id, None)
             return Touched()
         case NetworkCreated() as e:
             topology.networks[e.network] = Network(

@@ -46,6 +46,8 @@ def test_tags_are_stable_and_past_tense() -> None:
         "exit.cleared",
         "dns.record_added",
         "dns.record_removed",
+        "hook.added",
+        "hook.removed",
     ]
 
 

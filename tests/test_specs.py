@@ -21,6 +21,7 @@ from events.commands import (
     AddAdmin,
     AddDnsRecord,
     AddEgress,
+    AddHook,
     AnyCommand,
     ClearExit,
     ClearPolicy,
@@ -33,6 +34,7 @@ from events.commands import (
     RemoveAdmin,
     RemoveDnsRecord,
     RemoveEgress,
+    RemoveHook,
     RemoveNode,
     ReportEndpoint,
     RequestKeyRotation,
@@ -103,6 +105,7 @@ def scenario() -> World:
             AddAdmin(name=name, public_key=public_text(key), role=role, networks=networks), ROOT
         )
     world.run(DeleteNetwork(name="annex"), ROOT)
+    world.run(AddHook(url="https://hooks.example.net/netmesh", events="*"), ROOT)
     return world
 
 
@@ -163,6 +166,8 @@ ADMIN_SAMPLES: dict[str, tuple[Sample, str | None]] = {
         None,
     ),
     "remove admin": (lambda w: RemoveAdmin(name="spare"), None),
+    "add hook": (lambda w: AddHook(url="http://127.0.0.1:8080/in", events="node.*"), None),
+    "remove hook": (lambda w: RemoveHook(hook_id=next(iter(w.topology.hooks))), None),
 }
 
 # Samples of every command a host sends, the key that may sign it, and another

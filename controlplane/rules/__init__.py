@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane.rules import admins, dns, gateways, hosts, keys, networks, nodes, policies
+from controlplane.rules import (
+    admins,
+    dns,
+    gateways,
+    hooks,
+    hosts,
+    keys,
+    networks,
+    nodes,
+    policies,
+)
 from controlplane.rules.spec import CommandSpec, Sender
 from events.commands import Command
 
@@ -23,6 +33,7 @@ SPECS: tuple[CommandSpec[Any], ...] = (
     *dns.SPECS,
     *hosts.SPECS,
     *admins.SPECS,
+    *hooks.SPECS,
 )
 _BY_TYPE: dict[type[Command], CommandSpec[Any]] = {spec.command: spec for spec in SPECS}
 _BY_VERB: dict[str, CommandSpec[Any]] = {spec.verb: spec for spec in SPECS}

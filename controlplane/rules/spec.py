@@ -111,6 +111,9 @@ class Need(StrEnum):
     # The answer carries the enrollment token of that key (the rules never
     # see the server's URL or keys).
     ENROLLMENT_TOKEN = "enrollment_token"
+    # The answer carries the fresh key's secret (a webhook's HMAC secret):
+    # never recorded, sealed to the signer when answered again.
+    HOOK_SECRET = "hook_secret"
 
 
 @dataclass(frozen=True)
@@ -133,8 +136,9 @@ class CommandSpec(Generic[C]):
     throttle: Throttle[C] | None = None
 
     def __post_init__(self) -> None:
-        if Need.ENROLLMENT_TOKEN in self.needs and Need.FRESH_KEY not in self.needs:
-            raise ValueError(f"{self.verb}: a token needs a fresh key")
+        wants_key = {Need.ENROLLMENT_TOKEN, Need.HOOK_SECRET} & self.needs
+        if wants_key and Need.FRESH_KEY not in self.needs:
+            raise ValueError(f"{self.verb}: a token or secret needs a fresh key")
 
     @property
     def verb(self) -> str:
