@@ -8,7 +8,7 @@ import datetime as dt
 import json
 import re
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from controlplane.audit import AuditReport
 
 T = TypeVar("T")
+FC = TypeVar("FC", bound=Callable[..., Any])
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -73,7 +74,9 @@ def parse_duration(text: str) -> float | None:
     return int(match.group(1)) * UNITS[match.group(2)]
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+json_option: Callable[[FC], FC] = click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON."
+)
 DEFAULT_ADMIN_KEY = Path("netmesh-data/admin.key")
 DEFAULT_CA = Path("netmesh-data/tls/ca.pem")
 
@@ -107,7 +110,7 @@ def _plan_only(ctx: click.Context, _param: click.Parameter, value: bool) -> None
 
 # A changing admin command takes --plan: it is decided as it would be, and
 # what it would change is printed (`--json`: as JSON); nothing is written.
-plannable = click.option(
+plannable: Callable[[FC], FC] = click.option(
     "--plan",
     is_flag=True,
     expose_value=False,
@@ -1309,6 +1312,12 @@ def agent_rotate_key(ctx: click.Context, state_dir: Path) -> None:
     except AgentError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"new public key {public_key}")
+
+
+# Commands kept in modules of their own (they import the helpers above).
+from cli.tokens import token as _token_group  # noqa: E402
+
+admin.add_command(_token_group)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

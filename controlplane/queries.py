@@ -21,6 +21,7 @@ from controlplane.policyviews import explain_access, plan_policy_change, show_po
 from controlplane.replies import Responder
 from controlplane.rules.base import Rejected
 from controlplane.rules.nodes import match_node
+from controlplane.rules.tokens import token_live
 from events.commands import ErrorCode, Reply
 from events.reports import APPLIED, applied_decoder
 from events.signing import COMMAND_SIGNER_HEADER, SIGNATURE_HEADER
@@ -212,6 +213,21 @@ def _peers(report: dict[str, Any] | None, names: dict[str, str]) -> list[dict[st
     return peers
 
 
+def list_tokens(topology: Topology, now: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": t.name,
+            "role": t.role,
+            "networks": list(t.networks),
+            "created_at": t.created_at,
+            "expires_at": t.expires_at,
+            "last_used_at": t.last_used_at,
+            "state": "revoked" if t.revoked else "active" if token_live(t, now) else "expired",
+        }
+        for t in sorted(topology.tokens.values(), key=lambda t: t.name)
+    ]
+
+
 class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str | None = None
     network: str | None = None
@@ -323,6 +339,8 @@ class QueryService:
                     ),
                     key=lambda a: str(a["name"]),
                 )
+            case "tokens":  # read API tokens, never their secrets: the write model's too
+                return list_tokens(self._topology(), time.time())
         raise Rejected(ErrorCode.INVALID, f"unknown query {what!r}")
 
     async def applied_report(self, host_id: str) -> dict[str, Any] | None:

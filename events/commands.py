@@ -152,6 +152,20 @@ class RemoveAdmin(Command, frozen=True, tag="admin.remove"):
     name: str
 
 
+class CreateAdminToken(Command, frozen=True, tag="token.create"):
+    """A bearer token for the read API and the dashboard (`--http`); what its
+    role may read is what that role's admin may query."""
+
+    name: Name
+    role: str = "auditor"
+    networks: tuple[str, ...] = ()  # a network-admin token's networks
+    expires_in: Annotated[float, msgspec.Meta(gt=0)] | None = None  # seconds; None = never
+
+
+class RevokeAdminToken(Command, frozen=True, tag="token.revoke"):
+    name: str
+
+
 class LeaveNetworks(Command, frozen=True, tag="host.leave"):
     """A host takes itself out of one network, or all (`netmesh agent leave`)."""
 
@@ -179,6 +193,8 @@ AnyCommand = (
     | UntagNode
     | SetPolicy
     | ClearPolicy
+    | CreateAdminToken
+    | RevokeAdminToken
 )
 
 COMMAND_TYPES: tuple[type[Command], ...] = get_args(AnyCommand)

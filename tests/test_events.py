@@ -40,6 +40,9 @@ def test_tags_are_stable_and_past_tense() -> None:
         "node.untagged",
         "policy.set",
         "policy.cleared",
+        "admin_token.created",
+        "admin_token.revoked",
+        "admin_token.used",
     ]
 
 

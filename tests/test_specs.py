@@ -22,6 +22,7 @@ from events.commands import (
     AnyCommand,
     ClearPolicy,
     Command,
+    CreateAdminToken,
     CreateEnrollmentKey,
     CreateNetwork,
     DeleteNetwork,
@@ -31,6 +32,7 @@ from events.commands import (
     RemoveNode,
     ReportEndpoint,
     RequestKeyRotation,
+    RevokeAdminToken,
     RevokeEnrollmentKey,
     RotateHostKey,
     SetPolicy,
@@ -94,6 +96,7 @@ def scenario() -> World:
             AddAdmin(name=name, public_key=public_text(key), role=role, networks=networks), ROOT
         )
     world.run(DeleteNetwork(name="annex"), ROOT)
+    world.run(CreateAdminToken(name="ci", networks=("lab",), role="network-admin"), ROOT)
     return world
 
 
@@ -131,6 +134,8 @@ ADMIN_SAMPLES: dict[str, tuple[Sample, str | None]] = {
         None,
     ),
     "remove admin": (lambda w: RemoveAdmin(name="spare"), None),
+    "make a token": (lambda w: CreateAdminToken(name="grafana", expires_in=60.0), None),
+    "revoke a token": (lambda w: RevokeAdminToken(name="ci"), None),
 }
 
 # Samples of every command a host sends, the key that may sign it, and another

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane.rules import admins, hosts, keys, networks, nodes, policies
+from controlplane.rules import admins, hosts, keys, networks, nodes, policies, tokens
 from controlplane.rules.spec import CommandSpec, Sender
 from events.commands import Command
 
@@ -21,6 +21,7 @@ SPECS: tuple[CommandSpec[Any], ...] = (
     *policies.SPECS,
     *hosts.SPECS,
     *admins.SPECS,
+    *tokens.SPECS,
 )
 _BY_TYPE: dict[type[Command], CommandSpec[Any]] = {spec.command: spec for spec in SPECS}
 _BY_VERB: dict[str, CommandSpec[Any]] = {spec.verb: spec for spec in SPECS}

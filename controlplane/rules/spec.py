@@ -111,6 +111,9 @@ class Need(StrEnum):
     # The answer carries the enrollment token of that key (the rules never
     # see the server's URL or keys).
     ENROLLMENT_TOKEN = "enrollment_token"
+    # The answer carries a read API bearer token made from the fresh secret
+    # (`controlplane.rules.tokens.bearer_token`).
+    BEARER_TOKEN = "bearer_token"
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,8 @@ class CommandSpec(Generic[C]):
     throttle: Throttle[C] | None = None
 
     def __post_init__(self) -> None:
-        if Need.ENROLLMENT_TOKEN in self.needs and Need.FRESH_KEY not in self.needs:
+        tokens = {Need.ENROLLMENT_TOKEN, Need.BEARER_TOKEN} & self.needs
+        if tokens and Need.FRESH_KEY not in self.needs:
             raise ValueError(f"{self.verb}: a token needs a fresh key")
 
     @property
