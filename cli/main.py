@@ -199,15 +199,17 @@ def cli(ctx: click.Context, server: str, admin_key: Path, ca: Path) -> None:
 # -- server ------------------------------------------------------------------
 
 
-def check_metrics_listen(listen: str | None) -> None:
-    """--metrics-listen, checked before anything starts."""
+def check_metrics_listen(
+    listen: str | None, option: str = "--metrics-listen", example: str = "127.0.0.1:9470"
+) -> None:
+    """--metrics-listen (or another HOST:PORT option), checked before anything starts."""
     from events.metrics import split_metrics_listen
 
     if listen is not None:
         try:
-            split_metrics_listen(listen)
+            split_metrics_listen(listen, option, example)
         except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--metrics-listen") from None
+            raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 @cli.command()
@@ -252,6 +254,13 @@ def check_metrics_listen(listen: str | None) -> None:
     metavar="HOST:PORT",
     help="Serve Prometheus metrics on http://HOST:PORT/metrics [default: off].",
 )
+@click.option(
+    "--http",
+    "http_listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve the read API (/api/) and the dashboard on http://HOST:PORT [default: off].",
+)
 def server(
     data_dir: Path,
     listen: str,
@@ -262,6 +271,7 @@ def server(
     print_nats_config: bool,
     desired_states: str,
     metrics_listen: str | None,
+    http_listen: str | None,
 ) -> None:
     """Run the control plane (foreground; stops on SIGINT/SIGTERM)."""
     from controlplane.brokertls import BrokerTlsError
@@ -276,6 +286,7 @@ def server(
             raise click.ClickException(str(exc)) from None
         return
     check_metrics_listen(metrics_listen)
+    check_metrics_listen(http_listen, "--http", "127.0.0.1:8080")
     configure_logging(log_format, log_level)
     if nats_url is None:
         try:
@@ -291,6 +302,7 @@ def server(
                 advertise,
                 snapshots_only=desired_states == "full",
                 metrics_listen=metrics_listen,
+                http_listen=http_listen,
             )
         )
     except (NatsServerError, ControlPlaneFailed, SigningKeyError, BrokerTlsError) as exc:

@@ -75,6 +75,9 @@ class Consumers:
         self._agent_consumers: dict[str, str] = {}
 
     async def connected_agents(self) -> int:
+        return len(await self.connected_hosts())
+
+    async def connected_hosts(self) -> set[str]:
         """Hosts whose agent listens now on a consumer made for it (by any
         replica): JetStream says a push consumer is bound while someone is
         subscribed to its deliver subject."""
@@ -88,7 +91,7 @@ class Consumers:
                     hosts.add(name.removeprefix("agent-").rpartition("-")[0])
             offset += len(page)
             if len(page) < CONSUMER_LIST_PAGE:
-                return len(hosts)
+                return hosts
 
     async def on_resync(self, msg: Msg) -> None:
         """An agent cannot follow its subject: send it a fresh snapshot."""
