@@ -90,9 +90,10 @@ function nodeState(s) {
 }
 
 function lastHandshake(s) {
-  const ages = (s ? s.peers : []).map((p) => p.handshake_age).filter((a) => a !== null);
-  if (!ages.length) return "never";
-  return Math.round(Math.min(...ages)) + " s before report";
+  const times = (s ? s.peers : []).map((p) => p.last_handshake).filter((t) => t > 0);
+  if (!times.length) return "never";
+  const ago = Math.max(0, Math.round(Date.now() / 1000 - Math.max(...times)));
+  return ago < 120 ? `${ago} s ago` : `${Math.round(ago / 60)} min ago`;
 }
 
 function render(networks, nodes, status, policies) {
