@@ -16,13 +16,13 @@ from controlplane.rules.base import (
     Context,
     Decision,
     Rejected,
+    check_role,
     guard,
     one_event,
-    require_network,
 )
 from controlplane.rules.networks import NETWORK_NAME
 from controlplane.rules.spec import ByAdmin, CommandSpec, Need, Produces
-from events.commands import ROLES, CreateAdminToken, ErrorCode, RevokeAdminToken, Role
+from events.commands import CreateAdminToken, ErrorCode, RevokeAdminToken
 from events.model import AdminTokenCreated, AdminTokenRevoked, AdminTokenUsed
 from events.subjects import aggregate_subject
 from events.tokens import secret_digest
@@ -54,14 +54,7 @@ def create_token(topology: Topology, cmd: CreateAdminToken, ctx: Context) -> Dec
         raise Rejected(
             ErrorCode.INVALID, f"invalid token name {cmd.name!r}: use 1-32 of a-z, 0-9 and '-'"
         )
-    if cmd.role not in ROLES:
-        raise Rejected(ErrorCode.INVALID, f"role must be one of {', '.join(ROLES)}")
-    if (cmd.role == Role.NETWORK_ADMIN) != bool(cmd.networks):
-        raise Rejected(
-            ErrorCode.INVALID, "a network-admin token needs --network (and only a network-admin)"
-        )
-    for network in cmd.networks:
-        require_network(topology, network)
+    check_role(topology, cmd.role, cmd.networks, "a network-admin token")
     existing = topology.tokens.get(cmd.name)
     if existing is not None and token_live(existing, ctx.now):
         raise Rejected(
