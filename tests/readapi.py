@@ -11,7 +11,7 @@ from pathlib import Path
 import nats
 
 from controlplane.embedded import EmbeddedNats
-from controlplane.http import ReadApi, serve_http
+from controlplane.http import HttpServer, ReadApi, serve_http
 from controlplane.server import read_api
 from controlplane.service import ControlPlane
 from tests.test_cli import ADMIN_KEY, netmesh
@@ -23,6 +23,7 @@ class Served:
     url: str  # http://127.0.0.1:PORT
     api: ReadApi
     plane: ControlPlane
+    http: HttpServer
 
     async def cli(self, *args: str) -> str:
         """The CLI's stdout; it must succeed."""
@@ -45,8 +46,8 @@ async def served(nats_server: EmbeddedNats, data: Path) -> AsyncIterator[Served]
     api = read_api(plane)
     http = await serve_http(api, "127.0.0.1", 0)
     try:
-        yield Served(nats_server.url, http.url, api, plane)
+        yield Served(nats_server.url, http.url, api, plane, http)
     finally:
-        await http.close()
+        await http.close()  # again, when a test closed it: harmless
         await plane.stop()
         await nc.close()

@@ -13,13 +13,16 @@ from typing import Any
 
 import aiohttp
 import jsonschema
+import nats
 import pytest
 
 from controlplane.embedded import EmbeddedNats
+from events.signing import load_or_create, open_sealed
 from tests.netns import wait_until
 from tests.readapi import Served, served
-from tests.test_cli import netmesh, one_line_error
+from tests.test_cli import ADMIN_KEY, netmesh, one_line_error
 from tests.test_cli_policy import join
+from tests.test_controlplane import send_raw, signed_request
 
 POLICY = '{rules: [{from: ["tag:web"], to: ["*"], ports: ["443/tcp"]}]}  // web may open 443\n'
 
@@ -239,3 +242,47 @@ async def test_a_bad_http_address_is_refused_before_the_server_starts(tmp_path: 
     rc, _, err = await netmesh(None, "server", "--data-dir", str(tmp_path), "--http", "8080")
     one_line_error(rc, err, "invalid --http '8080': expected HOST:PORT")
     assert not (tmp_path / "signing.key").exists()
+
+
+async def test_a_retried_token_create_gets_the_same_token_sealed_to_its_signer(
+    api: Served,
+) -> None:
+    """The token is never in the log, yet a retry whose answer was lost gets
+    it again: made again from the command id, sealed to the admin's key."""
+    key = load_or_create(Path(ADMIN_KEY[api.nats_url]))
+    nc = await nats.connect(api.nats_url)
+    try:
+        request = signed_request(key, "token.create", name="ci", role="auditor")
+        first = await send_raw(nc, "token.create", request)
+        again = await send_raw(nc, "token.create", request)
+    finally:
+        await nc.close()
+    assert first.ok and not first.repeated, first
+    assert (again.ok, again.repeated, again.seq) == (True, True, first.seq), again
+    token = first.result["token"]
+    assert open_sealed(key, again.result.pop("sealed_token")) == token
+    assert "token" not in again.result
+    assert (await get(f"{api.url}/api/whoami", token))[1]["name"] == "ci"
+    log = await api.cli("events", "log", "--json")
+    assert token not in log and token.removeprefix("nma1.") not in log
+
+
+async def test_a_token_command_can_be_planned(api: Served) -> None:
+    out = await api.cli("admin", "token", "create", "ci", "--plan")
+    assert out.startswith("token.create would append 1 event(s):\n  admin_token.created on")
+    assert "nma1." not in out
+    assert json.loads(await api.cli("admin", "token", "list", "--json")) == []
+
+
+async def test_the_server_stops_promptly_with_a_stream_open(api: Served) -> None:
+    token = await api.token("ci")
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{api.url}/api/events/stream", headers=headers) as response,
+    ):
+        await response.content.readline()  # the stream is open and has answered
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(api.http.close(), 10)
+        assert asyncio.get_running_loop().time() - started < 5
+        assert await response.content.read() is not None  # ended, not hanging
