@@ -64,24 +64,35 @@ _encoder = msgspec.json.Encoder()
 
 @dataclass(frozen=True)
 class Route:
+    """One JSON path: what it answers is converted to `answer` before it is
+    sent, and documented as `answer`: one type for both."""
+
     path: str
+    handler: str  # the ReadApi method that answers (plain data, converted to `answer`)
     summary: str
     answer: Any  # the msgspec type of the answer
     params: tuple[tuple[str, str], ...] = ()  # (query parameter, description), integers
 
 
 ROUTES = (
-    Route("/api/whoami", "The token's name, role and networks", TokenView),
-    Route("/api/networks", "Networks (the CLI's `network list`)", list[NetworkView]),
-    Route("/api/nodes", "Nodes (the CLI's `node list`)", list[NodeView]),
+    Route("/api/whoami", "whoami", "The token's name, role and networks", TokenView),
+    Route("/api/networks", "networks", "Networks (the CLI's `network list`)", list[NetworkView]),
+    Route("/api/nodes", "nodes", "Nodes (the CLI's `node list`)", list[NodeView]),
     Route(
         "/api/status",
+        "status",
         "Per node: desired vs applied revision, state, peers' handshakes (`status`)",
         list[NodeStatusView],
     ),
-    Route("/api/policies", "Each network's access policy (`policy show`)", list[PolicyView]),
+    Route(
+        "/api/policies",
+        "policies",
+        "Each network's access policy (`policy show`)",
+        list[PolicyView],
+    ),
     Route(
         "/api/events",
+        "events",
         f"Events after `since`, oldest first, at most {MAX_EVENTS} (`events log`)",
         list[EventView],
         (("since", "the last sequence already seen (default 0)"),),
@@ -210,12 +221,8 @@ class ReadApi:
         self._stopping = asyncio.Event()
         self.app = web.Application(middlewares=[self._authenticated])
         self.app.router.add_get("/api/openapi.json", self._openapi)
-        self.app.router.add_get("/api/whoami", self._whoami)
-        self.app.router.add_get("/api/networks", self._networks)
-        self.app.router.add_get("/api/nodes", self._nodes)
-        self.app.router.add_get("/api/status", self._status)
-        self.app.router.add_get("/api/policies", self._policies)
-        self.app.router.add_get("/api/events", self._events)
+        for route in ROUTES:
+            self.app.router.add_get(route.path, self._answering(route))
         self.app.router.add_get(STREAM_PATH, self._event_stream)
         for path in ASSETS:
             self.app.router.add_get(path, self._asset)
@@ -242,6 +249,19 @@ class ReadApi:
         except Rejected as exc:
             status = 404 if exc.code == ErrorCode.NOT_FOUND else 400
             return _refusal(status, exc.code, exc.message)
+        except web.HTTPException:
+            raise
+        except Exception:  # the API must outlive any one request
+            log.exception("read API request failed", path=request.path)
+            return _refusal(500, ErrorCode.INTERNAL, "internal error (see the server log)")
+
+    def _answering(self, route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
+        answer: Callable[[web.Request], Awaitable[Any]] = getattr(self, route.handler)
+
+        async def respond(request: web.Request) -> web.Response:
+            return _json(msgspec.convert(await answer(request), route.answer))
+
+        return respond
 
     def _note_use(self, token: AdminToken, remote: str, now: float) -> None:
         """Record the token's use in the log when it is due (at most hourly):
@@ -268,29 +288,25 @@ class ReadApi:
     async def _openapi(self, _request: web.Request) -> web.Response:
         return _json(openapi())
 
-    async def _whoami(self, request: web.Request) -> web.Response:
+    async def whoami(self, request: web.Request) -> TokenView:
         token = request[_TOKEN]
-        return _json(
-            TokenView(
-                name=token.name,
-                role=token.role,
-                networks=list(token.networks),
-                expires_at=token.expires_at,
-            )
+        return TokenView(
+            name=token.name,
+            role=token.role,
+            networks=list(token.networks),
+            expires_at=token.expires_at,
         )
 
     async def _answer(self, what: str) -> Any:
         return await self._queries.answer(what, QueryArgs())
 
-    async def _networks(self, request: web.Request) -> web.Response:
-        rows = [r for r in await self._answer("networks") if sees(request[_TOKEN], r["name"])]
-        return _json(msgspec.convert(rows, list[NetworkView]))
+    async def networks(self, request: web.Request) -> list[dict[str, Any]]:
+        return [r for r in await self._answer("networks") if sees(request[_TOKEN], r["name"])]
 
-    async def _nodes(self, request: web.Request) -> web.Response:
-        rows = [r for r in await self._answer("nodes") if sees(request[_TOKEN], r["network"])]
-        return _json(msgspec.convert(rows, list[NodeView]))
+    async def nodes(self, request: web.Request) -> list[dict[str, Any]]:
+        return [r for r in await self._answer("nodes") if sees(request[_TOKEN], r["network"])]
 
-    async def _status(self, request: web.Request) -> web.Response:
+    async def status(self, request: web.Request) -> list[dict[str, Any]]:
         rows = [r for r in await self._answer("status") if sees(request[_TOKEN], r["network"])]
         online = await self._connected_hosts()
         nodes = self._topology().nodes
@@ -298,18 +314,18 @@ class ReadApi:
         for row in rows:
             node = nodes.get(row["id"])
             views.append({**row, "online": node is not None and node.host_id in online})
-        return _json(msgspec.convert(views, list[NodeStatusView]))
+        return views
 
-    async def _policies(self, request: web.Request) -> web.Response:
+    async def policies(self, request: web.Request) -> list[dict[str, Any]]:
         token = request[_TOKEN]
         views = []
         for network in await self._answer("networks"):
             if sees(token, network["name"]):
                 policy = await self._queries.answer("policy", QueryArgs(network=network["name"]))
                 views.append(policy)
-        return _json(msgspec.convert(views, list[PolicyView]))
+        return views
 
-    async def _events(self, request: web.Request) -> web.Response:
+    async def events(self, request: web.Request) -> list[EventView]:
         token = request[_TOKEN]
         since = _since(request)
         head = await self._store.last_sequence()
@@ -319,7 +335,7 @@ class ReadApi:
                 views.extend(event_view(r) for r in batch if sees(token, _network_of(r)))
                 if batch[-1].seq >= head or len(views) >= MAX_EVENTS:
                     break
-        return _json(views[:MAX_EVENTS])
+        return views[:MAX_EVENTS]
 
     async def _event_stream(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: what /api/events has after `since`, then each
