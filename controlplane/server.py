@@ -198,9 +198,12 @@ async def run_server(
         )
         await control_plane.start()
         if http_listen is not None:
-            http_server = await serve_http(
-                read_api(control_plane), *split_metrics_listen(http_listen, "--http")
-            )
+            try:
+                http_server = await serve_http(
+                    read_api(control_plane), *split_metrics_listen(http_listen, "--http")
+                )
+            except OSError as exc:
+                raise OSError(exc.errno, f"--http {http_listen}: {exc.strerror or exc}") from None
             log.info("read API and dashboard served", url=http_server.url)
         if ready is not None:
             ready.set()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import jsonschema
 import nats
 import pytest
 
-from controlplane.embedded import EmbeddedNats
+from controlplane.embedded import EmbeddedNats, free_port
 from events.signing import load_or_create, open_sealed
 from tests.netns import wait_until
 from tests.readapi import Served, served
@@ -286,3 +287,21 @@ async def test_the_server_stops_promptly_with_a_stream_open(api: Served) -> None
         await asyncio.wait_for(api.http.close(), 10)
         assert asyncio.get_running_loop().time() - started < 5
         assert await response.content.read() is not None  # ended, not hanging
+
+
+async def test_an_http_address_in_use_is_one_line_and_stops_everything(tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        rc, _, err = await netmesh(
+            None,
+            *("server", "--data-dir", str(tmp_path), "--listen", f"127.0.0.1:{free_port()}"),
+            *("--http", f"127.0.0.1:{port}"),
+        )
+    finally:
+        taken.close()
+    last = err.strip().splitlines()[-1]  # after the server's own log lines
+    assert rc == 1 and last.startswith(f"Error: cannot start: [Errno 98] --http 127.0.0.1:{port}")
+    assert "embedded nats-server stopped" in err
