@@ -142,6 +142,12 @@ def openapi() -> dict[str, Any]:
             "server-sent events: `id` is the sequence, `data` an event as /api/events has it",
             "parameters": [
                 {"name": "since", "in": "query", "schema": INTEGER},
+                {
+                    "name": "tail",
+                    "in": "query",
+                    "description": "start at most this many events before the newest",
+                    "schema": INTEGER,
+                },
             ],
             "responses": {
                 "200": {"description": "OK", "content": {"text/event-stream": {}}},
@@ -342,6 +348,9 @@ class ReadApi:
         new event as it is appended, until the client goes away."""
         token = request[_TOKEN]
         since = _since(request)
+        tail = _count(request.query.get("tail"), "tail")
+        if tail:  # only the last `tail` events before the live ones (a page's first look)
+            since = max(since, await self._store.last_sequence() - tail)
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
         )
@@ -398,10 +407,15 @@ class ReadApi:
 
 def _since(request: web.Request) -> int:
     """`?since=SEQ` (or an EventSource's Last-Event-ID). Raises Rejected."""
-    text = request.query.get("since") or request.headers.get("Last-Event-ID") or "0"
+    return _count(request.query.get("since") or request.headers.get("Last-Event-ID"), "since")
+
+
+def _count(text: str | None, name: str) -> int:
+    """A query parameter that is a whole number (absent: 0). Raises Rejected."""
+    text = text or "0"
     if not text.isdigit():
         raise Rejected(
-            ErrorCode.INVALID, f"since must be an event sequence (0 or more), not {text!r}"
+            ErrorCode.INVALID, f"{name} must be a whole number (0 or more), not {text!r}"
         )
     return int(text)
 

@@ -118,7 +118,7 @@ async def test_answers_match_the_cli_and_validate_against_the_openapi_document(
         e["seq"] for e in later if e["seq"] > seqs[-1]
     ]
     status, refused = await get(f"{api.url}/api/events?since=-1", token)
-    assert status == 400 and "since must be" in refused["error"]
+    assert status == 400 and "since must be a whole number" in refused["error"]
 
 
 async def test_a_network_admin_token_sees_only_its_networks(api: Served, tmp_path: Path) -> None:
@@ -305,3 +305,30 @@ async def test_an_http_address_in_use_is_one_line_and_stops_everything(tmp_path:
     last = err.strip().splitlines()[-1]  # after the server's own log lines
     assert rc == 1 and last.startswith(f"Error: cannot start: [Errno 98] --http 127.0.0.1:{port}")
     assert "embedded nats-server stopped" in err
+
+
+async def test_the_stream_can_start_at_the_newest_events(api: Served) -> None:
+    token = await api.token("ci")
+
+    async def used() -> bool:  # the token's first use, recorded: no more events from it
+        _, events = await get(f"{api.url}/api/events", token)
+        return any(e["type"] == "admin_token.used" for e in events)
+
+    await wait_until(used, message="the token's use recorded")
+    await api.cli("network", "create", "office", "--cidr", "10.10.0.0/24")
+    _, events = await get(f"{api.url}/api/events", token)
+    head = events[-1]["seq"]
+    assert events[-1]["type"] == "network.created"
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{api.url}/api/events/stream?tail=2", headers=headers) as response,
+    ):
+        seqs: list[int] = []
+        async with asyncio.timeout(10):
+            async for line in response.content:
+                if line.startswith(b"id: "):
+                    seqs.append(int(line[4:]))
+                    if seqs[-1] == head:
+                        break
+    assert seqs == [head - 1, head]

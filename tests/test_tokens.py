@@ -30,11 +30,10 @@ def world_with_token(**fields: object) -> tuple[World, str]:
     decision, _ = world.run(CreateAdminToken(name="ci", **fields), ROOT)  # type: ignore[arg-type]
     (_, event) = decision.events[0]
     assert isinstance(event, AdminTokenCreated)
-    # The World's fresh secrets are "s<n>": find the one whose token the event holds.
-    secret = next(
-        f"s{n}" for n in range(1, 10) if secret_digest(bearer_token(f"s{n}")) == event.secret_sha256
-    )
-    return world, bearer_token(secret)
+    # The World's fresh secret of its last context ("s<n>", `World.context`).
+    token = bearer_token(f"s{world._keys}")
+    assert secret_digest(token) == event.secret_sha256
+    return world, token
 
 
 def test_a_token_is_recorded_as_its_digest_only() -> None:

@@ -183,7 +183,9 @@ async function follow() {
   stream = controller;
   const state = document.getElementById("stream-state");
   try {
-    const response = await fetch("/api/events/stream?since=" + lastSeq, {
+    // The first time, only the newest events: a long log is not replayed into the page.
+    const from = lastSeq ? "since=" + lastSeq : "tail=" + MAX_EVENTS_SHOWN;
+    const response = await fetch("/api/events/stream?" + from, {
       headers: { Authorization: "Bearer " + token() }, signal: controller.signal });
     if (response.status === 401) {
       showAuthError((await response.json()).error);
