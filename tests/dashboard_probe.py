@@ -53,10 +53,13 @@ class DashboardProbe:
         rows: dict[str, Any] = await self._page.evaluate(ROWS)
         return rows
 
-    async def live_lines(self) -> int:
-        """The topology's lines drawn as live (a handshake in the last 3 minutes)."""
+    async def lines(self) -> dict[str, int]:
+        """The topology's lines: all, and those drawn as live (a recent handshake)."""
         assert self._page is not None
-        return await self._page.locator("#topology line.up").count()
+        return {
+            "all": await self._page.locator("#topology line").count(),
+            "up": await self._page.locator("#topology line.up").count(),
+        }
 
     async def screenshot(self, path: str) -> None:
         assert self._page is not None

@@ -94,6 +94,7 @@ async def test_the_dashboard_follows_the_network_live(api: Served, browser: Brow
     assert await page_nodes(page) == await cli_nodes(api)
     assert await page.evaluate("() => sessionStorage.getItem('netmesh.token')") == token
     assert await page.locator("#topology circle.node").count() == 2
+    assert await page.locator("#topology line").count() == 0  # no agent reported a peer
     assert await page.locator("#whoami").inner_text() == "token dashboard (auditor)"
     states = await page.eval_on_selector_all(
         "#nodes tbody tr", "rs => rs.map(r => r.dataset.state)"

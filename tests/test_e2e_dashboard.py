@@ -1,8 +1,9 @@
 """The dashboard on a real deployment: `netmesh server --http` in host cp,
-real agents (wireguard-go) in hosts a and b, and headless Chromium in cp
-(the page is served on cp's loopback). The page shows both nodes in sync with
-a recent handshake and a live line between them, then b offline once its agent
-stops, without a reload."""
+real agents (wireguard-go) in hosts a, b and c under a policy that lets only
+a reach b, and headless Chromium in cp (the page is served on cp's loopback).
+The page shows the nodes in sync with a recent handshake and one live line,
+a-b (c peers with no one), then b offline once its agent stops, without a
+reload."""
 
 from __future__ import annotations
 
@@ -32,12 +33,14 @@ async def test_the_dashboard_shows_real_agents_in_sync_then_offline(
         pytest.skip(f"{CHROMIUM} is absent (Debian package chromium)")
     mesh = Mesh(testnet, tmp_path)
     mesh.cp = await testnet.add_host("cp")
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         mesh.hosts[name] = await testnet.add_host(name)
     await mesh.start_server("--http", HTTP)
     await mesh.cli("network", "create", "office", "--cidr", "10.66.0.0/24")
+    (tmp_path / "policy.json5").write_text('{rules: [{from: ["a"], to: ["b"]}]}')
+    await mesh.cli("policy", "set", "office", str(tmp_path / "policy.json5"))
     key = (await mesh.cli("key", "create", "--network", "office", "--unlimited"))[1].strip()
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         # Frequent passes: each reports the peers' handshakes.
         await mesh.start_agent(name, key, ["--resync-interval", "2"])
     await wait_until(mesh.all_in_sync, timeout=60, interval=0.3, message="agents in sync")
@@ -53,21 +56,23 @@ async def test_the_dashboard_shows_real_agents_in_sync_then_offline(
     try:
         await browser.new("page", "dashboard_probe:DashboardProbe", f"http://{HTTP}", token)
         await browser.call("page", "open")
-        both = {"a": "in-sync", "b": "in-sync"}
-        await browser.call("page", "wait_states", expected=both, timeout=30)
+        every = {"a": "in-sync", "b": "in-sync", "c": "in-sync"}
+        await browser.call("page", "wait_states", expected=every, timeout=30)
 
         async def handshakes_shown() -> bool:
             rows = await browser.call("page", "rows")
-            return all(handshake != "never" for _, handshake in rows.values())
+            return bool(rows["a"][1] != "never" and rows["b"][1] != "never")
 
         await wait_until(handshakes_shown, timeout=30, interval=0.5, message="handshakes shown")
-        assert await browser.call("page", "live_lines") == 1
+        rows = await browser.call("page", "rows")
+        assert rows["c"][1] == "never"  # c has no peer
+        assert await browser.call("page", "lines") == {"up": 1, "all": 1}
 
         await mesh.stop_agent("b")
         rows = await browser.call(
             "page", "wait_states", expected={"a": "in-sync", "b": "offline"}, timeout=30
         )
-        assert rows["b"][0] == "offline"
+        assert rows["b"][0] == "offline" and rows["c"][0] == "in-sync"
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "dashboard-mesh.png"
         await browser.call("page", "screenshot", path=str(shot))
@@ -76,4 +81,5 @@ async def test_the_dashboard_shows_real_agents_in_sync_then_offline(
     finally:
         await browser.close()
     await mesh.stop_agent("a")
+    await mesh.stop_agent("c")
     await mesh.stop_server()

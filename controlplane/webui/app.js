@@ -129,8 +129,9 @@ function svg(tag, attrs, text) {
   return node;
 }
 
-// Each network a circle of its nodes, every pair joined (a full mesh); a
-// line is green when either end saw a handshake from the other lately.
+// Each network a circle of its nodes; a line joins two nodes when either
+// one's agent reports the other as a WireGuard peer (under an access policy
+// not every pair is), green when a handshake between them is recent.
 function drawTopology(networks, nodes, statusOf) {
   const picture = document.getElementById("topology");
   const width = 800, height = 360;
@@ -146,14 +147,13 @@ function drawTopology(networks, nodes, statusOf) {
       const angle = (2 * Math.PI * k) / Math.max(members.length, 1) - Math.PI / 2;
       return members.length === 1 ? [cx, cy] : [cx + r * Math.cos(angle), cy + r * Math.sin(angle)];
     });
-    const up = (a, b) => {
-      const peers = (statusOf[a.id] || { peers: [] }).peers;
-      return peers.some((p) => p.public_key === b.public_key && p.connected);
-    };
+    const peer = (a, b) => (statusOf[a.id] || { peers: [] }).peers
+      .find((p) => p.public_key === b.public_key);
     for (let a = 0; a < members.length; a++) for (let b = a + 1; b < members.length; b++) {
-      const live = up(members[a], members[b]) || up(members[b], members[a]);
+      const ends = [peer(members[a], members[b]), peer(members[b], members[a])].filter(Boolean);
+      if (!ends.length) continue;
       parts.push(svg("line", { x1: at[a][0], y1: at[a][1], x2: at[b][0], y2: at[b][1],
-        class: live ? "up" : "" }));
+        class: ends.some((p) => p.connected) ? "up" : "peer" }));
     }
     members.forEach((n, k) => {
       const [cls] = nodeState(statusOf[n.id]);
