@@ -59,6 +59,7 @@ ASSETS = {
 CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"
 
 _TOKEN = web.RequestKey("token", AdminToken)
+_PRESENTED = web.RequestKey("presented", str)  # the bearer token as sent
 _encoder = msgspec.json.Encoder()
 
 
@@ -250,6 +251,7 @@ class ReadApi:
             return _refusal(401, exc.code, exc.message)
         self._note_use(token, request.remote or "", now)
         request[_TOKEN] = token
+        request[_PRESENTED] = presented.strip()
         try:
             return await handler(request)
         except Rejected as exc:
@@ -345,7 +347,10 @@ class ReadApi:
 
     async def _event_stream(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: what /api/events has after `since`, then each
-        new event as it is appended, until the client goes away."""
+        new event as it is appended, until the client goes away, or its token
+        is revoked or expires (checked again at each event and keepalive: a
+        stream opened before must not outlive the token; the last message is
+        then an `unauthorized` event with the refusal)."""
         token = request[_TOKEN]
         since = _since(request)
         tail = _count(request.query.get("tail"), "tail")
@@ -373,15 +378,22 @@ class ReadApi:
                 )
                 if getting not in done:
                     getting.cancel()
-                    if pumping in done or stopping in done:
-                        break
+                if pumping in done or stopping in done:
+                    break
+                try:
+                    authenticate_token(self._topology(), request[_PRESENTED], time.time())
+                except Rejected as exc:
+                    refusal = _encoder.encode(ErrorView(error=exc.message, code=exc.code))
+                    await response.write(b"event: unauthorized\ndata: %s\n\n" % refusal)
+                    break
+                if getting not in done:
                     await response.write(b": keepalive\n\n")
                     continue
                 recorded = getting.result()
                 if sees(token, _network_of(recorded)):
                     body = _encoder.encode(event_view(recorded))
                     await response.write(b"id: %d\ndata: %s\n\n" % (recorded.seq, body))
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
             pass  # the client went away
         finally:
             for task in (pumping, stopping):

@@ -332,3 +332,25 @@ async def test_the_stream_can_start_at_the_newest_events(api: Served) -> None:
                     if seqs[-1] == head:
                         break
     assert seqs == [head - 1, head]
+
+
+async def test_an_open_stream_ends_when_its_token_is_revoked(api: Served) -> None:
+    token = await api.token("ci")
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{api.url}/api/events/stream?tail=1", headers=headers) as response,
+    ):
+        await response.content.readline()  # open, and answering
+        await api.cli("admin", "token", "revoke", "ci")
+        # The next event (or keepalive) finds the token revoked: this one is not sent.
+        await api.cli("network", "create", "after", "--cidr", "10.98.0.0/24")
+        async with asyncio.timeout(20):
+            rest = (await response.content.read()).decode()  # to the end: the server ends it
+    assert "event: unauthorized\ndata: " in rest
+    last = rest.strip().splitlines()[-1]
+    assert json.loads(last.removeprefix("data: ")) == {
+        "error": "token 'ci' has been revoked",
+        "code": "unauthorized",
+    }
+    assert '"network.created"' not in rest

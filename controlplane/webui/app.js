@@ -202,9 +202,13 @@ async function follow() {
       while ((end = pending.indexOf("\n\n")) >= 0) {
         const message = pending.slice(0, end);
         pending = pending.slice(end + 2);
-        const data = message.split("\n").filter((l) => l.startsWith("data: "))
-          .map((l) => l.slice(6)).join("\n");
+        const lines = message.split("\n");
+        const data = lines.filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
         if (!data) continue; // a keepalive
+        if (lines.includes("event: unauthorized")) { // revoked or expired meanwhile
+          showAuthError(JSON.parse(data).error);
+          return;
+        }
         const event = JSON.parse(data);
         lastSeq = Math.max(lastSeq, event.seq);
         showEvent(event);
