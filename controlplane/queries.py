@@ -214,6 +214,7 @@ def _peers(report: dict[str, Any] | None, names: dict[str, str]) -> list[dict[st
 
 
 def list_tokens(topology: Topology, now: float) -> list[dict[str, Any]]:
+    """`admin token list`: every read API token and its state, never its digest."""
     return [
         {
             "name": t.name,
