@@ -37,8 +37,8 @@ from controlplane.apiviews import (
 )
 from controlplane.queries import QueryArgs, QueryService
 from controlplane.rules.base import Decision, Rejected
-from controlplane.rules.tokens import authenticate_token, record_use
-from events.commands import ErrorCode, Role
+from controlplane.rules.tokens import authenticate_token, may_read, record_use
+from events.commands import ErrorCode
 from events.envelope import RecordedEvent
 from events.store import EventStore
 from projections.topology import AdminToken, Topology
@@ -188,14 +188,6 @@ def event_view(recorded: RecordedEvent) -> EventView:
     )
 
 
-def sees(token: AdminToken, network: object) -> bool:
-    """Whether `token` may see what is about `network` (None: about no
-    network, such as a host or an admin: only tokens of every network)."""
-    if token.role != Role.NETWORK_ADMIN:
-        return True
-    return isinstance(network, str) and network in token.networks
-
-
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=_encoder.encode(data), status=status, content_type="application/json")
 
@@ -309,13 +301,13 @@ class ReadApi:
         return await self._queries.answer(what, QueryArgs())
 
     async def networks(self, request: web.Request) -> list[dict[str, Any]]:
-        return [r for r in await self._answer("networks") if sees(request[_TOKEN], r["name"])]
+        return [r for r in await self._answer("networks") if may_read(request[_TOKEN], r["name"])]
 
     async def nodes(self, request: web.Request) -> list[dict[str, Any]]:
-        return [r for r in await self._answer("nodes") if sees(request[_TOKEN], r["network"])]
+        return [r for r in await self._answer("nodes") if may_read(request[_TOKEN], r["network"])]
 
     async def status(self, request: web.Request) -> list[dict[str, Any]]:
-        rows = [r for r in await self._answer("status") if sees(request[_TOKEN], r["network"])]
+        rows = [r for r in await self._answer("status") if may_read(request[_TOKEN], r["network"])]
         online = await self._connected_hosts()
         nodes = self._topology().nodes
         views = []
@@ -328,7 +320,7 @@ class ReadApi:
         token = request[_TOKEN]
         views = []
         for network in await self._answer("networks"):
-            if sees(token, network["name"]):
+            if may_read(token, network["name"]):
                 policy = await self._queries.answer("policy", QueryArgs(network=network["name"]))
                 views.append(policy)
         return views
@@ -340,7 +332,7 @@ class ReadApi:
         views: list[EventView] = []
         if since < head:
             async for batch in self._store.follow_batches(since + 1):
-                views.extend(event_view(r) for r in batch if sees(token, _network_of(r)))
+                views.extend(event_view(r) for r in batch if may_read(token, _network_of(r)))
                 if batch[-1].seq >= head or len(views) >= MAX_EVENTS:
                     break
         return views[:MAX_EVENTS]
@@ -390,7 +382,7 @@ class ReadApi:
                     await response.write(b": keepalive\n\n")
                     continue
                 recorded = getting.result()
-                if sees(token, _network_of(recorded)):
+                if may_read(token, _network_of(recorded)):
                     body = _encoder.encode(event_view(recorded))
                     await response.write(b"id: %d\ndata: %s\n\n" % (recorded.seq, body))
         except ConnectionResetError:

@@ -11,6 +11,7 @@ from controlplane.rules.tokens import (
     TOKEN_USE_INTERVAL,
     authenticate_token,
     bearer_token,
+    may_read,
     record_use,
 )
 from events.commands import CreateAdminToken, CreateNetwork, RevokeAdminToken
@@ -104,3 +105,17 @@ def test_use_is_recorded_first_then_at_most_once_an_hour() -> None:
     world.now = later
     assert record_use(world.topology, "ci", "x", later).events
     assert record_use(world.topology, "nobody", "x", later).events == ()
+
+
+@pytest.mark.parametrize(
+    ("fields", "readable"),
+    [
+        ({}, {"office", "lab", None}),
+        ({"role": "admin"}, {"office", "lab", None}),
+        ({"role": "network-admin", "networks": ("office",)}, {"office"}),
+    ],
+)
+def test_what_a_token_may_read(fields: dict[str, object], readable: set[str | None]) -> None:
+    world, token = world_with_token(**fields)
+    found = authenticate_token(world.topology, token, world.now)
+    assert {n for n in ("office", "lab", None) if may_read(found, n)} == readable

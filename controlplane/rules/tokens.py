@@ -22,7 +22,7 @@ from controlplane.rules.base import (
 )
 from controlplane.rules.networks import NETWORK_NAME
 from controlplane.rules.spec import ByAdmin, CommandSpec, Need, Produces
-from events.commands import CreateAdminToken, ErrorCode, RevokeAdminToken
+from events.commands import CreateAdminToken, ErrorCode, RevokeAdminToken, Role
 from events.model import AdminTokenCreated, AdminTokenRevoked, AdminTokenUsed
 from events.subjects import aggregate_subject
 from events.tokens import secret_digest
@@ -127,6 +127,14 @@ def authenticate_token(topology: Topology, presented: str, now: float) -> AdminT
     if token.expires_at is not None and now >= token.expires_at:
         raise Rejected(ErrorCode.UNAUTHORIZED, f"token {token.name!r} has expired")
     return token
+
+
+def may_read(token: AdminToken, network: object) -> bool:
+    """Whether `token` may read what is about `network` (None: about no
+    network, such as a host or an admin: only a token of every network may)."""
+    if token.role != Role.NETWORK_ADMIN:
+        return True
+    return isinstance(network, str) and network in token.networks
 
 
 def record_use(topology: Topology, name: str, remote: str, now: float) -> Decision:
