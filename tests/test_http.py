@@ -16,6 +16,8 @@ import aiohttp
 import jsonschema
 import nats
 import pytest
+from openapi_spec_validator import validate as validate_openapi
+from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
 from controlplane.embedded import EmbeddedNats, free_port
 from events.signing import load_or_create, open_sealed
@@ -69,6 +71,10 @@ async def test_answers_match_the_cli_and_validate_against_the_openapi_document(
     token = await api.token("ci", "--role", "auditor", "--expires", "30d")
     status, document = await get(f"{api.url}/api/openapi.json", None)  # public: no token
     assert status == 200 and document["openapi"] == "3.1.0"
+    validate_openapi(document)  # against the OpenAPI 3.1 specification's own schema
+    broken_document = {**document, "paths": {"/api/nodes": {"get": {"responses": 7}}}}
+    with pytest.raises(OpenAPIValidationError):
+        validate_openapi(broken_document)
     for schema in document["components"]["schemas"].values():
         jsonschema.Draft202012Validator.check_schema(schema)
     paths = [p for p in document["paths"] if p != "/api/events/stream"]
