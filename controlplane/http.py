@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import structlog
@@ -331,10 +331,16 @@ class ReadApi:
         head = await self._store.last_sequence()
         views: list[EventView] = []
         if since < head:
-            async for batch in self._store.follow_batches(since + 1):
-                views.extend(event_view(r) for r in batch if may_read(token, _network_of(r)))
-                if batch[-1].seq >= head or len(views) >= MAX_EVENTS:
-                    break
+            # Closed when left: its consumer goes at once, not when collected
+            # (both stores' follow_batches are async generators).
+            following = cast(
+                "AsyncGenerator[list[RecordedEvent], None]", self._store.follow_batches(since + 1)
+            )
+            async with contextlib.aclosing(following) as batches:
+                async for batch in batches:
+                    views.extend(event_view(r) for r in batch if may_read(token, _network_of(r)))
+                    if batch[-1].seq >= head or len(views) >= MAX_EVENTS:
+                        break
         return views[:MAX_EVENTS]
 
     async def _event_stream(self, request: web.Request) -> web.StreamResponse:
@@ -354,7 +360,7 @@ class ReadApi:
         await response.prepare(request)
         queue: asyncio.Queue[RecordedEvent] = asyncio.Queue(maxsize=1000)
 
-        async def pump() -> None:
+        async def pump() -> None:  # cancelled at the end, which ends its consumer
             async for recorded in self._store.follow(since + 1):
                 await queue.put(recorded)
 
