@@ -9,7 +9,7 @@ import json
 import re
 import sys
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,6 +39,7 @@ from cli.wait import (
 from events.commands import ROLES
 
 T = TypeVar("T")
+FC = TypeVar("FC", bound=Callable[..., Any])
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -79,7 +80,9 @@ def parse_duration(text: str) -> float | None:
     return int(match.group(1)) * UNITS[match.group(2)]
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+json_option: Callable[[FC], FC] = click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON."
+)
 DEFAULT_ADMIN_KEY = Path("netmesh-data/admin.key")
 DEFAULT_CA = Path("netmesh-data/tls/ca.pem")
 
@@ -127,7 +130,7 @@ def _plan_only(ctx: click.Context, _param: click.Parameter, value: bool) -> None
 
 # A changing admin command takes --plan: it is decided as it would be, and
 # what it would change is printed (`--json`: as JSON); nothing is written.
-plannable = click.option(
+plannable: Callable[[FC], FC] = click.option(
     "--plan",
     is_flag=True,
     expose_value=False,
@@ -220,15 +223,17 @@ def cli(ctx: click.Context, server: str, admin_key: Path, ca: Path) -> None:
 # -- server ------------------------------------------------------------------
 
 
-def check_metrics_listen(listen: str | None) -> None:
-    """--metrics-listen, checked before anything starts."""
+def check_metrics_listen(
+    listen: str | None, option: str = "--metrics-listen", example: str = "127.0.0.1:9470"
+) -> None:
+    """--metrics-listen (or another HOST:PORT option), checked before anything starts."""
     from events.metrics import split_metrics_listen
 
     if listen is not None:
         try:
-            split_metrics_listen(listen)
+            split_metrics_listen(listen, option, example)
         except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--metrics-listen") from None
+            raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 @cli.command()
@@ -273,6 +278,13 @@ def check_metrics_listen(listen: str | None) -> None:
     metavar="HOST:PORT",
     help="Serve Prometheus metrics on http://HOST:PORT/metrics [default: off].",
 )
+@click.option(
+    "--http",
+    "http_listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve the read API (/api/) and the dashboard on http://HOST:PORT [default: off].",
+)
 def server(
     data_dir: Path,
     listen: str,
@@ -283,6 +295,7 @@ def server(
     print_nats_config: bool,
     desired_states: str,
     metrics_listen: str | None,
+    http_listen: str | None,
 ) -> None:
     """Run the control plane (foreground; stops on SIGINT/SIGTERM)."""
     from controlplane.brokertls import BrokerTlsError
@@ -297,6 +310,7 @@ def server(
             raise click.ClickException(str(exc)) from None
         return
     check_metrics_listen(metrics_listen)
+    check_metrics_listen(http_listen, "--http", "127.0.0.1:8080")
     configure_logging(log_format, log_level)
     if nats_url is None:
         try:
@@ -312,6 +326,7 @@ def server(
                 advertise,
                 snapshots_only=desired_states == "full",
                 metrics_listen=metrics_listen,
+                http_listen=http_listen,
             )
         )
     except (NatsServerError, ControlPlaneFailed, SigningKeyError, BrokerTlsError) as exc:
@@ -1488,9 +1503,13 @@ def agent_rotate_key(ctx: click.Context, state_dir: Path) -> None:
     click.echo(f"new public key {public_key}")
 
 
-# Commands kept in their own modules attach themselves to the groups above.
+# Commands kept in their own modules (they import the helpers above) attach
+# themselves to the groups above, or are attached here.
 from cli import eventlog as _eventlog  # noqa: E402, F401
 from cli import hooks as _hooks  # noqa: E402, F401
+from cli.tokens import token as _token_group  # noqa: E402
+
+admin.add_command(_token_group)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

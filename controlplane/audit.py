@@ -30,7 +30,7 @@ from controlplane.rules import SPECS, spec_for_verb
 from controlplane.rules.spec import ByAdmin, ByEnrolling, ByHost, CommandSpec, Sender
 from events.commands import Command, Role
 from events.envelope import Envelope, RecordedEvent
-from events.model import AdminAdded, AdminRemoved, Event, HostRegistered
+from events.model import AdminAdded, AdminRemoved, AdminTokenUsed, Event, HostRegistered
 from events.signing import COMMAND_CONTEXT, verify, verify_key_of
 from projections.topology import Topology, evolve
 
@@ -108,6 +108,8 @@ def verify_log(events: Iterable[RecordedEvent], root: str | None = None) -> Audi
                     continue
                 for key in [k for k, (n, _, _) in admins.items() if n == name]:
                     del admins[key]
+            case AdminTokenUsed():
+                pass  # the control plane's own record of a read (no one signs a read)
             case event if type(event) in ADMIN_ONLY_EVENTS and env.command_id != proven:
                 report.problems.append(
                     (recorded.seq, f"{type(event).__name__} without a valid admin signature")

@@ -59,6 +59,7 @@ from controlplane.replies import Responder
 from controlplane.rules import spec_for_verb
 from controlplane.rules.base import Context, Decision, Rejected
 from controlplane.rules.spec import ByAdmin, CommandSpec, Need
+from controlplane.rules.tokens import bearer_token
 from controlplane.throttle import FailureWindow
 from controlplane.writemodel import WriteModel
 from events.commands import Command, ErrorCode, Join, Reply
@@ -464,10 +465,10 @@ class CommandPipeline:
         if not hmac.compare_digest(answer.request, request):
             return _taken(command_id, seq)
         result = msgspec.json.decode(answer.result)
-        if Need.ENROLLMENT_TOKEN in spec.needs and isinstance(result, dict) and signer:
+        token = self._token(spec, *self._enrollment.key_for(command_id))
+        if token is not None and isinstance(result, dict) and signer:
             # Never in the clear: anyone who can read the log holds the signed
             # request, and so can send it again.
-            token = self._enrollment.token(*self._enrollment.key_for(command_id))
             result["sealed_token"] = seal_for(signer, token)
         if Need.HOOK_SECRET in spec.needs and isinstance(result, dict) and signer:
             result["sealed_secret"] = seal_for(signer, self._enrollment.key_for(command_id)[1])
@@ -535,11 +536,41 @@ class CommandPipeline:
 
     def _result(self, spec: CommandSpec[Any], decision: Decision, ctx: Context) -> dict[str, Any]:
         result = dict(decision.result)
-        if Need.ENROLLMENT_TOKEN in spec.needs:
-            result["token"] = self._enrollment.token(ctx.new_key_id, ctx.new_secret)
+        token = self._token(spec, ctx.new_key_id, ctx.new_secret)
+        if token is not None:
+            result["token"] = token
         if Need.HOOK_SECRET in spec.needs:
             result["secret"] = ctx.new_secret
         return result
+
+    def _token(self, spec: CommandSpec[Any], key_id: str, secret: str) -> str | None:
+        """The secret token the command's answer carries (never recorded), if any."""
+        if Need.ENROLLMENT_TOKEN in spec.needs:
+            return self._enrollment.token(key_id, secret)
+        if Need.BEARER_TOKEN in spec.needs:
+            return bearer_token(secret)
+        return None
+
+    async def record(self, decision: Decision, actor: str) -> int | None:
+        """Append what the control plane itself observed (no command, no
+        proof): the stream sequence, or None when the decision has no events
+        or someone wrote the aggregate first (then theirs stands)."""
+        if not decision.events:
+            return None
+        ctx = Context(now=time.time(), actor=actor)
+        pending = pending_events(decision, ctx, command_id="", proof=None)
+        async with self._lock:
+            try:
+                seq = await self._store.append(pending, expect=decision.expect)
+            except ConcurrencyConflict:
+                await self._write.catch_up()
+                return None
+            except StoreError as exc:
+                log.warning("not recorded", events=len(pending), why=str(exc))
+                return None
+            self._metrics.appended(len(pending))
+            await self._write.apply_own(seq, pending)
+        return seq
 
     async def bootstrap_admin(self, data_dir: Path) -> None:
         """On first start (no admin in the stream), make the first admin's key

@@ -19,6 +19,7 @@ import structlog
 from controlplane.brokerauth import BrokerKeys, server_config
 from controlplane.brokertls import BrokerTls, ensure_broker_tls
 from controlplane.embedded import NATS_CONF, EmbeddedNats, NatsServerError
+from controlplane.http import HttpServer, ReadApi, serve_http
 from controlplane.metrics import NO_METRICS, ControlPlaneMetrics, PrometheusMetrics
 from controlplane.service import ControlPlane
 from events import natsid
@@ -30,7 +31,7 @@ from events.connect import (
     tls_options,
     uses_tls,
 )
-from events.metrics import MetricsServer, serve_metrics
+from events.metrics import MetricsServer, serve_metrics, split_metrics_listen
 from events.signing import load_or_create
 
 log = structlog.get_logger("netmesh.server")
@@ -79,6 +80,17 @@ def as_tls_url(url: str) -> str:
     return f"tls://{rest}" if sep and scheme.lower() == "nats" else url
 
 
+def read_api(control_plane: ControlPlane) -> ReadApi:
+    """The read API over a started control plane's queries, write model and stream."""
+    return ReadApi(
+        control_plane.queries,
+        lambda: control_plane.write_model,
+        control_plane.store,
+        control_plane.commands.record,
+        control_plane.consumers.connected_hosts,
+    )
+
+
 async def run_server(
     data_dir: Path,
     listen: str,
@@ -88,12 +100,15 @@ async def run_server(
     *,
     snapshots_only: bool = False,
     metrics_listen: str | None = None,
+    http_listen: str | None = None,
 ) -> None:
     """Run until SIGINT/SIGTERM (or cancellation); stop everything cleanly.
-    With `metrics_listen` (HOST:PORT), serve Prometheus metrics there."""
+    With `metrics_listen` (HOST:PORT), serve Prometheus metrics there; with
+    `http_listen`, the read API and the dashboard."""
     embedded: EmbeddedNats | None = None
     metrics: ControlPlaneMetrics = NO_METRICS
     metrics_server: MetricsServer | None = None
+    http_server: HttpServer | None = None
     data_dir.mkdir(parents=True, exist_ok=True)
     keys = BrokerKeys.derive(load_or_create(data_dir / "signing.key"))
     login = natsid.client_options(keys.controlplane)
@@ -182,6 +197,14 @@ async def run_server(
             metrics=metrics,
         )
         await control_plane.start()
+        if http_listen is not None:
+            try:
+                http_server = await serve_http(
+                    read_api(control_plane), *split_metrics_listen(http_listen, "--http")
+                )
+            except OSError as exc:
+                raise OSError(exc.errno, f"--http {http_listen}: {exc.strerror or exc}") from None
+            log.info("read API and dashboard served", url=http_server.url)
         if ready is not None:
             ready.set()
         stopped = asyncio.create_task(stop.wait())
@@ -196,6 +219,8 @@ async def run_server(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if http_server is not None:
+            await http_server.close()
         if control_plane is not None:
             await control_plane.stop()
         for conn in (nc, system_nc):

@@ -183,6 +183,20 @@ class RemoveHook(Command, frozen=True, tag="hook.remove"):
     hook_id: str
 
 
+class CreateAdminToken(Command, frozen=True, tag="token.create"):
+    """A bearer token for the read API and the dashboard (`--http`); what its
+    role may read is what that role's admin may query."""
+
+    name: Name
+    role: str = "auditor"
+    networks: tuple[str, ...] = ()  # a network-admin token's networks
+    expires_in: Annotated[float, msgspec.Meta(gt=0)] | None = None  # seconds; None = never
+
+
+class RevokeAdminToken(Command, frozen=True, tag="token.revoke"):
+    name: str
+
+
 class LeaveNetworks(Command, frozen=True, tag="host.leave"):
     """A host takes itself out of one network, or all (`netmesh agent leave`)."""
 
@@ -248,6 +262,8 @@ AnyCommand = (
     | RemoveDnsRecord
     | AddHook
     | RemoveHook
+    | CreateAdminToken
+    | RevokeAdminToken
 )
 
 COMMAND_TYPES: tuple[type[Command], ...] = get_args(AnyCommand)

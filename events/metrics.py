@@ -15,16 +15,16 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, start_http_server
 
 
-def split_metrics_listen(listen: str) -> tuple[str, int]:
+def split_metrics_listen(
+    listen: str, option: str = "--metrics-listen", example: str = "127.0.0.1:9470"
+) -> tuple[str, int]:
     """ "HOST:PORT" -> (host, port), port 0 meaning any free one. Raises
     ValueError with a readable message. The host is bound as given: no
     default to every address."""
     host, sep, port = listen.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(
-            f"invalid --metrics-listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:9470"
-        )
+        raise ValueError(f"invalid {option} {listen!r}: expected HOST:PORT, e.g. {example}")
     return host, int(port)
 
 

@@ -228,6 +228,30 @@ class HookRemoved(Event, frozen=True, tag="hook.removed"):
     hook_id: str
 
 
+class AdminTokenCreated(Event, frozen=True, tag="admin_token.created"):
+    """A bearer token for the read API (`netmesh server --http`): only the
+    SHA-256 of its secret is recorded; the token is shown once, to its maker."""
+
+    name: str
+    secret_sha256: str
+    role: str = "auditor"  # admin | network-admin | auditor: what it may read
+    networks: tuple[str, ...] = ()  # a network-admin token's networks
+    expires_at: float | None = None  # unix seconds; None = never
+
+
+class AdminTokenRevoked(Event, frozen=True, tag="admin_token.revoked"):
+    name: str
+
+
+class AdminTokenUsed(Event, frozen=True, tag="admin_token.used"):
+    """The read API answered a request with this token: recorded by the
+    control plane on a token's first use and then at most once an hour, not
+    once per request (`controlplane.rules.tokens.TOKEN_USE_INTERVAL`)."""
+
+    name: str
+    remote: str = ""  # the client address of the request that was recorded
+
+
 AnyEvent = (
     AdminAdded
     | AdminRemoved
@@ -255,6 +279,9 @@ AnyEvent = (
     | DnsRecordRemoved
     | HookAdded
     | HookRemoved
+    | AdminTokenCreated
+    | AdminTokenRevoked
+    | AdminTokenUsed
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = get_args(AnyEvent)
@@ -279,6 +306,10 @@ def aggregate_of(event: AnyEvent) -> tuple[str, str]:
             return ("admin", name)
         case HookAdded(hook_id=hook) | HookRemoved(hook_id=hook):
             return ("hook", hook)
+        case (
+            AdminTokenCreated(name=name) | AdminTokenRevoked(name=name) | AdminTokenUsed(name=name)
+        ):
+            return ("token", name)
         case (
             HostRegistered(host_id=h)
             | HostEndpointObserved(host_id=h)

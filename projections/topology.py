@@ -25,6 +25,9 @@ from events.envelope import RecordedEvent
 from events.model import (
     AdminAdded,
     AdminRemoved,
+    AdminTokenCreated,
+    AdminTokenRevoked,
+    AdminTokenUsed,
     DnsRecordAdded,
     DnsRecordRemoved,
     EgressAdded,
@@ -73,6 +76,20 @@ class DnsRecord:
     a: tuple[str, ...] = ()
     aaaa: tuple[str, ...] = ()
     cname: str = ""
+
+
+@dataclass
+class AdminToken:
+    """A read API bearer token (`controlplane.rules.tokens`)."""
+
+    name: str
+    secret_sha256: str  # of the whole token
+    role: str
+    networks: tuple[str, ...]
+    expires_at: float | None
+    created_at: float
+    revoked: bool = False
+    last_used_at: float | None = None  # its last recorded use
 
 
 @dataclass
@@ -237,6 +254,9 @@ class Topology:
     # Admins who may sign commands, by public key.
     admins: dict[str, Admin] = field(default_factory=dict)
     hooks: dict[str, Hook] = field(default_factory=dict)
+    # Read API bearer tokens by name, and the name of each by its digest.
+    tokens: dict[str, AdminToken] = field(default_factory=dict)
+    tokens_by_digest: dict[str, str] = field(default_factory=dict)
     # Once a signed event has been seen, unsigned ones are not believed (before
     # that, they are events written before the control plane signed them).
     signed_seen: bool = False
@@ -437,6 +457,25 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
             return Touched()
         case HookRemoved(hook_id=hook_id):
             topology.hooks.pop(hook_id, None)
+            return Touched()
+        case AdminTokenCreated() as e:
+            replaced = topology.tokens.get(e.name)
+            if replaced is not None:
+                topology.tokens_by_digest.pop(replaced.secret_sha256, None)
+            topology.tokens[e.name] = AdminToken(
+                e.name, e.secret_sha256, e.role, e.networks, e.expires_at, created_at=at
+            )
+            topology.tokens_by_digest[e.secret_sha256] = e.name
+            return Touched()
+        case AdminTokenRevoked(name=name):
+            token = topology.tokens.get(name)
+            if token is not None:
+                token.revoked = True
+            return Touched()
+        case AdminTokenUsed(name=name):
+            token = topology.tokens.get(name)
+            if token is not None:
+                token.last_used_at = at
             return Touched()
         case NetworkCreated() as e:
             topology.networks[e.network] = Network(

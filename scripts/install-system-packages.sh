@@ -29,13 +29,20 @@ have qemu-system-x86_64 || vm+=(qemu-system-x86)
 installed busybox-static || vm+=(busybox-static)
 compgen -G '/lib/modules/*/kernel/drivers/net/wireguard/wireguard.ko*' >/dev/null \
     && compgen -G '/boot/vmlinuz-*' >/dev/null || vm+=(linux-image-amd64)
+# Optional: the dashboard's test drives a real headless browser (tests/test_dashboard.py,
+# skipped without it).
+browser=()
+have chromium || browser+=(chromium)
 
-if [ ${#need[@]} -eq 0 ] && [ ${#vm[@]} -eq 0 ]; then
+if [ ${#need[@]} -eq 0 ] && [ ${#vm[@]} -eq 0 ] && [ ${#browser[@]} -eq 0 ]; then
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
     if [ ${#vm[@]} -ne 0 ]; then
         echo "the kernel-backend VM test needs: ${vm[*]} (it is skipped without them)" >&2
+    fi
+    if [ ${#browser[@]} -ne 0 ]; then
+        echo "the dashboard's browser test needs: ${browser[*]} (it is skipped without it)" >&2
     fi
     if [ ${#need[@]} -ne 0 ]; then
         echo "netmesh needs these system packages: ${need[*]} (install them as root)" >&2
@@ -43,7 +50,7 @@ if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
     fi
     exit 0
 fi
-echo "installing system packages: ${need[*]} ${vm[*]}" >&2
+echo "installing system packages: ${need[*]} ${vm[*]} ${browser[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${need[@]}" "${vm[@]}" >/dev/null
+apt-get install -y -qq --no-install-recommends "${need[@]}" "${vm[@]}" "${browser[@]}" >/dev/null

@@ -126,6 +126,8 @@ async def record(plane: ControlPlane, admin: Admin) -> list[Recorded]:
     await step("key.revoke", key_id=key_id)
     await step("admin.add", name="aud", public_key=public_text(SigningKey.generate()))
     await step("admin.remove", name="aud")
+    await step("token.create", name="dash", role="auditor")
+    await step("token.revoke", name="dash")
     # Nothing listens there (loopback): added and removed again.
     hook = await step("hook.add", url="http://127.0.0.1:9/hook", events="node.*")
     await step("hook.remove", hook_id=hook["hook_id"])

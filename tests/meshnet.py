@@ -58,7 +58,7 @@ class Mesh:
         self.agents: dict[str, asyncio.subprocess.Process] = {}
         self.hosts: dict[str, Host] = {}
 
-    async def start_server(self) -> None:
+    async def start_server(self, *extra_args: str) -> None:
         assert self.cp is not None
         self.server = await self.cp.spawn(
             "sh",
@@ -75,6 +75,7 @@ class Mesh:
             f"nats://{self.cp.lan_address}:4222",
             "--log-format",
             "json",
+            *extra_args,
         )
         await wait_until(self._server_answers, timeout=60, interval=0.2, message="server up")
 

@@ -48,6 +48,9 @@ def test_tags_are_stable_and_past_tense() -> None:
         "dns.record_removed",
         "hook.added",
         "hook.removed",
+        "admin_token.created",
+        "admin_token.revoked",
+        "admin_token.used",
     ]
 
 

@@ -10,12 +10,15 @@ Only the netmesh wheel itself is installed there.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
 import time
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -61,6 +64,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (wheel,) = (work / "dist").glob("netmesh-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "controlplane/nats.conf" in names, names
+    assets = {f"controlplane/webui/{f}" for f in ("index.html", "app.js", "style.css")}
+    assert assets <= set(names), f"the dashboard is not in the wheel: {names}"
     modules = {
         str(path.relative_to(ROOT))
         for package in PACKAGES
@@ -126,10 +131,14 @@ def test_installed_server_starts_and_answers(installed: Path, tmp_path: Path) ->
     starts from the packaged nats.conf, and the installed CLI creates a network
     and an enrollment key against it."""
     data = tmp_path / "server"
-    port = free_port()
+    port, http = free_port(), free_port()
     with (tmp_path / "server.log").open("wb") as log:
         server = subprocess.Popen(
-            [str(installed), "server", "--data-dir", str(data), "--listen", f"127.0.0.1:{port}"],
+            [
+                str(installed),
+                *("server", "--data-dir", str(data), "--listen", f"127.0.0.1:{port}"),
+                *("--http", f"127.0.0.1:{http}"),
+            ],
             cwd=tmp_path,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -147,6 +156,20 @@ def test_installed_server_starts_and_answers(installed: Path, tmp_path: Path) ->
         key = _cli(installed, data, port, "key", "create", "--network", "office")
         assert key.returncode == 0 and key.stdout.startswith("nmt1."), key.stderr
         assert "max_payload" in (data / "nats-server.conf").read_text()  # from nats.conf
+        # The dashboard's files come from the installed package, and the API answers
+        # (served once the control plane has started: the CLI's answer may come first).
+        while True:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{http}/", timeout=10).read()
+                break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.2)
+        assert b'<script src="/app.js"' in page
+        script = urllib.request.urlopen(f"http://127.0.0.1:{http}/app.js", timeout=10).read()
+        assert script == (ROOT / "controlplane" / "webui" / "app.js").read_bytes()
+        document = urllib.request.urlopen(f"http://127.0.0.1:{http}/api/openapi.json", timeout=10)
+        assert json.load(document)["openapi"] == "3.1.0"
     finally:
         server.terminate()
         code = server.wait(30)

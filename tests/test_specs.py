@@ -26,6 +26,7 @@ from events.commands import (
     ClearExit,
     ClearPolicy,
     Command,
+    CreateAdminToken,
     CreateEnrollmentKey,
     CreateNetwork,
     DeleteNetwork,
@@ -38,6 +39,7 @@ from events.commands import (
     RemoveNode,
     ReportEndpoint,
     RequestKeyRotation,
+    RevokeAdminToken,
     RevokeEnrollmentKey,
     RotateHostKey,
     SetExit,
@@ -106,6 +108,7 @@ def scenario() -> World:
         )
     world.run(DeleteNetwork(name="annex"), ROOT)
     world.run(AddHook(url="https://hooks.example.net/netmesh", events="*"), ROOT)
+    world.run(CreateAdminToken(name="ci", networks=("lab",), role="network-admin"), ROOT)
     return world
 
 
@@ -168,6 +171,8 @@ ADMIN_SAMPLES: dict[str, tuple[Sample, str | None]] = {
     "remove admin": (lambda w: RemoveAdmin(name="spare"), None),
     "add hook": (lambda w: AddHook(url="http://127.0.0.1:8080/in", events="node.*"), None),
     "remove hook": (lambda w: RemoveHook(hook_id=next(iter(w.topology.hooks))), None),
+    "make a token": (lambda w: CreateAdminToken(name="grafana", expires_in=60.0), None),
+    "revoke a token": (lambda w: RevokeAdminToken(name="ci"), None),
 }
 
 # Samples of every command a host sends, the key that may sign it, and another

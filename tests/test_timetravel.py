@@ -50,7 +50,7 @@ async def test_every_point_answers_as_the_read_model_did_then(
     # The answers did move along the way (else the comparison proves little):
     # all but where no query asked shows the change (a host's key epoch, hooks).
     same = {b.verb for a, b in itertools.pairwise(points) if a.answers == b.answers}
-    assert same == {"node.rotate_key", "hook.add", "hook.remove"}
+    assert same == {"node.rotate_key", "hook.add", "hook.remove", "token.create", "token.revoke"}
     # The head, replayed, is today's read model.
     assert await ask_all(admin, **at(Point(seq=head))) == await ask_all(admin)
     # Before the first event: nothing at all.

@@ -20,6 +20,7 @@ from controlplane.rules import (
     networks,
     nodes,
     policies,
+    tokens,
 )
 from controlplane.rules.spec import CommandSpec, Sender
 from events.commands import Command
@@ -34,6 +35,7 @@ SPECS: tuple[CommandSpec[Any], ...] = (
     *hosts.SPECS,
     *admins.SPECS,
     *hooks.SPECS,
+    *tokens.SPECS,
 )
 _BY_TYPE: dict[type[Command], CommandSpec[Any]] = {spec.command: spec for spec in SPECS}
 _BY_VERB: dict[str, CommandSpec[Any]] = {spec.verb: spec for spec in SPECS}

@@ -6,10 +6,10 @@ from __future__ import annotations
 import base64
 import binascii
 
-from controlplane.rules.base import Context, Decision, Rejected, require_network
+from controlplane.rules.base import Context, Decision, Rejected, check_role
 from controlplane.rules.networks import NETWORK_NAME
 from controlplane.rules.spec import ByAdmin, CommandSpec, Produces
-from events.commands import ROLES, AddAdmin, ErrorCode, RemoveAdmin, Role
+from events.commands import AddAdmin, ErrorCode, RemoveAdmin, Role
 from events.model import AdminAdded, AdminRemoved
 from events.store import Expectation
 from events.subjects import ADMIN_EVENTS_WILDCARD, aggregate_subject
@@ -25,14 +25,7 @@ def add_admin(topology: Topology, cmd: AddAdmin, _ctx: Context) -> Decision:
         raw = b""
     if len(raw) != 32:
         raise Rejected(ErrorCode.INVALID, "admin key must be an Ed25519 public key, base64")
-    if cmd.role not in ROLES:
-        raise Rejected(ErrorCode.INVALID, f"role must be one of {', '.join(ROLES)}")
-    if (cmd.role == Role.NETWORK_ADMIN) != bool(cmd.networks):
-        raise Rejected(
-            ErrorCode.INVALID, "a network-admin needs --network (and only a network-admin)"
-        )
-    for network in cmd.networks:
-        require_network(topology, network)
+    check_role(topology, cmd.role, cmd.networks, "a network-admin")
     names = {a.name for a in topology.admins.values()}
     if cmd.name in names:
         raise Rejected(ErrorCode.CONFLICT, f"admin {cmd.name!r} already exists")

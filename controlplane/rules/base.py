@@ -13,7 +13,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from events.commands import ErrorCode
+from events.commands import ROLES, ErrorCode, Role
 from events.model import AnyEvent
 from events.policy import TAG_NAME
 from events.store import Expectation
@@ -73,6 +73,18 @@ def require_network(topology: Topology, name: str) -> Network:
     if network is None:
         raise Rejected(ErrorCode.NOT_FOUND, f"no network named {name!r}")
     return network
+
+
+def check_role(topology: Topology, role: str, networks: tuple[str, ...], who: str) -> None:
+    """A role of the role model and its networks (a network-admin's, which
+    must exist; only a network-admin has any). Raises Rejected; `who` names
+    the holder in the message ("a network-admin", "a network-admin token")."""
+    if role not in ROLES:
+        raise Rejected(ErrorCode.INVALID, f"role must be one of {', '.join(ROLES)}")
+    if (role == Role.NETWORK_ADMIN) != bool(networks):
+        raise Rejected(ErrorCode.INVALID, f"{who} needs --network (and only a network-admin)")
+    for network in networks:
+        require_network(topology, network)
 
 
 def parse_public_key(text: str) -> str:

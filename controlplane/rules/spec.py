@@ -114,6 +114,9 @@ class Need(StrEnum):
     # The answer carries the fresh key's secret (a webhook's HMAC secret):
     # never recorded, sealed to the signer when answered again.
     HOOK_SECRET = "hook_secret"
+    # The answer carries a read API bearer token made from the fresh secret
+    # (`controlplane.rules.tokens.bearer_token`).
+    BEARER_TOKEN = "bearer_token"
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ class CommandSpec(Generic[C]):
     throttle: Throttle[C] | None = None
 
     def __post_init__(self) -> None:
-        wants_key = {Need.ENROLLMENT_TOKEN, Need.HOOK_SECRET} & self.needs
+        wants_key = {Need.ENROLLMENT_TOKEN, Need.BEARER_TOKEN, Need.HOOK_SECRET} & self.needs
         if wants_key and Need.FRESH_KEY not in self.needs:
             raise ValueError(f"{self.verb}: a token or secret needs a fresh key")
 
