@@ -21,6 +21,7 @@ import structlog
 from projections.topology import (
     DnsRecord,
     EnrollmentKey,
+    Gateway,
     Host,
     Network,
     Node,
@@ -56,6 +57,9 @@ CREATE TABLE IF NOT EXISTS nodes (
     name TEXT NOT NULL, address TEXT NOT NULL, joined_at REAL NOT NULL, tags TEXT NOT NULL,
     exit_via TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS nodes_network ON nodes (network);
+CREATE TABLE IF NOT EXISTS gateways (
+    network TEXT NOT NULL, node_id TEXT NOT NULL, ranges TEXT NOT NULL,
+    nat INTEGER NOT NULL, metric INTEGER NOT NULL, PRIMARY KEY (network, node_id));
 """
 
 log = structlog.get_logger("netmesh.projections")
@@ -156,6 +160,10 @@ class ReadModel:
             values = dict(row)
             values["tags"] = frozenset(msgspec.json.decode(values["tags"]))
             topology.add_node(Node(**values))
+        for row in await self._all("SELECT * FROM gateways"):
+            ranges = tuple(msgspec.json.decode(row["ranges"]))
+            gateway = Gateway(row["node_id"], ranges, bool(row["nat"]), row["metric"])
+            topology.networks[row["network"]].gateways[row["node_id"]] = gateway
         for name, text in policies.items():
             if text:  # compiled and indexed once its members are in
                 network = topology.networks[name]
@@ -291,6 +299,22 @@ class ReadModel:
                     )
                     for node in (topology.nodes.get(n) for n in touched.nodes)
                     if node is not None
+                ],
+            ),
+            # A network's gateways, rewritten whole with it: a few rows, and
+            # only for the networks the batch touched.
+            ("DELETE FROM gateways WHERE network = ?", [(n,) for n in networks]),
+            (
+                "DELETE FROM gateways WHERE node_id = ?",
+                [(n,) for n in touched.nodes if n not in topology.nodes],
+            ),
+            (
+                "INSERT INTO gateways VALUES (?, ?, ?, ?, ?)",
+                [
+                    (n.name, g.node_id, _json_list(g.ranges), int(g.nat), g.metric)
+                    for n in (topology.networks.get(name) for name in networks)
+                    if n is not None
+                    for g in n.gateways.values()
                 ],
             ),
             ("INSERT OR REPLACE INTO checkpoint VALUES (?, ?)", [(CHECKPOINT, seq)]),

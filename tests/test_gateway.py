@@ -4,6 +4,8 @@ change sends, and the agent's choice of gateway (a table and a fake clock)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -450,3 +452,29 @@ def test_deltas_under_any_gateway_changes_equal_the_derived_state(
 def _internet_gateways(world: PolicyWorld) -> list[str]:
     found = world.topology.networks["office"].gateways.items()
     return sorted(node_id for node_id, g in found if "0.0.0.0/0" in g.ranges)
+
+
+async def test_gateways_and_exits_survive_the_read_model(tmp_path: Path) -> None:
+    """A restarted projection loads the topology from SQLite: every host's
+    desired state is the same from it as from the events."""
+    from projections.sqlite import ReadModel
+
+    world = internet("a", "b", "g")
+    world.run(AddEgress(node="b", ranges=(LAN,), nat=False, metric=7), ROOT)
+    world.run(SetExit(node="a", via="g"), ROOT)
+    world.run(AddEgress(node="a", ranges=("172.16.0.0/16",)), ROOT)
+    world.run(RemoveNode(node="office/a"), ROOT)  # a departed gateway goes too
+    model = await ReadModel.open(tmp_path / "read.db")
+    try:
+        everything = Touched(
+            networks=frozenset(world.topology.networks),
+            nodes=frozenset(world.topology.nodes) | {"gone"},
+            hosts=frozenset(world.topology.hosts),
+        )
+        await model.commit(world.topology, everything, world.topology.last_seq)
+        loaded = await model.load_topology()
+    finally:
+        await model.close()
+    assert loaded.networks["office"].gateways == world.topology.networks["office"].gateways
+    for host_id in world.topology.hosts:
+        assert desired_for(loaded, host_id) == desired_for(world.topology, host_id)
