@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nacl.signing import SigningKey
 
 from agent.egress import Liveness, candidates, choose, with_egress
 from controlplane.audit import verify_log
@@ -42,9 +41,11 @@ from projections.desired import DesiredChanges, desired_for, messages
 from projections.topology import Touched
 from tests.desired_states import desired_state
 from tests.factories import World, public_key
+
+# The root admin and its command helpers, shared with the policy commands' tests.
+from tests.test_policy_commands import ROOT, appended, refused
 from tests.test_policy_projections import PolicyWorld
 
-ROOT = SigningKey.generate()
 LAN = "192.168.1.0/24"
 
 
@@ -59,21 +60,6 @@ def office(*names: str) -> World:
     for n, name in enumerate(names, 1):
         world.run(Join(token=token, public_key=public_key(n), name=name))
     return world
-
-
-def appended(world: World, command: object) -> list[object]:
-    before = len(world.log)
-    world.run(command, ROOT)  # type: ignore[arg-type]
-    return [r.event for r in world.log[before:]]
-
-
-def refused(world: World, command: object) -> Rejected:
-    before = len(world.log)
-    with pytest.raises(Rejected) as info:
-        world.run(command, ROOT)  # type: ignore[arg-type]
-    assert len(world.log) == before, "a refusal writes nothing"
-    assert "\n" not in info.value.message
-    return info.value
 
 
 def host(world: World, name: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 
 from controlplane.rules.base import Context, Decision, Rejected, network_subject, one_event
+from controlplane.rules.networks import whole_network
 from controlplane.rules.nodes import network_of_node, resolve_node
 from controlplane.rules.spec import ByAdmin, CommandSpec, Produces, Scope
 from events.commands import AddEgress, ClearExit, ErrorCode, RemoveEgress, SetExit
@@ -25,17 +26,7 @@ MAX_METRIC = 65535
 
 def parse_range(text: str) -> ipaddress.IPv4Network:
     """An egress range: an IPv4 CIDR with no host bits. Raises Rejected."""
-    try:
-        interface = ipaddress.ip_interface(text if "/" in text else f"{text}/32")
-    except ValueError:
-        raise Rejected(
-            ErrorCode.INVALID, f"invalid range {text!r}: expected a CIDR such as 192.168.1.0/24"
-        ) from None
-    network = interface.network
-    if interface.ip != network.network_address:
-        raise Rejected(
-            ErrorCode.INVALID, f"invalid range {text!r}: host bits set (did you mean {network}?)"
-        )
+    network = whole_network(text, "range", "a CIDR such as 192.168.1.0/24")
     if str(network) != text:
         # Recorded as signed: `events verify` compares the two.
         raise Rejected(ErrorCode.INVALID, f"invalid range {text!r}: write it as {network}")

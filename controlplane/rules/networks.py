@@ -33,21 +33,28 @@ def _named(_topology: Topology, cmd: CreateNetwork | UpdateNetwork | DeleteNetwo
     return cmd.name
 
 
+def whole_network(
+    text: str, what: str, example: str
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """`text` as a network with no host bits set ("ip" alone: one address).
+    Raises Rejected("invalid", ...) naming it `what`, showing `example`."""
+    try:
+        interface = ipaddress.ip_interface(text)
+    except ValueError:
+        raise Rejected(ErrorCode.INVALID, f"invalid {what} {text!r}: expected {example}") from None
+    network = interface.network
+    if interface.ip != network.network_address:
+        raise Rejected(
+            ErrorCode.INVALID, f"invalid {what} {text!r}: host bits set (did you mean {network}?)"
+        )
+    return network
+
+
 def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """Raises Rejected("invalid", ...)."""
     if "/" not in text:
         raise Rejected(ErrorCode.INVALID, f"invalid CIDR {text!r}: missing prefix length, e.g. /24")
-    try:
-        interface = ipaddress.ip_interface(text)
-    except ValueError:
-        raise Rejected(
-            ErrorCode.INVALID, f"invalid CIDR {text!r}: expected e.g. 10.10.0.0/24"
-        ) from None
-    network = interface.network
-    if interface.ip != network.network_address:
-        raise Rejected(
-            ErrorCode.INVALID, f"invalid CIDR {text!r}: host bits set (did you mean {network}?)"
-        )
+    network = whole_network(text, "CIDR", "e.g. 10.10.0.0/24")
     if network.num_addresses < 4:
         raise Rejected(
             ErrorCode.INVALID, f"CIDR {text!r} is too small: at most /30 (IPv4) or /126 (IPv6)"
