@@ -285,6 +285,8 @@ def _gateway(
         }
         chain egress {
             ct state established,related accept
+            ip saddr 10.10.0.5/32 ip daddr 10.10.0.9/32 accept   # exclusive entries first:
+            ip daddr 10.10.0.9/32 drop                          # an ingress client
             ip saddr { 10.10.0.0/24 } ip daddr 192.168.1.0/24 accept
             drop                                # nowhere but the ranges
         }
@@ -306,7 +308,9 @@ def _gateway(
     egress_rules: list[list[dict[str, Any]]] = [_ESTABLISHED]
     skipped: list[str] = []
     masqueraded: list[Network] = []
-    for key in sorted(forward):
+    # Exclusive entries first: what they do not allow towards their CIDR is
+    # dropped before a broader entry's rule could accept it.
+    for key in sorted(forward, key=lambda k: (not forward[k].exclusive, k)):
         entry = forward[key]
         try:
             target = ipaddress.ip_network(key)
@@ -334,6 +338,9 @@ def _gateway(
                 ),
             ]
             egress_rules.extend(_allow_rules(matches, allow, target.version))
+        if entry.exclusive:
+            daddr = {"payload": {"protocol": protocol, "field": "daddr"}}
+            egress_rules.append([_match(daddr, _element(target)), {"drop": None}])
     egress_rules.append([{"drop": None}])
     body: list[dict[str, Any]] = [
         {

@@ -12,7 +12,7 @@ desired state has its owner here:
 | firewall | firewall, forward | the nftables table `inet netmesh` (agent/firewall.py) |
 | interface | interface, exit | the WireGuard device: there, our key, listen port, fwmark |
 | link | interface (mtu), addresses | MTU, addresses, link up |
-| peers | peers, egress | the device's peers, changed in place (egress ranges on their gateway) |
+| peers | peers, egress, clients | the device's peers, in place (egress ranges, ingress clients) |
 | routes | routes | routes through the interface that the agent added |
 | exit | exit | rules and a table sending the default route into the tunnel (agent/exit.py) |
 | forwarding | forward | IPv4 forwarding where a gateway needs it, put back after |
@@ -35,6 +35,7 @@ from agent.egress import choose, with_egress
 from agent.exit import ExitControl
 from agent.firewall import FirewallControl
 from agent.forwarding import ForwardingControl
+from agent.ingress import with_clients
 from agent.link import LinkControl
 from agent.plan import (
     Actual,
@@ -63,7 +64,9 @@ class Reconciler:
 
 
 def _plan_peers(desired: DesiredState, actual: Actual, previous: DesiredState | None) -> list[Op]:
-    """The peers, with each egress range on the gateway chosen for it."""
+    """The peers, with each egress range on the gateway chosen for it, and
+    the external clients this host takes in (an ingress gateway)."""
+    desired = with_clients(desired)
     chosen = choose(desired.sections.egress, lambda key: key not in actual.dead_gateways)
     for cidr, entry in desired.sections.exit.items():
         chosen[cidr] = entry.peer
@@ -78,7 +81,9 @@ RECONCILERS: tuple[Reconciler, ...] = (
         ("interface",),
     ),
     Reconciler("link", lambda d, a, _prev, _key: plan_link(d, a), ("interface", "addresses")),
-    Reconciler("peers", lambda d, a, prev, _key: _plan_peers(d, a, prev), ("peers", "egress")),
+    Reconciler(
+        "peers", lambda d, a, prev, _key: _plan_peers(d, a, prev), ("peers", "egress", "clients")
+    ),
     Reconciler("routes", lambda d, a, _prev, _key: plan_routes(d, a), ("routes",)),
     Reconciler("exit", lambda d, a, _prev, _key: plan_exit(d, a), ("exit",)),
     Reconciler("forwarding", lambda d, a, _prev, _key: plan_forwarding(d, a), ("forward",)),

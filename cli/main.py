@@ -817,6 +817,7 @@ def egress() -> None:
 )
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def egress_add(
     server: str, node_ref: str, ranges: tuple[str, ...], no_nat: bool, metric: int, as_json: bool
@@ -845,6 +846,7 @@ def egress_add(
 )
 @json_option
 @plannable
+@waitable
 @click.pass_obj
 def egress_remove(server: str, node_ref: str, ranges: tuple[str, ...], as_json: bool) -> None:
     """Take ranges from egress gateway NODE (all of them by default)."""
@@ -863,7 +865,7 @@ def egress_remove(server: str, node_ref: str, ranges: tuple[str, ...], as_json: 
 @at_option
 @click.pass_obj
 def gateway_list(server: str, network_name: str | None, as_json: bool) -> None:
-    """Every gateway, with its ranges."""
+    """Every gateway: egress with its ranges, ingress with its clients."""
     rows = run(admin_query(server, "gateways", network=network_name))
     if as_json:
         emit_json(rows)
@@ -875,13 +877,14 @@ def gateway_list(server: str, network_name: str | None, as_json: bool) -> None:
                 g["name"],
                 g["address"],
                 g["kind"],
-                ",".join(g["ranges"]),
-                "yes" if g["nat"] else "no",
-                g["metric"],
+                ",".join(g["ranges"]) if g["kind"] == "egress" else None,
+                ("yes" if g["nat"] else "no") if g["kind"] == "egress" else None,
+                g.get("metric"),
+                ",".join(g["clients"]) if g["kind"] == "ingress" else None,
             )
             for g in rows
         ],
-        ["NETWORK", "NODE", "ADDRESS", "KIND", "RANGES", "NAT", "METRIC"],
+        ["NETWORK", "NODE", "ADDRESS", "KIND", "RANGES", "NAT", "METRIC", "CLIENTS"],
     )
 
 
@@ -1505,6 +1508,7 @@ def agent_rotate_key(ctx: click.Context, state_dir: Path) -> None:
 
 # Commands kept in their own modules (they import the helpers above) attach
 # themselves to the groups above, or are attached here.
+from cli import clients as _clients  # noqa: E402, F401
 from cli import eventlog as _eventlog  # noqa: E402, F401
 from cli import hooks as _hooks  # noqa: E402, F401
 from cli.tokens import token as _token_group  # noqa: E402

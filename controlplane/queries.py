@@ -23,6 +23,7 @@ from controlplane.hooks import HookDelivery
 from controlplane.policyviews import explain_access, plan_policy_change, show_policy
 from controlplane.replies import Responder
 from controlplane.rules.base import Rejected
+from controlplane.rules.ingress import client_view
 from controlplane.rules.nodes import match_node
 from controlplane.rules.tokens import token_live
 from controlplane.timetravel import TimeTravel
@@ -334,7 +335,19 @@ class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 # What can be asked as of a past point: the topology's queries (not agents'
 # reports, which are not in the log).
 PAST_QUERIES = frozenset(
-    {"networks", "network", "nodes", "node", "keys", "policy", "admins", "gateways", "dns"}
+    {
+        "networks",
+        "network",
+        "nodes",
+        "node",
+        "keys",
+        "policy",
+        "admins",
+        "gateways",
+        "dns",
+        "clients",
+        "client",
+    }
 )
 
 
@@ -362,7 +375,58 @@ def list_gateways(topology: Topology, network: str | None) -> list[dict[str, Any
                     "metric": gateway.metric,
                 }
             )
-    return sorted(found, key=lambda g: (g["network"], g["name"]))
+        for node_id in sorted(net.ingress):
+            node = topology.nodes.get(node_id)
+            if node is None:
+                continue
+            found.append(
+                {
+                    "network": name,
+                    "node_id": node.node_id,
+                    "name": node.name,
+                    "address": node.address,
+                    "kind": "ingress",
+                    "clients": [c.name for c in net.clients_via(node_id)],
+                }
+            )
+    return sorted(found, key=lambda g: (g["network"], g["name"], g["kind"]))
+
+
+def list_clients(topology: Topology, network: str | None) -> list[dict[str, Any]]:
+    """Every external client (of one network): never a private key (none is known)."""
+    if network is not None and network not in topology.networks:
+        raise Rejected(ErrorCode.NOT_FOUND, f"no network {network!r}")
+    found = []
+    for name, net in sorted(topology.networks.items()):
+        if network is not None and name != network:
+            continue
+        for client in sorted(net.clients.values(), key=lambda c: c.name):
+            via = topology.nodes.get(client.via)
+            found.append(
+                {
+                    "network": name,
+                    "name": client.name,
+                    "address": client.address,
+                    "public_key": client.public_key,
+                    "via": via.name if via is not None else None,
+                    "via_node_id": client.via,
+                    "full_tunnel": client.full_tunnel,
+                    "created_at": client.created_at,
+                }
+            )
+    return found
+
+
+def show_client(topology: Topology, network: str, name: str) -> dict[str, Any]:
+    """One client, with what its configuration needs (`client_view`)."""
+    net = topology.networks.get(network)
+    if net is None:
+        raise Rejected(ErrorCode.NOT_FOUND, f"no network {network!r}")
+    client = net.clients.get(name)
+    if client is None:
+        raise Rejected(ErrorCode.NOT_FOUND, f"network {network!r} has no client named {name!r}")
+    row = next(c for c in list_clients(topology, network) if c["name"] == name)
+    return {**row, **client_view(topology, net, client)}
 
 
 # (verb, payload, signer, signature) -> what the command would do (`CommandPipeline.plan`).
@@ -508,6 +572,10 @@ class QueryService:
                 return plan_policy_change(topology, args.network or "", args.document or "")
             case "gateways":
                 return list_gateways(topology, args.network)
+            case "clients":
+                return list_clients(topology, args.network)
+            case "client":
+                return show_client(topology, args.network or "", args.name or "")
             case "admins":
                 # From the write model: admins are a matter of authorization,
                 # not of the read model.

@@ -234,6 +234,34 @@ class ClearExit(Command, frozen=True, tag="node.exit_off"):
     node: str
 
 
+class AddIngress(Command, frozen=True, tag="ingress.add"):
+    """Make a node an ingress gateway: external clients connect through it."""
+
+    node: str
+
+
+class RemoveIngress(Command, frozen=True, tag="ingress.remove"):
+    """A node stops being an ingress gateway; its clients are removed."""
+
+    node: str
+
+
+class CreateClient(Command, frozen=True, tag="client.create"):
+    """Register an external client by its public key (the CLI or the device
+    made the key pair: the private key is never sent)."""
+
+    network: str
+    name: str
+    via: str  # the ingress gateway: a node name in `network`, or any way of naming a node
+    public_key: str
+    full_tunnel: bool = False  # everything through `via`, which must be an internet gateway
+
+
+class RemoveClient(Command, frozen=True, tag="client.remove"):
+    network: str
+    name: str
+
+
 # The protocol's commands, each once. What the control plane does with each
 # (who may send it, what it produces) is its spec, in controlplane/rules/.
 AnyCommand = (
@@ -258,6 +286,10 @@ AnyCommand = (
     | RemoveEgress
     | SetExit
     | ClearExit
+    | AddIngress
+    | RemoveIngress
+    | CreateClient
+    | RemoveClient
     | AddDnsRecord
     | RemoveDnsRecord
     | AddHook

@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL = 5
+PROTOCOL = 6
 
 # The key of the one entry of the `interface` section.
 WIREGUARD = "wireguard"
@@ -106,10 +106,17 @@ class ForwardRule(msgspec.Struct, frozen=True, kw_only=True):
 class ForwardEntry(msgspec.Struct, frozen=True, kw_only=True):
     """A range this host forwards to from the overlay (an egress gateway),
     keyed by its CIDR: masqueraded unless `nat` is off; `rules` say who may
-    send what there (in a network without a policy: its CIDR, anything)."""
+    send what there (in a network without a policy: its CIDR, anything).
+
+    On an ingress gateway, its external clients' addresses (ip/32) and what
+    they may reach are entries too (not masqueraded). `exclusive`: traffic to
+    the key's CIDR that no rule here allows is dropped, whatever broader
+    entries allow (a client under a policy: the network's CIDR is a
+    destination of its fellow clients' rules, the policy says who reaches it)."""
 
     nat: bool = True
     rules: tuple[ForwardRule, ...] = ()
+    exclusive: bool = False
 
 
 class ExitEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -140,6 +147,16 @@ class DnsZoneEntry(msgspec.Struct, frozen=True, kw_only=True):
     network: str = ""  # the network whose domain it is
 
 
+class ClientEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """An external WireGuard client (no agent) this host takes in as an
+    ingress gateway, keyed by its public key: a peer allowed only its address
+    ("ip/32"), with no endpoint (the client connects first and keeps its
+    mapping open; WireGuard learns where it is from its packets)."""
+
+    address: str
+    name: str = ""  # for logs and humans
+
+
 class Sections(
     msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
 ):
@@ -160,6 +177,7 @@ class Sections(
     exit: dict[str, ExitEntry] = {}
     dns: dict[str, DnsEntry] = {}
     dns_zones: dict[str, DnsZoneEntry] = {}
+    clients: dict[str, ClientEntry] = {}
 
 
 SECTION_NAMES: tuple[str, ...] = Sections.__struct_fields__
@@ -382,6 +400,12 @@ def _v4_to_v5(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "protocol": 5}
 
 
+def _v5_to_v6(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 6 added external clients (the `clients` section, on ingress
+    gateways): a version-5 message has none, which is what it meant."""
+    return {**raw, "protocol": 6}
+
+
 # The firewall of a host that enforces no policy (what version 3 meant).
 ALLOW_EVERYTHING = ("0.0.0.0/0", "::/0")
 
@@ -390,6 +414,7 @@ _UPCASTS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     2: _v2_to_v3,
     3: _v3_to_v4,
     4: _v4_to_v5,
+    5: _v5_to_v6,
 }
 
 

@@ -182,6 +182,45 @@ class ExitCleared(Event, frozen=True, tag="exit.cleared"):
     host_id: str
 
 
+class IngressAdded(Event, frozen=True, tag="ingress.added"):
+    """A node takes in external WireGuard clients (phones, stock WireGuard
+    apps, routers) and forwards between them and its network: an ingress
+    gateway."""
+
+    network: str
+    node_id: str
+    host_id: str
+
+
+class IngressRemoved(Event, frozen=True, tag="ingress.removed"):
+    """A node is no longer an ingress gateway: its clients go with it."""
+
+    network: str
+    node_id: str
+    host_id: str
+
+
+class ClientCreated(Event, frozen=True, tag="client.created"):
+    """An external client: a WireGuard device without the agent, reached
+    through ingress gateway `via`. Only its public key is known here: its
+    private key was made by the admin's CLI (or the device) and never sent."""
+
+    network: str
+    name: str
+    public_key: str  # base64
+    address: str  # overlay IP from the network's pool, no prefix
+    via: str  # node id of its ingress gateway
+    host_id: str  # the host of `via`
+    full_tunnel: bool = False  # its configuration sends everything through `via`
+
+
+class ClientRemoved(Event, frozen=True, tag="client.removed"):
+    network: str
+    name: str
+    via: str  # node id
+    host_id: str  # the host of `via`
+
+
 class DnsRecordAdded(Event, frozen=True, tag="dns.record_added"):
     """A name in a network's domain, beside its nodes' names: `name` relative
     to the domain (so it follows a change of domain), with its IPv4 and IPv6
@@ -275,6 +314,10 @@ AnyEvent = (
     | EgressRemoved
     | ExitSet
     | ExitCleared
+    | IngressAdded
+    | IngressRemoved
+    | ClientCreated
+    | ClientRemoved
     | DnsRecordAdded
     | DnsRecordRemoved
     | HookAdded
@@ -334,6 +377,10 @@ def aggregate_of(event: AnyEvent) -> tuple[str, str]:
             | EgressRemoved(network=n)
             | ExitSet(network=n)
             | ExitCleared(network=n)
+            | IngressAdded(network=n)
+            | IngressRemoved(network=n)
+            | ClientCreated(network=n)
+            | ClientRemoved(network=n)
             | DnsRecordAdded(network=n)
             | DnsRecordRemoved(network=n)
         ):

@@ -19,6 +19,7 @@ import msgspec
 import structlog
 
 from projections.topology import (
+    Client,
     DnsRecord,
     EnrollmentKey,
     Gateway,
@@ -30,7 +31,7 @@ from projections.topology import (
     compiled,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,6 +61,12 @@ CREATE INDEX IF NOT EXISTS nodes_network ON nodes (network);
 CREATE TABLE IF NOT EXISTS gateways (
     network TEXT NOT NULL, node_id TEXT NOT NULL, ranges TEXT NOT NULL,
     nat INTEGER NOT NULL, metric INTEGER NOT NULL, PRIMARY KEY (network, node_id));
+CREATE TABLE IF NOT EXISTS ingress (
+    network TEXT NOT NULL, node_id TEXT NOT NULL, PRIMARY KEY (network, node_id));
+CREATE TABLE IF NOT EXISTS clients (
+    network TEXT NOT NULL, name TEXT NOT NULL, public_key TEXT NOT NULL, address TEXT NOT NULL,
+    via TEXT NOT NULL, created_at REAL NOT NULL, full_tunnel INTEGER NOT NULL,
+    PRIMARY KEY (network, name));
 """
 
 log = structlog.get_logger("netmesh.projections")
@@ -164,6 +171,13 @@ class ReadModel:
             ranges = tuple(msgspec.json.decode(row["ranges"]))
             gateway = Gateway(row["node_id"], ranges, bool(row["nat"]), row["metric"])
             topology.networks[row["network"]].gateways[row["node_id"]] = gateway
+        for row in await self._all("SELECT * FROM ingress"):
+            topology.networks[row["network"]].ingress.add(row["node_id"])
+        for row in await self._all("SELECT * FROM clients"):
+            values = dict(row)
+            network = topology.networks[values.pop("network")]
+            values["full_tunnel"] = bool(values["full_tunnel"])
+            topology.add_client(network, Client(**values))
         for name, text in policies.items():
             if text:  # compiled and indexed once its members are in
                 network = topology.networks[name]
@@ -196,6 +210,8 @@ class ReadModel:
         """
         # `fold` adds the hosts and networks whose desired revisions moved.
         networks = touched.networks
+        touched_networks = [n for n in (topology.networks.get(name) for name in networks) if n]
+        removed_nodes = [(n,) for n in touched.nodes if n not in topology.nodes]
         hosts = touched.hosts | touched.reconfigured
         writes: list[tuple[str, list[tuple[Any, ...]]]] = [
             (
@@ -315,6 +331,34 @@ class ReadModel:
                     for n in (topology.networks.get(name) for name in networks)
                     if n is not None
                     for g in n.gateways.values()
+                ],
+            ),
+            # Ingress gateways and clients likewise, whole per network.
+            *(
+                (f"DELETE FROM {table} WHERE network = ?", [(n,) for n in networks])
+                for table in ("ingress", "clients")
+            ),
+            # A removed node takes its clients (an ingress gateway's) with it.
+            ("DELETE FROM ingress WHERE node_id = ?", removed_nodes),
+            ("DELETE FROM clients WHERE via = ?", removed_nodes),
+            (
+                "INSERT INTO ingress VALUES (?, ?)",
+                [(n.name, node_id) for n in touched_networks for node_id in sorted(n.ingress)],
+            ),
+            (
+                "INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        n.name,
+                        c.name,
+                        c.public_key,
+                        c.address,
+                        c.via,
+                        c.created_at,
+                        int(c.full_tunnel),
+                    )
+                    for n in touched_networks
+                    for c in n.clients.values()
                 ],
             ),
             ("INSERT OR REPLACE INTO checkpoint VALUES (?, ?)", [(CHECKPOINT, seq)]),

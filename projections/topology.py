@@ -28,6 +28,8 @@ from events.model import (
     AdminTokenCreated,
     AdminTokenRevoked,
     AdminTokenUsed,
+    ClientCreated,
+    ClientRemoved,
     DnsRecordAdded,
     DnsRecordRemoved,
     EgressAdded,
@@ -43,6 +45,8 @@ from events.model import (
     HostKeyRotated,
     HostKeyRotationRequested,
     HostRegistered,
+    IngressAdded,
+    IngressRemoved,
     NetworkCreated,
     NetworkDeleted,
     NetworkUpdated,
@@ -120,6 +124,16 @@ class Network:
     # it changed, read once by the sections' rules).
     gateways: dict[str, Gateway] = field(default_factory=dict)
     departed_gateway: Gateway | None = None
+    # Ingress gateways (node ids) and external clients by name; the clients
+    # the last removal of a gateway (or its node) took away, read once by
+    # the sections' rules.
+    ingress: set[str] = field(default_factory=set)
+    clients: dict[str, Client] = field(default_factory=dict)
+    departed_clients: tuple[Client, ...] = ()
+
+    def clients_via(self, node_id: str) -> list[Client]:
+        """The clients of ingress gateway `node_id`, by name."""
+        return [c for _, c in sorted(self.clients.items()) if c.via == node_id]
 
     def gateways_of(self, cidr: str) -> list[Gateway]:
         """The gateways forwarding to `cidr`, by node id."""
@@ -135,6 +149,19 @@ class Gateway:
     ranges: tuple[str, ...]  # sorted
     nat: bool = True
     metric: int = 100
+
+
+@dataclass(frozen=True)
+class Client:
+    """An external WireGuard client (no agent), reached through the ingress
+    gateway `via` (a node id); its address is from the network's pool."""
+
+    name: str
+    public_key: str
+    address: str
+    via: str
+    created_at: float
+    full_tunnel: bool = False
 
 
 @dataclass(frozen=True)
@@ -338,15 +365,7 @@ class Topology:
         self.nodes[node.node_id] = node
         self.nodes_by_network.setdefault(node.network, set()).add(node.node_id)
         self.nodes_by_host.setdefault(node.host_id, set()).add(node.node_id)
-        used = self.addresses.setdefault(node.network, set())
-        used.add(int(ipaddress.ip_address(node.address)))
-        floor = self.address_floor.get(node.network)
-        if floor is None:
-            known = self.networks.get(node.network)
-            floor = host_range(ipaddress.ip_network(known.cidr))[0] if known else 0
-        while floor in used:  # amortized O(1): the floor only rises here
-            floor += 1
-        self.address_floor[node.network] = floor
+        self.claim_address(node.network, node.address)
         network = self.networks.get(node.network)
         if network is not None and network.access is not None:
             network.access.add(node.node_id, node.member())
@@ -357,16 +376,44 @@ class Topology:
         if node is not None:
             self.nodes_by_network.get(node.network, set()).discard(node_id)
             self.nodes_by_host.get(node.host_id, set()).discard(node_id)
-            freed = int(ipaddress.ip_address(node.address))
-            self.addresses.get(node.network, set()).discard(freed)
-            if freed < self.address_floor.get(node.network, 0):
-                self.address_floor[node.network] = freed
+            self.free_address(node.network, node.address)
             network = self.networks.get(node.network)
             if network is not None and network.access is not None:
                 network.access.remove(node_id)
             if network is not None:
                 network.departed_gateway = network.gateways.pop(node_id, None)
+                network.ingress.discard(node_id)
+                self.drop_clients(network, network.clients_via(node_id))
         return node
+
+    def claim_address(self, network: str, address: str) -> None:
+        """`address` (a node's or a client's) is taken in `network`'s pool."""
+        used = self.addresses.setdefault(network, set())
+        used.add(int(ipaddress.ip_address(address)))
+        floor = self.address_floor.get(network)
+        if floor is None:
+            known = self.networks.get(network)
+            floor = host_range(ipaddress.ip_network(known.cidr))[0] if known else 0
+        while floor in used:  # amortized O(1): the floor only rises here
+            floor += 1
+        self.address_floor[network] = floor
+
+    def free_address(self, network: str, address: str) -> None:
+        freed = int(ipaddress.ip_address(address))
+        self.addresses.get(network, set()).discard(freed)
+        if freed < self.address_floor.get(network, 0):
+            self.address_floor[network] = freed
+
+    def add_client(self, network: Network, client: Client) -> None:
+        network.clients[client.name] = client
+        self.claim_address(network.name, client.address)
+
+    def drop_clients(self, network: Network, clients: list[Client]) -> None:
+        """Take `clients` out of `network`, remembered as its departed clients."""
+        for client in clients:
+            network.clients.pop(client.name, None)
+            self.free_address(network.name, client.address)
+        network.departed_clients = tuple(clients)
 
     def set_policy(self, network: Network, policy: Policy | None) -> None:
         """Put `policy` in force in `network` (None: allow everything) and index it."""
@@ -659,6 +706,37 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 return Touched()
             node.exit_via = e.via if isinstance(e, ExitSet) else ""
             return Touched(nodes=frozenset({e.node_id}))
+        case IngressAdded() | IngressRemoved() as e:
+            network = topology.networks.get(e.network)
+            if network is None or e.node_id not in topology.nodes:
+                return Touched()
+            if isinstance(e, IngressAdded):
+                network.ingress.add(e.node_id)
+            else:
+                network.ingress.discard(e.node_id)
+                topology.drop_clients(network, network.clients_via(e.node_id))
+            return Touched(networks=frozenset({e.network}), nodes=frozenset({e.node_id}))
+        case ClientCreated() as e:
+            network = topology.networks.get(e.network)
+            if network is None or e.via not in network.ingress or e.name in network.clients:
+                return Touched()
+            client = Client(
+                name=e.name,
+                public_key=e.public_key,
+                address=e.address,
+                via=e.via,
+                created_at=at,
+                full_tunnel=e.full_tunnel,
+            )
+            topology.add_client(network, client)
+            return Touched(networks=frozenset({e.network}))
+        case ClientRemoved() as e:
+            network = topology.networks.get(e.network)
+            gone = network.clients.get(e.name) if network is not None else None
+            if network is None or gone is None:
+                return Touched()
+            topology.drop_clients(network, [gone])
+            return Touched(networks=frozenset({e.network}))
     return Touched()  # pragma: no cover - every event type is matched above
 
 

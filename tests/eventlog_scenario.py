@@ -38,6 +38,7 @@ QUESTIONS: list[tuple[str, dict[str, Any]]] = [
     ("admins", {}),
     ("gateways", {}),
     ("dns", {"network": "office"}),
+    ("clients", {}),
 ]
 
 
@@ -117,6 +118,12 @@ async def record(plane: ControlPlane, admin: Admin) -> list[Recorded]:
     await step("node.exit", node="office/web1", via="db1")
     await step("node.exit_off", node="office/web1")
     await step("egress.remove", node="office/db1", ranges=["192.168.5.0/24"])
+    await step("ingress.add", node="office/db1")
+    phone = {"network": "office", "via": "db1", "public_key": public_key(40)}
+    await step("client.create", name="phone", **phone)
+    await step("client.remove", network="office", name="phone")
+    await step("client.create", name="laptop", **{**phone, "public_key": public_key(41)})
+    await step("ingress.remove", node="office/db1")
     await step("dns.add", network="office", name="files", a=["10.10.0.99"])
     await step("dns.remove", network="office", name="files")
     await step("network.create", name="lab", cidr="10.20.0.0/24", listen_port=51830)

@@ -227,6 +227,7 @@ def pools(token: str, host_ids: list[str]) -> dict[str, st.SearchStrategy[Any]]:
         "nat": st.booleans(),
         "metric": st.integers(-2, 70000),
         "via": st.sampled_from(["office/h1", "h2", "lab/h1", "nope", ""]),
+        "full_tunnel": st.booleans(),
         "document": st.sampled_from(
             [
                 '{rules: [{from: ["*"], to: ["*"]}]}',

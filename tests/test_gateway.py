@@ -15,11 +15,15 @@ from controlplane.audit import verify_log
 from controlplane.rules.base import Rejected
 from events.commands import (
     AddEgress,
+    AddIngress,
     ClearExit,
+    CreateClient,
     CreateEnrollmentKey,
     CreateNetwork,
     Join,
+    RemoveClient,
     RemoveEgress,
+    RemoveIngress,
     RemoveNode,
     RotateHostKey,
     SetExit,
@@ -365,6 +369,11 @@ GATEWAY_OPS = st.lists(
                 "policy",
                 "tag",
                 "rotate",
+                "ingress",
+                "uningress",
+                "client",
+                "client",
+                "unclient",
             ]
         ),
         st.integers(0, 5),
@@ -379,10 +388,13 @@ POLICIES = (
     None,
     '{rules: [{from: ["tag:dev"], to: ["192.168.1.0/24", "*"]}, {from: ["*"], to: ["tag:dev"]}]}',
     '{rules: [{from: ["*"], to: ["0.0.0.0/0"], ports: ["443/tcp"]}]}',
+    # External clients are selected by address: some are in this range, some not.
+    '{rules: [{from: ["tag:dev"], to: ["10.10.0.8/29", "*"], ports: ["22/tcp"]},'
+    ' {from: ["10.10.0.0/24"], to: ["tag:dev"]}]}',
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(GATEWAY_OPS)
 def test_deltas_under_any_gateway_changes_equal_the_derived_state(
     ops: list[tuple[str, int, int, bool]],
@@ -415,11 +427,25 @@ def test_deltas_under_any_gateway_changes_equal_the_derived_state(
                 pending.extend(world.join(name))
                 continue
             elif op == "policy":
-                pending.extend(world.set_policy(POLICIES[m % 3]))
+                pending.extend(world.set_policy(POLICIES[m % len(POLICIES)]))
                 continue
             elif op == "tag":
                 pending.extend(world.tag(name, "dev"))
                 continue
+            elif op == "ingress":
+                command = AddIngress(node=f"office/{name}")
+            elif op == "uningress":
+                command = RemoveIngress(node=f"office/{name}")
+            elif op == "client":  # through an ingress gateway there is, if any
+                there = sorted(world.topology.networks["office"].ingress)
+                command = CreateClient(
+                    network="office",
+                    name=f"c{m}",
+                    via=there[n % len(there)] if there else name,
+                    public_key=public_key(700 + m),
+                )
+            elif op == "unclient":
+                command = RemoveClient(network="office", name=f"c{m}")
             else:
                 command = RotateHostKey(
                     host_id=world.host[name], public_key=public_key(500 + len(world.world.log))

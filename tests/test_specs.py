@@ -22,20 +22,24 @@ from events.commands import (
     AddDnsRecord,
     AddEgress,
     AddHook,
+    AddIngress,
     AnyCommand,
     ClearExit,
     ClearPolicy,
     Command,
     CreateAdminToken,
+    CreateClient,
     CreateEnrollmentKey,
     CreateNetwork,
     DeleteNetwork,
     Join,
     LeaveNetworks,
     RemoveAdmin,
+    RemoveClient,
     RemoveDnsRecord,
     RemoveEgress,
     RemoveHook,
+    RemoveIngress,
     RemoveNode,
     ReportEndpoint,
     RequestKeyRotation,
@@ -97,6 +101,8 @@ def scenario() -> World:
     world.run(AddEgress(node="lab/h1", ranges=("172.16.0.0/16",)), ROOT)
     world.run(AddEgress(node="office/h2", ranges=("0.0.0.0/0",)), ROOT)
     world.run(AddDnsRecord(network="lab", name="files", a=("10.20.0.9",)), ROOT)
+    world.run(AddIngress(node="lab/h1"), ROOT)
+    world.run(CreateClient(network="lab", name="phone", via="h1", public_key=public_key(90)), ROOT)
     for name, key, role, networks in [
         ("olga", OLGA, "network-admin", NETWORKS_OF["olga"]),
         ("larry", LARRY, "network-admin", NETWORKS_OF["larry"]),
@@ -155,6 +161,13 @@ ADMIN_SAMPLES: dict[str, tuple[Sample, str | None]] = {
     "egress off lab/h1": (lambda w: RemoveEgress(node="lab/h1"), "lab"),
     "exit office/h1": (lambda w: SetExit(node="office/h1", via="h2"), "office"),
     "exit off office/h1": (lambda w: exiting(w, "office/h1", "h2"), "office"),
+    "ingress office/h2": (lambda w: AddIngress(node="office/h2"), "office"),
+    "ingress off lab/h1": (lambda w: RemoveIngress(node="lab/h1"), "lab"),
+    "client in lab": (
+        lambda w: CreateClient(network="lab", name="tab", via="h1", public_key=public_key(91)),
+        "lab",
+    ),
+    "remove a client of lab": (lambda w: RemoveClient(network="lab", name="phone"), "lab"),
     "name in office": (
         lambda w: AddDnsRecord(network="office", name="db", a=("10.10.0.50",)),
         "office",

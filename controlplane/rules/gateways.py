@@ -150,18 +150,25 @@ REMOVE = CommandSpec[RemoveEgress](
 INTERNET = "0.0.0.0/0"
 
 
-def _internet_gateway(topology: Topology, node: Node, ref: str) -> Node:
-    """The node `ref` names, as an internet gateway of `node`'s network: a
-    bare name is looked up in that network first. Raises Rejected."""
+def node_in_network(topology: Topology, network: str, ref: str) -> Node:
+    """The node `ref` names, which must be in `network`: a bare name is
+    looked up there first. Raises Rejected."""
     try:
-        via = resolve_node(topology, f"{node.network}/{ref}" if "/" not in ref else ref)
+        node = resolve_node(topology, f"{network}/{ref}" if "/" not in ref else ref)
     except Rejected:
-        via = resolve_node(topology, ref)
-    if via.network != node.network:
+        node = resolve_node(topology, ref)
+    if node.network != network:
         raise Rejected(
             ErrorCode.INVALID,
-            f"node {via.name!r} is in network {via.network!r}, not {node.network!r}",
+            f"node {node.name!r} is in network {node.network!r}, not {network!r}",
         )
+    return node
+
+
+def _internet_gateway(topology: Topology, node: Node, ref: str) -> Node:
+    """The node `ref` names, as an internet gateway of `node`'s network.
+    Raises Rejected."""
+    via = node_in_network(topology, node.network, ref)
     if via.node_id == node.node_id:
         raise Rejected(ErrorCode.INVALID, f"node {node.name!r} cannot be its own exit")
     gateway = topology.networks[node.network].gateways.get(via.node_id)

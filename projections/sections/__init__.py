@@ -26,6 +26,7 @@ from projections.sections.egress import (
     RouteSection,
 )
 from projections.sections.firewall import FirewallSection
+from projections.sections.ingress import ClientSection
 from projections.sections.interface import InterfaceSection
 from projections.sections.peers import PeerSection, peer_endpoint
 
@@ -40,6 +41,7 @@ SECTIONS: tuple[type[SectionRule], ...] = (
     ExitSection,
     DnsSection,
     DnsZoneSection,
+    ClientSection,
 )
 
 __all__ = ["SECTIONS", "Reread", "SectionRule", "peer_endpoint"]

@@ -22,7 +22,6 @@ holds every address is left out of members' routes (using it is opt-in).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -35,121 +34,41 @@ from events.desired import (
     RouteEntry,
 )
 from events.model import (
+    ClientCreated,
+    ClientRemoved,
     EgressAdded,
     EgressRemoved,
     Event,
     ExitCleared,
     ExitSet,
     HostKeyRotated,
+    IngressRemoved,
     NodeJoined,
     NodeRemoved,
     NodeTagged,
     NodeUntagged,
     PolicySet,
 )
-from events.policy import Everyone, InRange
-from projections.access import canonical_ports, host_cidr
 from projections.sections.base import Reread
-from projections.topology import Gateway, Network, Topology
-
-INTERNET = "0.0.0.0/0"
-EVERYTHING = frozenset({INTERNET, "::/0"})
-
-
-def offered(topology: Topology, host_id: str) -> dict[str, list[EgressVia]]:
-    """The ranges `host_id` reaches through gateways, each with its gateways
-    (unsorted): what its `routes` and `egress` sections hold."""
-    found: dict[str, list[EgressVia]] = {}
-    own = forwarded(topology, host_id)
-    for node in topology.nodes_of_host(host_id):
-        network = topology.networks.get(node.network)
-        if network is None or not network.gateways:
-            continue
-        for gateway in network.gateways.values():
-            peer = _gateway_host(topology, gateway)
-            if peer is None or peer[0] == host_id or not _sees(network, node.node_id, gateway):
-                continue
-            for cidr in gateway.ranges:
-                if cidr in EVERYTHING or cidr in own or not may_use(network, node.node_id, cidr):
-                    continue
-                found.setdefault(cidr, []).append(EgressVia(metric=gateway.metric, peer=peer[1]))
-    return found
-
-
-def forwarded(topology: Topology, host_id: str) -> set[str]:
-    """The ranges `host_id` itself forwards to (in any of its networks)."""
-    ranges: set[str] = set()
-    for node in topology.nodes_of_host(host_id):
-        network = topology.networks.get(node.network)
-        gateway = network.gateways.get(node.node_id) if network is not None else None
-        if gateway is not None:
-            ranges.update(gateway.ranges)
-    return ranges
-
-
-def may_use(network: Network, node_id: str, cidr: str) -> bool:
-    """Whether member `node_id` may send to range `cidr` (some of it)."""
-    index = network.access
-    if index is None:
-        return True
-    target = ipaddress.ip_network(cidr)
-    for position in index.as_source.get(node_id, ()):
-        if any(_reaches(d, target) for d in index.policy.rules[position].destinations):
-            return True
-    return False
-
-
-def forward_rules(network: Network, gateway: Gateway, cidr: str) -> tuple[ForwardRule, ...]:
-    """Who may send what to range `cidr` through `gateway`."""
-    index = network.access
-    if index is None:
-        return (ForwardRule(sources=(network.cidr,), destination=cidr, allow=("any",)),)
-    target = ipaddress.ip_network(cidr)
-    rules = []
-    for position, rule in enumerate(index.policy.rules):
-        for selector in rule.destinations:
-            if not _reaches(selector, target):
-                continue
-            # The part of the range the rule names (CIDRs nest or are disjoint).
-            destination = cidr
-            if isinstance(selector, InRange) and selector.cidr.prefixlen > target.prefixlen:
-                destination = str(selector.cidr)
-            sources = {
-                host_cidr(index.members[n].address)
-                for n in index.sources[position]
-                if n != gateway.node_id
-            }
-            sources.update(index.source_ranges[position])
-            if sources:
-                rules.append(
-                    ForwardRule(
-                        sources=tuple(sorted(sources)),
-                        destination=destination,
-                        allow=canonical_ports(rule.ports),
-                    )
-                )
-    return tuple(sorted(set(rules), key=lambda r: (r.destination, r.sources, r.allow)))
-
-
-def _reaches(selector: object, target: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
-    if isinstance(selector, Everyone):
-        return True
-    return (
-        isinstance(selector, InRange)
-        and selector.cidr.version == target.version
-        and selector.cidr.overlaps(target)
-    )
-
-
-def _sees(network: Network, node_id: str, gateway: Gateway) -> bool:
-    return network.access is None or network.access.sees(node_id, gateway.node_id)
-
-
-def _gateway_host(topology: Topology, gateway: Gateway) -> tuple[str, str] | None:
-    """(host id, public key) of a gateway's host."""
-    node = topology.nodes.get(gateway.node_id)
-    host = topology.hosts.get(node.host_id) if node is not None else None
-    return (host.host_id, host.public_key) if host is not None else None
+from projections.sections.ingress import (
+    client_forwarding,
+    client_rereads,
+    forward_rereads,
+    ingress_hosts,
+    reached_clients,
+)
+from projections.sections.reach import (
+    INTERNET,
+    all_ranges,
+    forward_rules,
+    forwarded,
+    gateway_host,
+    may_use,
+    network_named,
+    offered,
+    sees,
+)
+from projections.topology import Topology
 
 
 class _OfferedSection:
@@ -180,13 +99,13 @@ class _OfferedSection:
     def rereads(cls, topology: Topology, event: Event) -> Sequence[Reread]:
         match event:
             case EgressAdded(network=network, node_id=node_id, ranges=ranges):
-                gateway = _network(topology, network).gateways.get(node_id)
+                gateway = network_named(topology, network).gateways.get(node_id)
                 keys = frozenset(ranges) | frozenset(gateway.ranges if gateway else ())
                 return (Reread(cls.name, keys, networks=frozenset((network,))),)
             case EgressRemoved(network=network, ranges=ranges):
                 return (Reread(cls.name, frozenset(ranges), networks=frozenset((network,))),)
             case NodeRemoved(network=network, node_id=node_id):
-                departed = _network(topology, network).departed_gateway
+                departed = network_named(topology, network).departed_gateway
                 if departed is None or departed.node_id != node_id:
                     return ()
                 keys = frozenset(departed.ranges)
@@ -196,7 +115,7 @@ class _OfferedSection:
                 return [
                     Reread(cls.name, frozenset(g.ranges), networks=frozenset((n.network,)))
                     for n in topology.nodes_of_host(host_id)
-                    if (g := _network(topology, n.network).gateways.get(n.node_id)) is not None
+                    if (g := network_named(topology, n.network).gateways.get(n.node_id)) is not None
                 ]
             case (
                 NodeTagged(network=network)
@@ -204,7 +123,7 @@ class _OfferedSection:
                 | PolicySet(network=network)
             ):
                 # Who may use which range moved: every range of the network.
-                keys = _all_ranges(_network(topology, network))
+                keys = all_ranges(network_named(topology, network))
                 if not keys:
                     return ()
                 if isinstance(event, PolicySet):
@@ -226,23 +145,46 @@ class RouteSection(_OfferedSection):
 
 
 class EgressSection(_OfferedSection):
-    """`egress`: the gateways of each range this host reaches, best first."""
+    """`egress`: the gateways of each range this host reaches, best first,
+    and the ingress gateway of each external client it reaches (by the
+    client's ip/32: its address rides on that gateway's allowed IPs)."""
 
     name: ClassVar[str] = "egress"
+    reacts_to: ClassVar[tuple[type[Event], ...]] = (
+        *_OfferedSection.reacts_to,
+        ClientCreated,
+        ClientRemoved,
+        IngressRemoved,
+    )
+
+    def __init__(self, topology: Topology) -> None:
+        super().__init__(topology)
+        self._reached: dict[str, dict[str, list[EgressVia]]] = {}
+
+    def reached(self, host_id: str) -> dict[str, list[EgressVia]]:
+        if host_id not in self._reached:
+            clients = reached_clients(self.topology, host_id)
+            self._reached[host_id] = {**self.offered(host_id), **clients}
+        return self._reached[host_id]
 
     def entries(self, host_id: str) -> dict[str, EgressEntry]:
         return {
             cidr: EgressEntry(via=tuple(sorted(via)))
-            for cidr, via in sorted(self.offered(host_id).items())
+            for cidr, via in sorted(self.reached(host_id).items())
         }
 
     def entry(self, host_id: str, key: str) -> EgressEntry | None:
-        via = self.offered(host_id).get(key)
+        via = self.reached(host_id).get(key)
         return EgressEntry(via=tuple(sorted(via))) if via else None
+
+    @classmethod
+    def rereads(cls, topology: Topology, event: Event) -> Sequence[Reread]:
+        return [*super().rereads(topology, event), *client_rereads(topology, event, cls.name)]
 
 
 class ForwardSection:
-    """`forward`: the ranges this host forwards to, as a gateway."""
+    """`forward`: the ranges this host forwards to, as an egress gateway, and
+    what it forwards for its external clients, as an ingress gateway."""
 
     reacts_to: ClassVar[tuple[type[Event], ...]] = (
         EgressAdded,
@@ -252,15 +194,27 @@ class ForwardSection:
         NodeTagged,
         NodeUntagged,
         PolicySet,
+        ClientCreated,
+        ClientRemoved,
+        IngressRemoved,
     )
     name: ClassVar[str] = "forward"
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
+        self._clients: dict[str, dict[str, tuple[bool, set[ForwardRule]]]] = {}
+
+    def for_clients(self, host_id: str) -> dict[str, tuple[bool, set[ForwardRule]]]:
+        if host_id not in self._clients:
+            self._clients[host_id] = client_forwarding(
+                self.topology, host_id, offered(self.topology, host_id)
+            )
+        return self._clients[host_id]
 
     def entries(self, host_id: str) -> dict[str, ForwardEntry]:
         found: dict[str, ForwardEntry] = {}
-        for cidr in sorted(forwarded(self.topology, host_id)):
+        keys = forwarded(self.topology, host_id) | set(self.for_clients(host_id))
+        for cidr in sorted(keys):
             entry = self.entry(host_id, cidr)
             if entry is not None:
                 found[cidr] = entry
@@ -278,22 +232,28 @@ class ForwardSection:
             seen = True
             nat = nat or gateway.nat
             rules.update(forward_rules(network, gateway, key))
-        if not seen:
+        exclusive, for_clients = self.for_clients(host_id).get(key, (False, set()))
+        if not seen and not for_clients:
             return None
+        rules.update(for_clients)
         ordered = sorted(rules, key=lambda r: (r.destination, r.sources, r.allow))
-        return ForwardEntry(nat=nat, rules=tuple(ordered))
+        return ForwardEntry(nat=nat, rules=tuple(ordered), exclusive=exclusive)
 
     @staticmethod
     def rereads(topology: Topology, event: Event) -> Sequence[Reread]:
+        found = list(forward_rereads(topology, event, ForwardSection.name))
         match event:
             case EgressAdded(network=network, node_id=node_id, host_id=host_id, ranges=ranges):
-                gateway = _network(topology, network).gateways.get(node_id)
+                gateway = network_named(topology, network).gateways.get(node_id)
                 keys = frozenset(ranges) | frozenset(gateway.ranges if gateway else ())
-                return (Reread(ForwardSection.name, keys, hosts=frozenset((host_id,))),)
-            case EgressRemoved(host_id=host_id, ranges=ranges):
-                return (
-                    Reread(ForwardSection.name, frozenset(ranges), hosts=frozenset((host_id,))),
+                found.append(Reread(ForwardSection.name, keys, hosts=frozenset((host_id,))))
+                # Ingress gateways' clients reach the ranges too.
+                found.extend(_ingress_rereads(topology, network, frozenset(ranges)))
+            case EgressRemoved(network=network, host_id=host_id, ranges=ranges):
+                found.append(
+                    Reread(ForwardSection.name, frozenset(ranges), hosts=frozenset((host_id,)))
                 )
+                found.extend(_ingress_rereads(topology, network, frozenset(ranges)))
             case (
                 NodeJoined(network=network)
                 | NodeRemoved(network=network)
@@ -302,16 +262,33 @@ class ForwardSection:
                 | PolicySet(network=network)
             ):
                 # Under a policy, a member's arrival, departure or tags move
-                # the sources of the gateways' rules.
-                found = _network(topology, network)
-                if found.access is None and not isinstance(event, PolicySet):
-                    return ()
-                return [
+                # the sources of the gateways' rules, and who may reach clients.
+                net = network_named(topology, network)
+                if isinstance(event, NodeRemoved) and net.departed_gateway is not None:
+                    found.extend(
+                        _ingress_rereads(topology, network, frozenset(net.departed_gateway.ranges))
+                    )
+                if net.access is None and not isinstance(event, PolicySet):
+                    return found
+                found.extend(
                     Reread(ForwardSection.name, frozenset(g.ranges), hosts=frozenset((host[0],)))
-                    for g in found.gateways.values()
-                    if (host := _gateway_host(topology, g)) is not None
-                ]
-        return ()
+                    for g in net.gateways.values()
+                    if (host := gateway_host(topology, g)) is not None
+                )
+                found.extend(
+                    Reread(ForwardSection.name, keys, hosts=frozenset((host,)))
+                    for host, keys in ingress_hosts(topology, network).items()
+                )
+        return found
+
+
+def _ingress_rereads(topology: Topology, network: str, ranges: frozenset[str]) -> list[Reread]:
+    """The ingress gateways of `network` with clients re-read `ranges` (their
+    clients' rules towards the ranges they reach)."""
+    return [
+        Reread(ForwardSection.name, ranges, hosts=frozenset((host,)))
+        for host in ingress_hosts(topology, network)
+    ]
 
 
 class ExitSection:
@@ -346,8 +323,8 @@ class ExitSection:
             gateway = network.gateways.get(node.exit_via) if network and node.exit_via else None
             if network is None or gateway is None or INTERNET not in gateway.ranges:
                 continue
-            peer = _gateway_host(self.topology, gateway)
-            if peer is None or peer[0] == host_id or not _sees(network, node.node_id, gateway):
+            peer = gateway_host(self.topology, gateway)
+            if peer is None or peer[0] == host_id or not sees(network, node.node_id, gateway):
                 continue
             if may_use(network, node.node_id, INTERNET):
                 return ExitEntry(peer=peer[1])
@@ -387,14 +364,3 @@ def _exit_users(topology: Topology, network: str, via: set[str] | None) -> set[s
         for node in topology.nodes_of_network(network)
         if node.exit_via and (via is None or node.exit_via in via)
     }
-
-
-_NO_NETWORK = Network(name="", cidr="0.0.0.0/32", listen_port=0, mtu=0, keepalive=0, created_at=0)
-
-
-def _network(topology: Topology, name: str) -> Network:
-    return topology.networks.get(name) or _NO_NETWORK
-
-
-def _all_ranges(network: Network) -> frozenset[str]:
-    return frozenset(cidr for g in network.gateways.values() for cidr in g.ranges)
