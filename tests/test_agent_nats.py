@@ -16,7 +16,6 @@ import nats
 import pytest
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
-from nats.js.errors import NotFoundError
 
 from agent.daemon import Agent, enroll
 from agent.fake import FakeBackend, FakeDns, FakeFirewall, FakeLink, FakeMachine
@@ -26,10 +25,11 @@ from controlplane.publisher import JetStreamDesiredPublisher, read_desired
 from controlplane.service import ControlPlane
 from events.desired import DesiredDelta, PeerEntry, Sections, desired_encoder
 from events.signing import SIGNATURE_HEADER, load_or_create, sign
-from events.subjects import DESIRED_STREAM, EVENTS_STREAM, REPORTS_STREAM, desired_subject
+from events.subjects import DESIRED_STREAM, desired_subject
 from events.tokens import parse_token
 from tests.factories import public_key
 from tests.netns import wait_until
+from tests.secretscan import assert_nowhere, haystacks
 from tests.test_controlplane import Admin, network_with_token
 
 
@@ -208,24 +208,10 @@ async def test_no_secret_appears_in_streams_read_model_or_logs(
         "signing key (hex)": seed.hex(),
         "enrollment secret": secret,
     }
-    haystacks: dict[str, bytes] = {}
-    js = admin.nc.jetstream()
-    for stream in (EVENTS_STREAM, DESIRED_STREAM, REPORTS_STREAM):
-        last = (await js.stream_info(stream)).state.last_seq
-        for seq in range(1, last + 1):
-            try:
-                msg = await js.get_msg(stream, seq)
-            except NotFoundError:  # rolled up or replaced
-                continue
-            haystacks[f"{stream} #{seq}"] = (msg.data or b"") + repr(msg.headers).encode()
-    for path in (tmp_path / "cp").glob("readmodel.sqlite3*"):
-        haystacks[path.name] = path.read_bytes()
     out, err = capfd.readouterr()
-    haystacks["logs"] = (out + err).encode()
-    assert len(haystacks) > 10 and b"desired state received" in haystacks["logs"]  # saw things
-    for where, data in haystacks.items():
-        for what, needle in needles.items():
-            assert needle.encode() not in data, f"{what} found in {where}"
+    found = await haystacks(admin.nc, tmp_path / "cp", out + err)
+    assert len(found) > 10 and b"desired state received" in found["logs"]  # saw things
+    assert_nowhere(found, needles)
 
 
 async def test_agent_rotates_its_key_on_schedule(

@@ -36,8 +36,10 @@ async def test_egress_add_list_remove(server: str) -> None:
         100,
     )
     header, line = (await ok(server, "gateway", "list")).splitlines()
-    assert header.split() == ["NETWORK", "NODE", "ADDRESS", "KIND", "RANGES", "NAT", "METRIC"]
-    assert line.split()[-3:] == ["192.168.1.0/24", "yes", "100"]
+    assert header.split() == [
+        *("NETWORK", "NODE", "ADDRESS", "KIND", "RANGES", "NAT", "METRIC", "CLIENTS")
+    ]
+    assert line.split()[-4:] == ["192.168.1.0/24", "yes", "100", "-"]
     out = await ok(server, "gateway", "egress", "remove", "g")
     assert out.strip() == "node office/g no longer forwards to 192.168.1.0/24"
     assert json.loads(await ok(server, "gateway", "list", "--json")) == []

@@ -1,0 +1,109 @@
+"""An external client on real tunnels: a device without the agent brings up
+the configuration `netmesh client create` printed with the real `wg-quick up`
+(wireguard-go as its userspace WireGuard), through an ingress gateway.
+
+What must pass passes: the client pings mesh nodes (its gateway and another
+member), a member pings the client, the client reaches a LAN host behind an
+egress gateway on a third host, and the gateway's DNS answers the client.
+After `client remove` none of it does, held for seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.meshnet import Mesh, mesh_fixture  # noqa: F401
+from tests.netns import Host, ping, testnet_fixture, wait_until  # noqa: F401
+from tests.tcpprobe import SCRIPT
+from tests.test_e2e_agent import AGENT_ARGS, _in_sync
+from tests.test_e2e_gateway import PORT, _hello, _stays_unreachable
+
+pytestmark = pytest.mark.netns
+
+LAN = "192.168.79"
+HELD = 3.0
+
+
+async def _unreachable_for_a_while(host: Host, address: str) -> None:
+    deadline = time.monotonic() + HELD
+    attempts = 0
+    while time.monotonic() < deadline:
+        assert not await ping(host, address), f"{host.name} reached {address}"
+        attempts += 1
+    assert attempts >= 2
+
+
+async def test_a_wg_quick_client_reaches_the_mesh_and_a_lan_until_it_is_removed(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    if mesh.backends:
+        pytest.skip("the client's side is wg-quick; the gateways' backends are tested elsewhere")
+    await mesh.start_server()
+    await mesh.cli("network", "create", "office", "--cidr", "10.66.0.0/24")
+    token = (await mesh.cli("key", "create", "--network", "office", "--unlimited"))[1].strip()
+    for name in ("a", "b"):
+        await mesh.start_agent(name, token, AGENT_ARGS)
+    await wait_until(lambda: _in_sync(mesh, ("a", "b")), timeout=60, message="agents in sync")
+    nodes = {n["name"]: n for n in await mesh.cli_json("node", "list")}
+    a_address, b_address = nodes["a"]["address"], nodes["b"]["address"]
+    lan = await mesh.net.add_behind(mesh.hosts["a"], "site", LAN)
+    assert (await lan.spawn(sys.executable, SCRIPT, "serve", str(PORT))).pid
+    await mesh.cli("gateway", "egress", "add", "office/a", "--range", f"{LAN}.0/24")
+    await mesh.cli("gateway", "ingress", "add", "office/b")
+
+    conf = tmp_path / "phone.conf"  # wg-quick names the interface after the file
+    await mesh.cli(
+        "client", "create", "phone", "--network", "office", "--via", "b", "--output", str(conf)
+    )
+    (client,) = await mesh.cli_json("client", "list")
+    phone = await mesh.net.add_host("phone")
+    # wg-quick hands the DNS line to resolvconf: this one records what it got.
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "resolvconf").write_text(f'#!/bin/sh\ncat > "{tmp_path}/resolvconf.in"\n')
+    (shims / "resolvconf").chmod(0o755)
+    up = await phone.spawn(
+        "sh", "-c", f'exec "$@" >{tmp_path}/wg-quick.log 2>&1', "sh",
+        "env", f"PATH={shims}:{os.environ['PATH']}",
+        "WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go",
+        "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1",
+        "wg-quick", "up", str(conf),
+    )  # fmt: skip
+    assert await up.wait() == 0, (tmp_path / "wg-quick.log").read_text()
+    assert (tmp_path / "resolvconf.in").read_text().strip() == (
+        f"nameserver {b_address}\nsearch office.internal"
+    )
+
+    # Through its gateway b: b itself, the member a, the LAN behind a.
+    for address in (b_address, a_address):
+        assert await wait_until(
+            functools.partial(ping, phone, address), timeout=30, message=f"phone -> {address}"
+        )
+    seen = await wait_until(
+        lambda: _hello(phone, f"{LAN}.2"), timeout=20, message="phone reaches the LAN"
+    )
+    assert seen == f"ok {PORT} from {LAN}.1", "masqueraded by a, the LAN's gateway"
+    assert await wait_until(
+        functools.partial(ping, mesh.hosts["a"], client["address"]),
+        timeout=20,
+        message="a member reaches the client",
+    )
+    answer = await phone.run("dig", "+short", "+time=2", f"@{b_address}", "a.office.internal")
+    assert answer.stdout.strip() == a_address
+
+    await mesh.cli("client", "remove", "office/phone")
+
+    async def withdrawn() -> bool:
+        return not await ping(phone, b_address) and not await ping(phone, a_address)
+
+    await wait_until(withdrawn, timeout=20, message="the client is cut off")
+    await _unreachable_for_a_while(phone, a_address)
+    await _unreachable_for_a_while(mesh.hosts["a"], client["address"])
+    await _stays_unreachable(phone, f"{LAN}.2")
+    assert client["public_key"] not in await mesh.wg("b", "peers")
