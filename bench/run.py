@@ -67,10 +67,13 @@ from controlplane.publisher import MemoryDesiredPublisher
 from events import natsid
 from events.commands import (
     AddEgress,
+    AddIngress,
     AnyCommand,
+    CreateClient,
     CreateEnrollmentKey,
     CreateNetwork,
     Join,
+    RemoveClient,
     RemoveEgress,
     Reply,
     SetPolicy,
@@ -618,7 +621,7 @@ async def bench_egress(hosts: int, changes: int, workdir: Path) -> dict[str, Any
         gateway = next(iter(mirror.nodes_by_host[seed.hosts[0]]))
         results: dict[str, Any] = {"hosts": hosts}
         for name in ("range added", "range removed"):
-            latencies, affected, sizes, cpu = [], [], [], []
+            ranges = []
             for i in range(changes):
                 cidr = f"172.{16 + i // 256}.{i % 256}.0/24"
                 if name == "range added":
@@ -626,28 +629,46 @@ async def bench_egress(hosts: int, changes: int, workdir: Path) -> dict[str, Any
                     verb = "egress.add"
                 else:
                     command, verb = RemoveEgress(node=gateway, ranges=(cidr,)), "egress.remove"
-                took, changed, size, spent = await measured_change(
-                    bench, mirror, cp_pid, verb, command
-                )
-                latencies.append(took)
-                affected.append(changed)
-                sizes.append(size)
-                cpu.append(spent)
-            results[name] = {
-                "converged_ms": {k: v * 1000 for k, v in summary(latencies).items()},
-                "hosts_changed": statistics.median(affected),
-                "bytes_per_host": statistics.median(
-                    s / max(a, 1) for s, a in zip(sizes, affected, strict=True)
-                ),
-                "cp_cpu_ms": statistics.median(cpu) * 1000,
-            }
+                ranges.append(await measured_change(bench, mirror, cp_pid, verb, command))
+            results[name] = _change_summary(ranges)
+        # External clients through the same node as an ingress gateway: the
+        # gateway gets the peer and its forwarding, every member the client's
+        # address on the gateway's allowed IPs (one small delta each).
+        await measured_change(bench, mirror, cp_pid, "ingress.add", AddIngress(node=gateway))
+        for name in ("client created", "client removed"):
+            runs = []
+            for i in range(changes):
+                if name == "client created":
+                    key = base64.b64encode(hashlib.sha256(b"client%d" % i).digest()).decode()
+                    command = CreateClient(
+                        network=mirror.nodes[gateway].network,
+                        name=f"c{i}",
+                        via=gateway,
+                        public_key=key,
+                    )
+                    verb = "client.create"
+                else:
+                    command = RemoveClient(network=mirror.nodes[gateway].network, name=f"c{i}")
+                    verb = "client.remove"
+                runs.append(await measured_change(bench, mirror, cp_pid, verb, command))
+            results[name] = _change_summary(runs)
         results["gaps"] = sum(a.gaps for a in bench.agents.values())
         results["stage_seconds"] = time.perf_counter() - stage_started
         return results
 
 
+def _change_summary(runs: list[tuple[float, int, int, float]]) -> dict[str, Any]:
+    """What `measured_change` measured over several changes: medians and spread."""
+    return {
+        "converged_ms": {k: v * 1000 for k, v in summary([r[0] for r in runs]).items()},
+        "hosts_changed": statistics.median(r[1] for r in runs),
+        "bytes_per_host": statistics.median(r[2] / max(r[1], 1) for r in runs),
+        "cp_cpu_ms": statistics.median(r[3] for r in runs) * 1000,
+    }
+
+
 def print_egress(result: dict[str, Any]) -> None:
-    for name in ("range added", "range removed"):
+    for name in ("range added", "range removed", "client created", "client removed"):
         r = result[name]
         print(
             f"egress, {result['hosts']:>5} hosts, {name}: converged p50 "
