@@ -450,8 +450,21 @@ GATEWAY = {
 }
 
 
+# An ingress gateway's client under a policy: only what the rules allow reaches it.
+CLIENT = {
+    "10.10.0.9/32": ForwardEntry(
+        nat=False,
+        rules=(
+            ForwardRule(sources=("10.10.0.5/32",), destination="10.10.0.9/32", allow=("22/tcp",)),
+        ),
+        exclusive=True,
+    ),
+}
+
+
 async def test_contract_a_gateway_table_reads_back_as_installed(machine: Machine) -> None:
-    for forward, guarded in ((GATEWAY, ("t1",)), (GATEWAY, ()), ({}, ())):
+    cases = ((GATEWAY, ("t1",)), (GATEWAY, ()), ({**GATEWAY, **CLIENT}, ()), ({}, ()))
+    for forward, guarded in cases:
         ruleset = ruleset_for(POLICY, "t0", forward, ("10.10.0.0/24",), guarded)
         await machine.firewall.replace(ruleset)
         assert in_force(await machine.firewall.read(), ruleset), (forward, guarded)
@@ -477,6 +490,12 @@ def test_golden_gateway_chains() -> None:
     ]
     # A host that forwards nothing has no forward chain: the table as before.
     assert render(POLICY) == render_gateway({}, guarded=())
+    # An exclusive entry (an ingress gateway's client) comes first, closed by a drop.
+    lines = render_gateway({**GATEWAY, **CLIENT}, guarded=())
+    assert [line for line in lines if line.startswith("egress")][1:3] == [
+        'egress: ip saddr "10.10.0.5" ip daddr "10.10.0.9" tcp dport 22 accept',
+        'egress: ip daddr "10.10.0.9" drop',
+    ]
 
 
 def render_gateway(forward: dict[str, ForwardEntry], guarded: tuple[str, ...]) -> list[str]:
