@@ -3,8 +3,9 @@ the configuration `netmesh client create` printed with the real `wg-quick up`
 (wireguard-go as its userspace WireGuard), through an ingress gateway.
 
 What must pass passes: the client pings mesh nodes (its gateway and another
-member), a member pings the client, the client reaches a LAN host behind an
-egress gateway on a third host, and the gateway's DNS answers the client.
+member), a member pings the client and resolves its name, the client reaches
+a LAN host behind an egress gateway on another host, and the gateway's DNS
+answers the client.
 After `client remove` none of it does, held for seconds.
 """
 
@@ -96,6 +97,11 @@ async def test_a_wg_quick_client_reaches_the_mesh_and_a_lan_until_it_is_removed(
     )
     answer = await phone.run("dig", "+short", "+time=2", f"@{b_address}", "a.office.internal")
     assert answer.stdout.strip() == a_address
+    # And the client has a name of its own, on every member.
+    answer = await mesh.hosts["a"].run(
+        "dig", "+short", "+time=2", f"@{a_address}", "phone.office.internal"
+    )
+    assert answer.stdout.strip() == client["address"]
 
     await mesh.cli("client", "remove", "office/phone")
 

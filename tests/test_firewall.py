@@ -463,7 +463,12 @@ CLIENT = {
 
 
 async def test_contract_a_gateway_table_reads_back_as_installed(machine: Machine) -> None:
-    cases = ((GATEWAY, ("t1",)), (GATEWAY, ()), ({**GATEWAY, **CLIENT}, ()), ({}, ()))
+    cases: list[tuple[dict[str, ForwardEntry], tuple[str, ...]]] = [
+        (GATEWAY, ("t1",)),
+        (GATEWAY, ()),
+        ({**GATEWAY, **CLIENT}, ()),
+        ({}, ()),
+    ]
     for forward, guarded in cases:
         ruleset = ruleset_for(POLICY, "t0", forward, ("10.10.0.0/24",), guarded)
         await machine.firewall.replace(ruleset)

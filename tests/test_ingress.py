@@ -437,3 +437,17 @@ async def test_clients_survive_the_read_model(tmp_path: Path) -> None:
     assert loaded.addresses == world.topology.addresses
     for host_id in world.topology.hosts:
         assert desired_for(loaded, host_id) == desired_for(world.topology, host_id)
+
+
+def test_a_client_has_a_name_in_the_network_s_domain_while_it_exists() -> None:
+    from events.commands import AddDnsRecord
+    from events.desired import DnsEntry
+
+    world = ingress("a", "g")
+    world.run(CreateClient(network="office", name="phone", via="g", public_key=PHONE), ROOT)
+    for member in ("a", "g"):
+        assert state(world, member).dns["phone.office.internal"] == DnsEntry(a=("10.10.0.3",))
+    error = refused(world, AddDnsRecord(network="office", name="phone", a=("10.10.0.99",)))
+    assert error.code == "conflict" and "client office/phone" in error.message
+    world.run(RemoveIngress(node="g"), ROOT)
+    assert "phone.office.internal" not in state(world, "a").dns

@@ -98,6 +98,8 @@ def add_record(topology: Topology, cmd: AddDnsRecord, _ctx: Context) -> Decision
     for node in topology.nodes_of_network(network.name):
         if node_label(node.name) == name:
             raise Rejected(ErrorCode.CONFLICT, f"{whole} is node {network.name}/{node.name}'s name")
+    if name in network.clients:
+        raise Rejected(ErrorCode.CONFLICT, f"{whole} is client {network.name}/{name}'s name")
     # The event says what the admin signed (events verify compares them);
     # the topology puts it in canonical form.
     event = DnsRecordAdded(

@@ -22,9 +22,12 @@ from typing import ClassVar
 from events.desired import DnsEntry, DnsZoneEntry
 from events.dns import fqdn, relative_name, within
 from events.model import (
+    ClientCreated,
+    ClientRemoved,
     DnsRecordAdded,
     DnsRecordRemoved,
     Event,
+    IngressRemoved,
     NodeJoined,
     NodeRemoved,
     NodeTagged,
@@ -49,6 +52,8 @@ def zone_of(topology: Topology, network: str) -> Zone:
     for record in found.records.values():
         entry = DnsEntry(a=record.a, aaaa=record.aaaa, cname=record.cname)
         zone[fqdn(record.name, found.dns_domain)] = (entry, "")
+    for client in found.clients.values():  # named by an admin, as records are
+        zone[fqdn(client.name, found.dns_domain)] = (DnsEntry(a=(client.address,)), "")
     for node in topology.nodes_of_network(network):  # by node id: the first takes a name
         name = topology.dns_name(node)
         if name is None or zone.get(name, (None, ""))[1]:
@@ -68,6 +73,9 @@ class DnsSection:
         PolicySet,
         DnsRecordAdded,
         DnsRecordRemoved,
+        ClientCreated,
+        ClientRemoved,
+        IngressRemoved,
     )
     name: ClassVar[str] = "dns"
 
@@ -111,6 +119,12 @@ class DnsSection:
 
     @staticmethod
     def rereads(topology: Topology, event: Event) -> Sequence[Reread]:
+        clients = _client_names(topology, event)
+        named = DnsSection._rereads(topology, event)
+        return [*named, *clients] if clients else named
+
+    @staticmethod
+    def _rereads(topology: Topology, event: Event) -> Sequence[Reread]:
         match event:
             case DnsRecordAdded(network=network) | DnsRecordRemoved(network=network):
                 record = _record_key(topology, event)
@@ -146,6 +160,28 @@ class DnsSection:
             if m.destinations.names and m.sources.hosts:
                 rereads.append(Reread(DnsSection.name, m.destinations.names, hosts=m.sources.hosts))
         return rereads
+
+
+def _client_names(topology: Topology, event: Event) -> list[Reread]:
+    """External clients' names a client event (or the departure of their
+    gateway) added or took away: every member of the network re-reads them."""
+    match event:
+        case ClientCreated(network=network, name=name):
+            names = [name]
+        case (
+            ClientRemoved(network=network)
+            | IngressRemoved(network=network)
+            | NodeRemoved(network=network)
+        ):
+            found = topology.networks.get(network)
+            names = [c.name for c in found.departed_clients] if found is not None else []
+        case _:
+            return []
+    net = topology.networks.get(network)
+    if net is None or not names:
+        return []
+    keys = frozenset(fqdn(name, net.dns_domain) for name in names)
+    return [Reread(DnsSection.name, keys, networks=frozenset((network,)))]
 
 
 def _record_key(
