@@ -40,9 +40,8 @@ async def _unreachable_for_a_while(host: Host, address: str) -> None:
     assert attempts >= 2
 
 
-async def test_a_wg_quick_client_reaches_the_mesh_and_a_lan_until_it_is_removed(
-    mesh: Mesh, tmp_path: Path
-) -> None:
+async def _office(mesh: Mesh) -> dict[str, dict[str, str]]:
+    """Server, network office, agents a and b in sync, b an ingress gateway."""
     if mesh.backends:
         pytest.skip("the client's side is wg-quick; the gateways' backends are tested elsewhere")
     await mesh.start_server()
@@ -51,22 +50,15 @@ async def test_a_wg_quick_client_reaches_the_mesh_and_a_lan_until_it_is_removed(
     for name in ("a", "b"):
         await mesh.start_agent(name, token, AGENT_ARGS)
     await wait_until(lambda: _in_sync(mesh, ("a", "b")), timeout=60, message="agents in sync")
-    nodes = {n["name"]: n for n in await mesh.cli_json("node", "list")}
-    a_address, b_address = nodes["a"]["address"], nodes["b"]["address"]
-    lan = await mesh.net.add_behind(mesh.hosts["a"], "site", LAN)
-    assert (await lan.spawn(sys.executable, SCRIPT, "serve", str(PORT))).pid
-    await mesh.cli("gateway", "egress", "add", "office/a", "--range", f"{LAN}.0/24")
     await mesh.cli("gateway", "ingress", "add", "office/b")
+    return {n["name"]: n for n in await mesh.cli_json("node", "list")}
 
-    conf = tmp_path / "phone.conf"  # wg-quick names the interface after the file
-    await mesh.cli(
-        "client", "create", "phone", "--network", "office", "--via", "b", "--output", str(conf)
-    )
-    (client,) = await mesh.cli_json("client", "list")
-    phone = await mesh.net.add_host("phone")
-    # wg-quick hands the DNS line to resolvconf: this one records what it got.
+
+async def _wg_quick_up(phone: Host, conf: Path, tmp_path: Path) -> None:
+    """`wg-quick up conf` in `phone`, with wireguard-go; wg-quick hands a DNS
+    line to resolvconf: the one here records what it got (resolvconf.in)."""
     shims = tmp_path / "bin"
-    shims.mkdir()
+    shims.mkdir(exist_ok=True)
     (shims / "resolvconf").write_text(f'#!/bin/sh\ncat > "{tmp_path}/resolvconf.in"\n')
     (shims / "resolvconf").chmod(0o755)
     up = await phone.spawn(
@@ -77,6 +69,24 @@ async def test_a_wg_quick_client_reaches_the_mesh_and_a_lan_until_it_is_removed(
         "wg-quick", "up", str(conf),
     )  # fmt: skip
     assert await up.wait() == 0, (tmp_path / "wg-quick.log").read_text()
+
+
+async def test_a_wg_quick_client_reaches_the_mesh_and_a_lan_until_it_is_removed(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    nodes = await _office(mesh)
+    a_address, b_address = nodes["a"]["address"], nodes["b"]["address"]
+    lan = await mesh.net.add_behind(mesh.hosts["a"], "site", LAN)
+    assert (await lan.spawn(sys.executable, SCRIPT, "serve", str(PORT))).pid
+    await mesh.cli("gateway", "egress", "add", "office/a", "--range", f"{LAN}.0/24")
+
+    conf = tmp_path / "phone.conf"  # wg-quick names the interface after the file
+    await mesh.cli(
+        "client", "create", "phone", "--network", "office", "--via", "b", "--output", str(conf)
+    )
+    (client,) = await mesh.cli_json("client", "list")
+    phone = await mesh.net.add_host("phone")
+    await _wg_quick_up(phone, conf, tmp_path)
     assert (tmp_path / "resolvconf.in").read_text().strip() == (
         f"nameserver {b_address}\nsearch office.internal"
     )
@@ -113,3 +123,35 @@ async def test_a_wg_quick_client_reaches_the_mesh_and_a_lan_until_it_is_removed(
     await _unreachable_for_a_while(mesh.hosts["a"], client["address"])
     await _stays_unreachable(phone, f"{LAN}.2")
     assert client["public_key"] not in await mesh.wg("b", "peers")
+
+
+INTERNET = "198.51.100"
+
+
+async def test_a_full_tunnel_client_reaches_the_internet_through_its_gateway(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """`--full-tunnel` through an ingress gateway that is an internet
+    gateway: the client's default route is the tunnel (wg-quick's own policy
+    routing), and what it sends to the internet leaves masqueraded by b."""
+    nodes = await _office(mesh)
+    b = mesh.hosts["b"]
+    internet = await mesh.net.add_behind(b, "internet", INTERNET)
+    await b.run("ip", "route", "add", "default", "via", f"{INTERNET}.2")
+    assert (await internet.spawn(sys.executable, SCRIPT, "serve", str(PORT))).pid
+    await mesh.cli("gateway", "egress", "add", "office/b", "--range", "0.0.0.0/0")
+    conf = tmp_path / "laptop.conf"
+    await mesh.cli(
+        "client", "create", "laptop", "--network", "office", "--via", "b",
+        "--full-tunnel", "--no-dns", "--output", str(conf),
+    )  # fmt: skip
+    laptop = await mesh.net.add_host("laptop")
+    await _stays_unreachable(laptop, f"{INTERNET}.2")  # no route there of its own
+    await _wg_quick_up(laptop, conf, tmp_path)
+    seen = await wait_until(
+        lambda: _hello(laptop, f"{INTERNET}.2"), timeout=30, message="the laptop's way out"
+    )
+    assert seen == f"ok {PORT} from {INTERNET}.1", "masqueraded by its gateway"
+    assert await wait_until(
+        functools.partial(ping, laptop, nodes["a"]["address"]), timeout=20, message="and the mesh"
+    )
