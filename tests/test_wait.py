@@ -41,12 +41,14 @@ class Host:
         return device.mtu if device else None
 
     async def stop(self) -> None:
-        if self.loop is not None:
-            self.loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.loop
-            self.loop = None
-        await self.agent.close()
+        # Bounded: a stop that hangs fails here, saying so, not at the test's timeout.
+        async with asyncio.timeout(30):
+            if self.loop is not None:
+                self.loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.loop
+                self.loop = None
+            await self.agent.close()
 
 
 async def start_host(url: str, token: str, name: str, tmp_path: Path) -> Host:
@@ -88,13 +90,24 @@ async def mesh(
         try:
             for name in ("web1", "db1", "ops1"):
                 hosts[name] = await start_host(nats_server.url, token, name, tmp_path)
-            await wait_until(
-                lambda: all(h.mtu() == 1420 for h in hosts.values()), message="all up", timeout=20
-            )
+            await wait_until(lambda: settled(admin, hosts), message="all in sync", timeout=20)
             yield nats_server.url, admin, hosts
         finally:
             for host in hosts.values():
                 await host.stop()
+
+
+async def settled(admin: Admin, hosts: dict[str, Host]) -> bool:
+    """Every agent has applied its desired revision and the control plane has
+    its report of that (what the CLI says a host applied is the report's: a
+    test reading an agent's revision before its last report landed raced)."""
+    rows = {r["name"]: r for r in await admin.query("status")}
+    return all(
+        n in rows
+        and rows[n]["state"] == "in sync"
+        and rows[n]["applied_revision"] == rows[n]["desired_revision"] == applied(h)
+        for n, h in hosts.items()
+    )
 
 
 def applied(host: Host) -> int:
