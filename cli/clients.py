@@ -10,7 +10,6 @@ is sent. The private key is printed once (or written to `--output`, mode
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from cli.main import (
     when,
 )
 from cli.past import at_option
+from cli.secretfile import removed_on_failure, secret_file
 from cli.wait import waitable
 
 KEEPALIVE = 25  # seconds: keeps the client's NAT mapping open towards the gateway
@@ -98,7 +98,9 @@ def client_config(view: dict[str, Any], private_key: str | None, *, dns: bool = 
         "[Peer]",
         f"# {gateway['name']} (ingress gateway)",
         f"PublicKey = {gateway['public_key']}",
-        f"Endpoint = {view['endpoint']}",
+        f"Endpoint = {view['endpoint']}"
+        if view["endpoint"]
+        else "# Endpoint = (unknown: the gateway's HOST:PORT, reachable by the client)",
         f"AllowedIPs = {', '.join(allowed)}",
         f"PersistentKeepalive = {KEEPALIVE}",
     ]
@@ -174,13 +176,8 @@ def client_create(
         key = PrivateKey.generate()
         private_key = base64.b64encode(bytes(key)).decode()
         public_key = base64.b64encode(bytes(key.public_key)).decode()
-    fd = None
-    if output is not None:  # opened first: a path it cannot write registers nothing
-        try:
-            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
-    try:
+    out = secret_file(output, "the configuration", exclusive=True)
+    with removed_on_failure(out):
         result = run(
             admin_command(
                 server,
@@ -192,23 +189,17 @@ def client_create(
                 full_tunnel=full_tunnel,
             )
         )
-        result["endpoint"] = endpoint or result["gateway"]["endpoint"]
-        if not result["endpoint"]:
-            raise click.ClickException(
-                f"client {name} is registered, but gateway {result['gateway']['name']} has "
-                "no known endpoint: give --endpoint HOST:PORT "
-                f"(netmesh client show {name} --network {network_name} --config prints it again)"
-            )
-    except BaseException:
-        if fd is not None:
-            assert output is not None
-            os.close(fd)
-            os.unlink(output)
-        raise
+    result["endpoint"] = endpoint or result["gateway"]["endpoint"]
+    if not result["endpoint"]:
+        # Registered: the key pair must not be lost, the configuration says what is missing.
+        click.echo(
+            f"warning: gateway {result['gateway']['name']} has no known endpoint: set Endpoint "
+            "in the configuration (next time: --endpoint HOST:PORT)",
+            err=True,
+        )
     config = client_config(result, private_key, dns=not no_dns)
-    if fd is not None:
-        with os.fdopen(fd, "w") as f:
-            f.write(config)
+    if out is not None:
+        out.write(config)
     if as_json:
         emit_json({**result, **({} if output else {"config": config})})
         return

@@ -3,7 +3,6 @@ plane: controlplane/hooks.py). Attached to the root group of `cli.main`."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -19,6 +18,8 @@ from cli.main import (
     table,
     when,
 )
+from cli.secretfile import removed_on_failure
+from cli.secretfile import secret_file as secret_file_for
 from cli.wait import waitable
 
 
@@ -43,24 +44,12 @@ def hook() -> None:
 def hook_add(server: str, url: str, pattern: str, secret_file: Path | None, as_json: bool) -> None:
     """POST each event matching --events to URL, in order, at least once,
     signed (header Netmesh-Signature: sha256=HMAC of the body)."""
-    fd = None
-    if secret_file is not None:  # opened first: a path it cannot write sends nothing
-        try:
-            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        except OSError as exc:
-            raise click.ClickException(f"cannot write the secret to {secret_file}: {exc}") from None
-    try:
+    out = secret_file_for(secret_file, "the secret", exclusive=False)
+    with removed_on_failure(out):
         result = run(admin_command(server, "hook.add", url=url, events=pattern))
-    except BaseException:
-        if fd is not None:
-            assert secret_file is not None
-            os.close(fd)
-            os.unlink(secret_file)
-        raise
     secret = result.pop("secret")
-    if fd is not None:
-        with os.fdopen(fd, "w") as f:
-            f.write(secret + "\n")
+    if out is not None:
+        out.write(secret + "\n")
     else:
         result["secret"] = secret
     if as_json:

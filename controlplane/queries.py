@@ -36,7 +36,7 @@ from events.subjects import QUERY_PREFIX, REPORTS_STREAM, report_subject
 from projections.desired import peer_endpoint
 from projections.sqlite import ReadModel
 from projections.timetravel import diff, view_of
-from projections.topology import Host, Topology
+from projections.topology import Gateway, Host, Topology
 
 log = structlog.get_logger("netmesh.controlplane")
 
@@ -352,43 +352,32 @@ PAST_QUERIES = frozenset(
 
 
 def list_gateways(topology: Topology, network: str | None) -> list[dict[str, Any]]:
-    """Every egress gateway (of one network), from the write model's topology."""
+    """Every gateway (of one network), egress and ingress, from the write model's topology."""
     if network is not None and network not in topology.networks:
         raise Rejected(ErrorCode.NOT_FOUND, f"no network {network!r}")
     found = []
     for name, net in sorted(topology.networks.items()):
         if network is not None and name != network:
             continue
-        for gateway in net.gateways.values():
-            node = topology.nodes.get(gateway.node_id)
-            if node is None:
-                continue
-            found.append(
-                {
-                    "network": name,
-                    "node_id": node.node_id,
-                    "name": node.name,
-                    "address": node.address,
-                    "kind": "egress",
-                    "ranges": list(gateway.ranges),
-                    "nat": gateway.nat,
-                    "metric": gateway.metric,
-                }
-            )
-        for node_id in sorted(net.ingress):
+        kinds: list[tuple[str, str, Gateway | None]]
+        kinds = [(g.node_id, "egress", g) for g in net.gateways.values()]
+        kinds += [(node_id, "ingress", None) for node_id in sorted(net.ingress)]
+        for node_id, kind, gateway in kinds:
             node = topology.nodes.get(node_id)
             if node is None:
                 continue
-            found.append(
-                {
-                    "network": name,
-                    "node_id": node.node_id,
-                    "name": node.name,
-                    "address": node.address,
-                    "kind": "ingress",
-                    "clients": [c.name for c in net.clients_via(node_id)],
-                }
-            )
+            row: dict[str, Any] = {
+                "network": name,
+                "node_id": node.node_id,
+                "name": node.name,
+                "address": node.address,
+                "kind": kind,
+            }
+            if gateway is not None:
+                row.update(ranges=list(gateway.ranges), nat=gateway.nat, metric=gateway.metric)
+            else:
+                row["clients"] = [c.name for c in net.clients_via(node_id)]
+            found.append(row)
     return sorted(found, key=lambda g: (g["network"], g["name"], g["kind"]))
 
 

@@ -31,6 +31,7 @@ from events.commands import (
 )
 from events.desired import (
     DesiredDelta,
+    DesiredState,
     EgressEntry,
     EgressVia,
     ExitEntry,
@@ -189,14 +190,20 @@ def test_two_gateways_of_a_range_are_listed_best_first_and_neither_routes_via_th
         assert (routes, egress, forward) == (set(), {}, {LAN})
 
 
-def test_adding_a_range_sends_each_member_one_small_delta() -> None:
-    world = office(*(f"h{n}" for n in range(20)))
+def sent_by(world: World, command: object) -> list[DesiredState | DesiredDelta]:
+    """What `command` makes the control plane send: a message per host whose
+    desired state it changed."""
     published = {h: world.topology.revision_of(h) for h in world.topology.hosts}
-    _, touched = world.run(AddEgress(node="h0", ranges=(LAN,)), ROOT)
+    _, touched = world.run(command, ROOT)  # type: ignore[arg-type]
     changes = DesiredChanges()
     for t in touched:
         changes.add(t)
-    sent = messages(world.topology, changes, published)
+    return messages(world.topology, changes, published)
+
+
+def test_adding_a_range_sends_each_member_one_small_delta() -> None:
+    world = office(*(f"h{n}" for n in range(20)))
+    sent = sent_by(world, AddEgress(node="h0", ranges=(LAN,)))
     assert len(sent) == 20
     for message in sent:
         assert isinstance(message, DesiredDelta)

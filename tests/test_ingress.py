@@ -41,11 +41,11 @@ from events.desired import (
 from events.model import ClientCreated, ClientRemoved, IngressAdded
 from events.signing import public_text
 from events.tokens import make_token
-from projections.desired import DesiredChanges, desired_for, messages
+from projections.desired import desired_for
 from projections.topology import Touched
 from tests.desired_states import desired_state
 from tests.factories import World, public_key
-from tests.test_gateway import LAN, host, office
+from tests.test_gateway import LAN, host, office, sent_by
 from tests.test_policy_commands import ROOT, appended, refused
 
 PHONE = public_key(900)
@@ -259,14 +259,7 @@ def test_the_gateway_forwards_its_clients_to_ranges_it_reaches_and_masquerades_o
 
 def test_creating_a_client_sends_each_member_one_small_delta() -> None:
     world = ingress(*(f"h{n}" for n in range(19)), "g")
-    published = {h: world.topology.revision_of(h) for h in world.topology.hosts}
-    _, touched = world.run(
-        CreateClient(network="office", name="phone", via="g", public_key=PHONE), ROOT
-    )
-    changes = DesiredChanges()
-    for t in touched:
-        changes.add(t)
-    sent = messages(world.topology, changes, published)
+    sent = sent_by(world, CreateClient(network="office", name="phone", via="g", public_key=PHONE))
     assert len(sent) == 20
     for message in sent:
         assert isinstance(message, DesiredDelta)
