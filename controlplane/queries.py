@@ -205,6 +205,9 @@ async def status(model: ReadModel, applied: AppliedLookup) -> list[dict[str, Any
     out = []
     nodes = await list_nodes(model)
     names = {n["public_key"]: n["name"] for n in nodes}
+    # An ingress gateway's peers include its external clients.
+    for client in await _rows(model, "SELECT public_key, name FROM clients"):
+        names.setdefault(client["public_key"], f"client {client['name']}")
     reports = await _reports(applied, {n["host_id"] for n in nodes})
     for node in nodes:
         host_id = node["host_id"]

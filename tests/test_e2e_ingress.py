@@ -113,6 +113,14 @@ async def test_a_wg_quick_client_reaches_the_mesh_and_a_lan_until_it_is_removed(
     )
     assert answer.stdout.strip() == client["address"]
 
+    # The gateway's status names the client among its peers, with a handshake.
+    async def handshake_reported() -> bool:
+        shown = await mesh.cli_json("node", "show", "office/b")
+        peers = (shown.get("status") or {}).get("peers", [])
+        return any(p["name"] == "client phone" and p["connected"] for p in peers)
+
+    await wait_until(handshake_reported, timeout=20, message="the client in b's status")
+
     await mesh.cli("client", "remove", "office/phone")
 
     async def withdrawn() -> bool:
