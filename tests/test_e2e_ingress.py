@@ -57,6 +57,7 @@ async def _office(mesh: Mesh) -> dict[str, dict[str, str]]:
 async def _wg_quick_up(phone: Host, conf: Path, tmp_path: Path) -> None:
     """`wg-quick up conf` in `phone`, with wireguard-go; wg-quick hands a DNS
     line to resolvconf: the one here records what it got (resolvconf.in)."""
+    tmp_path.mkdir(exist_ok=True)
     shims = tmp_path / "bin"
     shims.mkdir(exist_ok=True)
     (shims / "resolvconf").write_text(f'#!/bin/sh\ncat > "{tmp_path}/resolvconf.in"\n')
@@ -163,3 +164,44 @@ async def test_a_full_tunnel_client_reaches_the_internet_through_its_gateway(
     assert await wait_until(
         functools.partial(ping, laptop, nodes["a"]["address"]), timeout=20, message="and the mesh"
     )
+
+
+async def test_under_a_policy_the_gateway_forwards_to_a_client_only_what_the_rules_allow(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """Two clients of one gateway, a policy naming them by address: a member
+    the policy lets reach the phone does; the other client, whose packets
+    the gateway would forward into the network, does not reach the phone
+    (the phone's forward entry is exclusive), though its tunnel works."""
+    nodes = await _office(mesh)
+    await mesh.cli("node", "tag", "office/a", "ops")
+    configs = {}
+    for name in ("phone", "tab"):
+        configs[name] = tmp_path / f"{name}.conf"
+        await mesh.cli(
+            "client", "create", name, "--network", "office", "--via", "b",
+            "--no-dns", "--output", str(configs[name]),
+        )  # fmt: skip
+    address = {c["name"]: c["address"] for c in await mesh.cli_json("client", "list")}
+    policy = tmp_path / "policy.json5"
+    policy.write_text(
+        "{rules: [\n"
+        f'  {{from: ["tag:ops"], to: ["b", "{address["phone"]}/32"]}},\n'
+        f'  {{from: ["{address["tab"]}/32"], to: ["b"]}},\n'
+        "]}\n"
+    )
+    await mesh.cli("policy", "set", "office", str(policy))
+    hosts = {}
+    for name in ("phone", "tab"):
+        hosts[name] = await mesh.net.add_host(name)
+        await _wg_quick_up(hosts[name], configs[name], tmp_path / name)
+    b_address = nodes["b"]["address"]
+    assert await wait_until(
+        functools.partial(ping, hosts["tab"], b_address), timeout=30, message="tab's tunnel"
+    )
+    assert await wait_until(
+        functools.partial(ping, mesh.hosts["a"], address["phone"]),
+        timeout=30,
+        message="a reaches the phone, as its rule says",
+    )
+    await _unreachable_for_a_while(hosts["tab"], address["phone"])
