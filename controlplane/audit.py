@@ -203,6 +203,10 @@ def _fields_problem(spec: CommandSpec[Any], command: Command, event: Event) -> s
     for command_field, event_field in spec.produces.same_set:
         if set(getattr(command, command_field)) != set(getattr(event, event_field)):
             return f"the event's {event_field} are not the signed ones"
+    for command_field, event_field in spec.produces.same_set_if_given:
+        signed = getattr(command, command_field)
+        if signed and set(signed) != set(getattr(event, event_field)):
+            return f"the event's {event_field} are not the signed ones"
     for command_field, event_field in spec.produces.within:
         signed, recorded = getattr(command, command_field), getattr(event, event_field)
         if not recorded or not set(recorded) <= set(signed):

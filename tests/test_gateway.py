@@ -158,6 +158,24 @@ def test_egress_events_verify_and_cannot_carry_other_ranges() -> None:
     assert problems[0] == "the event's ranges are not the signed ones", problems
 
 
+def test_a_removal_s_ranges_are_the_signed_ones_or_all_when_none_were_signed() -> None:
+    import msgspec
+
+    world = office("a", "g")
+    world.run(AddEgress(node="g", ranges=(LAN, "172.16.0.0/16")), ROOT)
+    world.run(RemoveEgress(node="g", ranges=(LAN,)), ROOT)
+    world.run(RemoveEgress(node="g"), ROOT)  # all that is left: the event names it
+    assert verify_log(world.log, root=public_text(ROOT)).problems == []
+    first = next(i for i, r in enumerate(world.log) if isinstance(r.event, EgressRemoved))
+    record = world.log[first]
+    forged = msgspec.structs.replace(record.event, ranges=(LAN, "172.16.0.0/16"))
+    world.log[first] = msgspec.structs.replace(
+        record, envelope=msgspec.structs.replace(record.envelope, data=forged)
+    )
+    problems = [why for _, why in verify_log(world.log, root=public_text(ROOT)).problems]
+    assert problems[0] == "the event's ranges are not the signed ones", problems
+
+
 # -- sections ---------------------------------------------------------------------
 
 

@@ -144,7 +144,7 @@ REMOVE = CommandSpec[RemoveEgress](
     remove_egress,
     ByAdmin(Scope(lambda topology, cmd: network_of_node(topology, cmd.node))),
     # Without ranges the command means all of them: the event names them.
-    Produces((EgressRemoved,)),
+    Produces((EgressRemoved,), same_set_if_given=(("ranges", "ranges"),)),
 )
 
 INTERNET = "0.0.0.0/0"

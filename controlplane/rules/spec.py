@@ -96,6 +96,9 @@ class Produces:
     # some of what was signed, at least one (a tag command records only the
     # tags it changed).
     within: tuple[tuple[str, str], ...] = ()
+    # (command field, event field) pairs equal as sets when the command names
+    # any: none signed means "all of them", which the event then lists.
+    same_set_if_given: tuple[tuple[str, str], ...] = ()
 
     @property
     def first(self) -> type[Event]:
