@@ -444,3 +444,24 @@ def test_a_client_has_a_name_in_the_network_s_domain_while_it_exists() -> None:
     assert error.code == "conflict" and "client office/phone" in error.message
     world.run(RemoveIngress(node="g"), ROOT)
     assert "phone.office.internal" not in state(world, "a").dns
+
+
+def test_a_client_reaches_only_what_its_own_network_offers_its_gateway() -> None:
+    """The gateway's host is in a second network with a range of its own:
+    that range is not the client's (its gateway there would not take it)."""
+    world = ingress("a", "b", "g")
+    world.run(AddEgress(node="office/b", ranges=(LAN,)), ROOT)
+    world.run(CreateNetwork(name="lab", cidr="10.20.0.0/24"), ROOT)
+    decision, _ = world.run(CreateEnrollmentKey(network="lab", uses=None), ROOT)
+    key_id = decision.result["key_id"]
+    lab = make_token("nats://cp:4222", key_id, f"s{key_id.removeprefix('k')}")
+    world.run(Join(token=lab, public_key=public_key(3), name="g"), None)  # g's host joins lab
+    world.run(Join(token=lab, public_key=public_key(60), name="l1"), None)
+    world.run(AddEgress(node="lab/l1", ranges=("172.20.0.0/16",)), ROOT)
+    decision, _ = world.run(
+        CreateClient(network="office", name="phone", via="office/g", public_key=PHONE), ROOT
+    )
+    assert decision.result["ranges"] == [LAN]
+    forward = state(world, "g").forward
+    assert "172.20.0.0/16" not in forward and LAN in forward
+    assert state(world, "g").routes.keys() == {LAN, "172.20.0.0/16"}  # g itself reaches both

@@ -31,7 +31,7 @@ from events.commands import AddIngress, CreateClient, ErrorCode, RemoveClient, R
 from events.dns import node_label
 from events.model import ClientCreated, ClientRemoved, IngressAdded, IngressRemoved
 from projections.sections.peers import peer_endpoint
-from projections.sections.reach import EVERYTHING, forwarded, offered
+from projections.sections.reach import EVERYTHING, offered
 from projections.topology import Client, Network, Node, Topology
 
 # A client's name is one DNS label (it gets a name in the network's domain).
@@ -47,7 +47,9 @@ def client_view(topology: Topology, network: Network, client: Client) -> dict[st
     via = topology.nodes.get(client.via)
     host = topology.hosts.get(via.host_id) if via is not None else None
     reached = (
-        set(offered(topology, host.host_id)) | forwarded(topology, host.host_id) if host else set()
+        set(offered(topology, host.host_id, network.name)) | _forwarded_in(via, network)
+        if host and via
+        else set()
     )
     return {
         "network_cidr": network.cidr,
@@ -61,6 +63,12 @@ def client_view(topology: Topology, network: Network, client: Client) -> dict[st
             "address": via.address if via is not None else None,
         },
     }
+
+
+def _forwarded_in(node: Node, network: Network) -> set[str]:
+    """The ranges `node` itself forwards to, as a gateway of `network`."""
+    gateway = network.gateways.get(node.node_id)
+    return set(gateway.ranges) if gateway is not None else set()
 
 
 def _result(node: Node, **more: object) -> dict[str, object]:

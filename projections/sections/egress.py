@@ -206,9 +206,7 @@ class ForwardSection:
 
     def for_clients(self, host_id: str) -> dict[str, tuple[bool, set[ForwardRule]]]:
         if host_id not in self._clients:
-            self._clients[host_id] = client_forwarding(
-                self.topology, host_id, offered(self.topology, host_id)
-            )
+            self._clients[host_id] = client_forwarding(self.topology, host_id)
         return self._clients[host_id]
 
     def entries(self, host_id: str) -> dict[str, ForwardEntry]:

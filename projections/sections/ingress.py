@@ -23,7 +23,7 @@ gateway.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import ClassVar
 
 from events.desired import ClientEntry, EgressVia, ForwardRule
@@ -81,14 +81,12 @@ def own_clients(topology: Topology, host_id: str) -> list[tuple[Network, Client]
     return found
 
 
-def client_forwarding(
-    topology: Topology, host_id: str, offered: Iterable[str]
-) -> dict[str, tuple[bool, set[ForwardRule]]]:
+def client_forwarding(topology: Topology, host_id: str) -> dict[str, tuple[bool, set[ForwardRule]]]:
     """What `host_id` forwards for its clients, by forward key: (exclusive,
-    rules). `offered`: the ranges it reaches through other gateways."""
+    rules): towards each client, and from a network's clients to the network
+    and to the ranges the host reaches through that network's other gateways."""
     found: dict[str, tuple[bool, set[ForwardRule]]] = {}
     by_network: dict[str, list[str]] = {}
-    ranges = sorted(offered)
     for network, client in own_clients(topology, host_id):
         cidr = client_cidr(client)
         by_network.setdefault(network.name, []).append(cidr)
@@ -99,9 +97,9 @@ def client_forwarding(
             towards = set(forward_rules(network, Gateway(client.via, (cidr,)), cidr))
         found[cidr] = (network.access is not None, towards)
     for name, cidrs in by_network.items():
-        network = topology.networks[name]
         sources = tuple(sorted(cidrs))
-        for destination in (network.cidr, *ranges):
+        ranges = sorted(offered(topology, host_id, name))
+        for destination in (topology.networks[name].cidr, *ranges):
             rule = ForwardRule(sources=sources, destination=destination, allow=("any",))
             found.setdefault(destination, (False, set()))[1].add(rule)
     return found

@@ -21,12 +21,17 @@ INTERNET = "0.0.0.0/0"
 EVERYTHING = frozenset({INTERNET, "::/0"})
 
 
-def offered(topology: Topology, host_id: str) -> dict[str, list[EgressVia]]:
-    """The ranges `host_id` reaches through gateways, each with its gateways
-    (unsorted): what its `routes` and `egress` sections hold."""
+def offered(
+    topology: Topology, host_id: str, only: str | None = None
+) -> dict[str, list[EgressVia]]:
+    """The ranges `host_id` reaches through gateways (of network `only`, or
+    of all its networks), each with its gateways (unsorted): what its
+    `routes` and `egress` sections hold."""
     found: dict[str, list[EgressVia]] = {}
     own = forwarded(topology, host_id)
     for node in topology.nodes_of_host(host_id):
+        if only is not None and node.network != only:
+            continue
         network = topology.networks.get(node.network)
         if network is None or not network.gateways:
             continue
