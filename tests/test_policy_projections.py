@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from controlplane.decide import Rejected, host_id_for
@@ -326,6 +326,17 @@ POLICY_OPS = st.lists(
 
 @settings(max_examples=200, deadline=None)
 @given(POLICY_OPS)
+# Found by hypothesis: under a policy, a node joining with a custom record's
+# name took it from every member, not only from those who see the node.
+@example(
+    [
+        ("join", 0, "a", 0, False),
+        ("policy", 0, "a", 1, False),
+        ("record", 4, "a", 0, False),
+        ("join", 0, "a", 0, True),
+        ("join", 4, "a", 0, False),
+    ]
+)
 def test_deltas_under_any_policy_changes_equal_the_derived_state(
     ops: list[tuple[str, int, str, int, bool]],
 ) -> None:

@@ -135,10 +135,18 @@ class DnsSection:
                 NodeJoined(network=network, node_id=node_id)
                 | NodeRemoved(network=network, node_id=node_id)
             ):
-                if policy_of(topology, network) is not None:
-                    return DnsSection._policy_moves(topology, event)
                 node = topology.nodes.get(node_id) or topology.last_dropped
                 name = topology.dns_name(node) if node and node.node_id == node_id else None
+                if policy_of(topology, network) is not None:
+                    moves = DnsSection._policy_moves(topology, event)
+                    if name is None or not _is_a_record(topology, network, name):
+                        return moves
+                    # A record of that name: it is everyone's until a node
+                    # takes the name, and everyone's again once it goes.
+                    everyone = Reread(
+                        DnsSection.name, frozenset((name,)), networks=frozenset((network,))
+                    )
+                    return [*moves, everyone]
                 if node is None or name is None:
                     return ()
                 # Its own host gets a snapshot (its memberships moved).
@@ -160,6 +168,18 @@ class DnsSection:
             if m.destinations.names and m.sources.hosts:
                 rereads.append(Reread(DnsSection.name, m.destinations.names, hosts=m.sources.hosts))
         return rereads
+
+
+def _is_a_record(topology: Topology, network: str, name: str) -> bool:
+    """Whether whole name `name` is a custom record's (or a client's) in `network`."""
+    found = topology.networks.get(network)
+    if found is None:
+        return False
+    try:
+        relative = relative_name(name, found.dns_domain)
+    except ValueError:
+        return False
+    return relative in found.records or relative in found.clients
 
 
 def _client_names(topology: Topology, event: Event) -> list[Reread]:

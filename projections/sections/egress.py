@@ -273,8 +273,11 @@ class ForwardSection:
                     for g in net.gateways.values()
                     if (host := gateway_host(topology, g)) is not None
                 )
+                # An ingress gateway's: who reaches its clients, and which of
+                # the network's ranges it (so its clients) may use.
+                shared = frozenset((net.cidr,)) | all_ranges(net)
                 found.extend(
-                    Reread(ForwardSection.name, keys, hosts=frozenset((host,)))
+                    Reread(ForwardSection.name, keys | shared, hosts=frozenset((host,)))
                     for host, keys in ingress_hosts(topology, network).items()
                 )
         return found
