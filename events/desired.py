@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL = 5
+PROTOCOL = 6
 
 # The key of the one entry of the `interface` section.
 WIREGUARD = "wireguard"
@@ -140,6 +140,14 @@ class DnsZoneEntry(msgspec.Struct, frozen=True, kw_only=True):
     network: str = ""  # the network whose domain it is
 
 
+class PathEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """How to reach one peer behind a NAT, keyed by its public key: the
+    endpoints ("ip:port") to try, best first. The agent tries them in turn
+    (agent/nat.py); a peer without an entry is reached at its `peers` endpoint."""
+
+    candidates: tuple[str, ...]
+
+
 class Sections(
     msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
 ):
@@ -160,6 +168,7 @@ class Sections(
     exit: dict[str, ExitEntry] = {}
     dns: dict[str, DnsEntry] = {}
     dns_zones: dict[str, DnsZoneEntry] = {}
+    paths: dict[str, PathEntry] = {}  # NAT traversal: projections/sections/paths.py
 
 
 SECTION_NAMES: tuple[str, ...] = Sections.__struct_fields__
@@ -382,6 +391,12 @@ def _v4_to_v5(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "protocol": 5}
 
 
+def _v5_to_v6(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 6 added NAT traversal (the `paths` section): a version-5 message
+    has none, which is what it meant (every peer at its `peers` endpoint)."""
+    return {**raw, "protocol": 6}
+
+
 # The firewall of a host that enforces no policy (what version 3 meant).
 ALLOW_EVERYTHING = ("0.0.0.0/0", "::/0")
 
@@ -390,6 +405,7 @@ _UPCASTS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     2: _v2_to_v3,
     3: _v3_to_v4,
     4: _v4_to_v5,
+    5: _v5_to_v6,
 }
 
 

@@ -17,6 +17,7 @@ from controlplane.rules import (
     hooks,
     hosts,
     keys,
+    nat,
     networks,
     nodes,
     policies,
@@ -36,6 +37,7 @@ SPECS: tuple[CommandSpec[Any], ...] = (
     *admins.SPECS,
     *hooks.SPECS,
     *tokens.SPECS,
+    *nat.SPECS,
 )
 _BY_TYPE: dict[type[Command], CommandSpec[Any]] = {spec.command: spec for spec in SPECS}
 _BY_VERB: dict[str, CommandSpec[Any]] = {spec.verb: spec for spec in SPECS}

@@ -27,6 +27,7 @@ from projections.sections.egress import (
 )
 from projections.sections.firewall import FirewallSection
 from projections.sections.interface import InterfaceSection
+from projections.sections.paths import PathSection
 from projections.sections.peers import PeerSection, peer_endpoint
 
 SECTIONS: tuple[type[SectionRule], ...] = (
@@ -40,6 +41,7 @@ SECTIONS: tuple[type[SectionRule], ...] = (
     ExitSection,
     DnsSection,
     DnsZoneSection,
+    PathSection,
 )
 
 __all__ = ["SECTIONS", "Reread", "SectionRule", "peer_endpoint"]
