@@ -435,7 +435,8 @@ class TestNet:
         can be, one mapping for every destination, as most home routers do) or
         "symmetric" (`masquerade random`: a new mapping per destination).
         Unsolicited packets from outside are dropped either way (as a home
-        router's firewall does): only replies to what left get in. Hosts go behind it with `add_behind_nat`."""
+        router's firewall does): only replies to what left get in. Hosts go
+        behind it with `add_behind_nat`."""
         if nat not in NAT_KINDS:
             raise ValueError(f"nat must be one of {sorted(NAT_KINDS)}")
         router = await self.add_host(name)
