@@ -170,8 +170,10 @@ def test_a_sighting_sends_small_deltas_that_agree_with_snapshots() -> None:
         assert {names[k]: v for k, v in got.items()} == {
             k: v for k, v in expected.items() if k in {names[key] for key in got}
         }
-    assert set(sent[host(world, "a2")].upsert.paths) == {public_key(2)}  # a1, LAN first now
-    assert set(sent[host(world, "pub")].upsert.paths) == {public_key(3)}
+    to_a2, to_pub = sent[host(world, "a2")], sent[host(world, "pub")]
+    assert isinstance(to_a2, DesiredDelta) and isinstance(to_pub, DesiredDelta)
+    assert set(to_a2.upsert.paths) == {public_key(2)}  # a1, LAN first now
+    assert set(to_pub.upsert.paths) == {public_key(3)}
 
 
 # -- the agent's choice (a fake clock: wall seconds, as handshakes are) -------------------
