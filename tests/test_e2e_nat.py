@@ -189,6 +189,29 @@ async def test_hosts_behind_nats_reach_each_other(testnet: TestNet, tmp_path: Pa
     # Behind the same NAT: over the LAN, not through the router.
     assert (await _endpoints(mesh, "a2"))[keys["a1"]] == f"{mesh.hosts['a1'].lan_address}:51820"
     assert (await _endpoints(mesh, "a1"))[keys["a2"]] == f"{mesh.hosts['a2'].lan_address}:51820"
+
+    # Status says how each peer is reached, with its last handshake.
+    async def paths_of(name: str) -> dict[str, tuple[str | None, bool]] | None:
+        shown = await mesh.cli_json("node", "show", f"office/{name}")
+        peers = {p["name"]: (p["path"], p["connected"]) for p in shown["status"]["peers"]}
+        return peers if all(connected for _, connected in peers.values()) else None
+
+    at_c = await wait_until(
+        functools.partial(paths_of, "c"), timeout=20, message="c's peers connected"
+    )
+    assert at_c == {
+        "pub": ("direct", True),
+        "a1": ("direct, nat", True),
+        "a2": ("direct, nat", True),
+    }
+    at_a2 = await wait_until(
+        functools.partial(paths_of, "a2"), timeout=20, message="a2's peers connected"
+    )
+    assert (
+        at_a2 is not None
+        and at_a2["a1"] == ("direct", True)
+        and at_a2["c"] == ("direct, nat", True)
+    )
     # The audit log says where each was seen (signed host commands).
     seen = {(e["data"]["host_id"], e["data"]["endpoint"]) for e in await _seen_events(mesh)}
     hosts = {n["name"]: n["host_id"] for n in nodes.values()}
@@ -203,3 +226,48 @@ async def _joined(mesh: Mesh, names: tuple[str, ...]) -> dict[str, dict[str, Any
 
 
 assert IFACE  # the interface the helpers read
+
+
+async def test_behind_a_symmetric_nat_only_public_hosts_are_reached(
+    testnet: TestNet, tmp_path: Path
+) -> None:
+    """A symmetric NAT gives every destination its own mapping: what the public
+    host saw is no use to anyone else, so a host behind another NAT cannot
+    reach it directly (that takes a relay, not built yet): shown to fail for
+    longer than every candidate takes to be tried."""
+    mesh = Mesh(testnet, tmp_path)
+    mesh.cp = await testnet.add_host("cp")
+    mesh.hosts["pub"] = await testnet.add_host("pub")
+    r2 = await testnet.add_router("r2", "192.168.2")
+    r3 = await testnet.add_router("r3", "192.168.3", nat="symmetric")
+    mesh.hosts["c"] = await testnet.add_behind_nat(r2, "c")
+    mesh.hosts["s"] = await testnet.add_behind_nat(r3, "s")
+    names = ("pub", "c", "s")
+    await mesh.start_server()
+    await mesh.cli("network", "create", "office", "--cidr", "10.66.0.0/24")
+    token = (await mesh.cli("key", "create", "--network", "office", "--unlimited"))[1].strip()
+    for name in names:
+        await mesh.start_agent(name, token, AGENT_ARGS)
+    nodes = await wait_until(
+        functools.partial(_joined, mesh, names), timeout=60, interval=0.3, message="joined"
+    )
+    for src, dst in [("s", "pub"), ("pub", "s"), ("c", "pub"), ("pub", "c")]:
+        assert await wait_until(
+            functools.partial(ping, mesh.hosts[src], nodes[dst]["address"]),
+            timeout=60,
+            message=f"ping {src} -> {dst}",
+        )
+    keys = {n["name"]: n["public_key"] for n in nodes.values()}
+    # c has s's candidates (its mapping towards pub first) and tries them all...
+    hosts = {nodes[n]["host_id"] for n in ("c", "s")}
+
+    async def both_seen() -> bool:
+        return hosts <= {e["data"]["host_id"] for e in await _seen_events(mesh)}
+
+    await wait_until(both_seen, timeout=30, interval=0.5, message="s and c seen")
+    # ... in vain, for two rounds of both candidates (held 2 x 2 x TRY_FOR).
+    for _ in range(4):
+        assert not await ping(mesh.hosts["c"], nodes["s"]["address"], count=15, timeout=1)
+        assert not await ping(mesh.hosts["s"], nodes["c"]["address"], count=1, timeout=1)
+    at_c = await _endpoints(mesh, "c")
+    assert at_c[keys["s"]].rpartition(":")[0] in {r3.lan_address, mesh.hosts["s"].lan_address}
