@@ -443,9 +443,6 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
         case HostEndpointObserved() as e:
             host = topology.hosts.get(e.host_id)
             if host is not None:
-                if host.endpoints != e.endpoints:
-                    # It moved: where it was seen from says nothing of where it is.
-                    host.seen, host.seen_by = "", ""
                 host.endpoints = e.endpoints
                 host.listen_port = e.listen_port
             return Touched(hosts=frozenset((e.host_id,)))

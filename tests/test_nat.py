@@ -78,10 +78,6 @@ def test_a_sighting_records_the_public_mapping_once() -> None:
     # A new mapping (the NAT rebound): recorded.
     (event,) = seen(world, "pub", "a1", f"{PUBLIC_1}:40001")
     assert isinstance(event, HostEndpointSeen) and event.endpoint == f"{PUBLIC_1}:40001"
-    # It moved (announces another address): where it was seen is forgotten.
-    world.run(ReportEndpoint(host_id=host(world, "a1"), endpoints=("10.1.1.5",)))
-    assert world.topology.hosts[host(world, "a1")].seen == ""
-    assert paths(world, "pub") == {}
 
 
 def test_the_log_proves_who_saw_whom() -> None:

@@ -13,8 +13,7 @@ agent/nat.py):
 A peer nobody saw behind a NAT has no entry: it is reached at its `peers`
 endpoint, as before. Which peers a viewer has an entry for follows the `peers`
 section (its policy included): the rereads are the peers section's, plus a
-host seen anew (or moved: announcing other addresses forgets where it was
-seen) re-reading its own peers (whether it shares their NAT moved).
+host seen anew re-reading its own peers (whether it shares their NAT moved).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from typing import ClassVar
 import msgspec
 
 from events.desired import PathEntry
-from events.model import Event, HostEndpointObserved, HostEndpointSeen
+from events.model import Event, HostEndpointSeen
 from projections.sections.base import Reread
 from projections.sections.peers import PeerSection, _endpoint
 from projections.topology import Host, Topology
@@ -86,8 +85,7 @@ class PathSection:
 
     @staticmethod
     def rereads(topology: Topology, event: Event) -> Sequence[Reread]:
-        if isinstance(event, (HostEndpointSeen, HostEndpointObserved)):
-            # Both move where it is seen from (a host that moved is seen anew).
+        if isinstance(event, HostEndpointSeen):
             host = topology.hosts.get(event.host_id)
             if host is None:
                 return ()
