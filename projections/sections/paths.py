@@ -25,7 +25,7 @@ from typing import ClassVar
 import msgspec
 
 from events.desired import PathEntry
-from events.model import Event, HostEndpointSeen
+from events.model import Event, HostEndpointSeen, HostKeyRotated
 from projections.sections.base import Reread
 from projections.sections.peers import PeerSection, _endpoint
 from projections.topology import Host, Topology
@@ -85,19 +85,33 @@ class PathSection:
 
     @staticmethod
     def rereads(topology: Topology, event: Event) -> Sequence[Reread]:
+        """The peers section's rereads, narrowed to the keys of hosts seen
+        behind a NAT (no one else has an entry: nothing to send), plus a host
+        seen anew re-reading its own peers (whether it shares their NAT moved)."""
         if isinstance(event, HostEndpointSeen):
             host = topology.hosts.get(event.host_id)
             if host is None:
                 return ()
-            seen = PeerSection._to_viewers(
-                topology, host.host_id, frozenset((host.public_key,)), set()
-            )
+            keys = frozenset((host.public_key,))
+            rereads = list(PeerSection._to_viewers(topology, host.host_id, keys, set()))
             own = frozenset(PeerSection(topology).entries(host.host_id))
-            rereads = [msgspec.structs.replace(r, section=PathSection.name) for r in seen]
-            if own:
-                rereads.append(Reread(PathSection.name, own, hosts=frozenset((host.host_id,))))
-            return rereads
-        return [
-            msgspec.structs.replace(r, section=PathSection.name)
-            for r in PeerSection.rereads(topology, event)
-        ]
+            rereads.append(Reread(PeerSection.name, own, hosts=frozenset((host.host_id,))))
+        else:
+            rereads = list(PeerSection.rereads(topology, event))
+        # A key rotated away is no longer its host's: it goes as the host goes.
+        rotated = {event.previous_key: event.host_id} if isinstance(event, HostKeyRotated) else {}
+        narrowed = []
+        for reread in rereads:
+            keys = frozenset(k for k in reread.keys if _seen(topology, k, rotated))
+            if keys:
+                narrowed.append(
+                    msgspec.structs.replace(reread, section=PathSection.name, keys=keys)
+                )
+        return narrowed
+
+
+def _seen(topology: Topology, key: str, rotated: dict[str, str]) -> bool:
+    """Whether the host of public key `key` was seen behind a NAT."""
+    host_id = topology.host_by_public_key.get(key) or rotated.get(key)
+    host = topology.hosts.get(host_id) if host_id is not None else None
+    return host is not None and bool(host.seen)
