@@ -277,7 +277,6 @@ AnyEvent = (
     | HostEndpointObserved
     | HostKeyRotated
     | HostKeyRotationRequested
-    | HostEndpointSeen
     | NodeJoined
     | NodeRemoved
     | NodeTagged
@@ -295,6 +294,7 @@ AnyEvent = (
     | AdminTokenCreated
     | AdminTokenRevoked
     | AdminTokenUsed
+    | HostEndpointSeen
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = get_args(AnyEvent)
