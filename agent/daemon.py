@@ -50,6 +50,7 @@ from agent.kernel import KernelBackend, kernel_wireguard_available
 from agent.keys import HostKey
 from agent.link import Link, LinkControl
 from agent.metrics import NO_METRICS, AgentMetrics, PrometheusAgentMetrics
+from agent.nat import PathKeeper
 from agent.plan import Op
 from agent.receiver import DesiredReceiver
 from agent.reconcile import reconcile
@@ -390,6 +391,9 @@ class Agent:
         )
         self.progress = ApplyProgress()
         self._wake = asyncio.Event()
+        # NAT traversal (agent/nat.py): endpoints tried per peer, sightings told.
+        self.paths = PathKeeper()
+        self._paths_wake: asyncio.TimerHandle | None = None
 
     # What the rest of the agent (and its tests) read of its parts.
 
@@ -481,6 +485,7 @@ class Agent:
         desired = self.desired
         if desired is None:
             return True
+        desired = await self.choose_paths(desired)
         progress = self.progress
         drift = progress.applied is not None and progress.applied.revision == desired.revision
 
@@ -537,6 +542,7 @@ class Agent:
         self.write_status()
         # An empty plan means the device we just read is still current.
         await self.report(None if result.ops else result.actual.device)
+        await self.report_sightings(result.actual.device)
         return True
 
     def _failed(self, desired: DesiredState, why: str) -> bool:
@@ -706,7 +712,48 @@ class Agent:
         except (nats.errors.Error, TimeoutError) as exc:
             log.info("endpoint report not delivered", error=repr(exc))
 
+    # -- NAT traversal (agent/nat.py) -------------------------------------------
+
+    async def choose_paths(self, desired: DesiredState) -> DesiredState:
+        """`desired` with the endpoint to try now for each peer behind a NAT;
+        a pass runs again when an attempt is due to move on."""
+        if not desired.sections.paths:
+            return desired
+        device = None
+        with contextlib.suppress(BackendError):
+            device = await self.backend.read()
+        now = time.time()
+        chosen = self.paths.apply(desired, device, now)
+        if self._paths_wake is not None:
+            self._paths_wake.cancel()
+        if self.paths.wake_at is not None:
+            delay = max(self.paths.wake_at - now, 0.0) + 0.1
+            self._paths_wake = asyncio.get_running_loop().call_later(delay, self._wake.set)
+        return chosen
+
+    async def report_sightings(self, device: DeviceState | None) -> None:
+        """Tell the control plane where peers were seen from (their NAT mappings)."""
+        desired = self.desired
+        if device is None or desired is None or not self.session.connected:
+            return
+        for key, endpoint in self.paths.new_sightings(desired, device, time.time()).items():
+            try:
+                reply = await self.session.command(
+                    "endpoint.seen", {"peer_key": key, "endpoint": endpoint}
+                )
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.info("sighting not delivered", error=repr(exc))
+                return
+            if reply.ok:
+                self.paths.reported[key] = endpoint
+                log.info("peer seen", peer=key, endpoint=endpoint, result=reply.result)
+            else:
+                log.warning("sighting refused", peer=key, endpoint=endpoint, error=reply.error)
+                self.paths.reported[key] = endpoint  # said once, not every pass
+
     async def close(self) -> None:
+        if self._paths_wake is not None:
+            self._paths_wake.cancel()
         if self.progress.retry is not None:
             self.progress.retry.cancel()
         await self.session.close()

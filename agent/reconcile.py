@@ -81,8 +81,11 @@ RECONCILERS: tuple[Reconciler, ...] = (
         ("interface",),
     ),
     Reconciler("link", lambda d, a, _prev, _key: plan_link(d, a), ("interface", "addresses")),
+    # `paths` (NAT traversal) is chosen into the peers' endpoints by the daemon (agent/nat.py).
     Reconciler(
-        "peers", lambda d, a, prev, _key: _plan_peers(d, a, prev), ("peers", "egress", "clients")
+        "peers",
+        lambda d, a, prev, _key: _plan_peers(d, a, prev),
+        ("peers", "egress", "clients", "paths"),
     ),
     Reconciler("routes", lambda d, a, _prev, _key: plan_routes(d, a), ("routes",)),
     Reconciler("exit", lambda d, a, _prev, _key: plan_exit(d, a), ("exit",)),

@@ -676,6 +676,7 @@ def node_show(server: str, node_ref: str, as_json: bool) -> None:
                 (
                     p["name"] or p["public_key"][:12],
                     p["endpoint"],
+                    p.get("path") or "-",
                     "yes" if p["connected"] else "no",
                     _age(p["handshake_age"]),
                     p["rx_bytes"],
@@ -683,7 +684,7 @@ def node_show(server: str, node_ref: str, as_json: bool) -> None:
                 )
                 for p in status["peers"]
             ],
-            ["PEER", "ENDPOINT", "CONNECTED", "HANDSHAKE", "RX", "TX"],
+            ["PEER", "ENDPOINT", "PATH", "CONNECTED", "HANDSHAKE", "RX", "TX"],
         )
 
 

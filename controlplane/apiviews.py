@@ -50,6 +50,9 @@ class PeerStatusView(View, frozen=True):
     tx_bytes: int = 0
     handshake_age: float | None = None  # seconds before the report; None: never
     connected: bool = False
+    # "direct" (at an address it announced), "direct, nat" (at its NAT's public
+    # mapping); None: unknown (controlplane/queries.py path_of).
+    path: str | None = None
 
 
 class NodeStatusView(View, frozen=True):

@@ -34,6 +34,7 @@ from events.reports import APPLIED, applied_decoder
 from events.signing import COMMAND_SIGNER_HEADER, SIGNATURE_HEADER
 from events.subjects import QUERY_PREFIX, REPORTS_STREAM, report_subject
 from projections.desired import peer_endpoint
+from projections.sections.paths import endpoint_ip
 from projections.sqlite import ReadModel
 from projections.timetravel import diff, view_of
 from projections.topology import Gateway, Host, Topology
@@ -208,6 +209,7 @@ async def status(model: ReadModel, applied: AppliedLookup) -> list[dict[str, Any
     # An ingress gateway's peers include its external clients.
     for client in await _rows(model, "SELECT public_key, name FROM clients"):
         names.setdefault(client["public_key"], f"client {client['name']}")
+    reaches = await _reaches(model)
     reports = await _reports(applied, {n["host_id"] for n in nodes})
     for node in nodes:
         host_id = node["host_id"]
@@ -236,7 +238,7 @@ async def status(model: ReadModel, applied: AppliedLookup) -> list[dict[str, Any
                 # Desired states the agent refused (bad or missing signature).
                 "rejected": report.get("rejected", 0) if report else 0,
                 "last_rejection": report.get("last_rejection") if report else None,
-                "peers": _peers(report, names),
+                "peers": _peers(report, names, reaches),
             }
         )
     return out
@@ -264,9 +266,41 @@ async def _reports(applied: AppliedLookup, host_ids: set[str]) -> dict[str, dict
 CONNECTED_WITHIN = 180.0
 
 
-def _peers(report: dict[str, Any] | None, names: dict[str, str]) -> list[dict[str, Any]]:
+async def _reaches(model: ReadModel) -> dict[str, tuple[frozenset[str], str]]:
+    """Per host's public key: the addresses it announced, and where a peer
+    last saw it from (its NAT mapping, "" if none)."""
+    rows = await _rows(model, "SELECT public_key, endpoints, seen FROM hosts")
+    return {
+        r["public_key"]: (
+            frozenset(endpoint_ip(e) for e in msgspec.json.decode(r["endpoints"])),
+            r["seen"],
+        )
+        for r in rows
+    }
+
+
+def path_of(endpoint: str | None, announced: frozenset[str], seen: str) -> str | None:
+    """How a peer is reached at `endpoint`: "direct" (an address it announced)
+    or "direct, nat" (its NAT's public mapping); None when unknown. (Relays are
+    not built yet: every path is direct.)"""
+    if not endpoint:
+        return None
+    ip = endpoint_ip(endpoint)
+    if ip in announced:
+        return "direct"
+    if seen and ip == endpoint_ip(seen):
+        return "direct, nat"
+    return None
+
+
+def _peers(
+    report: dict[str, Any] | None,
+    names: dict[str, str],
+    reaches: dict[str, tuple[frozenset[str], str]] | None = None,
+) -> list[dict[str, Any]]:
     if not report:
         return []
+    reaches = reaches or {}
     at = float(report.get("at") or 0.0)
     peers = []
     for peer in report.get("peers", []):
@@ -277,6 +311,10 @@ def _peers(report: dict[str, Any] | None, names: dict[str, str]) -> list[dict[st
                 "name": names.get(peer.get("public_key", ""), ""),
                 "handshake_age": round(at - handshake, 1) if handshake else None,
                 "connected": bool(handshake) and at - handshake < CONNECTED_WITHIN,
+                "path": path_of(
+                    peer.get("endpoint"),
+                    *reaches.get(peer.get("public_key", ""), (frozenset(), "")),
+                ),
             }
         )
     return peers

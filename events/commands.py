@@ -262,6 +262,18 @@ class RemoveClient(Command, frozen=True, tag="client.remove"):
     name: str
 
 
+# -- NAT traversal (controlplane/rules/nat.py) ---------------------------------
+
+
+class ReportSeenEndpoint(Command, frozen=True, tag="endpoint.seen"):
+    """Host `host_id`'s device saw the peer `peer_key` at `endpoint` (the
+    source of its packets after a handshake)."""
+
+    host_id: str
+    peer_key: str
+    endpoint: str
+
+
 # The protocol's commands, each once. What the control plane does with each
 # (who may send it, what it produces) is its spec, in controlplane/rules/.
 AnyCommand = (
@@ -296,6 +308,7 @@ AnyCommand = (
     | RemoveHook
     | CreateAdminToken
     | RevokeAdminToken
+    | ReportSeenEndpoint
 )
 
 COMMAND_TYPES: tuple[type[Command], ...] = get_args(AnyCommand)

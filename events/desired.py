@@ -157,6 +157,14 @@ class ClientEntry(msgspec.Struct, frozen=True, kw_only=True):
     name: str = ""  # for logs and humans
 
 
+class PathEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """How to reach one peer behind a NAT, keyed by its public key: the
+    endpoints ("ip:port") to try, best first. The agent tries them in turn
+    (agent/nat.py); a peer without an entry is reached at its `peers` endpoint."""
+
+    candidates: tuple[str, ...]
+
+
 class Sections(
     msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
 ):
@@ -178,6 +186,7 @@ class Sections(
     dns: dict[str, DnsEntry] = {}
     dns_zones: dict[str, DnsZoneEntry] = {}
     clients: dict[str, ClientEntry] = {}
+    paths: dict[str, PathEntry] = {}  # NAT traversal: projections/sections/paths.py
 
 
 SECTION_NAMES: tuple[str, ...] = Sections.__struct_fields__
@@ -402,7 +411,9 @@ def _v4_to_v5(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _v5_to_v6(raw: dict[str, Any]) -> dict[str, Any]:
     """Version 6 added external clients (the `clients` section, on ingress
-    gateways): a version-5 message has none, which is what it meant."""
+    gateways) and NAT traversal (the `paths` section): a version-5 message has
+    none of them, which is what it meant (no clients; every peer at its
+    `peers` endpoint)."""
     return {**raw, "protocol": 6}
 
 

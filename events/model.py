@@ -291,6 +291,18 @@ class AdminTokenUsed(Event, frozen=True, tag="admin_token.used"):
     remote: str = ""  # the client address of the request that was recorded
 
 
+# -- NAT traversal (controlplane/rules/nat.py) ---------------------------------
+
+
+class HostEndpointSeen(Event, frozen=True, tag="host.endpoint_seen"):
+    """Where another host's WireGuard device saw this host's packets come from
+    (after a handshake): its public mapping when it is behind a NAT."""
+
+    host_id: str  # the host seen
+    endpoint: str  # "ip:port"
+    seen_by: str  # the host that saw it (and signed the report)
+
+
 AnyEvent = (
     AdminAdded
     | AdminRemoved
@@ -325,6 +337,7 @@ AnyEvent = (
     | AdminTokenCreated
     | AdminTokenRevoked
     | AdminTokenUsed
+    | HostEndpointSeen
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = get_args(AnyEvent)
@@ -358,6 +371,7 @@ def aggregate_of(event: AnyEvent) -> tuple[str, str]:
             | HostEndpointObserved(host_id=h)
             | HostKeyRotated(host_id=h)
             | HostKeyRotationRequested(host_id=h)
+            | HostEndpointSeen(host_id=h)
         ):
             return ("host", h)
         case (

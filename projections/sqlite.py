@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS retired_keys (key_id TEXT PRIMARY KEY, network TEXT N
 CREATE TABLE IF NOT EXISTS hosts (
     host_id TEXT PRIMARY KEY, name TEXT NOT NULL, public_key TEXT NOT NULL,
     listen_port INTEGER NOT NULL, endpoints TEXT NOT NULL, registered_at REAL NOT NULL,
-    revision INTEGER NOT NULL, signing_key TEXT NOT NULL, key_epoch INTEGER NOT NULL);
+    revision INTEGER NOT NULL, signing_key TEXT NOT NULL, key_epoch INTEGER NOT NULL,
+    seen TEXT NOT NULL, seen_by TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, network TEXT NOT NULL, host_id TEXT NOT NULL,
     name TEXT NOT NULL, address TEXT NOT NULL, joined_at REAL NOT NULL, tags TEXT NOT NULL,
@@ -279,7 +280,7 @@ class ReadModel:
                 ],
             ),
             (
-                "INSERT OR REPLACE INTO hosts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO hosts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         host.host_id,
@@ -291,6 +292,8 @@ class ReadModel:
                         host.revision,
                         host.signing_key,
                         host.key_epoch,
+                        host.seen,
+                        host.seen_by,
                     )
                     for host in (topology.hosts.get(h) for h in hosts)
                     if host is not None

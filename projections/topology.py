@@ -42,6 +42,7 @@ from events.model import (
     HookAdded,
     HookRemoved,
     HostEndpointObserved,
+    HostEndpointSeen,
     HostKeyRotated,
     HostKeyRotationRequested,
     HostRegistered,
@@ -206,6 +207,9 @@ class Host:
     revision: int = 0
     signing_key: str = ""  # what the host's own commands must be signed with
     key_epoch: int = 0  # raised when an admin asks for a new WireGuard key
+    # Where a peer last saw it from ("ip:port", its NAT mapping), by whom.
+    seen: str = ""
+    seen_by: str = ""
 
 
 @dataclass
@@ -488,6 +492,11 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
             if host is not None:
                 host.endpoints = e.endpoints
                 host.listen_port = e.listen_port
+            return Touched(hosts=frozenset((e.host_id,)))
+        case HostEndpointSeen() as e:
+            host = topology.hosts.get(e.host_id)
+            if host is not None:
+                host.seen, host.seen_by = e.endpoint, e.seen_by
             return Touched(hosts=frozenset((e.host_id,)))
         case AdminAdded() as e:
             topology.admins[e.public_key] = Admin(e.name, e.public_key, e.role, e.networks)

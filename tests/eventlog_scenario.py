@@ -107,6 +107,8 @@ async def record(plane: ControlPlane, admin: Admin) -> list[Recorded]:
     await join("db1", 1, token)
     await join("web1", 2, token)
     await host_step("db1", "endpoint.report", endpoints=["198.51.100.7"], listen_port=51821)
+    # web1 saw db1 behind a NAT (its public mapping).
+    await host_step("web1", "endpoint.seen", peer_key=public_key(1), endpoint="203.0.113.5:40000")
     await step("node.tag", node="office/db1", tags=["db", "ops"])
     await step("node.untag", node="office/db1", tags=["web"])
     await step("policy.set", network="office", document=POLICY)

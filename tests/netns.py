@@ -89,6 +89,10 @@ def require_netns() -> None:
         pytest.skip(reason)
 
 
+# The NAT kinds of `TestNet.add_router`: its nftables masquerade statement.
+NAT_KINDS = {"endpoint-independent": "masquerade", "symmetric": "masquerade random"}
+
+
 @dataclass(frozen=True)
 class Result:
     returncode: int
@@ -123,6 +127,20 @@ async def run(*argv: str, check: bool = True, timeout: float = 30.0) -> Result:
     if check and result.returncode != 0:
         raise CommandError(f"{argv} failed ({result.returncode}): {result.stderr.strip()}")
     return result
+
+
+async def run_stdin(argv: list[str], text: str, timeout: float = 30.0) -> None:
+    """Run a command with `text` on its stdin; raises CommandError when it fails."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(timeout * TIME_SCALE):
+        _, err = await proc.communicate(text.encode())
+    if proc.returncode != 0:
+        raise CommandError(f"{argv} failed ({proc.returncode}): {err.decode().strip()}")
 
 
 @typing.overload
@@ -349,6 +367,7 @@ class TestNet:
         self._namespaces: list[str] = []
         self._processes: list[asyncio.subprocess.Process] = []
         self._files = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))  # hosts' resolv.conf
+        self._lans: dict[str, tuple[str, int]] = {}  # router -> (its LAN's /24 prefix, hosts)
 
     async def __aenter__(self) -> TestNet:
         try:
@@ -404,6 +423,73 @@ class TestNet:
         await run("ip", "-n", netns, "route", "add", "default", "via", f"{subnet}.1")
         self.hosts[name] = behind
         return behind
+
+    async def add_router(
+        self, name: str, subnet: str, *, nat: str = "endpoint-independent"
+    ) -> Host:
+        """A home router: a host on the test LAN (here "the internet") with a
+        LAN of its own, `subnet` (a /24 prefix such as "192.168.1"; a bridge
+        at .1), forwarding between them and masquerading what leaves by eth0
+        with nftables, in its own namespace only. `nat` is the mapping kind:
+        "endpoint-independent" (`masquerade`: a source port is kept where it
+        can be, one mapping for every destination, as most home routers do) or
+        "symmetric" (`masquerade random`: a new mapping per destination).
+        Unsolicited packets from outside are dropped either way (as a home
+        router's firewall does): only replies to what left get in. Hosts go
+        behind it with `add_behind_nat`."""
+        if nat not in NAT_KINDS:
+            raise ValueError(f"nat must be one of {sorted(NAT_KINDS)}")
+        router = await self.add_host(name)
+        ns = router.netns
+        await run("ip", "-n", ns, "link", "add", "br1", "type", "bridge")
+        await run("ip", "-n", ns, "addr", "add", f"{subnet}.1/24", "dev", "br1")
+        await run("ip", "-n", ns, "link", "set", "br1", "up")
+        await run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        ruleset = (
+            "table ip lab_nat {\n"
+            " chain postrouting {\n"
+            "  type nat hook postrouting priority srcnat; policy accept;\n"
+            f'  oifname "eth0" ip saddr {subnet}.0/24 {NAT_KINDS[nat]}\n'
+            " }\n"
+            " chain forward {\n"
+            "  type filter hook forward priority filter; policy drop;\n"
+            '  iifname "br1" accept\n'
+            "  ct state established,related accept\n"
+            " }\n"
+            # Unsolicited packets to the router itself are dropped, not answered:
+            # dropped before conntrack confirms them, they leave no entry that
+            # would make the NAT give a later outgoing flow another port.
+            " chain input {\n"
+            "  type filter hook input priority filter; policy drop;\n"
+            '  iifname { "lo", "br1" } accept\n'
+            "  ct state established,related accept\n"
+            " }\n"
+            "}\n"
+        )
+        await run_stdin(["ip", "netns", "exec", ns, "nft", "-f", "-"], ruleset)
+        self._lans[name] = (subnet, 0)
+        return router
+
+    async def add_behind_nat(self, router: Host, name: str) -> Host:
+        """A host on `router`'s LAN (see `add_router`): .10, .11, ... with its
+        default route through the router."""
+        subnet, count = self._lans[router.name]
+        self._lans[router.name] = (subnet, count + 1)
+        netns = f"{self.prefix}-{name}"
+        address = f"{subnet}.{10 + count}"
+        await self._add_netns(netns)
+        port = f"l{len(self.hosts) + 1}"
+        await run(
+            "ip", "-n", router.netns, "link", "add", port, "type", "veth",
+            "peer", "name", "eth0", "netns", netns,
+        )  # fmt: skip
+        await run("ip", "-n", router.netns, "link", "set", port, "master", "br1", "up")
+        await run("ip", "-n", netns, "addr", "add", f"{address}/24", "dev", "eth0")
+        await run("ip", "-n", netns, "link", "set", "eth0", "up")
+        await run("ip", "-n", netns, "route", "add", "default", "via", f"{subnet}.1")
+        host = Host(self, name, netns, address, self._resolv_conf(name, f"{subnet}.1"))
+        self.hosts[name] = host
+        return host
 
     def _resolv_conf(self, name: str, nameserver: str) -> Path:
         """The file bound over /etc/resolv.conf in host `name` (see Host)."""

@@ -55,6 +55,7 @@ def test_tags_are_stable_and_past_tense() -> None:
         "admin_token.created",
         "admin_token.revoked",
         "admin_token.used",
+        "host.endpoint_seen",
     ]
 
 

@@ -187,6 +187,11 @@ def pools(token: str, host_ids: list[str]) -> dict[str, st.SearchStrategy[Any]]:
         "key_id": st.sampled_from(["k1", "nope", ""]) | st.text(max_size=12),
         "token": st.sampled_from([token, token, token, token[:-3], token + "x", "nmt1."]),
         "public_key": st.sampled_from([public_key(n) for n in range(1, 6)] + ["short", ""]),
+        # endpoint.seen: a peer's key and where it was seen.
+        "peer_key": st.sampled_from([public_key(n) for n in range(1, 6)] + ["short", ""]),
+        "endpoint": st.sampled_from(
+            ["198.51.100.7:40000", "198.51.100.7", "[2001:db8::1]:1", "x:1", "1.2.3.4:0", ""]
+        ),
         "endpoints": st.lists(
             st.sampled_from(
                 [

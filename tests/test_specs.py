@@ -42,6 +42,7 @@ from events.commands import (
     RemoveIngress,
     RemoveNode,
     ReportEndpoint,
+    ReportSeenEndpoint,
     RequestKeyRotation,
     RevokeAdminToken,
     RevokeEnrollmentKey,
@@ -200,6 +201,13 @@ HOST_SAMPLES: dict[str, tuple[Sample, SigningKey, SigningKey]] = {
     "leave": (lambda w: LeaveNetworks(host_id=host(w, 1), network="lab"), HOST1, HOST2),
     "rotate key": (
         lambda w: RotateHostKey(host_id=host(w, 1), public_key=public_key(9)),
+        HOST1,
+        HOST2,
+    ),
+    "peer seen": (
+        lambda w: ReportSeenEndpoint(
+            host_id=host(w, 1), peer_key=public_key(2), endpoint="198.51.100.7:40000"
+        ),
         HOST1,
         HOST2,
     ),

@@ -48,9 +48,17 @@ async def test_every_point_answers_as_the_read_model_did_then(
             by_time = await ask_all(admin, **at(Point(time=times[point.seq])))
             assert by_time == point.answers, f"as of the time of #{point.seq}"
     # The answers did move along the way (else the comparison proves little):
-    # all but where no query asked shows the change (a host's key epoch, hooks).
+    # all but where no query asked shows the change (a host's key epoch, hooks,
+    # where a peer saw a host).
     same = {b.verb for a, b in itertools.pairwise(points) if a.answers == b.answers}
-    assert same == {"node.rotate_key", "hook.add", "hook.remove", "token.create", "token.revoke"}
+    assert same == {
+        "node.rotate_key",
+        "hook.add",
+        "hook.remove",
+        "token.create",
+        "token.revoke",
+        "endpoint.seen",
+    }
     # The head, replayed, is today's read model.
     assert await ask_all(admin, **at(Point(seq=head))) == await ask_all(admin)
     # Before the first event: nothing at all.

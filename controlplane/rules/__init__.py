@@ -18,6 +18,7 @@ from controlplane.rules import (
     hosts,
     ingress,
     keys,
+    nat,
     networks,
     nodes,
     policies,
@@ -38,6 +39,7 @@ SPECS: tuple[CommandSpec[Any], ...] = (
     *admins.SPECS,
     *hooks.SPECS,
     *tokens.SPECS,
+    *nat.SPECS,
 )
 _BY_TYPE: dict[type[Command], CommandSpec[Any]] = {spec.command: spec for spec in SPECS}
 _BY_VERB: dict[str, CommandSpec[Any]] = {spec.verb: spec for spec in SPECS}

@@ -28,6 +28,7 @@ from projections.sections.egress import (
 from projections.sections.firewall import FirewallSection
 from projections.sections.ingress import ClientSection
 from projections.sections.interface import InterfaceSection
+from projections.sections.paths import PathSection
 from projections.sections.peers import PeerSection, peer_endpoint
 
 SECTIONS: tuple[type[SectionRule], ...] = (
@@ -42,6 +43,7 @@ SECTIONS: tuple[type[SectionRule], ...] = (
     DnsSection,
     DnsZoneSection,
     ClientSection,
+    PathSection,
 )
 
 __all__ = ["SECTIONS", "Reread", "SectionRule", "peer_endpoint"]

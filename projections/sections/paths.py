@@ -1,0 +1,117 @@
+"""The `paths` section: how to reach a peer behind a NAT, keyed by its public key.
+
+A host behind a NAT announces its private address; once a peer saw where its
+packets come from (`host.endpoint_seen`, controlplane/rules/nat.py), every
+viewer gets the endpoints to try, best first (the agent tries them in turn,
+agent/nat.py):
+
+- a viewer behind the same public address (the same NAT): the peer's LAN
+  addresses first (traffic stays on the LAN, no hairpin through the router),
+  then the public mapping;
+- anyone else: the public mapping first, then the LAN addresses.
+
+A peer nobody saw behind a NAT has no entry: it is reached at its `peers`
+endpoint, as before. Which peers a viewer has an entry for follows the `peers`
+section (its policy included): the rereads are the peers section's, plus a
+host seen anew re-reading its own peers (whether it shares their NAT moved).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import ClassVar
+
+import msgspec
+
+from events.desired import PathEntry
+from events.model import Event, HostEndpointSeen, HostKeyRotated
+from projections.sections.base import Reread
+from projections.sections.peers import PeerSection, _endpoint
+from projections.topology import Host, Topology
+
+
+def endpoint_ip(endpoint: str) -> str:
+    """The address of "ip", "ip:port" or "[v6]:port"."""
+    try:
+        return str(ipaddress.ip_address(endpoint))
+    except ValueError:
+        return endpoint.rpartition(":")[0].removeprefix("[").removesuffix("]")
+
+
+def path_candidates(viewer: Host | None, peer: Host) -> tuple[str, ...]:
+    """The endpoints `viewer` should try for `peer`, best first (empty: none
+    beyond the peers section's)."""
+    if not peer.seen:
+        return ()
+    announced = (_endpoint((a,), peer.listen_port) for a in peer.endpoints)
+    lan = tuple(e for e in announced if e and e != peer.seen)
+    same_nat = (
+        viewer is not None
+        and bool(viewer.seen)
+        and endpoint_ip(viewer.seen) == endpoint_ip(peer.seen)
+    )
+    return (*lan, peer.seen) if same_nat else (peer.seen, *lan)
+
+
+class PathSection:
+    name: ClassVar[str] = "paths"
+    reacts_to: ClassVar[tuple[type[Event], ...]] = (*PeerSection.reacts_to, HostEndpointSeen)
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.peers = PeerSection(topology)
+
+    def entries(self, host_id: str) -> dict[str, PathEntry]:
+        found = {}
+        for key in self.peers.entries(host_id):
+            entry = self._path(host_id, key)
+            if entry is not None:
+                found[key] = entry
+        return found
+
+    def entry(self, host_id: str, key: str) -> PathEntry | None:
+        if self.peers.entry(host_id, key) is None:
+            return None
+        return self._path(host_id, key)
+
+    def _path(self, host_id: str, key: str) -> PathEntry | None:
+        peer_id = self.topology.host_by_public_key.get(key)
+        peer = self.topology.hosts.get(peer_id) if peer_id is not None else None
+        if peer is None:
+            return None
+        candidates = path_candidates(self.topology.hosts.get(host_id), peer)
+        return PathEntry(candidates=candidates) if candidates else None
+
+    @staticmethod
+    def rereads(topology: Topology, event: Event) -> Sequence[Reread]:
+        """The peers section's rereads, narrowed to the keys of hosts seen
+        behind a NAT (no one else has an entry: nothing to send), plus a host
+        seen anew re-reading its own peers (whether it shares their NAT moved)."""
+        if isinstance(event, HostEndpointSeen):
+            host = topology.hosts.get(event.host_id)
+            if host is None:
+                return ()
+            keys = frozenset((host.public_key,))
+            rereads = list(PeerSection._to_viewers(topology, host.host_id, keys, set()))
+            own = frozenset(PeerSection(topology).entries(host.host_id))
+            rereads.append(Reread(PeerSection.name, own, hosts=frozenset((host.host_id,))))
+        else:
+            rereads = list(PeerSection.rereads(topology, event))
+        # A key rotated away is no longer its host's: it goes as the host goes.
+        rotated = {event.previous_key: event.host_id} if isinstance(event, HostKeyRotated) else {}
+        narrowed = []
+        for reread in rereads:
+            keys = frozenset(k for k in reread.keys if _seen(topology, k, rotated))
+            if keys:
+                narrowed.append(
+                    msgspec.structs.replace(reread, section=PathSection.name, keys=keys)
+                )
+        return narrowed
+
+
+def _seen(topology: Topology, key: str, rotated: dict[str, str]) -> bool:
+    """Whether the host of public key `key` was seen behind a NAT."""
+    host_id = topology.host_by_public_key.get(key) or rotated.get(key)
+    host = topology.hosts.get(host_id) if host_id is not None else None
+    return host is not None and bool(host.seen)
