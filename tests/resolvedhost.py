@@ -7,7 +7,9 @@ resolved.conf.d) and on /run/dbus (the socket of a system bus of its own,
 `dbus-daemon` with a permissive policy), and /etc/passwd and /etc/group bound
 with a `systemd-resolve` user added (resolved, started as root, drops to it).
 The host's /etc/resolv.conf is already the host's own file there: resolved reads
-it as a "foreign" resolv.conf, its nameservers becoming resolved's upstreams.
+it as a "foreign" resolv.conf, its nameservers becoming resolved's upstreams;
+or it says `nameserver 127.0.0.53` (`STUB_RESOLV_CONF`, the C library asks
+resolved's stub) and the upstream is resolved.conf's `DNS=` (`dns=`).
 Nothing of the machine's own configuration is seen or changed.
 
 Processes that join it (`beside=resolved.pid`: an agent, `resolvectl`) see that
@@ -45,6 +47,10 @@ _BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Confi
 
 # Quiet on the test LAN (no multicast name protocols); unicast DNS as shipped.
 _RESOLVED_CONF = "[Resolve]\nLLMNR=no\nMulticastDNS=no\nDNSSEC=no\n"
+
+# /etc/resolv.conf of a host whose C library asks resolved's stub (what
+# Debian's /run/systemd/resolve/stub-resolv.conf says, the usual symlink's target).
+STUB_RESOLV_CONF = "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch .\n"
 
 # $0: the directory of the files above; then the daemon's command line.
 _START = """set -e
@@ -95,9 +101,10 @@ class Resolved:
         self.pid = process.pid
 
     @classmethod
-    async def start(cls, host: Host, files: Path, log: Path) -> Resolved:
-        """Start it in `host` (files of its own under `files`, its log in `log`)
-        and wait until it answers on its bus."""
+    async def start(cls, host: Host, files: Path, log: Path, dns: str | None = None) -> Resolved:
+        """Start it in `host` (files of its own under `files`, its log in `log`;
+        `dns`: its global DNS server, resolved.conf's `DNS=`) and wait until it
+        answers on its bus."""
         files.mkdir(parents=True, exist_ok=True)
         passwd, group = with_resolve_user(
             Path("/etc/passwd").read_text(), Path("/etc/group").read_text()
@@ -105,7 +112,7 @@ class Resolved:
         (files / "passwd").write_text(passwd)
         (files / "group").write_text(group)
         (files / "bus.conf").write_text(_BUS_CONFIG)
-        (files / "resolved.conf").write_text(_RESOLVED_CONF)
+        (files / "resolved.conf").write_text(_RESOLVED_CONF + (f"DNS={dns}\n" if dns else ""))
         process = await host.spawn(
             "sh",
             "-c",

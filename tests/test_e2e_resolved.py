@@ -5,8 +5,10 @@ Hosts `a` and `b` each run Debian's systemd-resolved 252 with a system bus of
 its own, inside the host's namespaces (tests/resolvedhost.py); each agent runs
 beside them, so it finds /run/systemd/resolve and resolvectl and takes the
 resolved path. The hosts' own resolver is a DNS server the test runs on the
-LAN (tests/dnsupstream.py), which resolved takes from the host's resolv.conf
-as its upstream.
+LAN (tests/dnsupstream.py): a's resolved takes it from a's resolv.conf (a
+"foreign" file); b's has it as resolved.conf's `DNS=`, and b's resolv.conf
+names the stub, 127.0.0.53, as most machines with resolved have it (so b's C
+library, `getent`, resolves through resolved).
 
 Shown: the overlay interface gets the agent's server as its per-link DNS
 server and `~office.internal` as its routing domain, and is no default route;
@@ -30,7 +32,7 @@ import pytest
 
 from tests.meshnet import IFACE, Mesh
 from tests.netns import TIME_SCALE, TestNet, testnet_fixture, wait_until  # noqa: F401
-from tests.resolvedhost import Resolved, resolved_unavailable
+from tests.resolvedhost import STUB_RESOLV_CONF, Resolved, resolved_unavailable
 from tests.test_e2e_agent import AGENT_ARGS, _in_sync
 from tests.test_e2e_dns import EXTERNAL, Heard, dig, start_upstream
 
@@ -87,6 +89,12 @@ async def link_gone(resolved: Resolved) -> bool:
     return f"({IFACE})" not in (await resolved.resolvectl("status")).stdout
 
 
+async def getent(resolved: Resolved, name: str) -> str | None:
+    """The address the C library of resolved's host finds for `name` (None: none)."""
+    result = await resolved.host.run("getent", "ahostsv4", name, beside=resolved.pid, check=False)
+    return result.stdout.split()[0] if result.returncode == 0 else None
+
+
 async def upstream_file(resolved: Resolved) -> str:
     result = await resolved.host.run("cat", "/run/systemd/resolve/resolv.conf", beside=resolved.pid)
     return result.stdout
@@ -121,20 +129,28 @@ async def test_split_dns_through_a_real_systemd_resolved(mesh: Mesh) -> None:
 
 
 async def _scenario(mesh: Mesh, upstream: str, heard: Heard) -> None:
-    originals, resolveds, status_before, upstreams_before = {}, {}, {}, {}
+    # a: resolv.conf names the upstream (resolved takes it from there, "foreign");
+    # b: resolv.conf names resolved's stub, the upstream is in resolved.conf.
+    originals = {
+        "a": f"# a's resolver\nnameserver {upstream}\noptions timeout:1".encode(),
+        "b": STUB_RESOLV_CONF.encode(),
+    }
+    resolveds, status_before, upstreams_before = {}, {}, {}
     for name in ("a", "b"):
         host = mesh.hosts[name]
-        originals[name] = f"# {name}'s resolver\nnameserver {upstream}\noptions timeout:1".encode()
         host.resolv_conf.write_bytes(originals[name])
         resolved = await Resolved.start(
-            host, mesh.tmp / f"resolved-{name}", mesh.tmp / f"resolved-{name}.log"
+            host,
+            mesh.tmp / f"resolved-{name}",
+            mesh.tmp / f"resolved-{name}.log",
+            dns=upstream if name == "b" else None,
         )
         resolveds[name] = resolved
+        # The upstream is resolved's; asked once, it is resolved's current server.
+        assert (await query(resolved, EXTERNAL[0]))[0] == EXTERNAL[1]
         status_before[name] = (await resolved.resolvectl("status")).stdout
         upstreams_before[name] = await upstream_file(resolved)
-        # The foreign resolv.conf is resolved's upstream; the node names are not known yet.
         assert f"nameserver {upstream}" in upstreams_before[name]
-        assert (await query(resolved, EXTERNAL[0]))[0] == EXTERNAL[1]
     ra, rb = resolveds["a"], resolveds["b"]
     b = mesh.hosts["b"]
 
@@ -168,16 +184,19 @@ async def _scenario(mesh: Mesh, upstream: str, heard: Heard) -> None:
         message=f"b.{DOMAIN} through a's resolved",
     )
     assert output is not None and f"link: {IFACE}" in output, output
+    assert await getent(rb, f"a.{DOMAIN}") == address["a"]  # b's C library, through the stub
     assert (await dig(b, "127.0.0.53", f"a.{DOMAIN}", "+short")).strip() == address["a"]
     assert (await dig(b, "127.0.0.53", f"a.{DOMAIN}", "+tcp", "+short")).strip() == address["a"]
     # Unknown inside the domain: the agent's NXDOMAIN (the upstream is never asked).
     missing, output = await query(ra, f"nope.{DOMAIN}")
     assert missing is None and "not found" in output.lower(), output
     assert "status: NXDOMAIN" in await dig(b, "127.0.0.53", f"nope.{DOMAIN}")
+    assert await getent(rb, f"nope.{DOMAIN}") is None
     # Other names: to the host's upstream, as before (not over nm0).
     found, output = await query(ra, EXTERNAL[0])
     assert found == EXTERNAL[1] and f"link: {IFACE}" not in output, output
     assert (await dig(b, "127.0.0.53", EXTERNAL[0], "+short")).strip() == EXTERNAL[1]
+    assert await getent(rb, EXTERNAL[0]) == EXTERNAL[1]
     # The resolved path was taken: no host's resolv.conf ever had a block.
     for name in ("a", "b"):
         assert mesh.hosts[name].resolv_conf.read_bytes() == originals[name]
@@ -212,4 +231,5 @@ async def _scenario(mesh: Mesh, upstream: str, heard: Heard) -> None:
         assert mesh.hosts[name].resolv_conf.read_bytes() == originals[name]
         assert resolved.process.returncode is None, f"systemd-resolved of {name} exited"
     assert (await query(rb, f"a.{DOMAIN}"))[0] is None
+    assert await getent(rb, EXTERNAL[0]) == EXTERNAL[1]
     assert f"b.{DOMAIN}" in heard.names  # after a's removal, not before
