@@ -3,12 +3,16 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: setup system-packages test lint unit demo bench clean
+.PHONY: setup system-packages resolved-package test lint unit demo bench clean
 
-setup: system-packages $(VENV)/.installed
+setup: system-packages $(VENV)/.installed resolved-package
 
 system-packages:
 	@bash scripts/install-system-packages.sh
+
+# systemd-resolved extracted (never installed) for tests/test_e2e_resolved.py.
+resolved-package: $(VENV)/.installed
+	@bash scripts/extract-resolved.sh $(VENV)/systemd-resolved
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

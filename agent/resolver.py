@@ -19,8 +19,9 @@ Two ways, chosen by what the host runs (`host_resolver`):
   library moves on to the host's nameservers at once.
 
 Both are behind `ResolverControl`; resolvectl is driven through a `Command`
-runner, so the sequence of commands is tested on a fake (this machine has no
-systemd) and the real runner is a subprocess.
+runner: the sequence of commands is tested on a fake, and the real runner (a
+subprocess) against a real systemd-resolved in test hosts
+(tests/test_e2e_resolved.py).
 """
 
 from __future__ import annotations

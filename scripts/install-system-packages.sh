@@ -33,6 +33,9 @@ compgen -G '/lib/modules/*/kernel/drivers/net/wireguard/wireguard.ko*' >/dev/nul
 # skipped without it).
 browser=()
 have chromium || browser+=(chromium)
+# Optional: the systemd-resolved test runs resolved (extracted by
+# scripts/extract-resolved.sh, never installed) on a bus of its own.
+have dbus-daemon || browser+=(dbus-daemon)
 
 if [ ${#need[@]} -eq 0 ] && [ ${#vm[@]} -eq 0 ] && [ ${#browser[@]} -eq 0 ]; then
     exit 0
@@ -42,7 +45,7 @@ if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
         echo "the kernel-backend VM test needs: ${vm[*]} (it is skipped without them)" >&2
     fi
     if [ ${#browser[@]} -ne 0 ]; then
-        echo "the dashboard's browser test needs: ${browser[*]} (it is skipped without it)" >&2
+        echo "the dashboard's and systemd-resolved tests need: ${browser[*]} (skipped without)" >&2
     fi
     if [ ${#need[@]} -ne 0 ]; then
         echo "netmesh needs these system packages: ${need[*]} (install them as root)" >&2

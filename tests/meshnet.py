@@ -119,6 +119,8 @@ class Mesh:
         endpoint: str | None = None,
         *,
         fresh_mount: bool = False,
+        beside: int | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """Start `netmesh agent up` in host `name` (`extra_args` go last).
 
@@ -126,7 +128,9 @@ class Mesh:
         spawn has a private one. So when a wireguard-go of an earlier agent still
         runs in the host, the agent starts beside it (sees its UAPI socket), as an
         agent restarted on a real machine would; unless `fresh_mount`: then it
-        cannot see that one's socket (as after /run was cleaned).
+        cannot see that one's socket (as after /run was cleaned). `beside=PID`
+        starts it beside that process instead (e.g. the host's systemd-resolved),
+        with `env` added to its environment.
         """
         host = self.hosts[name]
         args = [
@@ -155,7 +159,8 @@ class Mesh:
             f'exec "$@" >>{self.tmp}/agent-{name}.log 2>&1',
             "sh",
             *args,
-            beside=None if fresh_mount else await self.wireguard_go_pid(name),
+            beside=beside or (None if fresh_mount else await self.wireguard_go_pid(name)),
+            env=None if env is None else dict(env),
         )
 
     async def stop_agent(self, name: str) -> None:
