@@ -19,7 +19,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from dnslib import AAAA, CNAME, QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSRecord
+from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSRecord
 
 from events.desired import DnsEntry, DnsZoneEntry
 
@@ -76,8 +76,22 @@ def _records(name: str, entry: DnsEntry, qtype: int) -> list[RR]:
     return found
 
 
+# The UDP payload this server says it takes, to a client that speaks EDNS
+# (the size DNS flag day 2020 settled on: no fragmentation on common paths).
+EDNS_PAYLOAD = 1232
+
+
 def answer(zone: Zone, query: DNSRecord) -> DNSRecord | None:
-    """The reply to `query`; None when its name is outside every zone."""
+    """The reply to `query`; None when its name is outside every zone. A
+    query with EDNS gets EDNS back (a resolver such as systemd-resolved
+    otherwise falls back to plain 512-byte UDP for this server)."""
+    reply = _answer(zone, query)
+    if reply is not None and any(rr.rtype == QTYPE.OPT for rr in query.ar):
+        reply.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
+    return reply
+
+
+def _answer(zone: Zone, query: DNSRecord) -> DNSRecord | None:
     if query.header.opcode != _OPCODE_QUERY:
         reply = query.reply()
         reply.header.rcode = RCODE.NOTIMP

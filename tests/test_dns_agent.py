@@ -104,6 +104,22 @@ def test_the_zone_answers(name: str, qtype: str, expected: object) -> None:
     assert ask(name, qtype) == expected
 
 
+def test_a_query_with_edns_gets_edns_back_and_one_without_does_not() -> None:
+    from dnslib import EDNS0, QTYPE
+
+    from agent.dnszone import EDNS_PAYLOAD
+
+    plain = answer(ZONE, DNSRecord.question("web.office.internal"))
+    assert plain is not None and not [rr for rr in plain.ar if rr.rtype == QTYPE.OPT]
+    query = DNSRecord.question("web.office.internal")
+    query.add_ar(EDNS0(udp_len=4096))
+    reply = answer(ZONE, query)
+    assert reply is not None
+    (opt,) = [rr for rr in DNSRecord.parse(reply.pack()).ar if rr.rtype == QTYPE.OPT]
+    assert opt.rclass == EDNS_PAYLOAD  # an OPT record's class is its UDP payload size
+    assert [str(rr.rdata) for rr in reply.rr] == ["10.10.0.2"]
+
+
 def test_names_outside_every_zone_are_for_the_upstream() -> None:
     assert ask("example.com") is None
     assert ask("internal") is None
