@@ -27,7 +27,7 @@ import msgspec
 from events.desired import PathEntry
 from events.model import Event, HostEndpointSeen, HostKeyRotated
 from projections.sections.base import Reread
-from projections.sections.peers import PeerSection, _endpoint
+from projections.sections.peers import PeerSection, endpoint_of
 from projections.topology import Host, Topology
 
 
@@ -44,7 +44,7 @@ def path_candidates(viewer: Host | None, peer: Host) -> tuple[str, ...]:
     beyond the peers section's)."""
     if not peer.seen:
         return ()
-    announced = (_endpoint((a,), peer.listen_port) for a in peer.endpoints)
+    announced = (endpoint_of((a,), peer.listen_port) for a in peer.endpoints)
     lan = tuple(e for e in announced if e and e != peer.seen)
     same_nat = (
         viewer is not None
@@ -93,7 +93,7 @@ class PathSection:
             if host is None:
                 return ()
             keys = frozenset((host.public_key,))
-            rereads = list(PeerSection._to_viewers(topology, host.host_id, keys, set()))
+            rereads = list(PeerSection.to_viewers(topology, host.host_id, keys, set()))
             own = frozenset(PeerSection(topology).entries(host.host_id))
             rereads.append(Reread(PeerSection.name, own, hosts=frozenset((host.host_id,))))
         else:

@@ -35,11 +35,12 @@ from projections.topology import Host, Topology
 
 def peer_endpoint(host: Host) -> str | None:
     """The first endpoint candidate, with the host's listen port unless it names one."""
-    return _endpoint(host.endpoints, host.listen_port)
+    return endpoint_of(host.endpoints, host.listen_port)
 
 
 @functools.lru_cache(maxsize=65536)
-def _endpoint(endpoints: tuple[str, ...], listen_port: int) -> str | None:
+def endpoint_of(endpoints: tuple[str, ...], listen_port: int) -> str | None:
+    """The first of `endpoints` as "ip:port" (`listen_port` where it names none)."""
     # Cached: a snapshot of N peers would parse N addresses otherwise.
     for candidate in endpoints:
         if not candidate:
@@ -164,7 +165,7 @@ class PeerSection:
             case HostKeyRotated(host_id=host_id, public_key=key, previous_key=previous):
                 # Peers drop the old key and take the new one, in place.
                 keys = frozenset((key, previous))
-                return PeerSection._to_viewers(topology, host_id, keys, set())
+                return PeerSection.to_viewers(topology, host_id, keys, set())
             case NetworkUpdated(network=network, keepalive=keepalive) if keepalive is not None:
                 # Every member's entry as seen through this network changes.
                 return PeerSection._everyone_in(topology, network)
@@ -183,10 +184,10 @@ class PeerSection:
                 # it (or of its departure); it learns of them by a snapshot.
                 return PeerSection._policy_moves(topology, event)
             return (Reread(PeerSection.name, keys, networks=networks, owner=host_id),)
-        return PeerSection._to_viewers(topology, host_id, keys, networks)
+        return PeerSection.to_viewers(topology, host_id, keys, networks)
 
     @staticmethod
-    def _to_viewers(
+    def to_viewers(
         topology: Topology, host_id: str, keys: frozenset[str], networks: set[str] | frozenset[str]
     ) -> Sequence[Reread]:
         """Everyone who sees `host_id` re-reads `keys`: every member of its
