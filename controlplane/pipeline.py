@@ -43,7 +43,7 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,6 +93,9 @@ from projections.topology import COMMAND_MEMORY
 log = structlog.get_logger("netmesh.controlplane")
 
 MAX_ATTEMPTS = 10
+# How long an append is tried again while the store is unavailable (a stream
+# leader election takes a few seconds; the CLI waits 15 s for an answer).
+STORE_RETRY_FOR = 10.0
 READ_YOUR_WRITES_TIMEOUT = 5.0
 
 # Until the read model has applied a sequence (or the timeout passes).
@@ -507,7 +510,7 @@ class CommandPipeline:
                 return Reply(ok=True, result=self._result(spec, decision, ctx))
             pending = pending_events(decision, ctx, command_id, proof, request)
             try:
-                seq = await self._store.append(pending, expect=decision.expect, msg_id=command_id)
+                seq = await self._append(pending, decision.expect, command_id)
             except DuplicateAppend:
                 # JetStream knows the id (its duplicate window) before our write
                 # model does: wait for it, then answer as above.
@@ -533,6 +536,29 @@ class CommandPipeline:
             log.info("command applied", verb=verb, seq=seq, events=len(decision.events))
             return Reply(ok=True, result=self._result(spec, decision, ctx), seq=seq)
         return Reply.refused(ErrorCode.BUSY, "too many concurrent changes; try again")
+
+    async def _append(
+        self, pending: list[PendingEvent], expect: Sequence[Expectation], command_id: str
+    ) -> int:
+        """Append, sending the same events again (the same `Nats-Msg-Id`, so
+        never twice) while the store says it is only unavailable for now: a
+        JetStream cluster electing a new stream leader answers nobody (or
+        10163, 10158) for a few seconds. Raises StoreError when it lasts
+        longer than STORE_RETRY_FOR, or is not retryable."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + STORE_RETRY_FOR
+        pause = 0.05
+        while True:
+            try:
+                return await self._store.append(pending, expect=expect, msg_id=command_id)
+            except (ConcurrencyConflict, DuplicateAppend):
+                raise
+            except StoreError as exc:
+                if not exc.retryable or loop.time() + pause > give_up:
+                    raise
+                log.info("event store unavailable, appending again", why=str(exc))
+                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+                pause = min(pause * 2, 1.0)
 
     def _result(self, spec: CommandSpec[Any], decision: Decision, ctx: Context) -> dict[str, Any]:
         result = dict(decision.result)

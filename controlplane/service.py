@@ -68,8 +68,10 @@ class ControlPlane:
         system_nc: Client | None = None,
         broker_ca: bytes | None = None,
         metrics: ControlPlaneMetrics = NO_METRICS,
+        replicas: int = 1,
     ) -> None:
         self._nc = nc
+        self._replicas = replicas  # copies of each stream, on a JetStream cluster
         self._metrics = metrics
         self._snapshots_only = snapshots_only
         self.data_dir = data_dir
@@ -172,7 +174,7 @@ class ControlPlane:
     async def start(self) -> None:
         """Create streams, catch up, then start answering. Raises on NATS errors."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        await ensure_streams(self._nc.jetstream())
+        await ensure_streams(self._nc.jetstream(), self._replicas)
         self.model = await ReadModel.open(self.data_dir / "readmodel.sqlite3")
         self.runner = ProjectionRunner(
             self.store,

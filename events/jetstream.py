@@ -46,6 +46,9 @@ from events.subjects import EVENTS_PREFIX, EVENTS_STREAM, read_events_subject
 
 # JetStream error codes (ADR / server source) that carry meaning here.
 ERR_WRONG_LAST_SEQUENCE = 10071
+# The same refusal from a clustered stream (its leader checks the expectation
+# while proposing, and says it without the sequence): a conflict too.
+ERR_WRONG_LAST_SEQUENCE_CLUSTERED = 10164
 ERR_BATCH_DUPLICATE_MSG_ID = 10201
 RETRYABLE_ERRORS = {10163, 10158}  # new leader still applying; duplicate id in process
 
@@ -400,7 +403,7 @@ def stream_sequence(msg: Msg) -> int:
 
 
 def _raise_for(error: _PubAckError) -> Any:
-    if error.err_code == ERR_WRONG_LAST_SEQUENCE:
+    if error.err_code in (ERR_WRONG_LAST_SEQUENCE, ERR_WRONG_LAST_SEQUENCE_CLUSTERED):
         raise ConcurrencyConflict(error.description)
     if error.err_code == ERR_BATCH_DUPLICATE_MSG_ID:
         raise DuplicateAppend(error.description)
