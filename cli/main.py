@@ -216,7 +216,10 @@ def explicit_server(ctx: click.Context) -> str | None:
 @click.pass_context
 def cli(ctx: click.Context, server: str, admin_key: Path, ca: Path) -> None:
     """netmesh: WireGuard overlay networks, event-sourced on NATS JetStream."""
+    from cli import lastwrite
+
     quiet_tls_noise()
+    lastwrite.remembered = lastwrite.LastWrite(lastwrite.default_path())
     ctx.obj = server
 
 

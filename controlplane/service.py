@@ -41,6 +41,7 @@ from events.commands import Reply
 from events.connect import server_has_seen_everything
 from events.jetstream import JetStreamEventStore
 from events.signing import event_mac_key, load_or_create
+from events.store import StoreError
 from events.subjects import (
     COMMAND_PREFIX,
     CONSUME_PREFIX,
@@ -127,6 +128,7 @@ class ControlPlane:
         )
         metrics.watch_hooks(lambda: len(self.hooks.failing))
         self.queries.hooks = self.hooks
+        self.queries.caught_up = self._caught_up_to
         self.queries.convergence = Convergence(
             self.store,
             lambda: self.model,
@@ -170,6 +172,25 @@ class ControlPlane:
     async def _read_your_writes(self, seq: int, timeout: float) -> None:
         assert self.runner is not None
         await self.runner.wait_for(seq, timeout)
+
+    async def _caught_up_to(self, seq: int, timeout: float) -> int | None:
+        """Read-your-writes across replicas: wait until this replica's write
+        and read models have applied event `seq` (or the stream's last event,
+        when the stream is shorter: then `seq` came from another stream). The
+        sequence applied so far when it takes longer than `timeout`, else None."""
+        runner = self.runner
+        assert runner is not None
+        if runner.checkpoint >= seq and self.write.topology.last_seq >= seq:
+            return None
+        try:
+            async with asyncio.timeout(timeout):
+                seq = min(seq, await self.store.last_sequence())
+                await self.write.wait_for(seq, timeout)
+                if await runner.wait_for(seq, timeout):
+                    return None
+        except (TimeoutError, StoreError):
+            pass
+        return min(runner.checkpoint, self.write.topology.last_seq)
 
     async def start(self) -> None:
         """Create streams, catch up, then start answering. Raises on NATS errors."""

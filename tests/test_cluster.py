@@ -12,25 +12,39 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 
 from cli.client import CliError, Login, command, query
+from cli.lastwrite import LastWrite
+from controlplane import queries as queries_module
 from controlplane.broker import ClusterMember, member_config, route_password
+from controlplane.embedded import EmbeddedNats
+from controlplane.queries import QueryArgs
+from controlplane.rules.base import Rejected
+from controlplane.service import ControlPlane
 from events.connect import server_urls
 from events.envelope import RecordedEvent
 from events.jetstream import JetStreamEventStore
-from events.signing import event_mac_key, load_or_create
+from events.signing import (
+    COMMAND_SIGNER_HEADER,
+    SIGNATURE_HEADER,
+    event_mac_key,
+    load_or_create,
+)
 from events.subjects import DESIRED_STREAM, EVENTS_STREAM, REPORTS_STREAM
 from projections.sqlite import ReadModel
 from projections.topology import Topology, evolve
 from tests.cluster import NETMESH, Cluster, ControlPlaneProcess
 from tests.netns import wait_until
+from tests.test_controlplane import signed_request
 
 # 1,000 in the issue; the default run keeps to a few hundred (about a minute).
 COMMANDS = int(os.environ.get("NETMESH_CLUSTER_COMMANDS", "300"))
@@ -55,9 +69,16 @@ def test_a_member_config_names_the_cluster_and_guards_its_routes(tmp_path: Path)
     assert route_password(other) != password  # only holders of signing.key can join
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, state: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI; with `state`, its XDG_STATE_HOME (where it remembers its last write)."""
+    env = {**os.environ, "XDG_STATE_HOME": str(state)} if state else None
     return subprocess.run(
-        [NETMESH, *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+        [NETMESH, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env=env,
     )
 
 
@@ -233,6 +254,16 @@ async def test_acknowledged_commands_survive_killing_the_leader_broker_and_a_con
         assert after["seq"] == head + 1
         networks = await query(urls, "networks", login=login)
         assert "late" in {n["name"] for n in networks}
+        # The CLI as a user runs it: its list right after its create has it.
+        admin = ["--server", urls, "--admin-key", str(planes[0].data / "admin.key")]
+        made = run_cli(
+            *admin, "network", "create", "ryw", "--cidr", "10.251.0.0/24", state=tmp_path
+        )
+        assert made.returncode == 0, made.stderr
+        remembered = json.loads((tmp_path / "netmesh" / "last-write.json").read_text())
+        assert list(remembered.values()) == [head + 2]
+        listed = run_cli(*admin, "network", "list", "--json", state=tmp_path)
+        assert "ryw" in {n["name"] for n in json.loads(listed.stdout)}, listed.stderr
 
         nc = await cluster.client()
         js = nc.jetstream()
@@ -255,9 +286,11 @@ async def test_acknowledged_commands_survive_killing_the_leader_broker_and_a_con
         await nc.close()
         assert (await cluster.leader()).name == killed
         again = await read_all(cluster)
-        assert [(r.seq, r.envelope.event_id) for r in again] == [
+        # Its copy has every event, the two made since it came back included.
+        assert [(r.seq, r.envelope.event_id) for r in again[: len(recorded)]] == [
             (r.seq, r.envelope.event_id) for r in recorded
-        ] + [(head + 1, again[-1].envelope.event_id)]
+        ]
+        assert [r.seq for r in again] == list(range(1, head + 3))
     finally:
         for plane in planes:
             await plane.stop()
@@ -268,6 +301,92 @@ async def test_acknowledged_commands_survive_killing_the_leader_broker_and_a_con
         checkpoint, said = await read_model_summary(plane.data / "readmodel.sqlite3")
         assert checkpoint == again[-1].seq
         assert said == truth, plane.data.name
-    assert len(truth["networks"]) == 1 + 1 + counts["acked"] - len(
-        [1 for i in range(COMMANDS) if i % 5 == 1]
-    )
+    # base, late and ryw, and what the clients made.
+    assert len(truth["networks"]) == 3 + sum(1 for i in range(COMMANDS) if i % 5 > 1)
+    assert len(truth["keys"]) == sum(1 for i in range(COMMANDS) if i % 5 == 1)
+
+
+async def test_a_query_with_min_seq_waits_for_its_replica_to_have_the_write(
+    nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica B's read model is held behind (its commits wait, as on a slow
+    disk) while its write model keeps up: without `min_seq` it answers
+    without A's write; with it, once it has applied the write; held too long,
+    it says so."""
+    conns = [await nats.connect(nats_server.url) for _ in range(2)]
+    (tmp_path / "b").mkdir()
+    a = ControlPlane(conns[0], tmp_path / "a", nats_server.url)
+    planes = [a]
+    try:
+        await a.start()
+        shutil.copy(tmp_path / "a" / "signing.key", tmp_path / "b" / "signing.key")
+        b = ControlPlane(conns[1], tmp_path / "b", nats_server.url)
+        planes.append(b)
+        await b.start()
+        key = load_or_create(tmp_path / "a" / "admin.key")
+
+        async def create(name: str, cidr: str) -> int:
+            data, headers = signed_request(key, "network.create", name=name, cidr=cidr)
+            reply = await a.commands.handle(
+                "network.create",
+                data,
+                actor="test",
+                signer=headers[COMMAND_SIGNER_HEADER],
+                signature=headers[SIGNATURE_HEADER],
+            )
+            assert reply.ok and reply.seq is not None, reply.error
+            return reply.seq
+
+        # B's read model commits only when let (a slow disk): its write model
+        # follows the stream as usual.
+        assert b.model is not None
+        let = asyncio.Event()
+        commit = b.model.commit
+
+        async def slow_commit(*args: Any) -> None:
+            await let.wait()
+            await commit(*args)
+
+        monkeypatch.setattr(b.model, "commit", slow_commit)
+        seq = await create("office", "10.10.0.0/24")
+        await b.write.wait_for(seq)  # B has seen it: only its read model lags
+
+        def names(networks: Any) -> set[str]:
+            return {n["name"] for n in networks}
+
+        assert "office" not in names(await b.queries.answer("networks", QueryArgs()))
+        waiting = asyncio.ensure_future(b.queries.answer("networks", QueryArgs(min_seq=seq)))
+        await b.write.wait_for(seq)
+        assert not waiting.done()
+        let.set()
+        assert "office" in names(await asyncio.wait_for(waiting, 10))
+
+        monkeypatch.setattr(queries_module, "MIN_SEQ_WAIT", 0.5)
+        let.clear()
+        later = await create("lab", "10.20.0.0/24")
+        with pytest.raises(Rejected, match=f"has applied event #{seq}, not yet #{later}"):
+            await b.queries.answer("networks", QueryArgs(min_seq=later))
+        let.set()
+        # A sequence beyond the stream (remembered from another stream behind
+        # the same URL) does not hold the answer up.
+        assert names(await b.queries.answer("networks", QueryArgs(min_seq=later + 1000))) == {
+            "office",
+            "lab",
+        }
+    finally:
+        for plane in planes:
+            assert await plane.stop() == []
+        for c in conns:
+            await c.close()
+
+
+def test_the_cli_remembers_its_last_write_per_server(tmp_path: Path) -> None:
+    remembered = LastWrite(tmp_path / "state" / "last-write.json")
+    assert remembered.seq("nats://a:1,nats://b:2") is None
+    remembered.saw("nats://a:1,nats://b:2", 7)
+    remembered.saw("nats://b:2, nats://a:1", 5)  # the same cluster, an older write
+    assert remembered.seq("nats://a:1,nats://b:2") == 7
+    assert remembered.seq("nats://c:3") is None
+    (tmp_path / "state" / "last-write.json").write_text("not json")
+    assert remembered.seq("nats://a:1,nats://b:2") is None  # damaged: no guarantee, no error
+    assert LastWrite(None).seq("nats://a:1") is None
