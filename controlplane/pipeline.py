@@ -495,6 +495,7 @@ class CommandPipeline:
             key_id, secret = self._enrollment.key_for(command_id)
         ctx = Context(now=time.time(), actor=actor, new_key_id=key_id, new_secret=secret)
         topology = self._write.topology
+        refreshed = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
             applied_at = topology.commands.get(command_id)
             if applied_at is not None:
@@ -504,6 +505,12 @@ class CommandPipeline:
                     authorized()
                 decision = decide(topology, command, ctx)
             except Rejected as exc:
+                if not refreshed and await self._behind():
+                    # Refused by a view that lags the stream (another replica
+                    # just made the network this names): decide again on all of it.
+                    refreshed = True
+                    await self._write.catch_up()
+                    continue
                 log.info("command refused", verb=verb, code=exc.code, reason=exc.message)
                 return _refused(exc)
             if not decision.events:
@@ -536,6 +543,13 @@ class CommandPipeline:
             log.info("command applied", verb=verb, seq=seq, events=len(decision.events))
             return Reply(ok=True, result=self._result(spec, decision, ctx), seq=seq)
         return Reply.refused(ErrorCode.BUSY, "too many concurrent changes; try again")
+
+    async def _behind(self) -> bool:
+        """Whether the stream holds events the write model has not applied yet."""
+        try:
+            return await self._store.last_sequence() > self._write.topology.last_seq
+        except StoreError:
+            return False
 
     async def _append(
         self, pending: list[PendingEvent], expect: Sequence[Expectation], command_id: str
