@@ -95,7 +95,7 @@ log = structlog.get_logger("netmesh.controlplane")
 MAX_ATTEMPTS = 10
 # How long an append is tried again while the store is unavailable (a stream
 # leader election takes a few seconds; the CLI waits 15 s for an answer).
-STORE_RETRY_FOR = 10.0
+STORE_RETRY_FOR = 12.0
 READ_YOUR_WRITES_TIMEOUT = 5.0
 
 # Until the read model has applied a sequence (or the timeout passes).
@@ -537,12 +537,25 @@ class CommandPipeline:
                 await self._write.catch_up()
                 continue
             except StoreError as exc:
+                if exc.retryable and await self._landed(command_id):
+                    # The last try's answer was lost, not its events.
+                    applied_at = topology.commands[command_id]
+                    return await self._answer_again(spec, command_id, applied_at, request, signer)
                 return Reply.refused(ErrorCode.UNAVAILABLE, f"event store: {exc}")
             self._metrics.appended(len(pending))
             await self._write.apply_own(seq, pending)
             log.info("command applied", verb=verb, seq=seq, events=len(decision.events))
             return Reply(ok=True, result=self._result(spec, decision, ctx), seq=seq)
         return Reply.refused(ErrorCode.BUSY, "too many concurrent changes; try again")
+
+    async def _landed(self, command_id: str) -> bool:
+        """Whether the events of `command_id` are in the stream after all (an
+        append whose every answer was lost), as far as the stream says now."""
+        try:
+            await self._write.catch_up(timeout=5.0)
+        except (StoreError, TimeoutError):
+            return False
+        return command_id in self._write.topology.commands
 
     async def _behind(self) -> bool:
         """Whether the stream holds events the write model has not applied yet."""

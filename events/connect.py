@@ -213,7 +213,9 @@ async def connect_once(url: str | list[str], *, timeout: float = 3.0, **options:
     in time; no control plane answers its logins. Several URLs (a cluster):
     each is tried in turn, in the order given."""
     options.setdefault("error_cb", _silent)
-    options.setdefault("dont_randomize", True)
+    urls = server_urls(url)
+    if len(urls) > 1:
+        return await _first_that_answers(urls, timeout, options)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
@@ -227,6 +229,23 @@ async def connect_once(url: str | list[str], *, timeout: float = 3.0, **options:
 
 
 ADMISSION_PAUSE = 0.1
+
+
+async def _first_that_answers(urls: list[str], timeout: float, options: dict[str, Any]) -> Client:
+    """Each broker of a cluster in turn: one that is gone, or drops the
+    connection while it is made (a broker being killed), is passed over; a
+    refusal of our credentials is final (every broker asks the same control
+    planes). Raises what the last one raised."""
+    failure: BaseException | None = None
+    for one in urls:
+        try:
+            return await connect_once(one, timeout=timeout, **options)
+        except (OSError, nats.errors.Error, TimeoutError) as exc:
+            if refused_by_broker(exc):
+                raise
+            failure = exc
+    assert failure is not None
+    raise failure
 
 
 async def _attempt(url: str | list[str], timeout: float, options: dict[str, Any]) -> Client:

@@ -90,6 +90,8 @@ def events_stream_config(replicas: int = 1) -> StreamConfig:
 
 # Events read ahead of the consumer at most (then the subscription waits).
 FOLLOW_BUFFER = 20_000
+# Seconds between the idle heartbeats of a follower's ordered consumer.
+FOLLOW_HEARTBEAT = 1.0
 
 
 class JetStreamEventStore:
@@ -285,6 +287,10 @@ class JetStreamEventStore:
                 stream=EVENTS_STREAM,
                 ordered_consumer=True,
                 cb=on_message,
+                # A consumer lost with its broker (a cluster member killed) is
+                # noticed after two missed heartbeats and made again from the
+                # next sequence: 2 s, not nats-py's default 10 s of a frozen view.
+                idle_heartbeat=FOLLOW_HEARTBEAT,
                 config=ConsumerConfig(
                     deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(from_seq, 1)
                 ),
