@@ -18,9 +18,11 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
+from nats.js.errors import ServiceUnavailableError
 
 from controlplane.access import Access
 from controlplane.brokerauth import BrokerGate
@@ -56,6 +58,8 @@ from projections.topology import Topology
 log = structlog.get_logger("netmesh.controlplane")
 
 QUEUE_GROUP = "netmesh-controlplane"
+# How long a starting control plane waits for JetStream to answer.
+JETSTREAM_WAIT = 30.0
 
 
 class ControlPlane:
@@ -192,10 +196,31 @@ class ControlPlane:
             pass
         return min(runner.checkpoint, self.write.topology.last_seq)
 
+    async def _ensure_streams(self, wait: float = JETSTREAM_WAIT) -> None:
+        """The streams, once JetStream answers: a cluster's brokers started
+        together elect a JetStream leader first (a few seconds). Raises
+        nats.errors.Error when it does not answer within `wait`, and at once on
+        a refusal (such as `insufficient resources` for --replicas)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            try:
+                await ensure_streams(self._nc.jetstream(), self._replicas)
+                return
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                ServiceUnavailableError,
+            ) as exc:
+                if loop.time() > deadline:
+                    raise
+                log.info("JetStream not ready yet, waiting", error=repr(exc))
+                await asyncio.sleep(0.5)
+
     async def start(self) -> None:
         """Create streams, catch up, then start answering. Raises on NATS errors."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        await ensure_streams(self._nc.jetstream(), self._replicas)
+        await self._ensure_streams()
         self.model = await ReadModel.open(self.data_dir / "readmodel.sqlite3")
         self.runner = ProjectionRunner(
             self.store,
