@@ -449,6 +449,11 @@ async def all_meshed(agents: list[Agent], what: str) -> None:
         )
 
 
+# nats-py (2.16) drops the socket of a failed reconnect attempt without closing
+# it (found here: a broker that holds a login no control plane answers); it is
+# closed when collected, with a ResourceWarning (README, Known limits).
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_any_broker_asks_any_control_plane_and_agents_outlive_them_all(
     cluster: Cluster, tmp_path: Path
 ) -> None:
