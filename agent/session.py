@@ -31,6 +31,7 @@ from events.connect import (
     close_quickly,
     connect_once,
     refused_by_broker,
+    server_urls,
     tls_options,
 )
 from events.desired import PROTOCOL
@@ -167,7 +168,7 @@ class Session:
                 probe = await connect_once(self.identity.server, timeout=5, **login)
                 await probe.close()
                 self.nc = await nats.connect(
-                    self.identity.server,
+                    server_urls(self.identity.server),  # every broker of a cluster
                     **login,
                     name=f"netmesh-agent-{self.identity.name}",
                     max_reconnect_attempts=-1,

@@ -29,6 +29,7 @@ import nats.errors
 from nacl.signing import SigningKey
 from nats.aio.client import Client
 
+from cli import lastwrite
 from events import natsid
 from events.commands import Reply
 from events.connect import (
@@ -319,6 +320,8 @@ async def command(
         notify(f"{why}; retried with the same id: {_what_happened(reply)}")
     finally:
         await close_quickly(nc)
+    if reply.ok and reply.seq is not None:
+        lastwrite.remembered.saw(server, reply.seq)
     result = _unsealed(_result(reply), admin_key)
     if seq_as is not None and isinstance(result, dict) and reply.seq is not None:
         result[seq_as] = reply.seq
@@ -448,6 +451,9 @@ def load_admin_key(path: Path | None) -> SigningKey:
 
 
 async def query(server: str, what: str, *, login: Login | None = None, **args: Any) -> Any:
+    """A query's answer, from a replica that has applied this CLI's last change
+    (lastwrite). Raises CliError."""
+    args.setdefault("min_seq", lastwrite.remembered.seq(server))
     nc = await connect(server, login)
     try:
         return await request(nc, query_subject(what), {k: v for k, v in args.items() if v}, server)

@@ -216,7 +216,10 @@ def explicit_server(ctx: click.Context) -> str | None:
 @click.pass_context
 def cli(ctx: click.Context, server: str, admin_key: Path, ca: Path) -> None:
     """netmesh: WireGuard overlay networks, event-sourced on NATS JetStream."""
+    from cli import lastwrite
+
     quiet_tls_noise()
+    lastwrite.remembered = lastwrite.LastWrite(lastwrite.default_path())
     ctx.obj = server
 
 
@@ -250,7 +253,20 @@ def check_metrics_listen(
     show_default=True,
     help="Where the embedded nats-server listens (ignored with --nats-url).",
 )
-@click.option("--nats-url", default=None, help="Join this NATS instead of embedding one.")
+@click.option(
+    "--nats-url",
+    default=None,
+    help="Join this NATS instead of embedding one; URL[,URL...] for the brokers of a "
+    "JetStream cluster (`netmesh broker`).",
+)
+@click.option(
+    "--replicas",
+    type=click.IntRange(1, 5),
+    default=1,
+    show_default=True,
+    help="Copies of each stream (with --nats-url on a JetStream cluster: 3 for three "
+    "brokers); an existing stream is raised to it.",
+)
 @click.option(
     "--advertise", default=None, help="NATS URL agents are told to use (put in enrollment tokens)."
 )
@@ -296,8 +312,11 @@ def server(
     desired_states: str,
     metrics_listen: str | None,
     http_listen: str | None,
+    replicas: int,
 ) -> None:
     """Run the control plane (foreground; stops on SIGINT/SIGTERM)."""
+    from nats.js.errors import APIError
+
     from controlplane.brokertls import BrokerTlsError
     from controlplane.embedded import NatsServerError
     from controlplane.server import ControlPlaneFailed, broker_config, run_server, split_listen
@@ -327,9 +346,92 @@ def server(
                 snapshots_only=desired_states == "full",
                 metrics_listen=metrics_listen,
                 http_listen=http_listen,
+                replicas=replicas,
             )
         )
     except (NatsServerError, ControlPlaneFailed, SigningKeyError, BrokerTlsError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
+    except APIError as exc:
+        # e.g. --replicas 3 on a cluster of fewer brokers: "insufficient resources".
+        raise click.ClickException(f"the streams could not be made: {exc.description}") from None
+
+
+@cli.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path("./netmesh-broker"),
+    show_default=True,
+    help="JetStream data and the config; put the control plane's signing.key (and tls/) here.",
+)
+@click.option(
+    "--listen", default="127.0.0.1:4222", show_default=True, help="Where clients connect."
+)
+@click.option(
+    "--cluster-listen",
+    required=True,
+    metavar="HOST:PORT",
+    help="Where the other brokers' routes connect, e.g. 10.0.0.1:6222.",
+)
+@click.option(
+    "--routes",
+    required=True,
+    metavar="HOST:PORT[,...]",
+    help="The cluster addresses of the members (this one's may be among them).",
+)
+@click.option(
+    "--server-name",
+    default=None,
+    help="This member's name, unique and stable (JetStream remembers it) [default: hostname].",
+)
+@click.option("--cluster-name", default="netmesh", show_default=True)
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print the nats-server configuration (and write it to the data dir), then exit.",
+)
+@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto")
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
+)
+def broker(
+    data_dir: Path,
+    listen: str,
+    cluster_listen: str,
+    routes: str,
+    server_name: str | None,
+    cluster_name: str,
+    print_config: bool,
+    log_format: str,
+    log_level: str,
+) -> None:
+    """Run one broker of a JetStream cluster (nats-server, guarded by the control planes).
+
+    Three of these (on three machines, or ports) form the cluster; then `netmesh server
+    --nats-url URL,URL,URL --replicas 3` on each control-plane machine."""
+    import socket
+
+    from controlplane.broker import ClusterMember, cluster_member, run_broker
+    from controlplane.brokertls import BrokerTlsError
+    from controlplane.embedded import NatsServerError
+    from events.signing import SigningKeyError
+
+    member = ClusterMember(
+        server_name=server_name or socket.gethostname().split(".")[0],
+        cluster_listen=cluster_listen,
+        routes=tuple(r.strip() for r in routes.split(",") if r.strip()),
+        cluster_name=cluster_name,
+    )
+    data_dir = data_dir.resolve()
+    try:
+        if print_config:
+            click.echo(Path(str(cluster_member(data_dir, listen, member).config)).read_text())
+            return
+        configure_logging(log_format, log_level)
+        asyncio.run(run_broker(data_dir, listen, member))
+    except (ValueError, NatsServerError, SigningKeyError, BrokerTlsError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot start: {exc}") from None

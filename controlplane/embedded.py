@@ -62,8 +62,12 @@ class EmbeddedNats:
         server_name: str | None = None,
         client_options: dict[str, Any] | None = None,
         tls: bool = False,
+        wait_for_jetstream: bool = True,
     ) -> None:
         self.store_dir = store_dir
+        # A cluster member's JetStream answers only once most members are up:
+        # it is ready when clients can connect.
+        self.wait_for_jetstream = wait_for_jetstream
         # Readiness is checked against this name, so that a stray server already
         # on the port is not mistaken for ours. Keep it stable for a real server:
         # JetStream remembers it.
@@ -136,6 +140,9 @@ class EmbeddedNats:
                     f"({info.get('server_name')!r})"
                 )
             # JetStream answers once it has recovered its store.
+            if not self.wait_for_jetstream:
+                await nc.close()
+                return
             try:
                 await nc.jetstream().account_info()
                 return
@@ -146,6 +153,13 @@ class EmbeddedNats:
                 await asyncio.sleep(0.05)
             finally:
                 await nc.close()
+
+    async def wait(self) -> int | None:
+        """Until the process exits by itself: its exit code (None if never started)."""
+        proc = self._proc
+        if proc is None:
+            return None
+        return await proc.wait()
 
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, wait, then SIGKILL: JetStream flushes its store on TERM."""

@@ -43,7 +43,7 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,6 +93,9 @@ from projections.topology import COMMAND_MEMORY
 log = structlog.get_logger("netmesh.controlplane")
 
 MAX_ATTEMPTS = 10
+# How long an append is tried again while the store is unavailable (a stream
+# leader election takes a few seconds; the CLI waits 15 s for an answer).
+STORE_RETRY_FOR = 12.0
 READ_YOUR_WRITES_TIMEOUT = 5.0
 
 # Until the read model has applied a sequence (or the timeout passes).
@@ -492,6 +495,7 @@ class CommandPipeline:
             key_id, secret = self._enrollment.key_for(command_id)
         ctx = Context(now=time.time(), actor=actor, new_key_id=key_id, new_secret=secret)
         topology = self._write.topology
+        refreshed = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
             applied_at = topology.commands.get(command_id)
             if applied_at is not None:
@@ -501,13 +505,19 @@ class CommandPipeline:
                     authorized()
                 decision = decide(topology, command, ctx)
             except Rejected as exc:
+                if not refreshed and await self._behind():
+                    # Refused by a view that lags the stream (another replica
+                    # just made the network this names): decide again on all of it.
+                    refreshed = True
+                    await self._write.catch_up()
+                    continue
                 log.info("command refused", verb=verb, code=exc.code, reason=exc.message)
                 return _refused(exc)
             if not decision.events:
                 return Reply(ok=True, result=self._result(spec, decision, ctx))
             pending = pending_events(decision, ctx, command_id, proof, request)
             try:
-                seq = await self._store.append(pending, expect=decision.expect, msg_id=command_id)
+                seq = await self._append(pending, decision.expect, command_id)
             except DuplicateAppend:
                 # JetStream knows the id (its duplicate window) before our write
                 # model does: wait for it, then answer as above.
@@ -527,12 +537,55 @@ class CommandPipeline:
                 await self._write.catch_up()
                 continue
             except StoreError as exc:
+                if exc.retryable and await self._landed(command_id):
+                    # The last try's answer was lost, not its events.
+                    applied_at = topology.commands[command_id]
+                    return await self._answer_again(spec, command_id, applied_at, request, signer)
                 return Reply.refused(ErrorCode.UNAVAILABLE, f"event store: {exc}")
             self._metrics.appended(len(pending))
             await self._write.apply_own(seq, pending)
             log.info("command applied", verb=verb, seq=seq, events=len(decision.events))
             return Reply(ok=True, result=self._result(spec, decision, ctx), seq=seq)
         return Reply.refused(ErrorCode.BUSY, "too many concurrent changes; try again")
+
+    async def _landed(self, command_id: str) -> bool:
+        """Whether the events of `command_id` are in the stream after all (an
+        append whose every answer was lost), as far as the stream says now."""
+        try:
+            await self._write.catch_up(timeout=5.0)
+        except (StoreError, TimeoutError):
+            return False
+        return command_id in self._write.topology.commands
+
+    async def _behind(self) -> bool:
+        """Whether the stream holds events the write model has not applied yet."""
+        try:
+            return await self._store.last_sequence() > self._write.topology.last_seq
+        except StoreError:
+            return False
+
+    async def _append(
+        self, pending: list[PendingEvent], expect: Sequence[Expectation], command_id: str
+    ) -> int:
+        """Append, sending the same events again (the same `Nats-Msg-Id`, so
+        never twice) while the store says it is only unavailable for now: a
+        JetStream cluster electing a new stream leader answers nobody (or
+        10163, 10158) for a few seconds. Raises StoreError when it lasts
+        longer than STORE_RETRY_FOR, or is not retryable."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + STORE_RETRY_FOR
+        pause = 0.05
+        while True:
+            try:
+                return await self._store.append(pending, expect=expect, msg_id=command_id)
+            except (ConcurrencyConflict, DuplicateAppend):
+                raise
+            except StoreError as exc:
+                if not exc.retryable or loop.time() + pause > give_up:
+                    raise
+                log.info("event store unavailable, appending again", why=str(exc))
+                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+                pause = min(pause * 2, 1.0)
 
     def _result(self, spec: CommandSpec[Any], decision: Decision, ctx: Context) -> dict[str, Any]:
         result = dict(decision.result)

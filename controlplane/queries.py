@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -371,6 +371,17 @@ class QueryArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # `convergence`: the command whose last event is `seq` (None: every host).
     seq: int | None = None
     command: str | None = None
+    # Read-your-writes: answer once this replica has applied event `min_seq`
+    # (the last write the asker saw acknowledged, whichever replica made it).
+    min_seq: int | None = None
+
+
+# How long a query waits for its replica to apply `min_seq`.
+MIN_SEQ_WAIT = 5.0
+
+# Until this replica has applied event `seq` (write and read model), within
+# `timeout`: the sequence it has applied when it has not (None when it has).
+CaughtUp = Callable[[int, float], Awaitable[int | None]]
 
 
 # What can be asked as of a past point: the topology's queries (not agents'
@@ -484,6 +495,7 @@ class QueryService:
         self._timetravel = timetravel
         self.convergence: Convergence | None = None  # set by the service once it has its parts
         self.hooks: HookDelivery | None = None
+        self.caught_up: CaughtUp | None = None  # likewise
 
     async def on_query(self, msg: Msg) -> None:
         what = msg.subject[len(QUERY_PREFIX) + 1 :]
@@ -515,6 +527,14 @@ class QueryService:
 
     async def answer(self, what: str, args: QueryArgs) -> Any:
         """Raises Rejected."""
+        if args.min_seq is not None and self.caught_up is not None:
+            behind = await self.caught_up(args.min_seq, MIN_SEQ_WAIT)
+            if behind is not None:
+                raise Rejected(
+                    ErrorCode.UNAVAILABLE,
+                    f"the control plane that answered has applied event #{behind}, not yet "
+                    f"#{args.min_seq} (your last change): waited {MIN_SEQ_WAIT:.0f} s; try again",
+                )
         if what == "diff" or args.at is not None:
             return await self._answer_from_the_past(what, args)
         model = self._model()

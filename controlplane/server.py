@@ -28,6 +28,7 @@ from events.connect import (
     connect,
     connect_once,
     refused_by_broker,
+    server_urls,
     tls_options,
     uses_tls,
 )
@@ -75,9 +76,13 @@ def beyond_loopback(host: str) -> bool:
 
 
 def as_tls_url(url: str) -> str:
-    """Agents are told tls://: the broker speaks nothing else."""
-    scheme, sep, rest = url.partition("://")
-    return f"tls://{rest}" if sep and scheme.lower() == "nats" else url
+    """Agents are told tls://: the broker speaks nothing else (each URL of
+    several, comma-separated)."""
+    out = []
+    for one in server_urls(url):
+        scheme, sep, rest = one.partition("://")
+        out.append(f"tls://{rest}" if sep and scheme.lower() == "nats" else one)
+    return ",".join(out)
 
 
 def read_api(control_plane: ControlPlane) -> ReadApi:
@@ -101,10 +106,13 @@ async def run_server(
     snapshots_only: bool = False,
     metrics_listen: str | None = None,
     http_listen: str | None = None,
+    replicas: int = 1,
 ) -> None:
     """Run until SIGINT/SIGTERM (or cancellation); stop everything cleanly.
     With `metrics_listen` (HOST:PORT), serve Prometheus metrics there; with
-    `http_listen`, the read API and the dashboard."""
+    `http_listen`, the read API and the dashboard. `nats_url` may name several
+    brokers (a JetStream cluster, comma-separated): the connections fail over
+    between them, and the streams get `replicas` copies."""
     embedded: EmbeddedNats | None = None
     metrics: ControlPlaneMetrics = NO_METRICS
     metrics_server: MetricsServer | None = None
@@ -195,6 +203,7 @@ async def run_server(
             system_nc=system_nc,
             broker_ca=broker_ca,
             metrics=metrics,
+            replicas=replicas,
         )
         await control_plane.start()
         if http_listen is not None:

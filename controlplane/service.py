@@ -18,9 +18,11 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
+from nats.js.errors import ServiceUnavailableError
 
 from controlplane.access import Access
 from controlplane.brokerauth import BrokerGate
@@ -41,6 +43,7 @@ from events.commands import Reply
 from events.connect import server_has_seen_everything
 from events.jetstream import JetStreamEventStore
 from events.signing import event_mac_key, load_or_create
+from events.store import StoreError
 from events.subjects import (
     COMMAND_PREFIX,
     CONSUME_PREFIX,
@@ -55,6 +58,8 @@ from projections.topology import Topology
 log = structlog.get_logger("netmesh.controlplane")
 
 QUEUE_GROUP = "netmesh-controlplane"
+# How long a starting control plane waits for JetStream to answer.
+JETSTREAM_WAIT = 30.0
 
 
 class ControlPlane:
@@ -68,8 +73,10 @@ class ControlPlane:
         system_nc: Client | None = None,
         broker_ca: bytes | None = None,
         metrics: ControlPlaneMetrics = NO_METRICS,
+        replicas: int = 1,
     ) -> None:
         self._nc = nc
+        self._replicas = replicas  # copies of each stream, on a JetStream cluster
         self._metrics = metrics
         self._snapshots_only = snapshots_only
         self.data_dir = data_dir
@@ -125,6 +132,7 @@ class ControlPlane:
         )
         metrics.watch_hooks(lambda: len(self.hooks.failing))
         self.queries.hooks = self.hooks
+        self.queries.caught_up = self._caught_up_to
         self.queries.convergence = Convergence(
             self.store,
             lambda: self.model,
@@ -169,10 +177,50 @@ class ControlPlane:
         assert self.runner is not None
         await self.runner.wait_for(seq, timeout)
 
+    async def _caught_up_to(self, seq: int, timeout: float) -> int | None:
+        """Read-your-writes across replicas: wait until this replica's write
+        and read models have applied event `seq` (or the stream's last event,
+        when the stream is shorter: then `seq` came from another stream). The
+        sequence applied so far when it takes longer than `timeout`, else None."""
+        runner = self.runner
+        assert runner is not None
+        if runner.checkpoint >= seq and self.write.topology.last_seq >= seq:
+            return None
+        try:
+            async with asyncio.timeout(timeout):
+                seq = min(seq, await self.store.last_sequence())
+                await self.write.wait_for(seq, timeout)
+                if await runner.wait_for(seq, timeout):
+                    return None
+        except (TimeoutError, StoreError):
+            pass
+        return min(runner.checkpoint, self.write.topology.last_seq)
+
+    async def _ensure_streams(self, wait: float = JETSTREAM_WAIT) -> None:
+        """The streams, once JetStream answers: a cluster's brokers started
+        together elect a JetStream leader first (a few seconds). Raises
+        nats.errors.Error when it does not answer within `wait`, and at once on
+        a refusal (such as `insufficient resources` for --replicas)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            try:
+                await ensure_streams(self._nc.jetstream(), self._replicas)
+                return
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                ServiceUnavailableError,
+            ) as exc:
+                if loop.time() > deadline:
+                    raise
+                log.info("JetStream not ready yet, waiting", error=repr(exc))
+                await asyncio.sleep(0.5)
+
     async def start(self) -> None:
         """Create streams, catch up, then start answering. Raises on NATS errors."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        await ensure_streams(self._nc.jetstream())
+        await self._ensure_streams()
         self.model = await ReadModel.open(self.data_dir / "readmodel.sqlite3")
         self.runner = ProjectionRunner(
             self.store,

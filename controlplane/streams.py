@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
@@ -63,6 +65,11 @@ def hooks_stream_config(replicas: int = 1) -> StreamConfig:
 
 
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create the streams with `replicas` copies each (on a JetStream cluster:
+    one per broker, up to its size), or raise an existing stream to that many
+    (never lowered: a control plane started without --replicas leaves what
+    another asked for). Raises what JetStream raises (a cluster smaller than
+    `replicas`: `insufficient resources`)."""
     for config in (
         events_stream_config(replicas),
         desired_stream_config(replicas),
@@ -71,10 +78,14 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     ):
         assert config.name is not None
         try:
-            await js.stream_info(config.name)
+            info = await js.stream_info(config.name)
         except NotFoundError:
             await js.add_stream(config)
-        else:
-            if config.name != DESIRED_STREAM:
-                # Limits added since the stream was made (changing them is allowed).
-                await js.update_stream(config)
+            continue
+        have = info.config.num_replicas or 1
+        if config.name != DESIRED_STREAM:
+            # Limits added since the stream was made (changing them is allowed).
+            config.num_replicas = max(have, replicas)
+            await js.update_stream(config)
+        elif have < replicas:
+            await js.update_stream(replace(info.config, num_replicas=replicas))

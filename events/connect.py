@@ -36,8 +36,17 @@ class BrokerTlsMissing(Exception):
     """A tls:// URL, but no CA to check the broker's certificate against."""
 
 
+def server_urls(urls: str | list[str]) -> list[str]:
+    """A broker URL, or several (a cluster) separated by commas, as the list
+    nats-py fails over between. Tokens, identities and `--server` carry the
+    comma-separated text, so one URL (every older token) is the same as before."""
+    parts = urls if isinstance(urls, list) else urls.split(",")
+    return [part.strip() for part in parts if part.strip()]
+
+
 def uses_tls(url: str) -> bool:
-    return url.strip().lower().startswith("tls://")
+    """Whether the broker URL (or any of several) is tls://."""
+    return any(u.lower().startswith("tls://") for u in server_urls(url))
 
 
 def tls_options(url: str, ca_der: bytes | None) -> dict[str, Any]:
@@ -191,18 +200,22 @@ class NetmeshClient(Client):
 async def connect(url: str | list[str], **options: Any) -> NetmeshClient:
     """`nats.connect`, with a `NetmeshClient`. Raises what `nats.connect` raises."""
     nc = NetmeshClient()
-    await nc.connect(url, **options)
+    await nc.connect(server_urls(url), **options)
     return nc
 
 
-async def connect_once(url: str, *, timeout: float = 3.0, **options: Any) -> Client:
+async def connect_once(url: str | list[str], *, timeout: float = 3.0, **options: Any) -> Client:
     """Connect or raise (OSError, nats.errors.Error, TimeoutError), without
     nats-py's retry loop. `timeout` bounds each step (TCP, TLS, the broker's
     greeting) and the wait for admission: a broker that still holds the login
     at its first PING (2 s) is asked again, until then. BrokerNotReady (a
     nats.errors.Error): the broker answered but did not admit the connection
-    in time; no control plane answers its logins."""
+    in time; no control plane answers its logins. Several URLs (a cluster):
+    each is tried in turn, in the order given."""
     options.setdefault("error_cb", _silent)
+    urls = server_urls(url)
+    if len(urls) > 1:
+        return await _first_that_answers(urls, timeout, options)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
@@ -218,13 +231,30 @@ async def connect_once(url: str, *, timeout: float = 3.0, **options: Any) -> Cli
 ADMISSION_PAUSE = 0.1
 
 
-async def _attempt(url: str, timeout: float, options: dict[str, Any]) -> Client:
+async def _first_that_answers(urls: list[str], timeout: float, options: dict[str, Any]) -> Client:
+    """Each broker of a cluster in turn: one that is gone, or drops the
+    connection while it is made (a broker being killed), is passed over; a
+    refusal of our credentials is final (every broker asks the same control
+    planes). Raises what the last one raised."""
+    failure: BaseException | None = None
+    for one in urls:
+        try:
+            return await connect_once(one, timeout=timeout, **options)
+        except (OSError, nats.errors.Error, TimeoutError) as exc:
+            if refused_by_broker(exc):
+                raise
+            failure = exc
+    assert failure is not None
+    raise failure
+
+
+async def _attempt(url: str | list[str], timeout: float, options: dict[str, Any]) -> Client:
     nc = NetmeshClient()
     try:
         try:
             # nats-py's annotations say int; its timeouts take seconds as floats.
             await nc.connect(
-                url,
+                server_urls(url),
                 **{
                     "connect_timeout": timeout,
                     "allow_reconnect": False,

@@ -46,6 +46,9 @@ from events.subjects import EVENTS_PREFIX, EVENTS_STREAM, read_events_subject
 
 # JetStream error codes (ADR / server source) that carry meaning here.
 ERR_WRONG_LAST_SEQUENCE = 10071
+# The same refusal from a clustered stream (its leader checks the expectation
+# while proposing, and says it without the sequence): a conflict too.
+ERR_WRONG_LAST_SEQUENCE_CLUSTERED = 10164
 ERR_BATCH_DUPLICATE_MSG_ID = 10201
 RETRYABLE_ERRORS = {10163, 10158}  # new leader still applying; duplicate id in process
 
@@ -87,6 +90,8 @@ def events_stream_config(replicas: int = 1) -> StreamConfig:
 
 # Events read ahead of the consumer at most (then the subscription waits).
 FOLLOW_BUFFER = 20_000
+# Seconds between the idle heartbeats of a follower's ordered consumer.
+FOLLOW_HEARTBEAT = 1.0
 
 
 class JetStreamEventStore:
@@ -282,6 +287,10 @@ class JetStreamEventStore:
                 stream=EVENTS_STREAM,
                 ordered_consumer=True,
                 cb=on_message,
+                # A consumer lost with its broker (a cluster member killed) is
+                # noticed after two missed heartbeats and made again from the
+                # next sequence: 2 s, not nats-py's default 10 s of a frozen view.
+                idle_heartbeat=FOLLOW_HEARTBEAT,
                 config=ConsumerConfig(
                     deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(from_seq, 1)
                 ),
@@ -400,7 +409,7 @@ def stream_sequence(msg: Msg) -> int:
 
 
 def _raise_for(error: _PubAckError) -> Any:
-    if error.err_code == ERR_WRONG_LAST_SEQUENCE:
+    if error.err_code in (ERR_WRONG_LAST_SEQUENCE, ERR_WRONG_LAST_SEQUENCE_CLUSTERED):
         raise ConcurrencyConflict(error.description)
     if error.err_code == ERR_BATCH_DUPLICATE_MSG_ID:
         raise DuplicateAppend(error.description)

@@ -19,6 +19,7 @@ from nacl.signing import SigningKey
 from nats.aio.client import Client
 
 from agent.daemon import enroll
+from controlplane import pipeline as pipeline_module
 from controlplane.audit import verify_log
 from controlplane.embedded import EmbeddedNats
 from controlplane.enrollment import EnrollmentSecrets
@@ -604,9 +605,10 @@ async def test_a_signed_command_seen_before_gets_the_answer_it_got(
 
 
 class FailingOnce(MemoryEventStore):
-    """A store whose next append times out (it may or may not have happened)."""
+    """A store whose next `fail_next` appends time out (they may or may not
+    have happened)."""
 
-    fail_next = False
+    fail_next = 0
 
     async def append(
         self,
@@ -616,14 +618,18 @@ class FailingOnce(MemoryEventStore):
         msg_id: str | None = None,
     ) -> int:
         if self.fail_next:
-            self.fail_next = False
+            self.fail_next -= 1
             raise StoreUnavailable("no answer")
         return await super().append(events, expect=expect, msg_id=msg_id)
 
 
-async def test_a_signed_command_that_decided_nothing_is_taken_afresh(tmp_path: Path) -> None:
+async def test_a_signed_command_that_decided_nothing_is_taken_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Remembered outcomes are decisions: a retry after the store did not
-    answer is tried again (and applied), not told "unavailable" forever."""
+    answer is tried again (and applied), not told "unavailable" forever. A
+    store unavailable for a moment (a new stream leader) is waited for."""
+    monkeypatch.setattr(pipeline_module, "STORE_RETRY_FOR", 0.3)
     store = FailingOnce()
     write = WriteModel(store)
     following = asyncio.create_task(write.follow())
@@ -654,12 +660,18 @@ async def test_a_signed_command_that_decided_nothing_is_taken_afresh(tmp_path: P
             )
 
         create = signed_request(key, "network.create", name="office", cidr="10.10.0.0/24")
-        store.fail_next = True
+        store.fail_next = 1000
         assert (await send(create)).code == "unavailable"
+        store.fail_next = 0
         applied = await send(create)
         assert (applied.ok, applied.repeated, applied.seq) == (True, False, 2), applied
         again = await send(create)
         assert (again.ok, again.repeated, again.seq) == (True, True, 2), again
+        store.fail_next = 2  # the first two appends lost: sent again, applied once
+        lab = signed_request(key, "network.create", name="lab", cidr="10.20.0.0/24")
+        made = await send(lab)
+        assert (made.ok, made.repeated, made.seq) == (True, False, 3), made
+        assert await store.last_sequence() == 3
     finally:
         await store.close()
         await following
