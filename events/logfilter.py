@@ -18,7 +18,7 @@ import msgspec
 
 from events.envelope import RecordedEvent
 from events.model import NetworkDeleted, NodeJoined, NodeRemoved, aggregate_of
-from events.schema import event_tags
+from events.schema import event_tags, unknown_type
 
 
 class BadFilter(ValueError):
@@ -66,7 +66,7 @@ def check_type_pattern(pattern: str) -> str:
     must match at least one type this version knows. Raises BadFilter."""
     known = event_tags()
     if not any(fnmatch.fnmatchcase(tag, pattern) for tag in known):
-        raise BadFilter(f"unknown event type {pattern!r} (known: {', '.join(known)})")
+        raise BadFilter(unknown_type(pattern))
     return pattern
 
 

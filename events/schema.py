@@ -10,6 +10,7 @@ schema version as `x-netmesh-schema` (the envelope's `schema` field).
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import msgspec
@@ -55,4 +56,12 @@ def _type_of(tag: str) -> type[Event]:
     for cls in EVENT_TYPES:
         if cls.__struct_config__.tag == tag:
             return cls
-    raise UnknownType(f"unknown event type {tag!r} (known: {', '.join(event_tags())})")
+    raise UnknownType(unknown_type(tag))
+
+
+def unknown_type(text: str) -> str:
+    """One line for an event type (or pattern) this version does not know:
+    the nearest types, not all of them (the list outgrew a line)."""
+    near = difflib.get_close_matches(text, event_tags(), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(near)}? " if near else ""
+    return f"unknown event type {text!r} ({hint}`netmesh events schema` lists them)"
