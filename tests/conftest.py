@@ -3,6 +3,7 @@ temporary JetStream store."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,13 @@ import pytest
 from nats.aio.client import Client
 
 from controlplane.embedded import EmbeddedNats, NatsServerError, free_port
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cli_state_of_its_own(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The CLIs the tests run remember their last write (cli/lastwrite.py)
+    under XDG_STATE_HOME: a directory of the run's, not the machine's home."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
 
 
 async def start_nats(store: Path, log_file: Path | None = None) -> EmbeddedNats:
