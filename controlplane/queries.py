@@ -37,7 +37,7 @@ from projections.desired import peer_endpoint
 from projections.sections.paths import endpoint_ip
 from projections.sqlite import ReadModel
 from projections.timetravel import diff, view_of
-from projections.topology import Gateway, Host, Topology
+from projections.topology import Gateway, Host, Network, Topology
 
 log = structlog.get_logger("netmesh.controlplane")
 
@@ -403,14 +403,17 @@ PAST_QUERIES = frozenset(
 )
 
 
-def list_gateways(topology: Topology, network: str | None) -> list[dict[str, Any]]:
-    """Every gateway (of one network), egress and ingress, from the write model's topology."""
+def _networks(topology: Topology, network: str | None) -> list[tuple[str, Network]]:
+    """The networks a list is over, by name: one (which must exist) or all."""
     if network is not None and network not in topology.networks:
         raise Rejected(ErrorCode.NOT_FOUND, f"no network {network!r}")
+    return [(n, net) for n, net in sorted(topology.networks.items()) if network in (None, n)]
+
+
+def list_gateways(topology: Topology, network: str | None) -> list[dict[str, Any]]:
+    """Every gateway (of one network), egress and ingress, from the write model's topology."""
     found = []
-    for name, net in sorted(topology.networks.items()):
-        if network is not None and name != network:
-            continue
+    for name, net in _networks(topology, network):
         kinds: list[tuple[str, str, Gateway | None]]
         kinds = [(g.node_id, "egress", g) for g in net.gateways.values()]
         kinds += [(node_id, "ingress", None) for node_id in sorted(net.ingress)]
@@ -435,12 +438,8 @@ def list_gateways(topology: Topology, network: str | None) -> list[dict[str, Any
 
 def list_clients(topology: Topology, network: str | None) -> list[dict[str, Any]]:
     """Every external client (of one network): never a private key (none is known)."""
-    if network is not None and network not in topology.networks:
-        raise Rejected(ErrorCode.NOT_FOUND, f"no network {network!r}")
     found = []
-    for name, net in sorted(topology.networks.items()):
-        if network is not None and name != network:
-            continue
+    for name, net in _networks(topology, network):
         for client in sorted(net.clients.values(), key=lambda c: c.name):
             via = topology.nodes.get(client.via)
             found.append(

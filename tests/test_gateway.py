@@ -43,7 +43,7 @@ from events.model import EgressAdded, EgressRemoved, ExitCleared, ExitSet
 from events.signing import public_text
 from events.tokens import make_token
 from projections.desired import DesiredChanges, desired_for, messages
-from projections.topology import Touched
+from projections.topology import Topology, Touched
 from tests.desired_states import desired_state
 from tests.factories import World, public_key
 
@@ -502,16 +502,11 @@ def _internet_gateways(world: PolicyWorld) -> list[str]:
     return sorted(node_id for node_id, g in found if "0.0.0.0/0" in g.ranges)
 
 
-async def test_gateways_and_exits_survive_the_read_model(tmp_path: Path) -> None:
-    """A restarted projection loads the topology from SQLite: every host's
-    desired state is the same from it as from the events."""
+async def reloaded(world: World, tmp_path: Path) -> Topology:
+    """`world`'s topology written whole to a read model and loaded back, as
+    a restarted projection loads it."""
     from projections.sqlite import ReadModel
 
-    world = internet("a", "b", "g")
-    world.run(AddEgress(node="b", ranges=(LAN,), nat=False, metric=7), ROOT)
-    world.run(SetExit(node="a", via="g"), ROOT)
-    world.run(AddEgress(node="a", ranges=("172.16.0.0/16",)), ROOT)
-    world.run(RemoveNode(node="office/a"), ROOT)  # a departed gateway goes too
     model = await ReadModel.open(tmp_path / "read.db")
     try:
         everything = Touched(
@@ -520,9 +515,20 @@ async def test_gateways_and_exits_survive_the_read_model(tmp_path: Path) -> None
             hosts=frozenset(world.topology.hosts),
         )
         await model.commit(world.topology, everything, world.topology.last_seq)
-        loaded = await model.load_topology()
+        return await model.load_topology()
     finally:
         await model.close()
+
+
+async def test_gateways_and_exits_survive_the_read_model(tmp_path: Path) -> None:
+    """A restarted projection loads the topology from SQLite: every host's
+    desired state is the same from it as from the events."""
+    world = internet("a", "b", "g")
+    world.run(AddEgress(node="b", ranges=(LAN,), nat=False, metric=7), ROOT)
+    world.run(SetExit(node="a", via="g"), ROOT)
+    world.run(AddEgress(node="a", ranges=("172.16.0.0/16",)), ROOT)
+    world.run(RemoveNode(node="office/a"), ROOT)  # a departed gateway goes too
+    loaded = await reloaded(world, tmp_path)
     assert loaded.networks["office"].gateways == world.topology.networks["office"].gateways
     for host_id in world.topology.hosts:
         assert desired_for(loaded, host_id) == desired_for(world.topology, host_id)

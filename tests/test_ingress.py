@@ -42,10 +42,9 @@ from events.model import ClientCreated, ClientRemoved, IngressAdded
 from events.signing import public_text
 from events.tokens import make_token
 from projections.desired import desired_for
-from projections.topology import Touched
 from tests.desired_states import desired_state
 from tests.factories import World, public_key
-from tests.test_gateway import LAN, host, office, sent_by
+from tests.test_gateway import LAN, host, office, reloaded, sent_by
 from tests.test_policy_commands import ROOT, appended, refused
 
 PHONE = public_key(900)
@@ -406,24 +405,12 @@ def test_an_exclusive_entry_drops_what_it_does_not_allow_before_broader_entries_
 async def test_clients_survive_the_read_model(tmp_path: Path) -> None:
     """A restarted projection loads the topology from SQLite: every host's
     desired state is the same from it as from the events."""
-    from projections.sqlite import ReadModel
-
     world = ingress("a", "b", "g")
     world.run(AddIngress(node="a"), ROOT)
     world.run(CreateClient(network="office", name="phone", via="g", public_key=PHONE), ROOT)
     world.run(CreateClient(network="office", name="tab", via="a", public_key=LAPTOP), ROOT)
     world.run(RemoveNode(node="office/a"), ROOT)  # its client goes too
-    model = await ReadModel.open(tmp_path / "read.db")
-    try:
-        everything = Touched(
-            networks=frozenset(world.topology.networks),
-            nodes=frozenset(world.topology.nodes) | {"gone"},
-            hosts=frozenset(world.topology.hosts),
-        )
-        await model.commit(world.topology, everything, world.topology.last_seq)
-        loaded = await model.load_topology()
-    finally:
-        await model.close()
+    loaded = await reloaded(world, tmp_path)
     office_net = world.topology.networks["office"]
     assert loaded.networks["office"].clients == office_net.clients and len(office_net.clients) == 1
     assert loaded.networks["office"].ingress == office_net.ingress
