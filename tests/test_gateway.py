@@ -393,6 +393,7 @@ GATEWAY_OPS = st.lists(
                 "rejoin",
                 "policy",
                 "tag",
+                "tag gw",
                 "rotate",
                 "ingress",
                 "uningress",
@@ -416,6 +417,9 @@ POLICIES = (
     # External clients are selected by address: some are in this range, some not.
     '{rules: [{from: ["tag:dev"], to: ["10.10.0.8/29", "*"], ports: ["22/tcp"]},'
     ' {from: ["10.10.0.0/24"], to: ["tag:dev"]}]}',
+    # Only gateways tagged gw are seen (so used), by members tagged dev.
+    '{rules: [{from: ["tag:dev"], to: ["tag:gw", "192.168.1.0/24", "172.16.0.0/16",'
+    ' "10.10.0.8/29"]}]}',
 )
 
 
@@ -467,6 +471,9 @@ def test_deltas_under_any_gateway_changes_equal_the_derived_state(
                 continue
             elif op == "tag":
                 pending.extend(world.tag(name, "dev"))
+                continue
+            elif op == "tag gw":  # who sees a gateway moves with its tags
+                pending.extend(world.tag(name, "gw"))
                 continue
             elif op == "ingress":
                 command = AddIngress(node=f"office/{name}")
@@ -532,3 +539,26 @@ async def test_gateways_and_exits_survive_the_read_model(tmp_path: Path) -> None
     assert loaded.networks["office"].gateways == world.topology.networks["office"].gateways
     for host_id in world.topology.hosts:
         assert desired_for(loaded, host_id) == desired_for(world.topology, host_id)
+
+
+def test_a_gateway_tagged_into_sight_is_used_by_those_who_now_see_it() -> None:
+    """Visibility follows the gateway's tags too: tagging the gateway (not
+    the member) gives the member its range and its clients' addresses."""
+    world = PolicyWorld({"m": ("a",), "g": (), "x": ()})
+    pending = [
+        *world.world.run(AddEgress(node="office/g", ranges=(LAN,)))[1],
+        *world.world.run(AddIngress(node="office/g"))[1],
+        *world.world.run(
+            CreateClient(network="office", name="c0", via="office/g", public_key=public_key(700))
+        )[1],
+    ]
+    client = world.topology.networks["office"].clients["c0"].address + "/32"
+    pending += world.set_policy(
+        f'{{rules: [{{from: ["tag:a"], to: ["tag:b", "{LAN}", "{client}"]}}]}}'
+    )
+    world.flush(pending)
+    state = desired_for(world.topology, world.host["m"])
+    assert state is not None and state.sections.egress == {}  # g is not in sight
+    world.flush(world.tag("g", "b"))  # converged: every host's deltas add up
+    state = desired_for(world.topology, world.host["m"])
+    assert state is not None and set(state.sections.egress) == {LAN, client}

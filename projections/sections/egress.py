@@ -122,11 +122,14 @@ class _OfferedSection:
                 | NodeUntagged(network=network)
                 | PolicySet(network=network)
             ):
-                # Who may use which range moved: every range of the network.
-                keys = all_ranges(network_named(topology, network))
+                # Who may use which range moved: every range of the network,
+                # for the node tagged, or for everyone when it is a gateway
+                # (who sees it may have moved).
+                net = network_named(topology, network)
+                keys = all_ranges(net)
                 if not keys:
                     return ()
-                if isinstance(event, PolicySet):
+                if isinstance(event, PolicySet) or event.node_id in net.gateways:
                     return (Reread(cls.name, keys, networks=frozenset((network,))),)
                 return (Reread(cls.name, keys, hosts=frozenset((event.host_id,))),)
         return ()

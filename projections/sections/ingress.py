@@ -42,10 +42,6 @@ from projections.sections.base import Reread
 from projections.sections.reach import forward_rules, may_use, offered
 from projections.topology import Client, Gateway, Network, Topology
 
-# Events after which the forward rules towards clients move under a policy
-# (who may reach them), besides the clients' own comings and goings.
-CLIENT_EVENTS: tuple[type[Event], ...] = (ClientCreated, ClientRemoved, IngressRemoved)
-
 
 def client_cidr(client: Client) -> str:
     return f"{client.address}/32"
@@ -172,7 +168,13 @@ def client_rereads(topology: Topology, event: Event, section: str) -> list[Rerea
             keys = _all_clients(topology, network)
             if not keys:
                 return []
-            if isinstance(event, PolicySet):
+            net = topology.networks.get(network)
+            gateway = (
+                net is not None
+                and not isinstance(event, PolicySet)
+                and (event.node_id in net.ingress)
+            )
+            if isinstance(event, PolicySet) or gateway:  # who sees a gateway may have moved
                 return [Reread(section, keys, networks=frozenset((network,)))]
             return [Reread(section, keys, hosts=frozenset((event.host_id,)))]
     return []
