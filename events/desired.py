@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL = 6
+PROTOCOL = 7
 
 # The key of the one entry of the `interface` section.
 WIREGUARD = "wireguard"
@@ -163,6 +163,23 @@ class PathEntry(msgspec.Struct, frozen=True, kw_only=True):
     (agent/nat.py); a peer without an entry is reached at its `peers` endpoint."""
 
     candidates: tuple[str, ...]
+    # A relay for this pair (protocol 7): "ip:port" on the relay host that
+    # forwards this pair's datagrams as they are, tried after the candidates
+    # fail (agent/nat.py); `relay_node` names the relay for status.
+    relay: str = ""
+    relay_node: str = ""
+
+
+class RelayEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """On a relay host, one pair of hosts whose WireGuard datagrams it
+    forwards as they are (it holds neither's key), keyed by the pair's host
+    ids sorted and joined with ",". `hosts[i]` sends to UDP port `ports[i]`;
+    what arrives on one port goes out of the other to where that side's last
+    datagram came from."""
+
+    hosts: tuple[str, str]
+    ports: tuple[int, int]
+    names: tuple[str, str] = ("", "")
 
 
 class Sections(
@@ -187,6 +204,7 @@ class Sections(
     dns_zones: dict[str, DnsZoneEntry] = {}
     clients: dict[str, ClientEntry] = {}
     paths: dict[str, PathEntry] = {}  # NAT traversal: projections/sections/paths.py
+    relays: dict[str, RelayEntry] = {}  # on a relay host: the pairs it forwards
 
 
 SECTION_NAMES: tuple[str, ...] = Sections.__struct_fields__
@@ -417,6 +435,12 @@ def _v5_to_v6(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "protocol": 6}
 
 
+def _v6_to_v7(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 7 added relays (the `relays` section on relay hosts, `relay`
+    in a `paths` entry): a version-6 message has none, which is what it meant."""
+    return {**raw, "protocol": 7}
+
+
 # The firewall of a host that enforces no policy (what version 3 meant).
 ALLOW_EVERYTHING = ("0.0.0.0/0", "::/0")
 
@@ -426,6 +450,7 @@ _UPCASTS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     3: _v3_to_v4,
     4: _v4_to_v5,
     5: _v5_to_v6,
+    6: _v6_to_v7,
 }
 
 
