@@ -393,7 +393,6 @@ class Agent:
         self._wake = asyncio.Event()
         # NAT traversal (agent/nat.py): endpoints tried per peer, sightings told.
         self.paths = PathKeeper()
-        self._paths_wake: asyncio.TimerHandle | None = None
 
     # What the rest of the agent (and its tests) read of its parts.
 
@@ -564,38 +563,43 @@ class Agent:
         return False
 
     async def watch_gateways(self, interval: float = PROBE_INTERVAL) -> None:
-        """Probe the gateways of every range that has a second one, and run a
-        pass when one is taken for gone or comes back (agent/egress.py)."""
+        """Every `interval`: read what each peer answers, probe the gateways
+        of every range that has a second one and the peers whose bytes go
+        unanswered, run a pass when a gateway is taken for gone or comes back
+        (agent/egress.py) or a peer's path moves on (agent/nat.py), and ask
+        for relays where every direct path failed."""
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         probe.setblocking(False)
         try:
             while True:
                 await asyncio.sleep(interval)
-                await self._check_gateways(probe)
+                await self._watch_peers(probe)
         finally:
             probe.close()
 
-    async def _check_gateways(self, probe: socket.socket) -> None:
+    async def _watch_peers(self, probe: socket.socket) -> None:
         desired = self.desired
-        watched = candidates(desired.sections.egress) if desired is not None else set()
+        if desired is None or not desired.sections.peers:
+            return
+        watched = candidates(desired.sections.egress)
         self.liveness.forget_others(watched)
-        dead: frozenset[str] = frozenset()
-        if watched and desired is not None:
-            try:
-                device = await self.backend.read()
-            except BackendError:
-                return  # the pass says why
-            now = time.monotonic()
-            for peer in device.peers:
-                if peer.public_key not in watched:
-                    continue
-                self.liveness.observe(peer.public_key, peer.rx_bytes, now)
-                entry = desired.sections.peers.get(peer.public_key)
-                address = _overlay_address(entry.allowed_ips) if entry is not None else None
+        try:
+            device = await self.backend.read()
+        except BackendError:
+            return  # the pass says why
+        now_monotonic, now = time.monotonic(), time.time()
+        self.paths.observe(device, now)
+        probed = self.paths.answers.to_probe(now) | watched
+        for peer in device.peers:
+            if peer.public_key in watched:
+                self.liveness.observe(peer.public_key, peer.rx_bytes, now_monotonic)
+            entry = desired.sections.peers.get(peer.public_key)
+            if peer.public_key in probed and entry is not None:
+                address = _overlay_address(entry.allowed_ips)
                 if address is not None:
                     with contextlib.suppress(OSError):  # unreachable now: that is the point
-                        probe.sendto(b"netmesh gateway probe", (address, PROBE_PORT))
-            dead = self.liveness.dead(now)
+                        probe.sendto(b"netmesh probe", (address, PROBE_PORT))
+        dead = self.liveness.dead(now_monotonic) if watched else frozenset()
         if dead != self.dead_gateways:
             log.warning(
                 "gateways taken for gone" if dead else "every gateway answers",
@@ -604,6 +608,28 @@ class Agent:
             )
             self.dead_gateways = dead
             self._wake.set()
+        if self.paths.moved(desired, device, now):
+            self._wake.set()
+        for key in self.paths.to_ask(desired, now):
+            self.session.spawn(self.ask_for_relay(key))
+
+    async def ask_for_relay(self, key: str) -> None:
+        """Every direct path to peer `key` failed: ask for a relay (again
+        later if none is granted)."""
+        now = time.time()
+        self.paths.asked_for(key, now, granted=False)  # not twice at once
+        if not self.session.connected:
+            return
+        try:
+            reply = await self.session.command("relay.request", {"peer_key": key})
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.info("relay request not delivered", peer=key, error=repr(exc))
+            return
+        if reply.ok:
+            self.paths.asked_for(key, now, granted=True)
+            log.info("relay granted", peer=key, result=reply.result)
+        else:
+            log.info("no relay for a peer", peer=key, error=reply.error)
 
     async def reconcile_forever(self) -> None:
         while True:
@@ -715,21 +741,14 @@ class Agent:
     # -- NAT traversal (agent/nat.py) -------------------------------------------
 
     async def choose_paths(self, desired: DesiredState) -> DesiredState:
-        """`desired` with the endpoint to try now for each peer behind a NAT;
-        a pass runs again when an attempt is due to move on."""
+        """`desired` with the endpoint to try now for each peer that has a
+        `paths` entry (the watcher wakes a pass when one moves on)."""
         if not desired.sections.paths:
             return desired
         device = None
         with contextlib.suppress(BackendError):
             device = await self.backend.read()
-        now = time.time()
-        chosen = self.paths.apply(desired, device, now)
-        if self._paths_wake is not None:
-            self._paths_wake.cancel()
-        if self.paths.wake_at is not None:
-            delay = max(self.paths.wake_at - now, 0.0) + 0.1
-            self._paths_wake = asyncio.get_running_loop().call_later(delay, self._wake.set)
-        return chosen
+        return self.paths.apply(desired, device, time.time())
 
     async def report_sightings(self, device: DeviceState | None) -> None:
         """Tell the control plane where peers were seen from (their NAT mappings)."""
@@ -752,8 +771,6 @@ class Agent:
                 self.paths.reported[key] = endpoint  # said once, not every pass
 
     async def close(self) -> None:
-        if self._paths_wake is not None:
-            self._paths_wake.cancel()
         if self.progress.retry is not None:
             self.progress.retry.cancel()
         await self.session.close()

@@ -274,6 +274,29 @@ class ReportSeenEndpoint(Command, frozen=True, tag="endpoint.seen"):
     endpoint: str
 
 
+class AddRelay(Command, frozen=True, tag="relay.add"):
+    """Make a node a relay for pairs of its network's hosts that cannot reach
+    each other directly (it needs an endpoint everyone reaches)."""
+
+    node: str
+    network: str = ""  # when given, the node must be in it
+    ports: str = ""  # "LOW-HIGH": the UDP ports it may forward on (two per pair)
+
+
+class RemoveRelay(Command, frozen=True, tag="relay.remove"):
+    """A node stops relaying; its pairs go back to trying direct."""
+
+    node: str
+
+
+class RequestRelay(Command, frozen=True, tag="relay.request"):
+    """Host `host_id` cannot reach the peer `peer_key` directly: a relay of a
+    network they share should forward between them."""
+
+    host_id: str
+    peer_key: str
+
+
 # The protocol's commands, each once. What the control plane does with each
 # (who may send it, what it produces) is its spec, in controlplane/rules/.
 AnyCommand = (
@@ -309,6 +332,9 @@ AnyCommand = (
     | CreateAdminToken
     | RevokeAdminToken
     | ReportSeenEndpoint
+    | AddRelay
+    | RemoveRelay
+    | RequestRelay
 )
 
 COMMAND_TYPES: tuple[type[Command], ...] = get_args(AnyCommand)

@@ -303,6 +303,40 @@ class HostEndpointSeen(Event, frozen=True, tag="host.endpoint_seen"):
     seen_by: str  # the host that saw it (and signed the report)
 
 
+# -- relays (controlplane/rules/relays.py) ------------------------------------
+
+
+class RelayAdded(Event, frozen=True, tag="relay.added"):
+    """A node with an endpoint everyone reaches forwards the WireGuard
+    datagrams of pairs that cannot reach each other directly, as they are (it
+    holds neither's key), on UDP ports `ports[0]`..`ports[1]` (two per pair)."""
+
+    network: str
+    node_id: str
+    host_id: str
+    ports: tuple[int, int]
+
+
+class RelayRemoved(Event, frozen=True, tag="relay.removed"):
+    """A relay stops forwarding; the pairs it carried go back to trying direct."""
+
+    network: str
+    node_id: str
+    host_id: str
+
+
+class RelayPairOpened(Event, frozen=True, tag="relay.pair_opened"):
+    """Hosts `hosts` could not reach each other directly: relay `relay` (a
+    node id) forwards between them, `hosts[i]` sending to its port `ports[i]`.
+    `asked_by` is the host whose agent gave up on the direct path."""
+
+    network: str
+    relay: str
+    hosts: tuple[str, str]  # host ids, sorted
+    ports: tuple[int, int]
+    asked_by: str
+
+
 AnyEvent = (
     AdminAdded
     | AdminRemoved
@@ -338,6 +372,9 @@ AnyEvent = (
     | AdminTokenRevoked
     | AdminTokenUsed
     | HostEndpointSeen
+    | RelayAdded
+    | RelayRemoved
+    | RelayPairOpened
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = get_args(AnyEvent)
@@ -395,6 +432,9 @@ def aggregate_of(event: AnyEvent) -> tuple[str, str]:
             | IngressRemoved(network=n)
             | ClientCreated(network=n)
             | ClientRemoved(network=n)
+            | RelayAdded(network=n)
+            | RelayRemoved(network=n)
+            | RelayPairOpened(network=n)
             | DnsRecordAdded(network=n)
             | DnsRecordRemoved(network=n)
         ):

@@ -26,12 +26,14 @@ from projections.topology import (
     Host,
     Network,
     Node,
+    Relay,
+    RelayPair,
     Topology,
     Touched,
     compiled,
 )
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -68,6 +70,13 @@ CREATE TABLE IF NOT EXISTS clients (
     network TEXT NOT NULL, name TEXT NOT NULL, public_key TEXT NOT NULL, address TEXT NOT NULL,
     via TEXT NOT NULL, created_at REAL NOT NULL, full_tunnel INTEGER NOT NULL,
     PRIMARY KEY (network, name));
+CREATE TABLE IF NOT EXISTS relays (
+    network TEXT NOT NULL, node_id TEXT NOT NULL, host_id TEXT NOT NULL,
+    low INTEGER NOT NULL, high INTEGER NOT NULL, PRIMARY KEY (network, node_id));
+CREATE TABLE IF NOT EXISTS relay_pairs (
+    network TEXT NOT NULL, relay TEXT NOT NULL, host_a TEXT NOT NULL, host_b TEXT NOT NULL,
+    port_a INTEGER NOT NULL, port_b INTEGER NOT NULL, asked_by TEXT NOT NULL,
+    PRIMARY KEY (network, host_a, host_b));
 """
 
 log = structlog.get_logger("netmesh.projections")
@@ -179,6 +188,17 @@ class ReadModel:
             network = topology.networks[values.pop("network")]
             values["full_tunnel"] = bool(values["full_tunnel"])
             topology.add_client(network, Client(**values))
+        for row in await self._all("SELECT * FROM relays"):
+            relay = Relay(row["node_id"], row["host_id"], (row["low"], row["high"]))
+            topology.networks[row["network"]].relays[relay.node_id] = relay
+        for row in await self._all("SELECT * FROM relay_pairs"):
+            pair = RelayPair(
+                row["relay"],
+                (row["host_a"], row["host_b"]),
+                (row["port_a"], row["port_b"]),
+                row["asked_by"],
+            )
+            topology.networks[row["network"]].relay_pairs[pair.key] = pair
         for name, text in policies.items():
             if text:  # compiled and indexed once its members are in
                 network = topology.networks[name]
@@ -339,11 +359,13 @@ class ReadModel:
             # Ingress gateways and clients likewise, whole per network.
             *(
                 (f"DELETE FROM {table} WHERE network = ?", [(n,) for n in networks])
-                for table in ("ingress", "clients")
+                for table in ("ingress", "clients", "relays", "relay_pairs")
             ),
             # A removed node takes its clients (an ingress gateway's) with it.
             ("DELETE FROM ingress WHERE node_id = ?", removed_nodes),
             ("DELETE FROM clients WHERE via = ?", removed_nodes),
+            ("DELETE FROM relays WHERE node_id = ?", removed_nodes),
+            ("DELETE FROM relay_pairs WHERE relay = ?", removed_nodes),
             (
                 "INSERT INTO ingress VALUES (?, ?)",
                 [(n.name, node_id) for n in touched_networks for node_id in sorted(n.ingress)],
@@ -362,6 +384,22 @@ class ReadModel:
                     )
                     for n in touched_networks
                     for c in n.clients.values()
+                ],
+            ),
+            (
+                "INSERT INTO relays VALUES (?, ?, ?, ?, ?)",
+                [
+                    (n.name, r.node_id, r.host_id, *r.ports)
+                    for n in touched_networks
+                    for r in n.relays.values()
+                ],
+            ),
+            (
+                "INSERT INTO relay_pairs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (n.name, p.relay, *p.hosts, *p.ports, p.asked_by)
+                    for n in touched_networks
+                    for p in n.relay_pairs.values()
                 ],
             ),
             ("INSERT OR REPLACE INTO checkpoint VALUES (?, ?)", [(CHECKPOINT, seq)]),

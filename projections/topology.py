@@ -57,6 +57,9 @@ from events.model import (
     NodeUntagged,
     PolicyCleared,
     PolicySet,
+    RelayAdded,
+    RelayPairOpened,
+    RelayRemoved,
 )
 from events.policy import Policy, PolicyDocument, PolicyError, parse_policy
 from events.subjects import EVENTS_PREFIX
@@ -131,6 +134,25 @@ class Network:
     ingress: set[str] = field(default_factory=set)
     clients: dict[str, Client] = field(default_factory=dict)
     departed_clients: tuple[Client, ...] = ()
+    # Relays by node id, the pairs they forward by pair key ("HOSTA,HOSTB",
+    # host ids sorted), and the pairs the last removal closed (read once by
+    # the sections' rules).
+    relays: dict[str, Relay] = field(default_factory=dict)
+    relay_pairs: dict[str, RelayPair] = field(default_factory=dict)
+    closed_pairs: tuple[RelayPair, ...] = ()
+
+    def pairs_via(self, node_id: str) -> list[RelayPair]:
+        """The pairs relay `node_id` forwards, by pair key."""
+        return [p for _, p in sorted(self.relay_pairs.items()) if p.relay == node_id]
+
+    def pairs_of_host(self, host_id: str) -> list[RelayPair]:
+        """The relayed pairs `host_id` is one of, by pair key."""
+        return [p for _, p in sorted(self.relay_pairs.items()) if host_id in p.hosts]
+
+    def close_pairs(self, pairs: list[RelayPair]) -> None:
+        for pair in pairs:
+            self.relay_pairs.pop(pair.key, None)
+        self.closed_pairs = tuple(pairs)
 
     def clients_via(self, node_id: str) -> list[Client]:
         """The clients of ingress gateway `node_id`, by name."""
@@ -163,6 +185,39 @@ class Client:
     via: str
     created_at: float
     full_tunnel: bool = False
+
+
+@dataclass(frozen=True)
+class Relay:
+    """A node forwarding relayed pairs' datagrams on UDP ports low..high."""
+
+    node_id: str
+    host_id: str
+    ports: tuple[int, int]  # low, high (inclusive)
+
+
+@dataclass(frozen=True)
+class RelayPair:
+    """Two hosts relay `relay` (a node id) forwards between: `hosts[i]` sends
+    to its port `ports[i]`."""
+
+    relay: str
+    hosts: tuple[str, str]  # sorted
+    ports: tuple[int, int]
+    asked_by: str
+
+    @property
+    def key(self) -> str:
+        return pair_key(*self.hosts)
+
+    def port_for(self, host_id: str) -> int:
+        """The relay port `host_id` sends to."""
+        return self.ports[self.hosts.index(host_id)]
+
+
+def pair_key(a: str, b: str) -> str:
+    """The key of the pair of hosts a and b (either order)."""
+    return ",".join(sorted((a, b)))
 
 
 @dataclass(frozen=True)
@@ -388,6 +443,14 @@ class Topology:
                 network.departed_gateway = network.gateways.pop(node_id, None)
                 network.ingress.discard(node_id)
                 self.drop_clients(network, network.clients_via(node_id))
+                network.relays.pop(node_id, None)
+                network.close_pairs(
+                    [
+                        p
+                        for p in network.relay_pairs.values()
+                        if p.relay == node_id or node.host_id in p.hosts
+                    ]
+                )
         return node
 
     def claim_address(self, network: str, address: str) -> None:
@@ -656,8 +719,13 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 reconfigured=frozenset({e.host_id}),
             )
         case NodeRemoved() as e:
+            gone = topology.nodes.get(e.node_id)
+            network = topology.networks.get(gone.network) if gone is not None else None
+            # A network's relays and relayed pairs are persisted whole with it.
+            relayed = network is not None and bool(network.relays)
             topology.drop_node(e.node_id)
             return Touched(
+                networks=frozenset({network.name}) if relayed and network else frozenset(),
                 nodes=frozenset({e.node_id}),
                 hosts=frozenset({e.host_id}),
                 reconfigured=frozenset({e.host_id}),
@@ -745,6 +813,25 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
             if network is None or gone is None:
                 return Touched()
             topology.drop_clients(network, [gone])
+            return Touched(networks=frozenset({e.network}))
+        case RelayAdded() as e:
+            network = topology.networks.get(e.network)
+            if network is None or e.node_id not in topology.nodes:
+                return Touched()
+            network.relays[e.node_id] = Relay(e.node_id, e.host_id, e.ports)
+            return Touched(networks=frozenset({e.network}))
+        case RelayRemoved() as e:
+            network = topology.networks.get(e.network)
+            if network is None or network.relays.pop(e.node_id, None) is None:
+                return Touched()
+            network.close_pairs(network.pairs_via(e.node_id))
+            return Touched(networks=frozenset({e.network}))
+        case RelayPairOpened() as e:
+            network = topology.networks.get(e.network)
+            key = pair_key(*e.hosts)
+            if network is None or e.relay not in network.relays or key in network.relay_pairs:
+                return Touched()
+            network.relay_pairs[key] = RelayPair(e.relay, e.hosts, e.ports, e.asked_by)
             return Touched(networks=frozenset({e.network}))
     return Touched()  # pragma: no cover - every event type is matched above
 

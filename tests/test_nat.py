@@ -9,7 +9,20 @@ import pytest
 from nacl.signing import SigningKey
 
 from agent.backend import DeviceState, PeerState
-from agent.nat import FRESH, TRY_FOR, Attempt, PathKeeper, choose, sightings, with_paths
+from agent.nat import (
+    ASK_AGAIN,
+    FRESH,
+    PROBE_AFTER,
+    RETRY_DIRECT,
+    TRY_FOR,
+    Answers,
+    Attempt,
+    PathKeeper,
+    choose,
+    gave_up,
+    sightings,
+    with_paths,
+)
 from controlplane.audit import verify_log
 from events.commands import (
     CreateEnrollmentKey,
@@ -179,37 +192,167 @@ def test_a_sighting_sends_small_deltas_that_agree_with_snapshots() -> None:
 # -- the agent's choice (a fake clock: wall seconds, as handshakes are) -------------------
 
 A, B = "198.51.100.1:51820", "192.168.1.10:51820"
+RELAY = "203.0.113.1:52000"
 T = 1_000_000.0
+DIRECT = PathEntry(candidates=(A, B))
+RELAYED = PathEntry(candidates=(A, B), relay=RELAY, relay_node="r")
 
 
-def peer(endpoint: str | None, handshake: float) -> PeerState:
-    return PeerState(public_key="k", endpoint=endpoint, last_handshake=handshake)
+def peer(endpoint: str | None, handshake: float, rx: int = 0, tx: int = 0) -> PeerState:
+    return PeerState(
+        public_key="k", endpoint=endpoint, last_handshake=handshake, rx_bytes=rx, tx_bytes=tx
+    )
 
 
-@pytest.mark.parametrize(
-    ("attempt", "have", "now", "expected"),
-    [
-        # Nothing tried yet: the first candidate, from now.
-        (None, None, T, Attempt(A, T)),
-        (None, peer(None, 0), T, Attempt(A, T)),
-        # Trying A: kept for TRY_FOR seconds, then B, then A again.
-        (Attempt(A, T), peer(A, 0), T + TRY_FOR - 1, Attempt(A, T)),
-        (Attempt(A, T), peer(A, 0), T + TRY_FOR, Attempt(B, T + TRY_FOR)),
-        (Attempt(B, T), peer(B, 0), T + TRY_FOR, Attempt(A, T + TRY_FOR)),
-        # A handshake that is fresh: whatever endpoint the device has stays
-        # (a roamed one included), and the attempt stops moving on.
-        (Attempt(A, T), peer(A, T + 3), T + 100, Attempt(A, T)),
-        (Attempt(A, T), peer("203.0.113.5:999", T + 3), T + 5, Attempt("203.0.113.5:999", T + 5)),
-        (None, peer(B, T - 10), T, Attempt(B, T)),
-        # A stale handshake (the path died): back to trying, from the first.
-        (Attempt(A, T - 500), peer(A, T - FRESH), T, Attempt(B, T)),
-        (Attempt("gone:1", T), peer("gone:1", T - FRESH - 1), T + 1, Attempt(A, T + 1)),
-    ],
-)
-def test_choose(
-    attempt: Attempt | None, have: PeerState | None, now: float, expected: Attempt
-) -> None:
-    assert choose((A, B), attempt, have, now) == expected
+class Wire:
+    """Peer k's device on a fake clock: what it sent and heard, read every second."""
+
+    def __init__(self) -> None:
+        self.answers = Answers()
+        self.rx = self.tx = 0
+        self.endpoint: str | None = None
+        self.read(T - 1)
+
+    def read(self, now: float, *, sent: bool = False, heard_from: str | None = None) -> PeerState:
+        self.tx += 148 if sent else 0
+        if heard_from is not None:
+            self.rx += 92
+            self.endpoint = heard_from  # WireGuard roams to where it heard from
+        state = peer(self.endpoint, T if self.rx else 0, self.rx, self.tx)
+        self.answers.observe(state, now)
+        return state
+
+
+def run(
+    entry: PathEntry,
+    wire: Wire,
+    seconds: range,
+    attempt: Attempt | None = None,
+    answered_on: frozenset[str] = frozenset(),
+) -> Attempt:
+    """Each second: k is sent something; it answers when the endpoint it is
+    given is one of `answered_on`. The attempt after the last second."""
+    for second in seconds:
+        now = T + second
+        have = wire.read(now)
+        attempt = choose("k", entry, attempt, have, wire.answers, now)
+        wire.endpoint = attempt.endpoint  # the pass sets it
+        wire.read(
+            now + 0.5,
+            sent=True,
+            heard_from=attempt.endpoint if attempt.endpoint in answered_on else None,
+        )
+    assert attempt is not None
+    return attempt
+
+
+def test_the_first_candidate_first_and_a_working_path_kept() -> None:
+    wire = Wire()
+    assert choose("k", DIRECT, None, None, wire.answers, T) == Attempt(A, T)
+    # The agent restarted beside a device with a fresh handshake: kept.
+    kept = choose("k", DIRECT, None, peer(B, T - 10), wire.answers, T)
+    assert (kept.endpoint, kept.worked) == (B, True)
+    # A relay-only entry (a peer with no endpoint of its own).
+    only = PathEntry(candidates=(), relay=RELAY)
+    assert choose("k", only, None, None, wire.answers, T).relayed
+
+
+def test_unanswered_candidates_are_tried_in_turn_then_asked_a_relay_for() -> None:
+    wire = Wire()
+    on_a = run(DIRECT, wire, range(0, int(TRY_FOR)))
+    assert on_a.endpoint == A and not gave_up(DIRECT, on_a)
+    on_b = run(DIRECT, wire, range(int(TRY_FOR), int(TRY_FOR) + 2), on_a)
+    assert on_b.endpoint == B and on_b.tried == 2 and not gave_up(DIRECT, on_b)
+    again = run(DIRECT, wire, range(int(TRY_FOR) + 2, int(3 * TRY_FOR)), on_b)
+    assert again.endpoint == A and gave_up(DIRECT, again)  # every direct path failed
+    assert not gave_up(RELAYED, again)  # ... unless a relay is offered
+
+
+def test_an_answered_candidate_stays_while_it_answers() -> None:
+    wire = Wire()
+    attempt = run(DIRECT, wire, range(0, 200), answered_on=frozenset({A}))
+    assert (attempt.endpoint, attempt.worked, attempt.since) == (A, True, T)
+
+
+def test_a_symmetric_nat_s_pair_ends_on_the_relay_after_each_direct_failed() -> None:
+    wire = Wire()
+    attempt = run(RELAYED, wire, range(0, int(2 * TRY_FOR) + 2), answered_on=frozenset({RELAY}))
+    assert attempt.relayed and attempt.endpoint == RELAY and attempt.worked
+    # A for 15 s, B for 15 s (each counted from its first unanswered datagram), the relay.
+    assert T + 2 * TRY_FOR <= attempt.since <= T + 2 * TRY_FOR + 2
+
+
+def test_a_direct_path_that_dies_fails_over_to_the_relay_within_try_for() -> None:
+    wire = Wire()
+    working = run(RELAYED, wire, range(0, 30), answered_on=frozenset({A}))
+    assert working.endpoint == A
+    # Cut at second 30: the relay from TRY_FOR after the first unanswered datagram.
+    cut = run(RELAYED, wire, range(30, 30 + int(TRY_FOR) + 2), working, frozenset({RELAY}))
+    assert cut.relayed and cut.since <= T + 30 + TRY_FOR + 1
+    # No relay offered: the next candidate, and a relay is asked for at once.
+    other = Wire()
+    lost = run(DIRECT, other, range(0, 30), answered_on=frozenset({A}))
+    lost = run(DIRECT, other, range(30, 30 + int(TRY_FOR) + 2), lost)
+    assert lost.endpoint == B and lost.lost and gave_up(DIRECT, lost)
+
+
+def test_from_the_relay_direct_is_tried_again_with_a_growing_wait() -> None:
+    wire = Wire()
+    relayed = run(RELAYED, wire, range(0, 32), answered_on=frozenset({RELAY}))
+    assert relayed.retry_at == relayed.since + RETRY_DIRECT
+    start = int(relayed.since - T)
+    # Direct still fails: a trial of TRIAL_FOR, then the relay, waiting twice as long.
+    after = run(
+        RELAYED, wire, range(32, start + int(RETRY_DIRECT) + 1), relayed, frozenset({RELAY})
+    )
+    assert after.trial and after.endpoint == A
+    back = run(
+        RELAYED, wire, range(start + int(RETRY_DIRECT) + 1, start + 70), after, frozenset({RELAY})
+    )
+    assert back.relayed and back.backoff == 2 * RETRY_DIRECT
+    # Direct works again: the trial answers and direct stays.
+    due = int(back.retry_at - T)  # type: ignore[operator]
+    direct = run(RELAYED, wire, range(start + 70, due + 30), back, frozenset({RELAY, A}))
+    assert direct.endpoint == A and direct.worked and not direct.trial and not direct.relayed
+
+
+def test_a_trial_ends_as_soon_as_the_peer_comes_through_the_relay() -> None:
+    wire = Wire()
+    trial = Attempt(A, T, trial=True, backoff=RETRY_DIRECT)
+    wire.read(T + 0.5, sent=True, heard_from=RELAY)  # the peer's packet, through the relay
+    back = choose("k", RELAYED, trial, wire.read(T + 1), wire.answers, T + 1)
+    assert back.relayed and back.backoff == 2 * RETRY_DIRECT
+
+
+def test_a_failing_relay_gives_way_to_direct_and_a_withdrawn_one_at_once() -> None:
+    wire = Wire()
+    relayed = Attempt(RELAY, T, relayed=True, worked=True, retry_at=T + 999)
+    failed = run(RELAYED, wire, range(0, int(TRY_FOR) + 2), relayed)
+    assert failed.endpoint == A and not failed.relayed
+    withdrawn = choose("k", DIRECT, relayed, None, wire.answers, T)
+    assert withdrawn == Attempt(A, T)
+
+
+def test_the_device_s_own_roaming_is_followed() -> None:
+    wire = Wire()
+    attempt = Attempt(A, T, worked=True)
+    roamed = "203.0.113.5:999"
+    wire.read(T + 1, heard_from=roamed)
+    assert choose("k", DIRECT, attempt, wire.read(T + 2), wire.answers, T + 2) == Attempt(
+        roamed, T + 2, worked=True
+    )
+
+
+def test_an_idle_peer_is_not_failing_and_an_unanswered_one_is_probed() -> None:
+    wire = Wire()
+    for second in range(100):  # nothing sent, nothing heard
+        wire.read(T + second)
+    assert not wire.answers.failing("k", T, T + 100) and wire.answers.to_probe(T + 100) == set()
+    wire.read(T + 100, sent=True)
+    assert wire.answers.to_probe(T + 101) == set()
+    assert wire.answers.to_probe(T + 100 + PROBE_AFTER) == {"k"}
+    wire.read(T + 103, heard_from=A)
+    assert wire.answers.to_probe(T + 104) == set()
 
 
 def desired(candidates: tuple[str, ...] = (A, B)) -> DesiredState:
@@ -225,18 +368,27 @@ def desired(candidates: tuple[str, ...] = (A, B)) -> DesiredState:
     )
 
 
-def test_the_desired_state_gets_the_endpoint_being_tried_and_a_wake() -> None:
-    choice = with_paths(desired(), None, {}, T)
+def test_the_desired_state_gets_the_endpoint_being_tried() -> None:
+    choice = with_paths(desired(), None, {}, Answers(), T)
     assert choice.desired.peers["k"].endpoint == A
     assert choice.desired.peers["o"] == desired().peers["o"]  # no path: untouched
     assert choice.desired.peers["k"].persistent_keepalive == 25
-    assert choice.wake_at == T + TRY_FOR
-    device = DeviceState(public_key="me", listen_port=51820, peers=(peer(A, T + 1),))
-    working = with_paths(choice.desired, device, choice.attempts, T + 2)
-    assert working.wake_at is None  # it works: nothing to look at again
     # No paths at all: the desired state as it came.
     plain = desired(())
-    assert with_paths(plain, None, {}, T).desired is plain
+    assert with_paths(plain, None, {}, Answers(), T).desired is plain
+
+
+def test_the_keeper_asks_for_a_relay_once_per_wait() -> None:
+    keeper = PathKeeper()
+    state = desired()
+    keeper.attempts["k"] = Attempt(A, T, tried=3)  # every direct path failed
+    assert keeper.to_ask(state, T) == ["k"]
+    keeper.asked_for("k", T, granted=False)
+    assert keeper.to_ask(state, T + 1) == []
+    assert keeper.to_ask(state, T + ASK_AGAIN) == ["k"]
+    keeper.asked_for("k", T + ASK_AGAIN, granted=False)
+    assert keeper.to_ask(state, T + 2 * ASK_AGAIN) == []  # the wait doubled
+    assert keeper.to_ask(state, T + 3 * ASK_AGAIN) == ["k"]
 
 
 def test_sightings_are_new_endpoints_with_fresh_handshakes_told_once() -> None:

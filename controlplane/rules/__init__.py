@@ -22,6 +22,7 @@ from controlplane.rules import (
     networks,
     nodes,
     policies,
+    relays,
     tokens,
 )
 from controlplane.rules.spec import CommandSpec, Sender
@@ -40,6 +41,7 @@ SPECS: tuple[CommandSpec[Any], ...] = (
     *hooks.SPECS,
     *tokens.SPECS,
     *nat.SPECS,
+    *relays.SPECS,
 )
 _BY_TYPE: dict[type[Command], CommandSpec[Any]] = {spec.command: spec for spec in SPECS}
 _BY_VERB: dict[str, CommandSpec[Any]] = {spec.verb: spec for spec in SPECS}

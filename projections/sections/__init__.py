@@ -30,6 +30,7 @@ from projections.sections.ingress import ClientSection
 from projections.sections.interface import InterfaceSection
 from projections.sections.paths import PathSection
 from projections.sections.peers import PeerSection, peer_endpoint
+from projections.sections.relays import RelaySection
 
 SECTIONS: tuple[type[SectionRule], ...] = (
     InterfaceSection,
@@ -44,6 +45,7 @@ SECTIONS: tuple[type[SectionRule], ...] = (
     DnsZoneSection,
     ClientSection,
     PathSection,
+    RelaySection,
 )
 
 __all__ = ["SECTIONS", "Reread", "SectionRule", "peer_endpoint"]

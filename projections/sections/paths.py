@@ -11,9 +11,15 @@ agent/nat.py):
 - anyone else: the public mapping first, then the LAN addresses.
 
 A peer nobody saw behind a NAT has no entry: it is reached at its `peers`
-endpoint, as before. Which peers a viewer has an entry for follows the `peers`
-section (its policy included): the rereads are the peers section's, plus a
-host seen anew re-reading its own peers (whether it shares their NAT moved).
+endpoint, as before. A pair of hosts a relay forwards between (protocol 7,
+controlplane/rules/relays.py) has an entry both ways, whether or not either
+was seen behind a NAT: its `relay` is where on the relay this viewer sends,
+tried once the candidates (or the `peers` endpoint) fail.
+
+Which peers a viewer has an entry for follows the `peers` section (its
+policy included): the rereads are the peers section's, plus a host seen anew
+re-reading its own peers (whether it shares their NAT moved), plus the
+relays' rules below.
 """
 
 from __future__ import annotations
@@ -25,10 +31,19 @@ from typing import ClassVar
 import msgspec
 
 from events.desired import PathEntry
-from events.model import Event, HostEndpointSeen, HostKeyRotated
+from events.model import (
+    Event,
+    HostEndpointObserved,
+    HostEndpointSeen,
+    HostKeyRotated,
+    NodeRemoved,
+    RelayPairOpened,
+    RelayRemoved,
+)
 from projections.sections.base import Reread
-from projections.sections.peers import PeerSection, endpoint_of
-from projections.topology import Host, Topology
+from projections.sections.peers import PeerSection, endpoint_of, peer_endpoint
+from projections.sections.relays import closed_rereads, pair_rereads, relaying
+from projections.topology import Host, RelayPair, Topology, pair_key
 
 
 def endpoint_ip(endpoint: str) -> str:
@@ -56,7 +71,12 @@ def path_candidates(viewer: Host | None, peer: Host) -> tuple[str, ...]:
 
 class PathSection:
     name: ClassVar[str] = "paths"
-    reacts_to: ClassVar[tuple[type[Event], ...]] = (*PeerSection.reacts_to, HostEndpointSeen)
+    reacts_to: ClassVar[tuple[type[Event], ...]] = (
+        *PeerSection.reacts_to,
+        HostEndpointSeen,
+        RelayPairOpened,
+        RelayRemoved,
+    )
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
@@ -81,13 +101,32 @@ class PathSection:
         if peer is None:
             return None
         candidates = path_candidates(self.topology.hosts.get(host_id), peer)
-        return PathEntry(candidates=candidates) if candidates else None
+        relayed = relayed_pair(self.topology, host_id, peer.host_id)
+        if relayed is None:
+            return PathEntry(candidates=candidates) if candidates else None
+        pair, relay_host, relay_name = relayed
+        relay_at = peer_endpoint(relay_host)
+        if relay_at is None:
+            return PathEntry(candidates=candidates) if candidates else None
+        direct = candidates or tuple(e for e in (peer_endpoint(peer),) if e)
+        return PathEntry(
+            candidates=direct,
+            relay=f"{_with_port(relay_at, pair.port_for(host_id))}",
+            relay_node=relay_name,
+        )
 
     @staticmethod
     def rereads(topology: Topology, event: Event) -> Sequence[Reread]:
         """The peers section's rereads, narrowed to the keys of hosts seen
         behind a NAT (no one else has an entry: nothing to send), plus a host
         seen anew re-reading its own peers (whether it shares their NAT moved)."""
+        if isinstance(event, RelayPairOpened):
+            network = topology.networks.get(event.network)
+            pair = network.relay_pairs.get(pair_key(*event.hosts)) if network else None
+            return pair_rereads(topology, pair, PathSection.name) if pair is not None else ()
+        if isinstance(event, RelayRemoved):
+            network = topology.networks.get(event.network)
+            return closed_rereads(topology, network, PathSection.name) if network else ()
         if isinstance(event, HostEndpointSeen):
             host = topology.hosts.get(event.host_id)
             if host is None:
@@ -98,6 +137,7 @@ class PathSection:
             rereads.append(Reread(PeerSection.name, own, hosts=frozenset((host.host_id,))))
         else:
             rereads = list(PeerSection.rereads(topology, event))
+        relayed = _relay_rereads(topology, event)
         # A key rotated away is no longer its host's: it goes as the host goes.
         rotated = {event.previous_key: event.host_id} if isinstance(event, HostKeyRotated) else {}
         narrowed = []
@@ -107,11 +147,58 @@ class PathSection:
                 narrowed.append(
                     msgspec.structs.replace(reread, section=PathSection.name, keys=keys)
                 )
-        return narrowed
+        return [*narrowed, *relayed]
+
+
+def _relay_rereads(topology: Topology, event: Event) -> list[Reread]:
+    """A removed node's closed pairs (their hosts share another network, or
+    it was their relay), and a relay's new endpoint, re-read by their hosts."""
+    if isinstance(event, NodeRemoved):
+        network = topology.networks.get(event.network)
+        return closed_rereads(topology, network, PathSection.name) if network else []
+    if isinstance(event, HostEndpointObserved):
+        return [
+            reread
+            for network, node_id in relaying(topology, event.host_id)
+            for pair in network.pairs_via(node_id)
+            for reread in pair_rereads(topology, pair, PathSection.name)
+        ]
+    return []
+
+
+def relayed_pair(topology: Topology, a: str, b: str) -> tuple[RelayPair, Host, str] | None:
+    """The pair of hosts a and b if a relay forwards between them: with the
+    relay's host and node name."""
+    key = pair_key(a, b)
+    for node in topology.nodes_of_host(a):
+        network = topology.networks.get(node.network)
+        pair = network.relay_pairs.get(key) if network is not None else None
+        if pair is None:
+            continue
+        relay = topology.nodes.get(pair.relay)
+        host = topology.hosts.get(relay.host_id) if relay is not None else None
+        if relay is not None and host is not None:
+            return pair, host, relay.name
+    return None
+
+
+def _with_port(endpoint: str, port: int) -> str:
+    """`endpoint` ("ip:port" or "[v6]:port") with another port."""
+    ip = endpoint_ip(endpoint)
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _seen(topology: Topology, key: str, rotated: dict[str, str]) -> bool:
     """Whether the host of public key `key` was seen behind a NAT."""
     host_id = topology.host_by_public_key.get(key) or rotated.get(key)
     host = topology.hosts.get(host_id) if host_id is not None else None
-    return host is not None and bool(host.seen)
+    return host is not None and (bool(host.seen) or _relayed(topology, host.host_id))
+
+
+def _relayed(topology: Topology, host_id: str) -> bool:
+    """Whether a relay forwards between `host_id` and some peer."""
+    return any(
+        network.relay_pairs and network.pairs_of_host(host_id)
+        for network in (topology.networks.get(n) for n in topology.networks_of_host(host_id))
+        if network is not None
+    )
