@@ -177,6 +177,13 @@ class _Port(asyncio.DatagramProtocol):
     def __init__(self, pair: _Pair, side: int) -> None:
         self.pair = pair
         self.side = side
+        # The socket is closed on the loop's next turn after close(): a port
+        # is free again only once this is done.
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def datagram_received(self, data: bytes, addr: tuple[str | bytes, int]) -> None:
         self.pair.received(self.side, data, addr)
@@ -192,6 +199,7 @@ class _Pair:
         self.key = key
         self.entry = entry
         self.transports: list[asyncio.DatagramTransport | None] = [None, None]
+        self.ports: list[_Port] = []
         self.addresses: list[tuple[str | bytes, int] | None] = [None, None]
         self.counters = (_Counters(), _Counters())
 
@@ -211,11 +219,15 @@ class _Pair:
         counters.forwarded += 1
         counters.forwarded_bytes += len(data)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Returns once both sockets are closed (their ports free)."""
         for transport in self.transports:
             if transport is not None:
                 transport.close()
         self.transports = [None, None]
+        for port in self.ports:
+            await port.closed
+        self.ports = []
 
     def status(self, error: str | None = None) -> PairStatus:
         sides = []
@@ -258,14 +270,15 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         try:
             for side, port in enumerate(entry.ports):
-                transport, _ = await loop.create_datagram_endpoint(
+                transport, protocol = await loop.create_datagram_endpoint(
                     lambda side=side: _Port(pair, side),  # type: ignore[misc]
                     local_addr=(self.bind, port),
                     family=socket.AF_INET,
                 )
                 pair.transports[side] = transport
+                pair.ports.append(protocol)
         except OSError as exc:
-            pair.close()
+            await pair.close()
             why = f"cannot bind UDP port {port}: {exc.strerror or exc}"
             self._failed[key] = (entry, why)
             raise RelayError(why, retryable=True) from None
@@ -276,7 +289,7 @@ class Forwarder:
         self._failed.pop(key, None)
         pair = self._pairs.pop(key, None)
         if pair is not None:
-            pair.close()
+            await pair.close()
 
     def status(self) -> list[PairStatus]:
         shown = [pair.status() for pair in self._pairs.values()]
