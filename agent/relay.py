@@ -17,14 +17,15 @@ relay cannot check WireGuard's MACs without the keys): that can only cut the
 pair's path until the real side speaks again, never read it.
 
 `plan_relays` is pure (wanted entries vs pairs open now -> typed ops that
-print themselves); `Forwarder` is the machine's side: one asyncio
-`DatagramProtocol` per port, bound on every IPv4 address (0.0.0.0).
+print themselves); `Forwarder` is the machine's side: a UDP socket per port,
+bound on every IPv4 address (0.0.0.0), in the agent's event loop, read by an
+asyncio `DatagramProtocol` (loop="protocol") or drained in batches into one
+buffer (loop="drain", the default: see bench/relay.py for what each costs).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ _TRANSPORT_MIN = 32
 MAX_DATAGRAM = 65507
 
 
-def is_wireguard(data: bytes) -> bool:
+def is_wireguard(data: bytes | memoryview) -> bool:
     """Whether `data` has the shape of a WireGuard message: a known type,
     three zero reserved bytes, and that type's size. Says nothing of its
     authenticity (only the peers' keys can)."""
@@ -171,39 +172,28 @@ class _Counters:
     send_errors: int = 0
 
 
-class _Port(asyncio.DatagramProtocol):
-    """One side's socket: what arrives on it is that side's."""
+Address = tuple[str | bytes, int]
 
-    def __init__(self, pair: _Pair, side: int) -> None:
-        self.pair = pair
-        self.side = side
-        # The socket is closed on the loop's next turn after close(): a port
-        # is free again only once this is done.
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
+class _Endpoint(Protocol):
+    """One side's bound socket: sends to that side, closes."""
 
-    def datagram_received(self, data: bytes, addr: tuple[str | bytes, int]) -> None:
-        self.pair.received(self.side, data, addr)
+    def send(self, data: bytes | memoryview, to: Address) -> None: ...
 
-    def error_received(self, exc: Exception) -> None:
-        # A send from this socket was refused (ICMP unreachable, no route):
-        # counted against the side it was sent to, that is this one.
-        self.pair.counters[self.side].send_errors += 1
+    async def close(self) -> None:
+        """Returns once the socket is closed (its port free)."""
+        ...
 
 
 class _Pair:
     def __init__(self, key: str, entry: RelayEntry) -> None:
         self.key = key
         self.entry = entry
-        self.transports: list[asyncio.DatagramTransport | None] = [None, None]
-        self.ports: list[_Port] = []
-        self.addresses: list[tuple[str | bytes, int] | None] = [None, None]
+        self.endpoints: list[_Endpoint] = []
+        self.addresses: list[Address | None] = [None, None]
         self.counters = (_Counters(), _Counters())
 
-    def received(self, side: int, data: bytes, addr: tuple[str | bytes, int]) -> None:
+    def received(self, side: int, data: bytes | memoryview, addr: Address) -> None:
         counters = self.counters[side]
         if not is_wireguard(data):
             counters.dropped_junk += 1
@@ -211,23 +201,17 @@ class _Pair:
         self.addresses[side] = addr
         other = 1 - side
         destination = self.addresses[other]
-        transport = self.transports[other]
-        if destination is None or transport is None:
+        if destination is None or len(self.endpoints) < 2:
             counters.dropped_unknown += 1
             return
-        transport.sendto(data, destination)
+        self.endpoints[other].send(data, destination)
         counters.forwarded += 1
         counters.forwarded_bytes += len(data)
 
     async def close(self) -> None:
-        """Returns once both sockets are closed (their ports free)."""
-        for transport in self.transports:
-            if transport is not None:
-                transport.close()
-        self.transports = [None, None]
-        for port in self.ports:
-            await port.closed
-        self.ports = []
+        endpoints, self.endpoints = self.endpoints, []
+        for endpoint in endpoints:
+            await endpoint.close()
 
     def status(self, error: str | None = None) -> PairStatus:
         sides = []
@@ -250,13 +234,99 @@ class _Pair:
         return PairStatus(key=self.key, sides=(sides[0], sides[1]), error=error)
 
 
-class Forwarder:
-    """The real thing: asyncio UDP sockets, two per pair, in this process.
-    `bind` is the address the ports are bound on (every IPv4 address; tests
-    use loopback)."""
+class _Port(asyncio.DatagramProtocol):
+    """loop="protocol": asyncio's datagram transport, one datagram per wakeup."""
 
-    def __init__(self, bind: str = "0.0.0.0") -> None:
+    def __init__(self, pair: _Pair, side: int) -> None:
+        self.pair = pair
+        self.side = side
+        self.transport: asyncio.DatagramTransport | None = None
+        # The socket is closed on the loop's next turn after close(): a port
+        # is free again only once this is done.
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.DatagramTransport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.pair.received(self.side, data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # A send from this socket was refused (ICMP unreachable, no route):
+        # counted against the side it was sent to, that is this one.
+        self.pair.counters[self.side].send_errors += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def send(self, data: bytes | memoryview, to: Address) -> None:
+        if self.transport is not None:
+            self.transport.sendto(data, to)
+
+    async def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            await self.closed
+
+
+# Datagrams one drain takes from a socket before the loop serves the others.
+_DRAIN_BATCH = 64
+
+
+class _DrainPort:
+    """loop="drain": a non-blocking socket read until empty at each wakeup
+    into one preallocated buffer, and sent straight from it (a full send
+    buffer drops the datagram, as a router's full queue would: WireGuard and
+    what it carries cope). Fewer wakeups and no copy per datagram."""
+
+    def __init__(self, pair: _Pair, side: int, sock: socket.socket) -> None:
+        self.pair = pair
+        self.side = side
+        self.sock = sock
+        self.buffer = bytearray(MAX_DATAGRAM)
+        self.view = memoryview(self.buffer)
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        receive, view, pair, side = self.sock.recvfrom_into, self.view, self.pair, self.side
+        for _ in range(_DRAIN_BATCH):
+            try:
+                size, addr = receive(self.buffer)
+            except BlockingIOError:
+                return
+            except OSError:
+                # An ICMP error for an earlier send from this socket, to this side.
+                pair.counters[side].send_errors += 1
+                continue
+            pair.received(side, view[:size], addr)
+
+    def send(self, data: bytes | memoryview, to: Address) -> None:
+        try:
+            self.sock.sendto(data, to)
+        except OSError:
+            self.pair.counters[self.side].send_errors += 1
+
+    async def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+LOOPS = ("drain", "protocol")
+
+
+class Forwarder:
+    """The real thing: UDP sockets, two per pair, in this process. `bind` is
+    the address the ports are bound on (every IPv4 address; tests use
+    loopback); `loop` how they are read (see `_DrainPort`, `_Port`; measured
+    side by side by bench/relay.py)."""
+
+    def __init__(self, bind: str = "0.0.0.0", loop: str = "drain") -> None:
+        if loop not in LOOPS:
+            raise ValueError(f"loop must be one of {LOOPS}")
         self.bind = bind
+        self.loop = loop
         self._pairs: dict[str, _Pair] = {}
         # Pairs whose last opening failed, and why (for status).
         self._failed: dict[str, tuple[RelayEntry, str]] = {}
@@ -267,16 +337,9 @@ class Forwarder:
     async def open(self, key: str, entry: RelayEntry) -> None:
         await self.close_pair(key)
         pair = _Pair(key, entry)
-        loop = asyncio.get_running_loop()
         try:
             for side, port in enumerate(entry.ports):
-                transport, protocol = await loop.create_datagram_endpoint(
-                    lambda side=side: _Port(pair, side),  # type: ignore[misc]
-                    local_addr=(self.bind, port),
-                    family=socket.AF_INET,
-                )
-                pair.transports[side] = transport
-                pair.ports.append(protocol)
+                pair.endpoints.append(await self._bind(pair, side, port))
         except OSError as exc:
             await pair.close()
             why = f"cannot bind UDP port {port}: {exc.strerror or exc}"
@@ -284,6 +347,22 @@ class Forwarder:
             raise RelayError(why, retryable=True) from None
         self._failed.pop(key, None)
         self._pairs[key] = pair
+
+    async def _bind(self, pair: _Pair, side: int, port: int) -> _Endpoint:
+        """Raises OSError."""
+        if self.loop == "protocol":
+            _, protocol = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: _Port(pair, side), local_addr=(self.bind, port), family=socket.AF_INET
+            )
+            return protocol
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((self.bind, port))
+        except OSError:
+            sock.close()
+            raise
+        return _DrainPort(pair, side, sock)
 
     async def close_pair(self, key: str) -> None:
         self._failed.pop(key, None)
@@ -325,9 +404,3 @@ async def carry_out(control: RelayControl | None, ops: list[RelayOp]) -> tuple[i
     if not failures:
         return None
     return failures[0][0], "; ".join(why for _, why in failures)
-
-
-async def close_quietly(control: RelayControl | None) -> None:
-    if control is not None:
-        with contextlib.suppress(Exception):
-            await control.close()

@@ -13,6 +13,7 @@ from nacl.public import PrivateKey
 from agent.fake import FakeBackend, FakeFirewall, FakeLink, FakeMachine
 from agent.reconcile import reconcile
 from agent.relay import (
+    LOOPS,
     Forwarder,
     OpenRelay,
     RelayError,
@@ -165,9 +166,10 @@ class UdpHost:
         self.sock.close()
 
 
-@pytest.fixture(name="forwarder")
-async def forwarder_fixture() -> AsyncIterator[Forwarder]:
-    forwarder = Forwarder(bind="127.0.0.1")
+@pytest.fixture(name="forwarder", params=LOOPS)
+async def forwarder_fixture(request: pytest.FixtureRequest) -> AsyncIterator[Forwarder]:
+    """A forwarder on loopback, each way of reading its sockets in turn."""
+    forwarder = Forwarder(bind="127.0.0.1", loop=request.param)
     try:
         yield forwarder
     finally:
