@@ -38,8 +38,10 @@ from events.desired import DesiredState, RelayEntry
 
 # WireGuard's message types (the first byte; the next three are reserved, zero)
 # and their sizes: a handshake initiation, a response, a cookie reply, and
-# transport data (16 bytes of header and a 16-byte tag around a payload padded
-# to a multiple of 16: a keepalive is 32 bytes).
+# transport data (16 bytes of header and a 16-byte tag around the payload: a
+# keepalive is 32 bytes). The payload is padded to a multiple of 16 but never
+# beyond the device's MTU, which the relay does not know: a full-size packet
+# at the usual MTU of 1420 is a 1452-byte datagram, not a multiple of 16.
 INITIATION, RESPONSE, COOKIE_REPLY, TRANSPORT = 1, 2, 3, 4
 _FIXED_SIZES = {INITIATION: 148, RESPONSE: 92, COOKIE_REPLY: 64}
 _TRANSPORT_MIN = 32
@@ -56,7 +58,7 @@ def is_wireguard(data: bytes | memoryview) -> bool:
         return False
     kind = data[0]
     if kind == TRANSPORT:
-        return size >= _TRANSPORT_MIN and size % 16 == 0
+        return size >= _TRANSPORT_MIN
     return _FIXED_SIZES.get(kind) == size
 
 

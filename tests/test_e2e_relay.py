@@ -159,6 +159,9 @@ async def test_two_hosts_behind_symmetric_nats_talk_through_the_relay_which_read
     # Through the relay, both ways.
     assert await wait_until(lambda: replies(a, "10.71.0.2", 1), timeout=30, message="a -> b")
     assert await replies(b, "10.71.0.1", 2) > 0
+    # Full-size packets too (1420 bytes inside: a 1452-byte datagram, no multiple of 16).
+    big = await a.run("ping", "-n", "-q", "-c", "3", "-s", "1392", "-M", "do", "10.71.0.2")
+    assert " 0% packet loss" in big.stdout, big.stdout
     # The relay learned each side at its NAT's public address (the routers'), nothing else.
     (pair,) = await relay_status(forwarder)
     sides = pair["sides"]
