@@ -40,6 +40,7 @@ from agent.plan import (
     SetUp,
     UpsertPeer,
 )
+from agent.relay import CloseRelay, OpenRelay, RelayControl, RelayError, carry_out
 
 DeviceOp = SetPrivateKey | SetListenPort | SetFwmark | UpsertPeer | RemovePeer
 
@@ -63,6 +64,7 @@ async def read_actual(
     forwarded: tuple[str, ...] = (),
     exit_routing: ExitControl | None = None,
     dns: DnsControl | None = None,
+    relays: RelayControl | None = None,
 ) -> Actual:
     """What is on the machine now. The device is read once: `exists()` is itself
     a read, and reading a 1,000-peer device twice doubled an agent's pass.
@@ -81,6 +83,7 @@ async def read_actual(
         link=link_state,
         interface=backend.interface,
         dns=await dns.read() if dns is not None else None,
+        relays=await relays.read() if relays is not None else None,
     )
     if forwarding is not None:
         # `forwarded`: the ranges the host forwards to (whose routes matter).
@@ -111,12 +114,26 @@ async def apply(
     forwarding: ForwardingControl | None = None,
     exit_routing: ExitControl | None = None,
     dns: DnsControl | None = None,
+    relays: RelayControl | None = None,
 ) -> ApplyResult:
     done = 0
     i = 0
     try:
         while i < len(ops):
             op = ops[i]
+            if isinstance(op, OpenRelay | CloseRelay):
+                # Each pair on its own: one whose port cannot be bound does
+                # not keep the others from being forwarded.
+                start = i
+                relay_ops: list[OpenRelay | CloseRelay] = []
+                while i < len(ops) and isinstance(ops[i], OpenRelay | CloseRelay):
+                    relay_ops.append(ops[i])  # type: ignore[arg-type]
+                    i += 1
+                failed = await carry_out(relays, relay_ops)
+                if failed is not None:
+                    return ApplyResult(start + failed[0], RelayError(failed[1], retryable=True))
+                done += len(relay_ops)
+                continue
             if isinstance(op, DeviceOp):
                 group: list[DeviceOp] = []
                 while i < len(ops) and isinstance(ops[i], DeviceOp):

@@ -54,6 +54,7 @@ from agent.nat import PathKeeper
 from agent.plan import Op
 from agent.receiver import DesiredReceiver
 from agent.reconcile import reconcile
+from agent.relay import Forwarder, RelayControl
 from agent.resolver import host_resolver
 from agent.session import (
     CONNECT_BACKOFF_MIN,
@@ -103,6 +104,8 @@ log = structlog.get_logger("netmesh.agent")
 
 RESYNC_INTERVAL = 30.0
 SETTLE_DELAY = 3.0
+# How often a relay host's status file is rewritten with its relays' counters.
+RELAY_STATUS_INTERVAL = 2.0
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
 JOIN_RETRY_MAX = 60.0  # an enrolled host's join with a token from its config
 JOIN_TURNED_AWAY_TRIES = 5
@@ -353,6 +356,7 @@ class Agent:
         public_key: str,
         forwarding: ForwardingControl | None = None,
         exit_routing: ExitControl | None = None,
+        relays: RelayControl | None = None,
         resync_interval: float = RESYNC_INTERVAL,
         rotate_every: float | None = None,
         metrics: AgentMetrics = NO_METRICS,
@@ -370,6 +374,7 @@ class Agent:
         self.liveness = Liveness()
         self.dead_gateways: frozenset[str] = frozenset()
         self.dns = dns
+        self.relays = relays
         self.key = HostKey(state, private_key, public_key, rotate_every)
         self.resync_interval = resync_interval
         self.detect_endpoints = False  # True when endpoints were found, not given
@@ -508,6 +513,7 @@ class Agent:
                 exit_routing=self.exit_routing,
                 exempt=self.exempt,
                 dns=self.dns,
+                relays=self.relays,
                 public_key=self.key.public_key,
                 private_key=self.key.private_key,
                 previous=progress.applied_by,
@@ -647,6 +653,14 @@ class Agent:
                 self.progress.last_error = f"pass failed: {exc!r}"
                 await asyncio.sleep(min(self.resync_interval, RETRY_MAX))
 
+    async def show_relays(self, interval: float = RELAY_STATUS_INTERVAL) -> None:
+        """Keep the relays' counters in the status file current (`agent
+        status`), while there are any: a host that relays nothing writes nothing."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.relays is not None and self.relays.status():
+                self.write_status()
+
     async def check_key_rotation(self) -> None:
         if await self.key.rotate_if_due(self.desired, self.identity, self.session):
             self._wake.set()
@@ -666,6 +680,7 @@ class Agent:
             rejected=self.rejected,
             last_rejection=self.last_rejection,
             updated_at=time.time(),
+            relays=self.relays.status() if self.relays is not None else [],
         )
         try:
             self.state.save_status(status)
@@ -775,6 +790,8 @@ class Agent:
             self.progress.retry.cancel()
         await self.session.close()
         await self.dns.close()
+        if self.relays is not None:
+            await self.relays.close()
         await self.backend.close()
         await self.link.close()
 
@@ -827,6 +844,7 @@ async def run_agent(
         forwarding=SysctlForwarding(state_dir),
         exit_routing=ExitRouting(interface),
         dns=AgentDns(host_resolver(interface)),
+        relays=Forwarder(),
         private_key=private_key_b64(key),
         public_key=public_key,
         resync_interval=resync_interval,
@@ -857,6 +875,7 @@ async def run_agent(
         asyncio.create_task(agent.connect_forever(), name="connect"),
         asyncio.create_task(watch_interface(interface, agent.wake), name="watch"),
         asyncio.create_task(agent.watch_gateways(), name="gateways"),
+        asyncio.create_task(agent.show_relays(), name="relays"),
     ]
     log.info(
         "agent running",

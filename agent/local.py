@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats.errors
 
 from agent.backend import BackendError, DeviceState, WireGuardBackend
@@ -83,6 +84,8 @@ async def local_status(state_dir: Path, interface: str | None) -> dict[str, Any]
             "addresses": list(link_state.addresses) if link_state else [],
             "mtu": link_state.mtu if link_state else None,
         },
+        # On a relay host: each pair forwarded, per side its address and counters.
+        "relays": msgspec.to_builtins(status.relays) if status and running else [],
         "revision": {
             "desired": desired.revision if desired else None,
             "applied": status.applied_revision if status else None,

@@ -28,6 +28,7 @@ from agent.exit import EXIT_MARK, ExitRule, ExitState, wanted_rules
 from agent.firewall import FirewallState, Ruleset, cached_ruleset_for, in_force
 from agent.forwarding import ForwardingState
 from agent.link import LinkState
+from agent.relay import RelayOp, RelayState
 from events.desired import DesiredState, FirewallEntry, PeerEntry
 
 
@@ -57,6 +58,7 @@ class Actual:
     exit_error: str | None = None
     exempt: tuple[str, ...] = ()
     dns: DnsState | None = None  # None: no DNS control (see agent/dns.py)
+    relays: RelayState | None = None  # None: no relay control (see agent/relay.py)
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,7 @@ Op = (
     | AddExitRoute
     | RemoveExitRoute
     | DnsOp
+    | RelayOp
 )
 
 

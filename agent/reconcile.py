@@ -17,10 +17,12 @@ desired state has its owner here:
 | exit | exit | rules and a table sending the default route into the tunnel (agent/exit.py) |
 | forwarding | forward | IPv4 forwarding where a gateway needs it, put back after |
 | dns | dns, dns_zones | its DNS server on the overlay addresses; its line in the host's resolver |
+| relays | relays | a relay's UDP ports forwarding pairs' WireGuard datagrams (agent/relay.py) |
 
 The firewall goes first: whatever the pass brings up (the interface, new
 peers) meets the filter already in force. DNS goes last: it serves on the
-addresses the link reconciler has just put on the interface.
+addresses the link reconciler has just put on the interface. The relays touch
+nothing else on the machine (their own sockets, in the agent's process).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from agent.plan import (
     plan_peers,
     plan_routes,
 )
+from agent.relay import RelayControl, plan_relay_section
 from events.desired import DesiredState
 
 # (desired, actual, desired last applied by this reconciler, own public key) -> ops
@@ -91,6 +94,7 @@ RECONCILERS: tuple[Reconciler, ...] = (
     Reconciler("exit", lambda d, a, _prev, _key: plan_exit(d, a), ("exit",)),
     Reconciler("forwarding", lambda d, a, _prev, _key: plan_forwarding(d, a), ("forward",)),
     Reconciler("dns", lambda d, a, _prev, _key: [*plan_dns(d, a.dns)], ("dns", "dns_zones")),
+    Reconciler("relays", lambda d, a, _prev, _key: [*plan_relay_section(d, a.relays)], ("relays",)),
 )
 # Every section some reconciler enforces.
 ENFORCED_SECTIONS: tuple[str, ...] = tuple(
@@ -140,6 +144,7 @@ async def reconcile(
     exit_routing: ExitControl | None = None,
     exempt: tuple[str, ...] = (),
     dns: DnsControl | None = None,
+    relays: RelayControl | None = None,
     public_key: str,
     private_key: str,
     previous: dict[str, DesiredState],
@@ -159,6 +164,7 @@ async def reconcile(
         forwarded=tuple(desired.sections.forward),
         exit_routing=exit_routing,
         dns=dns,
+        relays=relays,
     )
     if dead_gateways or exempt:
         actual = replace(actual, dead_gateways=dead_gateways, exempt=exempt)
@@ -181,6 +187,7 @@ async def reconcile(
             forwarding=forwarding,
             exit_routing=exit_routing,
             dns=dns,
+            relays=relays,
         )
         error = None if result.ok else f"{ops[result.applied]}: {result.error}"
         outcomes.append(Outcome(reconciler.name, tuple(ops), result.applied, error))

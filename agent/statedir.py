@@ -15,6 +15,7 @@ import msgspec
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
+from agent.relay import PairStatus
 from events.desired import DesiredState, decode_state, desired_encoder
 from events.signing import SigningKeyError, load_or_create
 
@@ -54,6 +55,7 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     rejected: int = 0
     last_rejection: str | None = None
     updated_at: float = 0.0
+    relays: list[PairStatus] = []  # on a relay host: the pairs it forwards, counted
 
 
 class StateDirError(Exception):

@@ -1552,6 +1552,23 @@ def agent_status(state_dir: Path, interface: str | None, as_json: bool) -> None:
             ],
             ["PEER", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"],
         )
+    if info["relays"]:
+        click.echo("\nrelayed pairs (datagrams forwarded as they are):")
+        table(
+            [
+                (
+                    f"{s['name'] or s['host']}" + (f" ({pair['error']})" if pair["error"] else ""),
+                    s["port"],
+                    s["address"] or "-",
+                    s["forwarded"],
+                    s["forwarded_bytes"],
+                    s["dropped_unknown"] + s["dropped_junk"],
+                )
+                for pair in info["relays"]
+                for s in pair["sides"]
+            ],
+            ["FROM", "PORT", "SEEN AT", "FORWARDED", "BYTES", "DROPPED"],
+        )
 
 
 @agent.command("down")

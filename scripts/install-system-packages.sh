@@ -19,6 +19,8 @@ have make || need+=(make)
 have dig || need+=(dnsutils)
 # The broker's private CA and certificate (TLS beyond loopback) are made with openssl.
 have openssl || need+=(openssl)
+# `make bench` measures throughput through a relay and direct with iperf3 (bench/relay.py).
+have iperf3 || need+=(iperf3)
 # Debian's python3 needs python3-venv for `python3 -m venv`.
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 # Optional: the kernel-backend test boots a real Debian kernel (it ships

@@ -51,6 +51,7 @@ async def run(
 def test_one_reconciler_per_part_of_the_machine() -> None:
     assert [r.name for r in RECONCILERS] == [
         *("firewall", "interface", "link", "peers", "routes", "exit", "forwarding", "dns"),
+        "relays",
     ]
     # Every section the control plane may send is enforced by some reconciler:
     # agents advertise these, and a section nobody enforces must not pass.
