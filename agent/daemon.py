@@ -595,7 +595,7 @@ class Agent:
             return  # the pass says why
         now_monotonic, now = time.monotonic(), time.time()
         self.paths.observe(device, now)
-        probed = self.paths.answers.to_probe(now) | watched
+        probed = self.paths.to_probe(now) | watched
         for peer in device.peers:
             if peer.public_key in watched:
                 self.liveness.observe(peer.public_key, peer.rx_bytes, now_monotonic)

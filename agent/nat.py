@@ -23,7 +23,8 @@ forwards between us, see projections/sections/paths.py) the agent tries:
   every direct candidate has failed (or a path that worked dies) the relay is
   next, when there is one; a failing relay gives way to the direct candidates;
 - while on the relay, direct is tried again after RETRY_DIRECT (doubling up
-  to RETRY_DIRECT_MAX after each failed trial): a trial fails after TRIAL_FOR
+  to RETRY_DIRECT_MAX after each failed trial; at multiples of the wait on the
+  wall clock, so that both ends try together): a trial fails after TRIAL_FOR
   unanswered seconds, or as soon as the peer's packets come through the relay
   again (WireGuard then moves the endpoint back itself).
 
@@ -43,6 +44,7 @@ everyone else.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -56,7 +58,7 @@ PROBE_AFTER = 2.0  # unanswered seconds after which a peer is probed each second
 TRIAL_FOR = 5.0  # unanswered seconds after which a trial of direct, from the relay, failed
 RETRY_DIRECT = 60.0  # on the relay: first trial of direct after this
 RETRY_DIRECT_MAX = 960.0
-ASK_AGAIN = 60.0  # a relay refused: asked again after this (doubling, to RETRY_DIRECT_MAX)
+ASK_AGAIN = 10.0  # no relay granted: asked again after this (doubling, to RETRY_DIRECT_MAX)
 FRESH = 180.0  # a handshake younger than this: the path works (WireGuard's REJECT_AFTER_TIME)
 
 
@@ -117,6 +119,7 @@ class Attempt:
     tried: int = 1  # direct candidates tried in a row without an answer
     retry_at: float | None = None  # on the relay: when to try direct again
     backoff: float = RETRY_DIRECT
+    offered: str = ""  # the relay offered when it was chosen ("": none)
 
 
 def choose(
@@ -128,12 +131,34 @@ def choose(
     now: float,
 ) -> Attempt:
     """The endpoint to give peer `key` now (its entry names at least one)."""
+    relay = entry.relay
+    newly = relay and (attempt is None or attempt.offered != relay)
+    if newly and not (attempt is not None and attempt.relayed):
+        # A relay was just opened for us: one end gave up on the direct path.
+        # Unless the peer answered just now, both ends move to it (the relay
+        # forwards only between ends that both send to it).
+        if not answers.heard_since(key, now - TRIAL_FOR):
+            return replace(_on_relay(relay, now, RETRY_DIRECT), offered=relay)
+    return replace(_choose(key, entry, attempt, have, answers, now), offered=relay)
+
+
+def _choose(
+    key: str,
+    entry: PathEntry,
+    attempt: Attempt | None,
+    have: PeerState | None,
+    answers: Answers,
+    now: float,
+) -> Attempt:
     direct, relay = entry.candidates, entry.relay
     order = (*direct, relay) if relay else direct
     if attempt is None:
         if have is not None and have.endpoint and fresh(have.last_handshake, now):
-            # A path that works (the agent restarted): kept.
-            return Attempt(have.endpoint, now, relayed=have.endpoint == relay, worked=True)
+            if not answers.failing(key, 0.0, now):
+                # A path that works (the agent restarted, or a relay was just offered): kept.
+                return Attempt(have.endpoint, now, relayed=have.endpoint == relay, worked=True)
+            if relay and have.endpoint != relay:  # it worked and died
+                return _on_relay(relay, now, RETRY_DIRECT)
         return Attempt(order[0], now, relayed=order[0] == relay)
     if (attempt.relayed and attempt.endpoint != relay) or (
         attempt.endpoint not in order and not attempt.worked
@@ -156,6 +181,8 @@ def choose(
         attempt = replace(attempt, worked=True, trial=False, lost=False, tried=0)
         if not attempt.relayed:
             attempt = replace(attempt, backoff=RETRY_DIRECT, retry_at=None)
+    if relay and attempt.lost and not attempt.worked:
+        return _on_relay(relay, now, attempt.backoff)  # a relay came for a path that died
     limit = TRIAL_FOR if attempt.trial else TRY_FOR
     if not answers.failing(key, attempt.since, now, limit):
         due = attempt.retry_at
@@ -177,7 +204,17 @@ def choose(
 
 
 def _on_relay(relay: str, now: float, backoff: float) -> Attempt:
-    return Attempt(relay, now, relayed=True, worked=True, retry_at=now + backoff, backoff=backoff)
+    return Attempt(
+        relay, now, relayed=True, worked=True, retry_at=retry_time(now, backoff), backoff=backoff
+    )
+
+
+def retry_time(now: float, backoff: float) -> float:
+    """When to try direct again: the first multiple of `backoff` (wall clock)
+    at least `backoff` from now. Both ends of a pair then try at the same
+    moment (their clocks agree within seconds, and every backoff is a power of
+    two times RETRY_DIRECT): two NATs open towards each other only together."""
+    return math.ceil((now + backoff) / backoff) * backoff
 
 
 def gave_up(entry: PathEntry | None, attempt: Attempt) -> bool:
@@ -281,6 +318,13 @@ class PathKeeper:
             self.attempts.get(k) is None or self.attempts[k].endpoint != a.endpoint
             for k, a in choice.attempts.items()
         )
+
+    def to_probe(self, now: float) -> set[str]:
+        """Peers unanswered for a while, and those given a new endpoint in the
+        last seconds: a datagram now punches our NAT open towards it, or
+        tells a relay where we are (it forwards only to ends it heard from)."""
+        recent = {k for k, a in self.attempts.items() if now - a.since < PROBE_AFTER + 1}
+        return self.answers.to_probe(now) | recent
 
     def to_ask(self, desired: DesiredState, now: float) -> list[str]:
         """Peers to ask a relay for now: all their direct paths failed and no

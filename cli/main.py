@@ -1631,6 +1631,7 @@ def agent_rotate_key(ctx: click.Context, state_dir: Path) -> None:
 from cli import clients as _clients  # noqa: E402, F401
 from cli import eventlog as _eventlog  # noqa: E402, F401
 from cli import hooks as _hooks  # noqa: E402, F401
+from cli import relays as _relays  # noqa: E402, F401
 from cli.tokens import token as _token_group  # noqa: E402
 
 admin.add_command(_token_group)

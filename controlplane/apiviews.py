@@ -51,7 +51,8 @@ class PeerStatusView(View, frozen=True):
     handshake_age: float | None = None  # seconds before the report; None: never
     connected: bool = False
     # "direct" (at an address it announced), "direct, nat" (at its NAT's public
-    # mapping); None: unknown (controlplane/queries.py path_of).
+    # mapping), "relay NAME" (through relay NAME's pair port); None: unknown
+    # (controlplane/queries.py path_of).
     path: str | None = None
 
 

@@ -25,6 +25,7 @@ from controlplane.replies import Responder
 from controlplane.rules.base import Rejected
 from controlplane.rules.ingress import client_view
 from controlplane.rules.nodes import match_node
+from controlplane.rules.relays import relay_view
 from controlplane.rules.tokens import token_live
 from controlplane.timetravel import TimeTravel
 from events.commands import ErrorCode, Reply
@@ -210,6 +211,7 @@ async def status(model: ReadModel, applied: AppliedLookup) -> list[dict[str, Any
     for client in await _rows(model, "SELECT public_key, name FROM clients"):
         names.setdefault(client["public_key"], f"client {client['name']}")
     reaches = await _reaches(model)
+    relays = await _relays(model)
     reports = await _reports(applied, {n["host_id"] for n in nodes})
     for node in nodes:
         host_id = node["host_id"]
@@ -238,7 +240,7 @@ async def status(model: ReadModel, applied: AppliedLookup) -> list[dict[str, Any
                 # Desired states the agent refused (bad or missing signature).
                 "rejected": report.get("rejected", 0) if report else 0,
                 "last_rejection": report.get("last_rejection") if report else None,
-                "peers": _peers(report, names, reaches),
+                "peers": _peers(report, names, reaches, relays),
             }
         )
     return out
@@ -279,13 +281,36 @@ async def _reaches(model: ReadModel) -> dict[str, tuple[frozenset[str], str]]:
     }
 
 
-def path_of(endpoint: str | None, announced: frozenset[str], seen: str) -> str | None:
-    """How a peer is reached at `endpoint`: "direct" (an address it announced)
-    or "direct, nat" (its NAT's public mapping); None when unknown. (Relays are
-    not built yet: every path is direct.)"""
+# A relay's address -> (its first and last pair port, its node's name).
+Relays = dict[str, list[tuple[int, int, str]]]
+
+
+async def _relays(model: ReadModel) -> Relays:
+    rows = await _rows(
+        model,
+        "SELECT h.endpoints, r.low, r.high, n.name FROM relays r"
+        " JOIN hosts h ON h.host_id = r.host_id JOIN nodes n ON n.node_id = r.node_id",
+    )
+    found: Relays = {}
+    for r in rows:
+        for address in msgspec.json.decode(r["endpoints"]):
+            found.setdefault(endpoint_ip(address), []).append((r["low"], r["high"], r["name"]))
+    return found
+
+
+def path_of(
+    endpoint: str | None, announced: frozenset[str], seen: str, relays: Relays | None = None
+) -> str | None:
+    """How a peer is reached at `endpoint`: "direct" (an address it announced),
+    "direct, nat" (its NAT's public mapping) or "relay NAME" (a relay's pair
+    port); None when unknown."""
     if not endpoint:
         return None
     ip = endpoint_ip(endpoint)
+    port = endpoint.rpartition(":")[2]
+    for low, high, name in (relays or {}).get(ip, ()):
+        if port.isdigit() and low <= int(port) <= high:
+            return f"relay {name}"
     if ip in announced:
         return "direct"
     if seen and ip == endpoint_ip(seen):
@@ -297,6 +322,7 @@ def _peers(
     report: dict[str, Any] | None,
     names: dict[str, str],
     reaches: dict[str, tuple[frozenset[str], str]] | None = None,
+    relays: Relays | None = None,
 ) -> list[dict[str, Any]]:
     if not report:
         return []
@@ -314,6 +340,7 @@ def _peers(
                 "path": path_of(
                     peer.get("endpoint"),
                     *reaches.get(peer.get("public_key", ""), (frozenset(), "")),
+                    relays,
                 ),
             }
         )
@@ -399,6 +426,7 @@ PAST_QUERIES = frozenset(
         "dns",
         "clients",
         "client",
+        "relays",
     }
 )
 
@@ -434,6 +462,15 @@ def list_gateways(topology: Topology, network: str | None) -> list[dict[str, Any
                 row["clients"] = [c.name for c in net.clients_via(node_id)]
             found.append(row)
     return sorted(found, key=lambda g: (g["network"], g["name"], g["kind"]))
+
+
+def list_relays(topology: Topology, network: str | None) -> list[dict[str, Any]]:
+    """Every relay (of one network), with the pairs it forwards."""
+    return [
+        relay_view(topology, net, relay)
+        for _, net in _networks(topology, network)
+        for _, relay in sorted(net.relays.items())
+    ]
 
 
 def list_clients(topology: Topology, network: str | None) -> list[dict[str, Any]]:
@@ -623,6 +660,8 @@ class QueryService:
                 return list_gateways(topology, args.network)
             case "clients":
                 return list_clients(topology, args.network)
+            case "relays":
+                return list_relays(topology, args.network)
             case "client":
                 return show_client(topology, args.network or "", args.name or "")
             case "admins":

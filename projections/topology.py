@@ -719,8 +719,8 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
                 reconfigured=frozenset({e.host_id}),
             )
         case NodeRemoved() as e:
-            gone = topology.nodes.get(e.node_id)
-            network = topology.networks.get(gone.network) if gone is not None else None
+            leaving = topology.nodes.get(e.node_id)
+            network = topology.networks.get(leaving.network) if leaving is not None else None
             # A network's relays and relayed pairs are persisted whole with it.
             relayed = network is not None and bool(network.relays)
             topology.drop_node(e.node_id)
@@ -828,10 +828,10 @@ def evolve(topology: Topology, recorded: RecordedEvent) -> Touched:
             return Touched(networks=frozenset({e.network}))
         case RelayPairOpened() as e:
             network = topology.networks.get(e.network)
-            key = pair_key(*e.hosts)
-            if network is None or e.relay not in network.relays or key in network.relay_pairs:
+            pair = RelayPair(e.relay, e.hosts, e.ports, e.asked_by)
+            if network is None or e.relay not in network.relays or pair.key in network.relay_pairs:
                 return Touched()
-            network.relay_pairs[key] = RelayPair(e.relay, e.hosts, e.ports, e.asked_by)
+            network.relay_pairs[pair.key] = pair
             return Touched(networks=frozenset({e.network}))
     return Touched()  # pragma: no cover - every event type is matched above
 

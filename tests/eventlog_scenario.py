@@ -39,6 +39,7 @@ QUESTIONS: list[tuple[str, dict[str, Any]]] = [
     ("gateways", {}),
     ("dns", {"network": "office"}),
     ("clients", {}),
+    ("relays", {}),
 ]
 
 
@@ -126,6 +127,10 @@ async def record(plane: ControlPlane, admin: Admin) -> list[Recorded]:
     await step("client.remove", network="office", name="phone")
     await step("client.create", name="laptop", **{**phone, "public_key": public_key(41)})
     await step("ingress.remove", node="office/db1")
+    await join("gw1", 4, token)
+    await step("relay.add", node="office/gw1", ports="53000-53099")
+    await host_step("db1", "relay.request", peer_key=public_key(12))  # web1, since its rotation
+    await step("relay.remove", node="office/gw1")
     await step("dns.add", network="office", name="files", a=["10.10.0.99"])
     await step("dns.remove", network="office", name="files")
     await step("network.create", name="lab", cidr="10.20.0.0/24", listen_port=51830)

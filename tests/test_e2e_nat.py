@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from agent.nat import RETRY_DIRECT, TRY_FOR
 from tests.meshnet import IFACE, Mesh
 from tests.netns import Host, TestNet, ping, testnet_fixture, wait_until  # noqa: F401
 
@@ -271,3 +272,138 @@ async def test_behind_a_symmetric_nat_only_public_hosts_are_reached(
         assert not await ping(mesh.hosts["s"], nodes["c"]["address"], count=1, timeout=1)
     at_c = await _endpoints(mesh, "c")
     assert at_c[keys["s"]].rpartition(":")[0] in {r3.lan_address, mesh.hosts["s"].lan_address}
+
+
+# -- relays ---------------------------------------------------------------------------
+
+
+async def _relay_lab(testnet: TestNet, tmp_path: Path) -> Mesh:
+    """cp, the relay `rl` and `p` on the internet; `c` behind an
+    endpoint-independent NAT (router `r2`), `s` behind a symmetric one (`r3`)."""
+    mesh = Mesh(testnet, tmp_path)
+    mesh.cp = await testnet.add_host("cp")
+    mesh.hosts["rl"] = await testnet.add_host("rl")
+    mesh.hosts["p"] = await testnet.add_host("p")
+    mesh.hosts["r2"] = await testnet.add_router("r2", "192.168.2")
+    mesh.hosts["r3"] = await testnet.add_router("r3", "192.168.3", nat="symmetric")
+    mesh.hosts["c"] = await testnet.add_behind_nat(mesh.hosts["r2"], "c")
+    mesh.hosts["s"] = await testnet.add_behind_nat(mesh.hosts["r3"], "s")
+    return mesh
+
+
+async def _continuous_ping(host: Host, address: str, seconds: int) -> asyncio.subprocess.Process:
+    """ping every 0.2 s for `seconds` (its summary on stdout at the end)."""
+    return await host.spawn(
+        "ping", "-n", "-q", "-i", "0.2", "-w", str(seconds), address,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def _lost(process: asyncio.subprocess.Process) -> tuple[int, int]:
+    """(sent, answered) from a finished ping's summary."""
+    out, _ = await asyncio.wait_for(process.communicate(), 120)
+    line = next(x for x in out.decode().splitlines() if "transmitted" in x)
+    sent, answered = (int(word) for word in line.replace(",", " ").split() if word.isdigit())
+    return sent, answered
+
+
+async def test_relays_carry_what_cannot_go_direct_and_take_over_a_cut_path(
+    testnet: TestNet, tmp_path: Path
+) -> None:
+    """s (symmetric NAT) and c (another NAT) cannot punch through: after their
+    agents give up on every direct path, they ask for a relay and ping each
+    other through it; the relay forwards their datagrams as they are. Then the
+    direct path p <-> c is cut on c's router under a continuous ping: it fails
+    over to the relay within the bound (TRY_FOR after the first unanswered
+    datagram, plus a pass), and comes back to direct once the cut is gone."""
+    mesh = await _relay_lab(testnet, tmp_path)
+    names = ("rl", "p", "c", "s")
+    await mesh.start_server()
+    await mesh.cli("network", "create", "office", "--cidr", "10.66.0.0/24")
+    token = (await mesh.cli("key", "create", "--network", "office", "--unlimited"))[1].strip()
+    for name in names:
+        await mesh.start_agent(name, token, AGENT_ARGS)
+    nodes = await wait_until(
+        functools.partial(_joined, mesh, names), timeout=60, interval=0.3, message="joined"
+    )
+    keys = {n["name"]: n["public_key"] for n in nodes.values()}
+    hosts = {n["name"]: n["host_id"] for n in nodes.values()}
+    # A host behind a NAT cannot relay; a public one can (refusals: one line, exit 1).
+    await wait_until(functools.partial(_seen, mesh, hosts["c"]), timeout=60, message="c seen")
+    code, _, err = await mesh.cli("relay", "add", "office/c", check=False)
+    assert code == 1 and "seen behind a NAT" in err and len(err.strip().splitlines()) == 1
+    await mesh.cli("relay", "add", "office/rl", "--ports", "53000-53099")
+
+    # s <-> c: through the relay, both ways, once their agents gave up on direct.
+    for src, dst in (("s", "c"), ("c", "s")):
+        try:
+            await wait_until(
+                functools.partial(ping, mesh.hosts[src], nodes[dst]["address"]),
+                timeout=120,
+                interval=1,
+                message=f"ping {src} -> {dst} through the relay",
+            )
+        except TimeoutError:
+            raise AssertionError(
+                f"{src} -> {dst}\n{mesh.log('agent-' + src)[-6000:]}"
+                f"\n{mesh.log('agent-' + dst)[-6000:]}"
+            ) from None
+    relay_ip = mesh.hosts["rl"].lan_address
+    assert (await _endpoints(mesh, "c"))[keys["s"]].rpartition(":")[0] == relay_ip
+    assert (await _endpoints(mesh, "s"))[keys["c"]].rpartition(":")[0] == relay_ip
+    (relay,) = await mesh.cli_json("relay", "list")
+    assert [sorted(pair["hosts"]) for pair in relay["pairs"]] == [["c", "s"]]
+    opened = [e for e in await _events(mesh) if e["type"] == "relay.pair_opened"]
+    assert len(opened) == 1 and opened[0]["data"]["asked_by"] in {hosts["c"], hosts["s"]}
+
+    async def path(viewer: str, peer: str) -> str | None:
+        shown = await mesh.cli_json("node", "show", f"office/{viewer}")
+        found = {x["name"]: x for x in shown["status"]["peers"]}.get(peer)
+        return found["path"] if found and found["connected"] else None
+
+    assert await wait_until(
+        lambda: _is(path("c", "s"), "relay rl"), timeout=20, message="c says s is relayed"
+    )
+
+    # p <-> c: direct (hole punched), then cut on c's router under a ping.
+    assert await wait_until(
+        functools.partial(ping, mesh.hosts["p"], nodes["c"]["address"]), timeout=60
+    )
+    assert (await _endpoints(mesh, "p"))[keys["c"]].rpartition(":")[0] != relay_ip
+    pinging = await _continuous_ping(mesh.hosts["p"], nodes["c"]["address"], 60)
+    p_ip = mesh.hosts["p"].lan_address
+    cut = (
+        "table inet lab_cut {\n chain forward {\n"
+        "  type filter hook forward priority -10; policy accept;\n"
+        f"  ip saddr {p_ip} udp dport != 53 drop\n  ip daddr {p_ip} udp sport != 53 drop\n"
+        " }\n}\n"
+    )
+    await mesh.hosts["r2"].run("sh", "-c", f"printf '{cut}' | nft -f -")
+    sent, answered = await _lost(pinging)
+    lost_seconds = (sent - answered) * 0.2
+    print(f"failover: {sent - answered} of {sent} pings lost ({lost_seconds:.1f} s)")
+    assert answered > 0 and lost_seconds <= TRY_FOR + 10, (sent, answered)
+    assert (await _endpoints(mesh, "p"))[keys["c"]].rpartition(":")[0] == relay_ip
+    assert await ping(mesh.hosts["p"], nodes["c"]["address"], count=5, timeout=1)
+    # While cut, no datagram of theirs passes the router directly (the relay carries all).
+    # Back: the cut gone, direct is tried again at the next multiple of RETRY_DIRECT.
+    await mesh.hosts["r2"].run("nft", "delete", "table", "inet", "lab_cut")
+
+    async def direct_again() -> bool:
+        at = (await _endpoints(mesh, "p"))[keys["c"]].rpartition(":")[0]
+        return at not in {relay_ip, ""} and await ping(mesh.hosts["p"], nodes["c"]["address"])
+
+    await wait_until(direct_again, timeout=3 * RETRY_DIRECT, interval=1, message="direct again")
+
+
+async def _is(value: Any, expected: Any) -> bool:
+    return (await value) == expected
+
+
+async def _events(mesh: Mesh) -> list[dict[str, Any]]:
+    _, out, _ = await mesh.cli("events", "log", "--json")
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+async def _seen(mesh: Mesh, host_id: str) -> bool:
+    return any(e["data"]["host_id"] == host_id for e in await _seen_events(mesh))

@@ -274,12 +274,21 @@ def test_an_answered_candidate_stays_while_it_answers() -> None:
     assert (attempt.endpoint, attempt.worked, attempt.since) == (A, True, T)
 
 
-def test_a_symmetric_nat_s_pair_ends_on_the_relay_after_each_direct_failed() -> None:
+def test_a_relay_opened_for_a_pair_is_taken_at_once_unless_the_peer_just_answered() -> None:
     wire = Wire()
-    attempt = run(RELAYED, wire, range(0, int(2 * TRY_FOR) + 2), answered_on=frozenset({RELAY}))
-    assert attempt.relayed and attempt.endpoint == RELAY and attempt.worked
-    # A for 15 s, B for 15 s (each counted from its first unanswered datagram), the relay.
-    assert T + 2 * TRY_FOR <= attempt.since <= T + 2 * TRY_FOR + 2
+    failed = run(DIRECT, wire, range(0, int(3 * TRY_FOR)))
+    assert gave_up(DIRECT, failed)  # asked for: the relay comes in the entry
+    now = T + 3 * TRY_FOR
+    relayed = choose("k", RELAYED, failed, wire.read(now), wire.answers, now)
+    assert relayed.relayed and relayed.since == now and relayed.offered == RELAY
+    # The other end (no attempt yet, or a direct one): the relay too, unless
+    # the peer answered within TRIAL_FOR.
+    assert choose("k", RELAYED, None, None, wire.answers, now).relayed
+    working = run(DIRECT, wire, range(50, 60), answered_on=frozenset({A}))
+    kept = choose("k", RELAYED, working, wire.read(T + 60), wire.answers, T + 60)
+    assert kept.endpoint == A and kept.offered == RELAY
+    # Once known, the same relay is no news: a working direct path stays.
+    assert run(RELAYED, wire, range(61, 120), kept, frozenset({A})).endpoint == A
 
 
 def test_a_direct_path_that_dies_fails_over_to_the_relay_within_try_for() -> None:
@@ -299,21 +308,33 @@ def test_a_direct_path_that_dies_fails_over_to_the_relay_within_try_for() -> Non
 def test_from_the_relay_direct_is_tried_again_with_a_growing_wait() -> None:
     wire = Wire()
     relayed = run(RELAYED, wire, range(0, 32), answered_on=frozenset({RELAY}))
-    assert relayed.retry_at == relayed.since + RETRY_DIRECT
-    start = int(relayed.since - T)
+    retry = relayed.retry_at
+    assert retry is not None and retry % RETRY_DIRECT == 0  # both ends try together
+    assert relayed.since + RETRY_DIRECT <= retry < relayed.since + 2 * RETRY_DIRECT
+    due = int(retry - T)
     # Direct still fails: a trial of TRIAL_FOR, then the relay, waiting twice as long.
-    after = run(
-        RELAYED, wire, range(32, start + int(RETRY_DIRECT) + 1), relayed, frozenset({RELAY})
-    )
+    after = run(RELAYED, wire, range(32, due + 1), relayed, frozenset({RELAY}))
     assert after.trial and after.endpoint == A
-    back = run(
-        RELAYED, wire, range(start + int(RETRY_DIRECT) + 1, start + 70), after, frozenset({RELAY})
-    )
+    back = run(RELAYED, wire, range(due + 1, due + 10), after, frozenset({RELAY}))
     assert back.relayed and back.backoff == 2 * RETRY_DIRECT
+    assert back.retry_at is not None and back.retry_at % (2 * RETRY_DIRECT) == 0
     # Direct works again: the trial answers and direct stays.
-    due = int(back.retry_at - T)  # type: ignore[operator]
-    direct = run(RELAYED, wire, range(start + 70, due + 30), back, frozenset({RELAY, A}))
+    again = int(back.retry_at - T)
+    direct = run(RELAYED, wire, range(due + 10, again + 30), back, frozenset({RELAY, A}))
     assert direct.endpoint == A and direct.worked and not direct.trial and not direct.relayed
+
+
+def test_a_relay_offered_for_a_path_that_died_is_taken_at_once() -> None:
+    wire = Wire()
+    working = run(DIRECT, wire, range(0, 30), answered_on=frozenset({A}))
+    lost = run(DIRECT, wire, range(30, 30 + int(TRY_FOR) + 2), working)
+    assert lost.lost and lost.endpoint == B
+    now = T + 30 + TRY_FOR + 3
+    assert choose("k", RELAYED, lost, wire.read(now), wire.answers, now).relayed
+    # The same when the relay comes with the entry (a peer that had none):
+    # the device's endpoint, which stopped answering, is not kept.
+    dead = peer(A, T + 20, wire.rx, wire.tx)
+    assert choose("k", RELAYED, None, dead, wire.answers, now).relayed
 
 
 def test_a_trial_ends_as_soon_as_the_peer_comes_through_the_relay() -> None:
