@@ -133,12 +133,15 @@ def choose(
     """The endpoint to give peer `key` now (its entry names at least one)."""
     relay = entry.relay
     newly = relay and (attempt is None or attempt.offered != relay)
-    if newly and not (attempt is not None and attempt.relayed):
-        # A relay was just opened for us: one end gave up on the direct path.
-        # Unless the peer answered just now, both ends move to it (the relay
-        # forwards only between ends that both send to it).
-        if not answers.heard_since(key, now - TRIAL_FOR):
-            return replace(_on_relay(relay, now, RETRY_DIRECT), offered=relay)
+    # A relay just opened for us: one end gave up on the direct path. Unless
+    # the peer answered just now, both ends move to it (the relay forwards
+    # only between ends that both send to it).
+    if (
+        newly
+        and not (attempt is not None and attempt.relayed)
+        and not answers.heard_since(key, now - TRIAL_FOR)
+    ):
+        return replace(_on_relay(relay, now, RETRY_DIRECT), offered=relay)
     return replace(_choose(key, entry, attempt, have, answers, now), offered=relay)
 
 
