@@ -19,6 +19,7 @@ import functools
 import itertools
 import json
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -396,7 +397,7 @@ async def test_relays_carry_what_cannot_go_direct_and_take_over_a_cut_path(
     await wait_until(direct_again, timeout=3 * RETRY_DIRECT, interval=1, message="direct again")
 
 
-async def _is(value: Any, expected: Any) -> bool:
+async def _is(value: Awaitable[object], expected: object) -> bool:
     return (await value) == expected
 
 
