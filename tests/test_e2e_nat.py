@@ -19,6 +19,7 @@ import functools
 import itertools
 import json
 import sys
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,7 @@ async def test_behind_a_symmetric_nat_only_public_hosts_are_reached(
 ) -> None:
     """A symmetric NAT gives every destination its own mapping: what the public
     host saw is no use to anyone else, so a host behind another NAT cannot
-    reach it directly (that takes a relay, not built yet): shown to fail for
+    reach it directly (with no relay in the network): shown to fail for
     longer than every candidate takes to be tried."""
     mesh = Mesh(testnet, tmp_path)
     mesh.cp = await testnet.add_host("cp")
@@ -389,12 +390,14 @@ async def test_relays_carry_what_cannot_go_direct_and_take_over_a_cut_path(
     # While cut, no datagram of theirs passes the router directly (the relay carries all).
     # Back: the cut gone, direct is tried again at the next multiple of RETRY_DIRECT.
     await mesh.hosts["r2"].run("nft", "delete", "table", "inet", "lab_cut")
+    restored = time.monotonic()
 
     async def direct_again() -> bool:
         at = (await _endpoints(mesh, "p"))[keys["c"]].rpartition(":")[0]
         return at not in {relay_ip, ""} and await ping(mesh.hosts["p"], nodes["c"]["address"])
 
     await wait_until(direct_again, timeout=3 * RETRY_DIRECT, interval=1, message="direct again")
+    print(f"back to direct {time.monotonic() - restored:.1f} s after the cut was lifted")
 
 
 async def _is(value: Awaitable[object], expected: object) -> bool:
