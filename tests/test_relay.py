@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 from nacl.public import PrivateKey
+from prometheus_client import generate_latest
 
 from agent.fake import FakeBackend, FakeFirewall, FakeLink, FakeMachine
+from agent.metrics import PrometheusAgentMetrics
 from agent.reconcile import reconcile
 from agent.relay import (
     LOOPS,
@@ -231,6 +233,20 @@ async def test_datagrams_cross_the_relay_both_ways_as_they_are(forwarder: Forwar
         b.send(transport(80), pb)
         assert await a.receive() == (transport(80), pa)
         assert forwarder.status()[0].sides[0].address == a.address
+
+        # The same counters, as the agent's Prometheus metrics show them.
+        metrics = PrometheusAgentMetrics()
+        metrics.relaying(forwarder.status)
+        text = generate_latest(metrics.registry).decode()
+        forwarded = forwarder.status()[0].sides[0].forwarded
+        assert (
+            f'netmesh_agent_relay_forwarded_datagrams_total{{pair="a,b",side="alpha"}} '
+            f"{float(forwarded)}" in text
+        )
+        assert (
+            'netmesh_agent_relay_dropped_datagrams_total{pair="a,b",reason="junk",side="alpha"} 2.0'
+            in text
+        )
     finally:
         a.close()
         b.close()
