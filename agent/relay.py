@@ -317,9 +317,10 @@ class _DrainPort:
 
 LOOPS = ("drain", "protocol")
 # Each port's receive buffer (SO_RCVBUF; the kernel caps it at
-# net.core.rmem_max). The default (~208 KiB) overflows in the bursts one
-# TCP window of a pair makes while Python forwards the previous ones: through
-# the relay, iperf3 made ~400 Mbit/s with it and ~560 with 4 MiB (bench/relay.py).
+# net.core.rmem_max). The default (~208 KiB) can overflow in the bursts a
+# pair's TCP window makes while Python forwards the previous datagrams: in one
+# run of bench/relay.py iperf3 made 319 Mbit/s through the relay with it and
+# 430 with 4 MiB; in another the two were within the machine's noise.
 RECEIVE_BUFFER = 4 * 1024 * 1024
 
 

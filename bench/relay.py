@@ -128,6 +128,7 @@ async def iperf(client: Host, server: Host, address: str, seconds: int) -> float
 VARIANTS: dict[str, dict[str, Any]] = {
     "drain": {"loop": "drain"},  # the agent's (agent/relay.py's defaults)
     "drain_default_buffer": {"loop": "drain", "receive_buffer": 0},
+    "protocol": {"loop": "protocol"},  # asyncio's datagram protocol, the 4 MiB buffer
     "protocol_default_buffer": {"loop": "protocol", "receive_buffer": 0},  # the first one built
 }
 
