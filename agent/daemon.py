@@ -375,6 +375,8 @@ class Agent:
         self.dead_gateways: frozenset[str] = frozenset()
         self.dns = dns
         self.relays = relays
+        if relays is not None:
+            metrics.relaying(relays.status)
         self.key = HostKey(state, private_key, public_key, rotate_every)
         self.resync_interval = resync_interval
         self.detect_endpoints = False  # True when endpoints were found, not given

@@ -16,6 +16,12 @@ desired state does not name is labelled by its public key's first characters).
 | `netmesh_agent_apply_seconds` (histogram) | |
 | `netmesh_agent_peer_last_handshake_age_seconds` | peer (peers that ever handshook) |
 | `netmesh_agent_peer_rx_bytes_total`, `netmesh_agent_peer_tx_bytes_total` | peer |
+| `netmesh_agent_relay_forwarded_datagrams_total`, `..._forwarded_bytes_total` | pair, side |
+| `netmesh_agent_relay_dropped_datagrams_total` | pair, side, reason (`unknown`, `junk`) |
+
+The relay metrics (a relay host, agent/relay.py) are read from the forwarder
+at each scrape: `pair` is the pair's key (its host ids), `side` the host the
+datagrams came from (its name, else its id).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from prometheus_client.registry import Collector
 
 from agent.backend import DeviceState
 from agent.reconcile import RECONCILERS, PassResult
+from agent.relay import PairStatus
 from events.desired import DesiredState
 
 
@@ -44,6 +51,9 @@ class AgentMetrics:
 
     def observed(self, device: DeviceState | None, desired: DesiredState | None) -> None:
         """A reading of the device (peers named from `desired`)."""
+
+    def relaying(self, pairs: Callable[[], list[PairStatus]]) -> None:
+        """Where the relay's counters are read from (at each scrape)."""
 
 
 NO_METRICS = AgentMetrics()
@@ -87,6 +97,39 @@ class _Peers(Collector):
         yield tx
 
 
+class _Relays(Collector):
+    def __init__(self) -> None:
+        self.pairs: Callable[[], list[PairStatus]] = list
+
+    def collect(self) -> Iterator[Metric]:
+        datagrams = CounterMetricFamily(
+            "netmesh_agent_relay_forwarded_datagrams",
+            "Datagrams a relayed pair's side sent that were forwarded to the other side.",
+            labels=["pair", "side"],
+        )
+        sizes = CounterMetricFamily(
+            "netmesh_agent_relay_forwarded_bytes",
+            "Bytes (UDP payload) forwarded from a relayed pair's side.",
+            labels=["pair", "side"],
+        )
+        dropped = CounterMetricFamily(
+            "netmesh_agent_relay_dropped_datagrams",
+            "Datagrams from a relayed pair's side not forwarded: the other side not yet "
+            "heard from (unknown), or not shaped like WireGuard (junk).",
+            labels=["pair", "side", "reason"],
+        )
+        for pair in self.pairs():
+            for side in pair.sides:
+                labels = [pair.key, side.name or side.host]
+                datagrams.add_metric(labels, side.forwarded)
+                sizes.add_metric(labels, side.forwarded_bytes)
+                dropped.add_metric([*labels, "unknown"], side.dropped_unknown)
+                dropped.add_metric([*labels, "junk"], side.dropped_junk)
+        yield datagrams
+        yield sizes
+        yield dropped
+
+
 class PrometheusAgentMetrics(AgentMetrics):
     def __init__(
         self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time
@@ -125,6 +168,8 @@ class PrometheusAgentMetrics(AgentMetrics):
             self._passes.labels(outcome)
         self._peers = _Peers(clock)
         r.register(self._peers)
+        self._relays = _Relays()
+        r.register(self._relays)
 
     def passed(self, result: PassResult | None, seconds: float) -> None:
         self._passes.labels("ok" if result is not None and result.ok else "error").inc()
@@ -143,3 +188,6 @@ class PrometheusAgentMetrics(AgentMetrics):
 
     def observed(self, device: DeviceState | None, desired: DesiredState | None) -> None:
         self._peers.reading = (device, peer_names(desired))
+
+    def relaying(self, pairs: Callable[[], list[PairStatus]]) -> None:
+        self._relays.pairs = pairs

@@ -6,9 +6,11 @@ Three namespaces on one bridge (tests/netns.py): hosts a and b each run two
 wireguard-go devices, wg0 straight to the other and wg1 through the relay
 host, which runs only the forwarder (in a driver process of its own, whose
 /proc/PID/stat is read before and after each run). iperf3 (TCP, a to b) runs
-over wg0, then over wg1, alternating for `--rounds`; medians are reported.
+over wg0, then over wg1 through each variant of the forwarder (`VARIANTS`:
+how it reads its sockets, their receive buffer), interleaved for `--rounds`;
+medians are reported.
 
-    .venv/bin/python bench/relay.py [--seconds 10] [--rounds 2] [--loop protocol|drain]
+    .venv/bin/python bench/relay.py [--seconds 10] [--rounds 2] [--variants drain,...]
 
 A benchmark, not a test: figures depend on the machine (see "machine") and
 on what else it is doing (wireguard-go at both ends shares its cores).
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.netns
 from nacl.public import PrivateKey
 
 from agent.statedir import private_key_b64, public_key_of
-from tests.netns import Host, TestNet, wait_until
+from tests.netns import Driver, Host, TestNet, wait_until
 
 PORTS = (46001, 46002)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -102,7 +104,9 @@ async def configure(
 
 async def iperf(client: Host, server: Host, address: str, seconds: int) -> float:
     """Mbit/s received by `server` from `client` over TCP to `address`."""
-    listening = await server.spawn("iperf3", "-s", "-1", "-B", address, "-p", "5301")
+    listening = await server.spawn(
+        "iperf3", "-s", "-1", "-B", address, "-p", "5301", stdout=asyncio.subprocess.DEVNULL
+    )
     try:
         # The server is up once it accepts; iperf3 -c retries nothing, so wait.
         async def ready() -> bool:
@@ -120,27 +124,63 @@ async def iperf(client: Host, server: Host, address: str, seconds: int) -> float
         await asyncio.wait_for(listening.wait(), 10)
 
 
-async def bench(seconds: int, rounds: int, loop: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"machine": machine(), "seconds": seconds, "loop": loop}
+# What is measured through the relay: name -> the Forwarder's arguments.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "drain": {"loop": "drain"},  # the agent's (agent/relay.py's defaults)
+    "drain_default_buffer": {"loop": "drain", "receive_buffer": 0},
+    "protocol": {"loop": "protocol"},  # asyncio's datagram protocol, the 4 MiB buffer
+    "protocol_default_buffer": {"loop": "protocol", "receive_buffer": 0},  # the first one built
+}
+
+
+async def relayed_run(
+    forwarder: Driver, variant: str, a: Host, b: Host, seconds: int
+) -> tuple[float, float, list[int]]:
+    """(Mbit/s, relay CPU cores busy, datagrams forwarded per side) through
+    the forwarder of `variant` (see VARIANTS), opened afresh (it learns
+    both sides again)."""
+    name = f"fw-{variant}"
+    await forwarder.call(name, "open", key="a,b", entry={"hosts": ["a", "b"], "ports": PORTS})
+    try:
+        # b speaks first (the relay learns b), then a's packets have somewhere to go.
+        await b.run("ping", "-c", "1", "-W", "1", "10.82.0.1", check=False)
+
+        async def through() -> bool:
+            result = await a.run("ping", "-c", "1", "-W", "1", "10.82.0.2", check=False)
+            return result.returncode == 0
+
+        await wait_until(through, timeout=20, message=f"a -> b through the relay ({variant})")
+        clock = asyncio.get_running_loop().time
+        before = cpu_seconds(forwarder.pid), clock()
+        mbps = await iperf(a, b, "10.82.0.2", seconds)
+        after = cpu_seconds(forwarder.pid), clock()
+        status = await forwarder.call(name, "status")
+    finally:
+        await forwarder.call(name, "close_pair", key="a,b")
+    cores = (after[0] - before[0]) / (after[1] - before[1])
+    return mbps, cores, [side["forwarded"] for side in status[0]["sides"]]
+
+
+async def bench(seconds: int, rounds: int, variants: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {"machine": machine(), "seconds": seconds, "rounds": rounds}
     tmp = Path(tempfile.mkdtemp(prefix="nmbench-relay-"))
+    direct: list[float] = []
+    relayed: dict[str, list[tuple[float, float, list[int]]]] = {variant: [] for variant in variants}
     try:
         async with TestNet() as net:
             relay = await net.add_host("relay")
             a = await net.add_host("a")
             b = await net.add_host("b")
             forwarder = await relay.driver()
-            await forwarder.new("fw", "agent.relay:Forwarder", loop=loop)
-            entry = {"hosts": ["a", "b"], "ports": list(PORTS)}
-            await forwarder.call("fw", "open", key="a,b", entry=entry)
+            for variant in variants:
+                await forwarder.new(f"fw-{variant}", "agent.relay:Forwarder", **VARIANTS[variant])
 
             keys = {host.name: PrivateKey.generate() for host in (a, b)}
             for host in (a, b):
                 (tmp / f"{host.name}.key").write_text(private_key_b64(keys[host.name]) + "\n")
-            pids = {}
             for host, other, n in ((a, b, 1), (b, a, 2)):
                 pid = await device(host, "wg0", 51820, None)
                 await device(host, "wg1", 51821, pid)
-                pids[host.name] = pid
                 key_file = tmp / f"{host.name}.key"
                 await configure(
                     host, pid, "wg0", 51820, key_file, f"10.81.0.{n}", keys[other.name],
@@ -150,42 +190,28 @@ async def bench(seconds: int, rounds: int, loop: str) -> dict[str, Any]:
                     host, pid, "wg1", 51821, key_file, f"10.82.0.{n}", keys[other.name],
                     f"10.82.0.{3 - n}", f"{relay.lan_address}:{PORTS[n - 1]}",
                 )  # fmt: skip
-            # b speaks first through the relay (so it knows b), then a.
-            await b.run("ping", "-c", "1", "-W", "1", "10.82.0.1", check=False)
-            await wait_until(
-                lambda: a.run("ping", "-c", "1", "-W", "1", "10.82.0.2", check=False),
-                timeout=20,
-            )
-            assert (await a.run("ping", "-c", "1", "-W", "2", "10.81.0.2")).returncode == 0
-            assert (await a.run("ping", "-c", "1", "-W", "2", "10.82.0.2")).returncode == 0
-
-            direct: list[float] = []
-            relayed: list[float] = []
-            cpu_per_second: list[float] = []
-            for _ in range(rounds):
+            await a.run("ping", "-c", "1", "-W", "2", "10.81.0.2")  # direct works
+            for _ in range(rounds):  # interleaved: a noisy moment hits every kind
                 direct.append(await iperf(a, b, "10.81.0.2", seconds))
-                before = cpu_seconds(forwarder.pid), asyncio.get_running_loop().time()
-                relayed.append(await iperf(a, b, "10.82.0.2", seconds))
-                after = cpu_seconds(forwarder.pid), asyncio.get_running_loop().time()
-                cpu_per_second.append((after[0] - before[0]) / (after[1] - before[1]))
-            status = await forwarder.call("fw", "status")
-            await forwarder.call("fw", "close")
+                for variant in variants:
+                    relayed[variant].append(await relayed_run(forwarder, variant, a, b, seconds))
             await forwarder.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    mbps_relayed = statistics.median(relayed)
-    cpu = statistics.median(cpu_per_second)
-    out |= {
-        "direct_mbit_s": [round(x) for x in direct],
-        "relayed_mbit_s": [round(x) for x in relayed],
-        "relayed_vs_direct": round(mbps_relayed / statistics.median(direct), 2),
-        # Cores the relay process kept busy while relaying (1.0: one core).
-        "relay_cpu_cores": round(cpu, 3),
-        # The cost of each Mbit/s relayed: CPU seconds per second, per Mbit/s.
-        "relay_cpu_s_per_mbit_s": round(cpu / mbps_relayed, 5),
-        "forwarded_datagrams": [side["forwarded"] for side in status[0]["sides"]],
-        "load_after": os.getloadavg(),
-    }
+    out["direct_mbit_s"] = [round(x) for x in direct]
+    for variant, runs in relayed.items():
+        mbps = statistics.median(run[0] for run in runs)
+        cores = statistics.median(run[1] for run in runs)
+        out[f"relayed_{variant}"] = {
+            "mbit_s": [round(run[0]) for run in runs],
+            "vs_direct": round(mbps / statistics.median(direct), 2),
+            # Cores the relay process kept busy while relaying (1.0: one core).
+            "relay_cpu_cores": round(cores, 3),
+            # What each Mbit/s relayed costs: CPU seconds per second, per Mbit/s.
+            "relay_cpu_s_per_mbit_s": round(cores / mbps, 5) if mbps else None,
+            "forwarded_datagrams": runs[-1][2],
+        }
+    out["load_after"] = os.getloadavg()
     return out
 
 
@@ -193,13 +219,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--loop", choices=("protocol", "drain"), default="drain")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     args = parser.parse_args()
     missing = [t for t in ("ip", "unshare", "wireguard-go", "iperf3", "wg") if not shutil.which(t)]
     if os.geteuid() != 0 or missing:
         print(f"bench/relay.py needs root and {', '.join(missing) or '-'}", file=sys.stderr)
         return 2
-    print(json.dumps(asyncio.run(bench(args.seconds, args.rounds, args.loop))))
+    variants = tuple(args.variants.split(","))
+    if not set(variants) <= set(VARIANTS):
+        print(f"--variants: some of {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    print(json.dumps(asyncio.run(bench(args.seconds, args.rounds, variants))))
     return 0
 
 

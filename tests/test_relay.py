@@ -6,11 +6,17 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import msgspec
 import pytest
 from nacl.public import PrivateKey
+from prometheus_client import generate_latest
 
-from agent.fake import FakeBackend, FakeFirewall, FakeLink, FakeMachine
+from agent.daemon import Agent
+from agent.fake import FakeBackend, FakeDns, FakeFirewall, FakeLink, FakeMachine
+from agent.local import local_status
+from agent.metrics import PrometheusAgentMetrics
 from agent.reconcile import reconcile
 from agent.relay import (
     LOOPS,
@@ -21,8 +27,10 @@ from agent.relay import (
     is_wireguard,
     plan_relays,
 )
-from agent.statedir import private_key_b64, public_key_of
+from agent.statedir import Identity, StateDir, private_key_b64, public_key_of
 from events.desired import DesiredState, RelayEntry, Sections
+from events.feed import Outcome
+from tests.desired_states import desired_state
 from tests.netns import wait_until
 
 KEY = PrivateKey(bytes(range(32)))
@@ -231,6 +239,20 @@ async def test_datagrams_cross_the_relay_both_ways_as_they_are(forwarder: Forwar
         b.send(transport(80), pb)
         assert await a.receive() == (transport(80), pa)
         assert forwarder.status()[0].sides[0].address == a.address
+
+        # The same counters, as the agent's Prometheus metrics show them.
+        metrics = PrometheusAgentMetrics()
+        metrics.relaying(forwarder.status)
+        text = generate_latest(metrics.registry).decode()
+        forwarded = forwarder.status()[0].sides[0].forwarded
+        assert (
+            f'netmesh_agent_relay_forwarded_datagrams_total{{pair="a,b",side="alpha"}} '
+            f"{float(forwarded)}" in text
+        )
+        assert (
+            'netmesh_agent_relay_dropped_datagrams_total{pair="a,b",reason="junk",side="alpha"} 2.0'
+            in text
+        )
     finally:
         a.close()
         b.close()
@@ -314,3 +336,46 @@ async def test_opening_a_pair_on_a_taken_port_leaves_nothing_open(forwarder: For
             await forwarder.open("a,b", RelayEntry(hosts=("a", "b"), ports=(free, taken)))
     assert port_free(free)
     assert (await forwarder.read()).open == {}
+
+
+async def test_the_agent_relays_what_its_desired_state_says_and_shows_it(tmp_path: Path) -> None:
+    """The daemon's wiring: the relays section enforced by a pass, the pairs in
+    `agent status --json` (the status file), every port closed when the agent stops."""
+    pa, pb = free_ports(2)
+    machine = FakeMachine()
+    agent = Agent(
+        identity=Identity(host_id="r", name="relay", server="nats://127.0.0.1:1"),
+        state=StateDir(tmp_path),
+        backend=FakeBackend("nm0", machine),
+        link=FakeLink("nm0", machine),
+        firewall=FakeFirewall(),
+        dns=FakeDns(),
+        relays=Forwarder(bind="127.0.0.1"),
+        private_key=private_key_b64(KEY),
+        public_key=public_key_of(KEY),
+    )
+    entry = RelayEntry(hosts=("a", "b"), ports=(pa, pb), names=("alpha", "beta"))
+    plain = desired_state(host_id="r", revision=4)
+    sections = msgspec.structs.replace(plain.sections, relays={"a,b": entry})
+    desired = msgspec.structs.replace(plain, sections=sections)
+    try:
+        assert agent.offer(desired) is Outcome.TAKEN
+        assert await agent.reconcile_once()
+        assert not port_free(pa) and not port_free(pb)
+        b = UdpHost()
+        b_address = b.address
+        b.send(transport(32), pb)
+        relays = agent.relays
+        assert relays is not None
+        await wait_until(lambda: relays.status()[0].sides[1].address)
+        agent.write_status()
+        b.close()
+        info = await local_status(tmp_path, "nm0")
+        (pair,) = info["relays"]
+        assert pair["key"] == "a,b" and pair["error"] is None
+        assert [s["name"] for s in pair["sides"]] == ["alpha", "beta"]
+        assert pair["sides"][1]["address"] == b_address
+        assert pair["sides"][1]["dropped_unknown"] == 1  # a not heard from yet
+    finally:
+        await agent.close()
+    assert port_free(pa) and port_free(pb)
