@@ -81,6 +81,7 @@ class PathSection:
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
         self.peers = PeerSection(topology)
+        self._pairs_near: dict[str, bool] = {}
 
     def entries(self, host_id: str) -> dict[str, PathEntry]:
         found = {}
@@ -95,13 +96,29 @@ class PathSection:
             return None
         return self._path(host_id, key)
 
+    def _near_pairs(self, host_id: str) -> bool:
+        """Whether a network of `host_id` has relayed pairs (cached for the
+        batch: a snapshot asks once per peer)."""
+        near = self._pairs_near.get(host_id)
+        if near is None:
+            near = self._pairs_near[host_id] = any(
+                network.relay_pairs
+                for node in self.topology.nodes_of_host(host_id)
+                if (network := self.topology.networks.get(node.network)) is not None
+            )
+        return near
+
     def _path(self, host_id: str, key: str) -> PathEntry | None:
         peer_id = self.topology.host_by_public_key.get(key)
         peer = self.topology.hosts.get(peer_id) if peer_id is not None else None
         if peer is None:
             return None
         candidates = path_candidates(self.topology.hosts.get(host_id), peer)
-        relayed = relayed_pair(self.topology, host_id, peer.host_id)
+        relayed = (
+            relayed_pair(self.topology, host_id, peer.host_id)
+            if self._near_pairs(host_id)
+            else None
+        )
         if relayed is None:
             return PathEntry(candidates=candidates) if candidates else None
         pair, relay_host, relay_name = relayed
@@ -197,8 +214,8 @@ def _seen(topology: Topology, key: str, rotated: dict[str, str]) -> bool:
 
 def _relayed(topology: Topology, host_id: str) -> bool:
     """Whether a relay forwards between `host_id` and some peer."""
-    return any(
-        network.relay_pairs and network.pairs_of_host(host_id)
-        for network in (topology.networks.get(n) for n in topology.networks_of_host(host_id))
-        if network is not None
-    )
+    for node_id in topology.nodes_by_host.get(host_id, ()):
+        network = topology.networks.get(topology.nodes[node_id].network)
+        if network is not None and any(host_id in p.hosts for p in network.relay_pairs.values()):
+            return True
+    return False
