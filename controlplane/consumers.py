@@ -7,6 +7,7 @@ fresh snapshot of its desired state."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from controlplane.brokerauth import delivery_problem, reader_problem
 from controlplane.replies import Responder
@@ -29,6 +31,15 @@ from projections.topology import Topology
 log = structlog.get_logger("netmesh.controlplane")
 
 CLIENT_CONSUMER_INACTIVE = 60.0
+# Making a consumer goes through JetStream's meta leader. On a cluster whose
+# meta leader was just killed the request is lost, not refused: one 5-s try
+# then failed and the agent backed off (its desired state delivered 5-10 s
+# after its broker died, tests/test_e2e_cluster.py). Short tries, repeated
+# (same name and config: JetStream makes it once) until a new leader is
+# elected (4-9 s here), within the agent's 10-s request.
+CONSUMER_TRY_TIMEOUT = 1.0
+CONSUMER_MAKE_WITHIN = 8.0
+CONSUME_AT_ONCE = 64
 CONSUMER_LIST_PAGE = 256  # JetStream lists consumers this many at a time
 
 
@@ -39,6 +50,9 @@ class ConsumeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # agents send neither, and cannot read what this control plane writes).
     protocol: int = 0
     sections: tuple[str, ...] = ()
+    # Agents, after a reconnect: the consumer they read from until then. Kept
+    # when it still delivers to `deliver_subject` (see `_agent`).
+    consumer: str = ""
 
 
 def agent_protocol_problem(protocol: int, sections: tuple[str, ...]) -> str | None:
@@ -65,6 +79,7 @@ class Consumers:
         guarded: bool,
     ) -> None:
         self._js = nc.jetstream()
+        self._js_try = nc.jetstream(timeout=CONSUMER_TRY_TIMEOUT)
         self._responder = responder
         self._topology = topology
         self._runner = runner
@@ -73,6 +88,9 @@ class Consumers:
         self._guarded = guarded
         # host -> the consumer made last for its agent (the one before goes).
         self._agent_consumers: dict[str, str] = {}
+        self._answering: set[asyncio.Task[None]] = set()
+        # Agents' requests answered at once, at most (a thousand reconnecting).
+        self._at_once = asyncio.Semaphore(CONSUME_AT_ONCE)
 
     async def connected_agents(self) -> int:
         return len(await self.connected_hosts())
@@ -107,9 +125,26 @@ class Consumers:
         await self._responder.answer(msg, Reply(ok=sent))
 
     async def on_consume(self, msg: Msg) -> None:
-        """An agent asks for a consumer of its desired subject."""
+        """An agent asks for a consumer of its desired subject. Answered in a
+        task of its own: nats-py runs a subscription's callbacks one at a
+        time, and one consumer held up by a dead broker (seconds) held up every
+        agent behind it."""
+        task = asyncio.get_running_loop().create_task(self._answer_consume(msg))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _answer_consume(self, msg: Msg) -> None:
         host_id = msg.subject.rpartition(".")[2]
-        await self._responder.answer(msg, await self._consumer_for(msg, self._agent, host_id))
+        async with self._at_once:
+            reply = await self._consumer_for(msg, self._agent, host_id)
+        await self._responder.answer(msg, reply)
+
+    async def close(self) -> None:
+        """Stop answering: requests being answered are dropped (agents ask again)."""
+        for task in list(self._answering):
+            task.cancel()
+        if self._answering:
+            await asyncio.wait(self._answering, timeout=5)
 
     async def on_read_events(self, msg: Msg) -> None:
         """A reader asks for a consumer of the event stream, into its inbox."""
@@ -145,6 +180,12 @@ class Consumers:
             log.info("agent too old for this control plane", host_id=host_id, why=outdated)
             return Reply.refused(ErrorCode.UPGRADE_REQUIRED, outdated)
         problem = delivery_problem(self._topology(), host_id, request.deliver_subject)
+        may_keep = request.consumer and (problem is None or not self._guarded)
+        if may_keep and await self._still_delivers(
+            host_id, request.consumer, request.deliver_subject
+        ):
+            self._agent_consumers[host_id] = request.consumer
+            return Reply(ok=True, result={"consumer": request.consumer, "kept": True})
         config = _delivering_consumer(
             f"agent-{host_id}-{uuid.uuid4().hex[:8]}",
             desired_subject(host_id),
@@ -154,22 +195,61 @@ class Consumers:
         reply = await self._make(DESIRED_STREAM, config, problem)
         if reply.ok:
             assert config.name is not None
-            previous = self._agent_consumers.pop(host_id, None)
+            previous = {self._agent_consumers.pop(host_id, None), request.consumer}
             self._agent_consumers[host_id] = config.name
-            if previous is not None:
-                with contextlib.suppress(Exception):
-                    await self._js.delete_consumer(DESIRED_STREAM, previous)
+            for name in previous - {None, "", config.name}:
+                assert name is not None
+                if name.startswith(f"agent-{host_id}-"):
+                    # Short: its leader may have died with a broker (then it
+                    # goes by itself a minute after nobody listens).
+                    with contextlib.suppress(Exception):
+                        await self._js_try.delete_consumer(DESIRED_STREAM, name)
         return reply
+
+    async def _still_delivers(self, host_id: str, name: str, deliver_subject: str) -> bool:
+        """Whether the host's consumer `name` still exists and delivers to
+        `deliver_subject`. An agent whose broker died reconnects to another
+        (its subscription with it) while the consumer, replicated with the
+        stream, lives on: asking its leader is one request, where a new
+        consumer needs the meta leader and a new raft group, which a dead
+        member holds up for seconds (5-12 s here) until it is known gone."""
+        if not name.startswith(f"agent-{host_id}-"):
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONSUMER_MAKE_WITHIN
+        while True:
+            try:
+                info = await self._js_try.consumer_info(DESIRED_STREAM, name)
+                return bool(info.config.deliver_subject == deliver_subject)
+            except NotFoundError:
+                return False
+            except Exception:
+                # Its leader died with the broker: a new one is elected in
+                # seconds, no later than a new consumer would be.
+                if loop.time() + CONSUMER_TRY_TIMEOUT > deadline:
+                    return False
+                await asyncio.sleep(0.1)
 
     async def _make(self, stream: str, config: ConsumerConfig, problem: str | None) -> Reply:
         """Create it, unless a guarded broker's rules say no (`problem`)."""
         if self._guarded and problem is not None:
             return Reply.refused(ErrorCode.UNAUTHORIZED, problem)
-        try:
-            await self._js.add_consumer(stream, config)
-        except Exception as exc:  # the service must outlive any one request
-            log.warning("consumer not made", stream=stream, error=repr(exc))
-            return Reply.refused(ErrorCode.INTERNAL, "could not make a consumer; retry")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONSUMER_MAKE_WITHIN
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                await self._js_try.add_consumer(stream, config)
+                break
+            except Exception as exc:  # the service must outlive any one request
+                if loop.time() + CONSUMER_TRY_TIMEOUT > deadline:
+                    log.warning("consumer not made", stream=stream, error=repr(exc), tries=tries)
+                    return Reply.refused(ErrorCode.INTERNAL, "could not make a consumer; retry")
+                if not isinstance(exc, TimeoutError):  # refused at once: not so fast again
+                    await asyncio.sleep(0.2)
+        if tries > 1:
+            log.info("consumer made", stream=stream, tries=tries)
         return Reply(ok=True, result={"consumer": config.name})
 
 

@@ -38,6 +38,22 @@ from events.signing import load_or_create
 log = structlog.get_logger("netmesh.server")
 
 
+# A cluster's brokers in the order --nats-url gives them, not shuffled: the
+# first is this control plane's own (the broker on its machine), the others
+# are where it goes when that one dies. Shuffled, two control planes landed on
+# one broker a third of the time; killing it left no one to answer the auth
+# callout until one had reconnected, and agents moving to the other brokers
+# were shut out (then backed off: 10 s and more, tests/test_e2e_cluster.py).
+# Listing a different broker first on each control plane keeps one answering.
+# Reconnect soon (nats-py waits 2 s before trying a server again): every login
+# through the brokers waits for a control plane.
+HOME_BROKER_FIRST: dict[str, Any] = {
+    "dont_randomize": True,
+    "max_reconnect_attempts": -1,
+    "reconnect_time_wait": 0.5,
+}
+
+
 class ControlPlaneFailed(Exception):
     """A part the control plane cannot run without has stopped."""
 
@@ -180,13 +196,13 @@ async def run_server(
             metrics_server = serve_metrics(prometheus.registry, metrics_listen)
             log.info("metrics served", url=metrics_server.url)
         nc = await connect(
-            nats_url, name="netmesh-controlplane", max_reconnect_attempts=-1, **login, **secure
+            nats_url, name="netmesh-controlplane", **HOME_BROKER_FIRST, **login, **secure
         )
         if broker_guarded(nc):
             system_nc = await connect(
                 nats_url,
                 name="netmesh-controlplane-system",
-                max_reconnect_attempts=-1,
+                **HOME_BROKER_FIRST,
                 **natsid.client_options(keys.system),
                 **secure,
             )
