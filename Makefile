@@ -39,6 +39,7 @@ unit: setup
 bench: setup
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/policy.py
+	$(BIN)/python bench/cluster.py
 
 demo: setup
 	bash scripts/demo.sh
