@@ -257,7 +257,7 @@ def check_metrics_listen(
     "--nats-url",
     default=None,
     help="Join this NATS instead of embedding one; URL[,URL...] for the brokers of a "
-    "JetStream cluster (`netmesh broker`).",
+    "JetStream cluster (`netmesh broker`), tried in that order: this machine's broker first.",
 )
 @click.option(
     "--replicas",

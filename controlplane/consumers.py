@@ -18,7 +18,6 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 
 from controlplane.brokerauth import delivery_problem, reader_problem
 from controlplane.replies import Responder
@@ -32,11 +31,11 @@ log = structlog.get_logger("netmesh.controlplane")
 
 CLIENT_CONSUMER_INACTIVE = 60.0
 # Making a consumer goes through JetStream's meta leader. On a cluster whose
-# meta leader was just killed the request is lost, not refused: one 5-s try
-# then failed and the agent backed off (its desired state delivered 5-10 s
-# after its broker died, tests/test_e2e_cluster.py). Short tries, repeated
-# (same name and config: JetStream makes it once) until a new leader is
-# elected (4-9 s here), within the agent's 10-s request.
+# meta leader (or the member it placed the consumer on) was just killed the
+# request is lost, not refused: one 5-s try then failed and the agent backed
+# off (its desired state delivered 5-10 s after its broker died,
+# tests/test_e2e_cluster.py). Short tries, repeated until one is made (a new
+# leader is elected in 4-9 s here), within the agent's 10-s request.
 CONSUMER_TRY_TIMEOUT = 1.0
 CONSUMER_MAKE_WITHIN = 8.0
 CONSUME_AT_ONCE = 64
@@ -209,26 +208,17 @@ class Consumers:
     async def _still_delivers(self, host_id: str, name: str, deliver_subject: str) -> bool:
         """Whether the host's consumer `name` still exists and delivers to
         `deliver_subject`. An agent whose broker died reconnects to another
-        (its subscription with it) while the consumer, replicated with the
-        stream, lives on: asking its leader is one request, where a new
-        consumer needs the meta leader and a new raft group, which a dead
-        member holds up for seconds (5-12 s here) until it is known gone."""
+        (its subscription with it) while its consumer, on a broker that is
+        still up (two times in three), goes on: one request, where a new one
+        needs JetStream's meta leader. A consumer lives on one broker (R1,
+        JetStream's default for these): no answer means it died with it."""
         if not name.startswith(f"agent-{host_id}-"):
             return False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CONSUMER_MAKE_WITHIN
-        while True:
-            try:
-                info = await self._js_try.consumer_info(DESIRED_STREAM, name)
-                return bool(info.config.deliver_subject == deliver_subject)
-            except NotFoundError:
-                return False
-            except Exception:
-                # Its leader died with the broker: a new one is elected in
-                # seconds, no later than a new consumer would be.
-                if loop.time() + CONSUMER_TRY_TIMEOUT > deadline:
-                    return False
-                await asyncio.sleep(0.1)
+        try:
+            info = await self._js_try.consumer_info(DESIRED_STREAM, name)
+        except Exception:  # gone (NotFoundError), or with its broker
+            return False
+        return bool(info.config.deliver_subject == deliver_subject)
 
     async def _make(self, stream: str, config: ConsumerConfig, problem: str | None) -> Reply:
         """Create it, unless a guarded broker's rules say no (`problem`)."""
@@ -236,21 +226,45 @@ class Consumers:
             return Reply.refused(ErrorCode.UNAUTHORIZED, problem)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CONSUMER_MAKE_WITHIN
-        tries = 0
+        assert config.name is not None
+        tried: list[str] = []
         while True:
-            tries += 1
+            if tried:
+                # A new name each try (its random tail): JetStream may have
+                # placed the last one on a member that just died (it does not
+                # know yet), and would keep it there.
+                config.name = f"{tried[0].rpartition('-')[0]}-{uuid.uuid4().hex[:8]}"
+            tried.append(config.name)
             try:
                 await self._js_try.add_consumer(stream, config)
                 break
             except Exception as exc:  # the service must outlive any one request
                 if loop.time() + CONSUMER_TRY_TIMEOUT > deadline:
-                    log.warning("consumer not made", stream=stream, error=repr(exc), tries=tries)
+                    log.warning(
+                        "consumer not made", stream=stream, error=repr(exc), tries=len(tried)
+                    )
+                    self._forget(stream, tried)
                     return Reply.refused(ErrorCode.INTERNAL, "could not make a consumer; retry")
                 if not isinstance(exc, TimeoutError):  # refused at once: not so fast again
                     await asyncio.sleep(0.2)
-        if tries > 1:
-            log.info("consumer made", stream=stream, tries=tries)
+        if len(tried) > 1:
+            log.info("consumer made", stream=stream, tries=len(tried))
+            # A try whose answer was lost may have made one too: it would
+            # deliver the same messages again into the same inbox.
+            self._forget(stream, tried[:-1])
         return Reply(ok=True, result={"consumer": config.name})
+
+    def _forget(self, stream: str, names: list[str]) -> None:
+        """Delete them, after the answer (their broker may not answer)."""
+
+        async def delete() -> None:
+            for name in names:
+                with contextlib.suppress(Exception):
+                    await self._js_try.delete_consumer(stream, name)
+
+        task = asyncio.get_running_loop().create_task(delete())
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
 
 
 def _delivering_consumer(
