@@ -93,10 +93,18 @@ class Admin:
         return msgspec.json.decode(msg.data, type=Reply)
 
 
+async def quiet(exc: Exception) -> None:
+    """A broker killed on purpose: its clients' reconnects are expected."""
+
+
 async def admin(cluster: Cluster, key_file: Path) -> Admin:
     key = load_or_create(key_file)
     nc = await connect(
-        cluster.urls, **client_options(key), max_reconnect_attempts=-1, reconnect_time_wait=0.2
+        cluster.urls,
+        **client_options(key),
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.2,
+        error_cb=quiet,
     )
     return Admin(nc, key)
 
