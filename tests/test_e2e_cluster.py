@@ -6,9 +6,9 @@ planes (A beside n1, B beside n2, each listing its own broker first), and
 kill -9 of n1's nats-server (the agents' broker, and control plane A's):
 - the tunnel between a and b never drops: a ping every 50 ms across the kill
   loses nothing (the data plane does not depend on any broker);
-- both agents are on another broker, with their desired state delivered again,
-  within RECONNECT_WITHIN (their status files say which broker and whether the
-  control plane delivers over it);
+- both agents are on another broker within RECONNECT_WITHIN, their desired
+  state delivered there within DELIVERED_WITHIN (their status files say which
+  broker and whether the control plane delivers over it);
 - a change made after the kill (host c joining, itself admitted by the
   surviving brokers' callout) reaches a's and b's devices, and every agent's
   applied revision is the control plane's latest for it (`netmesh status`: in
@@ -36,8 +36,9 @@ pytestmark = pytest.mark.netns
 
 BROKERS = ("n1", "n2", "n3")
 CLIENT_PORT, CLUSTER_PORT = 4222, 6222
-# What the test allows from the kill to both agents reading their desired
-# state on another broker. Measured here (2 loaded cores): 1-3 s (README).
+# What the test allows from the kill to both agents connected to another
+# broker, and to their desired state delivered there. Measured here (2 loaded
+# cores, 16 runs): 0.3-2.1 s and 0.3-6.3 s (README, A cluster).
 RECONNECT_WITHIN = 10.0
 DELIVERED_WITHIN = 20.0
 
@@ -268,5 +269,5 @@ async def test_agents_outlive_their_broker_killed(testnet: TestNet, tmp_path: Pa
         + f"; ping {stats.transmitted} sent, {stats.lost} lost; in sync: "
         + ", ".join(f"{r['name']}@{r['applied_revision']}" for r in rows)
     )
-    assert stats.transmitted > 50
+    assert stats.transmitted >= 20  # the ping ran across the kill (started before, stopped after)
     assert stats.lost == 0, pinger.timeline()
