@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/policy.py
 	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/cluster.py
 
 demo: setup
 	bash scripts/demo.sh

@@ -676,6 +676,8 @@ class Agent:
             interface=self.backend.interface,
             backend=type(self.backend).__name__,
             connected=self.session.connected,
+            broker=self.session.broker,
+            subscribed=self.session.connected and self.session.subscribed,
             desired_revision=self.desired.revision if self.desired else 0,
             applied_revision=self.applied.revision if self.applied else 0,
             last_error=self.progress.last_error,

@@ -73,6 +73,8 @@ async def local_status(state_dir: Path, interface: str | None) -> dict[str, Any]
             "running": running,
             "pid": status.pid if status and running else None,
             "connected": bool(status and running and status.connected),
+            "broker": status.broker if status and running and status.connected else None,
+            "subscribed": bool(status and running and status.subscribed),
             "backend": status.backend if status else None,
             "last_error": status.last_error if status and running else None,
         },

@@ -98,6 +98,12 @@ async def send_host_command(
         return Reply(ok=False, error="the control plane sent an answer this agent cannot read")
 
 
+def _consumer_name(reply: Reply) -> str:
+    result = reply.result
+    name = result.get("consumer") if isinstance(result, dict) else None
+    return name if isinstance(name, str) else ""
+
+
 class NotConnected(nats.errors.Error):
     """No connection to the broker right now (the agent runs from its cache)."""
 
@@ -120,6 +126,10 @@ class Session:
         self._on_subscribed = on_subscribed  # (re)subscribed: report, reconcile
         self._on_change = on_change  # connected or not: the status file
         self._subscribing = asyncio.Lock()
+        # Whether the control plane delivers our desired state to this
+        # connection (a consumer made for it since the last (re)connect).
+        self.subscribed = False
+        self.consumer = ""  # the name of the consumer that delivers to `sub`
         self._closing = False
         self._refused_logged = False
         self._background: set[asyncio.Task[None]] = set()
@@ -127,6 +137,14 @@ class Session:
     @property
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
+
+    @property
+    def broker(self) -> str | None:
+        """The broker this connection is on now (scheme://host:port), if any."""
+        if self.nc is None or not self.nc.is_connected or self.nc.connected_url is None:
+            return None
+        url = self.nc.connected_url
+        return f"{url.scheme}://{url.hostname}:{url.port}"
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run in the background, holding a reference until it is done."""
@@ -192,21 +210,23 @@ class Session:
                 )
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, CONNECT_BACKOFF_MAX)
-        log.info("connected", server=self.identity.server)
+        log.info("connected", server=self.identity.server, broker=self.broker)
         self._on_change()
         await self.resubscribe()
 
-    async def resubscribe(self) -> None:
+    async def resubscribe(self, *, keep: bool = False) -> None:
         # A gap's re-read and a reconnect can ask at once: one at a time, or
         # two subscriptions would be made and one leaked.
         async with self._subscribing:
-            await self._resubscribe_now()
+            await self._resubscribe_now(keep)
 
-    async def _resubscribe_now(self) -> None:
+    async def _resubscribe_now(self, keep: bool) -> None:
         delay = CONNECT_BACKOFF_MIN
         while True:
             try:
-                await self.subscribe()
+                await self.subscribe(keep=keep)
+                self.subscribed = True
+                self._on_change()
                 await self._on_subscribed()
                 return
             except (nats.errors.Error, TimeoutError) as exc:
@@ -214,14 +234,20 @@ class Session:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, CONNECT_BACKOFF_MAX)
 
-    async def subscribe(self) -> None:
+    async def subscribe(self, *, keep: bool = False) -> None:
         """Read the subject from its start: the latest snapshot, then the deltas
-        since (what we already hold is skipped)."""
+        since (what we already hold is skipped). With `keep` (after a
+        reconnect, which subscribed our inbox again on the new broker), first
+        ask to go on with the consumer we read from: it holds our place."""
         if self.nc is None:  # closed by the broker meanwhile: the connect loop resumes
             raise NotConnected("not connected")
+        if keep and self.sub is not None and self.consumer and await self._kept():
+            self.subscribed = True
+            return
         if self.sub is not None:
             with contextlib.suppress(Exception):
                 await self.sub.unsubscribe()
+        self.subscribed = False
         # Listen first, then ask the control plane for a consumer of our
         # subject delivering here: it starts with the latest snapshot. (Agents
         # may not create consumers themselves: see events/subjects.py.) Gaps
@@ -243,14 +269,46 @@ class Session:
             raise nats.errors.Error("the control plane sent an unreadable answer") from None
         if not reply.ok:
             raise nats.errors.Error(f"no consumer for our desired state: {reply.error}")
+        self.consumer = _consumer_name(reply)
+
+    async def _kept(self) -> bool:
+        """Whether the control plane lets us go on reading from our consumer
+        (or made a new one into the same inbox). False: subscribe afresh
+        (also what a control plane that does not know `consumer` causes)."""
+        assert self.nc is not None and self.sub is not None
+        answer = await self.nc.request(
+            consume_subject(self.identity.host_id),
+            msgspec.json.encode(
+                {
+                    "deliver_subject": self.sub.subject,
+                    "protocol": PROTOCOL,
+                    "sections": ENFORCED_SECTIONS,
+                    "consumer": self.consumer,
+                }
+            ),
+            timeout=10,
+        )
+        try:
+            reply = msgspec.json.decode(answer.data, type=Reply)
+        except msgspec.DecodeError:
+            return False
+        if not reply.ok:
+            log.info("consumer not kept, reading our subject afresh", error=reply.error)
+            return False
+        kept = isinstance(reply.result, dict) and bool(reply.result.get("kept"))
+        log.info("desired state delivered again", consumer_kept=kept)
+        self.consumer = _consumer_name(reply)
+        return True
 
     async def _on_reconnected(self) -> None:
         self._refused_logged = False
-        log.info("reconnected")
-        self.spawn(self.resubscribe())
+        log.info("reconnected", broker=self.broker)
+        self._on_change()
+        self.spawn(self.resubscribe(keep=True))
 
     async def _on_disconnected(self) -> None:
         log.info("disconnected from the control plane; keeping the last desired state")
+        self.subscribed = False
         self._on_change()
 
     async def _on_closed(self) -> None:
@@ -261,6 +319,7 @@ class Session:
         log.info("connection closed by the broker; reconnecting with backoff")
         self.nc = None
         self.sub = None
+        self.subscribed = False
         self._on_change()
         self.spawn(self.connect_forever())
 

@@ -49,6 +49,10 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     interface: str
     backend: str
     connected: bool = False
+    # The broker of the connection (one of a cluster's), and whether the
+    # control plane delivers this host's desired state over it.
+    broker: str | None = None
+    subscribed: bool = False
     desired_revision: int = 0
     applied_revision: int = 0
     last_error: str | None = None

@@ -257,7 +257,7 @@ def check_metrics_listen(
     "--nats-url",
     default=None,
     help="Join this NATS instead of embedding one; URL[,URL...] for the brokers of a "
-    "JetStream cluster (`netmesh broker`).",
+    "JetStream cluster (`netmesh broker`), tried in that order: this machine's broker first.",
 )
 @click.option(
     "--replicas",
@@ -1524,7 +1524,9 @@ def agent_status(state_dir: Path, interface: str | None, as_json: bool) -> None:
         return
     a, i, r = info["agent"], info["interface"], info["revision"]
     running = f"running (pid {a['pid']})" if a["running"] else "not running"
-    connection = "connected" if a["connected"] else "not connected"
+    connection = f"connected to {a['broker']}" if a["connected"] else "not connected"
+    if a["connected"] and not a["subscribed"]:
+        connection += ", desired state not delivered yet"
     click.echo(f"host       {info['host_id'] or '(not enrolled)'} {info['name'] or ''}".rstrip())
     click.echo(f"server     {info['server'] or '-'} ({connection})")
     click.echo(f"agent      {running}{' - error: ' + a['last_error'] if a['last_error'] else ''}")

@@ -7,6 +7,7 @@ fresh snapshot of its desired state."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,15 @@ from projections.topology import Topology
 log = structlog.get_logger("netmesh.controlplane")
 
 CLIENT_CONSUMER_INACTIVE = 60.0
+# Making a consumer goes through JetStream's meta leader. On a cluster whose
+# meta leader (or the member it placed the consumer on) was just killed the
+# request is lost, not refused: one 5-s try then failed and the agent backed
+# off (its desired state delivered 5-10 s after its broker died,
+# tests/test_e2e_cluster.py). Short tries, repeated until one is made (a new
+# leader is elected in 4-9 s here), within the agent's 10-s request.
+CONSUMER_TRY_TIMEOUT = 1.0
+CONSUMER_MAKE_WITHIN = 8.0
+CONSUME_AT_ONCE = 64
 CONSUMER_LIST_PAGE = 256  # JetStream lists consumers this many at a time
 
 
@@ -39,6 +49,9 @@ class ConsumeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # agents send neither, and cannot read what this control plane writes).
     protocol: int = 0
     sections: tuple[str, ...] = ()
+    # Agents, after a reconnect: the consumer they read from until then. Kept
+    # when it still delivers to `deliver_subject` (see `_agent`).
+    consumer: str = ""
 
 
 def agent_protocol_problem(protocol: int, sections: tuple[str, ...]) -> str | None:
@@ -65,6 +78,7 @@ class Consumers:
         guarded: bool,
     ) -> None:
         self._js = nc.jetstream()
+        self._js_try = nc.jetstream(timeout=CONSUMER_TRY_TIMEOUT)
         self._responder = responder
         self._topology = topology
         self._runner = runner
@@ -73,6 +87,9 @@ class Consumers:
         self._guarded = guarded
         # host -> the consumer made last for its agent (the one before goes).
         self._agent_consumers: dict[str, str] = {}
+        self._answering: set[asyncio.Task[None]] = set()
+        # Agents' requests answered at once, at most (a thousand reconnecting).
+        self._at_once = asyncio.Semaphore(CONSUME_AT_ONCE)
 
     async def connected_agents(self) -> int:
         return len(await self.connected_hosts())
@@ -107,9 +124,26 @@ class Consumers:
         await self._responder.answer(msg, Reply(ok=sent))
 
     async def on_consume(self, msg: Msg) -> None:
-        """An agent asks for a consumer of its desired subject."""
+        """An agent asks for a consumer of its desired subject. Answered in a
+        task of its own: nats-py runs a subscription's callbacks one at a
+        time, and one consumer held up by a dead broker (seconds) held up every
+        agent behind it."""
+        task = asyncio.get_running_loop().create_task(self._answer_consume(msg))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _answer_consume(self, msg: Msg) -> None:
         host_id = msg.subject.rpartition(".")[2]
-        await self._responder.answer(msg, await self._consumer_for(msg, self._agent, host_id))
+        async with self._at_once:
+            reply = await self._consumer_for(msg, self._agent, host_id)
+        await self._responder.answer(msg, reply)
+
+    async def close(self) -> None:
+        """Stop answering: requests being answered are dropped (agents ask again)."""
+        for task in list(self._answering):
+            task.cancel()
+        if self._answering:
+            await asyncio.wait(self._answering, timeout=5)
 
     async def on_read_events(self, msg: Msg) -> None:
         """A reader asks for a consumer of the event stream, into its inbox."""
@@ -145,6 +179,12 @@ class Consumers:
             log.info("agent too old for this control plane", host_id=host_id, why=outdated)
             return Reply.refused(ErrorCode.UPGRADE_REQUIRED, outdated)
         problem = delivery_problem(self._topology(), host_id, request.deliver_subject)
+        may_keep = request.consumer and (problem is None or not self._guarded)
+        if may_keep and await self._still_delivers(
+            host_id, request.consumer, request.deliver_subject
+        ):
+            self._agent_consumers[host_id] = request.consumer
+            return Reply(ok=True, result={"consumer": request.consumer, "kept": True})
         config = _delivering_consumer(
             f"agent-{host_id}-{uuid.uuid4().hex[:8]}",
             desired_subject(host_id),
@@ -154,23 +194,77 @@ class Consumers:
         reply = await self._make(DESIRED_STREAM, config, problem)
         if reply.ok:
             assert config.name is not None
-            previous = self._agent_consumers.pop(host_id, None)
+            previous = {self._agent_consumers.pop(host_id, None), request.consumer}
             self._agent_consumers[host_id] = config.name
-            if previous is not None:
-                with contextlib.suppress(Exception):
-                    await self._js.delete_consumer(DESIRED_STREAM, previous)
+            for name in previous - {None, "", config.name}:
+                assert name is not None
+                if name.startswith(f"agent-{host_id}-"):
+                    # Short: its leader may have died with a broker (then it
+                    # goes by itself a minute after nobody listens).
+                    with contextlib.suppress(Exception):
+                        await self._js_try.delete_consumer(DESIRED_STREAM, name)
         return reply
+
+    async def _still_delivers(self, host_id: str, name: str, deliver_subject: str) -> bool:
+        """Whether the host's consumer `name` still exists and delivers to
+        `deliver_subject`. An agent whose broker died reconnects to another
+        (its subscription with it) while its consumer, on a broker that is
+        still up (two times in three), goes on: one request, where a new one
+        needs JetStream's meta leader. A consumer lives on one broker (R1,
+        JetStream's default for these): no answer means it died with it."""
+        if not name.startswith(f"agent-{host_id}-"):
+            return False
+        try:
+            info = await self._js_try.consumer_info(DESIRED_STREAM, name)
+        except Exception:  # gone (NotFoundError), or with its broker
+            return False
+        return bool(info.config.deliver_subject == deliver_subject)
 
     async def _make(self, stream: str, config: ConsumerConfig, problem: str | None) -> Reply:
         """Create it, unless a guarded broker's rules say no (`problem`)."""
         if self._guarded and problem is not None:
             return Reply.refused(ErrorCode.UNAUTHORIZED, problem)
-        try:
-            await self._js.add_consumer(stream, config)
-        except Exception as exc:  # the service must outlive any one request
-            log.warning("consumer not made", stream=stream, error=repr(exc))
-            return Reply.refused(ErrorCode.INTERNAL, "could not make a consumer; retry")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONSUMER_MAKE_WITHIN
+        assert config.name is not None
+        tried: list[str] = []
+        while True:
+            if tried:
+                # A new name each try (its random tail): JetStream may have
+                # placed the last one on a member that just died (it does not
+                # know yet), and would keep it there.
+                config.name = f"{tried[0].rpartition('-')[0]}-{uuid.uuid4().hex[:8]}"
+            tried.append(config.name)
+            try:
+                await self._js_try.add_consumer(stream, config)
+                break
+            except Exception as exc:  # the service must outlive any one request
+                if loop.time() + CONSUMER_TRY_TIMEOUT > deadline:
+                    log.warning(
+                        "consumer not made", stream=stream, error=repr(exc), tries=len(tried)
+                    )
+                    self._forget(stream, tried)
+                    return Reply.refused(ErrorCode.INTERNAL, "could not make a consumer; retry")
+                if not isinstance(exc, TimeoutError):  # refused at once: not so fast again
+                    await asyncio.sleep(0.2)
+        if len(tried) > 1:
+            log.info("consumer made", stream=stream, tries=len(tried))
+            # A try whose answer was lost may have made one too: it would
+            # deliver the same messages again into the same inbox.
+            self._forget(stream, tried[:-1])
         return Reply(ok=True, result={"consumer": config.name})
+
+    def _forget(self, stream: str, names: list[str]) -> None:
+        """Delete them, after the answer (their broker may not answer)."""
+
+        async def delete() -> None:
+            for name in names:
+                with contextlib.suppress(Exception):
+                    await self._js_try.delete_consumer(stream, name)
+
+        task = asyncio.get_running_loop().create_task(delete())
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
 
 
 def _delivering_consumer(

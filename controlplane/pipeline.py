@@ -230,6 +230,12 @@ class CommandPipeline:
                 signature=headers.get(SIGNATURE_HEADER),
                 enrollment_token=headers.get(ENROLLMENT_TOKEN_HEADER),
             )
+        except StoreError as exc:
+            # The stream did not answer while catching up (a cluster electing
+            # its leader): the command may be sent again, as for an append.
+            log.warning("command not decided: event store unavailable", verb=verb, error=str(exc))
+            reply = Reply.refused(ErrorCode.UNAVAILABLE, f"event store: {exc}")
+            self._metrics.command(verb, ErrorCode.UNAVAILABLE, time.monotonic() - started)
         except Exception:  # the service must outlive any one command
             log.exception("command failed", verb=verb)
             reply = Reply.refused(ErrorCode.INTERNAL, "internal error (see the server log)")

@@ -685,7 +685,11 @@ class QueryService:
 
     async def applied_report(self, host_id: str) -> dict[str, Any] | None:
         try:
-            msg = await self._js.get_last_msg(REPORTS_STREAM, report_subject(host_id, APPLIED))
+            # Direct: any replica answers, not only the stream's leader (whose
+            # broker's death left `status` failing until a new one was elected).
+            msg = await self._js.get_last_msg(
+                REPORTS_STREAM, report_subject(host_id, APPLIED), direct=True
+            )
         except NotFoundError:
             return None
         if not msg.data:

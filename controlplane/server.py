@@ -38,6 +38,21 @@ from events.signing import load_or_create
 log = structlog.get_logger("netmesh.server")
 
 
+# A cluster's brokers in the order --nats-url gives them, not shuffled: the
+# first is this control plane's own (the broker on its machine), the others
+# where it goes when that one dies. Listing a different broker first on each
+# control plane keeps them apart, so a broker's death costs at most one of them
+# its connection (and the auth callout keeps an answer: every login waits for
+# one). Measured here, even both planes on the killed broker were back within
+# a second (nats-py tries the next broker at once); the wait before trying a
+# broker again is cut from 2 s to 0.5 s all the same.
+HOME_BROKER_FIRST: dict[str, Any] = {
+    "dont_randomize": True,
+    "max_reconnect_attempts": -1,
+    "reconnect_time_wait": 0.5,
+}
+
+
 class ControlPlaneFailed(Exception):
     """A part the control plane cannot run without has stopped."""
 
@@ -180,13 +195,13 @@ async def run_server(
             metrics_server = serve_metrics(prometheus.registry, metrics_listen)
             log.info("metrics served", url=metrics_server.url)
         nc = await connect(
-            nats_url, name="netmesh-controlplane", max_reconnect_attempts=-1, **login, **secure
+            nats_url, name="netmesh-controlplane", **HOME_BROKER_FIRST, **login, **secure
         )
         if broker_guarded(nc):
             system_nc = await connect(
                 nats_url,
                 name="netmesh-controlplane-system",
-                max_reconnect_attempts=-1,
+                **HOME_BROKER_FIRST,
                 **natsid.client_options(keys.system),
                 **secure,
             )

@@ -265,6 +265,7 @@ class ControlPlane:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs.clear()
+        await self.consumers.close()
         # Ending the consumers ends the tasks that follow them; cancellation is
         # only the fallback (cancelling a task inside nats-py's subscription
         # iterator has been seen to leave it stuck).

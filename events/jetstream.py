@@ -215,7 +215,11 @@ class JetStreamEventStore:
         return out
 
     async def last_sequence(self) -> int:
-        info = await self._js.stream_info(EVENTS_STREAM)
+        """Raises StoreUnavailable (e.g. while a cluster elects the stream's leader)."""
+        try:
+            info = await self._js.stream_info(EVENTS_STREAM)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise StoreUnavailable(f"event store did not answer: {exc!r}") from exc
         return int(info.state.last_seq)
 
     async def read(self, seq: int) -> RecordedEvent | None:

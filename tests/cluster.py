@@ -160,12 +160,21 @@ class Cluster:
 class ControlPlaneProcess:
     """`netmesh server --nats-url <every broker> --replicas 3`, as a user runs it."""
 
-    def __init__(self, data: Path, cluster: Cluster, replicas: int = 3) -> None:
+    def __init__(self, data: Path, cluster: Cluster, replicas: int = 3, home: int = 0) -> None:
         self.data = data
         self.cluster = cluster
+        # The index of its own broker, listed first (README: one per plane).
+        self.home = home
         self.replicas = replicas
         self.log = data.parent / f"{data.name}.log"
         self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def urls(self) -> str:
+        """Every broker, this plane's home first, the others in turn."""
+        members = self.cluster.members
+        first = self.home % len(members)
+        return ",".join(m.url for m in members[first:] + members[:first])
 
     async def start(self) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
@@ -174,7 +183,7 @@ class ControlPlaneProcess:
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 NETMESH, "server", "--data-dir", str(self.data),
-                "--nats-url", self.cluster.urls, "--replicas", str(self.replicas),
+                "--nats-url", self.urls, "--replicas", str(self.replicas),
                 "--log-format", "json",
                 stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
