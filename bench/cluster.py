@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
+from typing import Any
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,7 @@ async def run_commands(
 
     async def worker(client: Admin) -> None:
         for i in counter:
+            fields: dict[str, Any]
             if i % 5 == 0:  # refused: inside the base network
                 verb = "network.create"
                 fields = {"name": f"{tag}x{i}", "cidr": f"172.{octet}.{i % 256}.0/24"}
@@ -302,9 +304,9 @@ async def main() -> None:
         / out["replay_r1"]["events_per_second"],
     }
     ratios = out["ratios_r3_over_r1"]
-    for replicas, c in (("R1", r1), ("R3", r3)):
+    for label, c in (("R1", r1), ("R3", r3)):
         print(
-            f"cluster commands {replicas}: {c['per_second']:,.0f}/s, {c['in_flight']} in flight "
+            f"cluster commands {label}: {c['per_second']:,.0f}/s, {c['in_flight']} in flight "
             f"({c['clients']} clients), p50 {c['latency_ms']['p50']:.1f} ms, "
             f"p99 {c['latency_ms']['p99']:.1f} ms",
             flush=True,
