@@ -38,7 +38,6 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any
 from pathlib import Path
 from typing import Any
 
