@@ -56,6 +56,9 @@ def test_tags_are_stable_and_past_tense() -> None:
         "admin_token.revoked",
         "admin_token.used",
         "host.endpoint_seen",
+        "relay.added",
+        "relay.removed",
+        "relay.pair_opened",
     ]
 
 

@@ -187,6 +187,8 @@ def pools(token: str, host_ids: list[str]) -> dict[str, st.SearchStrategy[Any]]:
         "key_id": st.sampled_from(["k1", "nope", ""]) | st.text(max_size=12),
         "token": st.sampled_from([token, token, token, token[:-3], token + "x", "nmt1."]),
         "public_key": st.sampled_from([public_key(n) for n in range(1, 6)] + ["short", ""]),
+        # relay.add: a relay's ports.
+        "ports": st.sampled_from(["", "52000-52999", "53000-53001", "9-x", "70000-70001", "5-4"]),
         # endpoint.seen: a peer's key and where it was seen.
         "peer_key": st.sampled_from([public_key(n) for n in range(1, 6)] + ["short", ""]),
         "endpoint": st.sampled_from(

@@ -23,6 +23,7 @@ from events.commands import (
     AddEgress,
     AddHook,
     AddIngress,
+    AddRelay,
     AnyCommand,
     ClearExit,
     ClearPolicy,
@@ -41,9 +42,11 @@ from events.commands import (
     RemoveHook,
     RemoveIngress,
     RemoveNode,
+    RemoveRelay,
     ReportEndpoint,
     ReportSeenEndpoint,
     RequestKeyRotation,
+    RequestRelay,
     RevokeAdminToken,
     RevokeEnrollmentKey,
     RotateHostKey,
@@ -65,6 +68,7 @@ LARRY = SigningKey.generate()  # network admin of lab
 ALDO = SigningKey.generate()  # auditor
 SPARE = SigningKey.generate()  # another admin, to remove
 HOST1, HOST2, HOST3 = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
+HOST4 = SigningKey.generate()  # office's relay
 
 SIGNERS = {"admin": ROOT, "olga": OLGA, "larry": LARRY, "auditor": ALDO}
 NETWORKS_OF = {"olga": ("office", "annex"), "larry": ("lab",)}
@@ -86,7 +90,7 @@ def join(world: World, network: str, n: int, key: SigningKey) -> Join:
 
 def scenario() -> World:
     """Networks office and lab, host 1 in both, host 2 in office (tagged
-    web), a policy on lab, admins of every role; every change signed as the
+    web), host 4 office's relay (lab/h1 lab's), a policy on lab, admins of every role; every change signed as the
     control plane records it."""
     world = World()
     world.add_root_admin(ROOT)
@@ -104,6 +108,11 @@ def scenario() -> World:
     world.run(AddDnsRecord(network="lab", name="files", a=("10.20.0.9",)), ROOT)
     world.run(AddIngress(node="lab/h1"), ROOT)
     world.run(CreateClient(network="lab", name="phone", via="h1", public_key=public_key(90)), ROOT)
+    world.run(join(world, "office", 4, HOST4), HOST4)
+    for n, key in ((1, HOST1), (2, HOST2), (4, HOST4)):
+        world.run(ReportEndpoint(host_id=host(world, n), endpoints=(f"192.0.2.{n}",)), key)
+    world.run(AddRelay(node="lab/h1"), ROOT)
+    world.run(AddRelay(node="office/h4"), ROOT)
     for name, key, role, networks in [
         ("olga", OLGA, "network-admin", NETWORKS_OF["olga"]),
         ("larry", LARRY, "network-admin", NETWORKS_OF["larry"]),
@@ -187,6 +196,8 @@ ADMIN_SAMPLES: dict[str, tuple[Sample, str | None]] = {
     "remove hook": (lambda w: RemoveHook(hook_id=next(iter(w.topology.hooks))), None),
     "make a token": (lambda w: CreateAdminToken(name="grafana", expires_in=60.0), None),
     "revoke a token": (lambda w: RevokeAdminToken(name="ci"), None),
+    "relay office/h2": (lambda w: AddRelay(node="office/h2", ports="53000-53009"), "office"),
+    "relay off lab/h1": (lambda w: RemoveRelay(node="lab/h1"), "lab"),
 }
 
 # Samples of every command a host sends, the key that may sign it, and another
@@ -208,6 +219,11 @@ HOST_SAMPLES: dict[str, tuple[Sample, SigningKey, SigningKey]] = {
         lambda w: ReportSeenEndpoint(
             host_id=host(w, 1), peer_key=public_key(2), endpoint="198.51.100.7:40000"
         ),
+        HOST1,
+        HOST2,
+    ),
+    "relay wanted": (
+        lambda w: RequestRelay(host_id=host(w, 1), peer_key=public_key(2)),
         HOST1,
         HOST2,
     ),
