@@ -90,8 +90,8 @@ def join(world: World, network: str, n: int, key: SigningKey) -> Join:
 
 def scenario() -> World:
     """Networks office and lab, host 1 in both, host 2 in office (tagged
-    web), host 4 office's relay (lab/h1 lab's), a policy on lab, admins of every role; every change signed as the
-    control plane records it."""
+    web), host 4 office's relay (lab/h1 lab's), a policy on lab, admins of
+    every role; every change signed as the control plane records it."""
     world = World()
     world.add_root_admin(ROOT)
     for name, cidr in [("office", "10.10.0.0/24"), ("lab", "10.20.0.0/24")]:
